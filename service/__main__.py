@@ -1,0 +1,64 @@
+"""``python -m service``: run the Parley gRPC service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+from service.config import Settings
+from service.core.segmenter import SegmentPolicy
+from service.core.session import SessionDefaults
+from service.core.turn import TurnOptions
+from service.errors import EngineError
+from service.server import serve_until_signal, start_server
+from service.servicer import StreamLimits
+
+log = logging.getLogger("service")
+
+
+async def run(settings: Settings) -> None:
+    """Load the engines, serve until a signal, shut down."""
+    from service.engines.factory import load_engines
+
+    llm, tts = await asyncio.to_thread(load_engines, settings)
+    defaults = SessionDefaults(
+        system_prompt=settings.system_prompt,
+        temperature=settings.llm_temperature,
+        max_tokens=settings.llm_max_tokens,
+        max_text_chars=settings.max_text_chars,
+        turn=TurnOptions(settings.lookahead_segments, settings.audio_chunk_ms, SegmentPolicy()),
+    )
+    limits = StreamLimits(settings.max_streams, settings.idle_timeout_s)
+    try:
+        running = await start_server(llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits)
+        log.info("Parley listening on %s:%d (llm=%s, tts=%s)", settings.host, running.port, llm.name, tts.name)
+        await serve_until_signal(running, settings.shutdown_grace_s)
+    finally:
+        await llm.aclose()
+        await tts.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:
+        print(f"python -m service: invalid setting:\n{error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(settings))
+    except EngineError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    except RuntimeError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

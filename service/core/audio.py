@@ -1,0 +1,98 @@
+"""Output audio: resampling to the client's rate, chunking, and the WAV stream header.
+
+Engines produce mono PCM16 at their native rate; clients ask for PCM16 or WAV at a rate of their
+choice. :class:`SegmentEncoder` turns one segment's engine audio into client-ready pieces of bounded
+duration, resampling with soxr (streaming, so chunks leave as soon as they arrive).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+__all__ = [
+    "MAX_SAMPLE_RATE_HZ",
+    "MIN_SAMPLE_RATE_HZ",
+    "AudioFormat",
+    "Encoding",
+    "SegmentEncoder",
+    "wav_stream_header",
+]
+
+MIN_SAMPLE_RATE_HZ = 8000
+MAX_SAMPLE_RATE_HZ = 48000
+_STREAMING_SIZE = 0xFFFFFFFF
+
+
+class Encoding(enum.Enum):
+    """How audio bytes are packaged."""
+
+    PCM16 = "pcm16"
+    WAV = "wav"
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """The audio a session sends: always mono 16-bit little-endian samples."""
+
+    encoding: Encoding
+    sample_rate_hz: int
+
+    def duration_ms(self, samples: int) -> float:
+        """The duration of ``samples`` samples, in milliseconds."""
+        return samples * 1000.0 / self.sample_rate_hz
+
+
+def wav_stream_header(sample_rate_hz: int) -> bytes:
+    """A 44-byte RIFF/WAVE header for mono PCM16 of unknown length (sizes set to 0xFFFFFFFF)."""
+    byte_rate = sample_rate_hz * 2
+    return (
+        b"RIFF"
+        + struct.pack("<I", _STREAMING_SIZE)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate_hz, byte_rate, 2, 16)
+        + b"data"
+        + struct.pack("<I", _STREAMING_SIZE)
+    )
+
+
+class SegmentEncoder:
+    """Resamples one segment's audio to ``out_rate`` and cuts it into pieces of at most
+    ``chunk_ms``. Feed engine audio with :meth:`feed`, then call :meth:`finish` once."""
+
+    def __init__(self, in_rate: int, out_rate: int, chunk_ms: int) -> None:
+        self._resampler = None if in_rate == out_rate else soxr.ResampleStream(
+            in_rate, out_rate, 1, dtype="int16", quality="HQ"
+        )
+        self._in_rate = in_rate
+        self._chunk_samples = max(1, out_rate * chunk_ms // 1000)
+        self._odd_byte = b""
+
+    @property
+    def in_rate(self) -> int:
+        """The sample rate this encoder expects."""
+        return self._in_rate
+
+    def feed(self, pcm: bytes) -> list[np.ndarray]:
+        """Take engine PCM16; return output pieces ready to send (possibly none)."""
+        pcm = self._odd_byte + pcm
+        whole = len(pcm) - len(pcm) % 2
+        self._odd_byte = pcm[whole:]
+        samples = np.frombuffer(pcm[:whole], dtype="<i2")
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(samples, last=False)
+        return self._split(samples)
+
+    def finish(self) -> list[np.ndarray]:
+        """Release what the resampler still holds. Call once, after the last :meth:`feed`."""
+        if self._resampler is None:
+            return []
+        return self._split(self._resampler.resample_chunk(np.zeros(0, dtype="<i2"), last=True))
+
+    def _split(self, samples: np.ndarray) -> list[np.ndarray]:
+        size = self._chunk_samples
+        return [samples[i : i + size] for i in range(0, len(samples), size) if len(samples[i : i + size])]

@@ -1,0 +1,100 @@
+"""The engine interfaces the turn pipeline talks to, and the values that cross them.
+
+An LLM engine streams text deltas for a conversation; a TTS engine streams PCM16 audio for a piece of
+text. Implementations live in ``service.engines``, one file per engine, and raise only
+:class:`service.errors.EngineError` subclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+__all__ = ["Audio", "LLMEngine", "LLMRequest", "Message", "TTSEngine", "Voice"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """What to ask the LLM: the conversation so far, ending with the user's message."""
+
+    messages: tuple[Message, ...]
+    temperature: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice a TTS engine offers."""
+
+    id: str
+    language: str
+    sample_rate_hz: int
+    engine: str
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Mono 16-bit little-endian PCM at ``sample_rate_hz``."""
+
+    pcm: bytes
+    sample_rate_hz: int
+
+
+class LLMEngine(Protocol):
+    """Streams a reply as text deltas."""
+
+    @property
+    def name(self) -> str:
+        """Engine and model, for example ``local/gemma-3-270m-q4_k_m.gguf``."""
+        ...
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        """Yield the reply's text deltas as they are made.
+
+        Safe to cancel, and closing the iterator early stops the generation (not merely its output).
+        Raises :class:`service.errors.LLMError`.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+class TTSEngine(Protocol):
+    """Speaks text."""
+
+    @property
+    def name(self) -> str:
+        """Engine name, for example ``piper``."""
+        ...
+
+    @property
+    def default_voice(self) -> str:
+        """The id of the voice used when a session names none."""
+        ...
+
+    def voices(self) -> list[Voice]:
+        """The voices this engine offers."""
+        ...
+
+    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+        """Yield ``text`` spoken by ``voice`` as audio chunks, as the engine makes them.
+
+        Safe to cancel; closing the iterator early stops the synthesis. Raises
+        :class:`service.errors.TTSError`.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the engine's resources."""
+        ...

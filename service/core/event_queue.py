@@ -1,0 +1,79 @@
+"""The bounded queue between a session and its transport.
+
+Like ``asyncio.Queue``, with what a voice stream needs on top: turn events can be purged when the
+turn is interrupted (so no audio of it leaves afterwards), control events skip the bound (a
+``TurnEnded`` never waits behind backpressure), and closing ends the stream once drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from service.core.events import Event, SessionStarted
+
+__all__ = ["EventQueue"]
+
+
+class EventQueue:
+    """Holds at most ``capacity`` turn events; :meth:`put` waits while full."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._items: collections.deque[Event] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, event: Event) -> None:
+        """Queue a turn event, waiting while the queue is full. Safe to cancel."""
+        while len(self._items) >= self._capacity and not self._closed:
+            await self._writable.wait()
+        if not self._closed:
+            self._items.append(event)
+            self._update()
+
+    def put_control(self, event: Event) -> None:
+        """Queue an event without waiting for room."""
+        if not self._closed:
+            self._items.append(event)
+            self._update()
+
+    def purge(self, turn_id: str) -> int:
+        """Drop every queued event of ``turn_id``; returns how many."""
+        kept = [e for e in self._items if isinstance(e, SessionStarted) or e.turn_id != turn_id]
+        dropped = len(self._items) - len(kept)
+        self._items = collections.deque(kept)
+        self._update()
+        return dropped
+
+    def close(self) -> None:
+        """No more events will be added; :meth:`get` returns None once the queue is drained."""
+        self._closed = True
+        self._update()
+
+    async def get(self) -> Event | None:
+        """The next event, or None when closed and drained. Safe to cancel."""
+        while not self._items and not self._closed:
+            await self._readable.wait()
+        if not self._items:
+            return None
+        event = self._items.popleft()
+        self._update()
+        return event
+
+    def _update(self) -> None:
+        if self._items or self._closed:
+            self._readable.set()
+        else:
+            self._readable.clear()
+        if len(self._items) < self._capacity or self._closed:
+            self._writable.set()
+        else:
+            self._writable.clear()

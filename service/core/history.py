@@ -1,0 +1,98 @@
+"""Conversation history, and what of an interrupted reply the listener actually heard.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.core.engine import Message
+
+__all__ = ["Conversation", "SpokenSegment", "heard_text"]
+
+
+@dataclass
+class SpokenSegment:
+    """A segment of a turn's text and its place in the turn's audio timeline."""
+
+    start: int
+    """Offset of the segment in the turn's whole text."""
+    end: int
+    """Offset just past the segment's end."""
+    start_ms: float
+    """Where its audio starts in the turn's timeline."""
+    duration_ms: float = 0.0
+    """The duration of its audio produced so far (final once the segment is done)."""
+    complete: bool = False
+    """All its audio has been produced."""
+
+
+_WORD_END = re.compile(r"\S+")
+
+
+def heard_text(text: str, segments: Sequence[SpokenSegment], heard_ms: float) -> str:
+    """The part of ``text`` whose audio was heard in the first ``heard_ms`` of the turn.
+
+    Segments heard to their end count whole. In a segment heard partly, word positions are estimated
+    from its duration (words evenly spread), and only words whose estimated end was reached count.
+    Segments without audio (a code block) count once the timeline has passed their start.
+    """
+    if heard_ms <= 0:
+        return ""
+    cut = 0
+    for segment in segments:
+        if heard_ms < segment.start_ms:
+            break
+        end_ms = segment.start_ms + segment.duration_ms
+        if segment.complete and heard_ms >= end_ms:
+            cut = segment.end
+            continue
+        if segment.duration_ms <= 0:
+            break
+        fraction = (heard_ms - segment.start_ms) / segment.duration_ms
+        words = list(_WORD_END.finditer(text, segment.start, segment.end))
+        whole_words = math.floor(len(words) * min(fraction, 1.0) + 1e-9)
+        if not segment.complete:
+            # Only part of its audio exists yet: never count more words than were voiced.
+            whole_words = min(whole_words, len(words) - 1)
+        if whole_words > 0:
+            cut = words[whole_words - 1].end()
+        break
+    return text[:cut].strip()
+
+
+@dataclass
+class Conversation:
+    """The system prompt and the turns so far. Assistant replies hold only what was spoken."""
+
+    system_prompt: str
+    turns: list[Message] = field(default_factory=list)
+
+    def request_messages(self, user_text: str) -> tuple[Message, ...]:
+        """The messages to send the LLM for a new user message."""
+        system = (Message("system", self.system_prompt),) if self.system_prompt else ()
+        return (*system, *self.turns, Message("user", user_text))
+
+    def add_exchange(self, user_text: str, reply: str) -> None:
+        """Record a finished turn (the reply may be empty if nothing was heard)."""
+        self.turns.append(Message("user", user_text))
+        self.turns.append(Message("assistant", reply))
+
+    def add_spoken(self, reply: str) -> None:
+        """Record text read aloud with ``speak_text`` as said by the assistant."""
+        if reply:
+            self.turns.append(Message("assistant", reply))
+
+    def trim_last_reply(self, reply: str) -> bool:
+        """Replace the last assistant message's text (when the client reports it heard less).
+
+        Returns False when the last message is not the assistant's.
+        """
+        if not self.turns or self.turns[-1].role != "assistant":
+            return False
+        self.turns[-1] = Message("assistant", reply)
+        return True

@@ -1,0 +1,69 @@
+"""Makes a segment's text speakable.
+
+Captions keep the LLM's text as written; the TTS engine gets :func:`speakable` of each segment:
+
+- fenced code blocks are dropped (never read out character by character); inline code keeps its text;
+- links and images keep their text, bare URLs are read as their host name;
+- headings, bullet markers, block quotes, table bars and emphasis markers are removed;
+- emoji are removed;
+- each line becomes a sentence, and whitespace is collapsed.
+
+Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+import emoji
+
+__all__ = ["speakable"]
+
+_FENCED_CODE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n?.*?(^[ \t]*\1[^\n]*$|\Z)", re.S | re.M)
+_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+_AUTOLINK = re.compile(r"<(https?://[^>\s]+)>")
+_URL = re.compile(r"\b(?:https?://|www\.)([^\s/?#<>\"')\]]+)[^\s<>\"')\]]*")
+_INLINE_CODE = re.compile(r"`+([^`]*)`+")
+_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.M)
+_BULLET = re.compile(r"^[ \t]*(?:[-*+•][ \t]+)", re.M)
+_QUOTE = re.compile(r"^[ \t]*>[ \t]?", re.M)
+_RULE = re.compile(r"^[ \t]*([-*_=])([ \t]*\1){2,}[ \t]*$", re.M)
+_TABLE_SEPARATOR = re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$", re.M)
+_TABLE_BAR = re.compile(r"[ \t]*\|[ \t]*")
+_EMPHASIS = re.compile(r"(\*{1,3}|~~)(?=\S)(.+?)(?<=\S)\1|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)")
+_STRAY_MARKERS = re.compile(r"\*+(?=\S)|(?<=\S)\*+|~~|(?<!\w)_+(?=\w)|(?<=\w)_+(?!\w)")
+_HTML_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_ENDS_SENTENCE = re.compile(r"[.!?…:;,。！？]$")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+
+
+def speakable(text: str) -> str:
+    """Return ``text`` as a TTS engine should read it. May be empty (a code block, an emoji)."""
+    text = _FENCED_CODE.sub("\n", text)
+    text = _IMAGE.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    text = _AUTOLINK.sub(r"\1", text)
+    text = _URL.sub(lambda m: m.group(1).removeprefix("www."), text)
+    text = _INLINE_CODE.sub(r"\1", text)
+    text = _HTML_TAG.sub(" ", text)
+    text = _RULE.sub("", text)
+    text = _TABLE_SEPARATOR.sub("", text)
+    text = _HEADING.sub("", text)
+    text = _BULLET.sub("", text)
+    text = _QUOTE.sub("", text)
+    text = _EMPHASIS.sub(lambda m: m.group(2) or m.group(4), text)
+    text = _STRAY_MARKERS.sub("", text)
+    text = emoji.replace_emoji(text, replace="")
+    lines = []
+    for line in text.splitlines():
+        line = _TABLE_BAR.sub(", ", line.strip()).strip(", ")
+        line = _SPACES.sub(" ", line).strip()
+        if line:
+            lines.append(line)
+    # A line break ends a sentence (list items, headings): say so, or they run together.
+    spoken = [
+        line if _ENDS_SENTENCE.search(line) or i == len(lines) - 1 else line + "."
+        for i, line in enumerate(lines)
+    ]
+    return " ".join(spoken)

@@ -1,0 +1,192 @@
+"""One turn of the pipeline: text stream → segmenter → TTS (ordered, bounded look-ahead) → events.
+
+A :class:`Turn` reads text deltas (from the LLM, or the client's ``speak_text``), forwards them as
+captions, cuts them into segments, synthesizes up to ``lookahead`` segments ahead of the one whose
+audio is leaving, and emits each segment's audio strictly in order, chunk by chunk as the engine
+yields it. It talks to the world only through the engine interfaces and an ``emit`` coroutine, so it
+runs the same under a gRPC servicer and in a plain test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
+from service.core.engine import TTSEngine
+from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
+from service.core.history import SpokenSegment
+from service.core.normalizer import speakable
+from service.core.segmenter import SegmentPolicy, Segmenter, TextSegment
+from service.errors import TTSError
+
+__all__ = ["Turn", "TurnOptions"]
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """How a turn paces its work."""
+
+    lookahead: int = 2
+    """Segments synthesized ahead of the one whose audio is being sent."""
+    chunk_ms: int = 200
+    """Longest audio message, in milliseconds."""
+    segments: SegmentPolicy = SegmentPolicy()
+
+
+@dataclass
+class _Pending:
+    """A segment on its way out: its synthesis task and the audio it produced so far."""
+
+    index: int
+    segment: TextSegment
+    spoken: str
+    audio: asyncio.Queue[object]
+    task: asyncio.Task[None] | None = None
+
+
+class Turn:
+    """Runs one turn. Create, then await :meth:`run` once."""
+
+    def __init__(
+        self,
+        turn_id: str,
+        text: AsyncIterator[str],
+        *,
+        tts: TTSEngine,
+        voice: str,
+        audio_format: AudioFormat,
+        emit: Callable[[Event], Awaitable[None]],
+        options: TurnOptions,
+        stats: TurnStats,
+        from_llm: bool,
+    ) -> None:
+        self.turn_id = turn_id
+        self.text = ""
+        """The turn's whole text so far (caption form)."""
+        self.segments: list[SpokenSegment] = []
+        """Every segment that has started to leave, with its audio timeline."""
+        self._source = text
+        self._tts = tts
+        self._voice = voice
+        self._format = audio_format
+        self._emit = emit
+        self._options = options
+        self._stats = stats
+        self._from_llm = from_llm
+        self._sequence = 0
+        self._timeline_samples = 0
+
+    async def run(self) -> None:
+        """Run the turn to its end.
+
+        Safe to cancel: cancelling stops the text source and every synthesis in progress at once.
+        Raises :class:`service.errors.EngineError` when an engine fails.
+        """
+        ready: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._options.lookahead + 1)
+        pending: list[_Pending] = []
+        produce = asyncio.create_task(self._produce(ready, slots, pending), name=f"produce {self.turn_id}")
+        try:
+            await self._send_in_order(ready, slots)
+            await produce
+        finally:
+            produce.cancel()
+            tasks = [item.task for item in pending if item.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(produce, *tasks, return_exceptions=True)
+
+    async def _produce(
+        self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore, pending: list[_Pending]
+    ) -> None:
+        """Read the text, emit captions, cut segments and start their synthesis (look-ahead bound)."""
+        segmenter = Segmenter(self._options.segments)
+        try:
+            async with contextlib.aclosing(self._source) as source:
+                async for delta in source:
+                    if not delta:
+                        continue
+                    if self._from_llm and self._stats.first_llm_token is None:
+                        self._stats.first_llm_token = time.monotonic()
+                    self.text += delta
+                    await self._emit(TextDelta(self.turn_id, delta))
+                    for segment in segmenter.push(delta):
+                        await self._schedule(segment, ready, slots, pending)
+            for segment in segmenter.flush():
+                await self._schedule(segment, ready, slots, pending)
+        finally:
+            ready.put_nowait(None)
+
+    async def _schedule(
+        self,
+        segment: TextSegment,
+        ready: asyncio.Queue[_Pending | None],
+        slots: asyncio.Semaphore,
+        pending: list[_Pending],
+    ) -> None:
+        if self._stats.first_segment is None:
+            self._stats.first_segment = time.monotonic()
+        await slots.acquire()
+        item = _Pending(len(pending), segment, speakable(segment.text), asyncio.Queue())
+        if item.spoken:
+            item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
+        else:
+            item.audio.put_nowait(_END)
+        pending.append(item)
+        ready.put_nowait(item)
+
+    async def _synthesize(self, item: _Pending) -> None:
+        """Synthesize one segment into its queue; the queue always ends with _END or an error."""
+        encoder: SegmentEncoder | None = None
+        try:
+            async with contextlib.aclosing(self._tts.synthesize(item.spoken, self._voice)) as audio:
+                async for chunk in audio:
+                    if encoder is None:
+                        encoder = SegmentEncoder(chunk.sample_rate_hz, self._format.sample_rate_hz, self._options.chunk_ms)
+                    elif chunk.sample_rate_hz != encoder.in_rate:
+                        raise TTSError("the TTS engine changed its sample rate within a segment")
+                    for piece in encoder.feed(chunk.pcm):
+                        item.audio.put_nowait(piece)
+            if encoder is not None:
+                for piece in encoder.finish():
+                    item.audio.put_nowait(piece)
+            item.audio.put_nowait(_END)
+        except TTSError as error:
+            item.audio.put_nowait(error)
+        except Exception as error:  # an engine bug must still end the turn cleanly
+            log.exception("TTS engine failed on segment %d of turn %s", item.index, self.turn_id)
+            item.audio.put_nowait(TTSError(f"the TTS engine failed: {type(error).__name__}"))
+
+    async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
+        """Emit each segment and its audio strictly in order, chunks as soon as they exist."""
+        while (item := await ready.get()) is not None:
+            start_ms = round(self._format.duration_ms(self._timeline_samples))
+            spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
+            self.segments.append(spoken)
+            await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
+            while (piece := await item.audio.get()) is not _END:
+                if isinstance(piece, BaseException):
+                    raise piece
+                await self._emit_audio(item.index, piece)  # type: ignore[arg-type]
+                spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
+            spoken.complete = True
+            slots.release()
+
+    async def _emit_audio(self, segment_index: int, samples: object) -> None:
+        data = samples.astype("<i2").tobytes()  # type: ignore[attr-defined]
+        count = len(data) // 2
+        if self._sequence == 0 and self._format.encoding is Encoding.WAV:
+            data = wav_stream_header(self._format.sample_rate_hz) + data
+        chunk = AudioChunk(self.turn_id, segment_index, self._sequence, data, self._format.duration_ms(count))
+        self._sequence += 1
+        self._timeline_samples += count
+        await self._emit(chunk)

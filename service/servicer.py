@@ -1,0 +1,144 @@
+"""The gRPC servicer: proto messages in, session calls, proto messages out.
+
+Each ``Converse`` stream runs two tasks joined by the session's bounded event queue: a reader
+(requests → session commands) and a writer (session events → responses). Errors become gRPC status
+codes in one table, :data:`STATUS_FOR`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from service.convert import event_to_proto, start_from_proto, voice_to_proto
+from service.core.engine import LLMEngine, TTSEngine
+from service.core.session import Session, SessionDefaults
+from service.errors import IdleTimeout, InvalidRequest, Overloaded, ParleyError
+
+__all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer"]
+
+log = logging.getLogger(__name__)
+
+STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Limits on streams."""
+
+    max_streams: int = 100
+    idle_timeout_s: float = 600.0
+
+
+def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    for kind, code in STATUS_FOR.items():
+        if isinstance(error, kind):
+            return code, str(error)
+    log.error("stream failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
+    """Serves ``parley.v1.VoiceService`` with the given engines."""
+
+    def __init__(self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, limits: StreamLimits) -> None:
+        self._llm = llm
+        self._tts = tts
+        self._defaults = defaults
+        self._limits = limits
+        self.active_streams = 0
+
+    async def ListVoices(self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext) -> pb.ListVoicesResponse:
+        return pb.ListVoicesResponse(
+            voices=[voice_to_proto(v) for v in self._tts.voices()], default_voice=self._tts.default_voice
+        )
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        if self.active_streams >= self._limits.max_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is at its limit of {self._limits.max_streams} streams; retry later",
+            )
+        self.active_streams += 1
+        session = Session(self._llm, self._tts, self._defaults)
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read(request_iterator, session), name="converse reader")
+                group.create_task(self._write(session, context), name="converse writer")
+        except* Exception as errors:
+            failure = errors.exceptions[0]
+        finally:
+            await session.aclose()
+            self.active_streams -= 1
+        if failure is not None:
+            code, message = _status_for(failure)
+            await context.abort(code, message)
+
+    async def _write(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        while (event := await session.next_event()) is not None:
+            session.mark_sent(event)
+            await context.write(event_to_proto(event))
+
+    async def _read(self, requests: AsyncIterator[pb.ConverseRequest], session: Session) -> None:
+        iterator = aiter(requests)
+        last_message = time.monotonic()
+        pending: asyncio.Future[pb.ConverseRequest] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                idle_s = time.monotonic() - max(last_message, session.last_activity)
+                limit = self._limits.idle_timeout_s
+                if not session.busy and idle_s >= limit:
+                    raise IdleTimeout(
+                        f"no message for {limit:g} s, so the stream was closed as idle; open a new one to go on"
+                    )
+                done, _ = await asyncio.wait({pending}, timeout=limit if session.busy else limit - idle_s)
+                if not done:
+                    continue
+                try:
+                    request = pending.result()
+                except StopAsyncIteration:
+                    pending = None
+                    await session.finish()
+                    return
+                pending = None
+                last_message = time.monotonic()
+                await self._handle(request, session)
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def _handle(self, request: pb.ConverseRequest, session: Session) -> None:
+        kind = request.WhichOneof("kind")
+        if kind == "start":
+            session.start(start_from_proto(request.start))
+        elif kind == "user_text":
+            await session.user_text(request.user_text.text, request.user_text.turn_id)
+        elif kind == "speak_text":
+            speak = request.speak_text
+            await session.speak_text(speak.text, speak.flush, speak.turn_id)
+        elif kind == "interrupt":
+            played = request.interrupt.played_ms if request.interrupt.HasField("played_ms") else None
+            if played is not None and played < 0:
+                raise InvalidRequest(f"interrupt.played_ms is {played}; it cannot be negative")
+            await session.interrupt(played)
+        else:
+            raise InvalidRequest(
+                "the message sets none of start, user_text, speak_text, interrupt "
+                "(an empty message, or a kind this server does not know)"
+            )

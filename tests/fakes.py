@@ -1,0 +1,117 @@
+"""Fake engines with configurable latency and faults, for tests that must not depend on models.
+
+They speak the real engine interfaces and record what happened to them (requests, cancellations,
+streams still open), so tests can check that an interrupt really stopped upstream work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from service.core.engine import Audio, LLMRequest, Voice
+from service.errors import LLMError, TTSError
+
+
+@dataclass
+class FakeLLM:
+    """Streams a fixed reply word by word."""
+
+    reply: str = "Sure, here is the answer. It has two sentences, and this is the second one."
+    first_token_s: float = 0.0
+    token_s: float = 0.0
+    fail_after_tokens: int | None = None
+    name: str = "fake-llm"
+    requests: list[LLMRequest] = field(default_factory=list)
+    cancelled: int = 0
+    open_streams: int = 0
+    completed: int = 0
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        self.requests.append(request)
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[str]:
+        self.open_streams += 1
+        try:
+            await asyncio.sleep(self.first_token_s)
+            for i, token in enumerate(re.findall(r"\S+\s*|\s+", self.reply)):
+                if self.fail_after_tokens is not None and i >= self.fail_after_tokens:
+                    raise LLMError("fake LLM failure: the model went away", retryable=True)
+                if i:
+                    await asyncio.sleep(self.token_s)
+                yield token
+            self.completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        finally:
+            self.open_streams -= 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class FakeTTS:
+    """Speaks a 440 Hz tone, 60 ms per character, in a few chunks."""
+
+    sample_rate_hz: int = 16000
+    ms_per_char: float = 60.0
+    latency_s: float | Callable[[str], float] = 0.0
+    chunk_s: float = 0.0
+    chunks: int = 3
+    fail_on: str | None = None
+    name: str = "fake-tts"
+    voice_ids: tuple[str, ...] = ("fake-voice", "fake-voice-2")
+    texts: list[str] = field(default_factory=list)
+    cancelled: int = 0
+    open_streams: int = 0
+
+    @property
+    def default_voice(self) -> str:
+        return self.voice_ids[0]
+
+    def voices(self) -> list[Voice]:
+        return [Voice(v, "en_US", self.sample_rate_hz, self.name) for v in self.voice_ids]
+
+    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+        self.texts.append(text)
+        return self._synthesize(text)
+
+    def duration_ms(self, text: str) -> float:
+        return len(text) * self.ms_per_char
+
+    async def _synthesize(self, text: str) -> AsyncIterator[Audio]:
+        self.open_streams += 1
+        try:
+            latency = self.latency_s(text) if callable(self.latency_s) else self.latency_s
+            await asyncio.sleep(latency)
+            if self.fail_on is not None and self.fail_on in text:
+                raise TTSError("fake TTS failure: the voice broke")
+            samples = int(self.duration_ms(text) * self.sample_rate_hz / 1000)
+            per_chunk = math.ceil(samples / self.chunks)
+            for start in range(0, samples, per_chunk):
+                if start:
+                    await asyncio.sleep(self.chunk_s)
+                count = min(per_chunk, samples - start)
+                yield Audio(tone(start, count, self.sample_rate_hz), self.sample_rate_hz)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        finally:
+            self.open_streams -= 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+def tone(start: int, count: int, rate: int) -> bytes:
+    """``count`` samples of a 440 Hz tone at half scale, starting at sample ``start``."""
+    import numpy as np
+
+    t = (np.arange(start, start + count) / rate).astype("float64")
+    return (np.sin(2 * math.pi * 440 * t) * 16000).astype("<i2").tobytes()
