@@ -38,13 +38,20 @@ _ENDS_SENTENCE = re.compile(r"[.!?…:;,。！？]$")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 
 
+def _host_of(match: re.Match[str]) -> str:
+    """A URL read as its host name, keeping the sentence punctuation that followed it."""
+    url = match.group(0)
+    trailing = url[len(url.rstrip(".,;:!?")) :]
+    return match.group(1).rstrip(".,;:!?").removeprefix("www.") + trailing
+
+
 def speakable(text: str) -> str:
     """Return ``text`` as a TTS engine should read it. May be empty (a code block, an emoji)."""
     text = _FENCED_CODE.sub("\n", text)
     text = _IMAGE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)
     text = _AUTOLINK.sub(r"\1", text)
-    text = _URL.sub(lambda m: m.group(1).removeprefix("www."), text)
+    text = _URL.sub(_host_of, text)
     text = _INLINE_CODE.sub(r"\1", text)
     text = _HTML_TAG.sub(" ", text)
     text = _RULE.sub("", text)

@@ -164,10 +164,11 @@ class Segmenter:
 
     def _later_cut(self, region: str) -> int | None:
         policy = self._policy
+        line_ends = {m.start() for m in _NEWLINE.finditer(region)}
         for end in self._breaks(region, clauses=False):
             if end > policy.max_chars:
                 break
-            if len(region[:end].strip()) >= policy.min_chars:
+            if end in line_ends or len(region[:end].strip()) >= policy.min_chars:
                 return end
         if len(region) <= policy.max_chars:
             return None

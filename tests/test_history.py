@@ -1,0 +1,75 @@
+"""Conversation history and the text a listener heard of an interrupted reply."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.core.engine import Message
+from service.core.history import Conversation, SpokenSegment, heard_text
+
+TEXT = "First part here. Second part has five words. Third one."
+#       0               17                            46
+
+
+def segments() -> list[SpokenSegment]:
+    return [
+        SpokenSegment(0, 16, start_ms=0, duration_ms=1000, complete=True),
+        SpokenSegment(17, 45, start_ms=1000, duration_ms=2000, complete=True),
+        SpokenSegment(46, 56, start_ms=3000, duration_ms=500, complete=True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("heard_ms", "expected"),
+    [
+        (0, ""),
+        (500, "First"),  # 3 words in 1000 ms: one word heard by 500 ms
+        (999, "First part"),
+        (1000, "First part here."),
+        (1400, "First part here. Second"),  # 5 words over 2000 ms: 400 ms is one word
+        (2999, "First part here. Second part has five"),
+        (3000, "First part here. Second part has five words."),
+        (10_000, TEXT),
+        (float("inf"), TEXT),
+    ],
+)
+def test_heard_text_cuts_at_estimated_word_positions(heard_ms: float, expected: str) -> None:
+    assert heard_text(TEXT, segments(), heard_ms) == expected
+
+
+def test_segment_still_being_made_never_counts_whole() -> None:
+    partial = [SpokenSegment(0, 16, start_ms=0, duration_ms=400, complete=False)]
+    assert heard_text(TEXT, partial, 400) == "First part"
+
+
+def test_silent_segment_counts_once_reached() -> None:
+    text = "Look at this:\n```\ncode\n```\nThat is all."
+    segs = [
+        SpokenSegment(0, 13, start_ms=0, duration_ms=800, complete=True),
+        SpokenSegment(14, 26, start_ms=800, duration_ms=0, complete=True),
+        SpokenSegment(27, 39, start_ms=800, duration_ms=700, complete=True),
+    ]
+    assert heard_text(text, segs, 700) == "Look at"
+    assert heard_text(text, segs, 800) == "Look at this:\n```\ncode\n```"
+    assert heard_text(text, segs, 1500) == text
+
+
+def test_request_messages_carry_system_history_and_user() -> None:
+    conversation = Conversation("Be brief.")
+    conversation.add_exchange("Hi?", "Hello.")
+    conversation.add_spoken("Read aloud.")
+    assert conversation.request_messages("And now?") == (
+        Message("system", "Be brief."),
+        Message("user", "Hi?"),
+        Message("assistant", "Hello."),
+        Message("assistant", "Read aloud."),
+        Message("user", "And now?"),
+    )
+
+
+def test_trim_last_reply() -> None:
+    conversation = Conversation("")
+    assert not conversation.trim_last_reply("x")
+    conversation.add_exchange("Q", "A long answer.")
+    assert conversation.trim_last_reply("A long")
+    assert conversation.request_messages("next")[-2] == Message("assistant", "A long")

@@ -1,0 +1,38 @@
+"""What the TTS engine is given to read, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.core.normalizer import speakable
+
+CASES = [
+    ("plain", "Hello there.", "Hello there."),
+    ("bold italic strike", "**Bold** and *italic* and __under__ and ~~gone~~.", "Bold and italic and under and gone."),
+    ("unclosed emphasis", "**Bold start of a segment", "Bold start of a segment"),
+    ("heading and numbered list", "# Steps\n1. Mix flour\n2. Add eggs", "Steps. 1. Mix flour. 2. Add eggs"),
+    ("bullets", "- one\n- two\n* three\n+ four\n• five", "one. two. three. four. five"),
+    ("link keeps its text", "See [the docs](https://x.com/a) now.", "See the docs now."),
+    ("image keeps its alt text", "Look: ![a cat](cat.png)", "Look: a cat"),
+    ("bare url read as host", "Visit https://www.example.com/path?q=1 now.", "Visit example.com now."),
+    ("autolink", "Go to <https://parley.dev/docs>.", "Go to parley.dev."),
+    ("inline code keeps text", "Call `print()` here.", "Call print() here."),
+    ("fenced code dropped", "```python\nprint('a. b')\nx = 1\n```", ""),
+    ("text around fenced code", "Run:\n```sh\nls -la\n```\nDone.", "Run: Done."),
+    ("unclosed fence dropped", "```js\nconsole.log(1)", ""),
+    ("emoji removed", "Great job! 🎉🚀 See you 👋", "Great job! See you"),
+    ("emoji only", "👍", ""),
+    ("block quote", "> quoted text", "quoted text"),
+    ("table", "| a | b |\n|---|---|\n| 1 | 2 |", "a, b. 1, 2"),
+    ("horizontal rule", "Above\n---\nBelow", "Above. Below"),
+    ("snake_case stays", "Use snake_case_name here.", "Use snake_case_name here."),
+    ("arithmetic star stays", "2 * 3 = 6", "2 * 3 = 6"),
+    ("html tags", "Line<br>break and <b>bold</b>", "Line break and bold"),
+    ("whitespace collapsed", "many    spaces\there", "many spaces here"),
+    ("numbers untouched", "It costs $29.95 at 3:30 p.m.", "It costs $29.95 at 3:30 p.m."),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_speakable(name: str, text: str, expected: str) -> None:
+    assert speakable(text) == expected

@@ -1,0 +1,143 @@
+"""The streaming segmenter, table-driven: every text is fed in several delta sizes, and the
+segments must not depend on how the text was split."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.core.segmenter import SegmentPolicy, Segmenter, count_words
+
+
+def segment(text: str, step: int, policy: SegmentPolicy | None = None) -> list[str]:
+    segmenter = Segmenter(policy)
+    out = []
+    for i in range(0, len(text), step):
+        out += [s.text for s in segmenter.push(text[i : i + step])]
+    return out + [s.text for s in segmenter.flush()]
+
+
+CASES = [
+    # (name, text, expected segments)
+    ("first at a clause", "Sure thing, my friend, here it is. It has more.", ["Sure thing, my friend,", "here it is. It has more."]),
+    ("first needs a few words", "Yes, it is. The capital of France is Paris.", ["Yes, it is.", "The capital of France is Paris."]),
+    ("short sentences join", "Hello there, friend. It is. Very nice. Yes it is indeed a fine day today.",
+     ["Hello there, friend.", "It is. Very nice. Yes it is indeed a fine day today."]),
+    ("decimal", "Pi is roughly 3.14159 in value. That is well known by all the students in class.",
+     ["Pi is roughly 3.14159 in value.", "That is well known by all the students in class."]),
+    ("currency", "The total comes to $29.95 today. Please pay at the counter before you leave the shop.",
+     ["The total comes to $29.95 today.", "Please pay at the counter before you leave the shop."]),
+    ("time", "We meet at 3:30 p.m. on Friday. Bring the documents and the signed forms with you please.",
+     ["We meet at 3:30 p.m. on Friday.", "Bring the documents and the signed forms with you please."]),
+    ("title abbreviation", "Call Dr. Smith tomorrow morning. He knows the answer to every single question you have.",
+     ["Call Dr. Smith tomorrow morning.", "He knows the answer to every single question you have."]),
+    ("e.g.", "Eat fruit daily, e.g. apples or pears. They are good for you and taste great in the morning.",
+     ["Eat fruit daily,", "e.g. apples or pears. They are good for you and taste great in the morning."]),
+    ("e.g. with comma", "I like to eat fruit, e.g., apples. They are good for you and taste great in the morning.",
+     ["I like to eat fruit,", "e.g., apples. They are good for you and taste great in the morning."]),
+    ("U.S.", "The U.S. economy grew last year. Analysts expect the growth to continue well into next year.",
+     ["The U.S. economy grew last year.", "Analysts expect the growth to continue well into next year."]),
+    ("initials", "The book by J. R. R. Tolkien is long. Many readers still finish it in a single long weekend.",
+     ["The book by J. R. R. Tolkien is long.", "Many readers still finish it in a single long weekend."]),
+    ("ellipsis", "Well... I am not quite sure. Let me think about that question for a little while longer.",
+     ["Well... I am not quite sure.", "Let me think about that question for a little while longer."]),
+    ("unicode ellipsis", "Hmm… that is a hard one to answer. Give me a moment to think it over properly, please.",
+     ["Hmm… that is a hard one to answer.", "Give me a moment to think it over properly, please."]),
+    ("url", "See https://example.com/a.b?x=1. Then read the rest of the page from the very top to the bottom.",
+     ["See https://example.com/a.b?x=1.", "Then read the rest of the page from the very top to the bottom."]),
+    ("url with commas", "Open https://example.com/a,b,c today. It explains the whole setup process in small clear steps.",
+     ["Open https://example.com/a,b,c today.", "It explains the whole setup process in small clear steps."]),
+    ("thousands", "There are 1,000,000 people there now. The city keeps growing every single year since the war.",
+     ["There are 1,000,000 people there now.", "The city keeps growing every single year since the war."]),
+    ("question and exclamation", "Is it raining now? Yes! It has been raining all day long and will go on until the night.",
+     ["Is it raining now?", "Yes! It has been raining all day long and will go on until the night."]),
+    ("quotes", 'He said "Stop right now." Then he walked away from the scene without another single word.',
+     ['He said "Stop right now."', "Then he walked away from the scene without another single word."]),
+    ("cjk", "你好，世界。今天天气很好！我们去公园吧。", ["你好，世界。", "今天天气很好！我们去公园吧。"]),
+    ("list lines", "Here are the steps:\n1. Mix the flour and the sugar well\n2. Add two eggs and the milk slowly\n",
+     ["Here are the steps:", "1. Mix the flour and the sugar well", "2. Add two eggs and the milk slowly"]),
+    ("code fence whole", "Run this code:\n```python\nprint('a. b, c')\nx = 3.14\n```\nIt prints the text. Then it stops for good.",
+     ["Run this code:", "```python\nprint('a. b, c')\nx = 3.14\n```", "It prints the text. Then it stops for good."]),
+    ("unclosed fence at end", "Try this:\n```\nls -la. rm x", ["Try this:", "```\nls -la. rm x"]),
+    ("no punctuation", "just some words without any punctuation", ["just some words without any punctuation"]),
+    ("empty", "", []),
+    ("whitespace only", "   \n  ", []),
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 13, 1000])
+@pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_segments(name: str, text: str, expected: list[str], step: int) -> None:
+    assert segment(text, step) == expected
+
+
+def test_long_sentence_is_cut_at_a_clause() -> None:
+    policy = SegmentPolicy(first_max_chars=60, max_chars=80)
+    text = (
+        "First comes a short opener. "
+        "This sentence goes on and on, with many clauses strung together, and it keeps going without a stop, "
+        "so the segmenter has to cut it somewhere sensible before it ends."
+    )
+    got = segment(text, 3, policy)
+    assert got[0] == "First comes a short opener."
+    assert all(len(s) <= 80 for s in got)
+    assert got[1].endswith(",")
+    assert " ".join(got) == " ".join(text.split())
+
+
+def test_long_first_segment_without_breaks_is_cut_at_a_word() -> None:
+    text = "word " * 60
+    got = segment(text, 4, SegmentPolicy(first_max_chars=50))
+    assert len(got[0]) <= 50
+    assert " ".join(got).split() == text.split()
+
+
+def test_long_url_is_never_cut() -> None:
+    url = "https://example.com/" + "a" * 400
+    got = segment(f"Open this link, please: {url} and tell me.", 7, SegmentPolicy(first_max_chars=60, max_chars=100))
+    assert any(url in s for s in got)
+
+
+def test_first_segment_leaves_before_the_sentence_ends() -> None:
+    segmenter = Segmenter()
+    assert segmenter.push("Well, the answer to your question") == []
+    out = segmenter.push(" is simple, because")
+    assert [s.text for s in out] == ["Well, the answer to your question is simple,"]
+
+
+def test_sentence_end_waits_for_the_next_word() -> None:
+    segmenter = Segmenter()
+    assert [s.text for s in segmenter.push("The price is going to be $29.")] == []
+    assert [s.text for s in segmenter.push("95 for you.")] == []
+    assert [s.text for s in segmenter.flush()] == ["The price is going to be $29.95 for you."]
+
+
+def test_offsets_point_into_the_whole_text() -> None:
+    text = "Right, so here we go. The first thing to know is simple. Then there is more to come after that."
+    segmenter = Segmenter()
+    segments = []
+    for i in range(0, len(text), 4):
+        segments += segmenter.push(text[i : i + 4])
+    segments += segmenter.flush()
+    for s in segments:
+        assert text[s.start : s.end] == s.text
+    assert [s.start for s in segments] == sorted(s.start for s in segments)
+
+
+def test_flush_releases_everything_then_nothing() -> None:
+    segmenter = Segmenter()
+    segmenter.push("half a sentence")
+    assert [s.text for s in segmenter.flush()] == ["half a sentence"]
+    assert segmenter.flush() == []
+    assert segmenter.pending == ""
+
+
+@pytest.mark.parametrize(("text", "words"), [("one two three", 3), ("你好世界", 4), ("one, two; three.", 3), ("", 0)])
+def test_count_words(text: str, words: int) -> None:
+    assert count_words(text) == words
+
+
+def test_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        SegmentPolicy(first_min_words=0)
+    with pytest.raises(ValueError):
+        SegmentPolicy(first_max_chars=200, max_chars=100)

@@ -1,0 +1,152 @@
+"""The turn pipeline on its own (no sockets): ordering, look-ahead, streaming, resampling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service.core.audio import AudioFormat, Encoding
+from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
+from service.core.turn import Turn, TurnOptions
+from service.errors import TTSError
+from tests.fakes import FakeTTS
+
+REPLY = (
+    "Okay, here we go now. "
+    "The first full sentence is right here for you. "
+    "The second full sentence follows it closely behind. "
+    "And the third full sentence closes the whole reply."
+)
+
+
+async def words(text: str, delay_s: float = 0.0) -> AsyncIterator[str]:
+    for word in text.split(" "):
+        await asyncio.sleep(delay_s)
+        yield word + " "
+
+
+async def run_turn(
+    tts: FakeTTS, *, text: str = REPLY, lookahead: int = 2, rate: int = 16000, encoding: Encoding = Encoding.PCM16
+) -> tuple[Turn, list[tuple[float, Event]]]:
+    events: list[tuple[float, Event]] = []
+
+    async def emit(event: Event) -> None:
+        events.append((time.monotonic(), event))
+
+    turn = Turn(
+        "t1",
+        words(text),
+        tts=tts,
+        voice="fake-voice",
+        audio_format=AudioFormat(encoding, rate),
+        emit=emit,
+        options=TurnOptions(lookahead=lookahead, chunk_ms=100),
+        stats=TurnStats(),
+        from_llm=True,
+    )
+    await turn.run()
+    return turn, events
+
+
+def audio_of(events: list[tuple[float, Event]]) -> list[AudioChunk]:
+    return [e for _, e in events if isinstance(e, AudioChunk)]
+
+
+async def test_audio_leaves_in_order_when_later_segments_finish_first() -> None:
+    # The first segment is slow to synthesize, later ones are instant: they finish first.
+    tts = FakeTTS(latency_s=lambda text: 0.3 if text.startswith("Okay") else 0.0)
+    turn, events = await run_turn(tts)
+    segments = [e for _, e in events if isinstance(e, SegmentStarted)]
+    assert [s.index for s in segments] == [0, 1, 2, 3]
+    chunks = audio_of(events)
+    assert [c.sequence for c in chunks] == list(range(len(chunks)))
+    assert [c.segment_index for c in chunks] == sorted(c.segment_index for c in chunks)
+    # Each segment's audio comes after its own SegmentStarted and before the next one.
+    order = [(type(e).__name__, getattr(e, "index", getattr(e, "segment_index", None))) for _, e in events]
+    order = [o for o in order if o[0] != "TextDelta"]
+    current = -1
+    for kind, index in order:
+        if kind == "SegmentStarted":
+            current = index
+        else:
+            assert index == current
+    # start_ms is the timeline position: the sum of the earlier segments' audio.
+    for segment in segments[1:]:
+        before = sum(c.duration_ms for c in chunks if c.segment_index < segment.index)
+        assert segment.start_ms == pytest.approx(before, abs=1)
+    assert turn.text.strip() == REPLY
+
+
+async def test_lookahead_synthesizes_ahead_but_is_bounded() -> None:
+    peak = 0
+
+    class CountingTTS(FakeTTS):
+        async def _synthesize(self, text: str) -> AsyncIterator:  # type: ignore[override]
+            nonlocal peak
+            async for audio in super()._synthesize(text):
+                peak = max(peak, self.open_streams)
+                yield audio
+
+    tts = CountingTTS(latency_s=0.05, chunk_s=0.05)
+    await run_turn(tts, lookahead=1)
+    assert peak == 2  # the segment being sent, plus one ahead
+
+    tts = CountingTTS(latency_s=0.05, chunk_s=0.05)
+    peak = 0
+    await run_turn(tts, lookahead=0)
+    assert peak == 1
+
+
+async def test_chunks_leave_as_the_engine_yields_them() -> None:
+    tts = FakeTTS(chunks=4, chunk_s=0.15)
+    _, events = await run_turn(tts, text="Hello there, my good friend.")
+    times = [t for t, e in events if isinstance(e, AudioChunk)]
+    # Four engine chunks 150 ms apart: audio must not wait for the whole segment.
+    assert times[-1] - times[0] >= 0.4
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 48000])
+async def test_audio_is_resampled_to_the_requested_rate(rate: int) -> None:
+    tts = FakeTTS(sample_rate_hz=16000)
+    _, events = await run_turn(tts, text="Hello there, my good friend.", rate=rate)
+    samples = sum(len(c.data) // 2 for c in audio_of(events))
+    expected = sum(tts.duration_ms(t) for t in tts.texts) * rate / 1000
+    assert samples == pytest.approx(expected, rel=0.01)
+    assert all(c.duration_ms <= 100.5 for c in audio_of(events))
+
+
+async def test_wav_header_starts_the_turn_only() -> None:
+    _, events = await run_turn(FakeTTS(), encoding=Encoding.WAV, rate=24000)
+    chunks = audio_of(events)
+    assert chunks[0].data[:4] == b"RIFF" and chunks[0].data[8:16] == b"WAVEfmt "
+    assert int.from_bytes(chunks[0].data[24:28], "little") == 24000
+    assert not any(c.data[:4] == b"RIFF" for c in chunks[1:])
+
+
+async def test_tts_failure_raises_after_earlier_audio() -> None:
+    tts = FakeTTS(fail_on="second")
+    with pytest.raises(TTSError, match="voice broke"):
+        await run_turn(tts)
+
+
+async def test_captions_are_not_normalized_but_speech_is() -> None:
+    tts = FakeTTS()
+    _, events = await run_turn(tts, text="Here is **bold** text, with a [link](https://x.y) in it.")
+    captions = "".join(e.text for _, e in events if isinstance(e, TextDelta))
+    assert "**bold**" in captions and "(https://x.y)" in captions
+    assert all("*" not in t and "https" not in t for t in tts.texts)
+
+
+async def test_cancel_stops_source_and_synthesis() -> None:
+    tts = FakeTTS(latency_s=5.0)
+    task = asyncio.create_task(run_turn(tts))
+    while not tts.open_streams:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert tts.open_streams == 0
+    assert tts.cancelled >= 1
