@@ -1,0 +1,103 @@
+"""Shared fixtures: a real grpc.aio server on 127.0.0.1 with fake engines, and a client stub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from service.core.session import SessionDefaults
+from service.core.turn import TurnOptions
+from service.server import RunningServer, start_server
+from service.servicer import StreamLimits
+from tests.fakes import FakeLLM, FakeTTS
+
+
+@dataclass
+class Harness:
+    """A running server with fake engines, and a channel to it."""
+
+    llm: FakeLLM
+    tts: FakeTTS
+    running: RunningServer
+    channel: grpc.aio.Channel
+    stub: voice_pb2_grpc.VoiceServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stub = voice_pb2_grpc.VoiceServiceStub(self.channel)
+
+
+async def start_harness(
+    llm: FakeLLM | None = None,
+    tts: FakeTTS | None = None,
+    *,
+    defaults: SessionDefaults | None = None,
+    limits: StreamLimits | None = None,
+) -> Harness:
+    llm = llm or FakeLLM()
+    tts = tts or FakeTTS()
+    running = await start_server(
+        llm,
+        tts,
+        host="127.0.0.1",
+        port=0,
+        defaults=defaults or SessionDefaults(turn=TurnOptions(chunk_ms=100)),
+        limits=limits or StreamLimits(),
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    return Harness(llm, tts, running, channel)
+
+
+async def stop_harness(harness: Harness) -> None:
+    await harness.channel.close()
+    await harness.running.server.stop(0)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = await start_harness()
+    yield h
+    await stop_harness(h)
+
+
+def start(**kwargs: object) -> pb.ConverseRequest:
+    return pb.ConverseRequest(start=pb.Start(**kwargs))  # type: ignore[arg-type]
+
+
+def user(text: str, turn_id: str = "") -> pb.ConverseRequest:
+    return pb.ConverseRequest(user_text=pb.UserText(text=text, turn_id=turn_id))
+
+
+def speak(text: str, flush: bool = False) -> pb.ConverseRequest:
+    return pb.ConverseRequest(speak_text=pb.SpeakText(text=text, flush=flush))
+
+
+def interrupt(played_ms: int | None = None) -> pb.ConverseRequest:
+    if played_ms is None:
+        return pb.ConverseRequest(interrupt=pb.Interrupt())
+    return pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=played_ms))
+
+
+async def converse_all(stub: voice_pb2_grpc.VoiceServiceStub, requests: Iterable[pb.ConverseRequest]) -> list[pb.ConverseResponse]:
+    """Send the requests, half-close, and collect every response until the stream ends."""
+    return [response async for response in stub.Converse(iter(list(requests)))]
+
+
+def kinds(responses: list[pb.ConverseResponse]) -> list[str]:
+    return [r.WhichOneof("kind") for r in responses]
+
+
+def turn_ends(responses: list[pb.ConverseResponse]) -> list[pb.TurnEnded]:
+    return [r.turn_ended for r in responses if r.WhichOneof("kind") == "turn_ended"]
+
+
+async def wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()`` is true."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)

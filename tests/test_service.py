@@ -1,0 +1,380 @@
+"""The gRPC service end to end on loopback, with fake engines of configurable latency and faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from parley.v1 import voice_pb2 as pb
+from tests.conftest import (
+    Harness,
+    converse_all,
+    interrupt,
+    kinds,
+    speak,
+    start,
+    start_harness,
+    stop_harness,
+    turn_ends,
+    user,
+    wait_for,
+)
+from tests.fakes import FakeLLM, FakeTTS
+
+
+async def read_until_turn_ended(call: grpc.aio.StreamStreamCall) -> list[pb.ConverseResponse]:
+    out = []
+    while True:
+        response = await call.read()
+        assert response is not grpc.aio.EOF, "stream ended before turn_ended"
+        out.append(response)
+        if response.WhichOneof("kind") == "turn_ended":
+            return out
+
+
+async def test_full_turn(harness: Harness) -> None:
+    responses = await converse_all(harness.stub, [start(), user("What is up?", turn_id="q1")])
+    assert kinds(responses)[0] == "session_started"
+    started = responses[0].session_started
+    assert started.session_id and started.voice == "fake-voice"
+    assert started.audio.sample_rate_hz == 16000 and started.audio.encoding == pb.AUDIO_ENCODING_PCM16
+    assert (started.llm_engine, started.tts_engine) == ("fake-llm", "fake-tts")
+    turn = responses[1:]
+    assert all(getattr(r, r.WhichOneof("kind")).turn_id == "q1" for r in turn)
+    captions = "".join(r.text_delta.text for r in turn if r.WhichOneof("kind") == "text_delta")
+    assert captions == harness.llm.reply
+    segments = [r.segment for r in turn if r.WhichOneof("kind") == "segment"]
+    assert [s.index for s in segments] == [0, 1]
+    audio = [r.audio for r in turn if r.WhichOneof("kind") == "audio"]
+    assert [a.sequence for a in audio] == list(range(len(audio)))
+    pcm = b"".join(a.data for a in audio)
+    expected_ms = sum(harness.tts.duration_ms(t) for t in harness.tts.texts)
+    assert len(pcm) / 2 / 16 == pytest.approx(expected_ms, rel=0.01)
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert ended.spoken_text == harness.llm.reply
+    assert ended.timings.audio_duration_ms == pytest.approx(expected_ms, abs=2)
+    t = ended.timings
+    assert 0 <= t.first_llm_token_ms <= t.first_segment_ms <= t.first_audio_ms <= t.total_ms
+    # The LLM saw the system prompt and the question.
+    (request,) = harness.llm.requests
+    assert [m.role for m in request.messages] == ["system", "user"]
+    assert request.messages[-1].content == "What is up?"
+
+
+async def test_speak_mode_reads_text_verbatim_without_llm(harness: Harness) -> None:
+    responses = await converse_all(
+        harness.stub, [start(), speak("Hello there, Dr. Smith. "), speak("It costs $29.95 today."), speak("", flush=True)]
+    )
+    assert harness.llm.requests == []
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert ended.spoken_text == "Hello there, Dr. Smith. It costs $29.95 today."
+    assert ended.timings.first_llm_token_ms == 0 and ended.timings.first_audio_ms > 0
+    assert " ".join(harness.tts.texts) == "Hello there, Dr. Smith. It costs $29.95 today."
+
+
+async def test_half_close_finishes_an_unflushed_speak_turn(harness: Harness) -> None:
+    responses = await converse_all(harness.stub, [start(), speak("Read this without a flush.")])
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED and ended.spoken_text == "Read this without a flush."
+
+
+async def test_wav_output_at_requested_rate(harness: Harness) -> None:
+    responses = await converse_all(
+        harness.stub, [start(audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_WAV, sample_rate_hz=24000)), user("Hi")]
+    )
+    assert responses[0].session_started.audio.sample_rate_hz == 24000
+    data = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    assert data[:4] == b"RIFF" and int.from_bytes(data[24:28], "little") == 24000
+    expected_ms = sum(harness.tts.duration_ms(t) for t in harness.tts.texts)
+    assert (len(data) - 44) / 2 / 24 == pytest.approx(expected_ms, rel=0.01)
+
+
+async def test_multi_turn_keeps_history(harness: Harness) -> None:
+    await converse_all(harness.stub, [start(system_prompt="Be terse."), user("One?"), user("Two?")])
+    # The second user_text arrived while the first turn ran: it barged in. Either way, the second
+    # request must carry the system prompt and the first exchange.
+    second = harness.llm.requests[-1]
+    assert second.messages[0].role == "system" and second.messages[0].content == "Be terse."
+    assert [m.role for m in second.messages] == ["system", "user", "assistant", "user"]
+    assert second.messages[1].content == "One?" and second.messages[3].content == "Two?"
+
+
+async def test_sequential_turns_on_one_stream(harness: Harness) -> None:
+    call = harness.stub.Converse()
+    await call.write(start())
+    assert (await call.read()).WhichOneof("kind") == "session_started"
+    for question in ("First?", "Second?"):
+        await call.write(user(question))
+        responses = await read_until_turn_ended(call)
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    history = harness.llm.requests[-1].messages
+    assert [m.content for m in history[1:]] == ["First?", harness.llm.reply, "Second?"]
+
+
+async def slow_harness() -> Harness:
+    return await start_harness(
+        FakeLLM(
+            reply="Right, this answer is long. " + "It keeps going with sentence after sentence. " * 20,
+            token_s=0.02,
+        ),
+        FakeTTS(latency_s=0.05, chunk_s=0.1, chunks=5),
+    )
+
+
+async def test_interrupt_cancels_llm_and_tts_and_keeps_what_was_heard() -> None:
+    h = await slow_harness()
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.read()
+        await call.write(user("Tell me a long story."))
+        seen: list[pb.ConverseResponse] = []
+        while sum(1 for r in seen if r.WhichOneof("kind") == "audio") < 3:
+            seen.append(await call.read())
+        assert h.llm.open_streams == 1
+        await call.write(interrupt(played_ms=150))
+        seen += await read_until_turn_ended(call)
+        ended = seen[-1].turn_ended
+        assert ended.reason == pb.TURN_END_REASON_INTERRUPTED
+        # Upstream work stopped, it was not merely ignored.
+        await wait_for(lambda: h.llm.open_streams == 0 and h.tts.open_streams == 0)
+        assert h.llm.cancelled == 1 and h.llm.completed == 0
+        # History keeps only what was played: 150 ms of the first segment's audio.
+        assert ended.spoken_text and h.llm.reply.startswith(ended.spoken_text)
+        first_segment = next(r.segment for r in seen if r.WhichOneof("kind") == "segment")
+        assert len(ended.spoken_text) < len(first_segment.text)
+        # Nothing of the interrupted turn follows; the next turn works and sees the cut reply.
+        await call.write(user("Short one?"))
+        after = await read_until_turn_ended(call)
+        turn_ids = {getattr(r, r.WhichOneof("kind")).turn_id for r in after}
+        assert ended.turn_id not in turn_ids
+        assert h.llm.requests[-1].messages[-2].content == ended.spoken_text
+        await call.done_writing()
+        await call.code()
+    finally:
+        await stop_harness(h)
+
+
+async def test_new_user_text_barges_in() -> None:
+    h = await slow_harness()
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.read()
+        await call.write(user("Long story?", turn_id="a"))
+        while (await call.read()).WhichOneof("kind") != "audio":
+            pass
+        await call.write(user("Never mind.", turn_id="b"))
+        responses = await read_until_turn_ended(call)
+        assert responses[-1].turn_ended.turn_id == "a"
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+        assert h.llm.cancelled == 1
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_interrupt_after_turn_completed_trims_history(harness: Harness) -> None:
+    call = harness.stub.Converse()
+    await call.write(start())
+    await call.read()
+    await call.write(user("Hi?"))
+    responses = await read_until_turn_ended(call)
+    assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    await call.write(interrupt(played_ms=0))  # the client played nothing of it after all
+    await call.write(user("Again?"))
+    await read_until_turn_ended(call)
+    assert harness.llm.requests[-1].messages[-2].content == ""
+    call.cancel()
+
+
+async def test_failure_ends_turn_and_session_stays_usable() -> None:
+    h = await start_harness(FakeLLM(fail_after_tokens=3))
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.read()
+        await call.write(user("Break please."))
+        ended = (await read_until_turn_ended(call))[-1].turn_ended
+        assert ended.reason == pb.TURN_END_REASON_FAILED
+        assert "the model went away" in ended.error
+        h.llm.fail_after_tokens = None
+        await call.write(user("Now work."))
+        ended = (await read_until_turn_ended(call))[-1].turn_ended
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED and ended.spoken_text == h.llm.reply
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    finally:
+        await stop_harness(h)
+
+
+async def test_tts_failure_reports_and_keeps_earlier_speech() -> None:
+    h = await start_harness(tts=FakeTTS(fail_on="second"))
+    try:
+        responses = await converse_all(h.stub, [start(), user("Go.")])
+        (ended,) = turn_ends(responses)
+        assert ended.reason == pb.TURN_END_REASON_FAILED and "voice broke" in ended.error
+        assert ended.spoken_text == "Sure, here is the answer."
+    finally:
+        await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    ("requests", "message"),
+    [
+        ([user("hi")], "send `start` before `user_text`"),
+        ([speak("hi")], "send `start` before `speak_text`"),
+        ([start(), start()], "`start` was already sent"),
+        ([start(), user("")], "user_text.text is empty"),
+        ([start(), user("   ")], "user_text.text is empty"),
+        ([start(), speak("")], "speak_text.text is empty"),
+        ([start(), user("x" * 4001)], "over the limit of 4000"),
+        ([start(voice="nobody")], "unknown voice 'nobody'"),
+        ([start(audio=pb.AudioFormat(sample_rate_hz=7999))], "sample_rate_hz 7999 is out of range"),
+        ([start(audio=pb.AudioFormat(sample_rate_hz=48001))], "sample_rate_hz 48001 is out of range"),
+        ([start(audio=pb.AudioFormat(encoding=7))], "unknown audio encoding 7"),
+        ([start(llm=pb.LlmOptions(temperature=3))], "temperature 3.0 is out of range"),
+        ([start(llm=pb.LlmOptions(max_tokens=0))], "max_tokens 0 must be at least 1"),
+        ([start(session_id="abc")], "resuming a session is not supported"),
+        ([start(), pb.ConverseRequest()], "sets none of start, user_text"),
+        ([start(), interrupt(-5)], "played_ms is -5"),
+    ],
+)
+async def test_bad_input_is_invalid_argument(harness: Harness, requests: list, message: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await converse_all(harness.stub, requests)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    # The server keeps serving others.
+    responses = await converse_all(harness.stub, [start(), user("Still there?")])
+    assert turn_ends(responses)[0].reason == pb.TURN_END_REASON_COMPLETED
+
+
+async def test_unknown_message_kind_from_a_newer_client(harness: Harness) -> None:
+    # Field 99 is unknown to this server: the oneof is empty on arrival.
+    raw = start().SerializeToString()
+    unknown = bytes([0x9A, 0x06, 0x00])  # field 99, length-delimited, empty
+    call = harness.stub.Converse()
+    await call.write(pb.ConverseRequest.FromString(raw))
+    await call.write(pb.ConverseRequest.FromString(unknown))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_idle_stream_is_closed() -> None:
+    from service.servicer import StreamLimits
+
+    h = await start_harness(limits=StreamLimits(idle_timeout_s=0.3))
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.read()
+        await call.write(user("Quick one."))
+        await read_until_turn_ended(call)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "idle" in caught.value.details()
+    finally:
+        await stop_harness(h)
+
+
+async def test_busy_stream_is_not_idle() -> None:
+    from service.servicer import StreamLimits
+
+    h = await start_harness(
+        FakeLLM(reply="This takes a while to say. " * 3, token_s=0.05), limits=StreamLimits(idle_timeout_s=0.3)
+    )
+    try:
+        responses = await converse_all(h.stub, [start(), user("Slow?")])
+        assert turn_ends(responses)[0].reason == pb.TURN_END_REASON_COMPLETED
+    finally:
+        await stop_harness(h)
+
+
+async def test_stream_limit_is_resource_exhausted() -> None:
+    from service.servicer import StreamLimits
+
+    h = await start_harness(limits=StreamLimits(max_streams=1))
+    try:
+        first = h.stub.Converse()
+        await first.write(start())
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await converse_all(h.stub, [start()])
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_client_cancel_mid_turn_cleans_up() -> None:
+    h = await slow_harness()
+    try:
+        baseline = len(asyncio.all_tasks())
+        for _ in range(3):
+            call = h.stub.Converse()
+            await call.write(start())
+            await call.write(user("Talk for a long time."))
+            while (await call.read()).WhichOneof("kind") != "audio":
+                pass
+            call.cancel()
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        await wait_for(lambda: h.llm.open_streams == 0 and h.tts.open_streams == 0)
+        await wait_for(lambda: len(asyncio.all_tasks()) <= baseline)
+        assert h.llm.cancelled == 3
+    finally:
+        await stop_harness(h)
+
+
+async def test_list_voices(harness: Harness) -> None:
+    response = await harness.stub.ListVoices(pb.ListVoicesRequest())
+    assert [v.id for v in response.voices] == ["fake-voice", "fake-voice-2"]
+    assert response.default_voice == "fake-voice"
+    assert response.voices[0].sample_rate_hz == 16000 and response.voices[0].engine == "fake-tts"
+
+
+async def test_chosen_voice_is_used(harness: Harness) -> None:
+    responses = await converse_all(harness.stub, [start(voice="fake-voice-2"), user("Hi")])
+    assert responses[0].session_started.voice == "fake-voice-2"
+
+
+async def test_health_and_reflection(harness: Harness) -> None:
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    for service in ("", "parley.v1.VoiceService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    call = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = [s.name async for r in call for s in r.list_services_response.service]
+    assert "parley.v1.VoiceService" in names and "grpc.health.v1.Health" in names
+
+
+async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones() -> None:
+    h = await start_harness(FakeLLM(reply="One sentence to finish speaking. " * 3, token_s=0.02))
+    call = h.stub.Converse()
+    await call.write(start())
+    await call.read()
+    await call.write(user("Go on."))
+    await call.done_writing()
+    stopping = asyncio.create_task(h.running.stop(grace_s=5))
+    responses = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        responses.append(response)
+    assert turn_ends(responses)[0].reason == pb.TURN_END_REASON_COMPLETED
+    await stopping
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await converse_all(h.stub, [start()])
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await h.channel.close()
