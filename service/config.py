@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(200, ge=1, description="Longest reply in tokens (a client may ask for fewer).")
     system_prompt: str = Field(SessionDefaults.system_prompt, description="System prompt when a client sends none.")
     piper_voice_path: Path | None = Field(
-        None, description="Default Piper voice (.onnx, with its .onnx.json). Default: en_US-joe-medium from its PyPI package."
+        None,
+        description="Default Piper voice (.onnx, with its .onnx.json beside it). Default: en_US-joe-medium (PyPI).",
     )
     piper_voice_dir: Path | None = Field(None, description="Folder of further Piper voices (*.onnx) to offer.")
     tts_workers: int = Field(2, ge=1, description="Syntheses that may run at once.")
@@ -50,7 +51,9 @@ class Settings(BaseSettings):
     )
     audio_chunk_ms: int = Field(200, ge=10, le=2000, description="Longest audio message, in milliseconds.")
     max_text_chars: int = Field(4000, ge=1, description="Longest user_text or speak turn, in characters.")
-    idle_timeout_s: float = Field(600.0, gt=0, description="Close a stream after this long with no message and no turn.")
+    idle_timeout_s: float = Field(
+        600.0, gt=0, description="Close a stream after this long with no message and no turn."
+    )
     max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")

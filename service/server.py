@@ -73,6 +73,8 @@ async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: health NOT_SERVING, %d stream(s) get %.0f s to finish", running.servicer.active_streams, grace_s)
+    log.info(
+        "shutting down: health NOT_SERVING, %d stream(s) get %.0f s to finish", running.servicer.active_streams, grace_s
+    )
     await running.stop(grace_s)
     log.info("stopped")

@@ -59,7 +59,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self._limits = limits
         self.active_streams = 0
 
-    async def ListVoices(self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext) -> pb.ListVoicesResponse:
+    async def ListVoices(
+        self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListVoicesResponse:
         return pb.ListVoicesResponse(
             voices=[voice_to_proto(v) for v in self._tts.voices()], default_voice=self._tts.default_voice
         )

@@ -83,7 +83,9 @@ def interrupt(played_ms: int | None = None) -> pb.ConverseRequest:
     return pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=played_ms))
 
 
-async def converse_all(stub: voice_pb2_grpc.VoiceServiceStub, requests: Iterable[pb.ConverseRequest]) -> list[pb.ConverseResponse]:
+async def converse_all(
+    stub: voice_pb2_grpc.VoiceServiceStub, requests: Iterable[pb.ConverseRequest]
+) -> list[pb.ConverseResponse]:
     """Send the requests, half-close, and collect every response until the stream ends."""
     return [response async for response in stub.Converse(iter(list(requests)))]
 
@@ -99,5 +101,5 @@ def turn_ends(responses: list[pb.ConverseResponse]) -> list[pb.TurnEnded]:
 async def wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     """Poll until ``predicate()`` is true."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.01)

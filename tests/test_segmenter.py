@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.core.segmenter import SegmentPolicy, Segmenter, count_words
+from service.core.segmenter import Segmenter, SegmentPolicy, count_words
 
 
 def segment(text: str, step: int, policy: SegmentPolicy | None = None) -> list[str]:
@@ -18,45 +18,107 @@ def segment(text: str, step: int, policy: SegmentPolicy | None = None) -> list[s
 
 CASES = [
     # (name, text, expected segments)
-    ("first at a clause", "Sure thing, my friend, here it is. It has more.", ["Sure thing, my friend,", "here it is. It has more."]),
-    ("first needs a few words", "Yes, it is. The capital of France is Paris.", ["Yes, it is.", "The capital of France is Paris."]),
-    ("short sentences join", "Hello there, friend. It is. Very nice. Yes it is indeed a fine day today.",
-     ["Hello there, friend.", "It is. Very nice. Yes it is indeed a fine day today."]),
-    ("decimal", "Pi is roughly 3.14159 in value. That is well known by all the students in class.",
-     ["Pi is roughly 3.14159 in value.", "That is well known by all the students in class."]),
-    ("currency", "The total comes to $29.95 today. Please pay at the counter before you leave the shop.",
-     ["The total comes to $29.95 today.", "Please pay at the counter before you leave the shop."]),
-    ("time", "We meet at 3:30 p.m. on Friday. Bring the documents and the signed forms with you please.",
-     ["We meet at 3:30 p.m. on Friday.", "Bring the documents and the signed forms with you please."]),
-    ("title abbreviation", "Call Dr. Smith tomorrow morning. He knows the answer to every single question you have.",
-     ["Call Dr. Smith tomorrow morning.", "He knows the answer to every single question you have."]),
-    ("e.g.", "Eat fruit daily, e.g. apples or pears. They are good for you and taste great in the morning.",
-     ["Eat fruit daily,", "e.g. apples or pears. They are good for you and taste great in the morning."]),
-    ("e.g. with comma", "I like to eat fruit, e.g., apples. They are good for you and taste great in the morning.",
-     ["I like to eat fruit,", "e.g., apples. They are good for you and taste great in the morning."]),
-    ("U.S.", "The U.S. economy grew last year. Analysts expect the growth to continue well into next year.",
-     ["The U.S. economy grew last year.", "Analysts expect the growth to continue well into next year."]),
-    ("initials", "The book by J. R. R. Tolkien is long. Many readers still finish it in a single long weekend.",
-     ["The book by J. R. R. Tolkien is long.", "Many readers still finish it in a single long weekend."]),
-    ("ellipsis", "Well... I am not quite sure. Let me think about that question for a little while longer.",
-     ["Well... I am not quite sure.", "Let me think about that question for a little while longer."]),
-    ("unicode ellipsis", "Hmm… that is a hard one to answer. Give me a moment to think it over properly, please.",
-     ["Hmm… that is a hard one to answer.", "Give me a moment to think it over properly, please."]),
-    ("url", "See https://example.com/a.b?x=1. Then read the rest of the page from the very top to the bottom.",
-     ["See https://example.com/a.b?x=1.", "Then read the rest of the page from the very top to the bottom."]),
-    ("url with commas", "Open https://example.com/a,b,c today. It explains the whole setup process in small clear steps.",
-     ["Open https://example.com/a,b,c today.", "It explains the whole setup process in small clear steps."]),
-    ("thousands", "There are 1,000,000 people there now. The city keeps growing every single year since the war.",
-     ["There are 1,000,000 people there now.", "The city keeps growing every single year since the war."]),
-    ("question and exclamation", "Is it raining now? Yes! It has been raining all day long and will go on until the night.",
-     ["Is it raining now?", "Yes! It has been raining all day long and will go on until the night."]),
-    ("quotes", 'He said "Stop right now." Then he walked away from the scene without another single word.',
-     ['He said "Stop right now."', "Then he walked away from the scene without another single word."]),
+    (
+        "first at a clause",
+        "Sure thing, my friend, here it is. It has more.",
+        ["Sure thing, my friend,", "here it is. It has more."],
+    ),
+    (
+        "first needs a few words",
+        "Yes, it is. The capital of France is Paris.",
+        ["Yes, it is.", "The capital of France is Paris."],
+    ),
+    (
+        "short sentences join",
+        "Hello there, friend. It is. Very nice. Yes it is indeed a fine day today.",
+        ["Hello there, friend.", "It is. Very nice. Yes it is indeed a fine day today."],
+    ),
+    (
+        "decimal",
+        "Pi is roughly 3.14159 in value. That is well known by all the students in class.",
+        ["Pi is roughly 3.14159 in value.", "That is well known by all the students in class."],
+    ),
+    (
+        "currency",
+        "The total comes to $29.95 today. Please pay at the counter before you leave the shop.",
+        ["The total comes to $29.95 today.", "Please pay at the counter before you leave the shop."],
+    ),
+    (
+        "time",
+        "We meet at 3:30 p.m. on Friday. Bring the documents and the signed forms with you please.",
+        ["We meet at 3:30 p.m. on Friday.", "Bring the documents and the signed forms with you please."],
+    ),
+    (
+        "title abbreviation",
+        "Call Dr. Smith tomorrow morning. He knows the answer to every single question you have.",
+        ["Call Dr. Smith tomorrow morning.", "He knows the answer to every single question you have."],
+    ),
+    (
+        "e.g.",
+        "Eat fruit daily, e.g. apples or pears. They are good for you and taste great in the morning.",
+        ["Eat fruit daily,", "e.g. apples or pears. They are good for you and taste great in the morning."],
+    ),
+    (
+        "e.g. with comma",
+        "I like to eat fruit, e.g., apples. They are good for you and taste great in the morning.",
+        ["I like to eat fruit,", "e.g., apples. They are good for you and taste great in the morning."],
+    ),
+    (
+        "U.S.",
+        "The U.S. economy grew last year. Analysts expect the growth to continue well into next year.",
+        ["The U.S. economy grew last year.", "Analysts expect the growth to continue well into next year."],
+    ),
+    (
+        "initials",
+        "The book by J. R. R. Tolkien is long. Many readers still finish it in a single long weekend.",
+        ["The book by J. R. R. Tolkien is long.", "Many readers still finish it in a single long weekend."],
+    ),
+    (
+        "ellipsis",
+        "Well... I am not quite sure. Let me think about that question for a little while longer.",
+        ["Well... I am not quite sure.", "Let me think about that question for a little while longer."],
+    ),
+    (
+        "unicode ellipsis",
+        "Hmm… that is a hard one to answer. Give me a moment to think it over properly, please.",
+        ["Hmm… that is a hard one to answer.", "Give me a moment to think it over properly, please."],
+    ),
+    (
+        "url",
+        "See https://example.com/a.b?x=1. Then read the rest of the page from the very top to the bottom.",
+        ["See https://example.com/a.b?x=1.", "Then read the rest of the page from the very top to the bottom."],
+    ),
+    (
+        "url with commas",
+        "Open https://example.com/a,b,c today. It explains the whole setup process in small clear steps.",
+        ["Open https://example.com/a,b,c today.", "It explains the whole setup process in small clear steps."],
+    ),
+    (
+        "thousands",
+        "There are 1,000,000 people there now. The city keeps growing every single year since the war.",
+        ["There are 1,000,000 people there now.", "The city keeps growing every single year since the war."],
+    ),
+    (
+        "question and exclamation",
+        "Is it raining now? Yes! It has been raining all day long and will go on until the night.",
+        ["Is it raining now?", "Yes! It has been raining all day long and will go on until the night."],
+    ),
+    (
+        "quotes",
+        'He said "Stop right now." Then he walked away from the scene without another single word.',
+        ['He said "Stop right now."', "Then he walked away from the scene without another single word."],
+    ),
     ("cjk", "你好，世界。今天天气很好！我们去公园吧。", ["你好，世界。", "今天天气很好！我们去公园吧。"]),
-    ("list lines", "Here are the steps:\n1. Mix the flour and the sugar well\n2. Add two eggs and the milk slowly\n",
-     ["Here are the steps:", "1. Mix the flour and the sugar well", "2. Add two eggs and the milk slowly"]),
-    ("code fence whole", "Run this code:\n```python\nprint('a. b, c')\nx = 3.14\n```\nIt prints the text. Then it stops for good.",
-     ["Run this code:", "```python\nprint('a. b, c')\nx = 3.14\n```", "It prints the text. Then it stops for good."]),
+    (
+        "list lines",
+        "Here are the steps:\n1. Mix the flour and the sugar well\n2. Add two eggs and the milk slowly\n",
+        ["Here are the steps:", "1. Mix the flour and the sugar well", "2. Add two eggs and the milk slowly"],
+    ),
+    (
+        "code fence whole",
+        "Run this code:\n```python\nprint('a. b, c')\nx = 3.14\n```\nIt prints the text. Then it stops for good.",
+        ["Run this code:", "```python\nprint('a. b, c')\nx = 3.14\n```", "It prints the text. Then it stops for good."],
+    ),
     ("unclosed fence at end", "Try this:\n```\nls -la. rm x", ["Try this:", "```\nls -la. rm x"]),
     ("no punctuation", "just some words without any punctuation", ["just some words without any punctuation"]),
     ("empty", "", []),

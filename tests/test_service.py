@@ -68,7 +68,8 @@ async def test_full_turn(harness: Harness) -> None:
 
 async def test_speak_mode_reads_text_verbatim_without_llm(harness: Harness) -> None:
     responses = await converse_all(
-        harness.stub, [start(), speak("Hello there, Dr. Smith. "), speak("It costs $29.95 today."), speak("", flush=True)]
+        harness.stub,
+        [start(), speak("Hello there, Dr. Smith. "), speak("It costs $29.95 today."), speak("", flush=True)],
     )
     assert harness.llm.requests == []
     (ended,) = turn_ends(responses)

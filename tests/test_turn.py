@@ -12,6 +12,7 @@ from service.core.audio import AudioFormat, Encoding
 from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
 from service.core.turn import Turn, TurnOptions
 from service.errors import TTSError
+from tests.conftest import wait_for
 from tests.fakes import FakeTTS
 
 REPLY = (
@@ -143,8 +144,7 @@ async def test_captions_are_not_normalized_but_speech_is() -> None:
 async def test_cancel_stops_source_and_synthesis() -> None:
     tts = FakeTTS(latency_s=5.0)
     task = asyncio.create_task(run_turn(tts))
-    while not tts.open_streams:
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: tts.open_streams > 0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -65,8 +65,8 @@ class SegmentEncoder:
     ``chunk_ms``. Feed engine audio with :meth:`feed`, then call :meth:`finish` once."""
 
     def __init__(self, in_rate: int, out_rate: int, chunk_ms: int) -> None:
-        self._resampler = None if in_rate == out_rate else soxr.ResampleStream(
-            in_rate, out_rate, 1, dtype="int16", quality="HQ"
+        self._resampler = (
+            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality="HQ")
         )
         self._in_rate = in_rate
         self._chunk_samples = max(1, out_rate * chunk_ms // 1000)

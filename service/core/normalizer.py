@@ -70,7 +70,6 @@ def speakable(text: str) -> str:
             lines.append(line)
     # A line break ends a sentence (list items, headings): say so, or they run together.
     spoken = [
-        line if _ENDS_SENTENCE.search(line) or i == len(lines) - 1 else line + "."
-        for i, line in enumerate(lines)
+        line if _ENDS_SENTENCE.search(line) or i == len(lines) - 1 else line + "." for i, line in enumerate(lines)
     ]
     return " ".join(spoken)

@@ -181,9 +181,7 @@ class Segmenter:
         """The last word break before ``limit`` that leaves ``min_words`` words, else the first after."""
         spaces = [m.start() for m in re.finditer(r"\s+", region)]
         usable = [
-            pos
-            for pos in spaces
-            if count_words(region[:pos]) >= min_words and not region[:pos].rstrip().endswith(".")
+            pos for pos in spaces if count_words(region[:pos]) >= min_words and not region[:pos].rstrip().endswith(".")
         ]
         before = [pos for pos in usable if pos <= limit]
         if before:

@@ -113,11 +113,14 @@ class Session:
         voices = {voice.id: voice for voice in self._tts.voices()}
         voice_id = request.voice or self._tts.default_voice
         if voice_id not in voices:
-            raise InvalidRequest(f"unknown voice {voice_id!r}; ListVoices gives the choices: {', '.join(sorted(voices))}")
+            raise InvalidRequest(
+                f"unknown voice {voice_id!r}; ListVoices gives the choices: {', '.join(sorted(voices))}"
+            )
         rate = request.sample_rate_hz or voices[voice_id].sample_rate_hz
         if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
             raise InvalidRequest(
-                f"sample_rate_hz {rate} is out of range; use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, or 0 for the voice's own rate"
+                f"sample_rate_hz {rate} is out of range; "
+                f"use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, or 0 for the voice's own rate"
             )
         if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
             raise InvalidRequest(f"llm.temperature {request.temperature} is out of range; use 0 to 2")
@@ -163,7 +166,8 @@ class Session:
         assert active.speak_input is not None
         if active.speak_chars + len(text) > self._defaults.max_text_chars:
             raise InvalidRequest(
-                f"the speak turn's text would be over {self._defaults.max_text_chars} characters; flush and start another"
+                f"the speak turn's text would be over {self._defaults.max_text_chars} characters; "
+                "flush it and start another"
             )
         active.speak_chars += len(text)
         if text:

@@ -15,13 +15,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
 from service.core.engine import TTSEngine
 from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
-from service.core.segmenter import SegmentPolicy, Segmenter, TextSegment
+from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.errors import TTSError
 
 __all__ = ["Turn", "TurnOptions"]
@@ -29,6 +30,18 @@ __all__ = ["Turn", "TurnOptions"]
 log = logging.getLogger(__name__)
 
 _END = object()
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close an async iterator (an engine stream) on the way out, so its upstream work stops."""
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,7 @@ class Turn:
         """Read the text, emit captions, cut segments and start their synthesis (look-ahead bound)."""
         segmenter = Segmenter(self._options.segments)
         try:
-            async with contextlib.aclosing(self._source) as source:
+            async with _closing(self._source) as source:
                 async for delta in source:
                     if not delta:
                         continue
@@ -148,10 +161,12 @@ class Turn:
         """Synthesize one segment into its queue; the queue always ends with _END or an error."""
         encoder: SegmentEncoder | None = None
         try:
-            async with contextlib.aclosing(self._tts.synthesize(item.spoken, self._voice)) as audio:
+            async with _closing(self._tts.synthesize(item.spoken, self._voice)) as audio:
                 async for chunk in audio:
                     if encoder is None:
-                        encoder = SegmentEncoder(chunk.sample_rate_hz, self._format.sample_rate_hz, self._options.chunk_ms)
+                        encoder = SegmentEncoder(
+                            chunk.sample_rate_hz, self._format.sample_rate_hz, self._options.chunk_ms
+                        )
                     elif chunk.sample_rate_hz != encoder.in_rate:
                         raise TTSError("the TTS engine changed its sample rate within a segment")
                     for piece in encoder.feed(chunk.pcm):

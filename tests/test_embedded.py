@@ -1,0 +1,160 @@
+"""End to end on the real embedded engines (Gemma 3 270M through llama.cpp, Piper's joe voice):
+the answer must be real speech at the requested rate, not just bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parley.v1 import voice_pb2 as pb
+from service.config import Settings
+from service.core.engine import LLMEngine, TTSEngine
+from service.engines.factory import load_engines
+from tests.conftest import Harness, converse_all, speak, start, turn_ends, user
+
+pytestmark = pytest.mark.embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[LLMEngine, TTSEngine]]:
+    llm, tts = load_engines(Settings(_cli_parse_args=False))  # type: ignore[call-arg]
+    yield llm, tts
+
+
+@pytest.fixture
+async def real(engines: tuple[LLMEngine, TTSEngine]) -> AsyncIterator[Harness]:
+    import grpc
+
+    from service.core.session import SessionDefaults
+    from service.server import start_server
+    from service.servicer import StreamLimits
+
+    llm, tts = engines
+    running = await start_server(
+        llm, tts, host="127.0.0.1", port=0, defaults=SessionDefaults(max_tokens=60), limits=StreamLimits()
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield Harness(llm, tts, running, channel)  # type: ignore[arg-type]
+    await channel.close()
+    await running.server.stop(0)
+
+
+def assert_speech(pcm: bytes, rate: int, text: str) -> float:
+    """The audio is speech-like for ``text``: loud enough, mostly voiced, plausibly long. Returns seconds."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    seconds = len(samples) / rate
+    words = len(text.split())
+    # People speak about 2 to 4 words a second; allow a wide margin either side.
+    assert 0.15 * words <= seconds <= 1.5 * words + 1.5, (seconds, words, text)
+    frame = rate // 50  # 20 ms
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame)
+    rms = np.sqrt((frames**2).mean(axis=1))
+    assert rms.max() > 1000, "no loud frame: silence"
+    voiced = (rms > 200).mean()
+    assert voiced > 0.4, f"only {voiced:.0%} of 20 ms frames carry sound"
+    # Speech has pauses and varies in level; a tone or noise would not.
+    assert rms.std() > 100
+    return seconds
+
+
+async def test_question_gets_a_spoken_answer(real: Harness) -> None:
+    responses = await converse_all(
+        real.stub, [start(audio=pb.AudioFormat(sample_rate_hz=16000)), user("What is the capital of France?")]
+    )
+    assert responses[0].session_started.audio.sample_rate_hz == 16000
+    assert responses[0].session_started.llm_engine.startswith("local/gemma-3-270m")
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert ended.spoken_text.strip()
+    captions = "".join(r.text_delta.text for r in responses if r.WhichOneof("kind") == "text_delta")
+    assert captions.strip() == ended.spoken_text
+    pcm = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    seconds = assert_speech(pcm, 16000, ended.spoken_text)
+    assert ended.timings.audio_duration_ms == pytest.approx(seconds * 1000, abs=5)
+    assert 0 < ended.timings.first_llm_token_ms <= ended.timings.first_audio_ms <= ended.timings.total_ms
+
+
+async def test_speak_text_at_a_resampled_rate(real: Harness) -> None:
+    text = "Good morning. The meeting with Dr. Smith starts at 9:30, and it costs $29.95 per person."
+    responses = await converse_all(
+        real.stub,
+        [start(audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_WAV, sample_rate_hz=24000)), speak(text, flush=True)],
+    )
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED and ended.spoken_text == text
+    data = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    assert data[:4] == b"RIFF" and int.from_bytes(data[24:28], "little") == 24000
+    assert_speech(data[44:], 24000, text)
+
+
+async def test_voice_list_shows_the_bundled_voice(real: Harness) -> None:
+    voices = await real.stub.ListVoices(pb.ListVoicesRequest())
+    assert voices.default_voice == "en_US-joe-medium"
+    (voice,) = voices.voices
+    assert (voice.language, voice.sample_rate_hz, voice.engine) == ("en_US", 22050, "piper")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_service_process_and_cli(tmp_path: Path) -> None:
+    """`python -m service` as a newcomer runs it, the CLI against it, and a clean SIGTERM."""
+    port = free_port()
+    env = {**os.environ, "PARLEY_PORT": str(port), "PARLEY_HOST": "127.0.0.1", "PARLEY_LLM_MAX_TOKENS": "60"}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        log = ""
+        deadline = time.monotonic() + 90
+        assert service.stdout is not None
+        while "listening" not in log and time.monotonic() < deadline:
+            line = service.stdout.readline()
+            assert line, f"service exited early:\n{log}"
+            log += line
+        assert "loaded" in log and f":{port}" in log
+        out = tmp_path / "answer.wav"
+        cli = subprocess.run(
+            [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{port}", "--out", str(out), "Say hello."],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert "first audio" in cli.stderr and cli.stdout.strip()
+        with wave.open(str(out)) as wav:
+            assert wav.getframerate() == 22050 and wav.getnchannels() == 1 and wav.getsampwidth() == 2
+            assert_speech(wav.readframes(wav.getnframes()), 22050, cli.stdout)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        rest, _ = service.communicate(timeout=30)
+    assert service.returncode == 0, rest
+    assert "stopped" in rest
+
+
+def test_cli_explains_a_server_that_is_down() -> None:
+    cli = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{free_port()}", "Hello?"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 1
+    assert "cannot reach Parley" in cli.stderr and "is the service running" in cli.stderr
