@@ -117,7 +117,12 @@ def test_service_process_and_cli(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PARLEY_PORT": str(port), "PARLEY_HOST": "127.0.0.1", "PARLEY_LLM_MAX_TOKENS": "60"}
     service = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         log = ""
