@@ -163,3 +163,28 @@ def test_cli_explains_a_server_that_is_down() -> None:
     )
     assert cli.returncode == 1
     assert "cannot reach Parley" in cli.stderr and "is the service running" in cli.stderr
+
+
+async def test_interrupt_stops_the_real_engines_and_the_next_turn_works(real: Harness) -> None:
+    import grpc
+
+    call = real.stub.Converse()
+    await call.write(start())
+    await call.read()
+    await call.write(user("Tell me a long story about a dragon and a knight."))
+    while (await call.read()).WhichOneof("kind") != "audio":
+        pass
+    await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=300)))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        assert response.WhichOneof("kind") != "audio" or response.audio.turn_id == "turn-1"
+    assert response.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+    await call.write(user("What is the capital of France?"))
+    responses = []
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        responses.append(response)
+    assert response.turn_ended.reason == pb.TURN_END_REASON_COMPLETED, response.turn_ended.error
+    assert response.turn_ended.turn_id == "turn-2"
+    pcm = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    assert_speech(pcm, 22050, response.turn_ended.spoken_text)
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
