@@ -1,0 +1,130 @@
+"""The command-line client against a live service (fake engines), including interactive mode
+through a pseudo-terminal: ask, Ctrl-C mid-reply, ask again, Ctrl-D."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import select
+import sys
+import time
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Harness, start_harness, stop_harness
+from tests.fakes import FakeLLM, FakeTTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def slow() -> AsyncIterator[Harness]:
+    h = await start_harness(
+        FakeLLM(reply="Once upon a time, there was a story. " + "It went on and on. " * 40, token_s=0.03),
+        FakeTTS(chunk_s=0.02),
+    )
+    yield h
+    await stop_harness(h)
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clients.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_one_question_writes_wav_and_timings(harness: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "a.wav"
+    code, stdout, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--out", str(out), "Hi?")
+    assert code == 0, stderr
+    assert stdout.strip() == harness.llm.reply
+    assert "[completed: first token" in stderr and "first audio" in stderr
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 16000
+        assert wav.getnframes() == pytest.approx(
+            sum(harness.tts.duration_ms(t) for t in harness.tts.texts) * 16, rel=0.01
+        )
+
+
+async def test_speak_mode(harness: Harness, tmp_path: Path) -> None:
+    code, stdout, _ = await run_cli(
+        "--server", f"127.0.0.1:{harness.running.port}", "--out", str(tmp_path / "s.wav"), "--speak", "Read me."
+    )
+    assert code == 0 and stdout.strip() == "Read me."
+    assert harness.llm.requests == []
+
+
+async def test_rejected_request_is_explained(harness: Harness) -> None:
+    code, _, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--voice", "nobody", "Hi?")
+    assert code == 1
+    assert "the service rejected the request: unknown voice 'nobody'" in stderr
+
+
+def read_until(fd: int, marker: str, timeout_s: float = 20) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen:
+        assert time.monotonic() < deadline, f"never saw {marker!r} in:\n{seen}"
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 4096).decode(errors="replace")
+            except OSError:
+                break
+    return seen
+
+
+async def test_interactive_session_through_a_terminal(slow: Harness, tmp_path: Path) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become the CLI
+        os.chdir(ROOT)
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "clients.cli",
+                "--server",
+                f"127.0.0.1:{slow.running.port}",
+                "--out",
+                str(tmp_path / "r.wav"),
+            ],
+        )
+    try:
+        await asyncio.to_thread(read_until, fd, "you> ")
+        os.write(fd, b"Tell me a story.\n")
+        await asyncio.to_thread(read_until, fd, "It went on")
+        os.write(fd, b"\x03")  # Ctrl-C mid-reply interrupts it, it does not quit
+        screen = await asyncio.to_thread(read_until, fd, "you> ")
+        assert "[interrupted" in screen
+        assert slow.llm.cancelled == 1
+        slow.llm.reply = "Short answer."
+        os.write(fd, b"And now?\n")
+        screen = await asyncio.to_thread(read_until, fd, "you> ")
+        assert "Short answer." in screen and "[completed" in screen
+        # Both turns were on one session: the second request carries the first, cut, exchange.
+        assert [m.content for m in slow.llm.requests[-1].messages][1] == "Tell me a story."
+        os.write(fd, b"\x04")  # Ctrl-D quits
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)  # noqa: ASYNC222 - the child was just killed
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert (tmp_path / "r-2.wav").exists()
