@@ -19,6 +19,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.convert import event_to_proto, start_from_proto, voice_to_proto
 from service.core.engine import LLMEngine, TTSEngine
+from service.core.events import TurnEnded
 from service.core.session import Session, SessionDefaults
 from service.errors import IdleTimeout, InvalidRequest, Overloaded, ParleyError
 
@@ -47,6 +48,21 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, str(error)
     log.error("stream failed", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _log_turn(session_id: str, ended: TurnEnded) -> None:
+    stats = ended.stats
+    log.info(
+        "session %s turn %s %s: first token %d ms, first audio %d ms, total %d ms, %.1f s of audio%s",
+        session_id[:8],
+        ended.turn_id,
+        ended.reason.value,
+        stats.since_start_ms(stats.first_llm_token),
+        stats.since_start_ms(stats.first_audio),
+        stats.since_start_ms(stats.ended),
+        stats.audio_ms_sent / 1000,
+        f" ({ended.error})" if ended.error else "",
+    )
 
 
 class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
@@ -94,6 +110,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         while (event := await session.next_event()) is not None:
             session.mark_sent(event)
             await context.write(event_to_proto(event))
+            if isinstance(event, TurnEnded):
+                _log_turn(session.session_id, event)
 
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest], session: Session) -> None:
         iterator = aiter(requests)
