@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.session import SessionDefaults
@@ -57,3 +57,12 @@ class Settings(BaseSettings):
     max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @model_validator(mode="after")
+    def _reply_fits_the_context(self) -> Settings:
+        if self.llm_max_tokens >= self.llm_context_size:
+            raise ValueError(
+                f"llm_max_tokens ({self.llm_max_tokens}) must be smaller than llm_context_size "
+                f"({self.llm_context_size}), or no prompt fits"
+            )
+        return self

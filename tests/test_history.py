@@ -39,7 +39,10 @@ def test_heard_text_cuts_at_estimated_word_positions(heard_ms: float, expected: 
 
 def test_segment_still_being_made_never_counts_whole() -> None:
     partial = [SpokenSegment(0, 16, start_ms=0, duration_ms=400, complete=False)]
-    assert heard_text(TEXT, partial, 400) == "First part"
+    # 400 ms made of about 1040 ms expected (16 characters at a typical rate): one word of three.
+    assert heard_text(TEXT, partial, 400) == "First"
+    done = [SpokenSegment(0, 16, start_ms=0, duration_ms=2000, complete=False)]
+    assert heard_text(TEXT, done, 5000) == "First part"
 
 
 def test_silent_segment_counts_once_reached() -> None:
@@ -73,3 +76,22 @@ def test_trim_last_reply() -> None:
     conversation.add_exchange("Q", "A long answer.")
     assert conversation.trim_last_reply("A long")
     assert conversation.request_messages("next")[-2] == Message("assistant", "A long")
+
+
+def test_segment_cut_short_counts_only_its_voiced_words() -> None:
+    # Piper voices a two-sentence segment a sentence at a time: only "Hi there." exists (500 ms).
+    text = "Hi there. I will now explain the whole plan in great detail for you."
+    partial = [SpokenSegment(0, len(text), start_ms=0, duration_ms=500, complete=False)]
+    heard = heard_text(text, partial, 500)
+    assert heard in ("Hi", "Hi there.", "Hi there. I")
+    assert heard_text(text, partial, float("inf")) == heard
+
+
+def test_unfinished_segment_is_measured_at_the_turns_speaking_rate() -> None:
+    text = "Ten chars. " + "word " * 20
+    segs = [
+        SpokenSegment(0, 10, start_ms=0, duration_ms=1000, complete=True),  # 100 ms per character
+        SpokenSegment(11, len(text.rstrip()), start_ms=1000, duration_ms=2000, complete=False),
+    ]
+    # 2 s of 9.9 s estimated for 20 words: 4 words heard.
+    assert heard_text(text, segs, 3000) == "Ten chars. word word word word"

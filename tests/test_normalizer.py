@@ -26,9 +26,18 @@ CASES = [
     ("table", "| a | b |\n|---|---|\n| 1 | 2 |", "a, b. 1, 2"),
     ("horizontal rule", "Above\n---\nBelow", "Above. Below"),
     ("snake_case stays", "Use snake_case_name here.", "Use snake_case_name here."),
-    ("arithmetic star stays", "2 * 3 = 6", "2 * 3 = 6"),
+    ("arithmetic star read as times", "2 * 3 = 6", "2 times 3 = 6"),
     ("html tags", "Line<br>break and <b>bold</b>", "Line break and bold"),
     ("whitespace collapsed", "many    spaces\there", "many spaces here"),
+    ("multiplication", "Multiply 2*3*4 to get 24.", "Multiply 2 times 3 times 4 to get 24."),
+    ("multiplication with spaces", "So 4 * 5 is 20 and 6×7 is 42.", "So 4 times 5 is 20 and 6 times 7 is 42."),
+    ("algebra star stays", "Use 5*x + 3.", "Use 5*x + 3."),
+    ("emphasis next to punctuation", "It is *very* important (**really**).", "It is very important (really)."),
+    (
+        "angle brackets that are not html",
+        "Press <Enter> if a<b, and use List<String>.",
+        "Press <Enter> if a<b, and use List<String>.",
+    ),
     ("numbers untouched", "It costs $29.95 at 3:30 p.m.", "It costs $29.95 at 3:30 p.m."),
 ]
 

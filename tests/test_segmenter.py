@@ -203,3 +203,15 @@ def test_policy_rejects_nonsense() -> None:
         SegmentPolicy(first_min_words=0)
     with pytest.raises(ValueError):
         SegmentPolicy(first_max_chars=200, max_chars=100)
+
+
+def test_segments_do_not_depend_on_delta_size_for_long_text() -> None:
+    # Text that arrives whole (speak_text) is cut like text that arrives word by word.
+    text = (
+        "This opening sentence runs on for quite a while without any comma or other break in it at all "
+        "and keeps going well past the length at which the first segment should have been released to "
+        "the speech engine. Then a normal sentence follows. And another one ends the text."
+    )
+    whole = segment(text, len(text))
+    assert whole == segment(text, 1)
+    assert len(whole[0]) <= SegmentPolicy().first_max_chars

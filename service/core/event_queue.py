@@ -45,10 +45,12 @@ class EventQueue:
             self._items.append(event)
             self._update()
 
-    def purge(self, turn_id: str) -> int:
-        """Drop every queued event of ``turn_id``; returns how many."""
-        kept = [e for e in self._items if isinstance(e, SessionStarted) or e.turn_id != turn_id]
-        dropped = len(self._items) - len(kept)
+    def purge(self, turn_id: str) -> list[Event]:
+        """Drop every queued event of ``turn_id``; returns them."""
+        kept: list[Event] = []
+        dropped: list[Event] = []
+        for event in self._items:
+            (kept if isinstance(event, SessionStarted) or event.turn_id != turn_id else dropped).append(event)
         self._items = collections.deque(kept)
         self._update()
         return dropped

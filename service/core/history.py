@@ -39,10 +39,13 @@ def heard_text(text: str, segments: Sequence[SpokenSegment], heard_ms: float) ->
 
     Segments heard to their end count whole. In a segment heard partly, word positions are estimated
     from its duration (words evenly spread), and only words whose estimated end was reached count.
+    A segment whose audio was still being made is measured against its estimated full duration (from
+    the speaking rate of the turn's finished segments), and only its audio made so far can be heard.
     Segments without audio (a code block) count once the timeline has passed their start.
     """
     if heard_ms <= 0:
         return ""
+    ms_per_char = _speaking_rate(segments)
     cut = 0
     for segment in segments:
         if heard_ms < segment.start_ms:
@@ -53,16 +56,29 @@ def heard_text(text: str, segments: Sequence[SpokenSegment], heard_ms: float) ->
             continue
         if segment.duration_ms <= 0:
             break
-        fraction = (heard_ms - segment.start_ms) / segment.duration_ms
+        full_ms = segment.duration_ms
+        if not segment.complete:
+            full_ms = max(full_ms, (segment.end - segment.start) * ms_per_char)
+        fraction = (min(heard_ms, end_ms) - segment.start_ms) / full_ms
         words = list(_WORD_END.finditer(text, segment.start, segment.end))
         whole_words = math.floor(len(words) * min(fraction, 1.0) + 1e-9)
         if not segment.complete:
-            # Only part of its audio exists yet: never count more words than were voiced.
+            # Only part of its audio exists: never count the whole segment as heard.
             whole_words = min(whole_words, len(words) - 1)
         if whole_words > 0:
             cut = words[whole_words - 1].end()
         break
     return text[:cut].strip()
+
+
+_DEFAULT_MS_PER_CHAR = 65.0  # about 15 characters a second, an ordinary speaking rate
+
+
+def _speaking_rate(segments: Sequence[SpokenSegment]) -> float:
+    """Milliseconds of audio per character in the finished segments, or a typical rate."""
+    done = [s for s in segments if s.complete and s.duration_ms > 0]
+    chars = sum(s.end - s.start for s in done)
+    return sum(s.duration_ms for s in done) / chars if chars else _DEFAULT_MS_PER_CHAR
 
 
 @dataclass

@@ -31,9 +31,16 @@ _QUOTE = re.compile(r"^[ \t]*>[ \t]?", re.M)
 _RULE = re.compile(r"^[ \t]*([-*_=])([ \t]*\1){2,}[ \t]*$", re.M)
 _TABLE_SEPARATOR = re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$", re.M)
 _TABLE_BAR = re.compile(r"[ \t]*\|[ \t]*")
-_EMPHASIS = re.compile(r"(\*{1,3}|~~)(?=\S)(.+?)(?<=\S)\1|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)")
-_STRAY_MARKERS = re.compile(r"\*+(?=\S)|(?<=\S)\*+|~~|(?<!\w)_+(?=\w)|(?<=\w)_+(?!\w)")
-_HTML_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_TIMES = re.compile(r"(?<=\d)[ \t]*[*×][ \t]*(?=\d)")
+_EMPHASIS = re.compile(
+    r"(?<![\w*])(\*{1,3}|~~)(?=[^\s*])(.+?)(?<=[^\s*])\1(?![\w*])|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)"
+)
+_STRAY_MARKERS = re.compile(r"(?<!\w)\*+(?=\S)|(?<=\S)\*+(?!\w)|~~|(?<!\w)_+(?=\w)|(?<=\w)_+(?!\w)")
+_HTML_TAG = re.compile(
+    r"</?(?:a|b|i|u|s|em|strong|code|pre|p|div|span|br|hr|img|sup|sub|small|ul|ol|li|h[1-6]|table|tr|td|th|"
+    r"blockquote)(?:\s[^<>]*)?/?>",
+    re.IGNORECASE,
+)
 _ENDS_SENTENCE = re.compile(r"[.!?…:;,。！？]$")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 
@@ -59,6 +66,7 @@ def speakable(text: str) -> str:
     text = _HEADING.sub("", text)
     text = _BULLET.sub("", text)
     text = _QUOTE.sub("", text)
+    text = _TIMES.sub(" times ", text)
     text = _EMPHASIS.sub(lambda m: m.group(2) or m.group(4), text)
     text = _STRAY_MARKERS.sub("", text)
     text = emoji.replace_emoji(text, replace="")

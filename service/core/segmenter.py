@@ -156,6 +156,8 @@ class Segmenter:
     def _first_cut(self, region: str) -> int | None:
         policy = self._policy
         for end in self._breaks(region, clauses=True):
+            if end > policy.first_max_chars:
+                break
             if count_words(region[:end]) >= policy.first_min_words:
                 return end
         if len(region) > policy.first_max_chars:

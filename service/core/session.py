@@ -65,6 +65,8 @@ class _ActiveTurn:
     """Where a speak turn's deltas go; None once flushed (and for LLM turns)."""
     speak_chars: int = 0
     finished: bool = False
+    reply_recorded: bool = False
+    """The turn's reply is the last assistant message of the history."""
     task: asyncio.Task[None] | None = None
 
 
@@ -73,6 +75,18 @@ async def _cancel(active: _ActiveTurn) -> None:
     assert active.task is not None
     active.task.cancel()
     await asyncio.gather(active.task, return_exceptions=True)
+
+
+async def _llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncIterator[str]:
+    """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the stream."""
+    stream = llm.stream(request)
+    try:
+        async for delta in stream:
+            yield delta
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def _deltas(queue: asyncio.Queue[str | None]) -> AsyncIterator[str]:
@@ -98,6 +112,7 @@ class Session:
         self._active: _ActiveTurn | None = None
         self._last: _ActiveTurn | None = None
         self._recent: collections.deque[_ActiveTurn] = collections.deque(maxlen=4)
+        self._used_turn_ids: set[str] = set()
         self.last_activity = time.monotonic()
         self.session_id = ""
 
@@ -146,9 +161,10 @@ class Session:
         if not text.strip():
             raise InvalidRequest("user_text.text is empty; send the message to answer")
         self._check_length(text, "user_text.text")
+        self._check_turn_id(turn_id, "user_text.turn_id")
         await self.interrupt(None)
         request = LLMRequest(self._conversation.request_messages(text), self._temperature, self._max_tokens)
-        self._begin(turn_id, self._llm.stream(request), user_text=text)
+        self._begin(turn_id, _llm_deltas(self._llm, request), user_text=text)
 
     async def speak_text(self, text: str, flush: bool, turn_id: str = "") -> None:
         """Read ``text`` aloud. Extends the open speak turn, or starts one (interrupting any other)."""
@@ -160,6 +176,7 @@ class Session:
         if active is None or active.speak_input is None:
             if not text:
                 return  # a lone flush with nothing open: nothing to release
+            self._check_turn_id(turn_id, "speak_text.turn_id")
             await self.interrupt(None)
             queue: asyncio.Queue[str | None] = asyncio.Queue()
             active = self._begin(turn_id, _deltas(queue), user_text=None, speak_input=queue)
@@ -179,14 +196,15 @@ class Session:
     async def interrupt(self, played_ms: int | None) -> None:
         """Stop the turn in progress at once (its text source and synthesis are cancelled).
 
-        With no turn in progress, ``played_ms`` trims the history of the last turn (its audio may
-        still be playing on the client). Safe to cancel.
+        With no turn in progress, the last turn is the one the client hears: audio of it still queued is
+        dropped (its end becomes INTERRUPTED if not yet sent), and ``played_ms`` trims its history.
+        Safe to cancel.
         """
         self._require_started("interrupt")
         active = self._active
         if active is None:
-            if played_ms is not None and self._last is not None:
-                self._trim_last(played_ms)
+            if self._last is not None:
+                self._interrupt_last(self._last, played_ms)
             return
         active.finished = True
         self._active = None
@@ -233,8 +251,8 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        """A turn is in progress."""
-        return self._active is not None
+        """A turn is in progress and not waiting for the client (an open speak turn waits)."""
+        return self._active is not None and self._active.speak_input is None
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -246,7 +264,9 @@ class Session:
         user_text: str | None,
         speak_input: asyncio.Queue[str | None] | None = None,
     ) -> _ActiveTurn:
-        turn_id = turn_id or f"turn-{next(self._turn_numbers)}"
+        while not turn_id or turn_id in self._used_turn_ids:
+            turn_id = f"turn-{next(self._turn_numbers)}"
+        self._used_turn_ids.add(turn_id)
         stats = TurnStats()
         turn = Turn(
             turn_id,
@@ -294,18 +314,29 @@ class Session:
         active.finished = True
         if active.user_text is not None:
             self._conversation.add_exchange(active.user_text, spoken)
-        else:
+            active.reply_recorded = True
+        elif spoken:
             self._conversation.add_spoken(spoken)
-        self._last = active if spoken and reason is TurnEndReason.COMPLETED else None
+            active.reply_recorded = True
+        self._last = active
         self._events.put_control(TurnEnded(active.turn.turn_id, reason, spoken, active.stats, error))
         self.last_activity = time.monotonic()
 
-    def _trim_last(self, played_ms: int) -> None:
-        last = self._last
-        assert last is not None
+    def _interrupt_last(self, last: _ActiveTurn, played_ms: int | None) -> None:
+        """Interrupt a turn that ended on the server while the client may still be hearing it."""
+        dropped = self._events.purge(last.turn.turn_id)
+        unsent_end = next((e for e in dropped if isinstance(e, TurnEnded)), None)
+        if unsent_end is None and played_ms is None:
+            return  # everything was sent and the client says nothing of what it played
+        heard_ms = last.stats.audio_ms_sent if played_ms is None else min(played_ms, last.stats.audio_ms_sent)
+        spoken = heard_text(last.turn.text, last.turn.segments, heard_ms)
+        if last.reply_recorded:
+            self._conversation.trim_last_reply(spoken)
         self._last = None
-        heard = heard_text(last.turn.text, last.turn.segments, min(played_ms, last.stats.audio_ms_sent))
-        self._conversation.trim_last_reply(heard)
+        if unsent_end is not None:
+            self._events.put_control(
+                TurnEnded(last.turn.turn_id, TurnEndReason.INTERRUPTED, spoken, last.stats, unsent_end.error)
+            )
 
     def _stats_of(self, turn_id: str) -> TurnStats | None:
         for candidate in reversed(self._recent):
@@ -316,6 +347,12 @@ class Session:
     def _require_started(self, what: str) -> None:
         if not self._started:
             raise InvalidRequest(f"send `start` before `{what}`: the first message of a stream must be `start`")
+
+    def _check_turn_id(self, turn_id: str, field: str) -> None:
+        if len(turn_id) > 128:
+            raise InvalidRequest(f"{field} is {len(turn_id)} characters; use at most 128")
+        if turn_id in self._used_turn_ids:
+            raise InvalidRequest(f"{field} {turn_id!r} was already used in this session; turn ids must be unique")
 
     def _check_length(self, text: str, field: str) -> None:
         if len(text) > self._defaults.max_text_chars:

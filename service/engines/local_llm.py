@@ -11,6 +11,7 @@ event loop never blocks. Closing a stream stops the generation before its next t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,25 @@ def transcript_prompt(messages: tuple[Message, ...]) -> str:
     return "\n".join(lines)
 
 
+def alternating(messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """The conversation as chat templates expect it: an optional system message, then user and
+    assistant taking turns, starting with the user. Consecutive messages of one role are joined, and
+    what the assistant said before the first user message (text read aloud) joins the system prompt."""
+    system = [m.content for m in messages if m.role == "system"]
+    turns: list[Message] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        if not turns and message.role == "assistant":
+            system.append(f"Earlier you said: {message.content}")
+        elif turns and turns[-1].role == message.role:
+            turns[-1] = Message(message.role, f"{turns[-1].content}\n{message.content}")
+        else:
+            turns.append(message)
+    head = (Message("system", "\n\n".join(system)),) if system else ()
+    return (*head, *turns)
+
+
 class LocalLLM:
     """Streams replies from a GGUF model through llama.cpp."""
 
@@ -101,8 +121,10 @@ class LocalLLM:
 
     async def _stream(self, request: LLMRequest) -> AsyncIterator[str]:
         try:
-            async for delta in iterate_in_thread(self._executor, lambda: self._generate(request)):
-                yield delta
+            deltas = iterate_in_thread(self._executor, lambda: self._generate(request))
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
         except LLMError:
             raise
         except Exception as error:
@@ -119,7 +141,7 @@ class LocalLLM:
         messages = self._fit(request)
         chunks: Iterator[Any]
         if self._chat_template:
-            chat: Any = [{"role": m.role, "content": m.content} for m in messages]
+            chat: Any = [{"role": m.role, "content": m.content} for m in alternating(messages)]
             chunks = self._llama.create_chat_completion(  # type: ignore[assignment]
                 messages=chat,
                 temperature=request.temperature,

@@ -8,6 +8,7 @@ sentence leaves as soon as it is made. Closing a stream stops before the next se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -90,8 +91,10 @@ class PiperTTS:
                 yield Audio(chunk.audio_int16_bytes, chunk.sample_rate)
 
         try:
-            async for audio in iterate_in_thread(self._executor, sentences):
-                yield audio
+            stream = iterate_in_thread(self._executor, sentences)
+            async with contextlib.aclosing(stream):
+                async for audio in stream:
+                    yield audio
         except Exception as error:
             log.exception("Piper failed on %r", text[:80])
             raise TTSError(f"the Piper voice {voice} failed: {type(error).__name__}") from error

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -20,7 +20,7 @@ T = TypeVar("T")
 _ITEM, _ERROR, _DONE = range(3)
 
 
-async def iterate_in_thread(executor: Executor, make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+async def iterate_in_thread(executor: Executor, make: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
     """Yield what ``make()``'s iterator yields, running it on ``executor``.
 
     Safe to cancel: the worker stops before its next item. Exceptions from the iterator are re-raised
