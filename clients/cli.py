@@ -16,9 +16,10 @@ import os
 import signal
 import sys
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -51,6 +52,7 @@ class Conversation:
         self._interactive = interactive
         self._turns: dict[str, TurnAudio] = {}
         self._turn_ended = asyncio.Event()
+        self.started = asyncio.Event()
         self._turn_count = 0
         self.current_turn: str | None = None
         self.sample_rate = 0
@@ -86,6 +88,7 @@ class Conversation:
             if kind == "session_started":
                 started = response.session_started
                 self.sample_rate = started.audio.sample_rate_hz
+                self.started.set()
                 print(
                     f"[session {started.session_id}: voice {started.voice}, {started.audio.sample_rate_hz} Hz, "
                     f"llm {started.llm_engine}, tts {started.tts_engine}]",
@@ -158,6 +161,7 @@ async def interactive(conversation: Conversation) -> None:
             print("\n[press Ctrl-D to quit]", file=sys.stderr)
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+    await conversation.started.wait()
     print("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -167,6 +171,16 @@ async def interactive(conversation: Conversation) -> None:
         if line.strip():
             await conversation.ask(line.strip())
     conversation.close_sending()
+
+
+async def unless_ended(receiver: asyncio.Task[None], step: Coroutine[Any, Any, object]) -> None:
+    """Run ``step`` unless the stream ends first; re-raise the stream's error if it failed."""
+    waiter = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({waiter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        receiver.result()
+        raise SystemExit("error: the service ended the stream early")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -188,10 +202,13 @@ async def run(args: argparse.Namespace) -> int:
                     waiter.cancel()
                     receiver.result()
             else:
+                # One step at a time, so that a rejected request is reported as the server said it
+                # (grpc aio can mask the server's status when a client writes after it arrived).
+                await unless_ended(receiver, conversation.started.wait())
                 if args.speak is not None:
-                    conversation.send(pb.ConverseRequest(speak_text=pb.SpeakText(text=args.speak, flush=True)))
+                    await unless_ended(receiver, conversation.ask(args.speak, speak=True))
                 else:
-                    conversation.send(pb.ConverseRequest(user_text=pb.UserText(text=args.question)))
+                    await unless_ended(receiver, conversation.ask(args.question))
                 conversation.close_sending()
                 await receiver
         except grpc.aio.AioRpcError as error:
