@@ -72,6 +72,13 @@ def event_to_proto(event: Event) -> pb.ConverseResponse:
                 reason=_REASONS[event.reason],
                 spoken_text=event.spoken_text,
                 error=event.error,
+                usage=(
+                    pb.LlmUsage(
+                        prompt_tokens=stats.usage.prompt_tokens, completion_tokens=stats.usage.completion_tokens
+                    )
+                    if stats.usage is not None
+                    else None
+                ),
                 timings=pb.TurnTimings(
                     first_llm_token_ms=stats.since_start_ms(stats.first_llm_token),
                     first_segment_ms=stats.since_start_ms(stats.first_segment),

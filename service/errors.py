@@ -39,11 +39,14 @@ class EngineError(ParleyError):
 
     ``retryable`` is true when the same request may succeed later (a timeout, an overloaded
     provider), false when it cannot (a bad model file, a rejected request).
+    ``retry_after_s`` is the wait the provider asked for, when it named one.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        """How long the provider asked us to wait before trying again (its Retry-After), if it said."""
 
 
 class LLMError(EngineError):

@@ -84,6 +84,7 @@ async def test_question_gets_a_spoken_answer(real: Harness) -> None:
     seconds = assert_speech(pcm, 16000, ended.spoken_text)
     assert ended.timings.audio_duration_ms == pytest.approx(seconds * 1000, abs=5)
     assert 0 < ended.timings.first_llm_token_ms <= ended.timings.first_audio_ms <= ended.timings.total_ms
+    assert ended.HasField("usage") and ended.usage.prompt_tokens > 50 and ended.usage.completion_tokens > 0
 
 
 async def test_speak_text_at_a_resampled_rate(real: Harness) -> None:

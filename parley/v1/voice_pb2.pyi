@@ -156,18 +156,28 @@ class AudioChunk(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., segment_index: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TurnEnded(_message.Message):
-    __slots__ = ("turn_id", "reason", "spoken_text", "timings", "error")
+    __slots__ = ("turn_id", "reason", "spoken_text", "timings", "error", "usage")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SPOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     reason: TurnEndReason
     spoken_text: str
     timings: TurnTimings
     error: str
-    def __init__(self, turn_id: _Optional[str] = ..., reason: _Optional[_Union[TurnEndReason, str]] = ..., spoken_text: _Optional[str] = ..., timings: _Optional[_Union[TurnTimings, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    usage: LlmUsage
+    def __init__(self, turn_id: _Optional[str] = ..., reason: _Optional[_Union[TurnEndReason, str]] = ..., spoken_text: _Optional[str] = ..., timings: _Optional[_Union[TurnTimings, _Mapping]] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[LlmUsage, _Mapping]] = ...) -> None: ...
+
+class LlmUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class TurnTimings(_message.Message):
     __slots__ = ("first_llm_token_ms", "first_segment_ms", "first_audio_ms", "total_ms", "audio_duration_ms")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ["Audio", "LLMEngine", "LLMRequest", "Message", "TTSEngine", "Voice"]
+__all__ = ["Audio", "LLMEngine", "LLMRequest", "LLMUsage", "Message", "TTSEngine", "Voice"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,14 @@ class LLMRequest:
     messages: tuple[Message, ...]
     temperature: float
     max_tokens: int
+
+
+@dataclass(frozen=True)
+class LLMUsage:
+    """Tokens a reply cost, when the engine reports them (the last item of a stream)."""
+
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,8 @@ class LLMEngine(Protocol):
         """Engine and model, for example ``local/gemma-3-270m-q4_k_m.gguf``."""
         ...
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
-        """Yield the reply's text deltas as they are made.
+    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+        """Yield the reply's text deltas as they are made, then its :class:`LLMUsage` if known.
 
         Safe to cancel, and closing the iterator early stops the generation (not merely its output).
         Raises :class:`service.errors.LLMError`.

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from service.core.audio import AudioFormat
+from service.core.engine import LLMUsage
 
 __all__ = [
     "AudioChunk",
@@ -42,6 +43,7 @@ class TurnStats:
     first_audio: float | None = None
     ended: float | None = None
     audio_ms_sent: float = 0.0
+    usage: LLMUsage | None = None
 
     def since_start_ms(self, moment: float | None) -> int:
         """Milliseconds from the turn's start to ``moment``; 0 when it never happened."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service.core.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, Encoding
-from service.core.engine import LLMEngine, LLMRequest, TTSEngine
+from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.event_queue import EventQueue
 from service.core.events import AudioChunk, Event, SessionStarted, TurnEnded, TurnEndReason, TurnStats
 from service.core.history import Conversation, heard_text
@@ -77,7 +77,7 @@ async def _cancel(active: _ActiveTurn) -> None:
     await asyncio.gather(active.task, return_exceptions=True)
 
 
-async def _llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncIterator[str]:
+async def _llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
     """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the stream."""
     stream = llm.stream(request)
     try:
@@ -259,7 +259,7 @@ class Session:
     def _begin(
         self,
         turn_id: str,
-        text: AsyncIterator[str],
+        text: AsyncIterator[str | LLMUsage],
         *,
         user_text: str | None,
         speak_input: asyncio.Queue[str | None] | None = None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
-from service.core.engine import TTSEngine
+from service.core.engine import LLMUsage, TTSEngine
 from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
@@ -72,7 +72,7 @@ class Turn:
     def __init__(
         self,
         turn_id: str,
-        text: AsyncIterator[str],
+        text: AsyncIterator[str | LLMUsage],
         *,
         tts: TTSEngine,
         voice: str,
@@ -126,6 +126,9 @@ class Turn:
         try:
             async with _closing(self._source) as source:
                 async for delta in source:
+                    if isinstance(delta, LLMUsage):
+                        self._stats.usage = delta
+                        continue
                     if not delta:
                         continue
                     if self._from_llm and self._stats.first_llm_token is None:

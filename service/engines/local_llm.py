@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.engine import LLMRequest, Message
+from service.core.engine import LLMRequest, LLMUsage, Message
 from service.engines.threaded import iterate_in_thread
 from service.errors import LLMError
 
@@ -115,11 +115,11 @@ class LocalLLM:
         """The model carries a chat template and is prompted through it."""
         return self._chat_template
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
         """Yield the reply's text deltas. Safe to cancel: generation stops before its next token."""
         return self._stream(request)
 
-    async def _stream(self, request: LLMRequest) -> AsyncIterator[str]:
+    async def _stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
         try:
             deltas = iterate_in_thread(self._executor, lambda: self._generate(request))
             async with contextlib.aclosing(deltas):
@@ -136,9 +136,9 @@ class LocalLLM:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._llama.close()
 
-    def _generate(self, request: LLMRequest) -> Iterator[str]:
+    def _generate(self, request: LLMRequest) -> Iterator[str | LLMUsage]:
         """Runs on the worker thread."""
-        messages = self._fit(request)
+        messages, prompt_tokens = self._fit(request)
         chunks: Iterator[Any]
         if self._chat_template:
             chat: Any = [{"role": m.role, "content": m.content} for m in alternating(messages)]
@@ -161,22 +161,26 @@ class LocalLLM:
             stream=True,
         )
         first = True
+        generated = 0
         for chunk in chunks:
+            generated += 1  # llama.cpp streams one token per chunk
             text = chunk["choices"][0]["text"]
             if first:
                 text = text.lstrip()
                 first = not text
             if text:
                 yield text
+        yield LLMUsage(prompt_tokens, generated)
 
-    def _fit(self, request: LLMRequest) -> tuple[Message, ...]:
-        """Drop the oldest exchanges until the prompt leaves room for the reply in the context."""
+    def _fit(self, request: LLMRequest) -> tuple[tuple[Message, ...], int]:
+        """Drop the oldest exchanges until the prompt leaves room for the reply in the context.
+        Returns the messages and the prompt's length in tokens."""
         messages = request.messages
         budget = self._options.context_size - request.max_tokens
         while True:
-            prompt = transcript_prompt(messages)
-            if len(self._llama.tokenize(prompt.encode())) <= budget:
-                return messages
+            tokens = len(self._llama.tokenize(transcript_prompt(messages).encode()))
+            if tokens <= budget:
+                return messages, tokens
             history = [i for i, m in enumerate(messages) if m.role != "system"][:-1]
             if not history:
                 raise LLMError(
