@@ -116,6 +116,8 @@ class Conversation:
         t = ended.timings
         reason = _REASONS.get(ended.reason, "unknown")
         saved = f", audio in {path}" if turn.pcm else ", no audio"
+        if ended.HasField("usage"):
+            saved += f", {ended.usage.prompt_tokens}+{ended.usage.completion_tokens} tokens"
         print(
             f"[{reason}: first token {t.first_llm_token_ms} ms, first segment {t.first_segment_ms} ms, "
             f"first audio {t.first_audio_ms} ms, total {t.total_ms} ms, {t.audio_duration_ms / 1000:.1f} s of speech"

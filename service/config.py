@@ -5,6 +5,7 @@ Flags win over the environment, which wins over the defaults. ``python -m servic
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -30,8 +31,8 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
-    llm: Literal["local"] = Field("local", description="LLM engine.")
-    tts: Literal["piper"] = Field("piper", description="TTS engine.")
+    llm: Literal["local", "openai"] = Field("local", description="LLM engine: local (embedded) or openai.")
+    tts: Literal["piper", "openai"] = Field("piper", description="TTS engine: piper (embedded) or openai.")
     llm_model_path: Path | None = Field(
         None, description="GGUF model for the local LLM. Default: Gemma 3 270M from its PyPI package."
     )
@@ -57,6 +58,35 @@ class Settings(BaseSettings):
     max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    openai_base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible server, e.g. http://localhost:11434/v1. Default: OPENAI_BASE_URL, else OpenAI.",
+    )
+    openai_api_key_file: Path | None = Field(
+        None, description="File holding the API key (instead of OPENAI_API_KEY / PARLEY_OPENAI_API_KEY)."
+    )
+    openai_organization: str | None = Field(None, description="OpenAI organization id. Default: OPENAI_ORG_ID.")
+    openai_project: str | None = Field(None, description="OpenAI project id. Default: OPENAI_PROJECT_ID.")
+    openai_extra_headers: str = Field("", description='Extra HTTP headers as a JSON object, e.g. {"X-Team": "voice"}.')
+    openai_timeout_s: float = Field(30.0, gt=0, description="Request timeout (connect, response, each read).")
+    openai_stall_timeout_s: float = Field(
+        15.0, gt=0, description="Cancel a streamed response that sends nothing for this long."
+    )
+    openai_max_attempts: int = Field(3, ge=1, description="Tries per request (429, 5xx, connection errors).")
+    openai_model: str = Field("gpt-4o-mini", description="Chat model of the openai LLM engine.")
+    openai_stream_usage: bool = Field(
+        True, description="Ask for token usage in the stream (turn off for servers that reject stream_options)."
+    )
+    openai_tts_model: str = Field("gpt-4o-mini-tts", description="Speech model of the openai TTS engine.")
+    openai_tts_voice: str = Field("alloy", description="Default voice of the openai TTS engine.")
+    openai_tts_voices: str = Field(
+        ",".join(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")),
+        description="Comma-separated voices ListVoices offers with the openai TTS engine.",
+    )
+    openai_tts_speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking speed of the openai TTS engine.")
+    openai_tts_instructions: str = Field(
+        "", description="How the openai TTS engine should speak (models that support instructions)."
+    )
 
     @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:
@@ -65,4 +95,15 @@ class Settings(BaseSettings):
                 f"llm_max_tokens ({self.llm_max_tokens}) must be smaller than llm_context_size "
                 f"({self.llm_context_size}), or no prompt fits"
             )
+        if self.openai_extra_headers:
+            try:
+                headers = json.loads(self.openai_extra_headers)
+            except ValueError as error:
+                raise ValueError(f"openai_extra_headers is not JSON: {error}") from error
+            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+                raise ValueError('openai_extra_headers must be a JSON object of strings, like {"X-Team": "voice"}')
         return self
+
+    def extra_headers(self) -> dict[str, str]:
+        """The parsed ``openai_extra_headers``."""
+        return dict(json.loads(self.openai_extra_headers)) if self.openai_extra_headers else {}

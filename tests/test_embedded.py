@@ -133,7 +133,8 @@ def test_service_process_and_cli(tmp_path: Path) -> None:
             line = service.stdout.readline()
             assert line, f"service exited early:\n{log}"
             log += line
-        assert "loaded" in log and f":{port}" in log
+        assert "LLM local/gemma-3-270m-q4_k_m.gguf ready in" in log and "TTS piper ready in" in log
+        assert f":{port}" in log
         out = tmp_path / "answer.wav"
         cli = subprocess.run(
             [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{port}", "--out", str(out), "Say hello."],

@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.core.engine import LLMEngine, TTSEngine
+from service.engines.retry import RetryPolicy
+from service.errors import EngineError
 
-__all__ = ["load_engines"]
+if TYPE_CHECKING:
+    from service.engines.openai_client import OpenAIConnection
+
+__all__ = ["load_engines", "openai_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -17,26 +24,91 @@ log = logging.getLogger(__name__)
 def load_engines(settings: Settings) -> tuple[LLMEngine, TTSEngine]:
     """Load the LLM and TTS engines the settings name, logging what was loaded and how long it took.
 
-    Raises :class:`service.errors.EngineError` when a model cannot be loaded.
+    Raises :class:`service.errors.EngineError` when an engine cannot be set up.
     """
-    from service.engines.local_llm import LocalLLM, LocalLLMOptions, default_model_path
-    from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
-
     began = time.perf_counter()
+    llm = _load_llm(settings)
+    log.info("LLM %s ready in %.1f s", llm.name, time.perf_counter() - began)
+    began = time.perf_counter()
+    tts = _load_tts(settings)
+    voices = ", ".join(f"{v.id} ({v.sample_rate_hz} Hz)" for v in tts.voices())
+    log.info("TTS %s ready in %.1f s: %s", tts.name, time.perf_counter() - began, voices)
+    return llm, tts
+
+
+def _load_llm(settings: Settings) -> LLMEngine:
+    if settings.llm == "openai":
+        from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
+
+        connection = openai_connection(settings)
+        log.info("LLM openai: model %s at %s", settings.openai_model, connection.server_name)
+        return OpenAILLM(
+            connection,
+            OpenAILLMOptions(
+                settings.openai_model, settings.openai_stall_timeout_s, _retry(settings), settings.openai_stream_usage
+            ),
+        )
+    from service.engines.local_llm import LocalLLM, LocalLLMOptions, default_model_path
+
     model_path = settings.llm_model_path or default_model_path()
     llm = LocalLLM(LocalLLMOptions(model_path, settings.llm_context_size, settings.llm_threads or os.cpu_count() or 1))
     template = "its chat template" if llm.uses_chat_template else "a transcript prompt"
-    log.info(
-        "LLM %s loaded from %s in %.1f s (prompted with %s)",
-        llm.name,
-        model_path,
-        time.perf_counter() - began,
-        template,
-    )
+    log.info("LLM local: %s (prompted with %s)", model_path, template)
+    return llm
 
-    began = time.perf_counter()
+
+def _load_tts(settings: Settings) -> TTSEngine:
+    if settings.tts == "openai":
+        from service.engines.openai_tts import OpenAITTS, OpenAITTSOptions
+
+        voices = tuple(v.strip() for v in settings.openai_tts_voices.split(",") if v.strip())
+        return OpenAITTS(
+            openai_connection(settings),
+            OpenAITTSOptions(
+                model=settings.openai_tts_model,
+                voice=settings.openai_tts_voice,
+                voices=voices,
+                speed=settings.openai_tts_speed,
+                instructions=settings.openai_tts_instructions,
+                stall_timeout_s=settings.openai_stall_timeout_s,
+                retry=_retry(settings),
+            ),
+        )
+    from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
+
     voice_path = settings.piper_voice_path or default_voice_path()
-    tts = PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers))
-    voices = ", ".join(f"{v.id} ({v.sample_rate_hz} Hz)" for v in tts.voices())
-    log.info("TTS %s loaded in %.1f s: %s", tts.name, time.perf_counter() - began, voices)
-    return llm, tts
+    return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers))
+
+
+def _retry(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(attempts=settings.openai_max_attempts)
+
+
+def openai_connection(settings: Settings, environ: Mapping[str, str] | None = None) -> OpenAIConnection:
+    """The OpenAI connection from the settings and the environment. The API key comes from
+    ``PARLEY_OPENAI_API_KEY``, ``OPENAI_API_KEY`` or the key file, never from a client or a flag."""
+    from service.engines.openai_client import OpenAIConnection
+
+    env = os.environ if environ is None else environ
+    base_url = settings.openai_base_url or env.get("OPENAI_BASE_URL") or None
+    key = env.get("PARLEY_OPENAI_API_KEY") or env.get("OPENAI_API_KEY")
+    if settings.openai_api_key_file is not None:
+        try:
+            key = settings.openai_api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise EngineError(f"cannot read the API key file {settings.openai_api_key_file}: {error}") from error
+    if not key:
+        if base_url is None:
+            raise EngineError(
+                "the openai engines need an API key: set OPENAI_API_KEY (or PARLEY_OPENAI_API_KEY_FILE), "
+                "or PARLEY_OPENAI_BASE_URL for a compatible server that needs none"
+            )
+        key = "no-key"  # compatible servers without authentication still get a bearer header
+    return OpenAIConnection(
+        api_key=key,
+        base_url=base_url,
+        organization=settings.openai_organization or env.get("OPENAI_ORG_ID"),
+        project=settings.openai_project or env.get("OPENAI_PROJECT_ID"),
+        timeout_s=settings.openai_timeout_s,
+        extra_headers=settings.extra_headers(),
+    )

@@ -1,0 +1,123 @@
+"""The OpenAI client both OpenAI engines share, and the one place its errors become Parley's.
+
+Works against the OpenAI API and any server that speaks its formats (vLLM, Ollama, llama.cpp's
+server, LM Studio) through ``base_url``. The client's own retries are off: the engines retry through
+:mod:`service.engines.retry`, which knows whether audio already went out.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from dataclasses import dataclass, field
+
+import httpx2
+import openai
+
+from service.errors import EngineError
+
+__all__ = ["OpenAIConnection", "engine_error", "make_client"]
+
+_DEFAULT_HOST = "api.openai.com"
+_SECRET = re.compile(r"\b(sk-[A-Za-z0-9_*\-]{4})[A-Za-z0-9_*\-]+")
+
+
+@dataclass(frozen=True)
+class OpenAIConnection:
+    """Where the OpenAI-compatible server is and how to talk to it."""
+
+    api_key: str = field(repr=False)
+    base_url: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    timeout_s: float = 30.0
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_openai(self) -> bool:
+        """The server is OpenAI's own API (not a compatible server)."""
+        return self.base_url is None or _DEFAULT_HOST in self.base_url
+
+    @property
+    def server_name(self) -> str:
+        """How errors name the server."""
+        return "the OpenAI API" if self.is_openai else f"the server at {self.base_url}"
+
+
+def make_client(connection: OpenAIConnection) -> openai.AsyncOpenAI:
+    """An async client with no retries of its own."""
+    return openai.AsyncOpenAI(
+        api_key=connection.api_key,
+        base_url=connection.base_url,
+        organization=connection.organization,
+        project=connection.project,
+        timeout=httpx2.Timeout(connection.timeout_s, connect=min(connection.timeout_s, 10.0)),
+        max_retries=0,
+        default_headers=connection.extra_headers or None,
+    )
+
+
+def engine_error(error: Exception, kind: type[EngineError], connection: OpenAIConnection, model: str) -> EngineError:
+    """Turn an ``openai``/``httpx2`` error into ``kind`` with a message that names the cause and no secret."""
+    server = connection.server_name
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        detail = _redact(_detail(error), connection.api_key)
+        retry_after = _retry_after_s(error.response.headers)
+        if status == 401:
+            return kind(f"{server} rejected the API key (401): check OPENAI_API_KEY. {detail}".strip())
+        if status == 403:
+            return kind(f"{server} refused access (403) to model {model!r}: {detail}")
+        if status == 404:
+            return kind(f"{server} does not know model {model!r} (404): {detail}")
+        if status == 429:
+            return kind(f"{server} is rate limiting (429): {detail}", retryable=True, retry_after_s=retry_after)
+        if status >= 500:
+            return kind(f"{server} failed ({status}): {detail}", retryable=True, retry_after_s=retry_after)
+        return kind(f"{server} rejected the request ({status}): {detail}")
+    if isinstance(error, openai.APITimeoutError):
+        return kind(f"{server} did not answer within {connection.timeout_s:g} s", retryable=True)
+    if isinstance(error, openai.APIConnectionError):
+        cause = error.__cause__ or error
+        return kind(f"cannot reach {server}: {type(cause).__name__}: {cause}".rstrip(": "), retryable=True)
+    if isinstance(error, (httpx2.TransportError, httpx2.StreamError)):
+        return kind(f"the connection to {server} broke: {type(error).__name__}", retryable=True)
+    text = _redact(str(error)[:200], connection.api_key)
+    return kind(f"{server} sent data Parley cannot read: {type(error).__name__}: {text}")
+
+
+def _detail(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        if message:
+            return str(message)[:300]
+    return str(error.message)[:300]
+
+
+def _redact(text: str, api_key: str) -> str:
+    if api_key and len(api_key) >= 8:
+        text = text.replace(api_key, "***")
+    return _SECRET.sub(r"\1***", text)
+
+
+def _retry_after_s(headers: httpx2.Headers) -> float | None:
+    """The wait a server asked for in Retry-After-Ms or Retry-After (seconds or an HTTP date)."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,327 @@
+"""The openai engines against a fake OpenAI server speaking the real wire formats, through the real
+``openai`` client and a real gRPC server: full turns, mixed engines, every failure mode, interrupts
+that close upstream connections, and history on the second turn."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from parley.v1 import voice_pb2 as pb
+from service.config import Settings
+from service.engines.factory import openai_connection
+from service.engines.openai_client import OpenAIConnection
+from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
+from service.engines.openai_tts import OpenAITTS, OpenAITTSOptions
+from service.engines.retry import RetryPolicy
+from service.errors import EngineError
+from tests.conftest import (
+    Harness,
+    converse_all,
+    interrupt,
+    start,
+    start_harness,
+    stop_harness,
+    turn_ends,
+    user,
+    wait_for,
+)
+from tests.fake_openai import API_KEY, DEFAULT_REPLY, FakeOpenAI, Plan
+from tests.fakes import FakeLLM, FakeTTS
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=2.0)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def connection(fake: FakeOpenAI, key: str = API_KEY) -> OpenAIConnection:
+    return OpenAIConnection(api_key=key, base_url=fake.base_url, timeout_s=5.0, extra_headers={"X-Team": "voice"})
+
+
+def openai_llm(fake: FakeOpenAI, key: str = API_KEY, **options: object) -> OpenAILLM:
+    settings = {"model": "gpt-test", "stall_timeout_s": 0.5, "retry": FAST_RETRY, **options}
+    return OpenAILLM(connection(fake, key), OpenAILLMOptions(**settings))  # type: ignore[arg-type]
+
+
+def openai_tts(fake: FakeOpenAI, **options: object) -> OpenAITTS:
+    settings = {"model": "tts-test", "voice": "coral", "stall_timeout_s": 0.5, "retry": FAST_RETRY, **options}
+    return OpenAITTS(connection(fake), OpenAITTSOptions(**settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def both(fake: FakeOpenAI) -> AsyncIterator[Harness]:
+    h = await start_harness(openai_llm(fake), openai_tts(fake, instructions="Speak warmly."))  # type: ignore[arg-type]
+    yield h
+    await stop_harness(h)
+
+
+def audio_bytes(responses: list[pb.ConverseResponse]) -> bytes:
+    return b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+
+
+async def test_full_turn_on_openai_llm_and_tts(both: Harness, fake: FakeOpenAI) -> None:
+    responses = await converse_all(
+        both.stub, [start(system_prompt="Be kind.", audio=pb.AudioFormat(sample_rate_hz=16000)), user("Hi?")]
+    )
+    started = responses[0].session_started
+    assert (started.llm_engine, started.tts_engine, started.voice) == ("openai/gpt-test", "openai", "coral")
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert ended.spoken_text == "".join(DEFAULT_REPLY)
+    assert (ended.usage.prompt_tokens, ended.usage.completion_tokens) == (42, len(DEFAULT_REPLY))
+    # The chat request is what OpenAI expects.
+    (chat,) = fake.of("/chat/completions")
+    assert chat.headers["authorization"] == f"Bearer {API_KEY}" and chat.headers["x-team"] == "voice"
+    assert chat.body["model"] == "gpt-test" and chat.body["stream"] is True
+    assert chat.body["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
+    assert chat.body["stream_options"] == {"include_usage": True} and chat.body["max_tokens"] == 256
+    # One speech request per segment, PCM, with the voice and instructions.
+    speech = fake.of("/audio/speech")
+    # (Look-ahead synthesizes the second segment while the first is sent: the order may vary.)
+    assert sorted(s.body["input"] for s in speech) == ["Hello there, friend.", "This is the fake model talking."]
+    for s in speech:
+        assert s.body["response_format"] == "pcm" and s.body["voice"] == "coral" and s.body["model"] == "tts-test"
+        assert s.body["instructions"] == "Speak warmly."
+    # 24 kHz PCM from the server, resampled to the 16 kHz the client asked for: 1.2 s per segment.
+    samples = np.frombuffer(audio_bytes(responses), dtype="<i2")
+    assert len(samples) == pytest.approx(2 * 1.2 * 16000, rel=0.01)
+    assert np.abs(samples).max() > 10000
+    assert all(r.outcome == "completed" for r in fake.requests)
+
+
+async def test_history_is_sent_on_the_second_turn(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(tokens=["First", " answer", "."]), Plan(tokens=["Second", "."]))
+    call = both.stub.Converse()
+    await call.write(start(system_prompt="Sys."))
+    for question in ("One?", "Two?"):
+        await call.write(user(question))
+        while (await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+    await call.done_writing()
+    await call.code()
+    second = fake.of("/chat/completions")[1].body["messages"]
+    assert second == [
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "Two?"},
+    ]
+
+
+async def test_openai_llm_with_another_tts(fake: FakeOpenAI) -> None:
+    tts = FakeTTS()
+    h = await start_harness(openai_llm(fake), tts)  # type: ignore[arg-type]
+    try:
+        (ended,) = turn_ends(await converse_all(h.stub, [start(), user("Hi?")]))
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED and tts.texts
+        assert fake.of("/audio/speech") == []
+    finally:
+        await stop_harness(h)
+
+
+async def test_another_llm_with_openai_tts_and_its_voices(fake: FakeOpenAI) -> None:
+    h = await start_harness(FakeLLM(), openai_tts(fake))  # type: ignore[arg-type]
+    try:
+        voices = await h.stub.ListVoices(pb.ListVoicesRequest())
+        assert voices.default_voice == "coral"
+        assert {"alloy", "coral", "verse"} <= {v.id for v in voices.voices}
+        assert {(v.engine, v.sample_rate_hz) for v in voices.voices} == {("openai", 24000)}
+        responses = await converse_all(h.stub, [start(voice="nova"), user("Hi?")])
+        (ended,) = turn_ends(responses)
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+        assert responses[0].session_started.audio.sample_rate_hz == 24000
+        assert {s.body["voice"] for s in fake.of("/audio/speech")} == {"nova"}
+        assert "instructions" not in fake.of("/audio/speech")[0].body
+    finally:
+        await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        Plan(status=429, retry_after="0.3", error_message="Rate limit reached"),
+        Plan(status=500, error_message="The server had an error"),
+        Plan(status=503, error_message="Overloaded"),
+        Plan(hang_up=True),
+    ],
+    ids=["429", "500", "503", "connection"],
+)
+async def test_retryable_llm_errors_are_retried(both: Harness, fake: FakeOpenAI, first: Plan) -> None:
+    fake.plan_chat(first)
+    began = time.monotonic()
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert len(fake.of("/chat/completions")) == 2
+    if first.retry_after:
+        assert time.monotonic() - began >= 0.3  # Retry-After was honoured
+
+
+async def test_retries_are_bounded(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(*[Plan(status=500, error_message="down")] * 3)
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED
+    assert "failed (500): down" in ended.error and "gave up after 3 tries" in ended.error
+    assert len(fake.of("/chat/completions")) == 3
+
+
+async def test_retry_after_beyond_the_limit_is_not_waited_for(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(status=429, retry_after="120", error_message="Rate limit reached"))
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "rate limiting (429)" in ended.error
+    assert len(fake.of("/chat/completions")) == 1
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        (
+            Plan(status=400, error_message="'messages' is too long"),
+            "rejected the request (400): 'messages' is too long",
+        ),
+        (Plan(status=403, error_message="You have no access"), "refused access (403) to model 'gpt-test'"),
+        (Plan(status=404, error_message="The model `gpt-test` does not exist"), "does not know model 'gpt-test' (404)"),
+    ],
+    ids=["400", "403", "404"],
+)
+async def test_client_errors_fail_without_retry(both: Harness, fake: FakeOpenAI, plan: Plan, expected: str) -> None:
+    fake.plan_chat(plan)
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and expected in ended.error
+    assert len(fake.of("/chat/completions")) == 1
+
+
+async def test_bad_key_fails_clearly_without_echoing_it(fake: FakeOpenAI) -> None:
+    secret = "sk-proj-THISISSECRET0123456789abcdef"
+    h = await start_harness(openai_llm(fake, key=secret), FakeTTS())  # type: ignore[arg-type]
+    try:
+        (ended,) = turn_ends(await converse_all(h.stub, [start(), user("Hi?")]))
+        assert ended.reason == pb.TURN_END_REASON_FAILED
+        assert "rejected the API key (401): check OPENAI_API_KEY" in ended.error
+        assert "THISISSECRET" not in ended.error
+        assert len(fake.of("/chat/completions")) == 1
+    finally:
+        await stop_harness(h)
+
+
+async def test_stalled_llm_stream_is_cancelled_and_reported(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(stall_after=6))
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED
+    assert "sent nothing for 0.5 s; the request was cancelled" in ended.error
+    assert ended.spoken_text == "Hello there, friend."  # what was spoken before the stall stays
+    await wait_for(lambda: fake.of("/chat/completions")[0].outcome == "disconnected")
+
+
+async def test_stall_before_the_first_token_is_retried(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(stall_after=0))
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert len(fake.of("/chat/completions")) == 2
+
+
+async def test_malformed_stream_fails_the_turn_not_the_session(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(malformed_after=3))
+    call = both.stub.Converse()
+    await call.write(start())
+    await call.write(user("Hi?"))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    assert response.turn_ended.reason == pb.TURN_END_REASON_FAILED
+    assert "sent data Parley cannot read" in response.turn_ended.error
+    await call.write(user("Again?"))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    assert response.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_tts_error_before_audio_is_retried(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_speech(Plan(status=502, error_message="Bad gateway"), Plan(hang_up=True))
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert len(fake.of("/audio/speech")) == 4  # two failures, then one request per segment
+
+
+async def test_tts_failure_after_audio_went_out_is_not_retried(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_speech(Plan(drop_after=3))
+    responses = await converse_all(both.stub, [start(), user("Hi?")])
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_FAILED
+    assert "broke" in ended.error or "cannot read" in ended.error or "cannot reach" in ended.error
+    assert audio_bytes(responses)  # the audio that came first was sent
+    assert len([s for s in fake.of("/audio/speech") if s.body["input"].startswith("Hello")]) == 1
+
+
+async def test_tts_stall_is_cancelled_and_reported(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_speech(Plan(stall_after=2))
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "sent no audio for 0.5 s" in ended.error
+    await wait_for(lambda: fake.of("/audio/speech")[0].outcome == "disconnected")
+
+
+async def test_interrupt_closes_upstream_connections_at_once(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(tokens=["Word. "] * 200, chunk_delay_s=0.05))
+    fake.plan_speech(*[Plan(audio_ms=20_000, chunk_delay_s=0.05)] * 3)
+    call = both.stub.Converse()
+    await call.write(start())
+    await call.write(user("Talk."))
+    while (await call.read()).WhichOneof("kind") != "audio":
+        pass
+    interrupted_at = time.monotonic()
+    await call.write(interrupt())
+    while (await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    chat = fake.of("/chat/completions")[0]
+    speech = fake.of("/audio/speech")
+    await wait_for(lambda: chat.outcome != "pending" and all(s.outcome != "pending" for s in speech))
+    assert chat.outcome == "disconnected" and chat.chunks_sent < 200
+    assert all(s.outcome == "disconnected" for s in speech)
+    # Closed, not left to drain: the server noticed within a fraction of its pacing.
+    assert max(r.ended_at for r in [chat, *speech]) - interrupted_at < 1.0
+    call.cancel()
+
+
+async def test_client_cancel_closes_upstream_connections(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(tokens=["Word. "] * 200, chunk_delay_s=0.05))
+    call = both.stub.Converse()
+    await call.write(start())
+    await call.write(user("Talk."))
+    while (await call.read()).WhichOneof("kind") != "text_delta":
+        pass
+    call.cancel()
+    await wait_for(lambda: fake.of("/chat/completions")[0].outcome == "disconnected")
+
+
+def test_connection_settings_and_key_sources(tmp_path: object) -> None:
+    settings = Settings(llm="openai", openai_extra_headers='{"X-A": "1"}')  # type: ignore[call-arg]
+    with pytest.raises(EngineError, match="set OPENAI_API_KEY"):
+        openai_connection(settings, {})
+    conn = openai_connection(settings, {"OPENAI_API_KEY": "k1", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert (conn.api_key, conn.base_url, conn.extra_headers, conn.is_openai) == (
+        "k1",
+        "http://127.0.0.1:9/v1",
+        {"X-A": "1"},
+        False,
+    )
+    assert "k1" not in repr(conn)
+    conn = openai_connection(settings, {"OPENAI_API_KEY": "k1", "PARLEY_OPENAI_API_KEY": "k2"})
+    assert conn.api_key == "k2" and conn.is_openai
+    keyfile = tmp_path / "key"  # type: ignore[operator]
+    keyfile.write_text("k3\n")
+    conn = openai_connection(Settings(openai_api_key_file=keyfile), {"OPENAI_API_KEY": "k1"})  # type: ignore[call-arg]
+    assert conn.api_key == "k3"
+    assert OpenAIConnection(api_key="k", base_url="https://api.openai.com/v1").is_openai
+    compatible = Settings(openai_base_url="http://127.0.0.1:11434/v1")  # type: ignore[call-arg]
+    assert openai_connection(compatible, {}).api_key == "no-key"
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(openai_extra_headers="[1]")  # type: ignore[call-arg]
