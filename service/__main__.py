@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: invalid setting:\n{error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:
         asyncio.run(run(settings))
     except EngineError as error:
