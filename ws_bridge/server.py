@@ -1,0 +1,228 @@
+"""The WebSocket bridge: one ``Converse`` call per WebSocket, and the demo page.
+
+The bridge is a gRPC *client* of the service; it never imports the service's code. Each socket on
+``/ws`` gets its own ``Converse`` call: client text frames become ``ConverseRequest`` messages,
+server messages become text frames (audio: binary frames), see :mod:`ws_bridge.translate`.
+Cancellation goes both ways: a closed socket cancels the call; an ended call closes the socket with a
+code and a reason that say why. Plain HTTP requests get the demo page (``/``), the voices
+(``/voices``, JSON) and a health check (``/healthz``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import logging
+import mimetypes
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
+
+__all__ = ["Bridge", "BridgeOptions", "CLOSE_CODE_FOR"]
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+WS_PATH = "/ws"
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_REASON_BYTES = 123  # the most a WebSocket close reason may hold
+_CALL_ENDED = object()
+
+CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 1000,
+    grpc.StatusCode.INVALID_ARGUMENT: 1008,
+    grpc.StatusCode.NOT_FOUND: 1008,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
+    grpc.StatusCode.UNAVAILABLE: 1013,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 1001,
+    grpc.StatusCode.CANCELLED: 1001,
+}
+"""How an ended ``Converse`` call closes its socket; other codes close with 1011."""
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """Where to listen, where the service is, and the limits."""
+
+    grpc_target: str = "127.0.0.1:50051"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    allowed_origins: tuple[str, ...] = ()
+    """Origins allowed besides the bridge's own and localhost, e.g. ``https://app.example.com``."""
+    max_frame_bytes: int = 64 * 1024
+    max_sockets: int = 200
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+
+
+@dataclass
+class Bridge:
+    """Start with :meth:`start`, stop with :meth:`aclose`."""
+
+    options: BridgeOptions
+    sockets: int = 0
+    _server: Server | None = None
+    _channel: grpc.aio.Channel | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful with port 0)."""
+        assert self._server is not None
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def start(self) -> Bridge:
+        self._channel = grpc.aio.insecure_channel(self.options.grpc_target)
+        self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
+        self._server = await serve(
+            self._handle,
+            self.options.host,
+            self.options.port,
+            process_request=self._process_request,
+            compression=None,  # audio does not compress; JSON frames are small
+            max_size=self.options.max_frame_bytes,
+            ping_interval=self.options.ping_interval_s,
+            ping_timeout=self.options.ping_timeout_s,
+            server_header="parley-bridge",
+        )
+        return self
+
+    async def aclose(self) -> None:
+        """Close every socket (1001, going away) and the gRPC channel."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._channel is not None:
+            await self._channel.close()
+
+    # -- HTTP --------------------------------------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return await self._http(path)
+        if path != WS_PATH:
+            return _text(http.HTTPStatus.NOT_FOUND, f"the WebSocket endpoint is {WS_PATH}")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            log.info("refused a socket from origin %s", origin)
+            return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
+        if self.sockets >= self.options.max_sockets:
+            return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
+        return None
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        if origin in self.options.allowed_origins:
+            return True
+        parts = urlsplit(origin)
+        if parts.hostname in _LOCAL_HOSTS:
+            return True
+        return bool(host) and parts.netloc == host  # the bridge's own origin (its page)
+
+    async def _http(self, path: str) -> Response:
+        if path == "/healthz":
+            return _text(http.HTTPStatus.OK, "ok")
+        if path == "/voices":
+            return await self._voices()
+        name = "index.html" if path == "/" else path.removeprefix("/")
+        file = STATIC / name
+        if "/" in name or not file.is_file():
+            return _text(http.HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        return _response(http.HTTPStatus.OK, content_type, file.read_bytes(), cache="no-cache")
+
+    async def _voices(self) -> Response:
+        try:
+            voices = await self._stub.ListVoices(pb.ListVoicesRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            body = error_frame(error.code().name, f"the voice service is unavailable: {error.details()}")
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, "application/json", body.encode())
+        return _response(http.HTTPStatus.OK, "application/json", json.dumps(to_json(voices)).encode())
+
+    # -- WebSocket ---------------------------------------------------------------------------------
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        self.sockets += 1
+        call = self._stub.Converse()
+        to_service = asyncio.create_task(self._client_to_service(websocket, call))
+        to_client = asyncio.create_task(self._service_to_client(websocket, call))
+        try:
+            done, _ = await asyncio.wait({to_service, to_client}, return_when=asyncio.FIRST_COMPLETED)
+            if to_service in done and to_service.result() is _CALL_ENDED:
+                await to_client  # the call is over: let the other side report how, then close
+        finally:
+            call.cancel()  # the socket closed (or the call ended): stop the service's work for it
+            for task in (to_service, to_client):
+                task.cancel()
+            await asyncio.gather(to_service, to_client, return_exceptions=True)
+            self.sockets -= 1
+
+    async def _client_to_service(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> object:
+        """Forward client frames until the socket closes, a frame is bad, or the call ends
+        (then returns ``_CALL_ENDED``)."""
+        with contextlib.suppress(ConnectionClosed):
+            async for message in websocket:
+                if isinstance(message, bytes):
+                    await _close(websocket, 1008, "binary frames are not accepted; send JSON text frames")
+                    return None
+                try:
+                    request = request_from_text(message)
+                except BadFrame as error:
+                    with contextlib.suppress(ConnectionClosed):
+                        await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
+                    await _close(websocket, 1008, str(error))
+                    return None
+                if call.done():
+                    return _CALL_ENDED
+                try:
+                    await call.write(request)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    return _CALL_ENDED
+        return None
+
+    async def _service_to_client(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> None:
+        """Forward server messages until the call ends, then close the socket saying why."""
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                await websocket.send(frame_from_response(response))
+        except grpc.aio.AioRpcError as error:
+            code, details = error.code(), error.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details = f"the voice service is unavailable: {details}"
+            with contextlib.suppress(ConnectionClosed):
+                await websocket.send(error_frame(code.name, details))
+            await _close(websocket, CLOSE_CODE_FOR.get(code, 1011), f"{code.name}: {details}")
+            return
+        except ConnectionClosed:
+            return
+        await _close(websocket, 1000, "the conversation ended")
+
+
+async def _close(websocket: ServerConnection, code: int, reason: str) -> None:
+    encoded = reason.encode()
+    if len(encoded) > _REASON_BYTES:
+        reason = encoded[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
+    await websocket.close(code, reason)
+
+
+def _response(status: http.HTTPStatus, content_type: str, body: bytes, cache: str = "no-store") -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", cache)])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _text(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, "text/plain; charset=utf-8", (text + "\n").encode())

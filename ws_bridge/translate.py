@@ -1,0 +1,56 @@
+"""Frames ↔ protobuf: the only place in the bridge where JSON and ``_pb2`` types meet.
+
+Text frames carry ``ConverseRequest`` / ``ConverseResponse`` in the proto3 JSON mapping (camelCase
+field names, int64 as strings, enums by name), so the .proto stays the only schema. Audio goes as a
+binary frame::
+
+    4 bytes   big-endian length N of the header
+    N bytes   UTF-8 JSON: the ``AudioChunk`` without ``data`` (turnId, segmentIndex, sequence)
+    the rest  the audio bytes (PCM16 or WAV, as the session's format says)
+
+The bridge's own errors (not the service's messages) are text frames ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from google.protobuf import json_format
+
+from parley.v1 import voice_pb2 as pb
+
+__all__ = ["BadFrame", "error_frame", "frame_from_response", "request_from_text", "to_json"]
+
+
+class BadFrame(Exception):
+    """A client frame the bridge cannot turn into a ``ConverseRequest``."""
+
+
+def request_from_text(text: str) -> pb.ConverseRequest:
+    """Parse a text frame. Raises :class:`BadFrame` for invalid JSON, unknown fields or wrong types."""
+    try:
+        return json_format.Parse(text, pb.ConverseRequest())
+    except json_format.ParseError as error:
+        raise BadFrame(f"not a ConverseRequest in proto3 JSON: {error}") from error
+
+
+def to_json(message: Any) -> dict[str, Any]:
+    """A message in the proto3 JSON mapping, with fields at their default value included."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def frame_from_response(response: pb.ConverseResponse) -> str | bytes:
+    """The frame for one server message: binary for audio, JSON text for the rest."""
+    if response.WhichOneof("kind") == "audio":
+        audio = response.audio
+        header = pb.AudioChunk(turn_id=audio.turn_id, segment_index=audio.segment_index, sequence=audio.sequence)
+        encoded = json.dumps(to_json(header), separators=(",", ":")).encode()
+        return struct.pack(">I", len(encoded)) + encoded + audio.data
+    return json.dumps(to_json(response), separators=(",", ":"))
+
+
+def error_frame(code: str, message: str) -> str:
+    """The bridge's own error frame."""
+    return json.dumps({"error": {"code": code, "message": message}})
