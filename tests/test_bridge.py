@@ -1,0 +1,246 @@
+"""The WebSocket bridge: a real service and bridge on loopback, a real WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import Harness, start_harness, stop_harness, wait_for
+from tests.fakes import FakeLLM, FakeTTS
+from ws_bridge.server import Bridge, BridgeOptions
+
+
+@dataclass
+class Stack:
+    harness: Harness
+    bridge: Bridge
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.bridge.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.bridge.port}"
+
+
+async def start_stack(harness: Harness, **options: Any) -> Stack:
+    bridge = await Bridge(
+        BridgeOptions(grpc_target=f"127.0.0.1:{harness.running.port}", host="127.0.0.1", port=0, **options)
+    ).start()
+    return Stack(harness, bridge)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    harness = await start_harness(
+        FakeLLM(reply="Right, here is a reply. " + "It goes on for a while. " * 12, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+    )
+    s = await start_stack(harness)
+    yield s
+    await s.bridge.aclose()
+    await stop_harness(harness)
+
+
+def parse_audio(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    (length,) = struct.unpack(">I", frame[:4])
+    return json.loads(frame[4 : 4 + length]), frame[4 + length :]
+
+
+async def until_turn_ended(ws: ClientConnection) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], bytes]]]:
+    texts: list[dict[str, Any]] = []
+    audio: list[tuple[dict[str, Any], bytes]] = []
+    while True:
+        frame = await asyncio.wait_for(ws.recv(), 10)
+        if isinstance(frame, bytes):
+            audio.append(parse_audio(frame))
+            continue
+        message = json.loads(frame)
+        texts.append(message)
+        if "turnEnded" in message:
+            return texts, audio
+
+
+async def test_full_turn_through_the_bridge(stack: Stack) -> None:
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {"audio": {"encoding": "AUDIO_ENCODING_PCM16", "sampleRateHz": 24000}}}))
+        started = json.loads(await ws.recv())
+        assert started["sessionStarted"]["audio"]["sampleRateHz"] == 24000
+        await ws.send(json.dumps({"userText": {"text": "Hello?", "turnId": "b1"}}))
+        texts, audio = await until_turn_ended(ws)
+        ended = texts[-1]["turnEnded"]
+        assert ended["reason"] == "TURN_END_REASON_COMPLETED" and ended["turnId"] == "b1"
+        captions = "".join(m["textDelta"]["text"] for m in texts if "textDelta" in m)
+        assert captions == stack.harness.llm.reply
+        segments = [m["segment"] for m in texts if "segment" in m]
+        assert segments[0]["index"] == 0 and segments[0]["startMs"] == "0"  # defaults are sent, int64 as strings
+        # Binary frames carry their turn, segment and a gap-free sequence.
+        assert [int(h["sequence"]) for h, _ in audio] == list(range(len(audio)))
+        assert {h["turnId"] for h, _ in audio} == {"b1"}
+        pcm = b"".join(data for _, data in audio)
+        expected_ms = sum(stack.harness.tts.duration_ms(t) for t in stack.harness.tts.texts)
+        assert len(pcm) / 2 / 24 == pytest.approx(expected_ms, rel=0.01)
+
+
+async def test_interrupt_through_the_bridge(stack: Stack) -> None:
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        await ws.recv()
+        await ws.send(json.dumps({"userText": {"text": "Talk."}}))
+        while not isinstance(await ws.recv(), bytes):
+            pass
+        await ws.send(json.dumps({"interrupt": {"playedMs": 100}}))
+        texts, _ = await until_turn_ended(ws)
+        assert texts[-1]["turnEnded"]["reason"] == "TURN_END_REASON_INTERRUPTED"
+        await wait_for(lambda: stack.harness.llm.cancelled == 1 and stack.harness.llm.open_streams == 0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        ("{not json", 1008, "not a ConverseRequest"),
+        ('{"start": {}, "bogus": 1}', 1008, "bogus"),
+        ('{"userText": {"text": 5}}', 1008, "not a ConverseRequest"),
+        (b"\x00\x01binary", 1008, "binary frames are not accepted"),
+        ('{"speakText": {"text": "' + "x" * 70_000 + '"}}', 1009, ""),
+    ],
+    ids=["invalid-json", "unknown-field", "wrong-type", "binary", "oversize"],
+)
+async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, code: int, reason: str) -> None:
+    async with connect(stack.url, max_size=None) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        await ws.recv()
+        await ws.send(frame)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == code
+        assert reason in (ws.close_reason or "")
+    # Everyone else is still served, and the bad socket's call was cancelled.
+    await test_full_turn_through_the_bridge(stack)
+    await wait_for(lambda: stack.bridge.sockets == 0 and stack.harness.running.servicer.active_streams == 0)
+
+
+async def test_service_rejection_closes_with_its_reason(stack: Stack) -> None:
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {"voice": "nobody"}}))
+        error = json.loads(await ws.recv())
+        assert error["error"]["code"] == "INVALID_ARGUMENT" and "unknown voice 'nobody'" in error["error"]["message"]
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008 and "INVALID_ARGUMENT: unknown voice" in (ws.close_reason or "")
+
+
+async def test_closing_the_socket_cancels_the_call(stack: Stack) -> None:
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        await ws.recv()
+        await ws.send(json.dumps({"userText": {"text": "Talk."}}))
+        await ws.recv()
+    await wait_for(lambda: stack.harness.llm.cancelled == 1 and stack.harness.running.servicer.active_streams == 0)
+    assert stack.bridge.sockets == 0
+
+
+async def test_foreign_origin_is_refused(stack: Stack) -> None:
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(stack.url, origin="https://evil.example"):  # type: ignore[arg-type]
+            pass
+    assert caught.value.response.status_code == 403
+    for allowed in ("http://localhost:3000", f"http://127.0.0.1:{stack.bridge.port}"):
+        async with connect(stack.url, origin=allowed) as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps({"start": {}}))
+            assert "sessionStarted" in json.loads(await ws.recv())
+
+
+async def test_configured_origin_is_allowed() -> None:
+    harness = await start_harness()
+    s = await start_stack(harness, allowed_origins=("https://app.example.com",))
+    try:
+        async with connect(s.url, origin="https://app.example.com") as ws:  # type: ignore[arg-type]
+            await ws.send(json.dumps({"start": {}}))
+            assert "sessionStarted" in json.loads(await ws.recv())
+    finally:
+        await s.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_socket_limit() -> None:
+    harness = await start_harness()
+    s = await start_stack(harness, max_sockets=1)
+    try:
+        async with connect(s.url) as first:
+            await first.send(json.dumps({"start": {}}))
+            await first.recv()
+            with pytest.raises(InvalidStatus) as caught:
+                async with connect(s.url):
+                    pass
+            assert caught.value.response.status_code == 503
+    finally:
+        await s.bridge.aclose()
+        await stop_harness(harness)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_service_down() -> None:
+    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{free_port()}", host="127.0.0.1", port=0)).start()
+    try:
+        async with connect(f"ws://127.0.0.1:{bridge.port}/ws") as ws:
+            await ws.send(json.dumps({"start": {}}))
+            error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert error["error"]["code"] == "UNAVAILABLE"
+            assert "the voice service is unavailable" in error["error"]["message"]
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1013
+        voices = await asyncio.to_thread(http_get, f"http://127.0.0.1:{bridge.port}/voices")
+        assert voices[0] == 503 and "unavailable" in voices[1]
+    finally:
+        await bridge.aclose()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def test_page_voices_and_health_over_http(stack: Stack) -> None:
+    status, page = await asyncio.to_thread(http_get, stack.http + "/")
+    assert status == 200 and "<title>Parley</title>" in page
+    status, script = await asyncio.to_thread(http_get, stack.http + "/app.js")
+    assert status == 200 and "AudioContext" in script
+    status, body = await asyncio.to_thread(http_get, stack.http + "/voices")
+    voices = json.loads(body)
+    assert status == 200 and voices["defaultVoice"] == "fake-voice" and len(voices["voices"]) == 2
+    assert (await asyncio.to_thread(http_get, stack.http + "/healthz"))[0] == 200
+    assert (await asyncio.to_thread(http_get, stack.http + "/../pyproject.toml"))[0] == 404
+    assert (await asyncio.to_thread(http_get, stack.http + "/nothing.js"))[0] == 404
+
+
+async def test_bridge_shutdown_closes_sockets_going_away(stack: Stack) -> None:
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        await ws.recv()
+        await stack.bridge.aclose()
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1001
