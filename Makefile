@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PROTO_OUT := parley/v1/voice_pb2.py parley/v1/voice_pb2.pyi parley/v1/voice_pb2_grpc.py
 
-.PHONY: setup run test proto proto-check lint bench clean
+.PHONY: setup browser run test proto proto-check lint bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,22 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The service and the WebSocket bridge together; Ctrl-C stops both (gracefully).
 run: setup
-	$(PY) -m service
+	@echo "==> starting the service (gRPC :$${PARLEY_PORT:-50051}) and the bridge; the page will be at http://localhost:$${PARLEY_BRIDGE_PORT:-8080}/"
+	@trap 'kill -TERM $$service $$bridge 2>/dev/null; wait; exit 0' INT TERM; \
+	$(PY) -m service & service=$$!; \
+	$(PY) -m ws_bridge --grpc-target 127.0.0.1:$${PARLEY_PORT:-50051} & bridge=$$!; \
+	wait
 
-test: setup
+# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "==> installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: install Debian's chromium (sudo apt-get install chromium) or the browser tests are skipped"; fi; }
+
+test: setup browser
 	$(PY) -m pytest
 
 proto: setup

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.conftest import Harness, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -205,7 +208,7 @@ async def test_service_down() -> None:
             await ws.send(json.dumps({"start": {}}))
             error = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert error["error"]["code"] == "UNAVAILABLE"
-            assert "the voice service is unavailable" in error["error"]["message"]
+            assert "is unavailable; try again later" in error["error"]["message"]
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1013
@@ -244,3 +247,37 @@ async def test_bridge_shutdown_closes_sockets_going_away(stack: Stack) -> None:
         with pytest.raises(ConnectionClosed):
             await ws.recv()
         assert ws.close_code == 1001
+
+
+async def test_bridge_process_from_the_environment(harness: Harness) -> None:
+    """`python -m ws_bridge` as `make run` starts it: settings from the environment, SIGTERM stops it."""
+    import os
+    import signal
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "PARLEY_BRIDGE_PORT": str(port), "PARLEY_GRPC_TARGET": f"127.0.0.1:{harness.running.port}"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ws_bridge",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    log = ""
+    try:
+        async with asyncio.timeout(20):
+            while "ready: open" not in log:
+                line = await process.stdout.readline()
+                assert line, log
+                log += line.decode()
+        assert f"http://localhost:{port}/" in log
+        status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/voices")
+        assert status == 200 and "fake-voice" in body
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, rest.decode()

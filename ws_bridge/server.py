@@ -39,6 +39,13 @@ WS_PATH = "/ws"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _REASON_BYTES = 123  # the most a WebSocket close reason may hold
 _CALL_ENDED = object()
+_CONNECT_WAIT_S = 3.0
+# The service is usually next door: reconnect quickly after it restarts.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 1000,
@@ -84,7 +91,7 @@ class Bridge:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def start(self) -> Bridge:
-        self._channel = grpc.aio.insecure_channel(self.options.grpc_target)
+        self._channel = grpc.aio.insecure_channel(self.options.grpc_target, options=_CHANNEL_OPTIONS)
         self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
         self._server = await serve(
             self._handle,
@@ -147,7 +154,7 @@ class Bridge:
 
     async def _voices(self) -> Response:
         try:
-            voices = await self._stub.ListVoices(pb.ListVoicesRequest(), timeout=5)
+            voices = await self._stub.ListVoices(pb.ListVoicesRequest(), timeout=_CONNECT_WAIT_S, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
             body = error_frame(error.code().name, f"the voice service is unavailable: {error.details()}")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, "application/json", body.encode())
@@ -157,6 +164,21 @@ class Bridge:
 
     async def _handle(self, websocket: ServerConnection) -> None:
         self.sockets += 1
+        try:
+            await self._converse(websocket)
+        finally:
+            self.sockets -= 1
+
+    async def _converse(self, websocket: ServerConnection) -> None:
+        assert self._channel is not None
+        try:  # give a service that is (re)starting a moment before saying it is down
+            await asyncio.wait_for(self._channel.channel_ready(), _CONNECT_WAIT_S)
+        except TimeoutError:
+            message = f"the voice service at {self.options.grpc_target} is unavailable; try again later"
+            with contextlib.suppress(ConnectionClosed):
+                await websocket.send(error_frame("UNAVAILABLE", message))
+            await _close(websocket, 1013, message)
+            return
         call = self._stub.Converse()
         to_service = asyncio.create_task(self._client_to_service(websocket, call))
         to_client = asyncio.create_task(self._service_to_client(websocket, call))
@@ -169,7 +191,6 @@ class Bridge:
             for task in (to_service, to_client):
                 task.cancel()
             await asyncio.gather(to_service, to_client, return_exceptions=True)
-            self.sockets -= 1
 
     async def _client_to_service(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> object:
         """Forward client frames until the socket closes, a frame is bad, or the call ends

@@ -11,6 +11,7 @@ const state = {
   rate: 24000,
   nextTime: 0,        // where the next audio chunk starts on the context's clock
   turn: null,         // the turn being spoken
+  turns: new Map(),   // every turn of the session by id (an interrupted one still gets its end)
   turnCount: 0,
 };
 
@@ -79,7 +80,10 @@ function connect() {
       if (event.code !== 1000 && event.code !== 1001) {
         showStatus(`Disconnected (${event.code}): ${event.reason || "the bridge went away"}. Send again to reconnect.`);
       }
-      finishTurn(state.turn, { reason: "TURN_END_REASON_FAILED", error: event.reason || "disconnected" });
+      for (const turn of state.turns.values()) {
+        finishTurn(turn, { reason: "TURN_END_REASON_FAILED", error: event.reason || "disconnected" });
+      }
+      state.turns.clear();
     };
   });
   return state.ready;
@@ -117,13 +121,13 @@ function newTurn(text, readAloud) {
 }
 
 function onMessage(message) {
-  const turn = state.turn;
   if (message.error) {
     showStatus(message.error.message);
     return;
   }
   const body = message.textDelta || message.segment || message.turnEnded;
-  if (!turn || !body || body.turnId !== turn.id) return;  // a message of an interrupted turn
+  const turn = body && state.turns.get(body.turnId);
+  if (!turn) return;
   if (message.segment && !turn.stopped) {
     const span = document.createElement("span");
     span.className = "segment pending";
@@ -275,6 +279,7 @@ async function submit(event) {
   const readAloud = $("#read-aloud").checked;
   const turn = newTurn(text, readAloud);
   state.turn = turn;
+  state.turns.set(turn.id, turn);
   if (readAloud) send({ speakText: { text, flush: true, turnId: turn.id } });
   else send({ userText: { text, turnId: turn.id } });
   updateButtons();
