@@ -1,10 +1,12 @@
-"""Parley's command-line client.
+"""Parley's command-line client (installed as ``parley``).
 
-    python -m clients.cli "Why is the sky blue?"       ask once: captions stream, reply.wav is written
-    python -m clients.cli --speak "Read this aloud."   read text aloud (no LLM)
-    python -m clients.cli                              interactive: one session, many turns
+    parley "Why is the sky blue?"        ask once: captions stream, the reply plays or is saved as WAV
+    parley --speak "Read this aloud."    read text aloud (no LLM)
+    parley                               interactive: one session, many turns
+    parley --json "Hi"                   every server message as one JSON line, for scripts
 
-In interactive mode Ctrl-C interrupts the reply being spoken and Ctrl-D quits.
+In interactive mode Ctrl-C interrupts the reply being spoken (not the program) and Ctrl-D quits.
+``python -m clients.cli`` works the same.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
-import wave
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
+from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 
@@ -33,29 +36,26 @@ _REASONS = {
 }
 
 
-@dataclass
-class TurnAudio:
-    """The audio and captions received for one turn."""
-
-    pcm: bytearray = field(default_factory=bytearray)
-    ended: pb.TurnEnded | None = None
+def status(text: str) -> None:
+    """A line for the person at the terminal (stderr, so stdout stays the captions or the JSON)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 class Conversation:
-    """One Converse stream: send requests, read responses, keep each turn's audio."""
+    """One Converse stream: send requests, show what comes back, keep or play each turn's audio."""
 
-    def __init__(self, stub: voice_pb2_grpc.VoiceServiceStub, start: pb.Start, out: Path, interactive: bool) -> None:
+    def __init__(self, stub: voice_pb2_grpc.VoiceServiceStub, start: pb.Start, args: argparse.Namespace) -> None:
         self._requests: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
         self._requests.put_nowait(pb.ConverseRequest(start=start))
         self._call = stub.Converse(self._request_stream())
-        self._out = out
-        self._interactive = interactive
-        self._turns: dict[str, TurnAudio] = {}
+        self._args = args
+        self._pcm = bytearray()
         self._turn_ended = asyncio.Event()
-        self.started = asyncio.Event()
         self._turn_count = 0
+        self.started = asyncio.Event()
         self.current_turn: str | None = None
         self.sample_rate = 0
+        self.player: LivePlayer | None = None
         self.failed = False
 
     async def _request_stream(self) -> AsyncIterator[pb.ConverseRequest]:
@@ -72,6 +72,9 @@ class Conversation:
     async def ask(self, text: str, speak: bool = False) -> None:
         """Send a turn and wait until it ends."""
         self._turn_ended.clear()
+        self._pcm.clear()
+        if self.player is not None:
+            self.player.new_turn()
         if speak:
             self.send(pb.ConverseRequest(speak_text=pb.SpeakText(text=text, flush=True)))
         else:
@@ -79,66 +82,77 @@ class Conversation:
         await self._turn_ended.wait()
 
     def interrupt(self) -> None:
-        self.send(pb.ConverseRequest(interrupt=pb.Interrupt()))
+        """Stop the reply: playback at once, and tell the service how much was heard."""
+        request = pb.Interrupt()
+        if self.player is not None:
+            request.played_ms = self.player.played_ms()
+            self.player.stop_now()
+        self.send(pb.ConverseRequest(interrupt=request))
 
     async def receive(self) -> None:
-        """Read every server message until the stream ends. Raises grpc.aio.AioRpcError."""
+        """Handle every server message until the stream ends. Raises grpc.aio.AioRpcError."""
         async for response in self._call:
+            if self._args.json:
+                print(json.dumps(json_format.MessageToDict(response), separators=(",", ":")), flush=True)
             kind = response.WhichOneof("kind")
             if kind == "session_started":
-                started = response.session_started
-                self.sample_rate = started.audio.sample_rate_hz
-                self.started.set()
-                print(
-                    f"[session {started.session_id}: voice {started.voice}, {started.audio.sample_rate_hz} Hz, "
-                    f"llm {started.llm_engine}, tts {started.tts_engine}]",
-                    file=sys.stderr,
-                )
+                self._started(response.session_started)
             elif kind == "text_delta":
                 self.current_turn = response.text_delta.turn_id
-                print(response.text_delta.text, end="", flush=True)
+                if not self._args.json:
+                    print(response.text_delta.text, end="", flush=True)
             elif kind == "audio":
                 self.current_turn = response.audio.turn_id
-                self._turns.setdefault(response.audio.turn_id, TurnAudio()).pcm += response.audio.data
+                self._pcm += response.audio.data
+                if self.player is not None:
+                    self.player.play(response.audio.data)
             elif kind == "turn_ended":
                 self._finish_turn(response.turn_ended)
 
+    def _started(self, started: pb.SessionStarted) -> None:
+        self.sample_rate = started.audio.sample_rate_hz
+        if not self._args.no_play and not self._args.json:
+            self.player = LivePlayer.open(self.sample_rate)
+        if not self._args.json:
+            where = "playing on the sound device" if self.player else "no sound device: replies are saved as WAV"
+            status(
+                f"[session {started.session_id[:8]}: voice {started.voice}, {self.sample_rate} Hz, "
+                f"{started.llm_engine} + {started.tts_engine}; {where}]"
+            )
+        self.started.set()
+
     def _finish_turn(self, ended: pb.TurnEnded) -> None:
-        turn = self._turns.pop(ended.turn_id, TurnAudio())
         self._turn_count += 1
         self.current_turn = None
-        print()
-        path = self._out
-        if self._interactive:
-            path = path.with_name(f"{path.stem}-{self._turn_count}{path.suffix}")
-        if turn.pcm:
-            write_wav(path, bytes(turn.pcm), self.sample_rate)
-        t = ended.timings
-        reason = _REASONS.get(ended.reason, "unknown")
-        saved = f", audio in {path}" if turn.pcm else ", no audio"
-        if ended.HasField("usage"):
-            saved += f", {ended.usage.prompt_tokens}+{ended.usage.completion_tokens} tokens"
-        print(
-            f"[{reason}: first token {t.first_llm_token_ms} ms, first segment {t.first_segment_ms} ms, "
-            f"first audio {t.first_audio_ms} ms, total {t.total_ms} ms, {t.audio_duration_ms / 1000:.1f} s of speech"
-            f"{saved}]",
-            file=sys.stderr,
-        )
-        if ended.error:
-            print(f"[turn failed: {ended.error}]", file=sys.stderr)
-            self.failed = True
+        saved = self._save_audio()
+        if not self._args.json:
+            print(flush=True)
+            t = ended.timings
+            tokens = (
+                f", {ended.usage.prompt_tokens}+{ended.usage.completion_tokens} tokens"
+                if ended.HasField("usage")
+                else ""
+            )
+            status(
+                f"[{_REASONS.get(ended.reason, 'unknown')}: first token {t.first_llm_token_ms} ms, "
+                f"first segment {t.first_segment_ms} ms, first audio {t.first_audio_ms} ms, total {t.total_ms} ms, "
+                f"{t.audio_duration_ms / 1000:.1f} s of speech{saved}{tokens}]"
+            )
+            if ended.error:
+                status(f"[turn failed: {ended.error}]")
+        self.failed = self.failed or ended.reason == pb.TURN_END_REASON_FAILED
         self._turn_ended.set()
 
-
-def write_wav(path: Path, pcm: bytes, sample_rate: int) -> None:
-    """Write mono PCM16 (or a streamed WAV, whose header is replaced) as a WAV file."""
-    if pcm[:4] == b"RIFF":
-        pcm = pcm[44:]
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm)
+    def _save_audio(self) -> str:
+        """Write the turn's audio when it was not played (or --out was given); say where."""
+        out = self._args.out
+        if not self._pcm or (out is None and (self.player is not None or self._args.json)):
+            return "" if self._pcm else ", no audio"
+        path = Path(out or "reply.wav")
+        if self._args.interactive:
+            path = path.with_name(f"{path.stem}-{self._turn_count}{path.suffix}")
+        write_wav(path, bytes(self._pcm), self.sample_rate)
+        return f", audio in {path}"
 
 
 def explain(error: grpc.aio.AioRpcError, target: str) -> str:
@@ -157,14 +171,14 @@ async def interactive(conversation: Conversation) -> None:
 
     def on_ctrl_c() -> None:
         if conversation.current_turn is not None:
-            print("\n[interrupting]", file=sys.stderr)
+            status("\n[interrupting]")
             conversation.interrupt()
         else:
-            print("\n[press Ctrl-D to quit]", file=sys.stderr)
+            status("\n[press Ctrl-D to quit]")
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
     await conversation.started.wait()
-    print("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.", file=sys.stderr)
+    status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
     while True:
         try:
             line = await loop.run_in_executor(None, input, "you> ")
@@ -185,6 +199,27 @@ async def unless_ended(receiver: asyncio.Task[None], step: Coroutine[Any, Any, o
         raise SystemExit("error: the service ended the stream early")
 
 
+async def converse(conversation: Conversation, receiver: asyncio.Task[None], args: argparse.Namespace) -> None:
+    if args.interactive:
+        waiter = asyncio.create_task(interactive(conversation))
+        done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            await receiver
+        else:
+            waiter.cancel()
+            receiver.result()
+        return
+    # One step at a time, so that a rejected request is reported as the server said it
+    # (grpc aio can mask the server's status when a client writes after it arrived).
+    await unless_ended(receiver, conversation.started.wait())
+    if args.speak is not None:
+        await unless_ended(receiver, conversation.ask(args.speak, speak=True))
+    else:
+        await unless_ended(receiver, conversation.ask(args.question))
+    conversation.close_sending()
+    await receiver
+
+
 async def run(args: argparse.Namespace) -> int:
     start = pb.Start(
         voice=args.voice,
@@ -192,39 +227,24 @@ async def run(args: argparse.Namespace) -> int:
         audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=args.rate),
     )
     async with grpc.aio.insecure_channel(args.server) as channel:
-        conversation = Conversation(voice_pb2_grpc.VoiceServiceStub(channel), start, Path(args.out), args.interactive)
+        conversation = Conversation(voice_pb2_grpc.VoiceServiceStub(channel), start, args)
         receiver = asyncio.create_task(conversation.receive())
         try:
-            if args.interactive:
-                waiter = asyncio.create_task(interactive(conversation))
-                done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter in done:
-                    await receiver
-                else:
-                    waiter.cancel()
-                    receiver.result()
-            else:
-                # One step at a time, so that a rejected request is reported as the server said it
-                # (grpc aio can mask the server's status when a client writes after it arrived).
-                await unless_ended(receiver, conversation.started.wait())
-                if args.speak is not None:
-                    await unless_ended(receiver, conversation.ask(args.speak, speak=True))
-                else:
-                    await unless_ended(receiver, conversation.ask(args.question))
-                conversation.close_sending()
-                await receiver
+            await converse(conversation, receiver, args)
         except grpc.aio.AioRpcError as error:
-            print(f"error: {explain(error, args.server)}", file=sys.stderr)
+            status(f"error: {explain(error, args.server)}")
             return 1
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await receiver
+            if conversation.player is not None:
+                conversation.player.close()
     return 1 if conversation.failed else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m clients.cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__.split("\n\n")[0])
     parser.add_argument("question", nargs="?", help="ask this once (omit for interactive mode)")
     parser.add_argument("--speak", metavar="TEXT", help="read TEXT aloud instead of asking the LLM")
     parser.add_argument(
@@ -232,10 +252,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("PARLEY_SERVER", "localhost:50051"),
         help="service address (env PARLEY_SERVER; default localhost:50051)",
     )
-    parser.add_argument("--voice", default="", help="voice id (default: the server's)")
+    parser.add_argument("--voice", default="", help="voice id (default: the server's; see ListVoices)")
     parser.add_argument("--rate", type=int, default=0, help="sample rate in Hz, 8000-48000 (default: the voice's)")
     parser.add_argument("--system", default="", help="system prompt (default: the server's)")
-    parser.add_argument("--out", default="reply.wav", help="WAV file to write (default reply.wav)")
+    parser.add_argument(
+        "--out", default=None, help="WAV file to write (default reply.wav when not playing; reply-N.wav per turn)"
+    )
+    parser.add_argument("--no-play", action="store_true", help="do not play on the sound device; write WAV files")
+    parser.add_argument("--json", action="store_true", help="print every server message as one JSON line")
     args = parser.parse_args(argv)
     args.interactive = args.question is None and args.speak is None
     return args

@@ -128,3 +128,81 @@ async def test_interactive_session_through_a_terminal(slow: Harness, tmp_path: P
         except (ProcessLookupError, ChildProcessError):
             pass
     assert (tmp_path / "r-2.wav").exists()
+
+
+PARLEY = Path(sys.executable).parent / "parley"
+
+
+async def run_script(*args: str, cwd: Path) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(PARLEY), *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_console_script_saves_wav_when_there_is_no_sound_device(harness: Harness, tmp_path: Path) -> None:
+    code, stdout, stderr = await run_script("--server", f"127.0.0.1:{harness.running.port}", "Hi?", cwd=tmp_path)
+    assert code == 0, stderr
+    assert "no sound device: replies are saved as WAV" in stderr
+    assert "audio in reply.wav" in stderr and (tmp_path / "reply.wav").exists()
+    assert stdout.strip() == harness.llm.reply
+
+
+async def test_json_mode_prints_every_message_as_a_line(harness: Harness, tmp_path: Path) -> None:
+    import base64
+    import json
+
+    code, stdout, stderr = await run_script(
+        "--server", f"127.0.0.1:{harness.running.port}", "--json", "Hi?", cwd=tmp_path
+    )
+    assert code == 0, stderr
+    messages = [json.loads(line) for line in stdout.splitlines()]
+    assert "sessionStarted" in messages[0] and "turnEnded" in messages[-1]
+    assert messages[-1]["turnEnded"]["reason"] == "TURN_END_REASON_COMPLETED"
+    assert "".join(m["textDelta"]["text"] for m in messages if "textDelta" in m) == harness.llm.reply
+    audio = b"".join(base64.b64decode(m["audio"]["data"]) for m in messages if "audio" in m)
+    assert len(audio) / 2 / 16 == pytest.approx(sum(harness.tts.duration_ms(t) for t in harness.tts.texts), rel=0.01)
+    assert os.listdir(tmp_path) == []  # scripts get JSON, not files, unless they ask with --out
+    assert stderr == ""
+
+
+class FakeStream:
+    """Stands in for a PortAudio output stream (no sound device here): plays instantly."""
+
+    latency = 0.05
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.aborted = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_live_player_plays_stops_and_measures() -> None:
+    from clients.audio_out import LivePlayer
+
+    stream = FakeStream()
+    player = LivePlayer(stream, 16000)
+    player.new_turn()
+    player.play(b"\x01\x00" * 16000)  # one second
+    deadline = time.monotonic() + 5
+    while len(stream.written) < 32000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    # Written 1000 ms, minus the device latency, but never more than the time since the turn began.
+    assert 150 <= player.played_ms() <= 1000
+    player.stop_now()
+    assert stream.aborted == 1
+    player.close()
