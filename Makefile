@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PROTO_OUT := parley/v1/voice_pb2.py parley/v1/voice_pb2.pyi parley/v1/voice_pb2_grpc.py
 
-.PHONY: setup browser run test proto proto-check lint bench clean
+.PHONY: setup system-deps run test proto proto-check lint bench clean
 
 setup: $(STAMP)
 
@@ -26,14 +26,17 @@ run: setup
 	$(PY) -m ws_bridge --grpc-target 127.0.0.1:$${PARLEY_PORT:-50051} & bridge=$$!; \
 	wait
 
-# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then echo "==> installing Debian's chromium for the browser tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "note: install Debian's chromium (sudo apt-get install chromium) or the browser tests are skipped"; fi; }
+# Debian packages the tests drive: Chromium (Playwright cannot download browsers here) and Redis.
+TEST_PACKAGES := chromium redis-server
+system-deps:
+	@missing=""; for p in $(TEST_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "==> installing Debian packages for the tests:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "note: install$$missing (sudo apt-get install$$missing) or the tests that need them are skipped"; fi; \
+	fi
 
-test: setup browser
+test: setup system-deps
 	$(PY) -m pytest
 
 proto: setup

@@ -10,12 +10,15 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.config import Settings
+from service.core.history import HistoryLimits
 from service.core.segmenter import SegmentPolicy
 from service.core.session import SessionDefaults
+from service.core.store import SessionStore
 from service.core.turn import TurnOptions
-from service.errors import EngineError
+from service.errors import EngineError, StoreUnavailable
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
+from service.stores.memory import MemoryStore
 
 log = logging.getLogger("service")
 
@@ -25,21 +28,40 @@ async def run(settings: Settings) -> None:
     from service.engines.factory import load_engines
 
     llm, tts = await asyncio.to_thread(load_engines, settings)
+    store = await open_store(settings)
     defaults = SessionDefaults(
         system_prompt=settings.system_prompt,
         temperature=settings.llm_temperature,
         max_tokens=settings.llm_max_tokens,
         max_text_chars=settings.max_text_chars,
         turn=TurnOptions(settings.lookahead_segments, settings.audio_chunk_ms, SegmentPolicy()),
+        history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
     limits = StreamLimits(settings.max_streams, settings.idle_timeout_s)
     try:
-        running = await start_server(llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits)
+        running = await start_server(
+            llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits, store=store
+        )
         log.info("Parley listening on %s:%d (llm=%s, tts=%s)", settings.host, running.port, llm.name, tts.name)
         await serve_until_signal(running, settings.shutdown_grace_s)
     finally:
         await llm.aclose()
         await tts.aclose()
+        await store.aclose()
+
+
+async def open_store(settings: Settings) -> SessionStore:
+    """The configured session store, connected. Raises StoreUnavailable."""
+    if settings.session_store == "redis":
+        from service.stores.redis_store import RedisStore
+
+        store = await RedisStore(settings.redis_url, prefix=settings.redis_prefix, ttl_s=settings.session_ttl_s).start()
+        log.info(
+            "sessions in Redis (prefix %s, expiring after %g s idle)", settings.redis_prefix, settings.session_ttl_s
+        )
+        return store
+    log.info("sessions in memory (expiring after %g s idle)", settings.session_ttl_s)
+    return MemoryStore(settings.session_ttl_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:
         asyncio.run(run(settings))
-    except EngineError as error:
+    except (EngineError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
         return 1
     except RuntimeError as error:

@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    session_store: Literal["memory", "redis"] = Field(
+        "memory", description="Where sessions live: memory (this process) or redis (shared by replicas)."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the redis session store.")
+    redis_prefix: str = Field("parley", description="Namespace of Parley's Redis keys.")
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="Forget a session after this long with no stream (at least idle_timeout_s)."
+    )
+    history_max_turns: int = Field(50, ge=1, description="Turns a session keeps; the oldest go first.")
+    history_max_chars: int = Field(20_000, ge=100, description="Characters of history a session keeps.")
     openai_base_url: str | None = Field(
         None,
         description="OpenAI-compatible server, e.g. http://localhost:11434/v1. Default: OPENAI_BASE_URL, else OpenAI.",
@@ -94,6 +104,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"llm_max_tokens ({self.llm_max_tokens}) must be smaller than llm_context_size "
                 f"({self.llm_context_size}), or no prompt fits"
+            )
+        if self.session_ttl_s < self.idle_timeout_s:
+            raise ValueError(
+                f"session_ttl_s ({self.session_ttl_s:g}) must be at least idle_timeout_s ({self.idle_timeout_s:g}), "
+                "or a session could expire under a stream that is still open"
             )
         if self.openai_extra_headers:
             try:

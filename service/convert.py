@@ -7,7 +7,7 @@ from parley.v1 import voice_pb2 as pb
 from service.core.audio import Encoding
 from service.core.engine import Voice
 from service.core.events import AudioChunk, Event, SegmentStarted, SessionStarted, TextDelta, TurnEnded, TurnEndReason
-from service.core.session import StartRequest
+from service.core.opening import StartRequest
 from service.errors import InvalidRequest
 
 __all__ = ["event_to_proto", "start_from_proto", "voice_to_proto"]

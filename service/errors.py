@@ -4,7 +4,10 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
 
     ParleyError
     ├── InvalidRequest        the client sent something it must fix (gRPC INVALID_ARGUMENT)
+    ├── SessionNotFound       resuming a session that does not exist or expired (NOT_FOUND)
+    ├── SessionTakenOver      another stream resumed this stream's session (ABORTED)
     ├── Overloaded            the server holds its maximum number of streams (RESOURCE_EXHAUSTED)
+    ├── StoreUnavailable      the session store cannot be reached (UNAVAILABLE)
     ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
     └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
         ├── LLMError
@@ -24,6 +27,18 @@ class ParleyError(Exception):
 
 class InvalidRequest(ParleyError):
     """The client sent something it must fix. The message says what."""
+
+
+class SessionNotFound(ParleyError):
+    """``start.session_id`` names no live session."""
+
+
+class SessionTakenOver(ParleyError):
+    """Another stream resumed this stream's session; this one ends so turns never interleave."""
+
+
+class StoreUnavailable(ParleyError):
+    """The session store cannot be reached."""
 
 
 class Overloaded(ParleyError):

@@ -14,7 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from parley.v1 import voice_pb2, voice_pb2_grpc
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.session import SessionDefaults
+from service.core.store import SessionStore
 from service.servicer import StreamLimits, VoiceServicer
+from service.stores.memory import MemoryStore
 
 __all__ = ["RunningServer", "start_server", "serve_until_signal"]
 
@@ -46,10 +48,12 @@ async def start_server(
     port: int,
     defaults: SessionDefaults,
     limits: StreamLimits,
+    store: SessionStore | None = None,
 ) -> RunningServer:
-    """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind."""
+    """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
+    Without a store, sessions live in this process for an hour."""
     server = grpc.aio.server()
-    servicer = VoiceServicer(llm, tts, defaults, limits)
+    servicer = VoiceServicer(llm, tts, defaults, limits, store if store is not None else MemoryStore(ttl_s=3600))
     voice_pb2_grpc.add_VoiceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,7 +21,16 @@ from service.convert import event_to_proto, start_from_proto, voice_to_proto
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import TurnEnded
 from service.core.session import Session, SessionDefaults
-from service.errors import IdleTimeout, InvalidRequest, Overloaded, ParleyError
+from service.core.store import SessionStore
+from service.errors import (
+    IdleTimeout,
+    InvalidRequest,
+    Overloaded,
+    ParleyError,
+    SessionNotFound,
+    SessionTakenOver,
+    StoreUnavailable,
+)
 
 __all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer"]
 
@@ -29,6 +38,9 @@ log = logging.getLogger(__name__)
 
 STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    SessionTakenOver: grpc.StatusCode.ABORTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -68,9 +80,12 @@ def _log_turn(session_id: str, ended: TurnEnded) -> None:
 class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     """Serves ``parley.v1.VoiceService`` with the given engines."""
 
-    def __init__(self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, limits: StreamLimits) -> None:
+    def __init__(
+        self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, limits: StreamLimits, store: SessionStore
+    ) -> None:
         self._llm = llm
         self._tts = tts
+        self._store = store
         self._defaults = defaults
         self._limits = limits
         self.active_streams = 0
@@ -91,12 +106,13 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 f"the server is at its limit of {self._limits.max_streams} streams; retry later",
             )
         self.active_streams += 1
-        session = Session(self._llm, self._tts, self._defaults)
+        session = Session(self._llm, self._tts, self._defaults, self._store)
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
+                watcher = group.create_task(self._watch_takeover(session), name="converse takeover watch")
                 group.create_task(self._read(request_iterator, session), name="converse reader")
-                group.create_task(self._write(session, context), name="converse writer")
+                group.create_task(self._write(session, context, watcher), name="converse writer")
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
@@ -106,12 +122,22 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             code, message = _status_for(failure)
             await context.abort(code, message)
 
-    async def _write(self, session: Session, context: grpc.aio.ServicerContext) -> None:
-        while (event := await session.next_event()) is not None:
-            session.mark_sent(event)
-            await context.write(event_to_proto(event))
-            if isinstance(event, TurnEnded):
-                _log_turn(session.session_id, event)
+    async def _watch_takeover(self, session: Session) -> None:
+        await session.taken_over()
+        raise SessionTakenOver(
+            f"session {session.session_id} was resumed by another stream, which now has it; this stream ends "
+            "so that turns never interleave"
+        )
+
+    async def _write(self, session: Session, context: grpc.aio.ServicerContext, watcher: asyncio.Task[None]) -> None:
+        try:
+            while (event := await session.next_event()) is not None:
+                session.mark_sent(event)
+                await context.write(event_to_proto(event))
+                if isinstance(event, TurnEnded):
+                    _log_turn(session.session_id, event)
+        finally:
+            watcher.cancel()  # the stream is over: stop watching for a takeover
 
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest], session: Session) -> None:
         iterator = aiter(requests)
@@ -146,7 +172,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     async def _handle(self, request: pb.ConverseRequest, session: Session) -> None:
         kind = request.WhichOneof("kind")
         if kind == "start":
-            session.start(start_from_proto(request.start))
+            await session.start(start_from_proto(request.start))
         elif kind == "user_text":
             await session.user_text(request.user_text.text, request.user_text.turn_id)
         elif kind == "speak_text":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -12,6 +12,7 @@ import pytest
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.core.session import SessionDefaults
+from service.core.store import SessionStore
 from service.core.turn import TurnOptions
 from service.server import RunningServer, start_server
 from service.servicer import StreamLimits
@@ -38,6 +39,7 @@ async def start_harness(
     *,
     defaults: SessionDefaults | None = None,
     limits: StreamLimits | None = None,
+    store: SessionStore | None = None,
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
@@ -48,6 +50,7 @@ async def start_harness(
         port=0,
         defaults=defaults or SessionDefaults(turn=TurnOptions(chunk_ms=100)),
         limits=limits or StreamLimits(),
+        store=store,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel)
@@ -105,3 +108,40 @@ async def wait_for(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[n
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server (Debian's package) on a free loopback port, for the whole test run."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (make test installs Debian's redis-server as root)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

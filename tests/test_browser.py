@@ -118,7 +118,9 @@ async def test_stop_and_a_new_message_interrupt(site: tuple[Harness, str], page:
     # The history the service keeps is what was heard: the cut reply precedes the last question.
     last_request = harness.llm.requests[-1].messages
     assert last_request[-1].content == "Never mind, short please."
-    assert LONG.startswith(last_request[-2].content) and len(last_request[-2].content) < len(LONG) / 2
+    heard_reply = last_request[-2].content.removesuffix(" [interrupted: the user heard only this much]")
+    assert heard_reply != last_request[-2].content, "the cut reply is marked as interrupted"
+    assert LONG.startswith(heard_reply) and len(heard_reply) < len(LONG) / 2
     ARTIFACTS.mkdir(exist_ok=True)
     await asyncio.sleep(0.2)
     await p.screenshot(path=str(ARTIFACTS / "browser-interrupt.png"), full_page=True)  # type: ignore[attr-defined]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from service.core.engine import Message
-from service.core.history import Conversation, SpokenSegment, heard_text
+from service.core.history import (
+    INTERRUPTED_NOTE,
+    INTERRUPTED_SILENT,
+    Conversation,
+    HistoryLimits,
+    SpokenSegment,
+    heard_text,
+)
 
 TEXT = "First part here. Second part has five words. Third one."
 #       0               17                            46
@@ -75,7 +82,7 @@ def test_trim_last_reply() -> None:
     assert not conversation.trim_last_reply("x")
     conversation.add_exchange("Q", "A long answer.")
     assert conversation.trim_last_reply("A long")
-    assert conversation.request_messages("next")[-2] == Message("assistant", "A long")
+    assert conversation.request_messages("next")[-2] == Message("assistant", f"A long {INTERRUPTED_NOTE}")
 
 
 def test_segment_cut_short_counts_only_its_voiced_words() -> None:
@@ -95,3 +102,31 @@ def test_unfinished_segment_is_measured_at_the_turns_speaking_rate() -> None:
     ]
     # 2 s of 9.9 s estimated for 20 words: 4 words heard.
     assert heard_text(text, segs, 3000) == "Ten chars. word word word word"
+
+
+def test_interrupted_replies_are_marked_for_the_llm() -> None:
+    conversation = Conversation("Sys.")
+    conversation.add_exchange("Tell me a story.", "Once upon a", interrupted=True)
+    conversation.add_exchange("Hello?", "", interrupted=True)
+    messages = conversation.request_messages("Go on.")
+    assert messages[2] == Message("assistant", f"Once upon a {INTERRUPTED_NOTE}")
+    assert messages[4] == Message("assistant", INTERRUPTED_SILENT)
+
+
+@pytest.mark.parametrize(
+    ("limits", "kept"),
+    [
+        (HistoryLimits(max_turns=2, max_chars=10_000), ["spoken", "q4", "a4"]),  # a read-aloud text is a turn
+        (HistoryLimits(max_turns=3, max_chars=10_000), ["q3", "a3", "spoken", "q4", "a4"]),
+        (HistoryLimits(max_turns=10, max_chars=5), ["q4", "a4"]),
+        (HistoryLimits(max_turns=1, max_chars=1), ["q4", "a4"]),  # the latest turn always stays
+    ],
+)
+def test_history_caps_drop_the_oldest_turns_first(limits: HistoryLimits, kept: list[str]) -> None:
+    conversation = Conversation("System stays.", limits=limits)
+    for n in (1, 2, 3):
+        conversation.add_exchange(f"q{n}", f"a{n}")
+    conversation.add_spoken("spoken")
+    conversation.add_exchange("q4", "a4")
+    assert [e.content for e in conversation.entries] == kept
+    assert conversation.request_messages("next")[0] == Message("system", "System stays.")

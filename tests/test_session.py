@@ -9,8 +9,10 @@ import pytest
 
 from service.core.engine import LLMRequest
 from service.core.events import AudioChunk, Event, TurnEnded, TurnEndReason
-from service.core.session import Session, SessionDefaults, StartRequest
+from service.core.opening import StartRequest
+from service.core.session import Session, SessionDefaults
 from service.errors import InvalidRequest, LLMError
+from service.stores.memory import MemoryStore
 from tests.conftest import wait_for
 from tests.fakes import FakeLLM, FakeTTS
 
@@ -30,8 +32,8 @@ async def drain(session: Session) -> list[Event]:
 
 
 async def test_interrupt_drops_audio_of_a_turn_that_finished_only_on_the_server() -> None:
-    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000))
-    session.start(StartRequest())
+    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
+    await session.start(StartRequest())
     await session.user_text("Hi?")
     await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
     # The client has read the first few messages only, then barges in.
@@ -49,13 +51,14 @@ async def test_interrupt_drops_audio_of_a_turn_that_finished_only_on_the_server(
     (ended,) = [e for e in rest if isinstance(e, TurnEnded)]
     assert ended.reason is TurnEndReason.INTERRUPTED
     assert ended.spoken_text != "" and len(ended.spoken_text) < len(session._llm.reply)  # type: ignore[attr-defined]
-    assert session._conversation.turns[-1].content == ended.spoken_text
+    last = session._conversation.entries[-1]
+    assert last.content == ended.spoken_text and last.interrupted
 
 
 async def test_interrupt_with_played_ms_after_the_end_was_sent_trims_history() -> None:
     llm = FakeLLM()
-    session = Session(llm, FakeTTS(), SessionDefaults(buffered_events=10_000))
-    session.start(StartRequest())
+    session = Session(llm, FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
+    await session.start(StartRequest())
     await session.user_text("Hi?")
     await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
     events = await drain(session)
@@ -63,12 +66,13 @@ async def test_interrupt_with_played_ms_after_the_end_was_sent_trims_history() -
     await session.interrupt(1000)  # the client played one second of it
     assert await drain(session) == []  # nothing more is sent for a turn that was reported ended
     # 1 s of the first segment's 1.5 s: 3 of its 5 words.
-    assert session._conversation.turns[-1].content == "Sure, here is"
+    assert session._conversation.entries[-1].content == "Sure, here is"
+    assert session._conversation.entries[-1].interrupted
 
 
 async def test_turn_ids_must_be_unique() -> None:
-    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000))
-    session.start(StartRequest())
+    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
+    await session.start(StartRequest())
     await session.user_text("One", turn_id="turn-2")
     await session.user_text("Two")  # the server's own numbering skips the id the client took
     with pytest.raises(InvalidRequest, match="'turn-2' was already used"):
@@ -83,8 +87,8 @@ async def test_llm_that_fails_when_opened_fails_the_turn_only() -> None:
         def stream(self, request: LLMRequest) -> AsyncIterator[str]:
             raise LLMError("cannot open the model stream")
 
-    session = Session(BrokenLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000))
-    session.start(StartRequest())
+    session = Session(BrokenLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
+    await session.start(StartRequest())
     await session.user_text("Hi?")
     await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
     (ended,) = [e for e in await drain(session) if isinstance(e, TurnEnded)]

@@ -9,10 +9,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from service.core.engine import Message
 
-__all__ = ["Conversation", "SpokenSegment", "heard_text"]
+__all__ = ["Conversation", "Entry", "HistoryLimits", "SpokenSegment", "heard_text"]
 
 
 @dataclass
@@ -81,34 +82,86 @@ def _speaking_rate(segments: Sequence[SpokenSegment]) -> float:
     return sum(s.duration_ms for s in done) / chars if chars else _DEFAULT_MS_PER_CHAR
 
 
+@dataclass(frozen=True)
+class HistoryLimits:
+    """How much history a session keeps: the oldest turns go first; the system prompt always stays."""
+
+    max_turns: int = 50
+    """Turns kept (a user message and its reply count as one; a read-aloud text as one)."""
+    max_chars: int = 20_000
+    """Characters kept across all kept turns."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One message of the history; ``interrupted`` marks a reply cut short by the listener."""
+
+    role: Literal["user", "assistant"]
+    content: str
+    interrupted: bool = False
+
+
+INTERRUPTED_NOTE = "[interrupted: the user heard only this much]"
+INTERRUPTED_SILENT = "[interrupted before the user heard anything]"
+
+
 @dataclass
 class Conversation:
-    """The system prompt and the turns so far. Assistant replies hold only what was spoken."""
+    """The system prompt and the turns so far. Assistant replies hold only what was heard."""
 
     system_prompt: str
-    turns: list[Message] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    limits: HistoryLimits = field(default_factory=HistoryLimits)
 
     def request_messages(self, user_text: str) -> tuple[Message, ...]:
-        """The messages to send the LLM for a new user message."""
+        """The messages to send the LLM for a new user message. An interrupted reply says so, so the
+        assistant does not assume it was heard in full."""
         system = (Message("system", self.system_prompt),) if self.system_prompt else ()
-        return (*system, *self.turns, Message("user", user_text))
+        return (*system, *(_as_message(e) for e in self.entries), Message("user", user_text))
 
-    def add_exchange(self, user_text: str, reply: str) -> None:
+    def add_exchange(self, user_text: str, reply: str, *, interrupted: bool = False) -> None:
         """Record a finished turn (the reply may be empty if nothing was heard)."""
-        self.turns.append(Message("user", user_text))
-        self.turns.append(Message("assistant", reply))
+        self.entries.append(Entry("user", user_text))
+        self.entries.append(Entry("assistant", reply, interrupted))
+        self._trim()
 
-    def add_spoken(self, reply: str) -> None:
-        """Record text read aloud with ``speak_text`` as said by the assistant."""
-        if reply:
-            self.turns.append(Message("assistant", reply))
+    def add_spoken(self, reply: str, *, interrupted: bool = False) -> bool:
+        """Record text read aloud with ``speak_text`` as said by the assistant; False if empty."""
+        if not reply:
+            return False
+        self.entries.append(Entry("assistant", reply, interrupted))
+        self._trim()
+        return True
 
     def trim_last_reply(self, reply: str) -> bool:
-        """Replace the last assistant message's text (when the client reports it heard less).
+        """Cut the last assistant message to what the client reports it heard, marking it interrupted.
 
         Returns False when the last message is not the assistant's.
         """
-        if not self.turns or self.turns[-1].role != "assistant":
+        if not self.entries or self.entries[-1].role != "assistant":
             return False
-        self.turns[-1] = Message("assistant", reply)
+        self.entries[-1] = Entry("assistant", reply, True)
         return True
+
+    def _trim(self) -> None:
+        turns = _turn_starts(self.entries)
+        while turns and (
+            len(turns) > self.limits.max_turns or sum(len(e.content) for e in self.entries) > self.limits.max_chars
+        ):
+            if len(turns) == 1:
+                break  # always keep the latest turn
+            del self.entries[: turns[1]]
+            turns = _turn_starts(self.entries)
+
+
+def _turn_starts(entries: list[Entry]) -> list[int]:
+    """Where each turn starts: at a user message, or at an assistant message that follows another."""
+    return [i for i, e in enumerate(entries) if e.role == "user" or i == 0 or entries[i - 1].role == "assistant"]
+
+
+def _as_message(entry: Entry) -> Message:
+    if not entry.interrupted:
+        return Message(entry.role, entry.content)
+    if not entry.content:
+        return Message(entry.role, INTERRUPTED_SILENT)
+    return Message(entry.role, f"{entry.content} {INTERRUPTED_NOTE}")

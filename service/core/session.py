@@ -12,18 +12,19 @@ import asyncio
 import collections
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.core.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, Encoding
+from service.core.audio import AudioFormat, Encoding
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.event_queue import EventQueue
 from service.core.events import AudioChunk, Event, SessionStarted, TurnEnded, TurnEndReason, TurnStats
-from service.core.history import Conversation, heard_text
+from service.core.history import Conversation, HistoryLimits, heard_text
+from service.core.opening import Opened, StartRequest, open_session
+from service.core.store import SessionStore
 from service.core.turn import Turn, TurnOptions
-from service.errors import EngineError, InvalidRequest
+from service.errors import EngineError, InvalidRequest, StoreUnavailable
 
 __all__ = ["SessionDefaults", "Session", "StartRequest"]
 
@@ -40,19 +41,7 @@ class SessionDefaults:
     max_text_chars: int = 4000
     buffered_events: int = 32
     turn: TurnOptions = TurnOptions()
-
-
-@dataclass(frozen=True)
-class StartRequest:
-    """What the client asked for when opening the session (empty or None: the default)."""
-
-    session_id: str = ""
-    system_prompt: str = ""
-    voice: str = ""
-    encoding: Encoding = Encoding.PCM16
-    sample_rate_hz: int = 0
-    temperature: float | None = None
-    max_tokens: int | None = None
+    history: HistoryLimits = HistoryLimits()
 
 
 @dataclass
@@ -97,10 +86,14 @@ async def _deltas(queue: asyncio.Queue[str | None]) -> AsyncIterator[str]:
 class Session:
     """One client's conversation. Use from a single event loop; commands are awaited in order."""
 
-    def __init__(self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults) -> None:
+    def __init__(self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, store: SessionStore) -> None:
         self._llm = llm
         self._tts = tts
         self._defaults = defaults
+        self._store = store
+        self._opened: Opened | None = None
+        self._claimed = asyncio.Event()
+        self._persisting = asyncio.Lock()
         self._events = EventQueue(defaults.buffered_events)
         self._started = False
         self._conversation = Conversation("")
@@ -118,42 +111,42 @@ class Session:
 
     # -- commands ----------------------------------------------------------------------------------
 
-    def start(self, request: StartRequest) -> None:
-        """Open the session. Raises :class:`InvalidRequest` if it is already open or asks for the
-        impossible."""
+    async def start(self, request: StartRequest) -> None:
+        """Open the session: a new one, or the stored one ``request.session_id`` names.
+
+        Raises :class:`InvalidRequest` (already open, bad options), :class:`SessionNotFound` or
+        :class:`StoreUnavailable`.
+        """
         if self._started:
             raise InvalidRequest("`start` was already sent; send it only once, as the first message")
-        if request.session_id:
-            raise InvalidRequest("resuming a session is not supported yet; leave `start.session_id` empty")
-        voices = {voice.id: voice for voice in self._tts.voices()}
-        voice_id = request.voice or self._tts.default_voice
-        if voice_id not in voices:
-            raise InvalidRequest(
-                f"unknown voice {voice_id!r}; ListVoices gives the choices: {', '.join(sorted(voices))}"
-            )
-        rate = request.sample_rate_hz or voices[voice_id].sample_rate_hz
-        if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
-            raise InvalidRequest(
-                f"sample_rate_hz {rate} is out of range; "
-                f"use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, or 0 for the voice's own rate"
-            )
-        if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
-            raise InvalidRequest(f"llm.temperature {request.temperature} is out of range; use 0 to 2")
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise InvalidRequest(f"llm.max_tokens {request.max_tokens} must be at least 1")
-        self._check_length(request.system_prompt, "start.system_prompt")
-        self._started = True
-        self.session_id = secrets.token_urlsafe(16)
-        self._voice = voice_id
-        self._format = AudioFormat(request.encoding, rate)
-        self._conversation = Conversation(request.system_prompt or self._defaults.system_prompt)
-        if request.temperature is not None:
-            self._temperature = request.temperature
-        if request.max_tokens is not None:
-            self._max_tokens = min(request.max_tokens, self._defaults.max_tokens)
-        self._events.put_control(
-            SessionStarted(self.session_id, self._format, voice_id, self._llm.name, self._tts.name)
+        opened = await open_session(
+            request,
+            self._tts,
+            self._store,
+            default_system_prompt=self._defaults.system_prompt,
+            max_chars=self._defaults.max_text_chars,
         )
+        self._started = True
+        self._opened = opened
+        self._claimed.set()
+        stored = opened.stored
+        self.session_id = stored.session_id
+        self._voice = stored.voice
+        self._format = opened.audio
+        self._conversation = Conversation(stored.system_prompt, list(stored.entries), self._defaults.history)
+        if stored.temperature is not None:
+            self._temperature = stored.temperature
+        if stored.max_tokens is not None:
+            self._max_tokens = min(stored.max_tokens, self._defaults.max_tokens)
+        self._events.put_control(
+            SessionStarted(self.session_id, self._format, self._voice, self._llm.name, self._tts.name)
+        )
+
+    async def taken_over(self) -> None:
+        """Return when another stream has taken this session over. Safe to cancel."""
+        await self._claimed.wait()
+        assert self._opened is not None
+        await self._opened.claim.lost.wait()
 
     async def user_text(self, text: str, turn_id: str = "") -> None:
         """Answer ``text``: interrupts any turn in progress, then starts an LLM turn."""
@@ -204,14 +197,15 @@ class Session:
         active = self._active
         if active is None:
             if self._last is not None:
-                self._interrupt_last(self._last, played_ms)
+                await self._interrupt_last(self._last, played_ms)
             return
         active.finished = True
         self._active = None
         await _cancel(active)
         self._events.purge(active.turn.turn_id)
         heard_ms = active.stats.audio_ms_sent if played_ms is None else min(played_ms, active.stats.audio_ms_sent)
-        self._finish(active, TurnEndReason.INTERRUPTED, heard_text(active.turn.text, active.turn.segments, heard_ms))
+        spoken = heard_text(active.turn.text, active.turn.segments, heard_ms)
+        await self._finish(active, TurnEndReason.INTERRUPTED, spoken)
 
     async def finish(self) -> None:
         """The client is done sending: let the turn in progress end, then close the event stream."""
@@ -225,12 +219,14 @@ class Session:
         self._events.close()
 
     async def aclose(self) -> None:
-        """Cancel whatever runs. Safe to call more than once."""
+        """Cancel whatever runs and let go of the session (it stays stored). Safe to call twice."""
         active, self._active = self._active, None
         if active is not None:
             active.finished = True
             await _cancel(active)
         self._events.close()
+        if self._opened is not None:
+            await self._store.release(self._opened.claim)
 
     # -- the transport's side ----------------------------------------------------------------------
 
@@ -291,16 +287,16 @@ class Session:
             await active.turn.run()
         except EngineError as error:
             log.warning("turn %s failed: %s", turn_id, error)
-            self._end_by_itself(active, TurnEndReason.FAILED, str(error))
+            await self._end_by_itself(active, TurnEndReason.FAILED, str(error))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("turn %s failed unexpectedly", turn_id)
-            self._end_by_itself(active, TurnEndReason.FAILED, "internal error; see the server log")
+            await self._end_by_itself(active, TurnEndReason.FAILED, "internal error; see the server log")
         else:
-            self._end_by_itself(active, TurnEndReason.COMPLETED, "")
+            await self._end_by_itself(active, TurnEndReason.COMPLETED, "")
 
-    def _end_by_itself(self, active: _ActiveTurn, reason: TurnEndReason, error: str) -> None:
+    async def _end_by_itself(self, active: _ActiveTurn, reason: TurnEndReason, error: str) -> None:
         if active.finished:
             return
         self._active = None
@@ -308,21 +304,35 @@ class Session:
             spoken = active.turn.text.strip()
         else:
             spoken = heard_text(active.turn.text, active.turn.segments, float("inf"))
-        self._finish(active, reason, spoken, error)
+        await self._finish(active, reason, spoken, error)
 
-    def _finish(self, active: _ActiveTurn, reason: TurnEndReason, spoken: str, error: str = "") -> None:
+    async def _finish(self, active: _ActiveTurn, reason: TurnEndReason, spoken: str, error: str = "") -> None:
         active.finished = True
+        cut_short = reason is TurnEndReason.INTERRUPTED
         if active.user_text is not None:
-            self._conversation.add_exchange(active.user_text, spoken)
+            self._conversation.add_exchange(active.user_text, spoken, interrupted=cut_short)
             active.reply_recorded = True
-        elif spoken:
-            self._conversation.add_spoken(spoken)
-            active.reply_recorded = True
+        else:
+            active.reply_recorded = self._conversation.add_spoken(spoken, interrupted=cut_short)
         self._last = active
         self._events.put_control(TurnEnded(active.turn.turn_id, reason, spoken, active.stats, error))
         self.last_activity = time.monotonic()
+        await self._persist()
 
-    def _interrupt_last(self, last: _ActiveTurn, played_ms: int | None) -> None:
+    async def _persist(self) -> None:
+        """Write the session to the store (the latest state wins; writes never overlap)."""
+        opened = self._opened
+        if opened is None:
+            return
+        async with self._persisting:
+            stored = opened.stored
+            stored.entries = list(self._conversation.entries)
+            try:
+                await self._store.save(stored, opened.claim)
+            except StoreUnavailable as error:
+                log.error("session %s: the turn ended but its history was not saved: %s", self.session_id[:8], error)
+
+    async def _interrupt_last(self, last: _ActiveTurn, played_ms: int | None) -> None:
         """Interrupt a turn that ended on the server while the client may still be hearing it."""
         dropped = self._events.purge(last.turn.turn_id)
         unsent_end = next((e for e in dropped if isinstance(e, TurnEnded)), None)
@@ -337,6 +347,7 @@ class Session:
             self._events.put_control(
                 TurnEnded(last.turn.turn_id, TurnEndReason.INTERRUPTED, spoken, last.stats, unsent_end.error)
             )
+        await self._persist()
 
     def _stats_of(self, turn_id: str) -> TurnStats | None:
         for candidate in reversed(self._recent):

@@ -1,0 +1,80 @@
+"""Where sessions live between streams: the interface the session uses, and the stored values.
+
+A store keeps each session's settings and history under its id, expires it after an idle time, and
+knows which stream owns it: :meth:`SessionStore.claim` makes the caller the owner and tells the
+previous owner (on any replica) that it lost the session; :meth:`SessionStore.save` writes only while
+the caller still owns it, so two streams never interleave turns in one history.
+Implementations live in ``service.stores``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from service.core.history import Entry
+
+__all__ = ["Claim", "SessionStore", "StoredSession"]
+
+
+@dataclass
+class StoredSession:
+    """What a session keeps between streams."""
+
+    session_id: str
+    system_prompt: str
+    voice: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    entries: list[Entry] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> StoredSession:
+        entries = [Entry(e["role"], e["content"], bool(e.get("interrupted", False))) for e in data.get("entries", [])]
+        return StoredSession(
+            session_id=data["session_id"],
+            system_prompt=data["system_prompt"],
+            voice=data["voice"],
+            temperature=data.get("temperature"),
+            max_tokens=data.get("max_tokens"),
+            entries=entries,
+        )
+
+
+@dataclass
+class Claim:
+    """A stream's ownership of a session. ``lost`` is set when another stream takes it over."""
+
+    session_id: str
+    token: str
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SessionStore(Protocol):
+    """Keeps sessions. Every method is safe to cancel and raises
+    :class:`service.errors.StoreUnavailable` when the store cannot be reached."""
+
+    async def create(self, session: StoredSession) -> Claim:
+        """Store a new session and claim it."""
+        ...
+
+    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+        """Load a session and claim it (taking it over from any stream that holds it); None if it
+        does not exist or has expired."""
+        ...
+
+    async def save(self, session: StoredSession, claim: Claim) -> bool:
+        """Write the session (and renew its expiry) if ``claim`` still owns it; False if it does not."""
+        ...
+
+    async def release(self, claim: Claim) -> None:
+        """The stream is done with the session (it stays stored until it expires)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's connections."""
+        ...

@@ -1,0 +1,1 @@
+"""Session stores: memory (default) and redis, one file each."""

@@ -1,0 +1,158 @@
+"""The ``redis`` session store: sessions shared by every replica (redis-py asyncio).
+
+Keys, under a configurable prefix (``parley`` by default), all expiring with the session:
+
+- ``{prefix}:session:{id}``: the session as JSON (settings and history), written when a turn ends;
+- ``{prefix}:session:{id}:owner``: the token of the stream that owns the session.
+
+Taking a session over sets the owner key and publishes the new token on
+``{prefix}:takeover:{id}``; every replica listens (one pattern subscription each) and tells its
+stream that lost the session. Writes check the owner in a Lua script, so a stream that lost its
+session can no longer write to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from service.core.store import Claim, StoredSession
+from service.errors import StoreUnavailable
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: session, owner. ARGV: token, json, ttl. Write only while the token owns the session.
+_SAVE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+class RedisStore:
+    """Sessions in Redis. Create, then ``await start()``."""
+
+    def __init__(self, url: str, *, prefix: str = "parley", ttl_s: float = 3600.0) -> None:
+        self._redis = redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+        self._url = url
+        self._prefix = prefix
+        self._ttl = max(1, round(ttl_s))
+        self._claims: dict[str, Claim] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._save = self._redis.register_script(_SAVE)
+
+    async def start(self) -> RedisStore:
+        """Check the connection and start listening for takeovers. Raises StoreUnavailable."""
+        try:
+            await self._redis.ping()
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            await pubsub.psubscribe(f"{self._prefix}:takeover:*")
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        self._listener = asyncio.create_task(self._listen(pubsub), name="redis takeover listener")
+        return self
+
+    async def create(self, session: StoredSession) -> Claim:
+        claim = Claim(session.session_id, secrets.token_hex(16))
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(session.session_id), json.dumps(session.to_json()), ex=self._ttl)
+                pipe.set(self._owner(session.session_id), claim.token, ex=self._ttl)
+                await pipe.execute()
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        self._hold(claim)
+        return claim
+
+    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+        claim = Claim(session_id, secrets.token_hex(16))
+        try:
+            data = await self._redis.get(self._key(session_id))
+            if data is None:
+                return None
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.expire(self._key(session_id), self._ttl)
+                pipe.set(self._owner(session_id), claim.token, ex=self._ttl)
+                pipe.publish(self._channel(session_id), claim.token)
+                await pipe.execute()
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        self._hold(claim)
+        return StoredSession.from_json(json.loads(data)), claim
+
+    async def save(self, session: StoredSession, claim: Claim) -> bool:
+        keys = [self._key(session.session_id), self._owner(session.session_id)]
+        try:
+            written = await self._save(keys=keys, args=[claim.token, json.dumps(session.to_json()), self._ttl])
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        if not written:
+            claim.lost.set()
+        return bool(written)
+
+    async def release(self, claim: Claim) -> None:
+        if self._claims.get(claim.session_id) is claim:
+            del self._claims[claim.session_id]
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._redis.aclose()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _hold(self, claim: Claim) -> None:
+        previous = self._claims.get(claim.session_id)
+        if previous is not None:
+            previous.lost.set()  # taken over on this very replica
+        self._claims[claim.session_id] = claim
+
+    async def _listen(self, pubsub: redis.client.PubSub) -> None:
+        """Tell local streams when another stream (on any replica) took their session over."""
+        channel_prefix = f"{self._prefix}:takeover:"
+        try:
+            while True:
+                try:
+                    async for message in pubsub.listen():
+                        session_id = str(message["channel"]).removeprefix(channel_prefix)
+                        claim = self._claims.get(session_id)
+                        if claim is not None and claim.token != message["data"]:
+                            claim.lost.set()
+                            del self._claims[session_id]
+                except RedisError as error:
+                    log.warning("lost the Redis takeover subscription (%s); reconnecting", error)
+                    await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(RedisError):
+                await pubsub.aclose()
+
+    def _key(self, session_id: str) -> str:
+        return f"{self._prefix}:session:{session_id}"
+
+    def _owner(self, session_id: str) -> str:
+        return f"{self._prefix}:session:{session_id}:owner"
+
+    def _channel(self, session_id: str) -> str:
+        return f"{self._prefix}:takeover:{session_id}"
+
+    def _unavailable(self, error: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"the session store (Redis at {_safe(self._url)}) is unavailable: {error}")
+
+
+def _safe(url: str) -> str:
+    """The URL without a password."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -1,0 +1,215 @@
+"""The redis session store against a real redis-server, and two service processes sharing it: a
+session started on the first continues on the second after the first is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from service.core.history import Entry
+from service.core.store import StoredSession
+from service.stores.redis_store import RedisStore
+from tests.conftest import start, start_harness, stop_harness, user
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def prefix() -> str:
+    return f"test{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def replicas(redis_url: str, prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one Redis: what two replicas see."""
+    one = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    two = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    yield one, two
+    await one.aclose()
+    await two.aclose()
+
+
+def session(session_id: str = "s1") -> StoredSession:
+    return StoredSession(
+        session_id, "Be brief.", "fake-voice", 0.5, 99, [Entry("user", "Hi"), Entry("assistant", "Yo")]
+    )
+
+
+async def test_every_replica_sees_every_session(replicas: tuple[RedisStore, RedisStore]) -> None:
+    one, two = replicas
+    await one.create(session())
+    resumed = await two.resume("s1")
+    assert resumed is not None
+    assert resumed[0] == session()
+    assert await two.resume("missing") is None
+
+
+async def test_takeover_reaches_the_other_replica_and_fences_its_writes(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = replicas
+    first = await one.create(session())
+    resumed = await two.resume("s1")
+    assert resumed is not None
+    stored, second = resumed
+    await asyncio.wait_for(first.lost.wait(), 5)  # told through pub/sub
+    stale = session()
+    stale.entries.append(Entry("user", "from the old stream"))
+    assert not await one.save(stale, first)  # it can no longer write
+    stored.entries.append(Entry("user", "from the new stream"))
+    assert await two.save(stored, second)
+    again = await one.resume("s1")
+    assert again is not None and again[0].entries[-1].content == "from the new stream"
+
+
+async def test_keys_are_namespaced_and_expire(redis_url: str, prefix: str) -> None:
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=1).start()
+    client = redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.create(session("s2"))
+        keys = sorted(await client.keys(f"{prefix}:*"))
+        assert keys == [f"{prefix}:session:s2", f"{prefix}:session:s2:owner"]
+        ttls = [await client.ttl(k) for k in keys]
+        assert all(0 < ttl <= 1 for ttl in ttls)
+        assert json.loads(await client.get(f"{prefix}:session:s2"))["entries"][1]["content"] == "Yo"
+        await asyncio.sleep(1.3)
+        assert await store.resume("s2") is None
+    finally:
+        await client.aclose()
+        await store.aclose()
+
+
+async def test_service_on_redis_resumes_and_reports_a_dead_store(redis_url: str, prefix: str) -> None:
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    h = await start_harness(store=store)
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        session_id = (await call.read()).session_started.session_id
+        await call.write(user("One?"))
+        while (await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        call.cancel()
+        again = h.stub.Converse()
+        await again.write(start(session_id=session_id))
+        await again.read()
+        await again.write(user("Two?"))
+        while (await again.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        assert [m.content for m in h.llm.requests[-1].messages][1:] == ["One?", h.llm.reply, "Two?"]
+        again.cancel()
+    finally:
+        await stop_harness(h)
+        await store.aclose()
+
+
+async def test_unreachable_redis_is_reported() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    from service.errors import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable, match="the session store .* is unavailable"):
+        await RedisStore(f"redis://:secret@127.0.0.1:{port}/0").start()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_service(port: int, redis_url: str, prefix: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PARLEY_PORT": str(port),
+        "PARLEY_HOST": "127.0.0.1",
+        "PARLEY_SESSION_STORE": "redis",
+        "PARLEY_REDIS_URL": redis_url,
+        "PARLEY_REDIS_PREFIX": prefix,
+        "PARLEY_LLM_MAX_TOKENS": "40",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_listening(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    log, deadline = "", time.monotonic() + 120
+    while "listening" not in log:
+        assert time.monotonic() < deadline, log
+        line = process.stdout.readline()
+        assert line, f"the service exited:\n{log}"
+        log += line
+
+
+async def ask(stub: voice_pb2_grpc.VoiceServiceStub, call: grpc.aio.StreamStreamCall, text: str) -> pb.TurnEnded:
+    await call.write(user(text))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    return response.turn_ended
+
+
+@pytest.mark.embedded
+async def test_session_survives_a_replica_killed_with_sigkill(redis_url: str, prefix: str) -> None:
+    ports = free_port(), free_port()
+    first, second = (start_service(port, redis_url, prefix) for port in ports)
+    try:
+        await asyncio.gather(asyncio.to_thread(wait_listening, first), asyncio.to_thread(wait_listening, second))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+            stub = voice_pb2_grpc.VoiceServiceStub(channel)
+            call = stub.Converse()
+            await call.write(start(system_prompt="You are a helpful assistant."))
+            session_id = (await call.read()).session_started.session_id
+            first_turn = await ask(stub, call, "My name is Ada.")
+            assert first_turn.reason == pb.TURN_END_REASON_COMPLETED
+            first.send_signal(signal.SIGKILL)  # no graceful anything
+            first.wait(timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError):
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+            stub = voice_pb2_grpc.VoiceServiceStub(channel)
+            call = stub.Converse()
+            await call.write(start(session_id=session_id))
+            assert (await call.read()).session_started.session_id == session_id
+            second_turn = await ask(stub, call, "What is my name?")
+            assert second_turn.reason == pb.TURN_END_REASON_COMPLETED, second_turn.error
+            await call.done_writing()
+            await call.code()
+        client = redis.from_url(redis_url, decode_responses=True)
+        stored = json.loads(await client.get(f"{prefix}:session:{session_id}"))
+        await client.aclose()
+        assert stored["system_prompt"] == "You are a helpful assistant."
+        assert [(e["role"], e["content"]) for e in stored["entries"]] == [
+            ("user", "My name is Ada."),
+            ("assistant", first_turn.spoken_text),
+            ("user", "What is my name?"),
+            ("assistant", second_turn.spoken_text),
+        ]
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)

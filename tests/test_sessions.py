@@ -1,0 +1,143 @@
+"""Sessions that outlive a stream (memory store): resume, NOT_FOUND, expiry, takeover, exact history."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from parley.v1 import voice_pb2 as pb
+from service.core.history import INTERRUPTED_NOTE, HistoryLimits
+from service.core.session import SessionDefaults
+from service.core.turn import TurnOptions
+from service.stores.memory import MemoryStore
+from tests.conftest import Harness, interrupt, start, start_harness, stop_harness, user, wait_for
+from tests.fakes import FakeLLM, FakeTTS
+
+
+async def one_turn(call: grpc.aio.StreamStreamCall, text: str) -> pb.TurnEnded:
+    await call.write(user(text))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        assert response is not grpc.aio.EOF
+    return response.turn_ended
+
+
+async def open_stream(harness: Harness, **start_fields: object) -> tuple[grpc.aio.StreamStreamCall, str]:
+    call = harness.stub.Converse()
+    await call.write(start(**start_fields))
+    response = await call.read()
+    return call, response.session_started.session_id
+
+
+async def test_resume_continues_the_conversation(harness: Harness) -> None:
+    first, session_id = await open_stream(harness, system_prompt="Be brief.", voice="fake-voice-2")
+    assert len(session_id) >= 22  # 128+ random bits, URL-safe
+    await one_turn(first, "My name is Ada.")
+    await first.done_writing()
+    await first.code()
+
+    second, resumed_id = await open_stream(harness, session_id=session_id)
+    assert resumed_id == session_id
+    await one_turn(second, "What is my name?")
+    messages = harness.llm.requests[-1].messages
+    assert [m.content for m in messages] == ["Be brief.", "My name is Ada.", harness.llm.reply, "What is my name?"]
+    second.cancel()
+
+
+async def test_resume_keeps_the_voice_unless_asked_otherwise(harness: Harness) -> None:
+    first, session_id = await open_stream(harness, voice="fake-voice-2")
+    first.cancel()
+    again, _ = await open_stream(harness, session_id=session_id)
+    call = harness.stub.Converse()
+    await call.write(start(session_id=session_id))
+    started = (await call.read()).session_started
+    assert started.voice == "fake-voice-2"
+    call.cancel()
+    again.cancel()
+
+
+async def test_unknown_session_is_not_found(harness: Harness) -> None:
+    call = harness.stub.Converse()
+    await call.write(start(session_id="no-such-session"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no session 'no-such-session'" in caught.value.details()
+
+
+async def test_sessions_expire_when_idle() -> None:
+    h = await start_harness(store=MemoryStore(ttl_s=0.3))
+    try:
+        call, session_id = await open_stream(h)
+        call.cancel()
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        await asyncio.sleep(0.4)
+        again = h.stub.Converse()
+        await again.write(start(session_id=session_id))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await again.read()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await stop_harness(h)
+
+
+async def test_second_stream_takes_over_and_the_first_ends_clearly() -> None:
+    h = await start_harness(FakeLLM(reply="A slow reply. " * 20, token_s=0.02), FakeTTS())
+    try:
+        first, session_id = await open_stream(h)
+        await first.write(user("Talk."))
+        await first.read()
+        second, _ = await open_stream(h, session_id=session_id)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await first.read() is not grpc.aio.EOF:
+                pass
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+        assert f"session {session_id} was resumed by another stream" in caught.value.details()
+        await wait_for(lambda: h.llm.open_streams == 0)  # the first stream's turn was stopped
+        h.llm.reply = "Short."
+        ended = await one_turn(second, "Now here.")
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED
+        second.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_interrupted_reply_is_stored_cut_and_marked() -> None:
+    h = await start_harness(
+        FakeLLM(reply="Right, this answer is long. " + "It keeps going. " * 30, token_s=0.01),
+        FakeTTS(chunk_s=0.05, chunks=5),
+    )
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(user("Tell me everything."))
+        audio = 0
+        while audio < 12:
+            audio += (await call.read()).WhichOneof("kind") == "audio"
+        await call.write(interrupt(played_ms=800))
+        while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        assert response.turn_ended.spoken_text == "Right, this"
+        call.cancel()
+        # A new stream on the same session: the LLM sees the cut reply, marked as cut.
+        h.llm.reply = "Sorry."
+        again, _ = await open_stream(h, session_id=session_id)
+        await one_turn(again, "Go on.")
+        assert h.llm.requests[-1].messages[-2].content == f"Right, this {INTERRUPTED_NOTE}"
+        again.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_history_is_capped_but_the_system_prompt_stays() -> None:
+    defaults = SessionDefaults(turn=TurnOptions(chunk_ms=100), history=HistoryLimits(max_turns=2))
+    h = await start_harness(FakeLLM(reply="Ok."), defaults=defaults)
+    try:
+        call, _ = await open_stream(h, system_prompt="Stay.")
+        for n in range(4):
+            await one_turn(call, f"q{n}")
+        contents = [m.content for m in h.llm.requests[-1].messages]
+        assert contents == ["Stay.", "q1", "Ok.", "q2", "Ok.", "q3"]
+        call.cancel()
+    finally:
+        await stop_harness(h)
