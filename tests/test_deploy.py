@@ -1,0 +1,79 @@
+"""The Dockerfile and the Kubernetes manifest agree with the code: real settings, real ports, real
+health service names, a grace period that lets streams drain, Redis where replicas share sessions.
+(No Docker engine or cluster runs here; these checks read the files.)"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.config import Settings
+from service.server import SERVICE_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {f"PARLEY_{name.upper()}" for name in Settings.model_fields}
+BRIDGE_SETTINGS = {"PARLEY_BRIDGE_HOST", "PARLEY_BRIDGE_PORT", "PARLEY_GRPC_TARGET", "PARLEY_BRIDGE_ALLOWED_ORIGINS"}
+
+
+def manifest() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()) if doc]
+
+
+def parley_deployment() -> dict[str, Any]:
+    return next(d for d in manifest() if d["kind"] == "Deployment" and d["metadata"]["name"] == "parley")
+
+
+def test_manifest_env_is_made_of_real_settings_that_validate() -> None:
+    container = parley_deployment()["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= SETTINGS, set(env) - SETTINGS
+    settings = Settings(**{k.removeprefix("PARLEY_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+    assert settings.session_store == "redis"  # several replicas share sessions
+    assert container["args"][0] in scripts()
+
+
+def test_ports_probes_and_grace_period_match_the_service() -> None:
+    deployment = parley_deployment()
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env.get("PARLEY_PORT", Settings.model_fields["port"].default))
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        grpc_probe = container[probe]["grpc"]
+        assert grpc_probe["port"] == port
+        assert grpc_probe.get("service", "") in ("", SERVICE_NAME)  # the names the server reports
+    grace = float(env.get("PARLEY_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
+    assert pod["terminationGracePeriodSeconds"] > grace
+    assert deployment["spec"]["replicas"] > 1
+
+
+def test_redis_url_points_at_the_redis_service() -> None:
+    env = {e["name"]: e["value"] for e in parley_deployment()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    host, port = re.match(r"redis://([^:/]+):(\d+)/", env["PARLEY_REDIS_URL"]).groups()  # type: ignore[union-attr]
+    service = next(d for d in manifest() if d["kind"] == "Service" and d["metadata"]["name"] == host)
+    assert service["spec"]["ports"][0]["port"] == int(port)
+    grpc_service = next(d for d in manifest() if d["kind"] == "Service" and d["metadata"]["name"] == "parley")
+    assert grpc_service["spec"]["clusterIP"] == "None"  # headless, for per-call balancing
+
+
+def scripts() -> set[str]:
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def test_dockerfile_matches_the_code() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    env_names = set(re.findall(r"\b(PARLEY_[A-Z_]+)=", dockerfile))
+    assert env_names <= SETTINGS | BRIDGE_SETTINGS, env_names - SETTINGS - BRIDGE_SETTINGS
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M) for p in line.split()}
+    assert exposed == {50051, 8080}
+    assert re.search(r"PARLEY_PORT=50051", dockerfile) and re.search(r"PARLEY_BRIDGE_PORT=8080", dockerfile)
+    command = re.search(r'^CMD \["([^"]+)"\]', dockerfile, re.M)
+    assert command is not None and command.group(1) in scripts()
+    for copied in re.findall(r"^COPY (?!--)(\S+) ", dockerfile, re.M):
+        assert (ROOT / copied).exists(), copied
+    assert "parley-bridge" in scripts()
