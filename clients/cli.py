@@ -116,7 +116,7 @@ class Conversation:
         if not self._args.json:
             where = "playing on the sound device" if self.player else "no sound device: replies are saved as WAV"
             status(
-                f"[session {started.session_id[:8]}: voice {started.voice}, {self.sample_rate} Hz, "
+                f"[session {started.session_id}: voice {started.voice}, {self.sample_rate} Hz, "
                 f"{started.llm_engine} + {started.tts_engine}; {where}]"
             )
         self.started.set()
@@ -222,6 +222,7 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
 
 async def run(args: argparse.Namespace) -> int:
     start = pb.Start(
+        session_id=args.session,
         voice=args.voice,
         system_prompt=args.system,
         audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=args.rate),
@@ -252,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("PARLEY_SERVER", "localhost:50051"),
         help="service address (env PARLEY_SERVER; default localhost:50051)",
     )
+    parser.add_argument("--session", default="", help="resume this session (the id a previous run printed)")
     parser.add_argument("--voice", default="", help="voice id (default: the server's; see ListVoices)")
     parser.add_argument("--rate", type=int, default=0, help="sample rate in Hz, 8000-48000 (default: the voice's)")
     parser.add_argument("--system", default="", help="system prompt (default: the server's)")

@@ -206,3 +206,17 @@ def test_live_player_plays_stops_and_measures() -> None:
     player.stop_now()
     assert stream.aborted == 1
     player.close()
+
+
+async def test_session_option_resumes_a_conversation(harness: Harness, tmp_path: Path) -> None:
+    import re
+
+    server = f"127.0.0.1:{harness.running.port}"
+    code, _, stderr = await run_script("--server", server, "--no-play", "My name is Ada.", cwd=tmp_path)
+    assert code == 0, stderr
+    session_id = re.search(r"\[session (\S+):", stderr).group(1)  # type: ignore[union-attr]
+    code, _, stderr = await run_script("--server", server, "--session", session_id, "Who am I?", cwd=tmp_path)
+    assert code == 0, stderr
+    assert [m.content for m in harness.llm.requests[-1].messages][1:3] == ["My name is Ada.", harness.llm.reply]
+    code, _, stderr = await run_script("--server", server, "--session", "nope", "Hi?", cwd=tmp_path)
+    assert code == 1 and "NOT_FOUND" in stderr and "no session 'nope'" in stderr
