@@ -53,7 +53,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) -m benchmarks.first_audio
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

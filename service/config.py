@@ -31,8 +31,15 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
-    llm: Literal["local", "openai"] = Field("local", description="LLM engine: local (embedded) or openai.")
-    tts: Literal["piper", "openai"] = Field("piper", description="TTS engine: piper (embedded) or openai.")
+    llm: Literal["local", "openai", "scripted"] = Field(
+        "local", description="LLM engine: local (embedded), openai, or scripted (fixed latency, for benchmarks)."
+    )
+    tts: Literal["piper", "openai", "scripted"] = Field(
+        "piper", description="TTS engine: piper (embedded), openai, or scripted (fixed latency, for benchmarks)."
+    )
+    scripted_profile: Literal["cloud", "quick"] = Field(
+        "cloud", description="Latency profile of the scripted engines (see service/engines/scripted.py)."
+    )
     llm_model_path: Path | None = Field(
         None, description="GGUF model for the local LLM. Default: Gemma 3 270M from its PyPI package."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from service.core.events import Event, SessionStarted
+from service.core.events import AudioChunk, Event, SessionStarted
 
 __all__ = ["EventQueue"]
 
@@ -54,6 +54,26 @@ class EventQueue:
         self._items = collections.deque(kept)
         self._update()
         return dropped
+
+    def take_audio(self, turn_id: str, segment_index: int, max_ms: float) -> list[AudioChunk]:
+        """Remove and return the audio chunks at the head of the queue that continue this segment,
+        up to ``max_ms`` of audio in all."""
+        taken: list[AudioChunk] = []
+        while self._items:
+            head = self._items[0]
+            if not (
+                isinstance(head, AudioChunk)
+                and head.turn_id == turn_id
+                and head.segment_index == segment_index
+                and head.duration_ms <= max_ms
+            ):
+                break
+            max_ms -= head.duration_ms
+            taken.append(head)
+            self._items.popleft()
+        if taken:
+            self._update()
+        return taken
 
     def close(self) -> None:
         """No more events will be added; :meth:`get` returns None once the queue is drained."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -54,6 +55,7 @@ class _ActiveTurn:
     """Where a speak turn's deltas go; None once flushed (and for LLM turns)."""
     speak_chars: int = 0
     finished: bool = False
+    sent_audio_messages: int = 0
     reply_recorded: bool = False
     """The turn's reply is the last assistant message of the history."""
     task: asyncio.Task[None] | None = None
@@ -94,6 +96,7 @@ class Session:
         self._opened: Opened | None = None
         self._claimed = asyncio.Event()
         self._persisting = asyncio.Lock()
+        self._max_merge_ms = float(defaults.turn.chunk_ms)
         self._events = EventQueue(defaults.buffered_events)
         self._started = False
         self._conversation = Conversation("")
@@ -231,8 +234,26 @@ class Session:
     # -- the transport's side ----------------------------------------------------------------------
 
     async def next_event(self) -> Event | None:
-        """The next event to send, or None when the stream is over. Safe to cancel."""
-        return await self._events.get()
+        """The next event to send, or None when the stream is over. Safe to cancel.
+
+        Audio of one segment that queued up while the transport was busy leaves as one message (up to
+        the longest audio message), so a loaded server sends fewer, larger messages; an idle one sends
+        each chunk as soon as it exists. Audio messages are numbered here, gap-free per turn.
+        """
+        event = await self._events.get()
+        if not isinstance(event, AudioChunk):
+            return event
+        following = self._events.take_audio(event.turn_id, event.segment_index, self._max_merge_ms - event.duration_ms)
+        active = self._turn_of(event.turn_id)
+        sequence = 0
+        if active is not None:
+            sequence, active.sent_audio_messages = active.sent_audio_messages, active.sent_audio_messages + 1
+        return dataclasses.replace(
+            event,
+            data=b"".join([event.data, *(e.data for e in following)]),
+            duration_ms=event.duration_ms + sum(e.duration_ms for e in following),
+            sequence=sequence,
+        )
 
     def mark_sent(self, event: Event) -> None:
         """Record that ``event`` is being handed to the transport (call before writing it)."""
@@ -350,9 +371,13 @@ class Session:
         await self._persist()
 
     def _stats_of(self, turn_id: str) -> TurnStats | None:
+        active = self._turn_of(turn_id)
+        return None if active is None else active.stats
+
+    def _turn_of(self, turn_id: str) -> _ActiveTurn | None:
         for candidate in reversed(self._recent):
             if candidate.turn.turn_id == turn_id:
-                return candidate.stats
+                return candidate
         return None
 
     def _require_started(self, what: str) -> None:

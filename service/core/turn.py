@@ -10,12 +10,15 @@ runs the same under a gRPC servicer and in a plain test.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+import numpy as np
 
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
 from service.core.engine import LLMUsage, TTSEngine
@@ -55,6 +58,30 @@ class TurnOptions:
     segments: SegmentPolicy = SegmentPolicy()
 
 
+class _AudioBuffer:
+    """A segment's audio on its way out: pieces, then _END or an error. One reader."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[object] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: object) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> object:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def peek(self) -> object | None:
+        return self._items[0] if self._items else None
+
+    def get_nowait(self) -> object:
+        return self._items.popleft()
+
+
 @dataclass
 class _Pending:
     """A segment on its way out: its synthesis task and the audio it produced so far."""
@@ -62,7 +89,7 @@ class _Pending:
     index: int
     segment: TextSegment
     spoken: str
-    audio: asyncio.Queue[object]
+    audio: _AudioBuffer
     task: asyncio.Task[None] | None = None
 
 
@@ -152,7 +179,7 @@ class Turn:
         if self._stats.first_segment is None:
             self._stats.first_segment = time.monotonic()
         await slots.acquire()
-        item = _Pending(len(pending), segment, speakable(segment.text), asyncio.Queue())
+        item = _Pending(len(pending), segment, speakable(segment.text), _AudioBuffer())
         if item.spoken:
             item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
         else:
@@ -191,13 +218,37 @@ class Turn:
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            while (piece := await item.audio.get()) is not _END:
-                if isinstance(piece, BaseException):
-                    raise piece
-                await self._emit_audio(item.index, piece)  # type: ignore[arg-type]
-                spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
+            finished = False
+            while not finished:
+                batch, finished, error = self._batch(await item.audio.get(), item.audio)
+                if batch:
+                    await self._emit_audio(item.index, batch[0] if len(batch) == 1 else np.concatenate(batch))
+                    spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
+                if error is not None:
+                    raise error
             spoken.complete = True
             slots.release()
+
+    def _batch(self, first: object, audio: _AudioBuffer) -> tuple[list[np.ndarray], bool, BaseException | None]:
+        """The audio pieces ready now, up to one message's worth: a single piece when the sender keeps
+        up, several when synthesis ran ahead (fewer, larger messages under load; no added delay).
+        Returns the pieces, whether the segment ended, and its error if it failed."""
+        limit = max(1, self._format.sample_rate_hz * self._options.chunk_ms // 1000)
+        batch: list[np.ndarray] = []
+        size = 0
+        piece = first
+        while True:
+            if piece is _END:
+                return batch, True, None
+            if isinstance(piece, BaseException):
+                return batch, True, piece
+            assert isinstance(piece, np.ndarray)
+            batch.append(piece)
+            size += len(piece)
+            head = audio.peek()
+            if head is None or size >= limit or (isinstance(head, np.ndarray) and size + len(head) > limit):
+                return batch, False, None  # nothing more ready, or it would overfill the message
+            piece = audio.get_nowait()
 
     async def _emit_audio(self, segment_index: int, samples: object) -> None:
         data = samples.astype("<i2").tobytes()  # type: ignore[attr-defined]

@@ -37,6 +37,10 @@ def load_engines(settings: Settings) -> tuple[LLMEngine, TTSEngine]:
 
 
 def _load_llm(settings: Settings) -> LLMEngine:
+    if settings.llm == "scripted":
+        from service.engines.scripted import PROFILES, ScriptedLLM
+
+        return ScriptedLLM(PROFILES[settings.scripted_profile], settings.scripted_profile)
     if settings.llm == "openai":
         from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
 
@@ -58,6 +62,10 @@ def _load_llm(settings: Settings) -> LLMEngine:
 
 
 def _load_tts(settings: Settings) -> TTSEngine:
+    if settings.tts == "scripted":
+        from service.engines.scripted import PROFILES, ScriptedTTS
+
+        return ScriptedTTS(PROFILES[settings.scripted_profile])
     if settings.tts == "openai":
         from service.engines.openai_tts import OpenAITTS, OpenAITTSOptions
 

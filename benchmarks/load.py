@@ -1,0 +1,221 @@
+"""Load and streaming measurements through the real gRPC path, against a service process on loopback
+running the scripted engines (known latency), so that the ideal first-audio time is computable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from service.core.normalizer import speakable
+from service.core.segmenter import Segmenter
+from service.engines.scripted import PROFILES, ScriptedLLM, ScriptedTTS, reply_for, tokens_of
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ideal_first_audio_ms(profile_name: str, message: str) -> float:
+    """First token, plus the tokens until the segmenter releases the first segment, plus the TTS's
+    first-audio delay: what an overhead-free service would achieve with this profile."""
+    profile = PROFILES[profile_name]
+    tokens = tokens_of(reply_for(message))
+    segmenter = Segmenter()
+    released_at = len(tokens) - 1  # at the latest, the end of the stream releases it
+    for index, token in enumerate(tokens):
+        if segmenter.push(token):
+            released_at = index
+            break
+    return (profile.first_token_s + released_at / profile.tokens_per_s + profile.tts_first_audio_s) * 1000
+
+
+@dataclass
+class ServiceProcess:
+    """``python -m service`` on the scripted engines, on a free loopback port."""
+
+    profile: str
+    max_streams: int
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def __enter__(self) -> ServiceProcess:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "PARLEY_HOST": "127.0.0.1",
+            "PARLEY_PORT": str(self.port),
+            "PARLEY_LLM": "scripted",
+            "PARLEY_TTS": "scripted",
+            "PARLEY_SCRIPTED_PROFILE": self.profile,
+            "PARLEY_MAX_STREAMS": str(self.max_streams),
+            "PARLEY_LOG_LEVEL": "WARNING",
+        }
+        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_ready(self, timeout_s: float = 60) -> None:
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the service did not become ready")
+                await asyncio.sleep(0.1)
+
+    def rss_mb(self) -> float:
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_s(self) -> float:
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/stat", encoding="utf-8") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Turn:
+    message: str
+    first_audio_ms: float
+    server_first_audio_ms: int
+    audio_messages: int
+    in_order: bool
+    reason: str
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    turns: list[Turn] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    peak_streams: int = 0
+    rss_idle_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+
+async def _stream(
+    target: str, message: str, turns: int, ready: asyncio.Barrier, result: LoadResult, live: list[int], deadline: float
+) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
+        await call.write(pb.ConverseRequest(start=pb.Start()))
+        await call.read()
+        await ready.wait()
+        live[0] += 1
+        result.peak_streams = max(result.peak_streams, live[0])
+        try:
+            for _ in range(turns):
+                if time.monotonic() > deadline:
+                    break
+                result.turns.append(await _turn(call, message))
+                await asyncio.sleep(random.uniform(0, 0.3))  # a listener's pause before the next turn
+        finally:
+            live[0] -= 1
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+
+async def _turn(call: grpc.aio.StreamStreamCall, message: str) -> Turn:
+    sent = time.perf_counter()
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text=message)))
+    first_audio = None
+    expected_sequence, last_segment, count, in_order = 0, 0, 0, True
+    while True:
+        response = await call.read()
+        kind = response.WhichOneof("kind")
+        if kind == "audio":
+            if first_audio is None:
+                first_audio = (time.perf_counter() - sent) * 1000
+            audio = response.audio
+            in_order &= audio.sequence == expected_sequence and audio.segment_index >= last_segment
+            expected_sequence, last_segment, count = audio.sequence + 1, audio.segment_index, count + 1
+        elif kind == "turn_ended":
+            ended = response.turn_ended
+            return Turn(
+                message,
+                first_audio if first_audio is not None else float("nan"),
+                ended.timings.first_audio_ms,
+                count,
+                in_order,
+                pb.TurnEndReason.Name(ended.reason),
+            )
+
+
+async def run_load(service: ServiceProcess, concurrency: int, turns: int, message: str, deadline: float) -> LoadResult:
+    """``concurrency`` streams, each doing ``turns`` turns, started together."""
+    result = LoadResult(concurrency)
+    result.rss_idle_mb = service.rss_mb()
+    cpu_before, began = service.cpu_s(), time.perf_counter()
+    ready = asyncio.Barrier(concurrency)
+    live = [0]
+    sampling = True
+
+    async def sample_rss() -> None:
+        while sampling:
+            result.rss_peak_mb = max(result.rss_peak_mb, service.rss_mb())
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample_rss())
+    outcomes = await asyncio.gather(
+        *(_stream(service.target, message, turns, ready, result, live, deadline) for _ in range(concurrency)),
+        return_exceptions=True,
+    )
+    sampling = False
+    await sampler
+    result.errors = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]
+    result.cpu_s = service.cpu_s() - cpu_before
+    result.wall_s = time.perf_counter() - began
+    return result
+
+
+async def sequential_first_audio_ms(profile_name: str, message: str) -> float:
+    """The naive service: wait for the whole LLM reply, synthesize it whole, then send it."""
+    from service.core.engine import LLMRequest, Message
+
+    profile = PROFILES[profile_name]
+    llm, tts = ScriptedLLM(profile, profile_name), ScriptedTTS(profile)
+    began = time.perf_counter()
+    text = "".join(
+        [t async for t in llm.stream(LLMRequest((Message("user", message),), 0.7, 1000)) if isinstance(t, str)]
+    )
+    audio = [chunk async for chunk in tts.synthesize(speakable(text), "scripted")]
+    assert audio
+    return (time.perf_counter() - began) * 1000

@@ -1,0 +1,195 @@
+"""The benchmark report: Markdown tables and a PNG chart of the first-audio distributions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.embedded import EmbeddedTurn
+from benchmarks.load import LoadResult
+
+TARGETS = "overhead p50 ≤ 5 ms and p99 ≤ 30 ms at 200 streams; streaming ≥ 8× sooner on the long reply; "
+TARGETS += "embedded first audio p50 ≤ 800 ms with TTS faster than real time; ≤ 1 MB per active stream"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return float("nan")
+    rank = p / 100 * (len(ordered) - 1)
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class Report:
+    machine: str
+    date: str
+    commit: str
+    command: str
+    profile: str
+    turns: int
+    loads: list[tuple[LoadResult, float]] = field(default_factory=list)
+    streams: list[tuple[str, list[float], list[float]]] = field(default_factory=list)
+    embedded: list[EmbeddedTurn] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add_load(self, result: LoadResult, ideal_ms: float) -> None:
+        self.loads.append((result, ideal_ms))
+
+    def add_streaming(self, kind: str, streamed: list[float], sequential: list[float]) -> None:
+        self.streams.append((kind, streamed, sequential))
+
+    def add_embedded(self, rows: list[EmbeddedTurn]) -> None:
+        self.embedded = rows
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def write(self, path: Path, chart: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        drew = self._chart(chart)
+        lines = [
+            "# Parley benchmark results",
+            "",
+            f"- **Date:** {self.date}",
+            f"- **Machine:** {self.machine}",
+            f"- **Commit:** {self.commit}",
+            f"- **Command:** `{self.command}`",
+            f"- **Scripted profile:** `{self.profile}` (`service/engines/scripted.py`); {self.turns} turns per stream",
+            f"- **Targets:** {TARGETS}",
+            "",
+        ]
+        lines += self._overhead() + self._streaming() + self._embedded() + self._capacity()
+        if drew:
+            lines += ["## First-audio distributions", "", f"![first audio]({chart.name})", ""]
+        if self.notes:
+            lines += ["## Notes", "", *(f"- {n}" for n in self.notes), ""]
+        path.write_text("\n".join(lines))
+
+    def _overhead(self) -> list[str]:
+        if not self.loads:
+            return []
+        rows = [
+            "## 1. Service overhead on time to first audio",
+            "",
+            "Measured at the client (send `user_text` → first `audio` message received, through gRPC on "
+            "loopback, service in its own process) minus the ideal first audio the profile allows "
+            f"({self.loads[0][1]:.0f} ms for the reply used). Server-side: the service's own `first_audio_ms` "
+            "minus the same ideal.",
+            "",
+            "| streams | turns | overhead p50 | p95 | p99 | server-side p50 | p99 | first audio p50 | failed |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for result, ideal in self.loads:
+            client = [t.first_audio_ms - ideal for t in result.turns]
+            server = [t.server_first_audio_ms - ideal for t in result.turns]
+            failed = len(result.errors) + sum(t.reason != "TURN_END_REASON_COMPLETED" for t in result.turns)
+            rows.append(
+                f"| {result.concurrency} | {len(result.turns)} | {percentile(client, 50):.1f} ms "
+                f"| {percentile(client, 95):.1f} ms | {percentile(client, 99):.1f} ms "
+                f"| {percentile(server, 50):.1f} ms | {percentile(server, 99):.1f} ms "
+                f"| {percentile([t.first_audio_ms for t in result.turns], 50):.0f} ms | {failed} |"
+            )
+        return [*rows, ""]
+
+    def _capacity(self) -> list[str]:
+        if not self.loads:
+            return []
+        rows = [
+            "## 4. Capacity and memory",
+            "",
+            "Resident memory of the service process (VmRSS) before the run and at its peak, sampled every "
+            "100 ms; CPU is the service process's user+system time over the run.",
+            "",
+            "| streams | held at once | RSS idle | RSS peak | per active stream | CPU per turn "
+            "| audio in order, no gaps |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for result, _ in self.loads:
+            per_stream = (result.rss_peak_mb - result.rss_idle_mb) / max(1, result.concurrency)
+            in_order = sum(t.in_order for t in result.turns)
+            rows.append(
+                f"| {result.concurrency} | {result.peak_streams} | {result.rss_idle_mb:.1f} MB | "
+                f"{result.rss_peak_mb:.1f} MB | {per_stream * 1024:.0f} KB | "
+                f"{result.cpu_s * 1000 / max(1, len(result.turns)):.0f} ms | {in_order}/{len(result.turns)} turns |"
+            )
+        return [*rows, ""]
+
+    def _streaming(self) -> list[str]:
+        if not self.streams:
+            return []
+        rows = [
+            "## 2. Streaming versus sequential",
+            "",
+            "Same profile, same replies. Sequential: wait for the whole LLM reply, synthesize it whole, "
+            "then send (the first audio leaves when everything is done).",
+            "",
+            "| reply | Parley first audio (p50) | sequential first audio (p50) | Parley is sooner by |",
+            "|---|---:|---:|---:|",
+        ]
+        for kind, streamed, sequential in self.streams:
+            ours, theirs = statistics.median(streamed), statistics.median(sequential)
+            rows.append(f"| {kind} | {ours:.0f} ms | {theirs:.0f} ms | {theirs / ours:.1f}× |")
+        return [*rows, ""]
+
+    def _embedded(self) -> list[str]:
+        if not self.embedded:
+            return []
+        rows = [
+            "## 3. Embedded engines (Gemma 3 270M on llama.cpp, Piper en_US-joe-medium)",
+            "",
+            "| prompt | first token | first audio | total | speech | tokens/s | TTS RTF |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.embedded:
+            rows.append(
+                f"| {r.prompt} | {r.first_token_ms} ms | {r.first_audio_ms} ms | {r.total_ms} ms | {r.audio_s:.1f} s "
+                f"| {r.tokens_per_s:.0f} | {r.tts_rtf:.2f} |"
+            )
+        rows += ["", "| | p50 | p95 |", "|---|---:|---:|"]
+        for name, values in (
+            ("first token", [float(r.first_token_ms) for r in self.embedded]),
+            ("first audio", [float(r.first_audio_ms) for r in self.embedded]),
+            ("tokens/s", [r.tokens_per_s for r in self.embedded]),
+            ("TTS real-time factor", [r.tts_rtf for r in self.embedded]),
+        ):
+            unit = " ms" if "first" in name else ""
+            rows.append(f"| {name} | {percentile(values, 50):.2f}{unit} | {percentile(values, 95):.2f}{unit} |")
+        return [*rows, ""]
+
+    def _chart(self, path: Path) -> bool:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.note("matplotlib is not installed: no chart")
+            return False
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for result, ideal in self.loads:
+            overhead = sorted(t.first_audio_ms - ideal for t in result.turns if not math.isnan(t.first_audio_ms))
+            if overhead:
+                fractions = [(i + 1) / len(overhead) for i in range(len(overhead))]
+                left.step(overhead, fractions, where="post", label=f"{result.concurrency} streams")
+        left.set(xlabel="first audio − ideal (ms)", ylabel="share of turns", title="Service overhead (CDF)")
+        left.legend(loc="lower right")
+        left.grid(alpha=0.3)
+        if self.streams:
+            kinds = [k for k, _, _ in self.streams]
+            ours = [statistics.median(s) for _, s, _ in self.streams]
+            theirs = [statistics.median(q) for _, _, q in self.streams]
+            positions = range(len(kinds))
+            right.bar([p - 0.2 for p in positions], ours, 0.4, label="Parley (streaming)")
+            right.bar([p + 0.2 for p in positions], theirs, 0.4, label="sequential")
+            right.set_xticks(list(positions), [f"{k} reply" for k in kinds])
+            right.set(ylabel="first audio (ms)", title="Streaming vs sequential (p50)")
+            right.legend()
+            right.grid(axis="y", alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return True

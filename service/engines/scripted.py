@@ -1,0 +1,158 @@
+"""Engines ``scripted``: an LLM and a TTS with fixed, known latency, for benchmarks and load tests.
+
+Because every delay is known, the ideal time to first audio of a turn can be computed, and what a
+benchmark measures beyond it is the service's own overhead. A profile names the delays:
+
+- ``cloud``: the LLM's first token after 350 ms, then 40 tokens/s; the TTS's first audio 200 ms after
+  a segment arrives, then audio made at 0.3 × real time in 40 ms chunks (a typical hosted pair);
+- ``quick``: the same shape ten times faster, for smoke tests.
+
+The reply is a fixed script chosen by the user's message: one containing ``long`` gets a reply of
+about 150 words, ``short`` a single sentence, anything else three sentences. Tokens are words with
+their following space. Audio is a 220 Hz tone, 65 ms per character (about 15 characters a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.engine import Audio, LLMRequest, LLMUsage, Voice
+
+__all__ = ["PROFILES", "SCRIPTS", "LatencyProfile", "ScriptedLLM", "ScriptedTTS", "reply_for", "tokens_of"]
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Fixed delays of a scripted LLM and TTS."""
+
+    first_token_s: float
+    tokens_per_s: float
+    tts_first_audio_s: float
+    tts_real_time_factor: float
+    """Seconds of work per second of audio after the first chunk."""
+    tts_chunk_s: float = 0.04
+
+
+PROFILES = {
+    "cloud": LatencyProfile(first_token_s=0.35, tokens_per_s=40, tts_first_audio_s=0.2, tts_real_time_factor=0.3),
+    "quick": LatencyProfile(first_token_s=0.035, tokens_per_s=400, tts_first_audio_s=0.02, tts_real_time_factor=0.03),
+}
+
+SCRIPTS = {
+    "short": "Sure, the capital of France is Paris.",
+    "medium": (
+        "Sure, here is a quick answer for you. The capital of France is Paris, on the river Seine. "
+        "It is famous for its museums, its cafes and the Eiffel Tower."
+    ),
+    "long": " ".join(
+        [
+            "Well, that is a big question, so let me walk you through it step by step.",
+            "First, the sky looks blue because sunlight is made of many colors mixed together.",
+            "When that light reaches the air, it bumps into tiny molecules of nitrogen and oxygen.",
+            "Short blue waves are scattered much more strongly than long red waves.",
+            "So blue light bounces around the whole sky and reaches your eyes from every direction.",
+            "That is why the sky looks blue on a clear day, even far away from the sun.",
+            "At sunset, the light travels through much more air before it reaches you.",
+            "Most of the blue is scattered away on that long path.",
+            "The reds and oranges are left, and they paint the clouds and the horizon.",
+            "Violet light is scattered even more than blue, but our eyes are less sensitive to it.",
+            "The sun also sends less violet than blue, so the sky looks blue rather than purple.",
+            "On other planets the air is different, so their skies can look very different too.",
+            "Mars, for example, has a dusty sky that looks butterscotch during the day.",
+            "I hope that helps you picture what is happening above us.",
+        ]
+    ),
+}
+
+_MS_PER_CHAR = 65.0
+_RATE = 24000
+
+
+def reply_for(request_text: str) -> str:
+    """The script a user message gets."""
+    lowered = request_text.lower()
+    for name in ("long", "short"):
+        if name in lowered:
+            return SCRIPTS[name]
+    return SCRIPTS["medium"]
+
+
+def tokens_of(text: str) -> list[str]:
+    """The tokens a scripted reply streams: words with their following space."""
+    return re.findall(r"\S+\s*", text)
+
+
+class ScriptedLLM:
+    """Streams a script at the profile's pace."""
+
+    def __init__(self, profile: LatencyProfile, profile_name: str = "cloud") -> None:
+        self._profile = profile
+        self.name = f"scripted/{profile_name}"
+
+    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+        """Yield the script's tokens on schedule. Safe to cancel."""
+        return self._stream(request)
+
+    async def _stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+        tokens = tokens_of(reply_for(request.messages[-1].content))[: request.max_tokens]
+        began = time.monotonic()
+        for index, token in enumerate(tokens):
+            due = began + self._profile.first_token_s + index / self._profile.tokens_per_s
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # on schedule, not drifting
+            yield token
+        yield LLMUsage(sum(len(m.content) for m in request.messages) // 4, len(tokens))
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ScriptedTTS:
+    """Makes tone audio for a text at the profile's pace."""
+
+    def __init__(self, profile: LatencyProfile) -> None:
+        self._profile = profile
+        self.name = "scripted"
+
+    @property
+    def default_voice(self) -> str:
+        return "scripted"
+
+    def voices(self) -> list[Voice]:
+        return [Voice("scripted", "en_US", _RATE, self.name)]
+
+    @staticmethod
+    def duration_s(text: str) -> float:
+        """The audio duration the scripted TTS makes for ``text``."""
+        return len(text) * _MS_PER_CHAR / 1000
+
+    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+        """Yield the text's audio in chunks on schedule. Safe to cancel."""
+        return self._synthesize(text)
+
+    async def _synthesize(self, text: str) -> AsyncIterator[Audio]:
+        profile = self._profile
+        total = int(self.duration_s(text) * _RATE)
+        chunk = int(profile.tts_chunk_s * _RATE)
+        began = time.monotonic()
+        made_s = 0.0
+        for start in range(0, total, chunk):
+            count = min(chunk, total - start)
+            due = began + profile.tts_first_audio_s + made_s * profile.tts_real_time_factor
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            yield Audio(_tone(start, count), _RATE)
+            made_s += count / _RATE
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _tone(start: int, count: int) -> bytes:
+    t = np.arange(start, start + count, dtype=np.float64) / _RATE
+    return (np.sin(2 * math.pi * 220 * t) * 12000).astype("<i2").tobytes()
