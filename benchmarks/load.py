@@ -127,6 +127,7 @@ class LoadResult:
     rss_idle_mb: float = 0.0
     rss_peak_mb: float = 0.0
     cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
     wall_s: float = 0.0
 
 
@@ -138,6 +139,9 @@ async def _stream(
         await call.write(pb.ConverseRequest(start=pb.Start()))
         await call.read()
         await ready.wait()
+        # Arrivals spread over a ramp (10 ms per stream, at most 2 s), as users do not press Enter in
+        # the same millisecond; every turn after the first follows a short pause.
+        await asyncio.sleep(random.uniform(0, min(2.0, 0.01 * ready.parties)))
         live[0] += 1
         result.peak_streams = max(result.peak_streams, live[0])
         try:
@@ -183,7 +187,7 @@ async def run_load(service: ServiceProcess, concurrency: int, turns: int, messag
     """``concurrency`` streams, each doing ``turns`` turns, started together."""
     result = LoadResult(concurrency)
     result.rss_idle_mb = service.rss_mb()
-    cpu_before, began = service.cpu_s(), time.perf_counter()
+    cpu_before, client_before, began = service.cpu_s(), time.process_time(), time.perf_counter()
     ready = asyncio.Barrier(concurrency)
     live = [0]
     sampling = True
@@ -202,6 +206,7 @@ async def run_load(service: ServiceProcess, concurrency: int, turns: int, messag
     await sampler
     result.errors = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]
     result.cpu_s = service.cpu_s() - cpu_before
+    result.client_cpu_s = time.process_time() - client_before
     result.wall_s = time.perf_counter() - began
     return result
 

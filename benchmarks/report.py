@@ -78,7 +78,9 @@ class Report:
             "Measured at the client (send `user_text` → first `audio` message received, through gRPC on "
             "loopback, service in its own process) minus the ideal first audio the profile allows "
             f"({self.loads[0][1]:.0f} ms for the reply used). Server-side: the service's own `first_audio_ms` "
-            "minus the same ideal.",
+            "minus the same ideal. Streams open together, start their first turn spread over a ramp of "
+            "10 ms per stream (at most 2 s), and pause 0 to 300 ms between turns; the load generator is a "
+            "Python process on the same 2 cores.",
             "",
             "| streams | turns | overhead p50 | p95 | p99 | server-side p50 | p99 | first audio p50 | failed |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -102,11 +104,12 @@ class Report:
             "## 4. Capacity and memory",
             "",
             "Resident memory of the service process (VmRSS) before the run and at its peak, sampled every "
-            "100 ms; CPU is the service process's user+system time over the run.",
+            "100 ms; CPU is the service process's user+system time over the run, also shown as a share of "
+            "one core over the run's wall time, beside the load generator's own share (same machine).",
             "",
             "| streams | held at once | RSS idle | RSS peak | per active stream | CPU per turn "
-            "| audio in order, no gaps |",
-            "|---:|---:|---:|---:|---:|---:|---|",
+            "| service CPU | load generator CPU | audio in order, no gaps |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for result, _ in self.loads:
             per_stream = (result.rss_peak_mb - result.rss_idle_mb) / max(1, result.concurrency)
@@ -114,7 +117,9 @@ class Report:
             rows.append(
                 f"| {result.concurrency} | {result.peak_streams} | {result.rss_idle_mb:.1f} MB | "
                 f"{result.rss_peak_mb:.1f} MB | {per_stream * 1024:.0f} KB | "
-                f"{result.cpu_s * 1000 / max(1, len(result.turns)):.0f} ms | {in_order}/{len(result.turns)} turns |"
+                f"{result.cpu_s * 1000 / max(1, len(result.turns)):.0f} ms "
+                f"| {100 * result.cpu_s / result.wall_s:.0f}% | {100 * result.client_cpu_s / result.wall_s:.0f}% "
+                f"| {in_order}/{len(result.turns)} turns |"
             )
         return [*rows, ""]
 

@@ -77,22 +77,26 @@ class SegmentEncoder:
         """The sample rate this encoder expects."""
         return self._in_rate
 
-    def feed(self, pcm: bytes) -> list[np.ndarray]:
-        """Take engine PCM16; return output pieces ready to send (possibly none)."""
-        pcm = self._odd_byte + pcm
+    def feed(self, pcm: bytes) -> list[bytes]:
+        """Take engine PCM16; return output pieces (PCM16 bytes) ready to send (possibly none)."""
+        if self._odd_byte:
+            pcm = self._odd_byte + pcm
         whole = len(pcm) - len(pcm) % 2
         self._odd_byte = pcm[whole:]
-        samples = np.frombuffer(pcm[:whole], dtype="<i2")
-        if self._resampler is not None:
-            samples = self._resampler.resample_chunk(samples, last=False)
-        return self._split(samples)
+        if self._resampler is None:  # the common case stays in bytes: no copies, no numpy
+            return self._split(pcm[:whole] if whole != len(pcm) else pcm)
+        samples = self._resampler.resample_chunk(np.frombuffer(pcm[:whole], dtype="<i2"), last=False)
+        return self._split(samples.astype("<i2").tobytes())
 
-    def finish(self) -> list[np.ndarray]:
+    def finish(self) -> list[bytes]:
         """Release what the resampler still holds. Call once, after the last :meth:`feed`."""
         if self._resampler is None:
             return []
-        return self._split(self._resampler.resample_chunk(np.zeros(0, dtype="<i2"), last=True))
+        tail = self._resampler.resample_chunk(np.zeros(0, dtype="<i2"), last=True)
+        return self._split(tail.astype("<i2").tobytes())
 
-    def _split(self, samples: np.ndarray) -> list[np.ndarray]:
-        size = self._chunk_samples
-        return [samples[i : i + size] for i in range(0, len(samples), size) if len(samples[i : i + size])]
+    def _split(self, pcm: bytes) -> list[bytes]:
+        size = self._chunk_samples * 2
+        if len(pcm) <= size:
+            return [pcm] if pcm else []
+        return [pcm[i : i + size] for i in range(0, len(pcm), size)]

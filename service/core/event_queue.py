@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from service.core.events import AudioChunk, Event, SessionStarted
+from service.core.events import AudioChunk, Event, SessionStarted, TextDelta
 
 __all__ = ["EventQueue"]
 
@@ -70,6 +70,16 @@ class EventQueue:
                 break
             max_ms -= head.duration_ms
             taken.append(head)
+            self._items.popleft()
+        if taken:
+            self._update()
+        return taken
+
+    def take_text(self, turn_id: str) -> list[str]:
+        """Remove and return the caption deltas of ``turn_id`` at the head of the queue."""
+        taken: list[str] = []
+        while self._items and isinstance(head := self._items[0], TextDelta) and head.turn_id == turn_id:
+            taken.append(head.text)
             self._items.popleft()
         if taken:
             self._update()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import logging
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from service.core.audio import AudioFormat, Encoding
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.event_queue import EventQueue
-from service.core.events import AudioChunk, Event, SessionStarted, TurnEnded, TurnEndReason, TurnStats
+from service.core.events import AudioChunk, Event, SessionStarted, TextDelta, TurnEnded, TurnEndReason, TurnStats
 from service.core.history import Conversation, HistoryLimits, heard_text
 from service.core.opening import Opened, StartRequest, open_session
 from service.core.store import SessionStore
@@ -241,6 +240,9 @@ class Session:
         each chunk as soon as it exists. Audio messages are numbered here, gap-free per turn.
         """
         event = await self._events.get()
+        if isinstance(event, TextDelta):
+            following_text = self._events.take_text(event.turn_id)
+            return TextDelta(event.turn_id, "".join([event.text, *following_text])) if following_text else event
         if not isinstance(event, AudioChunk):
             return event
         following = self._events.take_audio(event.turn_id, event.segment_index, self._max_merge_ms - event.duration_ms)
@@ -248,12 +250,11 @@ class Session:
         sequence = 0
         if active is not None:
             sequence, active.sent_audio_messages = active.sent_audio_messages, active.sent_audio_messages + 1
-        return dataclasses.replace(
-            event,
-            data=b"".join([event.data, *(e.data for e in following)]),
-            duration_ms=event.duration_ms + sum(e.duration_ms for e in following),
-            sequence=sequence,
-        )
+        if not following:
+            return AudioChunk(event.turn_id, event.segment_index, sequence, event.data, event.duration_ms)
+        data = b"".join([event.data, *(e.data for e in following)])
+        duration = event.duration_ms + sum(e.duration_ms for e in following)
+        return AudioChunk(event.turn_id, event.segment_index, sequence, data, duration)
 
     def mark_sent(self, event: Event) -> None:
         """Record that ``event`` is being handed to the transport (call before writing it)."""

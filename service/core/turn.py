@@ -18,8 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
-
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
 from service.core.engine import LLMUsage, TTSEngine
 from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
@@ -222,19 +220,19 @@ class Turn:
             while not finished:
                 batch, finished, error = self._batch(await item.audio.get(), item.audio)
                 if batch:
-                    await self._emit_audio(item.index, batch[0] if len(batch) == 1 else np.concatenate(batch))
+                    await self._emit_audio(item.index, batch[0] if len(batch) == 1 else b"".join(batch))
                     spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
                 if error is not None:
                     raise error
             spoken.complete = True
             slots.release()
 
-    def _batch(self, first: object, audio: _AudioBuffer) -> tuple[list[np.ndarray], bool, BaseException | None]:
+    def _batch(self, first: object, audio: _AudioBuffer) -> tuple[list[bytes], bool, BaseException | None]:
         """The audio pieces ready now, up to one message's worth: a single piece when the sender keeps
         up, several when synthesis ran ahead (fewer, larger messages under load; no added delay).
         Returns the pieces, whether the segment ended, and its error if it failed."""
-        limit = max(1, self._format.sample_rate_hz * self._options.chunk_ms // 1000)
-        batch: list[np.ndarray] = []
+        limit = max(2, self._format.sample_rate_hz * self._options.chunk_ms // 1000 * 2)  # bytes
+        batch: list[bytes] = []
         size = 0
         piece = first
         while True:
@@ -242,16 +240,15 @@ class Turn:
                 return batch, True, None
             if isinstance(piece, BaseException):
                 return batch, True, piece
-            assert isinstance(piece, np.ndarray)
+            assert isinstance(piece, bytes)
             batch.append(piece)
             size += len(piece)
             head = audio.peek()
-            if head is None or size >= limit or (isinstance(head, np.ndarray) and size + len(head) > limit):
+            if head is None or size >= limit or (isinstance(head, bytes) and size + len(head) > limit):
                 return batch, False, None  # nothing more ready, or it would overfill the message
             piece = audio.get_nowait()
 
-    async def _emit_audio(self, segment_index: int, samples: object) -> None:
-        data = samples.astype("<i2").tobytes()  # type: ignore[attr-defined]
+    async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
         if self._sequence == 0 and self._format.encoding is Encoding.WAV:
             data = wav_stream_header(self._format.sample_rate_hz) + data
