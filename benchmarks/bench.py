@@ -86,7 +86,7 @@ async def main_async(args: argparse.Namespace) -> Report:
         machine=machine(),
         date=datetime.date.today().isoformat(),
         commit=commit(),
-        command="python -m benchmarks.bench " + " ".join(sys.argv[1:]),
+        command=" ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
         profile=args.profile,
         turns=args.turns,
     )

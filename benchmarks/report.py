@@ -180,7 +180,12 @@ class Report:
             if overhead:
                 fractions = [(i + 1) / len(overhead) for i in range(len(overhead))]
                 left.step(overhead, fractions, where="post", label=f"{result.concurrency} streams")
-        left.set(xlabel="first audio − ideal (ms)", ylabel="share of turns", title="Service overhead (CDF)")
+        left.set_xscale("symlog", linthresh=10)
+        left.set(
+            xlabel="first audio − ideal (ms, log scale past 10)",
+            ylabel="share of turns",
+            title="Service overhead (CDF)",
+        )
         left.legend(loc="lower right")
         left.grid(alpha=0.3)
         if self.streams:
