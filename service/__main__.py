@@ -37,7 +37,7 @@ async def run(settings: Settings) -> None:
         turn=TurnOptions(settings.lookahead_segments, settings.audio_chunk_ms, SegmentPolicy()),
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
-    limits = StreamLimits(settings.max_streams, settings.idle_timeout_s)
+    limits = StreamLimits(settings.max_streams, settings.idle_timeout_s, settings.send_timeout_s)
     try:
         running = await start_server(
             llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits, store=store

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Close a stream after this long with no message and no turn."
     )
     max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="Close a stream whose client reads nothing for this long while replies wait."
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     session_store: Literal["memory", "redis"] = Field(

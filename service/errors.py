@@ -9,6 +9,7 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
     ├── Overloaded            the server holds its maximum number of streams (RESOURCE_EXHAUSTED)
     ├── StoreUnavailable      the session store cannot be reached (UNAVAILABLE)
     ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
+    ├── ClientNotReading      the client stopped reading while replies waited (DEADLINE_EXCEEDED)
     └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
         ├── LLMError
         └── TTSError
@@ -47,6 +48,10 @@ class Overloaded(ParleyError):
 
 class IdleTimeout(ParleyError):
     """No client message (and no turn) for longer than the idle limit."""
+
+
+class ClientNotReading(ParleyError):
+    """The client read nothing for too long while messages waited to be sent."""
 
 
 class EngineError(ParleyError):

@@ -23,6 +23,7 @@ from service.core.events import TurnEnded
 from service.core.session import Session, SessionDefaults
 from service.core.store import SessionStore
 from service.errors import (
+    ClientNotReading,
     IdleTimeout,
     InvalidRequest,
     Overloaded,
@@ -43,6 +44,7 @@ STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ClientNotReading: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -52,6 +54,8 @@ class StreamLimits:
 
     max_streams: int = 100
     idle_timeout_s: float = 600.0
+    send_timeout_s: float = 30.0
+    """A client that reads nothing for this long while messages wait is disconnected."""
 
 
 def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -133,7 +137,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         try:
             while (event := await session.next_event()) is not None:
                 session.mark_sent(event)
-                await context.write(event_to_proto(event))
+                try:
+                    async with asyncio.timeout(self._limits.send_timeout_s):
+                        await context.write(event_to_proto(event))
+                except TimeoutError:
+                    raise ClientNotReading(
+                        f"the client read nothing for {self._limits.send_timeout_s:g} s while replies waited; "
+                        "the stream was closed"
+                    ) from None
                 if isinstance(event, TurnEnded):
                     _log_turn(session.session_id, event)
         finally:

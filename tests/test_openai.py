@@ -325,3 +325,17 @@ def test_connection_settings_and_key_sources(tmp_path: object) -> None:
     assert openai_connection(compatible, {}).api_key == "no-key"
     with pytest.raises(ValueError, match="JSON object"):
         Settings(openai_extra_headers="[1]")  # type: ignore[call-arg]
+
+
+def test_base_url_credentials_never_show_in_errors() -> None:
+    import openai
+
+    from service.engines.openai_client import engine_error
+    from service.errors import LLMError
+
+    conn = OpenAIConnection(api_key="k" * 20, base_url="http://gateway:S3cretPassw0rd@127.0.0.1:9/v1")
+    assert conn.server_name == "the server at http://127.0.0.1:9/v1"
+    request = __import__("httpx2").Request("POST", conn.base_url)
+    error = openai.APIConnectionError(message=f"failed to connect to {conn.base_url}", request=request)
+    message = str(engine_error(error, LLMError, conn, "m"))
+    assert "S3cret" not in message and "cannot reach the server at http://127.0.0.1:9/v1" in message

@@ -81,14 +81,18 @@ async def test_keys_are_namespaced_and_expire(redis_url: str, prefix: str) -> No
     store = await RedisStore(redis_url, prefix=prefix, ttl_s=1).start()
     client = redis.from_url(redis_url, decode_responses=True)
     try:
-        await store.create(session("s2"))
+        claim = await store.create(session("s2"))
         keys = sorted(await client.keys(f"{prefix}:*"))
         assert keys == [f"{prefix}:session:s2", f"{prefix}:session:s2:owner"]
         ttls = [await client.ttl(k) for k in keys]
         assert all(0 < ttl <= 1 for ttl in ttls)
         assert json.loads(await client.get(f"{prefix}:session:s2"))["entries"][1]["content"] == "Yo"
-        await asyncio.sleep(1.3)
+        await asyncio.sleep(2.2)  # held by a stream: not idle, so renewed, not expired
+        assert not claim.lost.is_set() and await client.exists(f"{prefix}:session:s2")
+        await store.release(claim)
+        await asyncio.sleep(1.3)  # let go: now it expires
         assert await store.resume("s2") is None
+        assert await client.keys(f"{prefix}:*") == []
     finally:
         await client.aclose()
         await store.aclose()
@@ -213,3 +217,10 @@ async def test_session_survives_a_replica_killed_with_sigkill(redis_url: str, pr
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             process.communicate(timeout=30)
+
+
+def test_redis_url_password_never_shows() -> None:
+    from service.stores.redis_store import _safe
+
+    assert _safe("redis://:p@ssw0rd-Secret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
+    assert _safe("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

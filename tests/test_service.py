@@ -413,3 +413,27 @@ async def test_reused_turn_id_is_invalid_argument(harness: Harness) -> None:
     error = await rejection(harness.stub, [start(), user("One", turn_id="a"), user("Two", turn_id="a")])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'a' was already used" in error.details()
+
+
+async def test_a_client_that_stops_reading_is_disconnected() -> None:
+    from service.servicer import StreamLimits
+
+    h = await start_harness(
+        FakeLLM(reply="This reply is long enough to fill every buffer on the way. " * 40),
+        FakeTTS(ms_per_char=300),  # about 20 MB of audio: more than any flow-control window holds
+        limits=StreamLimits(send_timeout_s=0.5),
+    )
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Talk, while I do not listen."))
+        # The server gives up on the stream (and stops its work) while the client reads nothing...
+        await wait_for(lambda: h.running.servicer.active_streams == 0 and h.llm.open_streams == 0, timeout_s=20)
+        # ... and says why, after the messages that were already on their way.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "read nothing for 0.5 s" in caught.value.details()
+    finally:
+        await stop_harness(h)

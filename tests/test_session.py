@@ -94,3 +94,26 @@ async def test_llm_that_fails_when_opened_fails_the_turn_only() -> None:
     (ended,) = [e for e in await drain(session) if isinstance(e, TurnEnded)]
     assert ended.reason is TurnEndReason.FAILED and "cannot open the model stream" in ended.error
     await session.aclose()
+
+
+async def test_interrupt_then_a_new_message_keeps_the_played_cut() -> None:
+    # What the page does: interrupt with the milliseconds played, then send the next message at once.
+    llm = FakeLLM(reply="Right, this one is a long answer. " + "It keeps going. " * 20, token_s=0.01)
+    session = Session(llm, FakeTTS(chunk_s=0.02), SessionDefaults(buffered_events=10_000), MemoryStore(60))
+    await session.start(StartRequest())
+    await session.user_text("Talk.")
+    sent: list[Event] = []
+    while sum(isinstance(e, AudioChunk) for e in sent) < 6:
+        event = await session.next_event()
+        assert event is not None
+        session.mark_sent(event)
+        sent.append(event)
+    await session.interrupt(700)
+    await session.user_text("Stop there.")
+    rest = await drain(session)
+    ended = [e for e in rest if isinstance(e, TurnEnded)][0]
+    assert ended.reason is TurnEndReason.INTERRUPTED and ended.spoken_text == "Right, this"
+    assert session._conversation.entries[1].content == "Right, this"
+    # Nothing of the interrupted turn leaves after the interrupt.
+    assert not any(getattr(e, "turn_id", "") == ended.turn_id and not isinstance(e, TurnEnded) for e in rest)
+    await session.aclose()

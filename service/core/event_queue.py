@@ -27,15 +27,17 @@ class EventQueue:
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed = False
+        self._dropped_turns: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._items)
 
     async def put(self, event: Event) -> None:
-        """Queue a turn event, waiting while the queue is full. Safe to cancel."""
+        """Queue a turn event, waiting while the queue is full; events of a purged turn are dropped.
+        Safe to cancel."""
         while len(self._items) >= self._capacity and not self._closed:
             await self._writable.wait()
-        if not self._closed:
+        if not self._closed and getattr(event, "turn_id", None) not in self._dropped_turns:
             self._items.append(event)
             self._update()
 
@@ -46,7 +48,9 @@ class EventQueue:
             self._update()
 
     def purge(self, turn_id: str) -> list[Event]:
-        """Drop every queued event of ``turn_id``; returns them."""
+        """Drop every queued event of ``turn_id``, and any it would still :meth:`put` (control events
+        still pass); returns the dropped ones."""
+        self._dropped_turns.add(turn_id)
         kept: list[Event] = []
         dropped: list[Event] = []
         for event in self._items:

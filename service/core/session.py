@@ -203,8 +203,8 @@ class Session:
             return
         active.finished = True
         self._active = None
+        self._events.purge(active.turn.turn_id)  # nothing more of it leaves, even while it stops
         await _cancel(active)
-        self._events.purge(active.turn.turn_id)
         heard_ms = active.stats.audio_ms_sent if played_ms is None else min(played_ms, active.stats.audio_ms_sent)
         spoken = heard_text(active.turn.text, active.turn.segments, heard_ms)
         await self._finish(active, TurnEndReason.INTERRUPTED, spoken)
@@ -360,6 +360,9 @@ class Session:
         unsent_end = next((e for e in dropped if isinstance(e, TurnEnded)), None)
         if unsent_end is None and played_ms is None:
             return  # everything was sent and the client says nothing of what it played
+        if unsent_end is not None and unsent_end.reason is TurnEndReason.INTERRUPTED and played_ms is None:
+            self._events.put_control(unsent_end)  # already cut to what was heard: keep that
+            return
         heard_ms = last.stats.audio_ms_sent if played_ms is None else min(played_ms, last.stats.audio_ms_sent)
         spoken = heard_text(last.turn.text, last.turn.segments, heard_ms)
         if last.reply_recorded:

@@ -11,6 +11,7 @@ import email.utils
 import re
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 import openai
@@ -41,8 +42,12 @@ class OpenAIConnection:
 
     @property
     def server_name(self) -> str:
-        """How errors name the server."""
-        return "the OpenAI API" if self.is_openai else f"the server at {self.base_url}"
+        """How errors name the server (without any user or password in its URL)."""
+        if self.is_openai or self.base_url is None:
+            return "the OpenAI API"
+        parts = urlsplit(self.base_url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return f"the server at {urlunsplit(parts._replace(netloc=host))}"
 
 
 def make_client(connection: OpenAIConnection) -> openai.AsyncOpenAI:
@@ -63,7 +68,7 @@ def engine_error(error: Exception, kind: type[EngineError], connection: OpenAICo
     server = connection.server_name
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
-        detail = _redact(_detail(error), connection.api_key)
+        detail = _redact(_detail(error), connection.api_key)[:300]
         retry_after = _retry_after_s(error.response.headers)
         if status == 401:
             return kind(f"{server} rejected the API key (401): check OPENAI_API_KEY. {detail}".strip())
@@ -80,10 +85,13 @@ def engine_error(error: Exception, kind: type[EngineError], connection: OpenAICo
         return kind(f"{server} did not answer within {connection.timeout_s:g} s", retryable=True)
     if isinstance(error, openai.APIConnectionError):
         cause = error.__cause__ or error
-        return kind(f"cannot reach {server}: {type(cause).__name__}: {cause}".rstrip(": "), retryable=True)
+        text = _redact(str(cause), connection.api_key)
+        if connection.base_url:
+            text = text.replace(connection.base_url, server.removeprefix("the server at "))
+        return kind(f"cannot reach {server}: {type(cause).__name__}: {text}".rstrip(": "), retryable=True)
     if isinstance(error, (httpx2.TransportError, httpx2.StreamError)):
         return kind(f"the connection to {server} broke: {type(error).__name__}", retryable=True)
-    text = _redact(str(error)[:200], connection.api_key)
+    text = _redact(str(error), connection.api_key)[:200]
     return kind(f"{server} sent data Parley cannot read: {type(error).__name__}: {text}")
 
 
@@ -93,8 +101,8 @@ def _detail(error: openai.APIStatusError) -> str:
         inner = body.get("error")
         message = inner.get("message") if isinstance(inner, dict) else body.get("message")
         if message:
-            return str(message)[:300]
-    return str(error.message)[:300]
+            return str(message)
+    return str(error.message)
 
 
 def _redact(text: str, api_key: str) -> str:

@@ -55,9 +55,11 @@ class MemoryStore:
         return True
 
     async def release(self, claim: Claim) -> None:
+        """Let go; the session's idle time starts now."""
         record = self._records.get(claim.session_id)
         if record is not None and record.owner is claim:
             record.owner = None
+            record.expires = time.monotonic() + self._ttl_s
 
     async def aclose(self) -> None:
         self._records.clear()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import secrets
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -36,6 +37,22 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
+# KEYS: session, owner, channel. ARGV: token, ttl. Read and claim in one step, and announce it.
+_RESUME = """
+local data = redis.call('GET', KEYS[1])
+if not data then return false end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[1])
+return data
+"""
+# KEYS: session, owner. ARGV: token, ttl. Keep a held session alive.
+_RENEW = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 class RedisStore:
@@ -48,7 +65,10 @@ class RedisStore:
         self._ttl = max(1, round(ttl_s))
         self._claims: dict[str, Claim] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._save = self._redis.register_script(_SAVE)
+        self._resume = self._redis.register_script(_RESUME)
+        self._renew = self._redis.register_script(_RENEW)
 
     async def start(self) -> RedisStore:
         """Check the connection and start listening for takeovers. Raises StoreUnavailable."""
@@ -59,6 +79,7 @@ class RedisStore:
         except RedisError as error:
             raise self._unavailable(error) from error
         self._listener = asyncio.create_task(self._listen(pubsub), name="redis takeover listener")
+        self._renewer = asyncio.create_task(self._keep_alive(), name="redis session renewer")
         return self
 
     async def create(self, session: StoredSession) -> Claim:
@@ -75,18 +96,18 @@ class RedisStore:
 
     async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
         claim = Claim(session_id, secrets.token_hex(16))
+        keys = [self._key(session_id), self._owner(session_id), self._channel(session_id)]
         try:
-            data = await self._redis.get(self._key(session_id))
-            if data is None:
+            data = await self._resume(keys=keys, args=[claim.token, self._ttl])
+            if not data:
                 return None
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.expire(self._key(session_id), self._ttl)
-                pipe.set(self._owner(session_id), claim.token, ex=self._ttl)
-                pipe.publish(self._channel(session_id), claim.token)
-                await pipe.execute()
+            self._hold(claim)
+            # A rival may have claimed it between our script and _hold (its announcement then found
+            # no local claim to tell): look once more.
+            if await self._redis.get(self._owner(session_id)) != claim.token:
+                claim.lost.set()
         except RedisError as error:
             raise self._unavailable(error) from error
-        self._hold(claim)
         return StoredSession.from_json(json.loads(data)), claim
 
     async def save(self, session: StoredSession, claim: Claim) -> bool:
@@ -100,15 +121,34 @@ class RedisStore:
         return bool(written)
 
     async def release(self, claim: Claim) -> None:
+        """Let go; the session's idle time starts now."""
         if self._claims.get(claim.session_id) is claim:
             del self._claims[claim.session_id]
+        with contextlib.suppress(RedisError):
+            await self._renew(
+                keys=[self._key(claim.session_id), self._owner(claim.session_id)], args=[claim.token, self._ttl]
+            )
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._redis.aclose()
+
+    async def _keep_alive(self) -> None:
+        """A session a stream holds is not idle: renew its keys well before they would expire."""
+        while True:
+            await asyncio.sleep(max(0.5, self._ttl / 3))
+            for claim in list(self._claims.values()):
+                keys = [self._key(claim.session_id), self._owner(claim.session_id)]
+                try:
+                    if not await self._renew(keys=keys, args=[claim.token, self._ttl]):
+                        claim.lost.set()
+                        self._claims.pop(claim.session_id, None)
+                except RedisError as error:
+                    log.warning("could not renew session %s: %s", claim.session_id[:8], error)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -151,8 +191,8 @@ class RedisStore:
 
 
 def _safe(url: str) -> str:
-    """The URL without a password."""
-    if "@" not in url:
+    """The URL without its user and password."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
         return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
