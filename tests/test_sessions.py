@@ -141,3 +141,13 @@ async def test_history_is_capped_but_the_system_prompt_stays() -> None:
         call.cancel()
     finally:
         await stop_harness(h)
+
+
+async def test_server_turn_ids_go_on_after_a_resume(harness: Harness) -> None:
+    first, session_id = await open_stream(harness)
+    assert (await one_turn(first, "One.")).turn_id == "turn-1"
+    assert (await one_turn(first, "Two.")).turn_id == "turn-2"
+    first.cancel()
+    second, _ = await open_stream(harness, session_id=session_id)
+    assert (await one_turn(second, "Three.")).turn_id == "turn-3"
+    second.cancel()

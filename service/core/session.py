@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -103,7 +102,7 @@ class Session:
         self._format = AudioFormat(Encoding.PCM16, 0)
         self._temperature = defaults.temperature
         self._max_tokens = defaults.max_tokens
-        self._turn_numbers = itertools.count(1)
+        self._turns_started = 0
         self._active: _ActiveTurn | None = None
         self._last: _ActiveTurn | None = None
         self._recent: collections.deque[_ActiveTurn] = collections.deque(maxlen=4)
@@ -133,6 +132,7 @@ class Session:
         self._claimed.set()
         stored = opened.stored
         self.session_id = stored.session_id
+        self._turns_started = stored.turns_started
         self._voice = stored.voice
         self._format = opened.audio
         self._conversation = Conversation(stored.system_prompt, list(stored.entries), self._defaults.history)
@@ -283,7 +283,8 @@ class Session:
         speak_input: asyncio.Queue[str | None] | None = None,
     ) -> _ActiveTurn:
         while not turn_id or turn_id in self._used_turn_ids:
-            turn_id = f"turn-{next(self._turn_numbers)}"
+            self._turns_started += 1
+            turn_id = f"turn-{self._turns_started}"
         self._used_turn_ids.add(turn_id)
         stats = TurnStats()
         turn = Turn(
@@ -349,6 +350,7 @@ class Session:
         async with self._persisting:
             stored = opened.stored
             stored.entries = list(self._conversation.entries)
+            stored.turns_started = self._turns_started
             try:
                 await self._store.save(stored, opened.claim)
             except StoreUnavailable as error:

@@ -28,6 +28,8 @@ class StoredSession:
     temperature: float | None = None
     max_tokens: int | None = None
     entries: list[Entry] = field(default_factory=list)
+    turns_started: int = 0
+    """Turns begun so far, so that server-assigned turn ids go on where the last stream left off."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +44,7 @@ class StoredSession:
             temperature=data.get("temperature"),
             max_tokens=data.get("max_tokens"),
             entries=entries,
+            turns_started=int(data.get("turns_started", 0)),
         )
 
 
