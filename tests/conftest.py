@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -115,15 +119,12 @@ def redis_url() -> Iterator[str]:
     """A real redis-server (Debian's package) on a free loopback port, for the whole test run."""
     import shutil
     import socket
-    import subprocess
     import time
 
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed (make test installs Debian's redis-server as root)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -145,3 +146,52 @@ def redis_url() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port nothing listens on (at the moment of asking) on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def run_process(*argv: str, cwd: Path = ROOT, timeout_s: float = 60) -> tuple[int, str, str]:
+    """Run a command to its end; its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def start_service_process(**settings: str) -> subprocess.Popen[str]:
+    """``python -m service`` with ``PARLEY_<NAME>`` settings, its log on stdout."""
+    env = {**os.environ, **{f"PARLEY_{name.upper()}": value for name, value in settings.items()}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_listening(process: subprocess.Popen[str], timeout_s: float = 120) -> str:
+    """Read the service's log until it listens; the log so far."""
+    import time
+
+    assert process.stdout is not None
+    log, deadline = "", time.monotonic() + timeout_s
+    while "listening" not in log:
+        assert time.monotonic() < deadline, log
+        line = process.stdout.readline()
+        assert line, f"the service exited:\n{log}"
+        log += line
+    return log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import Harness, start_harness, stop_harness, wait_for
+from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
@@ -193,12 +192,6 @@ async def test_socket_limit() -> None:
     finally:
         await s.bridge.aclose()
         await stop_harness(harness)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_service_down() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Harness, start_harness, stop_harness, wait_for
+from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
@@ -127,11 +127,7 @@ async def test_stop_and_a_new_message_interrupt(site: tuple[Harness, str], page:
 
 
 async def test_the_page_says_when_the_service_is_down(page: object) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = sock.getsockname()[1]
+    dead = free_port()
     bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{dead}", host="127.0.0.1", port=0)).start()
     try:
         p = page

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Harness, start_harness, stop_harness
+from tests.conftest import Harness, run_process, start_harness, stop_harness
 from tests.fakes import FakeLLM, FakeTTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +32,7 @@ async def slow() -> AsyncIterator[Harness]:
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "clients.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_process(sys.executable, "-m", "clients.cli", *args)
 
 
 async def test_one_question_writes_wav_and_timings(harness: Harness, tmp_path: Path) -> None:
@@ -134,12 +123,7 @@ PARLEY = Path(sys.executable).parent / "parley"
 
 
 async def run_script(*args: str, cwd: Path) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        str(PARLEY), *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_process(str(PARLEY), *args, cwd=cwd)
 
 
 async def test_console_script_saves_wav_when_there_is_no_sound_device(harness: Harness, tmp_path: Path) -> None:

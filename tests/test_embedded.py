@@ -3,12 +3,9 @@ the answer must be real speech at the requested rate, not just bytes."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +17,17 @@ from parley.v1 import voice_pb2 as pb
 from service.config import Settings
 from service.core.engine import LLMEngine, TTSEngine
 from service.engines.factory import load_engines
-from tests.conftest import Harness, converse_all, speak, start, turn_ends, user
+from tests.conftest import (
+    Harness,
+    converse_all,
+    free_port,
+    speak,
+    start,
+    start_service_process,
+    turn_ends,
+    user,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.embedded
 
@@ -107,32 +114,12 @@ async def test_voice_list_shows_the_bundled_voice(real: Harness) -> None:
     assert (voice.language, voice.sample_rate_hz, voice.engine) == ("en_US", 22050, "piper")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_service_process_and_cli(tmp_path: Path) -> None:
     """`python -m service` as a newcomer runs it, the CLI against it, and a clean SIGTERM."""
     port = free_port()
-    env = {**os.environ, "PARLEY_PORT": str(port), "PARLEY_HOST": "127.0.0.1", "PARLEY_LLM_MAX_TOKENS": "60"}
-    service = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    service = start_service_process(port=str(port), host="127.0.0.1", llm_max_tokens="60")
     try:
-        log = ""
-        deadline = time.monotonic() + 90
-        assert service.stdout is not None
-        while "listening" not in log and time.monotonic() < deadline:
-            line = service.stdout.readline()
-            assert line, f"service exited early:\n{log}"
-            log += line
+        log = wait_listening(service, timeout_s=90)
         assert "LLM local/gemma-3-270m-q4_k_m.gguf ready in" in log and "TTS piper ready in" in log
         assert f":{port}" in log
         out = tmp_path / "answer.wav"

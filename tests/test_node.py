@@ -3,7 +3,6 @@ a live service: captions on stdout, a WAV file with the right header, rate and s
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import wave
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Harness
+from tests.conftest import Harness, free_port, run_process
 
 NODE_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"
 
@@ -32,17 +31,7 @@ def installed() -> Path:
 
 
 async def run_node(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        "client.js",
-        *args,
-        cwd=NODE_CLIENT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_process("node", "client.js", *args, cwd=NODE_CLIENT)
 
 
 async def test_node_client_asks_and_writes_a_wav(installed: Path, harness: Harness, tmp_path: Path) -> None:
@@ -64,11 +53,6 @@ async def test_node_client_asks_and_writes_a_wav(installed: Path, harness: Harne
 
 
 async def test_node_client_reports_a_missing_service(installed: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code, _, stderr = await run_node("--server", f"127.0.0.1:{port}", "Hello?")
+    code, _, stderr = await run_node("--server", f"127.0.0.1:{free_port()}", "Hello?")
     assert code == 1
     assert "UNAVAILABLE" in stderr and "is the service running?" in stderr

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from parley.v1 import voice_pb2_grpc
 from service.core.history import Entry
 from service.core.store import StoredSession
 from service.stores.redis_store import RedisStore
-from tests.conftest import start, start_harness, stop_harness, user
+from tests.conftest import free_port, start, start_harness, start_service_process, stop_harness, user, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,49 +119,22 @@ async def test_service_on_redis_resumes_and_reports_a_dead_store(redis_url: str,
 
 
 async def test_unreachable_redis_is_reported() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     from service.errors import StoreUnavailable
 
     with pytest.raises(StoreUnavailable, match="the session store .* is unavailable"):
         await RedisStore(f"redis://:secret@127.0.0.1:{port}/0").start()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_service(port: int, redis_url: str, prefix: str) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "PARLEY_PORT": str(port),
-        "PARLEY_HOST": "127.0.0.1",
-        "PARLEY_SESSION_STORE": "redis",
-        "PARLEY_REDIS_URL": redis_url,
-        "PARLEY_REDIS_PREFIX": prefix,
-        "PARLEY_LLM_MAX_TOKENS": "40",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return start_service_process(
+        port=str(port),
+        host="127.0.0.1",
+        session_store="redis",
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        llm_max_tokens="40",
     )
-
-
-def wait_listening(process: subprocess.Popen[str]) -> None:
-    assert process.stdout is not None
-    log, deadline = "", time.monotonic() + 120
-    while "listening" not in log:
-        assert time.monotonic() < deadline, log
-        line = process.stdout.readline()
-        assert line, f"the service exited:\n{log}"
-        log += line
 
 
 async def ask(stub: voice_pb2_grpc.VoiceServiceStub, call: grpc.aio.StreamStreamCall, text: str) -> pb.TurnEnded:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import grpc
 
@@ -19,53 +20,44 @@ from ws_bridge.server import Bridge, BridgeOptions
 log = logging.getLogger("ws_bridge")
 
 
+def _option(parser: argparse.ArgumentParser, flag: str, env: str, default: str, help: str, **kwargs: Any) -> None:
+    """A flag whose default comes from an environment variable; the help names both."""
+    parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help} ({env}; default {default})", **kwargs)
+
+
 def parse_args(argv: list[str] | None) -> tuple[BridgeOptions, str]:
-    env = os.environ
     parser = argparse.ArgumentParser(prog="python -m ws_bridge", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--host",
-        default=env.get("PARLEY_BRIDGE_HOST", "0.0.0.0"),
-        help="address to listen on (PARLEY_BRIDGE_HOST; default 0.0.0.0)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(env.get("PARLEY_BRIDGE_PORT", "8080")),
-        help="port (PARLEY_BRIDGE_PORT; default 8080)",
-    )
-    parser.add_argument(
-        "--grpc-target",
-        default=env.get("PARLEY_GRPC_TARGET", "127.0.0.1:50051"),
-        help="the Parley service (PARLEY_GRPC_TARGET; default 127.0.0.1:50051)",
-    )
-    parser.add_argument(
+    _option(parser, "--host", "PARLEY_BRIDGE_HOST", "0.0.0.0", "address to listen on")
+    _option(parser, "--port", "PARLEY_BRIDGE_PORT", "8080", "port", type=int)
+    _option(parser, "--grpc-target", "PARLEY_GRPC_TARGET", "127.0.0.1:50051", "the Parley service")
+    _option(
+        parser,
         "--allowed-origins",
-        default=env.get("PARLEY_BRIDGE_ALLOWED_ORIGINS", ""),
-        help="comma-separated origins allowed besides the bridge's own and localhost (PARLEY_BRIDGE_ALLOWED_ORIGINS)",
+        "PARLEY_BRIDGE_ALLOWED_ORIGINS",
+        "",
+        "comma-separated origins allowed besides the bridge's own and localhost",
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--max-frame-bytes",
+        "PARLEY_BRIDGE_MAX_FRAME_BYTES",
+        "65536",
+        "largest client frame; larger ones close with 1009",
         type=int,
-        default=int(env.get("PARLEY_BRIDGE_MAX_FRAME_BYTES", str(64 * 1024))),
-        help="largest client frame; larger ones close with 1009 (PARLEY_BRIDGE_MAX_FRAME_BYTES; default 65536)",
     )
-    parser.add_argument(
-        "--max-sockets",
-        type=int,
-        default=int(env.get("PARLEY_BRIDGE_MAX_SOCKETS", "200")),
-        help="concurrent sockets; more get HTTP 503 (PARLEY_BRIDGE_MAX_SOCKETS; default 200)",
+    _option(
+        parser, "--max-sockets", "PARLEY_BRIDGE_MAX_SOCKETS", "200", "concurrent sockets; more get HTTP 503", type=int
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--ping-interval-s",
+        "PARLEY_BRIDGE_PING_INTERVAL_S",
+        "20",
+        "keepalive ping interval, also the pong timeout",
         type=float,
-        default=float(env.get("PARLEY_BRIDGE_PING_INTERVAL_S", "20")),
-        help="keepalive ping interval, also the pong timeout (PARLEY_BRIDGE_PING_INTERVAL_S; default 20)",
     )
-    parser.add_argument(
-        "--log-level",
-        default=env.get("PARLEY_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (PARLEY_LOG_LEVEL; default INFO)",
+    _option(
+        parser, "--log-level", "PARLEY_LOG_LEVEL", "INFO", "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())

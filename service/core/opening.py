@@ -10,7 +10,7 @@ from service.core.engine import TTSEngine
 from service.core.store import Claim, SessionStore, StoredSession
 from service.errors import InvalidRequest, SessionNotFound
 
-__all__ = ["Opened", "StartRequest", "open_session"]
+__all__ = ["Opened", "StartRequest", "check_length", "open_session"]
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,18 @@ class Opened:
     resumed: bool
 
 
+def check_length(text: str, field: str, max_chars: int) -> None:
+    """Raise :class:`InvalidRequest` when ``text`` is over ``max_chars``."""
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{field} is {len(text)} characters, over the limit of {max_chars}; send less")
+
+
 def _check(request: StartRequest, max_chars: int) -> None:
     if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
         raise InvalidRequest(f"llm.temperature {request.temperature} is out of range; use 0 to 2")
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InvalidRequest(f"llm.max_tokens {request.max_tokens} must be at least 1")
-    if len(request.system_prompt) > max_chars:
-        raise InvalidRequest(
-            f"start.system_prompt is {len(request.system_prompt)} characters, over the limit of {max_chars}"
-        )
+    check_length(request.system_prompt, "start.system_prompt", max_chars)
     rate = request.sample_rate_hz
     if rate and not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
         raise InvalidRequest(

@@ -20,7 +20,7 @@ from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.event_queue import EventQueue
 from service.core.events import AudioChunk, Event, SessionStarted, TextDelta, TurnEnded, TurnEndReason, TurnStats
 from service.core.history import Conversation, HistoryLimits, heard_text
-from service.core.opening import Opened, StartRequest, open_session
+from service.core.opening import Opened, StartRequest, check_length, open_session
 from service.core.store import SessionStore
 from service.core.turn import Turn, TurnOptions
 from service.errors import EngineError, InvalidRequest, StoreUnavailable
@@ -155,7 +155,7 @@ class Session:
         self._require_started("user_text")
         if not text.strip():
             raise InvalidRequest("user_text.text is empty; send the message to answer")
-        self._check_length(text, "user_text.text")
+        check_length(text, "user_text.text", self._defaults.max_text_chars)
         self._check_turn_id(turn_id, "user_text.turn_id")
         await self.interrupt(None)
         request = LLMRequest(self._conversation.request_messages(text), self._temperature, self._max_tokens)
@@ -166,7 +166,7 @@ class Session:
         self._require_started("speak_text")
         if not text and not flush:
             raise InvalidRequest("speak_text.text is empty; send text, or set flush to end the speak turn")
-        self._check_length(text, "speak_text.text")
+        check_length(text, "speak_text.text", self._defaults.max_text_chars)
         active = self._active
         if active is None or active.speak_input is None:
             if not text:
@@ -395,9 +395,3 @@ class Session:
             raise InvalidRequest(f"{field} is {len(turn_id)} characters; use at most 128")
         if turn_id in self._used_turn_ids:
             raise InvalidRequest(f"{field} {turn_id!r} was already used in this session; turn ids must be unique")
-
-    def _check_length(self, text: str, field: str) -> None:
-        if len(text) > self._defaults.max_text_chars:
-            raise InvalidRequest(
-                f"{field} is {len(text)} characters, over the limit of {self._defaults.max_text_chars}; send less"
-            )

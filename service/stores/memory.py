@@ -29,9 +29,6 @@ class MemoryStore:
         self._ttl_s = ttl_s
         self._records: dict[str, _Record] = {}
 
-    def __len__(self) -> int:
-        return len(self._records)
-
     async def create(self, session: StoredSession) -> Claim:
         self._sweep()
         record = _Record(copy.deepcopy(session), time.monotonic() + self._ttl_s)
