@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing Parley with its embedded models"
-	@echo "    (the first install compiles llama-cpp-python: about 5 minutes on 2 cores; pip then caches it)"
+	@echo "    (the first install compiles llama-cpp-python: about 6 minutes on 2 cores; pip then caches it)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
