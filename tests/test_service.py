@@ -428,6 +428,7 @@ async def test_a_client_that_stops_reading_is_disconnected() -> None:
         await call.write(start())
         await call.write(user("Talk, while I do not listen."))
         # The server gives up on the stream (and stops its work) while the client reads nothing...
+        await wait_for(lambda: h.running.servicer.active_streams == 1, timeout_s=20)  # (once it has begun)
         await wait_for(lambda: h.running.servicer.active_streams == 0 and h.llm.open_streams == 0, timeout_s=20)
         # ... and says why, after the messages that were already on their way.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
