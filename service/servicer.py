@@ -81,6 +81,35 @@ def _log_turn(session_id: str, ended: TurnEnded) -> None:
     )
 
 
+class _Writes:
+    """A stream's message in flight to the client.
+
+    gRPC core goes on sending a message whose ``write`` was cancelled, and refuses a status sent
+    meanwhile (``GRPC_CALL_ERROR_TOO_MANY_OPERATIONS``), which leaves the client waiting for an end that
+    never comes. So a write is never abandoned: the writer's cancellation leaves it running, and the
+    call's end waits for it (:meth:`settle`) before it sends the status.
+    """
+
+    def __init__(self) -> None:
+        self._pending: asyncio.Future[None] | None = None
+
+    async def send(self, context: grpc.aio.ServicerContext, message: pb.ConverseResponse) -> None:
+        write = asyncio.ensure_future(context.write(message))
+        write.add_done_callback(_retrieve)  # a write that ends with the call fails; nobody else asks
+        self._pending = write
+        await asyncio.shield(write)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (up to ``timeout_s``) until no write is in flight; whether it succeeded does not matter."""
+        if self._pending is not None and not self._pending.done():
+            await asyncio.wait({self._pending}, timeout=timeout_s)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     """Serves ``parley.v1.VoiceService`` with the given engines."""
 
@@ -111,18 +140,23 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             )
         self.active_streams += 1
         session = Session(self._llm, self._tts, self._defaults, self._store)
+        writes = _Writes()
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 watcher = group.create_task(self._watch_takeover(session), name="converse takeover watch")
                 group.create_task(self._read(request_iterator, session), name="converse reader")
-                group.create_task(self._write(session, context, watcher), name="converse writer")
+                group.create_task(self._write(session, context, watcher, writes), name="converse writer")
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
             await session.aclose()
             self.active_streams -= 1
         if failure is not None:
+            if not isinstance(failure, ClientNotReading):
+                # A status sent while a message is still being sent can be refused by gRPC core, and the
+                # client would then never learn how its call ended: let that message go first.
+                await writes.settle(self._limits.send_timeout_s)
             code, message = _status_for(failure)
             await context.abort(code, message)
 
@@ -133,13 +167,15 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             "so that turns never interleave"
         )
 
-    async def _write(self, session: Session, context: grpc.aio.ServicerContext, watcher: asyncio.Task[None]) -> None:
+    async def _write(
+        self, session: Session, context: grpc.aio.ServicerContext, watcher: asyncio.Task[None], writes: _Writes
+    ) -> None:
         try:
             while (event := await session.next_event()) is not None:
                 session.mark_sent(event)
                 try:
                     async with asyncio.timeout(self._limits.send_timeout_s):
-                        await context.write(event_to_proto(event))
+                        await writes.send(context, event_to_proto(event))
                 except TimeoutError:
                     raise ClientNotReading(
                         f"the client read nothing for {self._limits.send_timeout_s:g} s while replies waited; "

@@ -438,3 +438,41 @@ async def test_a_client_that_stops_reading_is_disconnected() -> None:
         assert "read nothing for 0.5 s" in caught.value.details()
     finally:
         await stop_harness(h)
+
+
+async def test_a_write_in_flight_is_never_abandoned() -> None:
+    # gRPC core refuses a status while a message is still being sent, and the client then waits for
+    # ever; so the writer's cancellation must leave its write running, and the call's end waits for it.
+    from service.servicer import _Writes
+
+    class SlowContext:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+            self.sent: list[pb.ConverseResponse] = []
+
+        async def write(self, message: pb.ConverseResponse) -> None:
+            await self.release.wait()
+            self.sent.append(message)
+
+    context = SlowContext()
+    writes = _Writes()
+    message = pb.ConverseResponse(text_delta=pb.TextDelta(turn_id="t1", text="Hi"))
+    writer = asyncio.create_task(writes.send(context, message))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    settling = asyncio.create_task(writes.settle(timeout_s=5))
+    await asyncio.sleep(0.01)
+    assert not settling.done()  # still waiting for the message...
+    context.release.set()
+    await settling
+    assert context.sent == [message]  # ... which went out whole
+    # With nothing in flight, settling is immediate; a write that never ends is waited for only so long.
+    await asyncio.wait_for(writes.settle(timeout_s=5), 1)
+    context.release.clear()
+    stuck = asyncio.create_task(writes.send(context, message))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(writes.settle(timeout_s=0.05), 1)
+    stuck.cancel()
+    context.release.set()
