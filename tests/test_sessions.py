@@ -151,3 +151,49 @@ async def test_server_turn_ids_go_on_after_a_resume(harness: Harness) -> None:
     second, _ = await open_stream(harness, session_id=session_id)
     assert (await one_turn(second, "Three.")).turn_id == "turn-3"
     second.cancel()
+
+
+async def test_a_dropped_stream_keeps_the_turn_it_cut_short() -> None:
+    # A phone that loses its connection mid-reply: the question stays in the history, and the reply
+    # as far as its audio was sent, marked as cut.
+    h = await start_harness(
+        FakeLLM(reply="Once upon a time. " + "It keeps going. " * 30, token_s=0.01),
+        FakeTTS(chunk_s=0.2, chunks=5),  # the first sentence's audio takes a second to leave
+    )
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(user("Tell me a story."))
+        audio_ms = 0.0
+        while audio_ms < 600:  # about half of the first sentence
+            response = await call.read()
+            if response.WhichOneof("kind") == "audio":
+                audio_ms += len(response.audio.data) / 32  # PCM16 at 16 kHz: 32 bytes a millisecond
+        call.cancel()
+        await wait_for(lambda: h.running.servicer.active_streams == 0 and h.llm.open_streams == 0)
+        h.llm.reply = "Where was I?"
+        again, _ = await open_stream(h, session_id=session_id)
+        await one_turn(again, "Go on.")
+        messages = [m.content for m in h.llm.requests[-1].messages]
+        assert messages[1] == "Tell me a story."
+        assert messages[2].startswith("Once") and messages[2].endswith(INTERRUPTED_NOTE)
+        assert "keeps going" not in messages[2]  # only what was sent counts as heard
+        assert messages[3] == "Go on."
+        again.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_new_voice_on_resume_is_kept_even_without_a_turn(harness: Harness) -> None:
+    first, session_id = await open_stream(harness, voice="fake-voice-2")
+    first.cancel()
+    second, _ = await open_stream(harness, session_id=session_id, voice="fake-voice", system_prompt="Be terse.")
+    second.cancel()  # no turn on this stream
+    await wait_for(lambda: harness.running.servicer.active_streams == 0)
+    third, _ = await open_stream(harness, session_id=session_id)
+    await one_turn(third, "Hello.")
+    assert harness.llm.requests[-1].messages[0].content == "Be terse."
+    third.cancel()
+    call = harness.stub.Converse()
+    await call.write(start(session_id=session_id))
+    assert (await call.read()).session_started.voice == "fake-voice"
+    call.cancel()

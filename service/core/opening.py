@@ -35,6 +35,8 @@ class Opened:
     claim: Claim
     audio: AudioFormat
     resumed: bool
+    changed: bool = False
+    """Resumed with settings (voice, system prompt, LLM options) other than the stored ones."""
 
 
 def check_length(text: str, field: str, max_chars: int) -> None:
@@ -88,11 +90,13 @@ async def open_session(
     audio = AudioFormat(request.encoding, request.sample_rate_hz or native)
     if resumed:
         stored, claim = resumed
+        before = (stored.voice, stored.system_prompt, stored.temperature, stored.max_tokens)
         stored.voice = voice
         stored.system_prompt = request.system_prompt or stored.system_prompt
         stored.temperature = request.temperature if request.temperature is not None else stored.temperature
         stored.max_tokens = request.max_tokens if request.max_tokens is not None else stored.max_tokens
-        return Opened(stored, claim, audio, resumed=True)
+        changed = before != (stored.voice, stored.system_prompt, stored.temperature, stored.max_tokens)
+        return Opened(stored, claim, audio, resumed=True, changed=changed)
     stored = StoredSession(
         session_id=secrets.token_urlsafe(18),  # 144 random bits: unguessable
         system_prompt=request.system_prompt or default_system_prompt,

@@ -143,6 +143,8 @@ class Session:
         self._events.put_control(
             SessionStarted(self.session_id, self._format, self._voice, self._llm.name, self._tts.name)
         )
+        if opened.resumed and opened.changed:
+            await self._persist()  # a new voice or prompt holds from now, even if no turn follows
 
     async def taken_over(self) -> None:
         """Return when another stream has taken this session over. Safe to cancel."""
@@ -221,11 +223,22 @@ class Session:
         self._events.close()
 
     async def aclose(self) -> None:
-        """Cancel whatever runs and let go of the session (it stays stored). Safe to call twice."""
+        """The stream is over: let go of the session (it stays stored). Safe to call twice.
+
+        A turn still running stops at once and is kept in the history as interrupted, with the text of
+        the audio that was sent (a dropped connection is a barge-in whose cut the client could not
+        report); history still being written is written before the session is let go.
+        """
         active, self._active = self._active, None
         if active is not None:
             active.finished = True
+            self._events.purge(active.turn.turn_id)
             await _cancel(active)
+            if self._opened is not None and not self._opened.claim.lost.is_set():
+                spoken = heard_text(active.turn.text, active.turn.segments, active.stats.audio_ms_sent)
+                await self._finish(active, TurnEndReason.INTERRUPTED, spoken)
+        async with self._persisting:
+            pass  # a turn that ended by itself may still be writing its history
         self._events.close()
         if self._opened is not None:
             await self._store.release(self._opened.claim)
