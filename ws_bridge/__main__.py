@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from ws_bridge.server import Bridge, BridgeOptions
+from ws_bridge.server import CHANNEL_OPTIONS, Bridge, BridgeOptions
 
 log = logging.getLogger("ws_bridge")
 
@@ -89,7 +89,7 @@ async def run(options: BridgeOptions) -> None:
 
 
 async def _announce_when_ready(target: str, page: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         warned = False
         while True:
             try:

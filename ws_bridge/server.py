@@ -30,7 +30,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
 
-__all__ = ["Bridge", "BridgeOptions", "CLOSE_CODE_FOR"]
+__all__ = ["CHANNEL_OPTIONS", "CLOSE_CODE_FOR", "Bridge", "BridgeOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _REASON_BYTES = 123  # the most a WebSocket close reason may hold
 _CALL_ENDED = object()
 _CONNECT_WAIT_S = 3.0
 # The service is usually next door: reconnect quickly after it restarts.
-_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 5000),
@@ -91,7 +91,7 @@ class Bridge:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def start(self) -> Bridge:
-        self._channel = grpc.aio.insecure_channel(self.options.grpc_target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.options.grpc_target, options=CHANNEL_OPTIONS)
         self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
         self._server = await serve(
             self._handle,
