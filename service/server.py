@@ -23,6 +23,7 @@ __all__ = ["RunningServer", "start_server", "serve_until_signal"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
+_DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
 
 
 @dataclass
@@ -35,9 +36,16 @@ class RunningServer:
     servicer: VoiceServicer
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish."""
+        """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
+        wait (a bounded time) until the streams cut short have written their history."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        try:
+            await asyncio.wait_for(self.servicer.drained(), _DRAIN_S)
+        except TimeoutError:
+            log.warning(
+                "%d stream(s) still closing after %g s; stopping without them", self.servicer.active_streams, _DRAIN_S
+            )
 
 
 async def start_server(
@@ -78,7 +86,7 @@ async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info(
-        "shutting down: health NOT_SERVING, %d stream(s) get %.0f s to finish", running.servicer.active_streams, grace_s
+        "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish", running.servicer.active_streams, grace_s
     )
     await running.stop(grace_s)
     log.info("stopped")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -105,6 +106,20 @@ class _Writes:
             await asyncio.wait({self._pending}, timeout=timeout_s)
 
 
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (then re-raise that)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -122,6 +137,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self._defaults = defaults
         self._limits = limits
         self.active_streams = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    async def drained(self) -> None:
+        """Return once no stream is open (every stream's session has been let go)."""
+        await self._drained.wait()
 
     async def ListVoices(
         self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext
@@ -139,6 +160,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 f"the server is at its limit of {self._limits.max_streams} streams; retry later",
             )
         self.active_streams += 1
+        self._drained.clear()
         session = Session(self._llm, self._tts, self._defaults, self._store)
         writes = _Writes()
         failure: BaseException | None = None
@@ -150,8 +172,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
-            await session.aclose()
-            self.active_streams -= 1
+            try:
+                await _to_the_end(session.aclose())  # history is written even if the call is cancelled now
+            finally:
+                self.active_streams -= 1
+                if self.active_streams == 0:
+                    self._drained.set()
         if failure is not None:
             if not isinstance(failure, ClientNotReading):
                 # A status sent while a message is still being sent can be refused by gRPC core, and the

@@ -62,7 +62,7 @@ async def start_harness(
 
 async def stop_harness(harness: Harness) -> None:
     await harness.channel.close()
-    await harness.running.server.stop(0)
+    await harness.running.stop(0)
     await harness.llm.aclose()
     await harness.tts.aclose()
 

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from service.core.engine import Audio, LLMRequest, Voice
+from service.core.store import Claim, StoredSession
 from service.errors import LLMError, TTSError
+from service.stores.memory import MemoryStore
 
 
 @dataclass
@@ -115,3 +117,33 @@ def tone(start: int, count: int, rate: int) -> bytes:
 
     t = (np.arange(start, start + count) / rate).astype("float64")
     return (np.sin(2 * math.pi * 440 * t) * 16000).astype("<i2").tobytes()
+
+
+class SlowStore(MemoryStore):
+    """A memory store whose writes take ``save_s`` (a store across a network), counting what happens."""
+
+    def __init__(self, save_s: float) -> None:
+        super().__init__(ttl_s=3600)
+        self.save_s = save_s
+        self.saves_started = 0
+        self.saves_done = 0
+        self.releases = 0
+
+    async def save(self, session: StoredSession, claim: Claim) -> bool:
+        self.saves_started += 1
+        await asyncio.sleep(self.save_s)
+        written = await super().save(session, claim)
+        self.saves_done += 1
+        return written
+
+    async def release(self, claim: Claim) -> None:
+        self.releases += 1
+        await super().release(claim)
+
+    def entries(self, session_id: str) -> list[tuple[str, str, bool]]:
+        """The stored history (without claiming the session)."""
+        record = self._records[session_id]
+        return [(e.role, e.content, e.interrupted) for e in record.session.entries]
+
+    def owned(self, session_id: str) -> bool:
+        return self._records[session_id].owner is not None

@@ -55,7 +55,7 @@ async def real(engines: tuple[LLMEngine, TTSEngine]) -> AsyncIterator[Harness]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     yield Harness(llm, tts, running, channel)  # type: ignore[arg-type]
     await channel.close()
-    await running.server.stop(0)
+    await running.stop(0)
 
 
 def assert_speech(pcm: bytes, rate: int, text: str) -> float:

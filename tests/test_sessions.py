@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -11,9 +12,10 @@ from parley.v1 import voice_pb2 as pb
 from service.core.history import INTERRUPTED_NOTE, HistoryLimits
 from service.core.session import SessionDefaults
 from service.core.turn import TurnOptions
+from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
-from tests.conftest import Harness, interrupt, start, start_harness, stop_harness, user, wait_for
-from tests.fakes import FakeLLM, FakeTTS
+from tests.conftest import Harness, interrupt, speak, start, start_harness, stop_harness, user, wait_for
+from tests.fakes import FakeLLM, FakeTTS, SlowStore
 
 
 async def one_turn(call: grpc.aio.StreamStreamCall, text: str) -> pb.TurnEnded:
@@ -197,3 +199,88 @@ async def test_a_new_voice_on_resume_is_kept_even_without_a_turn(harness: Harnes
     await call.write(start(session_id=session_id))
     assert (await call.read()).session_started.voice == "fake-voice"
     call.cancel()
+
+
+# -- history is written whatever way the stream ends (the store's writes take a while here) ------------
+
+
+async def read_audio_ms(call: grpc.aio.StreamStreamCall, ms: float) -> None:
+    got = 0.0
+    while got < ms:
+        response = await call.read()
+        if response.WhichOneof("kind") == "audio":
+            got += len(response.audio.data) / 32  # PCM16 at 16 kHz
+
+
+def story_harness(store: SlowStore, **kwargs: object) -> Awaitable[Harness]:
+    return start_harness(
+        FakeLLM(reply="Once upon a time. " + "It keeps going. " * 30, token_s=0.01),
+        FakeTTS(chunk_s=0.2, chunks=5),
+        store=store,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("barge_in", ["interrupt", "user_text"])
+async def test_a_hang_up_while_a_barge_in_is_being_saved_keeps_it(barge_in: str) -> None:
+    store = SlowStore(save_s=0.3)
+    h = await story_harness(store)
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(user("Tell me a story."))
+        await read_audio_ms(call, 600)
+        await call.write(interrupt() if barge_in == "interrupt" else user("Something else."))
+        await wait_for(lambda: store.saves_started == 1)  # the cut turn is being written...
+        call.cancel()  # ... when the user hangs up
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        (question, reply) = store.entries(session_id)[:2]
+        assert question == ("user", "Tell me a story.", False)
+        assert reply[0] == "assistant" and reply[1].startswith("Once") and reply[2]
+        assert not store.owned(session_id)
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_hang_up_after_the_reply_while_it_is_being_saved_keeps_it() -> None:
+    store = SlowStore(save_s=0.3)
+    h = await start_harness(FakeLLM(reply="All done."), FakeTTS(), store=store)
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(user("Hello."))
+        await call.done_writing()
+        while (await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        call.cancel()  # the whole reply arrived; the client does not wait for the stream's end
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        assert store.entries(session_id) == [("user", "Hello.", False), ("assistant", "All done.", False)]
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_hang_up_while_the_stream_closes_still_lets_the_session_go() -> None:
+    store = SlowStore(save_s=1.0)
+    h = await start_harness(store=store, limits=StreamLimits(idle_timeout_s=0.3))
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(speak("Hello there."))  # an open speak turn, then silence: the idle limit ends it
+        await wait_for(lambda: store.saves_started == 1)
+        call.cancel()  # while the stream's end is being written
+        await wait_for(lambda: h.running.servicer.active_streams == 0 and store.releases == 1)
+        assert not store.owned(session_id)  # free to expire, and to resume
+    finally:
+        await stop_harness(h)
+
+
+async def test_shutdown_waits_for_cut_streams_to_save_their_history() -> None:
+    store = SlowStore(save_s=0.3)
+    h = await story_harness(store)
+    try:
+        call, session_id = await open_stream(h)
+        await call.write(user("Tell me a story."))
+        await read_audio_ms(call, 600)
+        await h.running.stop(grace_s=0.2)  # the reply is longer than the grace period
+        assert h.running.servicer.active_streams == 0 and store.releases == 1
+        assert store.entries(session_id)[0] == ("user", "Tell me a story.", False)
+        assert store.entries(session_id)[1][2]  # the cut reply, marked interrupted
+    finally:
+        await stop_harness(h)

@@ -53,6 +53,11 @@ class _ActiveTurn:
     """Where a speak turn's deltas go; None once flushed (and for LLM turns)."""
     speak_chars: int = 0
     finished: bool = False
+    """No longer to end by itself: it completed, failed, or is being stopped."""
+    recorded: bool = False
+    """Its exchange is in the (in-memory) history."""
+    played_ms: int | None = None
+    """How much of it the client said it played, when it interrupted."""
     sent_audio_messages: int = 0
     reply_recorded: bool = False
     """The turn's reply is the last assistant message of the history."""
@@ -63,7 +68,14 @@ async def _cancel(active: _ActiveTurn) -> None:
     """Cancel a turn's task and wait until it has stopped."""
     assert active.task is not None
     active.task.cancel()
-    await asyncio.gather(active.task, return_exceptions=True)
+    await _stopped(active.task)
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Wait for ``task`` to end. Cancelling the wait does not cancel the task (unlike awaiting it)."""
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the turn logs its own failures
 
 
 async def _llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
@@ -94,6 +106,8 @@ class Session:
         self._opened: Opened | None = None
         self._claimed = asyncio.Event()
         self._persisting = asyncio.Lock()
+        self._changes = 0  # history and settings changes so far...
+        self._saved_changes = 0  # ... and how many of them the store has
         self._max_merge_ms = float(defaults.turn.chunk_ms)
         self._events = EventQueue(defaults.buffered_events)
         self._started = False
@@ -144,6 +158,7 @@ class Session:
             SessionStarted(self.session_id, self._format, self._voice, self._llm.name, self._tts.name)
         )
         if opened.resumed and opened.changed:
+            self._changes += 1
             await self._persist()  # a new voice or prompt holds from now, even if no turn follows
 
     async def taken_over(self) -> None:
@@ -204,10 +219,19 @@ class Session:
                 await self._interrupt_last(self._last, played_ms)
             return
         active.finished = True
-        self._active = None
+        active.played_ms = played_ms
         self._events.purge(active.turn.turn_id)  # nothing more of it leaves, even while it stops
         await _cancel(active)
-        heard_ms = active.stats.audio_ms_sent if played_ms is None else min(played_ms, active.stats.audio_ms_sent)
+        await self._record_interrupted(active)
+
+    async def _record_interrupted(self, active: _ActiveTurn) -> None:
+        """Put a stopped turn in the history as heard (to ``played_ms``, at most what was sent)."""
+        if self._active is active:
+            self._active = None
+        if active.recorded:
+            return
+        sent_ms = active.stats.audio_ms_sent
+        heard_ms = sent_ms if active.played_ms is None else min(active.played_ms, sent_ms)
         spoken = heard_text(active.turn.text, active.turn.segments, heard_ms)
         await self._finish(active, TurnEndReason.INTERRUPTED, spoken)
 
@@ -219,7 +243,7 @@ class Session:
                 active.speak_input.put_nowait(None)
                 active.speak_input = None
             assert active.task is not None
-            await asyncio.gather(active.task, return_exceptions=True)
+            await _stopped(active.task)  # if this wait is cancelled, aclose stops the turn and records it
         self._events.close()
 
     async def aclose(self) -> None:
@@ -229,16 +253,18 @@ class Session:
         the audio that was sent (a dropped connection is a barge-in whose cut the client could not
         report); history still being written is written before the session is let go.
         """
-        active, self._active = self._active, None
-        if active is not None:
+        owned = self._opened is not None and not self._opened.claim.lost.is_set()
+        active = self._active
+        if active is not None and not active.recorded:
             active.finished = True
             self._events.purge(active.turn.turn_id)
             await _cancel(active)
-            if self._opened is not None and not self._opened.claim.lost.is_set():
-                spoken = heard_text(active.turn.text, active.turn.segments, active.stats.audio_ms_sent)
-                await self._finish(active, TurnEndReason.INTERRUPTED, spoken)
-        async with self._persisting:
-            pass  # a turn that ended by itself may still be writing its history
+            if owned:
+                await self._record_interrupted(active)
+        self._active = None
+        if owned and self._saved_changes < self._changes:
+            # Changes whose write was cancelled (or is still under way) are written before letting go.
+            await self._persist()
         self._events.close()
         if self._opened is not None:
             await self._store.release(self._opened.claim)
@@ -344,6 +370,8 @@ class Session:
 
     async def _finish(self, active: _ActiveTurn, reason: TurnEndReason, spoken: str, error: str = "") -> None:
         active.finished = True
+        active.recorded = True
+        self._changes += 1
         cut_short = reason is TurnEndReason.INTERRUPTED
         if active.user_text is not None:
             self._conversation.add_exchange(active.user_text, spoken, interrupted=cut_short)
@@ -364,8 +392,10 @@ class Session:
             stored = opened.stored
             stored.entries = list(self._conversation.entries)
             stored.turns_started = self._turns_started
+            changes = self._changes
             try:
                 await self._store.save(stored, opened.claim)
+                self._saved_changes = max(self._saved_changes, changes)
             except StoreUnavailable as error:
                 log.error("session %s: the turn ended but its history was not saved: %s", self.session_id[:8], error)
 
@@ -382,6 +412,7 @@ class Session:
         spoken = heard_text(last.turn.text, last.turn.segments, heard_ms)
         if last.reply_recorded:
             self._conversation.trim_last_reply(spoken)
+            self._changes += 1
         self._last = None
         if unsent_end is not None:
             self._events.put_control(
