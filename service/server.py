@@ -18,12 +18,12 @@ from service.core.store import SessionStore
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
 
-__all__ = ["RunningServer", "start_server", "serve_until_signal"]
+__all__ = ["DRAIN_S", "RunningServer", "serve_until_signal", "start_server"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
-_DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
+DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
 
 
 @dataclass
@@ -41,10 +41,10 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         try:
-            await asyncio.wait_for(self.servicer.drained(), _DRAIN_S)
+            await asyncio.wait_for(self.servicer.drained(), DRAIN_S)
         except TimeoutError:
             log.warning(
-                "%d stream(s) still closing after %g s; stopping without them", self.servicer.active_streams, _DRAIN_S
+                "%d stream(s) still closing after %g s; stopping without them", self.servicer.active_streams, DRAIN_S
             )
 
 

@@ -48,9 +48,9 @@ def test_ports_probes_and_grace_period_match_the_service() -> None:
         assert grpc_probe["port"] == port
         assert grpc_probe.get("service", "") in ("", SERVICE_NAME)  # the names the server reports
     grace = float(env.get("PARLEY_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
-    from service.server import _DRAIN_S
+    from service.server import DRAIN_S
 
-    assert pod["terminationGracePeriodSeconds"] > grace + _DRAIN_S
+    assert pod["terminationGracePeriodSeconds"] > grace + DRAIN_S
     assert deployment["spec"]["replicas"] > 1
 
 
