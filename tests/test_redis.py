@@ -73,6 +73,26 @@ async def test_takeover_reaches_the_other_replica_and_fences_its_writes(
     assert again is not None and again[0].entries[-1].content == "from the new stream"
 
 
+async def test_resumes_close_together_leave_exactly_the_owner_holding(
+    replicas: tuple[RedisStore, RedisStore], redis_url: str, prefix: str
+) -> None:
+    # A takeover announcement can arrive after a newer resume claimed the session; it must not make the
+    # newer (real) owner give up, on its own replica or on another.
+    one, two = replicas
+    client = redis.from_url(redis_url, decode_responses=True)
+    try:
+        for trial in range(40):
+            session_id = f"race{trial}"
+            await one.create(session(session_id))
+            claims = await asyncio.gather(one.resume(session_id), one.resume(session_id), two.resume(session_id))
+            await asyncio.sleep(0.05)  # every announcement delivered
+            owner = await client.get(f"{prefix}:session:{session_id}:owner")
+            held = [claim for _, claim in filter(None, claims) if not claim.lost.is_set()]
+            assert [claim.token for claim in held] == [owner], f"trial {trial}"
+    finally:
+        await client.aclose()
+
+
 async def test_keys_are_namespaced_and_expire(redis_url: str, prefix: str) -> None:
     store = await RedisStore(redis_url, prefix=prefix, ttl_s=1).start()
     client = redis.from_url(redis_url, decode_responses=True)

@@ -167,9 +167,14 @@ class RedisStore:
                     async for message in pubsub.listen():
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
                         claim = self._claims.get(session_id)
-                        if claim is not None and claim.token != message["data"]:
+                        if claim is None or claim.token == message["data"]:
+                            continue
+                        # The announcement may be older than this claim (two resumes close together,
+                        # the other one first): the owner key says who holds the session now.
+                        if await self._redis.get(self._owner(session_id)) != claim.token:
                             claim.lost.set()
-                            del self._claims[session_id]
+                            if self._claims.get(session_id) is claim:
+                                del self._claims[session_id]
                 except RedisError as error:
                     log.warning("lost the Redis takeover subscription (%s); reconnecting", error)
                     await asyncio.sleep(1)
