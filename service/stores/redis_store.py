@@ -77,6 +77,7 @@ class RedisStore:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             await pubsub.psubscribe(f"{self._prefix}:takeover:*")
         except RedisError as error:
+            await self._redis.aclose()
             raise self._unavailable(error) from error
         self._listener = asyncio.create_task(self._listen(pubsub), name="redis takeover listener")
         self._renewer = asyncio.create_task(self._keep_alive(), name="redis session renewer")
