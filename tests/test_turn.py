@@ -30,7 +30,13 @@ async def words(text: str, delay_s: float = 0.0) -> AsyncIterator[str]:
 
 
 async def run_turn(
-    tts: FakeTTS, *, text: str = REPLY, lookahead: int = 2, rate: int = 16000, encoding: Encoding = Encoding.PCM16
+    tts: FakeTTS,
+    *,
+    text: str = REPLY,
+    lookahead: int = 2,
+    rate: int = 16000,
+    encoding: Encoding = Encoding.PCM16,
+    fill_lead_ms: int = 500,
 ) -> tuple[Turn, list[tuple[float, Event]]]:
     events: list[tuple[float, Event]] = []
 
@@ -44,7 +50,7 @@ async def run_turn(
         voice="fake-voice",
         audio_format=AudioFormat(encoding, rate),
         emit=emit,
-        options=TurnOptions(lookahead=lookahead, chunk_ms=100),
+        options=TurnOptions(lookahead=lookahead, chunk_ms=100, fill_lead_ms=fill_lead_ms),
         stats=TurnStats(),
         from_llm=True,
     )
@@ -107,6 +113,23 @@ async def test_chunks_leave_as_the_engine_yields_them() -> None:
     times = [t for t, e in events if isinstance(e, AudioChunk)]
     # Four engine chunks 150 ms apart: audio must not wait for the whole segment.
     assert times[-1] - times[0] >= 0.4
+
+
+async def test_messages_fill_up_once_the_client_is_well_ahead() -> None:
+    # Synthesis about four times faster than real time, in pieces of 8 to 15 ms: the first pieces leave
+    # one by one (nothing waits for the first audio), then, with the client 300+100 ms ahead, messages
+    # wait until they are full.
+    tts = FakeTTS(ms_per_char=40, chunks=100, chunk_s=0.002)
+    _, events = await run_turn(
+        tts, text="Okay, here we go now. The first full sentence is right here.", fill_lead_ms=300
+    )
+    chunks = audio_of(events)
+    sizes = [c.duration_ms for c in chunks]
+    assert sizes[0] < 25
+    assert max(sizes) <= 100
+    second = [c.duration_ms for c in chunks if c.segment_index == 1]
+    assert len(second) < 100 / 2  # far fewer messages than the engine's pieces...
+    assert min(second[:-1]) > 80  # ... each as full as the pieces allow
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 48000])

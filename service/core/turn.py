@@ -54,6 +54,10 @@ class TurnOptions:
     chunk_ms: int = 200
     """Longest audio message, in milliseconds."""
     segments: SegmentPolicy = SegmentPolicy()
+    fill_lead_ms: int = 500
+    """Once the client has this much audio in hand beyond a message's worth (counting from when the
+    turn's first audio left), audio messages wait until they are full: fewer, larger messages,
+    with no effect on the first audio or on playback."""
 
 
 class _AudioBuffer:
@@ -68,10 +72,14 @@ class _AudioBuffer:
         self._ready.set()
 
     async def get(self) -> object:
+        await self.wait()
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Return once an item is there."""
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft()
 
     def peek(self) -> object | None:
         return self._items[0] if self._items else None
@@ -122,6 +130,7 @@ class Turn:
         self._from_llm = from_llm
         self._sequence = 0
         self._timeline_samples = 0
+        self._first_audio_at: float | None = None
 
     async def run(self) -> None:
         """Run the turn to its end.
@@ -218,7 +227,7 @@ class Turn:
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
             finished = False
             while not finished:
-                batch, finished, error = self._batch(await item.audio.get(), item.audio)
+                batch, finished, error = await self._batch(item.audio, fill=self._far_ahead())
                 if batch:
                     await self._emit_audio(item.index, batch[0] if len(batch) == 1 else b"".join(batch))
                     spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
@@ -227,32 +236,50 @@ class Turn:
             spoken.complete = True
             slots.release()
 
-    def _batch(self, first: object, audio: _AudioBuffer) -> tuple[list[bytes], bool, BaseException | None]:
-        """The audio pieces ready now, up to one message's worth: a single piece when the sender keeps
-        up, several when synthesis ran ahead (fewer, larger messages under load; no added delay).
+    def _far_ahead(self) -> bool:
+        """Whether the client holds enough audio for this turn's messages to wait until they are full."""
+        if self._first_audio_at is None:
+            return False
+        played_ms = (time.monotonic() - self._first_audio_at) * 1000  # at most: it may have started later
+        lead_ms = self._format.duration_ms(self._timeline_samples) - played_ms
+        return lead_ms >= self._options.fill_lead_ms + self._options.chunk_ms
+
+    async def _batch(self, audio: _AudioBuffer, *, fill: bool) -> tuple[list[bytes], bool, BaseException | None]:
+        """Up to one message's worth of audio: the pieces ready now (a single piece when the sender keeps
+        up, several when synthesis ran ahead), or, with ``fill``, as many as make a full message.
         Returns the pieces, whether the segment ended, and its error if it failed."""
         limit = max(2, self._format.sample_rate_hz * self._options.chunk_ms // 1000 * 2)  # bytes
         batch: list[bytes] = []
         size = 0
-        piece = first
         while True:
+            piece = audio.peek()
+            if piece is None:
+                if batch and not fill:
+                    return batch, False, None  # nothing more ready: send what there is
+                await audio.wait()
+                continue
             if piece is _END:
+                audio.get_nowait()
                 return batch, True, None
             if isinstance(piece, BaseException):
+                audio.get_nowait()
                 return batch, True, piece
             assert isinstance(piece, bytes)
+            if batch and size + len(piece) > limit:
+                return batch, False, None  # it would overfill the message
+            audio.get_nowait()
             batch.append(piece)
             size += len(piece)
-            head = audio.peek()
-            if head is None or size >= limit or (isinstance(head, bytes) and size + len(head) > limit):
-                return batch, False, None  # nothing more ready, or it would overfill the message
-            piece = audio.get_nowait()
+            if size >= limit:
+                return batch, False, None
 
     async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
         if self._sequence == 0 and self._format.encoding is Encoding.WAV:
             data = wav_stream_header(self._format.sample_rate_hz) + data
         chunk = AudioChunk(self.turn_id, segment_index, self._sequence, data, self._format.duration_ms(count))
+        if self._first_audio_at is None:
+            self._first_audio_at = time.monotonic()
         self._sequence += 1
         self._timeline_samples += count
         await self._emit(chunk)
