@@ -8,6 +8,7 @@ codes in one table, :data:`STATUS_FOR`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -82,28 +83,64 @@ def _log_turn(session_id: str, ended: TurnEnded) -> None:
     )
 
 
-class _Writes:
-    """A stream's message in flight to the client.
+class _Writer:
+    """Sends a stream's events to the client, one message at a time; stopped only between messages.
 
     gRPC core goes on sending a message whose ``write`` was cancelled, and refuses a status sent
     meanwhile (``GRPC_CALL_ERROR_TOO_MANY_OPERATIONS``), which leaves the client waiting for an end that
-    never comes. So a write is never abandoned: the writer's cancellation leaves it running, and the
-    call's end waits for it (:meth:`settle`) before it sends the status.
+    never comes. So when the stream fails elsewhere, :meth:`stop` lets the message in flight go (for
+    up to the send timeout) before the status is sent.
     """
 
-    def __init__(self) -> None:
-        self._pending: asyncio.Future[None] | None = None
+    def __init__(self, session: Session, context: grpc.aio.ServicerContext, send_timeout_s: float) -> None:
+        self._session = session
+        self._context = context
+        self._send_timeout_s = send_timeout_s
+        self._stopping = False
+        self._writing = False
+        self._written = asyncio.Event()
 
-    async def send(self, context: grpc.aio.ServicerContext, message: pb.ConverseResponse) -> None:
-        write = asyncio.ensure_future(context.write(message))
-        write.add_done_callback(_retrieve)  # a write that ends with the call fails; nobody else asks
-        self._pending = write
-        await asyncio.shield(write)
+    async def run(self) -> None:
+        """Send events until the session's event stream ends. Raises :class:`ClientNotReading`."""
+        session = self._session
+        while (event := await session.next_event()) is not None:
+            if self._stopping:
+                return
+            session.mark_sent(event)
+            self._writing = True
+            self._written.clear()
+            try:
+                async with asyncio.timeout(self._send_timeout_s):
+                    await self._context.write(event_to_proto(event))
+            except TimeoutError:
+                raise ClientNotReading(
+                    f"the client read nothing for {self._send_timeout_s:g} s while replies waited; "
+                    "the stream was closed"
+                ) from None
+            finally:
+                self._writing = False
+                self._written.set()
+            if isinstance(event, TurnEnded):
+                _log_turn(session.session_id, event)
 
-    async def settle(self, timeout_s: float) -> None:
-        """Wait (up to ``timeout_s``) until no write is in flight; whether it succeeded does not matter."""
-        if self._pending is not None and not self._pending.done():
-            await asyncio.wait({self._pending}, timeout=timeout_s)
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""
+        if not task.done():
+            self._stopping = True
+            if self._writing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._written.wait(), self._send_timeout_s)
+            task.cancel()  # it waits for the next event (safe to cancel), or its write is stuck
+            await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the stream's failure is taken from the task group
+
+
+async def _joined(writer: asyncio.Task[None], watcher: asyncio.Task[None]) -> None:
+    """The writer's outcome inside the task group, without the group being able to cancel it."""
+    await asyncio.wait({writer})
+    watcher.cancel()  # the stream is over: stop watching for a takeover
+    writer.result()
 
 
 async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
@@ -118,11 +155,6 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     task.result()
     if cancelled:
         raise asyncio.CancelledError
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
@@ -162,27 +194,26 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self.active_streams += 1
         self._drained.clear()
         session = Session(self._llm, self._tts, self._defaults, self._store)
-        writes = _Writes()
+        writer = _Writer(session, context, self._limits.send_timeout_s)
+        # Outside the task group: a failure elsewhere stops it between messages, never during one.
+        writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 watcher = group.create_task(self._watch_takeover(session), name="converse takeover watch")
                 group.create_task(self._read(request_iterator, session), name="converse reader")
-                group.create_task(self._write(session, context, watcher, writes), name="converse writer")
+                group.create_task(_joined(writing, watcher), name="converse writer outcome")
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
             try:
+                await _to_the_end(writer.stop(writing))
                 await _to_the_end(session.aclose())  # history is written even if the call is cancelled now
             finally:
                 self.active_streams -= 1
                 if self.active_streams == 0:
                     self._drained.set()
         if failure is not None:
-            if not isinstance(failure, ClientNotReading):
-                # A status sent while a message is still being sent can be refused by gRPC core, and the
-                # client would then never learn how its call ended: let that message go first.
-                await writes.settle(self._limits.send_timeout_s)
             code, message = _status_for(failure)
             await context.abort(code, message)
 
@@ -192,25 +223,6 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             f"session {session.session_id} was resumed by another stream, which now has it; this stream ends "
             "so that turns never interleave"
         )
-
-    async def _write(
-        self, session: Session, context: grpc.aio.ServicerContext, watcher: asyncio.Task[None], writes: _Writes
-    ) -> None:
-        try:
-            while (event := await session.next_event()) is not None:
-                session.mark_sent(event)
-                try:
-                    async with asyncio.timeout(self._limits.send_timeout_s):
-                        await writes.send(context, event_to_proto(event))
-                except TimeoutError:
-                    raise ClientNotReading(
-                        f"the client read nothing for {self._limits.send_timeout_s:g} s while replies waited; "
-                        "the stream was closed"
-                    ) from None
-                if isinstance(event, TurnEnded):
-                    _log_turn(session.session_id, event)
-        finally:
-            watcher.cancel()  # the stream is over: stop watching for a takeover
 
     async def _read(self, requests: AsyncIterator[pb.ConverseRequest], session: Session) -> None:
         iterator = aiter(requests)

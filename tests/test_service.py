@@ -442,8 +442,9 @@ async def test_a_client_that_stops_reading_is_disconnected() -> None:
 
 async def test_a_write_in_flight_is_never_abandoned() -> None:
     # gRPC core refuses a status while a message is still being sent, and the client then waits for
-    # ever; so the writer's cancellation must leave its write running, and the call's end waits for it.
-    from service.servicer import _Writes
+    # ever; so a stream that fails elsewhere stops its writer between messages, never during one.
+    from service.core.events import TextDelta
+    from service.servicer import _Writer
 
     class SlowContext:
         def __init__(self) -> None:
@@ -454,25 +455,37 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
             await self.release.wait()
             self.sent.append(message)
 
+    class TwoEvents:
+        session_id = "s"
+
+        def __init__(self) -> None:
+            self.events = [TextDelta("t1", "Hi"), TextDelta("t1", " there")]
+
+        async def next_event(self) -> TextDelta | None:
+            if self.events:
+                return self.events.pop(0)
+            await asyncio.Event().wait()  # no more, ever
+            return None
+
+        def mark_sent(self, event: object) -> None:
+            pass
+
     context = SlowContext()
-    writes = _Writes()
-    message = pb.ConverseResponse(text_delta=pb.TextDelta(turn_id="t1", text="Hi"))
-    writer = asyncio.create_task(writes.send(context, message))  # type: ignore[arg-type]
+    writer = _Writer(TwoEvents(), context, send_timeout_s=5)  # type: ignore[arg-type]
+    running = asyncio.create_task(writer.run())
+    await asyncio.sleep(0.01)  # the first message is in flight
+    stopping = asyncio.create_task(writer.stop(running))
     await asyncio.sleep(0.01)
-    writer.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await writer
-    settling = asyncio.create_task(writes.settle(timeout_s=5))
-    await asyncio.sleep(0.01)
-    assert not settling.done()  # still waiting for the message...
+    assert not stopping.done()  # it waits for the message in flight...
     context.release.set()
-    await settling
-    assert context.sent == [message]  # ... which went out whole
-    # With nothing in flight, settling is immediate; a write that never ends is waited for only so long.
-    await asyncio.wait_for(writes.settle(timeout_s=5), 1)
-    context.release.clear()
-    stuck = asyncio.create_task(writes.send(context, message))  # type: ignore[arg-type]
+    await asyncio.wait_for(stopping, 1)
+    assert [m.text_delta.text for m in context.sent] == ["Hi"]  # ... which went out whole; nothing after it
+    assert running.cancelled() or running.done()
+
+    # A write that never ends (the client reads nothing) is waited for only up to the send timeout.
+    context = SlowContext()
+    writer = _Writer(TwoEvents(), context, send_timeout_s=0.05)  # type: ignore[arg-type]
+    running = asyncio.create_task(writer.run())
     await asyncio.sleep(0.01)
-    await asyncio.wait_for(writes.settle(timeout_s=0.05), 1)
-    stuck.cancel()
-    context.release.set()
+    await asyncio.wait_for(writer.stop(running), 1)
+    assert context.sent == []
