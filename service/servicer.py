@@ -207,8 +207,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             failure = errors.exceptions[0]
         finally:
             try:
-                await _to_the_end(writer.stop(writing))
-                await _to_the_end(session.aclose())  # history is written even if the call is cancelled now
+                await _to_the_end(self._close(writer, writing, session))
             finally:
                 self.active_streams -= 1
                 if self.active_streams == 0:
@@ -216,6 +215,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         if failure is not None:
             code, message = _status_for(failure)
             await context.abort(code, message)
+
+    @staticmethod
+    async def _close(writer: _Writer, writing: asyncio.Task[None], session: Session) -> None:
+        """Stop the writer (between messages), then close the session (history written, claim let go)."""
+        try:
+            await writer.stop(writing)
+        finally:
+            await session.aclose()
 
     async def _watch_takeover(self, session: Session) -> None:
         await session.taken_over()

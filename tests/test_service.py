@@ -24,7 +24,7 @@ from tests.conftest import (
     user,
     wait_for,
 )
-from tests.fakes import FakeLLM, FakeTTS
+from tests.fakes import FakeLLM, FakeTTS, SlowStore
 
 
 async def rejection(stub: object, requests: list[pb.ConverseRequest]) -> grpc.aio.AioRpcError:
@@ -489,3 +489,24 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
     await asyncio.sleep(0.01)
     await asyncio.wait_for(writer.stop(running), 1)
     assert context.sent == []
+
+
+async def test_a_hang_up_while_a_failed_stream_waits_for_its_writer_still_closes_the_session() -> None:
+    # The stream fails (a bad message) while its writer is stuck on a client that reads nothing; the
+    # client then hangs up: the turn must still stop and the session be let go.
+    store = SlowStore(save_s=0.0)
+    h = await start_harness(FakeLLM(reply="word " * 3000), FakeTTS(), store=store)
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        session_id = (await call.read()).session_started.session_id
+        await call.write(user("Talk a lot."))
+        await asyncio.sleep(1.0)  # the writer fills the flow-control window and waits
+        await call.write(pb.ConverseRequest())  # a bad message: the stream fails, its writer is stopping
+        await asyncio.sleep(0.5)
+        call.cancel()
+        await wait_for(lambda: h.running.servicer.active_streams == 0 and store.releases == 1)
+        await wait_for(lambda: h.llm.open_streams == 0)
+        assert not store.owned(session_id)
+    finally:
+        await stop_harness(h)

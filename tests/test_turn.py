@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.core.audio import AudioFormat, Encoding
+from service.core.engine import Audio
 from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
 from service.core.turn import Turn, TurnOptions
 from service.errors import TTSError
@@ -173,3 +174,26 @@ async def test_cancel_stops_source_and_synthesis() -> None:
         await task
     assert tts.open_streams == 0
     assert tts.cancelled >= 1
+
+
+async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
+    # Six 180 ms pieces at once, then the engine stalls for a second: every piece already made must
+    # leave before the stall ends (a message waits to fill only while the client has audio to spare,
+    # and not for a piece that could not fit anyway).
+    rate = 16000
+    piece = b"\x01\x00" * (rate * 180 // 1000)
+
+    class StallingTTS(FakeTTS):
+        def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+            async def audio() -> AsyncIterator[Audio]:
+                for _ in range(6):
+                    yield Audio(piece, rate)
+                await asyncio.sleep(1.0)
+                yield Audio(piece, rate)
+
+            return audio()
+
+    _, events = await run_turn(StallingTTS(), text="One long sentence.")
+    chunks = [(at, e) for at, e in events if isinstance(e, AudioChunk)]
+    before_the_stall_ended = sum(e.duration_ms for at, e in chunks if at - chunks[0][0] < 0.5)
+    assert before_the_stall_ended == 6 * 180

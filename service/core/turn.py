@@ -227,7 +227,7 @@ class Turn:
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
             finished = False
             while not finished:
-                batch, finished, error = await self._batch(item.audio, fill=self._far_ahead())
+                batch, finished, error = await self._batch(item.audio, fill_until=self._fill_until())
                 if batch:
                     await self._emit_audio(item.index, batch[0] if len(batch) == 1 else b"".join(batch))
                     spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
@@ -236,17 +236,23 @@ class Turn:
             spoken.complete = True
             slots.release()
 
-    def _far_ahead(self) -> bool:
-        """Whether the client holds enough audio for this turn's messages to wait until they are full."""
+    def _fill_until(self) -> float | None:
+        """Until when a message may wait to fill up: while the client still holds ``fill_lead_ms`` of
+        audio (counting from when the turn's first audio left; it may have started playing later).
+        None when the client is not that far ahead."""
         if self._first_audio_at is None:
-            return False
-        played_ms = (time.monotonic() - self._first_audio_at) * 1000  # at most: it may have started later
-        lead_ms = self._format.duration_ms(self._timeline_samples) - played_ms
-        return lead_ms >= self._options.fill_lead_ms + self._options.chunk_ms
+            return None
+        now = time.monotonic()
+        lead_ms = self._format.duration_ms(self._timeline_samples) - (now - self._first_audio_at) * 1000
+        if lead_ms < self._options.fill_lead_ms + self._options.chunk_ms:
+            return None
+        return now + (lead_ms - self._options.fill_lead_ms) / 1000
 
-    async def _batch(self, audio: _AudioBuffer, *, fill: bool) -> tuple[list[bytes], bool, BaseException | None]:
+    async def _batch(
+        self, audio: _AudioBuffer, *, fill_until: float | None
+    ) -> tuple[list[bytes], bool, BaseException | None]:
         """Up to one message's worth of audio: the pieces ready now (a single piece when the sender keeps
-        up, several when synthesis ran ahead), or, with ``fill``, as many as make a full message.
+        up, several when synthesis ran ahead), or, until ``fill_until``, as many as make a full message.
         Returns the pieces, whether the segment ended, and its error if it failed."""
         limit = max(2, self._format.sample_rate_hz * self._options.chunk_ms // 1000 * 2)  # bytes
         batch: list[bytes] = []
@@ -254,9 +260,16 @@ class Turn:
         while True:
             piece = audio.peek()
             if piece is None:
-                if batch and not fill:
-                    return batch, False, None  # nothing more ready: send what there is
-                await audio.wait()
+                if not batch:
+                    await audio.wait()
+                    continue
+                if fill_until is None or size + len(batch[-1]) > limit:
+                    return batch, False, None  # send what there is (another piece would hardly fit)
+                try:
+                    async with asyncio.timeout_at(fill_until):
+                        await audio.wait()
+                except TimeoutError:
+                    return batch, False, None  # the client's lead is spent: send what there is
                 continue
             if piece is _END:
                 audio.get_nowait()
