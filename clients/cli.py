@@ -263,6 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-play", action="store_true", help="do not play on the sound device; write WAV files")
     parser.add_argument("--json", action="store_true", help="print every server message as one JSON line")
     args = parser.parse_args(argv)
+    for given, what in ((args.question, "the question"), (args.speak, "--speak")):
+        if given is not None and not given.strip():
+            parser.error(f"{what} is empty: give the text to send")
     args.interactive = args.question is None and args.speak is None
     return args
 

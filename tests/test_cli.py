@@ -204,3 +204,17 @@ async def test_session_option_resumes_a_conversation(harness: Harness, tmp_path:
     assert [m.content for m in harness.llm.requests[-1].messages][1:3] == ["My name is Ada.", harness.llm.reply]
     code, _, stderr = await run_script("--server", server, "--session", "nope", "Hi?", cwd=tmp_path)
     assert code == 1 and "NOT_FOUND" in stderr and "no session 'nope'" in stderr
+
+
+async def test_empty_text_is_refused_before_anything_is_sent() -> None:
+    for args in (["--speak", ""], [" "]):
+        code, _, stderr = await run_cli("--server", "127.0.0.1:1", *args)
+        assert code == 2 and "is empty: give the text to send" in stderr
+
+
+def test_session_ids_can_follow_an_option() -> None:
+    from service.core.opening import new_session_id
+
+    ids = {new_session_id() for _ in range(2000)}
+    assert len(ids) == 2000 and not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 24 for i in ids)

@@ -253,6 +253,7 @@ async def test_tts_failure_reports_and_keeps_earlier_speech() -> None:
         ([start(), user("")], "user_text.text is empty"),
         ([start(), user("   ")], "user_text.text is empty"),
         ([start(), speak("")], "speak_text.text is empty"),
+        ([start(), speak("", flush=True)], "no speak turn is open to flush"),
         ([start(), user("x" * 4001)], "over the limit of 4000"),
         ([start(voice="nobody")], "unknown voice 'nobody'"),
         ([start(audio=pb.AudioFormat(sample_rate_hz=7999))], "sample_rate_hz 7999 is out of range"),

@@ -10,7 +10,7 @@ from service.core.engine import TTSEngine
 from service.core.store import Claim, SessionStore, StoredSession
 from service.errors import InvalidRequest, SessionNotFound
 
-__all__ = ["Opened", "StartRequest", "check_length", "open_session"]
+__all__ = ["Opened", "StartRequest", "check_length", "new_session_id", "open_session"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,14 @@ class Opened:
     resumed: bool
     changed: bool = False
     """Resumed with settings (voice, system prompt, LLM options) other than the stored ones."""
+
+
+def new_session_id() -> str:
+    """An unguessable id (144 random bits, URL-safe) that does not start with ``-``, so that it can
+    follow a command-line option (``parley --session ID``) without being taken for one."""
+    while (session_id := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return session_id
 
 
 def check_length(text: str, field: str, max_chars: int) -> None:
@@ -98,7 +106,7 @@ async def open_session(
         changed = before != (stored.voice, stored.system_prompt, stored.temperature, stored.max_tokens)
         return Opened(stored, claim, audio, resumed=True, changed=changed)
     stored = StoredSession(
-        session_id=secrets.token_urlsafe(18),  # 144 random bits: unguessable
+        session_id=new_session_id(),
         system_prompt=request.system_prompt or default_system_prompt,
         voice=voice,
         temperature=request.temperature,

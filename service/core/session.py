@@ -187,7 +187,9 @@ class Session:
         active = self._active
         if active is None or active.speak_input is None:
             if not text:
-                return  # a lone flush with nothing open: nothing to release
+                raise InvalidRequest(
+                    "speak_text.text is empty and no speak turn is open to flush; send the text to read aloud"
+                )
             self._check_turn_id(turn_id, "speak_text.turn_id")
             await self.interrupt(None)
             queue: asyncio.Queue[str | None] = asyncio.Queue()
