@@ -10,6 +10,7 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
     ├── StoreUnavailable      the session store cannot be reached (UNAVAILABLE)
     ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
     ├── ClientNotReading      the client stopped reading while replies waited (DEADLINE_EXCEEDED)
+    ├── ShuttingDown          the server is shutting down; resume the session elsewhere (UNAVAILABLE)
     └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
         ├── LLMError
         └── TTSError
@@ -52,6 +53,10 @@ class IdleTimeout(ParleyError):
 
 class ClientNotReading(ParleyError):
     """The client read nothing for too long while messages waited to be sent."""
+
+
+class ShuttingDown(ParleyError):
+    """The server is shutting down: the stream ended after its turn in progress."""
 
 
 class EngineError(ParleyError):

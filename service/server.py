@@ -39,6 +39,7 @@ class RunningServer:
         """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
         wait (a bounded time) until the streams cut short have written their history."""
         await self.health.enter_graceful_shutdown()
+        self.servicer.shut_down()
         await self.server.stop(grace_s)
         try:
             await asyncio.wait_for(self.servicer.drained(), DRAIN_S)

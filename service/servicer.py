@@ -32,6 +32,7 @@ from service.errors import (
     ParleyError,
     SessionNotFound,
     SessionTakenOver,
+    ShuttingDown,
     StoreUnavailable,
 )
 
@@ -44,6 +45,7 @@ STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SessionTakenOver: grpc.StatusCode.ABORTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     ClientNotReading: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -136,13 +138,6 @@ class _Writer:
             task.exception()  # retrieved: the stream's failure is taken from the task group
 
 
-async def _joined(writer: asyncio.Task[None], watcher: asyncio.Task[None]) -> None:
-    """The writer's outcome inside the task group, without the group being able to cancel it."""
-    await asyncio.wait({writer})
-    watcher.cancel()  # the stream is over: stop watching for a takeover
-    writer.result()
-
-
 async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     """Run ``work`` to its end even if the caller is cancelled meanwhile (then re-raise that)."""
     task = asyncio.ensure_future(work)
@@ -171,6 +166,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self.active_streams = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._shutting_down = asyncio.Event()
+
+    def shut_down(self) -> None:
+        """Begin a graceful shutdown: every stream ends once its turn in progress has been sent, with
+        UNAVAILABLE and a message that says to resume the session elsewhere."""
+        self._shutting_down.set()
 
     async def drained(self) -> None:
         """Return once no stream is open (every stream's session has been let go)."""
@@ -200,9 +201,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
-                watcher = group.create_task(self._watch_takeover(session), name="converse takeover watch")
-                group.create_task(self._read(request_iterator, session), name="converse reader")
-                group.create_task(_joined(writing, watcher), name="converse writer outcome")
+                reader = group.create_task(self._read(request_iterator, session), name="converse reader")
+                watchers = (
+                    group.create_task(self._watch_takeover(session), name="converse takeover watch"),
+                    group.create_task(self._watch_shutdown(session), name="converse shutdown watch"),
+                )
+                group.create_task(self._joined(session, writing, reader, watchers), name="converse writer outcome")
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
@@ -223,6 +227,28 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             await writer.stop(writing)
         finally:
             await session.aclose()
+
+    async def _joined(
+        self,
+        session: Session,
+        writer: asyncio.Task[None],
+        reader: asyncio.Task[None],
+        watchers: tuple[asyncio.Task[None], ...],
+    ) -> None:
+        """The writer's outcome inside the task group, without the group being able to cancel it."""
+        await asyncio.wait({writer})
+        for watcher in watchers:
+            watcher.cancel()  # the stream is over: stop watching
+        writer.result()
+        if self._shutting_down.is_set() and not reader.done():  # (a client that half-closed ends normally)
+            where = f"resume session {session.session_id} on another replica" if session.session_id else "reconnect"
+            raise ShuttingDown(f"the server is shutting down; {where} (the turn in progress was completed)")
+
+    async def _watch_shutdown(self, session: Session) -> None:
+        """At shutdown, let the turn in progress end and begin no new one; the writer then sends what is
+        left and ends, and the stream ends with it."""
+        await self._shutting_down.wait()
+        await session.finish()
 
     async def _watch_takeover(self, session: Session) -> None:
         await session.taken_over()

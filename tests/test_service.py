@@ -394,6 +394,33 @@ async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones() -> None
     await h.channel.close()
 
 
+async def test_shutdown_ends_open_streams_after_their_turn_and_says_where_to_go() -> None:
+    h = await start_harness(FakeLLM(reply="One sentence to finish speaking. " * 3, token_s=0.02))
+    busy, idle = h.stub.Converse(), h.stub.Converse()
+    for call in (busy, idle):
+        await call.write(start())
+    busy_session = (await busy.read()).session_started.session_id
+    await idle.read()
+    await busy.write(user("Go on."))  # the client keeps its side open
+    await busy.read()
+    began = asyncio.get_running_loop().time()
+    stopping = asyncio.create_task(h.running.stop(grace_s=30))
+    with pytest.raises(grpc.aio.AioRpcError) as idle_end:
+        await idle.read()  # a stream with no turn ends at once
+    responses = []
+    with pytest.raises(grpc.aio.AioRpcError) as busy_end:
+        while (response := await busy.read()) is not grpc.aio.EOF:
+            responses.append(response)
+    assert turn_ends(responses)[0].reason == pb.TURN_END_REASON_COMPLETED  # the turn was finished first
+    for end in (idle_end, busy_end):
+        assert end.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "the server is shutting down" in end.value.details()
+    assert f"resume session {busy_session} on another replica" in busy_end.value.details()
+    await stopping
+    assert asyncio.get_running_loop().time() - began < 10  # nobody waited for the grace period
+    await h.channel.close()
+
+
 async def test_open_speak_turn_does_not_keep_an_abandoned_stream_alive() -> None:
     from service.servicer import StreamLimits
 

@@ -89,6 +89,10 @@ class EventQueue:
             self._update()
         return taken
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """No more events will be added; :meth:`get` returns None once the queue is drained."""
         self._closed = True

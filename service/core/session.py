@@ -175,6 +175,8 @@ class Session:
         check_length(text, "user_text.text", self._defaults.max_text_chars)
         self._check_turn_id(turn_id, "user_text.turn_id")
         await self.interrupt(None)
+        if self._events.closed:
+            return  # the stream is ending (the server shuts down): no new turn
         request = LLMRequest(self._conversation.request_messages(text), self._temperature, self._max_tokens)
         self._begin(turn_id, _llm_deltas(self._llm, request), user_text=text)
 
@@ -192,6 +194,8 @@ class Session:
                 )
             self._check_turn_id(turn_id, "speak_text.turn_id")
             await self.interrupt(None)
+            if self._events.closed:
+                return  # the stream is ending (the server shuts down): no new turn
             queue: asyncio.Queue[str | None] = asyncio.Queue()
             active = self._begin(turn_id, _deltas(queue), user_text=None, speak_input=queue)
         assert active.speak_input is not None
