@@ -166,6 +166,29 @@ async def test_foreign_origin_is_refused(stack: Stack) -> None:
             assert "sessionStarted" in json.loads(await ws.recv())
 
 
+async def upgrade_status(port: int, host: str, origin: str) -> int:
+    """The HTTP status a WebSocket upgrade with these Host and Origin headers gets."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+        ).encode()
+    )
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return int(status_line.split()[1])
+
+
+async def test_a_rebound_dns_name_is_not_the_bridges_own_origin(stack: Stack) -> None:
+    # A page on evil.example whose name now resolves to the bridge sends its own name as Host too.
+    port = stack.bridge.port
+    assert await upgrade_status(port, f"evil.example:{port}", f"http://evil.example:{port}") == 403
+    # Reached by IP address (say from another machine on the LAN), the page is the bridge's own.
+    assert await upgrade_status(port, f"192.0.2.7:{port}", f"http://192.0.2.7:{port}") == 101
+
+
 async def test_configured_origin_is_allowed() -> None:
     harness = await start_harness()
     s = await start_stack(harness, allowed_origins=("https://app.example.com",))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -136,7 +137,9 @@ class Bridge:
         parts = urlsplit(origin)
         if parts.hostname in _LOCAL_HOSTS:
             return True
-        return bool(host) and parts.netloc == host  # the bridge's own origin (its page)
+        # The bridge's own origin (its page), when reached by IP address. A name in Host proves nothing:
+        # a page whose DNS name was rebound to this address sends its own name in both headers.
+        return bool(host) and parts.netloc == host and _is_ip_address(urlsplit(f"//{host}").hostname)
 
     async def _http(self, path: str) -> Response:
         if path == "/healthz":
@@ -231,6 +234,14 @@ class Bridge:
         except ConnectionClosed:
             return
         await _close(websocket, 1000, "the conversation ended")
+
+
+def _is_ip_address(name: str | None) -> bool:
+    try:
+        ipaddress.ip_address(name or "")
+    except ValueError:
+        return False
+    return True
 
 
 async def _close(websocket: ServerConnection, code: int, reason: str) -> None:
