@@ -58,7 +58,9 @@ async def stack() -> AsyncIterator[Stack]:
 
 def parse_audio(frame: bytes) -> tuple[dict[str, Any], bytes]:
     (length,) = struct.unpack(">I", frame[:4])
-    return json.loads(frame[4 : 4 + length]), frame[4 + length :]
+    header = json.loads(frame[4 : 4 + length])
+    assert set(header) == {"turnId", "segmentIndex", "sequence"}  # the AudioChunk without its data
+    return header, frame[4 + length :]
 
 
 async def until_turn_ended(ws: ClientConnection) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], bytes]]]:
@@ -125,11 +127,15 @@ async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, cod
         await ws.send(json.dumps({"start": {}}))
         await ws.recv()
         await ws.send(frame)
+        received = []
         with pytest.raises(ConnectionClosed):
             while True:
-                await asyncio.wait_for(ws.recv(), 5)
+                received.append(await asyncio.wait_for(ws.recv(), 5))
         assert ws.close_code == code
         assert reason in (ws.close_reason or "")
+        if code == 1008:  # the full reason came first, as an error frame
+            (error,) = [json.loads(r)["error"] for r in received]
+            assert error["code"] == "INVALID_ARGUMENT" and reason in error["message"]
     # Everyone else is still served, and the bad socket's call was cancelled.
     await test_full_turn_through_the_bridge(stack)
     await wait_for(lambda: stack.bridge.sockets == 0 and stack.harness.running.servicer.active_streams == 0)

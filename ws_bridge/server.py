@@ -201,7 +201,10 @@ class Bridge:
         with contextlib.suppress(ConnectionClosed):
             async for message in websocket:
                 if isinstance(message, bytes):
-                    await _close(websocket, 1008, "binary frames are not accepted; send JSON text frames")
+                    reason = "binary frames are not accepted; send JSON text frames"
+                    with contextlib.suppress(ConnectionClosed):
+                        await websocket.send(error_frame("INVALID_ARGUMENT", reason))
+                    await _close(websocket, 1008, reason)
                     return None
                 try:
                     request = request_from_text(message)

@@ -45,8 +45,12 @@ def frame_from_response(response: pb.ConverseResponse) -> str | bytes:
     """The frame for one server message: binary for audio, JSON text for the rest."""
     if response.WhichOneof("kind") == "audio":
         audio = response.audio
-        header = pb.AudioChunk(turn_id=audio.turn_id, segment_index=audio.segment_index, sequence=audio.sequence)
-        encoded = json.dumps(to_json(header), separators=(",", ":")).encode()
+        header = pb.AudioChunk()
+        header.CopyFrom(audio)  # every field but the bytes, so that a field added to the .proto reaches browsers
+        header.ClearField("data")
+        fields = to_json(header)
+        fields.pop("data", None)
+        encoded = json.dumps(fields, separators=(",", ":")).encode()
         return struct.pack(">I", len(encoded)) + encoded + audio.data
     return json.dumps(to_json(response), separators=(",", ":"))
 
