@@ -218,3 +218,14 @@ def test_session_ids_can_follow_an_option() -> None:
     ids = {new_session_id() for _ in range(2000)}
     assert len(ids) == 2000 and not any(i.startswith("-") for i in ids)
     assert all(len(i) == 24 for i in ids)
+
+
+async def test_json_mode_stops_quietly_when_its_reader_goes_away(harness: Harness) -> None:
+    import shlex
+
+    cli = shlex.join([sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{harness.running.port}"])
+    code, stdout, stderr = await run_process(
+        "bash", "-c", f'{cli} --json "Hi?" | head -1; echo "exit ${{PIPESTATUS[0]}}" >&2'
+    )
+    assert code == 0 and stdout.startswith('{"sessionStarted"')
+    assert "exit 141" in stderr and "Traceback" not in stderr
