@@ -235,7 +235,9 @@ async def test_service_down() -> None:
                 await ws.recv()
             assert ws.close_code == 1013
         voices = await asyncio.to_thread(http_get, f"http://127.0.0.1:{bridge.port}/voices")
-        assert voices[0] == 503 and "unavailable" in voices[1]
+        assert (
+            voices[0] == 503 and json.loads(voices[1])["error"]["code"] == "UNAVAILABLE" and "unavailable" in voices[1]
+        )
     finally:
         await bridge.aclose()
 

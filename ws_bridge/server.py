@@ -159,7 +159,9 @@ class Bridge:
         try:
             voices = await self._stub.ListVoices(pb.ListVoicesRequest(), timeout=_CONNECT_WAIT_S, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
-            body = error_frame(error.code().name, f"the voice service is unavailable: {error.details()}")
+            # Not reached within the wait (DEADLINE_EXCEEDED) is the service being unavailable too.
+            code = "UNAVAILABLE" if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else error.code().name
+            body = error_frame(code, f"the voice service is unavailable: {error.details()}")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, "application/json", body.encode())
         return _response(http.HTTPStatus.OK, "application/json", json.dumps(to_json(voices)).encode())
 
