@@ -1,8 +1,9 @@
 """The gRPC servicer: proto messages in, session calls, proto messages out.
 
 Each ``Converse`` stream runs two tasks joined by the session's bounded event queue: a reader
-(requests → session commands) and a writer (session events → responses). Errors become gRPC status
-codes in one table, :data:`STATUS_FOR`.
+(requests → session commands) and a writer (session events → responses), plus watchers for a
+takeover of the session and for the server's shutdown. The writer is stopped only between messages.
+Errors become gRPC status codes in one table, :data:`STATUS_FOR`.
 """
 
 from __future__ import annotations
