@@ -202,12 +202,13 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
-                reader = group.create_task(self._read(request_iterator, session), name="converse reader")
+                half_closed = asyncio.Event()
+                group.create_task(self._read(request_iterator, session, half_closed), name="converse reader")
                 watchers = (
                     group.create_task(self._watch_takeover(session), name="converse takeover watch"),
                     group.create_task(self._watch_shutdown(session), name="converse shutdown watch"),
                 )
-                group.create_task(self._joined(session, writing, reader, watchers), name="converse writer outcome")
+                group.create_task(self._joined(session, writing, half_closed, watchers), name="converse writer outcome")
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:
@@ -233,7 +234,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self,
         session: Session,
         writer: asyncio.Task[None],
-        reader: asyncio.Task[None],
+        half_closed: asyncio.Event,
         watchers: tuple[asyncio.Task[None], ...],
     ) -> None:
         """The writer's outcome inside the task group, without the group being able to cancel it."""
@@ -241,7 +242,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         for watcher in watchers:
             watcher.cancel()  # the stream is over: stop watching
         writer.result()
-        if self._shutting_down.is_set() and not reader.done():  # (a client that half-closed ends normally)
+        if self._shutting_down.is_set() and not half_closed.is_set():  # (a client that half-closed ends normally)
             where = f"resume session {session.session_id} on another replica" if session.session_id else "reconnect"
             raise ShuttingDown(f"the server is shutting down; {where} (the turn in progress was completed)")
 
@@ -258,7 +259,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             "so that turns never interleave"
         )
 
-    async def _read(self, requests: AsyncIterator[pb.ConverseRequest], session: Session) -> None:
+    async def _read(
+        self, requests: AsyncIterator[pb.ConverseRequest], session: Session, half_closed: asyncio.Event
+    ) -> None:
         iterator = aiter(requests)
         last_message = time.monotonic()
         pending: asyncio.Future[pb.ConverseRequest] | None = None
@@ -279,6 +282,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                     request = pending.result()
                 except StopAsyncIteration:
                     pending = None
+                    half_closed.set()
                     await session.finish()
                     return
                 pending = None
