@@ -244,7 +244,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         writer.result()
         if self._shutting_down.is_set() and not half_closed.is_set():  # (a client that half-closed ends normally)
             where = f"resume session {session.session_id} on another replica" if session.session_id else "reconnect"
-            raise ShuttingDown(f"the server is shutting down; {where} (the turn in progress was completed)")
+            raise ShuttingDown(f"the server is shutting down; {where}")
 
     async def _watch_shutdown(self, session: Session) -> None:
         """At shutdown, let the turn in progress end and begin no new one; the writer then sends what is

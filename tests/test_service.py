@@ -382,8 +382,8 @@ async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones() -> None
     await call.read()
     await call.write(user("Go on."))
     await call.done_writing()
+    responses = [await call.read()]  # the turn has begun
     stopping = asyncio.create_task(h.running.stop(grace_s=5))
-    responses = []
     while (response := await call.read()) is not grpc.aio.EOF:
         responses.append(response)
     assert turn_ends(responses)[0].reason == pb.TURN_END_REASON_COMPLETED
