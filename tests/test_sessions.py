@@ -284,3 +284,33 @@ async def test_shutdown_waits_for_cut_streams_to_save_their_history() -> None:
         assert store.entries(session_id)[1][2]  # the cut reply, marked interrupted
     finally:
         await stop_harness(h)
+
+
+async def test_a_turn_is_stored_before_its_end_is_sent() -> None:
+    # A client that saw turn_ended and reconnects to another replica (this one having died) finds it.
+    store = SlowStore(save_s=0.3)
+    h = await start_harness(FakeLLM(reply="All done."), FakeTTS(), store=store)
+    try:
+        call, session_id = await open_stream(h)
+        await one_turn(call, "Hello.")
+        assert store.entries(session_id) == [("user", "Hello.", False), ("assistant", "All done.", False)]
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_barge_in_does_not_wait_for_the_store() -> None:
+    store = SlowStore(save_s=2.0)
+    h = await story_harness(store)
+    try:
+        call, _ = await open_stream(h)
+        await call.write(user("Tell me a story."))
+        await read_audio_ms(call, 200)
+        await call.write(user("Stop, something else."))
+        while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        assert response.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+        assert store.saves_done == 0  # the cut turn is still being written: its end did not wait
+        call.cancel()
+    finally:
+        await stop_harness(h)

@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.core.audio import AudioFormat, Encoding
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
@@ -58,6 +58,8 @@ class _ActiveTurn:
     """Its exchange is in the (in-memory) history."""
     played_ms: int | None = None
     """How much of it the client said it played, when it interrupted."""
+    end_queued: asyncio.Event = field(default_factory=asyncio.Event)
+    """Its TurnEnded is in the event queue (after its history was written, when it ended by itself)."""
     sent_audio_messages: int = 0
     reply_recorded: bool = False
     """The turn's reply is the last assistant message of the history."""
@@ -222,6 +224,7 @@ class Session:
         active = self._active
         if active is None:
             if self._last is not None:
+                await self._last.end_queued.wait()  # (its history may still be being written)
                 await self._interrupt_last(self._last, played_ms)
             return
         active.finished = True
@@ -250,6 +253,8 @@ class Session:
                 active.speak_input = None
             assert active.task is not None
             await _stopped(active.task)  # if this wait is cancelled, aclose stops the turn and records it
+        if self._last is not None:
+            await self._last.end_queued.wait()  # a turn that ended by itself may still be writing its history
         self._events.close()
 
     async def aclose(self) -> None:
@@ -385,9 +390,21 @@ class Session:
         else:
             active.reply_recorded = self._conversation.add_spoken(spoken, interrupted=cut_short)
         self._last = active
-        self._events.put_control(TurnEnded(active.turn.turn_id, reason, spoken, active.stats, error))
         self.last_activity = time.monotonic()
-        await self._persist()
+        ended = TurnEnded(active.turn.turn_id, reason, spoken, active.stats, error)
+        if cut_short:
+            # A barge-in's next turn must not wait for the store: say it ended, then write it.
+            self._events.put_control(ended)
+            active.end_queued.set()
+            await self._persist()
+            return
+        try:
+            # Written first, so that a client that saw turn_ended finds the turn on every replica, even if
+            # this one dies the next instant.
+            await self._persist()
+        finally:
+            self._events.put_control(ended)
+            active.end_queued.set()
 
     async def _persist(self) -> None:
         """Write the session to the store (the latest state wins; writes never overlap)."""
