@@ -100,8 +100,8 @@ class _Writer:
         self._context = context
         self._send_timeout_s = send_timeout_s
         self._stopping = False
-        self._writing = False
-        self._written = asyncio.Event()
+        self._written = asyncio.Event()  # clear while a message is in flight
+        self._written.set()
 
     async def run(self) -> None:
         """Send events until the session's event stream ends. Raises :class:`ClientNotReading`."""
@@ -110,7 +110,6 @@ class _Writer:
             if self._stopping:
                 return
             session.mark_sent(event)
-            self._writing = True
             self._written.clear()
             try:
                 async with asyncio.timeout(self._send_timeout_s):
@@ -121,7 +120,6 @@ class _Writer:
                     "the stream was closed"
                 ) from None
             finally:
-                self._writing = False
                 self._written.set()
             if isinstance(event, TurnEnded):
                 _log_turn(session.session_id, event)
@@ -130,7 +128,7 @@ class _Writer:
         """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""
         if not task.done():
             self._stopping = True
-            if self._writing:
+            if not self._written.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._written.wait(), self._send_timeout_s)
             task.cancel()  # it waits for the next event (safe to cancel), or its write is stuck

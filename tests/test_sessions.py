@@ -155,21 +155,31 @@ async def test_server_turn_ids_go_on_after_a_resume(harness: Harness) -> None:
     second.cancel()
 
 
+async def read_audio_ms(call: grpc.aio.StreamStreamCall, ms: float) -> None:
+    got = 0.0
+    while got < ms:
+        response = await call.read()
+        if response.WhichOneof("kind") == "audio":
+            got += len(response.audio.data) / 32  # PCM16 at 16 kHz
+
+
+def story_harness(store: MemoryStore, **kwargs: object) -> Awaitable[Harness]:
+    return start_harness(
+        FakeLLM(reply="Once upon a time. " + "It keeps going. " * 30, token_s=0.01),
+        FakeTTS(chunk_s=0.2, chunks=5),  # the first sentence's audio takes a second to leave
+        store=store,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 async def test_a_dropped_stream_keeps_the_turn_it_cut_short() -> None:
     # A phone that loses its connection mid-reply: the question stays in the history, and the reply
     # as far as its audio was sent, marked as cut.
-    h = await start_harness(
-        FakeLLM(reply="Once upon a time. " + "It keeps going. " * 30, token_s=0.01),
-        FakeTTS(chunk_s=0.2, chunks=5),  # the first sentence's audio takes a second to leave
-    )
+    h = await story_harness(MemoryStore(ttl_s=3600))
     try:
         call, session_id = await open_stream(h)
         await call.write(user("Tell me a story."))
-        audio_ms = 0.0
-        while audio_ms < 600:  # about half of the first sentence
-            response = await call.read()
-            if response.WhichOneof("kind") == "audio":
-                audio_ms += len(response.audio.data) / 32  # PCM16 at 16 kHz: 32 bytes a millisecond
+        await read_audio_ms(call, 600)  # about half of the first sentence
         call.cancel()
         await wait_for(lambda: h.running.servicer.active_streams == 0 and h.llm.open_streams == 0)
         h.llm.reply = "Where was I?"
@@ -202,23 +212,6 @@ async def test_a_new_voice_on_resume_is_kept_even_without_a_turn(harness: Harnes
 
 
 # -- history is written whatever way the stream ends (the store's writes take a while here) ------------
-
-
-async def read_audio_ms(call: grpc.aio.StreamStreamCall, ms: float) -> None:
-    got = 0.0
-    while got < ms:
-        response = await call.read()
-        if response.WhichOneof("kind") == "audio":
-            got += len(response.audio.data) / 32  # PCM16 at 16 kHz
-
-
-def story_harness(store: SlowStore, **kwargs: object) -> Awaitable[Harness]:
-    return start_harness(
-        FakeLLM(reply="Once upon a time. " + "It keeps going. " * 30, token_s=0.01),
-        FakeTTS(chunk_s=0.2, chunks=5),
-        store=store,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 @pytest.mark.parametrize("barge_in", ["interrupt", "user_text"])

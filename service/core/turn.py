@@ -71,10 +71,6 @@ class _AudioBuffer:
         self._items.append(item)
         self._ready.set()
 
-    async def get(self) -> object:
-        await self.wait()
-        return self._items.popleft()
-
     async def wait(self) -> None:
         """Return once an item is there."""
         while not self._items:
