@@ -13,7 +13,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.config import Settings
 from service.core.normalizer import speakable
-from service.core.session import SessionDefaults
+from service.core.settings import SessionDefaults
 from service.engines.factory import load_engines
 from service.server import start_server
 from service.servicer import StreamLimits

@@ -11,8 +11,8 @@ from pydantic_settings import CliApp
 
 from service.config import Settings
 from service.core.history import HistoryLimits
-from service.core.segmenter import SegmentPolicy
-from service.core.session import SessionDefaults
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.core.turn import TurnOptions
 from service.errors import EngineError, StoreUnavailable
@@ -34,10 +34,12 @@ async def run(settings: Settings) -> None:
         temperature=settings.llm_temperature,
         max_tokens=settings.llm_max_tokens,
         max_text_chars=settings.max_text_chars,
-        turn=TurnOptions(settings.lookahead_segments, settings.audio_chunk_ms, SegmentPolicy()),
+        idle_timeout_s=settings.idle_timeout_s,
+        turn=TurnOptions(lookahead=settings.lookahead_segments),
+        outbox=OutboxLimits(max_message_ms=settings.audio_chunk_ms),
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
-    limits = StreamLimits(settings.max_streams, settings.idle_timeout_s, settings.send_timeout_s)
+    limits = StreamLimits(settings.max_streams, settings.send_timeout_s)
     try:
         running = await start_server(
             llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits, store=store

@@ -12,7 +12,18 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.core.session import SessionDefaults
+from service.core.history import HistoryLimits
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
+from service.core.store import DEFAULT_SESSION_TTL_S
+from service.core.turn import TurnOptions
+from service.servicer import StreamLimits
+
+_SESSION = SessionDefaults()
+_TURN = TurnOptions()
+_OUTBOX = OutboxLimits()
+_HISTORY = HistoryLimits()
+_STREAMS = StreamLimits()
 
 __all__ = ["Settings"]
 
@@ -45,9 +56,11 @@ class Settings(BaseSettings):
     )
     llm_context_size: int = Field(2048, ge=256, description="Context window of the local LLM, in tokens.")
     llm_threads: int | None = Field(None, ge=1, description="CPU threads for the local LLM. Default: all cores.")
-    llm_temperature: float = Field(0.7, ge=0, le=2, description="Default sampling temperature.")
-    llm_max_tokens: int = Field(200, ge=1, description="Longest reply in tokens (a client may ask for fewer).")
-    system_prompt: str = Field(SessionDefaults.system_prompt, description="System prompt when a client sends none.")
+    llm_temperature: float = Field(_SESSION.temperature, ge=0, le=2, description="Default sampling temperature.")
+    llm_max_tokens: int = Field(
+        _SESSION.max_tokens, ge=1, description="Longest reply in tokens (a client may ask for fewer)."
+    )
+    system_prompt: str = Field(_SESSION.system_prompt, description="System prompt when a client sends none.")
     piper_voice_path: Path | None = Field(
         None,
         description="Default Piper voice (.onnx, with its .onnx.json beside it). Default: en_US-joe-medium (PyPI).",
@@ -55,16 +68,24 @@ class Settings(BaseSettings):
     piper_voice_dir: Path | None = Field(None, description="Folder of further Piper voices (*.onnx) to offer.")
     tts_workers: int = Field(2, ge=1, description="Syntheses that may run at once.")
     lookahead_segments: int = Field(
-        2, ge=0, description="Segments synthesized ahead of the one whose audio is being sent."
+        _TURN.lookahead, ge=0, description="Segments synthesized ahead of the one whose audio is being sent."
     )
-    audio_chunk_ms: int = Field(200, ge=10, le=2000, description="Longest audio message, in milliseconds.")
-    max_text_chars: int = Field(4000, ge=1, description="Longest user_text or speak turn, in characters.")
+    audio_chunk_ms: int = Field(
+        _OUTBOX.max_message_ms, ge=10, le=2000, description="Longest audio message, in milliseconds."
+    )
+    max_text_chars: int = Field(
+        _SESSION.max_text_chars, ge=1, description="Longest user_text or speak turn, in characters."
+    )
     idle_timeout_s: float = Field(
-        600.0, gt=0, description="Close a stream after this long with no message and no turn."
+        _SESSION.idle_timeout_s, gt=0, description="Close a stream after this long with no message and no turn."
     )
-    max_streams: int = Field(100, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED.")
+    max_streams: int = Field(
+        _STREAMS.max_streams, ge=1, description="Concurrent Converse streams; more get RESOURCE_EXHAUSTED."
+    )
     send_timeout_s: float = Field(
-        30.0, gt=0, description="Close a stream whose client reads nothing for this long while replies wait."
+        _STREAMS.send_timeout_s,
+        gt=0,
+        description="Close a stream whose client reads nothing for this long while replies wait.",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
@@ -74,10 +95,12 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the redis session store.")
     redis_prefix: str = Field("parley", description="Namespace of Parley's Redis keys.")
     session_ttl_s: float = Field(
-        3600.0, gt=0, description="Forget a session after this long with no stream (at least idle_timeout_s)."
+        DEFAULT_SESSION_TTL_S,
+        gt=0,
+        description="Forget a session after this long with no stream (at least idle_timeout_s).",
     )
-    history_max_turns: int = Field(50, ge=1, description="Turns a session keeps; the oldest go first.")
-    history_max_chars: int = Field(20_000, ge=100, description="Characters of history a session keeps.")
+    history_max_turns: int = Field(_HISTORY.max_turns, ge=1, description="Turns a session keeps; the oldest go first.")
+    history_max_chars: int = Field(_HISTORY.max_chars, ge=100, description="Characters of history a session keeps.")
     openai_base_url: str | None = Field(
         None,
         description="OpenAI-compatible server, e.g. http://localhost:11434/v1. Default: OPENAI_BASE_URL, else OpenAI.",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from parley.v1 import voice_pb2 as pb
 from service.core.audio import Encoding
+from service.core.command import BadMessage, ClientCommand, Interrupt, SpeakText, Start, UserText
 from service.core.engine import Voice
-from service.core.events import AudioChunk, Event, SegmentStarted, SessionStarted, TextDelta, TurnEnded, TurnEndReason
-from service.core.opening import StartRequest
+from service.core.events import AudioChunk, Message, SegmentStarted, SessionStarted, TextDelta, TurnEnded, TurnEndReason
+from service.core.settings import StartRequest
 from service.errors import InvalidRequest
 
-__all__ = ["event_to_proto", "start_from_proto", "voice_to_proto"]
+__all__ = ["command_from_proto", "message_to_proto", "start_from_proto", "voice_to_proto"]
 
 _ENCODINGS = {
     pb.AUDIO_ENCODING_UNSPECIFIED: Encoding.PCM16,
@@ -40,12 +41,40 @@ def start_from_proto(start: pb.Start) -> StartRequest:
     )
 
 
+def command_from_proto(request: pb.ConverseRequest) -> ClientCommand:
+    """The session command for one client message; :class:`BadMessage` for one that cannot be one."""
+    try:
+        return _command(request)
+    except InvalidRequest as error:
+        return BadMessage(error)
+
+
+def _command(request: pb.ConverseRequest) -> ClientCommand:
+    kind = request.WhichOneof("kind")
+    if kind == "start":
+        return Start(start_from_proto(request.start))
+    if kind == "user_text":
+        return UserText(request.user_text.text, request.user_text.turn_id)
+    if kind == "speak_text":
+        speak = request.speak_text
+        return SpeakText(speak.text, speak.flush, speak.turn_id)
+    if kind == "interrupt":
+        played = request.interrupt.played_ms if request.interrupt.HasField("played_ms") else None
+        if played is not None and played < 0:
+            raise InvalidRequest(f"interrupt.played_ms is {played}; it cannot be negative")
+        return Interrupt(played)
+    raise InvalidRequest(
+        "the message sets none of start, user_text, speak_text, interrupt "
+        "(an empty message, or a kind this server does not know)"
+    )
+
+
 def voice_to_proto(voice: Voice) -> pb.Voice:
     return pb.Voice(id=voice.id, language=voice.language, sample_rate_hz=voice.sample_rate_hz, engine=voice.engine)
 
 
-def event_to_proto(event: Event) -> pb.ConverseResponse:
-    """One server message for one core event."""
+def message_to_proto(event: Message) -> pb.ConverseResponse:
+    """The server message for one outgoing message."""
     if isinstance(event, AudioChunk):
         return pb.ConverseResponse(
             audio=pb.AudioChunk(
@@ -65,7 +94,8 @@ def event_to_proto(event: Event) -> pb.ConverseResponse:
             )
         )
     if isinstance(event, TurnEnded):
-        stats = event.stats
+        usage = event.usage
+        timings = event.timings
         return pb.ConverseResponse(
             turn_ended=pb.TurnEnded(
                 turn_id=event.turn_id,
@@ -73,19 +103,18 @@ def event_to_proto(event: Event) -> pb.ConverseResponse:
                 spoken_text=event.spoken_text,
                 error=event.error,
                 usage=(
-                    pb.LlmUsage(
-                        prompt_tokens=stats.usage.prompt_tokens, completion_tokens=stats.usage.completion_tokens
-                    )
-                    if stats.usage is not None
+                    pb.LlmUsage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+                    if usage is not None
                     else None
                 ),
                 timings=pb.TurnTimings(
-                    first_llm_token_ms=stats.since_start_ms(stats.first_llm_token),
-                    first_segment_ms=stats.since_start_ms(stats.first_segment),
-                    first_audio_ms=stats.since_start_ms(stats.first_audio),
-                    total_ms=stats.since_start_ms(stats.ended),
-                    audio_duration_ms=round(stats.audio_ms_sent),
+                    first_llm_token_ms=timings.first_llm_token_ms,
+                    first_segment_ms=timings.first_segment_ms,
+                    first_audio_ms=timings.first_audio_ms,
+                    total_ms=timings.total_ms,
+                    audio_duration_ms=timings.audio_duration_ms,
                 ),
+                history_unsaved=event.history_unsaved,
             )
         )
     if isinstance(event, SessionStarted):

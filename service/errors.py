@@ -6,8 +6,9 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
     ├── InvalidRequest        the client sent something it must fix (gRPC INVALID_ARGUMENT)
     ├── SessionNotFound       resuming a session that does not exist or expired (NOT_FOUND)
     ├── SessionTakenOver      another stream resumed this stream's session (ABORTED)
-    ├── Overloaded            the server holds its maximum number of streams (RESOURCE_EXHAUSTED)
+    ├── Overloaded            the server holds its maximum of streams or sessions (RESOURCE_EXHAUSTED)
     ├── StoreUnavailable      the session store cannot be reached (UNAVAILABLE)
+    ├── SessionLost           the store no longer has this stream's session, e.g. it restarted empty (UNAVAILABLE)
     ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
     ├── ClientNotReading      the client stopped reading while replies waited (DEADLINE_EXCEEDED)
     ├── ShuttingDown          the server is shutting down; resume the session elsewhere (UNAVAILABLE)
@@ -41,6 +42,10 @@ class SessionTakenOver(ParleyError):
 
 class StoreUnavailable(ParleyError):
     """The session store cannot be reached."""
+
+
+class SessionLost(ParleyError):
+    """The store lost a session a stream holds (for example Redis restarted without its data)."""
 
 
 class Overloaded(ParleyError):

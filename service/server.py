@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection
 
 from parley.v1 import voice_pb2, voice_pb2_grpc
 from service.core.engine import LLMEngine, TTSEngine
-from service.core.session import SessionDefaults
-from service.core.store import SessionStore
+from service.core.settings import SessionDefaults
+from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
 
@@ -60,9 +60,11 @@ async def start_server(
     store: SessionStore | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
-    Without a store, sessions live in this process for an hour."""
+    Without a store, sessions live in this process (the memory store with its defaults)."""
     server = grpc.aio.server()
-    servicer = VoiceServicer(llm, tts, defaults, limits, store if store is not None else MemoryStore(ttl_s=3600))
+    servicer = VoiceServicer(
+        llm, tts, defaults, limits, store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
+    )
     voice_pb2_grpc.add_VoiceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

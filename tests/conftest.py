@@ -15,9 +15,9 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from service.core.session import SessionDefaults
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
-from service.core.turn import TurnOptions
 from service.server import RunningServer, start_server
 from service.servicer import StreamLimits
 from tests.fakes import FakeLLM, FakeTTS
@@ -52,7 +52,7 @@ async def start_harness(
         tts,
         host="127.0.0.1",
         port=0,
-        defaults=defaults or SessionDefaults(turn=TurnOptions(chunk_ms=100)),
+        defaults=defaults or SessionDefaults(outbox=OutboxLimits(max_message_ms=100)),
         limits=limits or StreamLimits(),
         store=store,
     )

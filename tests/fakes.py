@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from service.core.engine import Audio, LLMRequest, Voice
 from service.core.store import Claim, StoredSession
-from service.errors import LLMError, TTSError
+from service.errors import LLMError, StoreUnavailable, TTSError
 from service.stores.memory import MemoryStore
 
 
@@ -32,11 +32,11 @@ class FakeLLM:
     open_streams: int = 0
     completed: int = 0
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+    def stream(self, request: LLMRequest) -> AsyncGenerator[str, None]:
         self.requests.append(request)
         return self._stream()
 
-    async def _stream(self) -> AsyncIterator[str]:
+    async def _stream(self) -> AsyncGenerator[str, None]:
         self.open_streams += 1
         try:
             await asyncio.sleep(self.first_token_s)
@@ -80,14 +80,14 @@ class FakeTTS:
     def voices(self) -> list[Voice]:
         return [Voice(v, "en_US", self.sample_rate_hz, self.name) for v in self.voice_ids]
 
-    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         self.texts.append(text)
         return self._synthesize(text)
 
     def duration_ms(self, text: str) -> float:
         return len(text) * self.ms_per_char
 
-    async def _synthesize(self, text: str) -> AsyncIterator[Audio]:
+    async def _synthesize(self, text: str) -> AsyncGenerator[Audio, None]:
         self.open_streams += 1
         try:
             latency = self.latency_s(text) if callable(self.latency_s) else self.latency_s
@@ -125,6 +125,8 @@ class SlowStore(MemoryStore):
     def __init__(self, save_s: float) -> None:
         super().__init__(ttl_s=3600)
         self.save_s = save_s
+        self.failing = False
+        """Saves raise StoreUnavailable (the store cannot be reached)."""
         self.saves_started = 0
         self.saves_done = 0
         self.releases = 0
@@ -132,6 +134,8 @@ class SlowStore(MemoryStore):
     async def save(self, session: StoredSession, claim: Claim) -> bool:
         self.saves_started += 1
         await asyncio.sleep(self.save_s)
+        if self.failing:
+            raise StoreUnavailable("the session store (a fake) is unavailable")
         written = await super().save(session, claim)
         self.saves_done += 1
         return written

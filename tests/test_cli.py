@@ -213,7 +213,7 @@ async def test_empty_text_is_refused_before_anything_is_sent() -> None:
 
 
 def test_session_ids_can_follow_an_option() -> None:
-    from service.core.opening import new_session_id
+    from service.core.settings import new_session_id
 
     ids = {new_session_id() for _ in range(2000)}
     assert len(ids) == 2000 and not any(i.startswith("-") for i in ids)

@@ -44,7 +44,7 @@ def engines() -> Iterator[tuple[LLMEngine, TTSEngine]]:
 async def real(engines: tuple[LLMEngine, TTSEngine]) -> AsyncIterator[Harness]:
     import grpc
 
-    from service.core.session import SessionDefaults
+    from service.core.settings import SessionDefaults
     from service.server import start_server
     from service.servicer import StreamLimits
 

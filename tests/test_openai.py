@@ -13,6 +13,7 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from service.config import Settings
+from service.core.settings import SessionDefaults
 from service.engines.factory import openai_connection
 from service.engines.openai_client import OpenAIConnection
 from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
@@ -83,7 +84,10 @@ async def test_full_turn_on_openai_llm_and_tts(both: Harness, fake: FakeOpenAI) 
     assert chat.headers["authorization"] == f"Bearer {API_KEY}" and chat.headers["x-team"] == "voice"
     assert chat.body["model"] == "gpt-test" and chat.body["stream"] is True
     assert chat.body["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
-    assert chat.body["stream_options"] == {"include_usage": True} and chat.body["max_tokens"] == 256
+    assert (
+        chat.body["stream_options"] == {"include_usage": True}
+        and chat.body["max_tokens"] == SessionDefaults().max_tokens
+    )
     # One speech request per segment, PCM, with the voice and instructions.
     speech = fake.of("/audio/speech")
     # (Look-ahead synthesizes the second segment while the first is sent: the order may vary.)

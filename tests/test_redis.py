@@ -213,3 +213,29 @@ def test_redis_url_password_never_shows() -> None:
 
     assert _safe("redis://:p@ssw0rd-Secret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
     assert _safe("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+async def test_a_session_redis_lost_ends_the_stream_unavailable(redis_url: str, prefix: str) -> None:
+    # Redis restarted without its data: the stream learns that its session is gone, not that another
+    # stream took it over.
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    h = await start_harness(store=store)
+    client = redis.from_url(redis_url, decode_responses=True)
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        session_id = (await call.read()).session_started.session_id
+        await call.write(user("One?"))
+        while (await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        await client.delete(*await client.keys(f"{prefix}:*"))
+        await call.write(user("Two?"))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"the session store lost session {session_id}" in (failed.value.details() or "")
+    finally:
+        await client.aclose()
+        await stop_harness(h)
+        await store.aclose()

@@ -11,6 +11,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.v1 import voice_pb2 as pb
 from service.core.history import INTERRUPTED_NOTE, INTERRUPTED_SILENT
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
 from tests.conftest import (
     Harness,
     converse_all,
@@ -288,9 +290,8 @@ async def test_unknown_message_kind_from_a_newer_client(harness: Harness) -> Non
 
 
 async def test_idle_stream_is_closed() -> None:
-    from service.servicer import StreamLimits
 
-    h = await start_harness(limits=StreamLimits(idle_timeout_s=0.3))
+    h = await start_harness(defaults=SessionDefaults(idle_timeout_s=0.3, outbox=OutboxLimits(max_message_ms=100)))
     try:
         call = h.stub.Converse()
         await call.write(start())
@@ -306,10 +307,10 @@ async def test_idle_stream_is_closed() -> None:
 
 
 async def test_busy_stream_is_not_idle() -> None:
-    from service.servicer import StreamLimits
 
     h = await start_harness(
-        FakeLLM(reply="This takes a while to say. " * 3, token_s=0.05), limits=StreamLimits(idle_timeout_s=0.3)
+        FakeLLM(reply="This takes a while to say. " * 3, token_s=0.05),
+        defaults=SessionDefaults(idle_timeout_s=0.3, outbox=OutboxLimits(max_message_ms=100)),
     )
     try:
         responses = await converse_all(h.stub, [start(), user("Slow?")])
@@ -422,9 +423,8 @@ async def test_shutdown_ends_open_streams_after_their_turn_and_says_where_to_go(
 
 
 async def test_open_speak_turn_does_not_keep_an_abandoned_stream_alive() -> None:
-    from service.servicer import StreamLimits
 
-    h = await start_harness(limits=StreamLimits(idle_timeout_s=0.3))
+    h = await start_harness(defaults=SessionDefaults(idle_timeout_s=0.3, outbox=OutboxLimits(max_message_ms=100)))
     try:
         call = h.stub.Converse()
         await call.write(start())
@@ -472,7 +472,8 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
     # gRPC core refuses a status while a message is still being sent, and the client then waits for
     # ever; so a stream that fails elsewhere stops its writer between messages, never during one.
     from service.core.events import TextDelta
-    from service.servicer import _Writer
+    from service.core.outbox import Outbox, OutboxLimits
+    from service.servicer import Writer
 
     class SlowContext:
         def __init__(self) -> None:
@@ -483,25 +484,24 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
             await self.release.wait()
             self.sent.append(message)
 
-    class TwoEvents:
-        session_id = "s"
+    async def two_captions() -> Outbox:
+        outbox = Outbox(OutboxLimits())
+        outlet = outbox.open_turn("t1")
+        await outlet.put(TextDelta("t1", "Hi"))
+        await outlet.put(TextDelta("t1", " there"))
+        return outbox
 
-        def __init__(self) -> None:
-            self.events = [TextDelta("t1", "Hi"), TextDelta("t1", " there")]
-
-        async def next_event(self) -> TextDelta | None:
-            if self.events:
-                return self.events.pop(0)
-            await asyncio.Event().wait()  # no more, ever
-            return None
-
-        def mark_sent(self, event: object) -> None:
-            pass
+    def writer_of(outbox: Outbox, context: SlowContext, send_timeout_s: float) -> Writer:
+        return Writer(outbox, context, send_timeout_s, lambda: "s")  # type: ignore[arg-type]
 
     context = SlowContext()
-    writer = _Writer(TwoEvents(), context, send_timeout_s=5)  # type: ignore[arg-type]
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    writer = writer_of(outbox, context, send_timeout_s=5)
     running = asyncio.create_task(writer.run())
+    await outlet.put(TextDelta("t1", "Hi"))
     await asyncio.sleep(0.01)  # the first message is in flight
+    await outlet.put(TextDelta("t1", " there"))
     stopping = asyncio.create_task(writer.stop(running))
     await asyncio.sleep(0.01)
     assert not stopping.done()  # it waits for the message in flight...
@@ -512,7 +512,7 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
 
     # A write that never ends (the client reads nothing) is waited for only up to the send timeout.
     context = SlowContext()
-    writer = _Writer(TwoEvents(), context, send_timeout_s=0.05)  # type: ignore[arg-type]
+    writer = writer_of(await two_captions(), context, send_timeout_s=0.05)
     running = asyncio.create_task(writer.run())
     await asyncio.sleep(0.01)
     await asyncio.wait_for(writer.stop(running), 1)

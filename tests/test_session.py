@@ -1,119 +1,156 @@
-"""The session on its own (no sockets): barge-in after the server finished a turn, turn ids,
-engine errors raised early."""
+"""The session on its own (no sockets): commands in, outbox messages out, history in the store."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator
 
 import pytest
 
+from service.core.command import Command, CommandQueue, HalfClose, Interrupt, SpeakText, Start, UserText
 from service.core.engine import LLMRequest
-from service.core.events import AudioChunk, Event, TurnEnded, TurnEndReason
-from service.core.opening import StartRequest
-from service.core.session import Session, SessionDefaults
+from service.core.events import AudioChunk, AudioPiece, Message, TurnEnd, TurnEnded, TurnEndReason
+from service.core.history import Entry
+from service.core.outbox import Outbox, OutboxLimits
+from service.core.session import Ending, Session
+from service.core.settings import SessionDefaults, StartRequest
 from service.errors import InvalidRequest, LLMError
 from service.stores.memory import MemoryStore
 from tests.conftest import wait_for
 from tests.fakes import FakeLLM, FakeTTS
 
 
-def queued(session: Session) -> list[Event]:
-    return list(session._events._items)  # a look inside, to stand in for a client that is slow to read
+class Stream:
+    """A session running its command loop, as the servicer runs it, with a client that reads when told."""
+
+    def __init__(self, llm: FakeLLM, tts: FakeTTS | None = None) -> None:
+        self.llm = llm
+        self.store = MemoryStore(60)
+        self.outbox = Outbox(OutboxLimits(max_buffered_ms=10_000_000, max_buffered_items=10_000))
+        self.commands = CommandQueue()
+        self.session = Session(llm, tts or FakeTTS(), SessionDefaults(), self.store, self.outbox)
+        self.loop = asyncio.create_task(self.session.run(self.commands))
+
+    async def send(self, *commands: Command) -> None:
+        for command in commands:
+            await self.commands.put(command)  # type: ignore[arg-type]
+
+    async def read(self) -> Message | None:
+        return await self.outbox.next()
+
+    async def read_audio(self, count: int) -> list[Message]:
+        """Read until ``count`` audio messages have come."""
+        read: list[Message] = []
+        while sum(isinstance(m, AudioChunk) for m in read) < count:
+            message = await self.read()
+            assert message is not None
+            read.append(message)
+        return read
+
+    async def read_to_the_end(self) -> list[Message]:
+        """Half-close, then read everything until the stream is over."""
+        await self.send(HalfClose())
+        read = []
+        while (message := await self.read()) is not None:
+            read.append(message)
+        assert await self.loop is Ending.HALF_CLOSED
+        return read
+
+    async def history(self) -> list[Entry]:
+        resumed = await self.store.resume(self.session.session_id)
+        assert resumed is not None
+        return resumed[0].entries
+
+    async def wait_for_end_queued(self) -> None:
+        await wait_for(lambda: any(isinstance(item, TurnEnd) for item in self.outbox.waiting()))
 
 
-async def drain(session: Session) -> list[Event]:
-    events = []
-    while len(session._events):
-        event = await session.next_event()
-        assert event is not None
-        session.mark_sent(event)
-        events.append(event)
-    return events
+async def started(llm: FakeLLM, tts: FakeTTS | None = None) -> Stream:
+    stream = Stream(llm, tts)
+    await stream.send(Start(StartRequest()))
+    assert (await stream.read()).__class__.__name__ == "SessionStarted"
+    return stream
 
 
 async def test_interrupt_drops_audio_of_a_turn_that_finished_only_on_the_server() -> None:
-    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
-    await session.start(StartRequest())
-    await session.user_text("Hi?")
-    await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
+    llm = FakeLLM()
+    stream = await started(llm)
+    await stream.send(UserText("Hi?"))
+    await stream.wait_for_end_queued()
     # The client has read the first few messages only, then barges in.
-    sent: list[Event] = []
-    while sum(isinstance(e, AudioChunk) for e in sent) < 3:
-        event = await session.next_event()
-        assert event is not None
-        session.mark_sent(event)
-        sent.append(event)
-    audio_sent_ms = sum(e.duration_ms for e in sent if isinstance(e, AudioChunk))
-    assert audio_sent_ms > 0
-    await session.interrupt(None)
-    rest = await drain(session)
-    assert not any(isinstance(e, AudioChunk) for e in rest)
-    (ended,) = [e for e in rest if isinstance(e, TurnEnded)]
+    sent = await stream.read_audio(3)
+    assert sum(m.duration_ms for m in sent if isinstance(m, AudioChunk)) > 0
+    await stream.send(Interrupt(None))
+    await wait_for(lambda: not any(isinstance(item, AudioPiece) for item in stream.outbox.waiting()))
+    rest = await stream.read_to_the_end()
+    assert not any(isinstance(m, AudioChunk) for m in rest)
+    (ended,) = [m for m in rest if isinstance(m, TurnEnded)]
     assert ended.reason is TurnEndReason.INTERRUPTED
-    assert ended.spoken_text != "" and len(ended.spoken_text) < len(session._llm.reply)  # type: ignore[attr-defined]
-    last = session._conversation.entries[-1]
+    assert ended.spoken_text != "" and len(ended.spoken_text) < len(llm.reply)
+    last = (await stream.history())[-1]
     assert last.content == ended.spoken_text and last.interrupted
 
 
 async def test_interrupt_with_played_ms_after_the_end_was_sent_trims_history() -> None:
-    llm = FakeLLM()
-    session = Session(llm, FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
-    await session.start(StartRequest())
-    await session.user_text("Hi?")
-    await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
-    events = await drain(session)
-    assert [e for e in events if isinstance(e, TurnEnded)][0].reason is TurnEndReason.COMPLETED
-    await session.interrupt(1000)  # the client played one second of it
-    assert await drain(session) == []  # nothing more is sent for a turn that was reported ended
+    stream = await started(FakeLLM())
+    await stream.send(UserText("Hi?"))
+    while not isinstance(message := await stream.read(), TurnEnded):
+        pass
+    assert message.reason is TurnEndReason.COMPLETED
+    await stream.send(Interrupt(1000))  # the client played one second of it
+    assert await stream.read_to_the_end() == []  # nothing more is sent for a turn that was reported ended
     # 1 s of the first segment's 1.5 s: 3 of its 5 words.
-    assert session._conversation.entries[-1].content == "Sure, here is"
-    assert session._conversation.entries[-1].interrupted
+    last = (await stream.history())[-1]
+    assert last.content == "Sure, here is" and last.interrupted
 
 
-async def test_turn_ids_must_be_unique() -> None:
-    session = Session(FakeLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
-    await session.start(StartRequest())
-    await session.user_text("One", turn_id="turn-2")
-    await session.user_text("Two")  # the server's own numbering skips the id the client took
-    with pytest.raises(InvalidRequest, match="'turn-2' was already used"):
-        await session.user_text("Three", turn_id="turn-2")
-    with pytest.raises(InvalidRequest, match="at most 128"):
-        await session.speak_text("x", False, turn_id="t" * 129)
-    await session.aclose()
+@pytest.mark.parametrize(
+    ("commands", "error"),
+    [
+        (
+            [UserText("One", turn_id="turn-2"), UserText("Two"), UserText("Three", turn_id="turn-2")],
+            "'turn-2' was already used",
+        ),
+        ([SpeakText("x", turn_id="t" * 129)], "at most 128"),
+    ],
+)
+async def test_turn_ids_must_be_unique_and_short(commands: list[Command], error: str) -> None:
+    stream = await started(FakeLLM())
+    await stream.send(*commands)
+    with pytest.raises(InvalidRequest, match=error):
+        await stream.loop
+    assert stream.outbox.closed
+
+
+async def test_the_servers_own_turn_ids_skip_the_ones_a_client_took() -> None:
+    stream = await started(FakeLLM())
+    await stream.send(UserText("One", turn_id="turn-1"), UserText("Two"), UserText("Three"))
+    ends = [m.turn_id for m in await stream.read_to_the_end() if isinstance(m, TurnEnded)]
+    assert ends == ["turn-1", "turn-2", "turn-3"]
 
 
 async def test_llm_that_fails_when_opened_fails_the_turn_only() -> None:
     class BrokenLLM(FakeLLM):
-        def stream(self, request: LLMRequest) -> AsyncIterator[str]:
+        def stream(self, request: LLMRequest) -> AsyncGenerator[str, None]:
             raise LLMError("cannot open the model stream")
 
-    session = Session(BrokenLLM(), FakeTTS(), SessionDefaults(buffered_events=10_000), MemoryStore(60))
-    await session.start(StartRequest())
-    await session.user_text("Hi?")
-    await wait_for(lambda: any(isinstance(e, TurnEnded) for e in queued(session)))
-    (ended,) = [e for e in await drain(session) if isinstance(e, TurnEnded)]
+    stream = await started(BrokenLLM())
+    await stream.send(UserText("Hi?"))
+    (ended,) = [m for m in await stream.read_to_the_end() if isinstance(m, TurnEnded)]
     assert ended.reason is TurnEndReason.FAILED and "cannot open the model stream" in ended.error
-    await session.aclose()
 
 
 async def test_interrupt_then_a_new_message_keeps_the_played_cut() -> None:
     # What the page does: interrupt with the milliseconds played, then send the next message at once.
     llm = FakeLLM(reply="Right, this one is a long answer. " + "It keeps going. " * 20, token_s=0.01)
-    session = Session(llm, FakeTTS(chunk_s=0.02), SessionDefaults(buffered_events=10_000), MemoryStore(60))
-    await session.start(StartRequest())
-    await session.user_text("Talk.")
-    sent: list[Event] = []
-    while sum(isinstance(e, AudioChunk) for e in sent) < 6:
-        event = await session.next_event()
-        assert event is not None
-        session.mark_sent(event)
-        sent.append(event)
-    await session.interrupt(700)
-    await session.user_text("Stop there.")
-    rest = await drain(session)
-    ended = [e for e in rest if isinstance(e, TurnEnded)][0]
+    stream = await started(llm, FakeTTS(chunk_s=0.02))
+    await stream.send(UserText("Talk."))
+    await stream.read_audio(6)
+    await stream.send(Interrupt(700), UserText("Stop there."))
+    await stream.wait_for_end_queued()  # (what the client reads before the interrupt is handled may be of it)
+    rest = await stream.read_to_the_end()
+    ended = [m for m in rest if isinstance(m, TurnEnded)][0]
     assert ended.reason is TurnEndReason.INTERRUPTED and ended.spoken_text == "Right, this"
-    assert session._conversation.entries[1].content == "Right, this"
+    assert (await stream.history())[1].content == "Right, this"
     # Nothing of the interrupted turn leaves after the interrupt.
-    assert not any(getattr(e, "turn_id", "") == ended.turn_id and not isinstance(e, TurnEnded) for e in rest)
-    await session.aclose()
+    assert not any(getattr(m, "turn_id", "") == ended.turn_id and not isinstance(m, TurnEnded) for m in rest)

@@ -10,9 +10,8 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from service.core.history import INTERRUPTED_NOTE, HistoryLimits
-from service.core.session import SessionDefaults
-from service.core.turn import TurnOptions
-from service.servicer import StreamLimits
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
 from service.stores.memory import MemoryStore
 from tests.conftest import Harness, interrupt, speak, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeTTS, SlowStore
@@ -132,7 +131,7 @@ async def test_interrupted_reply_is_stored_cut_and_marked() -> None:
 
 
 async def test_history_is_capped_but_the_system_prompt_stays() -> None:
-    defaults = SessionDefaults(turn=TurnOptions(chunk_ms=100), history=HistoryLimits(max_turns=2))
+    defaults = SessionDefaults(outbox=OutboxLimits(max_message_ms=100), history=HistoryLimits(max_turns=2))
     h = await start_harness(FakeLLM(reply="Ok."), defaults=defaults)
     try:
         call, _ = await open_stream(h, system_prompt="Stay.")
@@ -252,7 +251,9 @@ async def test_a_hang_up_after_the_reply_while_it_is_being_saved_keeps_it() -> N
 
 async def test_a_hang_up_while_the_stream_closes_still_lets_the_session_go() -> None:
     store = SlowStore(save_s=1.0)
-    h = await start_harness(store=store, limits=StreamLimits(idle_timeout_s=0.3))
+    h = await start_harness(
+        store=store, defaults=SessionDefaults(idle_timeout_s=0.3, outbox=OutboxLimits(max_message_ms=100))
+    )
     try:
         call, session_id = await open_stream(h)
         await call.write(speak("Hello there."))  # an open speak turn, then silence: the idle limit ends it
@@ -304,6 +305,23 @@ async def test_a_barge_in_does_not_wait_for_the_store() -> None:
             pass
         assert response.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
         assert store.saves_done == 0  # the cut turn is still being written: its end did not wait
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_turn_the_store_could_not_save_says_so_and_is_saved_with_the_next() -> None:
+    store = SlowStore(save_s=0.0)
+    h = await start_harness(FakeLLM(reply="All done."), FakeTTS(), store=store)
+    try:
+        call, session_id = await open_stream(h)
+        store.failing = True
+        first = await one_turn(call, "One.")
+        assert first.reason == pb.TURN_END_REASON_COMPLETED and first.history_unsaved
+        store.failing = False
+        second = await one_turn(call, "Two.")
+        assert not second.history_unsaved
+        assert [e[1] for e in store.entries(session_id)] == ["One.", "All done.", "Two.", "All done."]
         call.cancel()
     finally:
         await stop_harness(h)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
 from service.core.audio import AudioFormat, Encoding
 from service.core.engine import Audio
-from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
+from service.core.events import AudioChunk, Message, SegmentStarted, TextDelta, TurnStats
+from service.core.outbox import Outbox, OutboxLimits
 from service.core.turn import Turn, TurnOptions
 from service.errors import TTSError
 from tests.conftest import wait_for
@@ -24,7 +25,7 @@ REPLY = (
 )
 
 
-async def words(text: str, delay_s: float = 0.0) -> AsyncIterator[str]:
+async def words(text: str, delay_s: float = 0.0) -> AsyncGenerator[str, None]:
     for word in text.split(" "):
         await asyncio.sleep(delay_s)
         yield word + " "
@@ -38,28 +39,38 @@ async def run_turn(
     rate: int = 16000,
     encoding: Encoding = Encoding.PCM16,
     fill_lead_ms: int = 500,
-) -> tuple[Turn, list[tuple[float, Event]]]:
-    events: list[tuple[float, Event]] = []
+) -> tuple[Turn, list[tuple[float, Message]]]:
+    """Run a turn into an outbox that a client reads as fast as messages come; what it read, when."""
+    outbox = Outbox(OutboxLimits(max_message_ms=100, fill_lead_ms=fill_lead_ms))
+    outlet = outbox.open_turn("t1")
+    messages: list[tuple[float, Message]] = []
 
-    async def emit(event: Event) -> None:
-        events.append((time.monotonic(), event))
+    async def client() -> None:
+        while (message := await outbox.next()) is not None:
+            messages.append((time.monotonic(), message))
 
+    reading = asyncio.create_task(client())
     turn = Turn(
         "t1",
         words(text),
         tts=tts,
         voice="fake-voice",
         audio_format=AudioFormat(encoding, rate),
-        emit=emit,
-        options=TurnOptions(lookahead=lookahead, chunk_ms=100, fill_lead_ms=fill_lead_ms),
+        emit=outlet.put,
+        options=TurnOptions(lookahead=lookahead),
+        piece_ms=100,
         stats=TurnStats(),
         from_llm=True,
     )
-    await turn.run()
-    return turn, events
+    try:
+        await turn.run()
+    finally:
+        outbox.close()
+        await reading
+    return turn, messages
 
 
-def audio_of(events: list[tuple[float, Event]]) -> list[AudioChunk]:
+def audio_of(events: list[tuple[float, Message]]) -> list[AudioChunk]:
     return [e for _, e in events if isinstance(e, AudioChunk)]
 
 
@@ -92,7 +103,7 @@ async def test_lookahead_synthesizes_ahead_but_is_bounded() -> None:
     peak = 0
 
     class CountingTTS(FakeTTS):
-        async def _synthesize(self, text: str) -> AsyncIterator:  # type: ignore[override]
+        async def _synthesize(self, text: str) -> AsyncGenerator[Audio, None]:
             nonlocal peak
             async for audio in super()._synthesize(text):
                 peak = max(peak, self.open_streams)
@@ -184,8 +195,8 @@ async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
     piece = b"\x01\x00" * (rate * 180 // 1000)
 
     class StallingTTS(FakeTTS):
-        def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
-            async def audio() -> AsyncIterator[Audio]:
+        def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+            async def audio() -> AsyncGenerator[Audio, None]:
                 for _ in range(6):
                     yield Audio(piece, rate)
                 await asyncio.sleep(1.0)

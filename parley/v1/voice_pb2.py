@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"\xbd\x01\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\"Q\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"1\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_played_ms\"\xf7\x01\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"T\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xb7\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x88\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*a\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xa2\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"\xbd\x01\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\"Q\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"1\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_played_ms\"\xf7\x01\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"T\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xd0\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\x12\x17\n\x0fhistory_unsaved\x18\x07 \x01(\x08\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x88\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*a\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xa2\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.v1.voice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=1878
-  _globals['_AUDIOENCODING']._serialized_end=1975
-  _globals['_TURNENDREASON']._serialized_start=1978
-  _globals['_TURNENDREASON']._serialized_end=2118
+  _globals['_AUDIOENCODING']._serialized_start=1903
+  _globals['_AUDIOENCODING']._serialized_end=2000
+  _globals['_TURNENDREASON']._serialized_start=2003
+  _globals['_TURNENDREASON']._serialized_end=2143
   _globals['_CONVERSEREQUEST']._serialized_start=37
   _globals['_CONVERSEREQUEST']._serialized_end=226
   _globals['_START']._serialized_start=229
@@ -60,17 +60,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDIOCHUNK']._serialized_start=1226
   _globals['_AUDIOCHUNK']._serialized_end=1310
   _globals['_TURNENDED']._serialized_start=1313
-  _globals['_TURNENDED']._serialized_end=1496
-  _globals['_LLMUSAGE']._serialized_start=1498
-  _globals['_LLMUSAGE']._serialized_end=1558
-  _globals['_TURNTIMINGS']._serialized_start=1561
-  _globals['_TURNTIMINGS']._serialized_end=1697
-  _globals['_LISTVOICESREQUEST']._serialized_start=1699
-  _globals['_LISTVOICESREQUEST']._serialized_end=1718
-  _globals['_LISTVOICESRESPONSE']._serialized_start=1720
-  _globals['_LISTVOICESRESPONSE']._serialized_end=1797
-  _globals['_VOICE']._serialized_start=1799
-  _globals['_VOICE']._serialized_end=1876
-  _globals['_VOICESERVICE']._serialized_start=2121
-  _globals['_VOICESERVICE']._serialized_end=2283
+  _globals['_TURNENDED']._serialized_end=1521
+  _globals['_LLMUSAGE']._serialized_start=1523
+  _globals['_LLMUSAGE']._serialized_end=1583
+  _globals['_TURNTIMINGS']._serialized_start=1586
+  _globals['_TURNTIMINGS']._serialized_end=1722
+  _globals['_LISTVOICESREQUEST']._serialized_start=1724
+  _globals['_LISTVOICESREQUEST']._serialized_end=1743
+  _globals['_LISTVOICESRESPONSE']._serialized_start=1745
+  _globals['_LISTVOICESRESPONSE']._serialized_end=1822
+  _globals['_VOICE']._serialized_start=1824
+  _globals['_VOICE']._serialized_end=1901
+  _globals['_VOICESERVICE']._serialized_start=2146
+  _globals['_VOICESERVICE']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)

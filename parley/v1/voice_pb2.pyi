@@ -156,20 +156,22 @@ class AudioChunk(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., segment_index: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TurnEnded(_message.Message):
-    __slots__ = ("turn_id", "reason", "spoken_text", "timings", "error", "usage")
+    __slots__ = ("turn_id", "reason", "spoken_text", "timings", "error", "usage", "history_unsaved")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SPOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_UNSAVED_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     reason: TurnEndReason
     spoken_text: str
     timings: TurnTimings
     error: str
     usage: LlmUsage
-    def __init__(self, turn_id: _Optional[str] = ..., reason: _Optional[_Union[TurnEndReason, str]] = ..., spoken_text: _Optional[str] = ..., timings: _Optional[_Union[TurnTimings, _Mapping]] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[LlmUsage, _Mapping]] = ...) -> None: ...
+    history_unsaved: bool
+    def __init__(self, turn_id: _Optional[str] = ..., reason: _Optional[_Union[TurnEndReason, str]] = ..., spoken_text: _Optional[str] = ..., timings: _Optional[_Union[TurnTimings, _Mapping]] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[LlmUsage, _Mapping]] = ..., history_unsaved: _Optional[bool] = ...) -> None: ...
 
 class LlmUsage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

@@ -7,7 +7,7 @@ text. Implementations live in ``service.engines``, one file per engine, and rais
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -65,7 +65,7 @@ class LLMEngine(Protocol):
         """Engine and model, for example ``local/gemma-3-270m-q4_k_m.gguf``."""
         ...
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         """Yield the reply's text deltas as they are made, then its :class:`LLMUsage` if known.
 
         Safe to cancel, and closing the iterator early stops the generation (not merely its output).
@@ -95,7 +95,7 @@ class TTSEngine(Protocol):
         """The voices this engine offers."""
         ...
 
-    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken by ``voice`` as audio chunks, as the engine makes them.
 
         Safe to cancel; closing the iterator early stops the synthesis. Raises

@@ -1,7 +1,11 @@
-"""What a session sends to its client, before translation to protobuf.
+"""What the core hands to its outbox, and the messages the outbox hands to the transport.
 
-The servicer turns each event into one ``ConverseResponse``. :class:`TurnEnded` reads its timings
-from the turn's :class:`TurnStats` when it is sent, so "first audio" means first audio *sent*.
+A turn produces :class:`TextDelta`, :class:`SegmentStarted` and :class:`AudioPiece` items; the
+session adds :class:`SessionStarted` and, once per turn, a :class:`TurnEnd`. The outbox
+(:mod:`service.core.outbox`) turns them into messages: audio pieces merged into numbered
+:class:`AudioChunk` messages, and each :class:`TurnEnd` into a :class:`TurnEnded` with an immutable
+:class:`TurnTimings` snapshot taken when it leaves (so "first audio" means first audio *sent*).
+Everything here is frozen except :class:`TurnStats`, which only the running turn writes.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ from service.core.engine import LLMUsage
 
 __all__ = [
     "AudioChunk",
-    "Event",
+    "AudioPiece",
+    "Item",
+    "Message",
     "SegmentStarted",
     "SessionStarted",
     "TextDelta",
+    "TurnEnd",
     "TurnEndReason",
     "TurnEnded",
+    "TurnMoments",
     "TurnStats",
+    "TurnTimings",
 ]
 
 
@@ -33,21 +42,41 @@ class TurnEndReason(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class TurnMoments:
+    """When a turn's stages happened (``time.monotonic()`` seconds; None when a stage never did)."""
+
+    started: float
+    first_llm_token: float | None = None
+    first_segment: float | None = None
+    usage: LLMUsage | None = None
+
+
 @dataclass
 class TurnStats:
-    """Moments of one turn (``time.monotonic()`` seconds) and the audio it sent."""
+    """A running turn's progress, written only by the turn itself."""
 
     started: float = field(default_factory=time.monotonic)
     first_llm_token: float | None = None
     first_segment: float | None = None
-    first_audio: float | None = None
-    ended: float | None = None
-    audio_ms_sent: float = 0.0
     usage: LLMUsage | None = None
 
-    def since_start_ms(self, moment: float | None) -> int:
-        """Milliseconds from the turn's start to ``moment``; 0 when it never happened."""
-        return 0 if moment is None else round((moment - self.started) * 1000)
+    def snapshot(self) -> TurnMoments:
+        return TurnMoments(self.started, self.first_llm_token, self.first_segment, self.usage)
+
+
+@dataclass(frozen=True)
+class TurnTimings:
+    """A finished turn's timings in milliseconds from its start; 0 for a stage that never happened."""
+
+    first_llm_token_ms: int
+    first_segment_ms: int
+    first_audio_ms: int
+    total_ms: int
+    audio_duration_ms: int
+
+
+# -- items: what the core puts in the outbox ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,34 @@ class SegmentStarted:
 
 
 @dataclass(frozen=True)
+class AudioPiece:
+    """A piece of a segment's audio, in the session's format, as the turn produced it."""
+
+    turn_id: str
+    segment_index: int
+    data: bytes
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """A turn is over: the session's one word on it."""
+
+    turn_id: str
+    reason: TurnEndReason
+    spoken_text: str
+    moments: TurnMoments
+    error: str = ""
+    history_unsaved: bool = False
+
+
+Item = SessionStarted | TextDelta | SegmentStarted | AudioPiece | TurnEnd
+
+
+# -- messages: what the outbox hands to the transport ------------------------------------------------
+
+
+@dataclass(frozen=True)
 class AudioChunk:
     turn_id: str
     segment_index: int
@@ -88,8 +145,10 @@ class TurnEnded:
     turn_id: str
     reason: TurnEndReason
     spoken_text: str
-    stats: TurnStats
+    timings: TurnTimings
+    usage: LLMUsage | None = None
     error: str = ""
+    history_unsaved: bool = False
 
 
-Event = SessionStarted | TextDelta | SegmentStarted | AudioChunk | TurnEnded
+Message = SessionStarted | TextDelta | SegmentStarted | AudioChunk | TurnEnded

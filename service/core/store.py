@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 from service.core.history import Entry
 
-__all__ = ["Claim", "SessionStore", "StoredSession"]
+__all__ = ["DEFAULT_SESSION_TTL_S", "Claim", "SessionStore", "StoredSession"]
+
+DEFAULT_SESSION_TTL_S = 3600.0
+"""How long a session is kept with no stream, unless configured otherwise."""
 
 
 @dataclass
@@ -50,11 +53,19 @@ class StoredSession:
 
 @dataclass
 class Claim:
-    """A stream's ownership of a session. ``lost`` is set when another stream takes it over."""
+    """A stream's ownership of a session. ``lost`` is set when another stream takes it over, or when
+    the store no longer has the session (``vanished``: it expired, or the store restarted empty)."""
 
     session_id: str
     token: str
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    vanished: bool = False
+
+    def lose(self, *, vanished: bool = False) -> None:
+        """The stream no longer owns the session (the first reason given stays)."""
+        if not self.lost.is_set():
+            self.vanished = vanished
+            self.lost.set()
 
 
 class SessionStore(Protocol):

@@ -2,25 +2,24 @@
 
 A :class:`Turn` reads text deltas (from the LLM, or the client's ``speak_text``), forwards them as
 captions, cuts them into segments, synthesizes up to ``lookahead`` segments ahead of the one whose
-audio is leaving, and emits each segment's audio strictly in order, chunk by chunk as the engine
-yields it. It talks to the world only through the engine interfaces and an ``emit`` coroutine, so it
-runs the same under a gRPC servicer and in a plain test.
+audio is leaving, and emits each segment's audio strictly in order, piece by piece as the engine
+yields it. It talks to the world only through the engine interfaces and an ``emit`` coroutine (the
+turn's outlet in the outbox, which sizes and numbers the messages), so it runs the same under a gRPC
+servicer and in a plain test.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
 from service.core.engine import LLMUsage, TTSEngine
-from service.core.events import AudioChunk, Event, SegmentStarted, TextDelta, TurnStats
+from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
@@ -31,18 +30,6 @@ __all__ = ["Turn", "TurnOptions"]
 log = logging.getLogger(__name__)
 
 _END = object()
-T = TypeVar("T")
-
-
-@contextlib.asynccontextmanager
-async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close an async iterator (an engine stream) on the way out, so its upstream work stops."""
-    try:
-        yield iterator
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 @dataclass(frozen=True)
@@ -51,37 +38,7 @@ class TurnOptions:
 
     lookahead: int = 2
     """Segments synthesized ahead of the one whose audio is being sent."""
-    chunk_ms: int = 200
-    """Longest audio message, in milliseconds."""
     segments: SegmentPolicy = SegmentPolicy()
-    fill_lead_ms: int = 500
-    """Once the client has this much audio in hand beyond a message's worth (counting from when the
-    turn's first audio left), audio messages wait until they are full: fewer, larger messages,
-    with no effect on the first audio or on playback."""
-
-
-class _AudioBuffer:
-    """A segment's audio on its way out: pieces, then _END or an error. One reader."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[object] = collections.deque()
-        self._ready = asyncio.Event()
-
-    def put_nowait(self, item: object) -> None:
-        self._items.append(item)
-        self._ready.set()
-
-    async def wait(self) -> None:
-        """Return once an item is there."""
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-
-    def peek(self) -> object | None:
-        return self._items[0] if self._items else None
-
-    def get_nowait(self) -> object:
-        return self._items.popleft()
 
 
 @dataclass
@@ -91,7 +48,7 @@ class _Pending:
     index: int
     segment: TextSegment
     spoken: str
-    audio: _AudioBuffer
+    audio: asyncio.Queue[object]
     task: asyncio.Task[None] | None = None
 
 
@@ -101,13 +58,14 @@ class Turn:
     def __init__(
         self,
         turn_id: str,
-        text: AsyncIterator[str | LLMUsage],
+        text: AsyncGenerator[str | LLMUsage, None],
         *,
         tts: TTSEngine,
         voice: str,
         audio_format: AudioFormat,
-        emit: Callable[[Event], Awaitable[None]],
+        emit: Callable[[TextDelta | SegmentStarted | AudioPiece], Awaitable[None]],
         options: TurnOptions,
+        piece_ms: int,
         stats: TurnStats,
         from_llm: bool,
     ) -> None:
@@ -122,11 +80,11 @@ class Turn:
         self._format = audio_format
         self._emit = emit
         self._options = options
+        self._piece_ms = piece_ms
         self._stats = stats
         self._from_llm = from_llm
-        self._sequence = 0
         self._timeline_samples = 0
-        self._first_audio_at: float | None = None
+        self._header_sent = False
 
     async def run(self) -> None:
         """Run the turn to its end.
@@ -154,7 +112,7 @@ class Turn:
         """Read the text, emit captions, cut segments and start their synthesis (look-ahead bound)."""
         segmenter = Segmenter(self._options.segments)
         try:
-            async with _closing(self._source) as source:
+            async with contextlib.aclosing(self._source) as source:
                 async for delta in source:
                     if isinstance(delta, LLMUsage):
                         self._stats.usage = delta
@@ -182,7 +140,7 @@ class Turn:
         if self._stats.first_segment is None:
             self._stats.first_segment = time.monotonic()
         await slots.acquire()
-        item = _Pending(len(pending), segment, speakable(segment.text), _AudioBuffer())
+        item = _Pending(len(pending), segment, speakable(segment.text), asyncio.Queue())
         if item.spoken:
             item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
         else:
@@ -194,12 +152,10 @@ class Turn:
         """Synthesize one segment into its queue; the queue always ends with _END or an error."""
         encoder: SegmentEncoder | None = None
         try:
-            async with _closing(self._tts.synthesize(item.spoken, self._voice)) as audio:
+            async with contextlib.aclosing(self._tts.synthesize(item.spoken, self._voice)) as audio:
                 async for chunk in audio:
                     if encoder is None:
-                        encoder = SegmentEncoder(
-                            chunk.sample_rate_hz, self._format.sample_rate_hz, self._options.chunk_ms
-                        )
+                        encoder = SegmentEncoder(chunk.sample_rate_hz, self._format.sample_rate_hz, self._piece_ms)
                     elif chunk.sample_rate_hz != encoder.in_rate:
                         raise TTSError("the TTS engine changed its sample rate within a segment")
                     for piece in encoder.feed(chunk.pcm):
@@ -215,80 +171,25 @@ class Turn:
             item.audio.put_nowait(TTSError(f"the TTS engine failed: {type(error).__name__}"))
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
-        """Emit each segment and its audio strictly in order, chunks as soon as they exist."""
+        """Emit each segment and its audio strictly in order, pieces as soon as they exist."""
         while (item := await ready.get()) is not None:
             start_ms = round(self._format.duration_ms(self._timeline_samples))
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            finished = False
-            while not finished:
-                batch, finished, error = await self._batch(item.audio, fill_until=self._fill_until())
-                if batch:
-                    await self._emit_audio(item.index, batch[0] if len(batch) == 1 else b"".join(batch))
-                    spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
-                if error is not None:
-                    raise error
+            while (piece := await item.audio.get()) is not _END:
+                if isinstance(piece, BaseException):
+                    raise piece
+                assert isinstance(piece, bytes)
+                await self._emit_audio(item.index, piece)
+                spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
             spoken.complete = True
             slots.release()
 
-    def _fill_until(self) -> float | None:
-        """Until when a message may wait to fill up: while the client still holds ``fill_lead_ms`` of
-        audio (counting from when the turn's first audio left; it may have started playing later).
-        None when the client is not that far ahead."""
-        if self._first_audio_at is None:
-            return None
-        now = time.monotonic()
-        lead_ms = self._format.duration_ms(self._timeline_samples) - (now - self._first_audio_at) * 1000
-        if lead_ms < self._options.fill_lead_ms + self._options.chunk_ms:
-            return None
-        return now + (lead_ms - self._options.fill_lead_ms) / 1000
-
-    async def _batch(
-        self, audio: _AudioBuffer, *, fill_until: float | None
-    ) -> tuple[list[bytes], bool, BaseException | None]:
-        """Up to one message's worth of audio: the pieces ready now (a single piece when the sender keeps
-        up, several when synthesis ran ahead), or, until ``fill_until``, as many as make a full message.
-        Returns the pieces, whether the segment ended, and its error if it failed."""
-        limit = max(2, self._format.sample_rate_hz * self._options.chunk_ms // 1000 * 2)  # bytes
-        batch: list[bytes] = []
-        size = 0
-        while True:
-            piece = audio.peek()
-            if piece is None:
-                if not batch:
-                    await audio.wait()
-                    continue
-                if fill_until is None or size + len(batch[-1]) > limit:
-                    return batch, False, None  # send what there is (another piece would hardly fit)
-                try:
-                    async with asyncio.timeout_at(fill_until):
-                        await audio.wait()
-                except TimeoutError:
-                    return batch, False, None  # the client's lead is spent: send what there is
-                continue
-            if piece is _END:
-                audio.get_nowait()
-                return batch, True, None
-            if isinstance(piece, BaseException):
-                audio.get_nowait()
-                return batch, True, piece
-            assert isinstance(piece, bytes)
-            if batch and size + len(piece) > limit:
-                return batch, False, None  # it would overfill the message
-            audio.get_nowait()
-            batch.append(piece)
-            size += len(piece)
-            if size >= limit:
-                return batch, False, None
-
     async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
-        if self._sequence == 0 and self._format.encoding is Encoding.WAV:
+        if not self._header_sent and self._format.encoding is Encoding.WAV:
             data = wav_stream_header(self._format.sample_rate_hz) + data
-        chunk = AudioChunk(self.turn_id, segment_index, self._sequence, data, self._format.duration_ms(count))
-        if self._first_audio_at is None:
-            self._first_audio_at = time.monotonic()
-        self._sequence += 1
+        self._header_sent = True
         self._timeline_samples += count
-        await self._emit(chunk)
+        await self._emit(AudioPiece(self.turn_id, segment_index, data, self._format.duration_ms(count)))

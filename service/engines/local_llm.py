@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +115,11 @@ class LocalLLM:
         """The model carries a chat template and is prompted through it."""
         return self._chat_template
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         """Yield the reply's text deltas. Safe to cancel: generation stops before its next token."""
         return self._stream(request)
 
-    async def _stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    async def _stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         try:
             deltas = iterate_in_thread(self._executor, lambda: self._generate(request))
             async with contextlib.aclosing(deltas):

@@ -8,7 +8,7 @@ Closing the stream closes the HTTP response at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +40,14 @@ class OpenAILLM:
         self._client = make_client(connection)
         self.name = f"openai/{options.model}"
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         """Yield the reply's deltas, then its usage. Safe to cancel: the HTTP response is closed."""
         return retrying(lambda: self._attempt(request), self._options.retry, f"LLM request to {self.name}")
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _attempt(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    async def _attempt(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         options = self._options
         arguments: dict[str, Any] = {
             "model": options.model,

@@ -8,7 +8,7 @@ HTTP response at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +55,14 @@ class OpenAITTS:
     def voices(self) -> list[Voice]:
         return [Voice(voice, "multilingual", _PCM_RATE_HZ, self.name) for voice in self._voices]
 
-    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken, as the server streams it. Safe to cancel: the response is closed."""
         return retrying(lambda: self._attempt(text, voice), self._options.retry, f"speech request ({voice})")
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def _attempt(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    async def _attempt(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         options = self._options
         arguments: dict[str, Any] = {
             "model": options.model,

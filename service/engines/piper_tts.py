@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +77,13 @@ class PiperTTS:
     def voices(self) -> list[Voice]:
         return list(self._info.values())
 
-    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken, a sentence at a time. Safe to cancel (stops before the next one)."""
         if voice not in self._voices:
             raise TTSError(f"unknown Piper voice {voice!r}")
         return self._synthesize(text, voice)
 
-    async def _synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    async def _synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         piper_voice = self._voices[voice]
 
         def sentences() -> Iterator[Audio]:

@@ -9,9 +9,10 @@ would repeat it, so the error ends the turn instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -46,17 +47,19 @@ class RetryPolicy:
         return max(retry_after_s, backoff)
 
 
-async def retrying(open_stream: Callable[[], AsyncIterator[T]], policy: RetryPolicy, what: str) -> AsyncIterator[T]:
+async def retrying(
+    open_stream: Callable[[], AsyncGenerator[T, None]], policy: RetryPolicy, what: str
+) -> AsyncGenerator[T, None]:
     """Yield ``open_stream()``'s items, opening it again after a retryable error that came before its
     first item. Safe to cancel; each attempt's stream is closed before the next begins."""
     failures = 0
     while True:
         started = False
-        stream = open_stream()
         try:
-            async for item in stream:
-                started = True
-                yield item
+            async with contextlib.aclosing(open_stream()) as stream:
+                async for item in stream:
+                    started = True
+                    yield item
             return
         except EngineError as error:
             failures += 1
@@ -67,15 +70,11 @@ async def retrying(open_stream: Callable[[], AsyncIterator[T]], policy: RetryPol
                 raise
             log.warning("%s failed (%s); try %d of %d in %.2f s", what, error, failures + 1, policy.attempts, delay)
             await asyncio.sleep(delay)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 async def stall_guard(
     stream: AsyncIterator[T], seconds: float, on_stall: Callable[[], EngineError]
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield ``stream``'s items; raise ``on_stall()`` when the next one takes longer than ``seconds``."""
     iterator = aiter(stream)
     while True:

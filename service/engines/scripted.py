@@ -18,7 +18,7 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,11 +96,11 @@ class ScriptedLLM:
         self._profile = profile
         self.name = f"scripted/{profile_name}"
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         """Yield the script's tokens on schedule. Safe to cancel."""
         return self._stream(request)
 
-    async def _stream(self, request: LLMRequest) -> AsyncIterator[str | LLMUsage]:
+    async def _stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         tokens = tokens_of(reply_for(request.messages[-1].content))[: request.max_tokens]
         began = time.monotonic()
         for index, token in enumerate(tokens):
@@ -132,11 +132,11 @@ class ScriptedTTS:
         """The audio duration the scripted TTS makes for ``text``."""
         return len(text) * _MS_PER_CHAR / 1000
 
-    def synthesize(self, text: str, voice: str) -> AsyncIterator[Audio]:
+    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
         """Yield the text's audio in chunks on schedule. Safe to cancel."""
         return self._synthesize(text)
 
-    async def _synthesize(self, text: str) -> AsyncIterator[Audio]:
+    async def _synthesize(self, text: str) -> AsyncGenerator[Audio, None]:
         profile = self._profile
         total = int(self.duration_s(text) * _RATE)
         chunk = int(profile.tts_chunk_s * _RATE)

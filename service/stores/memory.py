@@ -63,7 +63,7 @@ class MemoryStore:
 
     def _claim(self, record: _Record) -> Claim:
         if record.owner is not None:
-            record.owner.lost.set()
+            record.owner.lose()
         record.owner = Claim(record.session.session_id, secrets.token_hex(8))
         return record.owner
 

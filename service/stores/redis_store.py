@@ -30,9 +30,14 @@ __all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: session, owner. ARGV: token, json, ttl. Write only while the token owns the session.
+# KEYS: session, owner. ARGV: token, json, ttl. Write only while the token owns the session: 0 when
+# another token owns it, -1 when neither key exists (the session expired, or Redis lost its data).
 _SAVE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner ~= ARGV[1] then
+  if not owner and redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+  return 0
+end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
@@ -46,9 +51,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return data
 """
-# KEYS: session, owner. ARGV: token, ttl. Keep a held session alive.
+# KEYS: session, owner. ARGV: token, ttl. Keep a held session alive (0 and -1 as for _SAVE).
 _RENEW = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner ~= ARGV[1] then
+  if not owner and redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+  return 0
+end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -106,7 +115,7 @@ class RedisStore:
             # A rival may have claimed it between our script and _hold (its announcement then found
             # no local claim to tell): look once more.
             if await self._redis.get(self._owner(session_id)) != claim.token:
-                claim.lost.set()
+                claim.lose()
         except RedisError as error:
             raise self._unavailable(error) from error
         return StoredSession.from_json(json.loads(data)), claim
@@ -117,9 +126,9 @@ class RedisStore:
             written = await self._save(keys=keys, args=[claim.token, json.dumps(session.to_json()), self._ttl])
         except RedisError as error:
             raise self._unavailable(error) from error
-        if not written:
-            claim.lost.set()
-        return bool(written)
+        if written != 1:
+            claim.lose(vanished=written == -1)
+        return written == 1
 
     async def release(self, claim: Claim) -> None:
         """Let go; the session's idle time starts now."""
@@ -145,8 +154,9 @@ class RedisStore:
             for claim in list(self._claims.values()):
                 keys = [self._key(claim.session_id), self._owner(claim.session_id)]
                 try:
-                    if not await self._renew(keys=keys, args=[claim.token, self._ttl]):
-                        claim.lost.set()
+                    renewed = await self._renew(keys=keys, args=[claim.token, self._ttl])
+                    if renewed != 1:
+                        claim.lose(vanished=renewed == -1)
                         self._claims.pop(claim.session_id, None)
                 except RedisError as error:
                     log.warning("could not renew session %s: %s", claim.session_id[:8], error)
@@ -156,7 +166,7 @@ class RedisStore:
     def _hold(self, claim: Claim) -> None:
         previous = self._claims.get(claim.session_id)
         if previous is not None:
-            previous.lost.set()  # taken over on this very replica
+            previous.lose()  # taken over on this very replica
         self._claims[claim.session_id] = claim
 
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
@@ -173,7 +183,7 @@ class RedisStore:
                         # The announcement may be older than this claim (two resumes close together,
                         # the other one first): the owner key says who holds the session now.
                         if await self._redis.get(self._owner(session_id)) != claim.token:
-                            claim.lost.set()
+                            claim.lose()
                             if self._claims.get(session_id) is claim:
                                 del self._claims[session_id]
                 except RedisError as error:

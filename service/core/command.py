@@ -1,0 +1,136 @@
+"""Commands: everything that can happen to a session, as values on one queue.
+
+The client's messages (:class:`Start`, :class:`UserText`, :class:`SpeakText`, :class:`Interrupt`,
+:class:`HalfClose`, and :class:`BadMessage` for one that could not be read) come from the
+transport's reader; the rest come from inside the server: the server shutting down, the session taken over by another
+stream or lost by the store, a turn finishing by itself. The session handles them one at a time, in order (see
+:meth:`service.core.session.Session.run`), so no two of them ever run at once.
+
+:class:`CommandQueue` bounds what the client can queue (its reader waits while the queue is full:
+that is backpressure on the client); the server's own commands never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.core.session import TurnRecord
+    from service.core.settings import StartRequest
+
+__all__ = [
+    "BadMessage",
+    "ClaimLost",
+    "ClientCommand",
+    "Command",
+    "CommandQueue",
+    "HalfClose",
+    "Interrupt",
+    "Shutdown",
+    "SpeakText",
+    "Start",
+    "TurnFinished",
+    "UserText",
+]
+
+
+@dataclass(frozen=True)
+class Start:
+    request: StartRequest
+
+
+@dataclass(frozen=True)
+class UserText:
+    text: str
+    turn_id: str = ""
+
+
+@dataclass(frozen=True)
+class SpeakText:
+    text: str
+    flush: bool = False
+    turn_id: str = ""
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    played_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class HalfClose:
+    """The client will send nothing more."""
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """A client message that could not be read; the stream ends with ``error`` when its turn comes."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The server is shutting down: end once the turn in progress has ended."""
+
+
+@dataclass(frozen=True)
+class ClaimLost:
+    """The stream no longer owns its session: another stream resumed it, or (``vanished``) the store
+    no longer has it."""
+
+    vanished: bool = False
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    """A turn's task ended by itself: ``error`` is None when it completed."""
+
+    turn: TurnRecord
+    error: BaseException | None
+
+
+ClientCommand = Start | UserText | SpeakText | Interrupt | HalfClose | BadMessage
+Command = ClientCommand | Shutdown | ClaimLost | TurnFinished
+
+
+class CommandQueue:
+    """The commands of one session, in arrival order. Holds at most ``capacity`` client commands."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._items: collections.deque[Command] = collections.deque()
+        self._client_items = 0
+        self._changed = asyncio.Event()
+
+    async def put(self, command: ClientCommand) -> None:
+        """Queue a client command, waiting while ``capacity`` of them wait. Safe to cancel."""
+        while self._client_items >= self._capacity:
+            self._changed.clear()
+            await self._changed.wait()
+        self._client_items += 1
+        self._append(command)
+
+    def put_nowait(self, command: Command) -> None:
+        """Queue one of the server's own commands; never waits."""
+        self._append(command)
+
+    async def get(self) -> Command:
+        """The next command. Safe to cancel."""
+        while not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+        command = self._items.popleft()
+        if isinstance(command, ClientCommand):
+            self._client_items -= 1
+        self._changed.set()
+        return command
+
+    def _append(self, command: Command) -> None:
+        self._items.append(command)
+        self._changed.set()

@@ -1,0 +1,273 @@
+"""The outbox: the one place that decides what leaves a stream, and when.
+
+The session and its turns put items in (:mod:`service.core.events`); the transport's writer takes
+messages out with :meth:`Outbox.next`. The outbox alone
+
+- bounds what waits per stream, in seconds of audio as well as in items (a turn's :meth:`Outlet.put`
+  waits while it is full: that is the backpressure from a slow client to the TTS engine);
+- merges: caption deltas of a turn waiting together leave as one message, and audio pieces of one
+  segment as one message of at most ``max_message_ms``; once the client holds ``fill_lead_ms`` of
+  audio beyond a message's worth, a message waits (never past that lead) until it is full;
+- numbers each turn's audio messages, gap-free, once, as they leave;
+- records what of each turn left (:class:`Outlet`: first audio, audio sent), which the session reads
+  to know what the client can have heard;
+- snapshots a turn's immutable :class:`TurnTimings` when its :class:`TurnEnd` leaves.
+
+An interrupted turn's :class:`Outlet` is dropped: what of it waits is removed and whatever it still
+puts is discarded; its end still goes. Nothing here calls back into the session. One event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass
+
+from service.core.events import (
+    AudioChunk,
+    AudioPiece,
+    Item,
+    Message,
+    SegmentStarted,
+    SessionStarted,
+    TextDelta,
+    TurnEnd,
+    TurnEnded,
+    TurnTimings,
+)
+
+__all__ = ["Outbox", "OutboxLimits", "Outlet"]
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    """How much a stream buffers and how its messages are sized."""
+
+    max_message_ms: int = 200
+    """Longest audio message."""
+    max_buffered_ms: int = 6000
+    """Audio that may wait in the outbox before a turn's put waits."""
+    max_buffered_items: int = 64
+    """Items that may wait before a turn's put waits (captions and segment starts count too)."""
+    fill_lead_ms: int = 500
+    """Once the client has this much audio in hand beyond a message's worth (counting from when the
+    turn's first audio left), audio messages wait until they are full: fewer, larger messages, with
+    no effect on the first audio or on playback."""
+
+    def __post_init__(self) -> None:
+        if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
+            raise ValueError("need max_message_ms >= 1, max_buffered_ms >= max_message_ms, max_buffered_items >= 1")
+
+
+class Outlet:
+    """One turn's way into the outbox, and the record of what of the turn left."""
+
+    def __init__(self, outbox: Outbox, turn_id: str) -> None:
+        self.turn_id = turn_id
+        self._outbox = outbox
+        self.dropped = False
+        """Interrupted: nothing more of this turn leaves, except its end."""
+        self.first_audio_at: float | None = None
+        """When its first audio message was handed to the transport."""
+        self.audio_ms_sent = 0.0
+        """Audio of it handed to the transport."""
+        self.next_sequence = 0
+
+    async def put(self, item: TextDelta | SegmentStarted | AudioPiece) -> None:
+        """Queue one of the turn's items, waiting while the outbox is full. Discarded once the turn was
+        dropped or the outbox closed. Safe to cancel."""
+        await self._outbox.put(self, item)
+
+    def client_lead_ms(self, now: float) -> float:
+        """Audio the client holds beyond what it can have played, if it started at the first audio."""
+        if self.first_audio_at is None:
+            return 0.0
+        return self.audio_ms_sent - (now - self.first_audio_at) * 1000
+
+
+_Entry = tuple[Outlet | None, Item]
+
+
+class Outbox:
+    """The bounded, ordered queue of one stream's outgoing items. See the module docstring."""
+
+    def __init__(self, limits: OutboxLimits) -> None:
+        self._limits = limits
+        self._entries: collections.deque[_Entry] = collections.deque()
+        self._buffered_ms = 0.0
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    def open_turn(self, turn_id: str) -> Outlet:
+        """A new turn's outlet."""
+        return Outlet(self, turn_id)
+
+    async def put(self, outlet: Outlet, item: TextDelta | SegmentStarted | AudioPiece) -> None:
+        while self._full() and not (self._closed or outlet.dropped):
+            self._changed.clear()
+            await self._changed.wait()
+        if self._closed or outlet.dropped:
+            return
+        self._append(outlet, item)
+
+    def put_control(self, item: SessionStarted | TurnEnd, outlet: Outlet | None = None) -> None:
+        """Queue a session start or a turn's end without waiting for room (ignored once closed)."""
+        if not self._closed:
+            self._append(outlet, item)
+
+    def drop(self, outlet: Outlet) -> TurnEnd | None:
+        """Drop a turn: remove what of it waits, discard what it still puts. Returns its end if that
+        was waiting (removed too), so that the caller can replace it."""
+        outlet.dropped = True
+        kept: collections.deque[_Entry] = collections.deque()
+        end: TurnEnd | None = None
+        for entry in self._entries:
+            if entry[0] is not outlet:
+                kept.append(entry)
+            elif isinstance(entry[1], TurnEnd):
+                end = entry[1]
+            elif isinstance(entry[1], AudioPiece):
+                self._buffered_ms -= entry[1].duration_ms
+        self._entries = kept
+        self._changed.set()
+        return end
+
+    def close(self) -> None:
+        """Nothing more is added; :meth:`next` returns None once what waits has left."""
+        self._closed = True
+        self._changed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def waiting(self) -> list[Item]:
+        """A copy of what waits to leave, oldest first (for monitoring and tests)."""
+        return [item for _, item in self._entries]
+
+    async def next(self) -> Message | None:
+        """The next message to send, or None once closed and empty. Call from one task; what it
+        returns counts as sent (hand it to the transport at once). Safe to cancel (a message that
+        was waiting to fill is put back)."""
+        while True:
+            while not self._entries:
+                if self._closed:
+                    return None
+                self._changed.clear()
+                await self._changed.wait()
+            outlet, item = self._entries.popleft()
+            self._changed.set()
+            if isinstance(item, AudioPiece):
+                assert outlet is not None
+                self._buffered_ms -= item.duration_ms
+                message = await self._audio_message(outlet, item)
+                if message is not None:
+                    return message
+                continue
+            if isinstance(item, TextDelta):
+                return self._caption_message(outlet, item)
+            if isinstance(item, TurnEnd):
+                return _ended(item, outlet)
+            return item
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _full(self) -> bool:
+        return (
+            len(self._entries) >= self._limits.max_buffered_items or self._buffered_ms >= self._limits.max_buffered_ms
+        )
+
+    def _append(self, outlet: Outlet | None, item: Item) -> None:
+        self._entries.append((outlet, item))
+        if isinstance(item, AudioPiece):
+            self._buffered_ms += item.duration_ms
+        self._changed.set()
+
+    def _caption_message(self, outlet: Outlet | None, first: TextDelta) -> TextDelta:
+        texts = [first.text]
+        while self._entries and self._entries[0][0] is outlet and isinstance(self._entries[0][1], TextDelta):
+            texts.append(self._entries.popleft()[1].text)  # type: ignore[union-attr]
+        return first if len(texts) == 1 else TextDelta(first.turn_id, "".join(texts))
+
+    async def _audio_message(self, outlet: Outlet, first: AudioPiece) -> AudioChunk | None:
+        """``first`` and the pieces of its segment that follow it, up to one message's worth."""
+        pieces = [first]
+        duration = first.duration_ms
+        limit = self._limits.max_message_ms
+        fill_until = self._fill_until(outlet)
+        while True:
+            head = self._entries[0] if self._entries else None
+            if head is not None:
+                if not _continues(head, outlet, first) or duration + head[1].duration_ms > limit + 1e-6:  # type: ignore[union-attr]
+                    break
+                self._entries.popleft()
+                self._changed.set()
+                piece = head[1]
+                assert isinstance(piece, AudioPiece)
+                self._buffered_ms -= piece.duration_ms
+                pieces.append(piece)
+                duration += piece.duration_ms
+                continue
+            # Nothing more yet: wait only while the client is well ahead and another piece would fit.
+            if fill_until is None or self._closed or duration + pieces[-1].duration_ms > limit + 1e-6:
+                break
+            self._changed.clear()
+            try:
+                async with asyncio.timeout_at(fill_until):
+                    await self._changed.wait()
+            except TimeoutError:
+                break
+            except asyncio.CancelledError:
+                self._put_back(outlet, pieces)
+                raise
+            if outlet.dropped:
+                return None
+        if outlet.dropped:
+            return None
+        data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)
+        now = time.monotonic()
+        if outlet.first_audio_at is None:
+            outlet.first_audio_at = now
+        outlet.audio_ms_sent += duration
+        sequence, outlet.next_sequence = outlet.next_sequence, outlet.next_sequence + 1
+        return AudioChunk(first.turn_id, first.segment_index, sequence, data, duration)
+
+    def _fill_until(self, outlet: Outlet) -> float | None:
+        """Until when a message may wait to fill: while the client still holds ``fill_lead_ms`` of audio.
+        None when it is not that far ahead."""
+        now = time.monotonic()
+        lead_ms = outlet.client_lead_ms(now)
+        if outlet.first_audio_at is None or lead_ms < self._limits.fill_lead_ms + self._limits.max_message_ms:
+            return None
+        return now + (lead_ms - self._limits.fill_lead_ms) / 1000
+
+    def _put_back(self, outlet: Outlet, pieces: list[AudioPiece]) -> None:
+        for piece in reversed(pieces):
+            self._entries.appendleft((outlet, piece))
+            self._buffered_ms += piece.duration_ms
+        self._changed.set()
+
+
+def _continues(entry: _Entry, outlet: Outlet, first: AudioPiece) -> bool:
+    item = entry[1]
+    return entry[0] is outlet and isinstance(item, AudioPiece) and item.segment_index == first.segment_index
+
+
+def _ended(end: TurnEnd, outlet: Outlet | None) -> TurnEnded:
+    """The end as sent, with its timings fixed now."""
+    moments = end.moments
+
+    def since_start(moment: float | None) -> int:
+        return 0 if moment is None else round((moment - moments.started) * 1000)
+
+    first_audio = outlet.first_audio_at if outlet is not None else None
+    audio_ms = outlet.audio_ms_sent if outlet is not None else 0.0
+    timings = TurnTimings(
+        first_llm_token_ms=since_start(moments.first_llm_token),
+        first_segment_ms=since_start(moments.first_segment),
+        first_audio_ms=since_start(first_audio),
+        total_ms=since_start(time.monotonic()),
+        audio_duration_ms=round(audio_ms),
+    )
+    return TurnEnded(end.turn_id, end.reason, end.spoken_text, timings, moments.usage, end.error, end.history_unsaved)

@@ -1,0 +1,152 @@
+"""A session's settings: the server's defaults, what ``start`` asks for, and how they combine.
+
+:func:`check_start` says what is wrong with a ``start``; :func:`resolve_settings` combines a
+checked ``start``, the stored session it resumes (if any) and the server's :class:`SessionDefaults`
+into the one :class:`SessionSettings` record a session keeps. Both are pure.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.core.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, Encoding
+from service.core.engine import Voice
+from service.core.history import HistoryLimits
+from service.core.outbox import OutboxLimits
+from service.core.store import StoredSession
+from service.core.turn import TurnOptions
+from service.errors import InvalidRequest
+
+__all__ = [
+    "SessionDefaults",
+    "SessionSettings",
+    "StartRequest",
+    "check_length",
+    "check_start",
+    "new_session_id",
+    "resolve_settings",
+]
+
+MAX_VOICE_ID_CHARS = 128
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class SessionDefaults:
+    """Server-side defaults and limits for every session: the one place they are written."""
+
+    system_prompt: str = "You are Parley, a friendly voice assistant. Answer briefly, in plain spoken sentences."
+    temperature: float = 0.7
+    max_tokens: int = 200
+    """The longest reply; a client may ask for fewer tokens, never more."""
+    max_text_chars: int = 4000
+    idle_timeout_s: float = 600.0
+    """A stream with no client message and no turn in progress for this long is closed."""
+    turn: TurnOptions = field(default_factory=TurnOptions)
+    outbox: OutboxLimits = field(default_factory=OutboxLimits)
+    history: HistoryLimits = field(default_factory=HistoryLimits)
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """What the client asked for when opening the session (empty or None: the default, or on
+    resume the stored value)."""
+
+    session_id: str = ""
+    system_prompt: str = ""
+    voice: str = ""
+    encoding: Encoding = Encoding.PCM16
+    sample_rate_hz: int = 0
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a session runs with, resolved once when it opens."""
+
+    system_prompt: str
+    voice: str
+    audio: AudioFormat
+    temperature: float
+    max_tokens: int
+    chosen_temperature: float | None
+    """The client's own choice (stored with the session), None for the server's default."""
+    chosen_max_tokens: int | None
+
+    def stored_fields(self) -> tuple[str, str, float | None, int | None]:
+        """What of these settings a stored session keeps."""
+        return self.system_prompt, self.voice, self.chosen_temperature, self.chosen_max_tokens
+
+
+def new_session_id() -> str:
+    """An unguessable id (144 random bits, URL-safe) that does not start with ``-``, so that it can
+    follow a command-line option (``parley --session ID``) without being taken for one."""
+    while (session_id := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return session_id
+
+
+def check_length(text: str, field: str, max_chars: int) -> None:
+    """Raise :class:`InvalidRequest` when ``text`` is over ``max_chars``."""
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{field} is {len(text)} characters, over the limit of {max_chars}; send less")
+
+
+def check_start(request: StartRequest, defaults: SessionDefaults, voices: Sequence[Voice]) -> None:
+    """Raise :class:`InvalidRequest` saying what to fix in ``start``."""
+    if request.temperature is not None and not 0.0 <= request.temperature <= 2.0:
+        raise InvalidRequest(f"llm.temperature {request.temperature} is out of range; use 0 to 2")
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise InvalidRequest(f"llm.max_tokens {request.max_tokens} must be at least 1")
+    check_length(request.system_prompt, "start.system_prompt", defaults.max_text_chars)
+    rate = request.sample_rate_hz
+    if rate and not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        raise InvalidRequest(
+            f"sample_rate_hz {rate} is out of range; "
+            f"use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, or 0 for the voice's own rate"
+        )
+    if request.session_id and not _SESSION_ID.fullmatch(request.session_id):
+        raise InvalidRequest(
+            "start.session_id is not a session id (letters, digits, '-' and '_'); send the id session_started gave"
+        )
+    if len(request.voice) > MAX_VOICE_ID_CHARS:
+        raise InvalidRequest(
+            f"start.voice is {len(request.voice)} characters, longer than any voice id; ListVoices gives the choices"
+        )
+    known = {voice.id for voice in voices}
+    if request.voice and request.voice not in known:
+        raise InvalidRequest(
+            f"unknown voice {request.voice!r}; ListVoices gives the choices: {', '.join(sorted(known))}"
+        )
+
+
+def resolve_settings(
+    request: StartRequest,
+    stored: StoredSession | None,
+    defaults: SessionDefaults,
+    voices: Sequence[Voice],
+    default_voice: str,
+) -> SessionSettings:
+    """The settings of a session opened by a checked ``request``: what it sets, else what the resumed
+    session ``stored`` had, else the server's defaults. A stored voice this server no longer offers
+    falls back to the default voice."""
+    by_id = {voice.id: voice for voice in voices}
+    voice = request.voice or (stored.voice if stored else "") or default_voice
+    if voice not in by_id:
+        voice = default_voice
+    native = min(max(by_id[voice].sample_rate_hz, MIN_SAMPLE_RATE_HZ), MAX_SAMPLE_RATE_HZ)
+    temperature = request.temperature if request.temperature is not None else (stored.temperature if stored else None)
+    max_tokens = request.max_tokens if request.max_tokens is not None else (stored.max_tokens if stored else None)
+    return SessionSettings(
+        system_prompt=request.system_prompt or (stored.system_prompt if stored else "") or defaults.system_prompt,
+        voice=voice,
+        audio=AudioFormat(request.encoding, request.sample_rate_hz or native),
+        temperature=defaults.temperature if temperature is None else temperature,
+        max_tokens=defaults.max_tokens if max_tokens is None else min(max_tokens, defaults.max_tokens),
+        chosen_temperature=temperature,
+        chosen_max_tokens=max_tokens,
+    )

@@ -1,0 +1,173 @@
+"""The outbox on its own: what leaves, merged how, numbered how, held how long."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.core.audio import AudioFormat, Encoding
+from service.core.events import (
+    AudioChunk,
+    AudioPiece,
+    SegmentStarted,
+    SessionStarted,
+    TextDelta,
+    TurnEnd,
+    TurnEnded,
+    TurnEndReason,
+    TurnMoments,
+)
+from service.core.outbox import Outbox, OutboxLimits
+
+
+def piece(segment: int, ms: float, turn: str = "t1") -> AudioPiece:
+    return AudioPiece(turn, segment, b"\x00\x00" * int(ms * 16), ms)
+
+
+def end(turn: str = "t1", started: float = 0.0) -> TurnEnd:
+    return TurnEnd(turn, TurnEndReason.COMPLETED, "Hi.", TurnMoments(started))
+
+
+async def drain(outbox: Outbox) -> list[object]:
+    outbox.close()
+    return [message async for message in _messages(outbox)]
+
+
+async def _messages(outbox: Outbox):  # type: ignore[no-untyped-def]
+    while (message := await outbox.next()) is not None:
+        yield message
+
+
+async def test_audio_waiting_together_leaves_merged_per_segment_and_numbered_once() -> None:
+    outbox = Outbox(OutboxLimits(max_message_ms=100))
+    outlet = outbox.open_turn("t1")
+    for item in [piece(0, 40), piece(0, 40), piece(0, 40), SegmentStarted("t1", 1, "B", "B", 120), piece(1, 30)]:
+        await outlet.put(item)  # type: ignore[arg-type]
+    outbox.put_control(end(), outlet)
+    messages = await drain(outbox)
+    audio = [m for m in messages if isinstance(m, AudioChunk)]
+    # 40+40 fit in one 100 ms message, the third would not; a segment's audio never merges with the next.
+    assert [(a.segment_index, a.sequence, a.duration_ms) for a in audio] == [(0, 0, 80), (0, 1, 40), (1, 2, 30)]
+    assert len(audio[0].data) == 2 * len(piece(0, 40).data)
+    assert isinstance(messages[-1], TurnEnded) and messages[-1].timings.audio_duration_ms == 150
+
+
+async def test_captions_waiting_together_leave_as_one_message() -> None:
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    for text in ["Hel", "lo ", "there."]:
+        await outlet.put(TextDelta("t1", text))
+    await outlet.put(piece(0, 10))
+    await outlet.put(TextDelta("t1", " More"))
+    messages = await drain(outbox)
+    assert [m.text for m in messages if isinstance(m, TextDelta)] == ["Hello there.", " More"]
+
+
+async def test_a_full_outbox_holds_back_puts_by_seconds_of_audio() -> None:
+    outbox = Outbox(OutboxLimits(max_message_ms=200, max_buffered_ms=1000, max_buffered_items=1000))
+    outlet = outbox.open_turn("t1")
+    for _ in range(5):
+        await outlet.put(piece(0, 200))  # one second of audio waits: the outbox is full
+    blocked = asyncio.create_task(outlet.put(piece(0, 200)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    message = await outbox.next()  # the client reads one message: room for another piece
+    assert isinstance(message, AudioChunk)
+    await asyncio.wait_for(blocked, 1)
+
+
+async def test_a_full_outbox_holds_back_puts_by_count_of_items() -> None:
+    outbox = Outbox(OutboxLimits(max_buffered_items=3))
+    outlet = outbox.open_turn("t1")
+    for text in "abc":
+        await outlet.put(TextDelta("t1", text))
+    blocked = asyncio.create_task(outlet.put(TextDelta("t1", "d")))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    outbox.put_control(end(), outlet)  # a turn's end never waits for room
+    assert len(outbox.waiting()) == 4
+    await outbox.next()
+    await asyncio.wait_for(blocked, 1)
+
+
+async def test_a_dropped_turn_leaves_nothing_more_but_its_end() -> None:
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    await outlet.put(piece(0, 50))
+    outbox.put_control(end(), outlet)
+    assert outbox.drop(outlet) == end()  # the waiting end is handed back, to be replaced
+    await outlet.put(piece(0, 50))  # discarded, never waits
+    cut = TurnEnd("t1", TurnEndReason.INTERRUPTED, "", TurnMoments(0.0))
+    outbox.put_control(cut, outlet)
+    messages = await drain(outbox)
+    assert [type(m) for m in messages] == [TurnEnded]
+
+
+async def test_a_put_waiting_for_room_gives_up_when_its_turn_is_dropped() -> None:
+    outbox = Outbox(OutboxLimits(max_buffered_items=1))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(TextDelta("t1", "a"))
+    blocked = asyncio.create_task(outlet.put(TextDelta("t1", "b")))
+    await asyncio.sleep(0.01)
+    outbox.drop(outlet)
+    await asyncio.wait_for(blocked, 1)
+    assert outbox.waiting() == []
+
+
+async def test_turn_ended_timings_are_fixed_when_it_leaves() -> None:
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    loop = asyncio.get_running_loop()
+    started = loop.time() - 1.0  # (the outbox and the loop share time.monotonic)
+    moments = TurnMoments(started, first_llm_token=started + 0.1, first_segment=started + 0.2)
+    await outlet.put(piece(0, 100))
+    outbox.put_control(TurnEnd("t1", TurnEndReason.COMPLETED, "x", moments), outlet)
+    first = await outbox.next()
+    assert isinstance(first, AudioChunk)
+    ended = await outbox.next()
+    assert isinstance(ended, TurnEnded)
+    timings = ended.timings
+    assert (timings.first_llm_token_ms, timings.first_segment_ms) == (100, 200)
+    assert 1000 <= timings.first_audio_ms <= timings.total_ms < 5000
+    assert timings.audio_duration_ms == 100
+    with pytest.raises(AttributeError):
+        timings.total_ms = 0  # type: ignore[misc]
+
+
+async def test_session_start_and_turns_keep_their_order() -> None:
+    outbox = Outbox(OutboxLimits())
+    outbox.put_control(SessionStarted("s", AudioFormat(Encoding.PCM16, 16000), "v", "llm", "tts"))
+    one, two = outbox.open_turn("t1"), outbox.open_turn("t2")
+    await one.put(TextDelta("t1", "a"))
+    outbox.put_control(end("t1"), one)
+    await two.put(TextDelta("t2", "b"))
+    messages = await drain(outbox)
+    assert [type(m).__name__ for m in messages] == ["SessionStarted", "TextDelta", "TurnEnded", "TextDelta"]
+    assert [m.turn_id for m in messages[1:]] == ["t1", "t1", "t2"]  # type: ignore[attr-defined]
+
+
+async def test_a_message_waiting_to_fill_is_put_back_when_the_reader_is_cancelled() -> None:
+    outbox = Outbox(OutboxLimits(max_message_ms=200, fill_lead_ms=0))
+    outlet = outbox.open_turn("t1")
+    for _ in range(10):  # two seconds of audio: the client is far ahead once they have left
+        await outlet.put(piece(0, 200))
+    for _ in range(10):
+        await outbox.next()
+    await outlet.put(piece(0, 20))
+    reading = asyncio.create_task(outbox.next())  # waits for more, to fill the message
+    await asyncio.sleep(0.05)
+    assert not reading.done()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert outbox.waiting() == [piece(0, 20)]
+    await outlet.put(piece(0, 20))
+    outbox.close()
+    message = await outbox.next()
+    assert isinstance(message, AudioChunk) and message.duration_ms == 40 and message.sequence == 10
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_buffered_ms"):
+        OutboxLimits(max_message_ms=500, max_buffered_ms=100)
