@@ -1,77 +1,37 @@
 """``python -m ws_bridge``: run the WebSocket bridge and its demo page.
 
-Every option is also an environment variable (shown in ``--help``); flags win.
+Every option is also an environment variable (shown in ``--help``; see :mod:`ws_bridge.config`); flags win.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-from typing import Any
 
 import grpc
+from pydantic import ValidationError
+from pydantic_settings import CliApp
 
+from ws_bridge.config import BridgeSettings, describe_errors
 from ws_bridge.server import CHANNEL_OPTIONS, Bridge, BridgeOptions
 
 log = logging.getLogger("ws_bridge")
 
 
-def _option(parser: argparse.ArgumentParser, flag: str, env: str, default: str, help: str, **kwargs: Any) -> None:
-    """A flag whose default comes from an environment variable; the help names both."""
-    parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help} ({env}; default {default})", **kwargs)
-
-
-def parse_args(argv: list[str] | None) -> tuple[BridgeOptions, str]:
-    parser = argparse.ArgumentParser(prog="python -m ws_bridge", description=__doc__.split("\n\n")[0])
-    _option(parser, "--host", "PARLEY_BRIDGE_HOST", "0.0.0.0", "address to listen on")
-    _option(parser, "--port", "PARLEY_BRIDGE_PORT", "8080", "port", type=int)
-    _option(parser, "--grpc-target", "PARLEY_GRPC_TARGET", "127.0.0.1:50051", "the Parley service")
-    _option(
-        parser,
-        "--allowed-origins",
-        "PARLEY_BRIDGE_ALLOWED_ORIGINS",
-        "",
-        "comma-separated origins allowed besides the bridge's own and localhost",
+def bridge_options(settings: BridgeSettings) -> BridgeOptions:
+    """What the bridge itself needs from the settings."""
+    return BridgeOptions(
+        grpc_target=settings.grpc_target,
+        host=settings.host,
+        port=settings.port,
+        allowed_origins=settings.origins,
+        max_frame_bytes=settings.max_frame_bytes,
+        max_sockets=settings.max_sockets,
+        ping_interval_s=settings.ping_interval_s,
+        ping_timeout_s=settings.ping_interval_s,
     )
-    _option(
-        parser,
-        "--max-frame-bytes",
-        "PARLEY_BRIDGE_MAX_FRAME_BYTES",
-        "65536",
-        "largest client frame; larger ones close with 1009",
-        type=int,
-    )
-    _option(
-        parser, "--max-sockets", "PARLEY_BRIDGE_MAX_SOCKETS", "200", "concurrent sockets; more get HTTP 503", type=int
-    )
-    _option(
-        parser,
-        "--ping-interval-s",
-        "PARLEY_BRIDGE_PING_INTERVAL_S",
-        "20",
-        "keepalive ping interval, also the pong timeout",
-        type=float,
-    )
-    _option(
-        parser, "--log-level", "PARLEY_LOG_LEVEL", "INFO", "log level", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    args = parser.parse_args(argv)
-    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
-    options = BridgeOptions(
-        grpc_target=args.grpc_target,
-        host=args.host,
-        port=args.port,
-        allowed_origins=origins,
-        max_frame_bytes=args.max_frame_bytes,
-        max_sockets=args.max_sockets,
-        ping_interval_s=args.ping_interval_s,
-        ping_timeout_s=args.ping_interval_s,
-    )
-    return options, args.log_level
 
 
 async def run(options: BridgeOptions) -> None:
@@ -103,10 +63,14 @@ async def _announce_when_ready(target: str, page: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, level = parse_args(argv)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(options))
+        settings = CliApp.run(BridgeSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:
+        print(f"python -m ws_bridge: invalid setting:\n{describe_errors(error)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(bridge_options(settings)))
     except OSError as error:
         log.error("cannot start the bridge: %s", error)
         return 1

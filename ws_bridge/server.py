@@ -29,6 +29,7 @@ from websockets.http11 import Request, Response
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from ws_bridge.config import default
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
 
 __all__ = ["CHANNEL_OPTIONS", "CLOSE_CODE_FOR", "Bridge", "BridgeOptions"]
@@ -62,17 +63,17 @@ CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
 
 @dataclass(frozen=True)
 class BridgeOptions:
-    """Where to listen, where the service is, and the limits."""
+    """Where to listen, where the service is, and the limits; the defaults are the settings' own."""
 
-    grpc_target: str = "127.0.0.1:50051"
-    host: str = "0.0.0.0"
-    port: int = 8080
+    grpc_target: str = default("grpc_target")
+    host: str = default("host")
+    port: int = default("port")
     allowed_origins: tuple[str, ...] = ()
     """Origins allowed besides the bridge's own and localhost, e.g. ``https://app.example.com``."""
-    max_frame_bytes: int = 64 * 1024
-    max_sockets: int = 200
-    ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
+    max_frame_bytes: int = default("max_frame_bytes")
+    max_sockets: int = default("max_sockets")
+    ping_interval_s: float = default("ping_interval_s")
+    ping_timeout_s: float = default("ping_interval_s")
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""The bridge's settings: environment variables and flags from one model, as the README documents them."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+import ws_bridge.__main__
+from tests.conftest import run_process
+from ws_bridge.__main__ import bridge_options, main
+from ws_bridge.config import BridgeSettings, env_name
+from ws_bridge.server import BridgeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+ENV = {name: env_name(field) for name, field in BridgeSettings.model_fields.items()}
+
+# Every variable and flag as the README has always documented them, with a value and what it becomes.
+DOCUMENTED = [
+    ("PARLEY_BRIDGE_HOST", "--host", "127.0.0.2", "host", "127.0.0.2"),
+    ("PARLEY_BRIDGE_PORT", "--port", "9090", "port", 9090),
+    ("PARLEY_GRPC_TARGET", "--grpc-target", "parley.internal:5000", "grpc_target", "parley.internal:5000"),
+    (
+        "PARLEY_BRIDGE_ALLOWED_ORIGINS",
+        "--allowed-origins",
+        "https://a.example.com",
+        "allowed_origins",
+        "https://a.example.com",
+    ),
+    ("PARLEY_BRIDGE_MAX_FRAME_BYTES", "--max-frame-bytes", "1024", "max_frame_bytes", 1024),
+    ("PARLEY_BRIDGE_MAX_SOCKETS", "--max-sockets", "3", "max_sockets", 3),
+    ("PARLEY_BRIDGE_PING_INTERVAL_S", "--ping-interval-s", "2.5", "ping_interval_s", 2.5),
+    ("PARLEY_LOG_LEVEL", "--log-level", "DEBUG", "log_level", "DEBUG"),
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No bridge variable from outside, and :func:`main` never gets to start a bridge."""
+    for env in ENV.values():
+        monkeypatch.delenv(env, raising=False)
+
+    async def must_not_run(options: BridgeOptions) -> None:
+        raise AssertionError(f"the settings were accepted: {options}")
+
+    monkeypatch.setattr(ws_bridge.__main__, "run", must_not_run)
+
+
+def settings(*argv: str) -> BridgeSettings:
+    return CliApp.run(BridgeSettings, cli_args=list(argv))
+
+
+def test_documented_names_are_the_settings() -> None:
+    assert sorted((env, flag) for env, flag, *_ in DOCUMENTED) == sorted(
+        (env, f"--{name.replace('_', '-')}") for name, env in ENV.items()
+    )
+
+
+@pytest.mark.parametrize(("env", "flag", "raw", "name", "value"), DOCUMENTED)
+def test_each_setting_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, env: str, flag: str, raw: str, name: str, value: object
+) -> None:
+    monkeypatch.setenv(env, raw)
+    assert getattr(settings(), name) == value
+
+
+@pytest.mark.parametrize(("env", "flag", "raw", "name", "value"), DOCUMENTED)
+def test_each_setting_from_its_flag(env: str, flag: str, raw: str, name: str, value: object) -> None:
+    assert getattr(settings(flag, raw), name) == value
+    assert getattr(settings(f"{flag}={raw}"), name) == value
+
+
+def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_BRIDGE_PORT", "9000")
+    monkeypatch.setenv("PARLEY_GRPC_TARGET", "from-env:1")
+    chosen = settings("--port", "9001")
+    assert (chosen.port, chosen.grpc_target) == (9001, "from-env:1")
+
+
+def test_the_services_own_variables_are_not_the_bridges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_PORT", "50052")
+    monkeypatch.setenv("PARLEY_HOST", "127.0.0.9")
+    chosen = settings()
+    assert (chosen.port, chosen.host) == (8080, "0.0.0.0")
+
+
+def test_defaults_and_the_options_they_make() -> None:
+    options = bridge_options(settings())
+    assert options == BridgeOptions()  # the dataclass's defaults are the settings' own
+    assert (options.port, options.grpc_target, options.max_frame_bytes, options.ping_timeout_s) == (
+        8080,
+        "127.0.0.1:50051",
+        65536,
+        20.0,
+    )
+
+
+def test_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_BRIDGE_ALLOWED_ORIGINS", " https://a.example.com, http://127.0.0.1:9000 ,,")
+    assert bridge_options(settings()).allowed_origins == ("https://a.example.com", "http://127.0.0.1:9000")
+    assert settings("--allowed-origins", "").origins == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "--port / PARLEY_BRIDGE_PORT: Input should be less than or equal to 65535"),
+        (["--port", "http"], "--port / PARLEY_BRIDGE_PORT: Input should be a valid integer"),
+        (
+            ["--max-frame-bytes", "0"],
+            "--max-frame-bytes / PARLEY_BRIDGE_MAX_FRAME_BYTES: Input should be greater",
+        ),
+        (["--max-sockets", "-1"], "--max-sockets / PARLEY_BRIDGE_MAX_SOCKETS: Input should be greater than 0"),
+        (["--ping-interval-s", "0"], "--ping-interval-s / PARLEY_BRIDGE_PING_INTERVAL_S: Input should be greater"),
+        (["--log-level", "LOUD"], "--log-level / PARLEY_LOG_LEVEL: Input should be 'DEBUG', 'INFO'"),
+        (["--grpc-target", ""], "--grpc-target / PARLEY_GRPC_TARGET: String should have at least 1 character"),
+        (["--allowed-origins", "https://a.example.com/"], "'https://a.example.com/' is not an origin"),
+        (["--allowed-origins", "a.example.com"], "'a.example.com' is not an origin"),
+        (["--allowed-origins", "https://A.example.com"], "in lower case"),
+    ],
+)
+def test_invalid_settings_exit_2_naming_flag_and_variable(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m ws_bridge: invalid setting:\n")
+    assert message in error
+
+
+def test_an_invalid_variable_is_named_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PARLEY_BRIDGE_MAX_SOCKETS", "many")
+    assert main([]) == 2
+    assert "--max-sockets / PARLEY_BRIDGE_MAX_SOCKETS: Input should be a valid integer" in capsys.readouterr().err
+    with pytest.raises(ValidationError):
+        settings()
+
+
+async def test_the_process_exits_2_on_an_invalid_setting() -> None:
+    code, _, stderr = await run_process(sys.executable, "-m", "ws_bridge", "--port", "70000")
+    assert code == 2, stderr
+    assert "invalid setting" in stderr and "PARLEY_BRIDGE_PORT" in stderr and "Traceback" not in stderr
+
+
+async def test_an_unknown_flag_exits_2() -> None:
+    code, _, stderr = await run_process(sys.executable, "-m", "ws_bridge", "--no-such-flag", "1")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in stderr
+
+
+async def test_help_names_every_flag_its_variable_and_default() -> None:
+    code, stdout, stderr = await run_process(sys.executable, "-m", "ws_bridge", "--help")
+    assert code == 0, stderr
+    help_text = " ".join(stdout.split())  # argparse wraps lines anywhere
+    for name, env in ENV.items():
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"[env {env}]" in help_text
+    assert "(default: 8080)" in help_text and "(default: 127.0.0.1:50051)" in help_text
+
+
+def _readme_default(default: object) -> str:
+    if default == "":
+        return "none"
+    return f"{default:g}" if isinstance(default, float | int) else str(default)
+
+
+@pytest.mark.parametrize("name", sorted(BridgeSettings.model_fields))
+def test_the_readme_documents_each_setting_with_its_default(name: str) -> None:
+    flag = f"--{name.replace('_', '-')}"
+    row = re.search(rf"^\| `{ENV[name]}` \| `{flag}` \| ([^|]+) \|", README, re.MULTILINE)
+    assert row is not None, f"README has no row for {ENV[name]} / {flag}"
+    assert row.group(1).strip().strip("`") == _readme_default(BridgeSettings.model_fields[name].default)

@@ -1,0 +1,137 @@
+"""The bridge's settings. Each is a flag ``--<name>`` and an environment variable, named in ``--help``.
+
+Most variables are ``PARLEY_BRIDGE_<NAME>``; ``PARLEY_GRPC_TARGET`` and ``PARLEY_LOG_LEVEL`` have no
+``BRIDGE_`` (the log level is shared with the service). Flags win over the environment, which wins
+over the defaults; the defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["BridgeSettings", "default", "describe_errors", "env_name"]
+
+
+def _setting(default: Any, env: str, description: str, **constraints: Any) -> Any:
+    """A field whose environment variable is ``env``; the help names it."""
+    return Field(default, description=f"{description} [env {env}]", json_schema_extra={"env": env}, **constraints)
+
+
+def env_name(field: FieldInfo) -> str:
+    """The environment variable of a setting."""
+    extra = field.json_schema_extra
+    assert isinstance(extra, dict) and isinstance(extra.get("env"), str)
+    return str(extra["env"])
+
+
+class BridgeSettings(BaseSettings):
+    """Parley's WebSocket bridge and its demo page. Every flag is also an environment variable, named in
+    brackets (for example --port / PARLEY_BRIDGE_PORT); flags win."""
+
+    model_config = SettingsConfigDict(
+        cli_kebab_case=True,
+        cli_prog_name="python -m ws_bridge",
+        frozen=True,
+    )
+
+    host: str = _setting("0.0.0.0", "PARLEY_BRIDGE_HOST", "Address to listen on.", min_length=1)
+    port: int = _setting(8080, "PARLEY_BRIDGE_PORT", "Port of the page and /ws (0: any free port).", ge=0, le=65535)
+    grpc_target: str = _setting("127.0.0.1:50051", "PARLEY_GRPC_TARGET", "The Parley service.", min_length=1)
+    allowed_origins: str = _setting(
+        "",
+        "PARLEY_BRIDGE_ALLOWED_ORIGINS",
+        "Comma-separated origins (scheme://host[:port]) allowed besides the bridge's own and localhost.",
+    )
+    max_frame_bytes: int = _setting(
+        64 * 1024, "PARLEY_BRIDGE_MAX_FRAME_BYTES", "Largest client frame; larger ones close with 1009.", gt=0
+    )
+    max_sockets: int = _setting(200, "PARLEY_BRIDGE_MAX_SOCKETS", "Concurrent sockets; more get HTTP 503.", gt=0)
+    ping_interval_s: float = _setting(
+        20.0, "PARLEY_BRIDGE_PING_INTERVAL_S", "Keepalive ping interval, and how long a pong may take.", gt=0
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
+        "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        for origin in _split(value):
+            if not _is_origin(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin as a browser sends it: write scheme://host[:port] in lower case, "
+                    "like https://app.example.com (no path, no trailing slash)"
+                )
+        return value
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The parsed ``allowed_origins``."""
+        return _split(self.allowed_origins)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls)
+
+
+def _split(origins: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in origins.split(",") if o.strip())
+
+
+def _is_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    try:
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and origin == f"{parts.scheme}://{parts.netloc.lower()}"
+    )
+
+
+class _Environment(PydanticBaseSettingsSource):
+    """Each setting from its own variable, by its exact name."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return os.environ.get(env_name(field)), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, _, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+
+def default(name: str) -> Any:
+    """A setting's default, for :class:`ws_bridge.server.BridgeOptions` (the defaults live here alone)."""
+    return BridgeSettings.model_fields[name].default
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per invalid setting, naming its flag and its variable."""
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else ""
+        field = BridgeSettings.model_fields.get(name)
+        where = f"--{name.replace('_', '-')} / {env_name(field)}" if field is not None else "settings"
+        message = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
+        lines.append(f"  {where}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
