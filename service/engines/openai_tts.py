@@ -14,12 +14,12 @@ from typing import Any
 
 from service.core.engine import Audio, Voice
 from service.engines.openai_client import OpenAIConnection, engine_error, make_client
+from service.engines.openai_voices import OPENAI_VOICES
 from service.engines.retry import RetryPolicy, retrying, stall_guard
 from service.errors import EngineError, TTSError
 
 __all__ = ["OPENAI_VOICES", "OpenAITTS", "OpenAITTSOptions"]
 
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 _PCM_RATE_HZ = 24000
 
 
