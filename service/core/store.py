@@ -73,7 +73,8 @@ class SessionStore(Protocol):
     :class:`service.errors.StoreUnavailable` when the store cannot be reached."""
 
     async def create(self, session: StoredSession) -> Claim:
-        """Store a new session and claim it."""
+        """Store a new session and claim it. A store with a bounded size raises
+        :class:`service.errors.Overloaded` when it cannot take another session."""
         ...
 
     async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:

@@ -1,74 +1,158 @@
-"""The ``memory`` session store: sessions in this process, expiring after an idle time.
+"""The ``memory`` session store: sessions in this process, expiring after an idle time, at most
+``max_sessions`` of them.
 
 Fine for one replica; sessions do not survive a restart. Use ``redis`` for several replicas.
+
+An idle session is kept as its JSON bytes (what :meth:`StoredSession.to_json` gives, compact), not
+as live objects: a few hundred bytes plus its text, decoded again when a stream resumes it. Idle
+sessions sit in least-recently-used order: a session is created, resumed and saved while a stream
+holds it, so its last use is its release, which puts it at the recent end. The expired ones are thus
+found at the old end, and when the store is full the least recently used idle session makes room for
+a new one. A session a stream holds is never evicted nor expired; when every
+stored session is held, :meth:`MemoryStore.create` raises :class:`service.errors.Overloaded`.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import secrets
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable
 
 from service.core.store import Claim, StoredSession
+from service.errors import Overloaded
 
-__all__ = ["MemoryStore"]
+__all__ = ["DEFAULT_MAX_SESSIONS", "MemoryStore"]
+
+DEFAULT_MAX_SESSIONS = 10_000
+"""About 10 MB of typical sessions (roughly 1 KB each with ten turns of history) and at most about
+250 MB even if every session held a 4,000-character system prompt and a full 20,000-character
+history (see ``python -m benchmarks.memory_soak``)."""
 
 
-@dataclass
 class _Record:
-    session: StoredSession
-    expires: float
-    owner: Claim | None = None
+    """One stored session: its JSON bytes, the stream holding it, and when it expires once idle
+    (set when the stream lets go: a held session does not expire)."""
+
+    __slots__ = ("data", "expires", "owner")
+
+    def __init__(self, data: bytes, expires: float, owner: Claim | None = None) -> None:
+        self.data = data
+        self.expires = expires
+        self.owner = owner
+
+    @property
+    def session(self) -> StoredSession:
+        """The stored session, decoded (a new copy each time)."""
+        return _decode(self.data)
 
 
 class MemoryStore:
-    """Sessions in a dict. Safe for one event loop."""
+    """Sessions in this process. Safe for one event loop.
 
-    def __init__(self, ttl_s: float) -> None:
+    ``clock`` gives the time in seconds (monotonic); tests pass a fake one.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
         self._ttl_s = ttl_s
-        self._records: dict[str, _Record] = {}
+        self._max_sessions = max_sessions
+        self._clock = clock
+        # Idle sessions, least recently used first; held sessions apart (never evicted or expired).
+        self._idle: OrderedDict[str, _Record] = OrderedDict()
+        self._held: dict[str, _Record] = {}
 
     async def create(self, session: StoredSession) -> Claim:
-        self._sweep()
-        record = _Record(copy.deepcopy(session), time.monotonic() + self._ttl_s)
-        self._records[session.session_id] = record
-        return self._claim(record)
+        """Store a new session and claim it. When the store is full, the least recently used idle
+        session is forgotten; raises :class:`Overloaded` when every stored session is held."""
+        now = self._clock()
+        self._sweep(now)
+        session_id = session.session_id
+        previous = self._idle.pop(session_id, None) or self._held.pop(session_id, None)
+        if previous is not None and previous.owner is not None:
+            previous.owner.lost.set()
+        if len(self._idle) + len(self._held) >= self._max_sessions:
+            if not self._idle:
+                raise Overloaded(
+                    f"the server holds its maximum number of sessions ({self._max_sessions}), all in use by "
+                    "open streams; retry later"
+                )
+            self._idle.popitem(last=False)
+        record = _Record(_encode(session), now + self._ttl_s)  # the expiry is set again on release
+        self._held[session_id] = record
+        return self._claim(session_id, record)
 
     async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
-        self._sweep()
-        record = self._records.get(session_id)
+        now = self._clock()
+        self._sweep(now)
+        record = self._idle.pop(session_id, None)
         if record is None:
-            return None
-        record.expires = time.monotonic() + self._ttl_s
-        return copy.deepcopy(record.session), self._claim(record)
+            record = self._held.get(session_id)
+            if record is None:
+                return None
+        self._held[session_id] = record
+        return _decode(record.data), self._claim(session_id, record)
 
     async def save(self, session: StoredSession, claim: Claim) -> bool:
-        record = self._records.get(session.session_id)
+        record = self._held.get(session.session_id)
         if record is None or record.owner is not claim:
             return False
-        record.session = copy.deepcopy(session)
-        record.expires = time.monotonic() + self._ttl_s
+        record.data = _encode(session)
         return True
 
     async def release(self, claim: Claim) -> None:
         """Let go; the session's idle time starts now."""
-        record = self._records.get(claim.session_id)
+        record = self._held.get(claim.session_id)
         if record is not None and record.owner is claim:
+            del self._held[claim.session_id]
             record.owner = None
-            record.expires = time.monotonic() + self._ttl_s
+            record.expires = self._clock() + self._ttl_s
+            self._idle[claim.session_id] = record  # the most recently used end
 
     async def aclose(self) -> None:
-        self._records.clear()
+        self._idle.clear()
+        self._held.clear()
 
-    def _claim(self, record: _Record) -> Claim:
+    # -- internals ---------------------------------------------------------------------------------
+
+    @property
+    def _records(self) -> dict[str, _Record]:
+        """Every stored session by id (a new dict; for test doubles that look inside)."""
+        return {**self._idle, **self._held}
+
+    @staticmethod
+    def _claim(session_id: str, record: _Record) -> Claim:
         if record.owner is not None:
             record.owner.lose()
-        record.owner = Claim(record.session.session_id, secrets.token_hex(8))
+        record.owner = Claim(session_id, secrets.token_hex(8))
         return record.owner
 
-    def _sweep(self) -> None:
-        """Forget sessions idle past their expiry; a session a stream holds is not idle."""
-        now = time.monotonic()
-        for session_id in [k for k, r in self._records.items() if r.expires <= now and r.owner is None]:
-            del self._records[session_id]
+    def _sweep(self, now: float) -> None:
+        """Forget idle sessions past their expiry, from the least recently used end: a session
+        becomes idle (and most recently used) when it is released, its expiry then set to the same
+        TTL ahead, so the expired ones are all at that end."""
+        while self._idle:
+            session_id, record = next(iter(self._idle.items()))
+            if record.expires > now:
+                break
+            del self._idle[session_id]
+
+
+def _encode(session: StoredSession) -> bytes:
+    # UTF-8 rather than \u escapes: non-Latin text takes 2-4 bytes a character instead of 6-12.
+    # surrogatepass: a lone surrogate in a string (never valid UTF-8 from gRPC, but a str may hold
+    # one) round-trips instead of failing the write.
+    text = json.dumps(session.to_json(), ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _decode(data: bytes) -> StoredSession:
+    return StoredSession.from_json(json.loads(data.decode("utf-8", "surrogatepass")))
