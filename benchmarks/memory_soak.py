@@ -26,7 +26,6 @@ import collections
 import copy
 import gc
 import json
-import os
 import random
 import time
 import tracemalloc
@@ -302,16 +301,6 @@ def run(
     return report(costs, result)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {model}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=None, help="sessions per kind in part 1 (default 10,000)")
@@ -320,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 sessions and 2,000 cycles")
     parser.add_argument("--timeout", type=float, default=1800.0, help="start no cycle after this (s)")
     args = parser.parse_args(argv)
+    from benchmarks.bench import machine  # the same machine line as the benchmark report
+
     print(f"Machine: {machine()}\n")
     print(
         run(
