@@ -62,8 +62,10 @@ async def open_store(settings: Settings) -> SessionStore:
             "sessions in Redis (prefix %s, expiring after %g s idle)", settings.redis_prefix, settings.session_ttl_s
         )
         return store
-    log.info("sessions in memory (expiring after %g s idle)", settings.session_ttl_s)
-    return MemoryStore(settings.session_ttl_s)
+    log.info(
+        "sessions in memory (at most %d, expiring after %g s idle)", settings.memory_max_sessions, settings.session_ttl_s
+    )
+    return MemoryStore(settings.session_ttl_s, max_sessions=settings.memory_max_sessions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,9 @@ from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S
 from service.core.turn import TurnOptions
+from service.engines.openai_voices import OPENAI_VOICES
 from service.servicer import StreamLimits
+from service.stores.memory import DEFAULT_MAX_SESSIONS
 
 _SESSION = SessionDefaults()
 _TURN = TurnOptions()
@@ -99,6 +101,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Forget a session after this long with no stream (at least idle_timeout_s).",
     )
+    memory_max_sessions: int = Field(
+        DEFAULT_MAX_SESSIONS,
+        ge=1,
+        description="Most sessions the memory store keeps; when full, the least recently used idle one is "
+        "forgotten, and while every one is held by a stream new sessions get RESOURCE_EXHAUSTED.",
+    )
     history_max_turns: int = Field(_HISTORY.max_turns, ge=1, description="Turns a session keeps; the oldest go first.")
     history_max_chars: int = Field(_HISTORY.max_chars, ge=100, description="Characters of history a session keeps.")
     openai_base_url: str | None = Field(
@@ -123,7 +131,7 @@ class Settings(BaseSettings):
     openai_tts_model: str = Field("gpt-4o-mini-tts", description="Speech model of the openai TTS engine.")
     openai_tts_voice: str = Field("alloy", description="Default voice of the openai TTS engine.")
     openai_tts_voices: str = Field(
-        ",".join(("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")),
+        ",".join(OPENAI_VOICES),
         description="Comma-separated voices ListVoices offers with the openai TTS engine.",
     )
     openai_tts_speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking speed of the openai TTS engine.")

@@ -7,6 +7,7 @@ streams still open), so tests can check that an interrupt really stopped upstrea
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import re
 from collections.abc import AsyncGenerator, Callable
@@ -120,7 +121,8 @@ def tone(start: int, count: int, rate: int) -> bytes:
 
 
 class SlowStore(MemoryStore):
-    """A memory store whose writes take ``save_s`` (a store across a network), counting what happens."""
+    """A memory store whose writes take ``save_s`` (a store across a network), counting what happens and
+    keeping a copy of what it stored, for tests to look at."""
 
     def __init__(self, save_s: float) -> None:
         super().__init__(ttl_s=3600)
@@ -130,6 +132,20 @@ class SlowStore(MemoryStore):
         self.saves_started = 0
         self.saves_done = 0
         self.releases = 0
+        self._stored: dict[str, StoredSession] = {}
+        self._owners: dict[str, Claim] = {}
+
+    async def create(self, session: StoredSession) -> Claim:
+        claim = await super().create(session)
+        self._stored[session.session_id] = copy.deepcopy(session)
+        self._owners[session.session_id] = claim
+        return claim
+
+    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+        resumed = await super().resume(session_id)
+        if resumed is not None:
+            self._owners[session_id] = resumed[1]
+        return resumed
 
     async def save(self, session: StoredSession, claim: Claim) -> bool:
         self.saves_started += 1
@@ -137,17 +153,21 @@ class SlowStore(MemoryStore):
         if self.failing:
             raise StoreUnavailable("the session store (a fake) is unavailable")
         written = await super().save(session, claim)
+        if written:
+            self._stored[session.session_id] = copy.deepcopy(session)
         self.saves_done += 1
         return written
 
     async def release(self, claim: Claim) -> None:
         self.releases += 1
         await super().release(claim)
+        if self._owners.get(claim.session_id) is claim:
+            del self._owners[claim.session_id]
 
     def entries(self, session_id: str) -> list[tuple[str, str, bool]]:
         """The stored history (without claiming the session)."""
-        record = self._records[session_id]
-        return [(e.role, e.content, e.interrupted) for e in record.session.entries]
+        return [(e.role, e.content, e.interrupted) for e in self._stored[session_id].entries]
 
     def owned(self, session_id: str) -> bool:
-        return self._records[session_id].owner is not None
+        """A stream holds the session."""
+        return session_id in self._owners

@@ -81,7 +81,7 @@ class MemoryStore:
         session_id = session.session_id
         previous = self._idle.pop(session_id, None) or self._held.pop(session_id, None)
         if previous is not None and previous.owner is not None:
-            previous.owner.lost.set()
+            previous.owner.lose()
         if len(self._idle) + len(self._held) >= self._max_sessions:
             if not self._idle:
                 raise Overloaded(
@@ -107,6 +107,7 @@ class MemoryStore:
     async def save(self, session: StoredSession, claim: Claim) -> bool:
         record = self._held.get(session.session_id)
         if record is None or record.owner is not claim:
+            claim.lose(vanished=record is None)
             return False
         record.data = _encode(session)
         return True
@@ -125,11 +126,6 @@ class MemoryStore:
         self._held.clear()
 
     # -- internals ---------------------------------------------------------------------------------
-
-    @property
-    def _records(self) -> dict[str, _Record]:
-        """Every stored session by id (a new dict; for test doubles that look inside)."""
-        return {**self._idle, **self._held}
 
     @staticmethod
     def _claim(session_id: str, record: _Record) -> Claim:
