@@ -63,7 +63,9 @@ async def open_store(settings: Settings) -> SessionStore:
         )
         return store
     log.info(
-        "sessions in memory (at most %d, expiring after %g s idle)", settings.memory_max_sessions, settings.session_ttl_s
+        "sessions in memory (at most %d, expiring after %g s idle)",
+        settings.memory_max_sessions,
+        settings.session_ttl_s,
     )
     return MemoryStore(settings.session_ttl_s, max_sessions=settings.memory_max_sessions)
 
