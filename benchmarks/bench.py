@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench [--profile cloud] [--concurrency 1,50,200] [--turns 3]
                                [--duration 600] [--no-embedded] [--out benchmarks/RESULTS.md]
+                               [--compare REV] [--quick-extras | --no-extras]
 
 1. Service overhead on time to first audio: scripted engines with a known latency profile, so each
    turn's ideal first audio is computable; measured (at the client, through gRPC on loopback) minus
@@ -11,6 +12,12 @@
 3. The embedded engines on this machine: ten questions on the local LLM and Piper.
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
    turn, and whether audio arrived in order without gaps.
+5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
+   temporary git worktree, run by the same harness, the two alternating at each concurrency), so a
+   change is judged before and after in one run.
+6. The segmenter's worst case (the longest single call, which holds the event loop, over
+   pathological inputs; ``benchmarks/segmenter_stall.py``) and the session store's memory (bytes per
+   stored session and a cancel-after-first-response soak; ``benchmarks/memory_soak.py``).
 
 Results go to a Markdown file with the machine, date, commit and command, and a PNG chart. It stops
 by itself: no stage starts a turn after ``--duration`` seconds.
@@ -20,12 +27,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import embedded, load
@@ -34,18 +44,52 @@ from benchmarks.report import Report
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
 
 
-async def overhead(args: argparse.Namespace, report: Report, deadline: float) -> None:
+async def overhead(args: argparse.Namespace, report: Report, deadline: float, baseline: Path | None) -> None:
     ideal = load.ideal_first_audio_ms(args.profile, MESSAGES["medium"])
-    with load.ServiceProcess(args.profile, max(args.concurrency) + 10) as service:
-        await service.wait_ready()
-        # Warm up: the first turns pay for imports and connection set-up.
-        await load.run_load(service, 2, 1, MESSAGES["medium"], deadline)
-        for concurrency in args.concurrency:
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(load.ServiceProcess(args.profile, max(args.concurrency) + 10))
+        before = None
+        if baseline is not None:
+            before = stack.enter_context(load.ServiceProcess(args.profile, max(args.concurrency) + 10, root=baseline))
+        for each in (service, before):
+            if each is not None:
+                await each.wait_ready()
+                # Warm up: the first turns pay for imports and connection set-up.
+                await load.run_load(each, 2, 1, MESSAGES["medium"], deadline)
+        for round_, concurrency in enumerate(args.concurrency):
             if time.monotonic() > deadline:
                 report.note(f"stopped before concurrency {concurrency}: --duration reached")
                 break
-            result = await load.run_load(service, concurrency, args.turns, MESSAGES["medium"], deadline)
-            report.add_load(result, ideal)
+            runs = [("after", service)] if before is None else [("before", before), ("after", service)]
+            if round_ % 2:
+                runs.reverse()  # neither always goes first
+            for label, each in runs:
+                result = await load.run_load(each, concurrency, args.turns, MESSAGES["medium"], deadline)
+                if label == "after":
+                    report.add_load(result, ideal)
+                if before is not None:
+                    report.add_comparison(label, result, ideal)
+
+
+@contextlib.contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """``revision`` checked out in a temporary git worktree (removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="parley-baseline-") as folder:
+        path = Path(folder) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), revision], check=True, capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], check=False, capture_output=True)
+
+
+async def extras(args: argparse.Namespace, report: Report) -> None:
+    """The segmenter's worst case and the session store's memory (their own modules' reports)."""
+    from benchmarks import memory_soak, segmenter_stall
+
+    quick = args.extras == "quick"
+    report.add_section("6. Segmenter: the longest event-loop stall", await asyncio.to_thread(segmenter_stall.run, quick))
+    report.add_section("7. Session store memory", await asyncio.to_thread(memory_soak.run, quick))
 
 
 async def streaming(args: argparse.Namespace, report: Report, deadline: float) -> None:
@@ -90,10 +134,14 @@ async def main_async(args: argparse.Namespace) -> Report:
         profile=args.profile,
         turns=args.turns,
     )
-    await overhead(args, report, deadline)
+    with contextlib.ExitStack() as stack:
+        baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
+        await overhead(args, report, deadline, baseline)
     await streaming(args, report, deadline)
     if args.embedded and time.monotonic() < deadline:
         report.add_embedded(await embedded.measure(10))
+    if args.extras != "none":
+        await extras(args, report)
     return report
 
 
@@ -105,6 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=600, help="no turn starts after this many seconds")
     parser.add_argument("--no-embedded", dest="embedded", action="store_false", help="skip the embedded engines")
     parser.add_argument("--out", default="benchmarks/RESULTS.md", help="the Markdown report")
+    parser.add_argument("--compare", default=None, metavar="REV", help="also measure stage 1 on commit REV")
+    parser.add_argument(
+        "--extras",
+        default="full",
+        choices=["full", "quick", "none"],
+        help="the segmenter and memory stages: full (default), quick, or none",
+    )
     parser.add_argument("--chart", default=None, help="the PNG chart (default: beside the report)")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]

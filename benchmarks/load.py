@@ -46,6 +46,8 @@ class ServiceProcess:
 
     profile: str
     max_streams: int
+    root: Path = ROOT
+    """The checkout whose service runs (another commit's, to compare before and after)."""
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -63,7 +65,7 @@ class ServiceProcess:
             "PARLEY_MAX_STREAMS": str(self.max_streams),
             "PARLEY_LOG_LEVEL": "WARNING",
         }
-        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env)
+        self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=self.root, env=env)
         return self
 
     def __exit__(self, *exc: object) -> None:

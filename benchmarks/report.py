@@ -34,6 +34,8 @@ class Report:
     loads: list[tuple[LoadResult, float]] = field(default_factory=list)
     streams: list[tuple[str, list[float], list[float]]] = field(default_factory=list)
     embedded: list[EmbeddedTurn] = field(default_factory=list)
+    comparisons: list[tuple[str, LoadResult, float]] = field(default_factory=list)
+    sections: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def add_load(self, result: LoadResult, ideal_ms: float) -> None:
@@ -41,6 +43,12 @@ class Report:
 
     def add_streaming(self, kind: str, streamed: list[float], sequential: list[float]) -> None:
         self.streams.append((kind, streamed, sequential))
+
+    def add_comparison(self, label: str, result: LoadResult, ideal_ms: float) -> None:
+        self.comparisons.append((label, result, ideal_ms))
+
+    def add_section(self, title: str, markdown: str) -> None:
+        self.sections.append((title, markdown))
 
     def add_embedded(self, rows: list[EmbeddedTurn]) -> None:
         self.embedded = rows
@@ -62,7 +70,9 @@ class Report:
             f"- **Targets:** {TARGETS}",
             "",
         ]
-        lines += self._overhead() + self._streaming() + self._embedded() + self._capacity()
+        lines += self._overhead() + self._streaming() + self._embedded() + self._capacity() + self._comparison()
+        for title, markdown in self.sections:
+            lines += [f"## {title}", "", markdown.strip(), ""]
         if drew:
             lines += ["## First-audio distributions", "", f"![first audio]({chart.name})", ""]
         if self.notes:
@@ -94,6 +104,30 @@ class Report:
                 f"| {percentile(client, 95):.1f} ms | {percentile(client, 99):.1f} ms "
                 f"| {percentile(server, 50):.1f} ms | {percentile(server, 99):.1f} ms "
                 f"| {percentile([t.first_audio_ms for t in result.turns], 50):.0f} ms | {failed} |"
+            )
+        return [*rows, ""]
+
+    def _comparison(self) -> list[str]:
+        if not self.comparisons:
+            return []
+        rows = [
+            "## 5. Before and after (the same harness, one run)",
+            "",
+            "Stage 1 against the service of the compared commit (before) and of this one (after), each in its "
+            "own process, alternating at each concurrency. Audio messages are per turn, as the client got them.",
+            "",
+            "| streams | service | turns | overhead p50 | p99 | CPU per turn | service CPU | audio messages per turn |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        order = {"before": 0, "after": 1}
+        for label, result, ideal in sorted(self.comparisons, key=lambda c: (c[1].concurrency, order.get(c[0], 2))):
+            client = [t.first_audio_ms - ideal for t in result.turns]
+            turns = max(1, len(result.turns))
+            rows.append(
+                f"| {result.concurrency} | {label} | {len(result.turns)} | {percentile(client, 50):.1f} ms "
+                f"| {percentile(client, 99):.1f} ms | {result.cpu_s * 1000 / turns:.1f} ms "
+                f"| {100 * result.cpu_s / max(result.wall_s, 1e-9):.0f}% "
+                f"| {sum(t.audio_messages for t in result.turns) / turns:.0f} |"
             )
         return [*rows, ""]
 
