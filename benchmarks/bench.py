@@ -88,7 +88,9 @@ async def extras(args: argparse.Namespace, report: Report) -> None:
     from benchmarks import memory_soak, segmenter_stall
 
     quick = args.extras == "quick"
-    report.add_section("6. Segmenter: the longest event-loop stall", await asyncio.to_thread(segmenter_stall.run, quick))
+    report.add_section(
+        "6. Segmenter: the longest event-loop stall", await asyncio.to_thread(segmenter_stall.run, quick)
+    )
     report.add_section("7. Session store memory", await asyncio.to_thread(memory_soak.run, quick))
 
 

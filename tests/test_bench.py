@@ -24,6 +24,10 @@ def test_harness_smoke_run_produces_a_report(tmp_path: Path) -> None:
             "--turns",
             "1",
             "--no-embedded",
+            "--extras",
+            "none",
+            "--compare",
+            "HEAD",
             "--duration",
             "60",
             "--out",
@@ -36,9 +40,11 @@ def test_harness_smoke_run_produces_a_report(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     report = out.read_text()
-    for heading in ("Service overhead", "Streaming versus sequential", "Capacity and memory"):
+    for heading in ("Service overhead", "Streaming versus sequential", "Capacity and memory", "Before and after"):
         assert heading in report
     rows = re.findall(r"^\| (\d+) \| (\d+) \| (-?[\d.]+) ms", report, re.M)
+    compared = re.findall(r"^\| (\d+) \| (before|after) \| (\d+) \|", report, re.M)
+    assert compared == [("1", "before", "1"), ("1", "after", "1"), ("3", "before", "3"), ("3", "after", "3")]
     assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("3", "3")]  # streams, turns: every turn measured
     assert re.search(r"\| long \| \d+ ms \| \d+ ms \| [\d.]+× \|", report)
     assert "3/3 turns" in report  # audio in order, no gaps
