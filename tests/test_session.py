@@ -12,7 +12,7 @@ from service.core.engine import LLMRequest
 from service.core.events import AudioChunk, AudioPiece, Message, TurnEnd, TurnEnded, TurnEndReason
 from service.core.history import Entry
 from service.core.outbox import Outbox, OutboxLimits
-from service.core.session import Ending, Session
+from service.core.session import REMEMBERED_TURN_IDS, Ending, Session
 from service.core.settings import SessionDefaults, StartRequest
 from service.errors import InvalidRequest, LLMError
 from service.stores.memory import MemoryStore
@@ -154,3 +154,20 @@ async def test_interrupt_then_a_new_message_keeps_the_played_cut() -> None:
     assert (await stream.history())[1].content == "Right, this"
     # Nothing of the interrupted turn leaves after the interrupt.
     assert not any(getattr(m, "turn_id", "") == ended.turn_id and not isinstance(m, TurnEnded) for m in rest)
+
+
+async def test_the_turn_ids_remembered_are_bounded() -> None:
+    # A client that sends turn after turn cannot grow the stream's memory for ever: ids are remembered
+    # for the last REMEMBERED_TURN_IDS turns.
+    stream = await started(FakeLLM(token_s=0.5))
+    ids = [f"a{n}" for n in range(REMEMBERED_TURN_IDS + 1)]
+    await stream.send(*(UserText("Hi", turn_id=turn_id) for turn_id in ids))
+    await stream.send(UserText("Again", turn_id=ids[1]))  # still remembered: refused
+    with pytest.raises(InvalidRequest, match="'a1' was already used"):
+        await stream.loop
+
+    stream = await started(FakeLLM(token_s=0.5))
+    await stream.send(*(UserText("Hi", turn_id=turn_id) for turn_id in ids))
+    await stream.send(UserText("Again", turn_id=ids[0]))  # forgotten: accepted
+    ends = [m.turn_id for m in await stream.read_to_the_end() if isinstance(m, TurnEnded)]
+    assert ends[-1] == "a0" and len(ends) == len(ids) + 1

@@ -20,6 +20,7 @@ session knows nothing of gRPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -64,6 +65,9 @@ from service.errors import EngineError, IdleTimeout, InvalidRequest, SessionLost
 __all__ = ["Ending", "Session", "SessionState", "TurnRecord", "TurnState"]
 
 log = logging.getLogger(__name__)
+
+REMEMBERED_TURN_IDS = 1024
+"""A client-chosen turn id must differ from the ids of this many turns before it in the stream."""
 
 
 class SessionState(enum.Enum):
@@ -179,7 +183,9 @@ class Session:
         self._saver: HistorySaver | None = None
         self._conversation = Conversation("")
         self._turns_started = 0
-        self._used_turn_ids: set[str] = set()
+        self._used_turn_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """The ids of the last ``REMEMBERED_TURN_IDS`` turns (a bound, so a client that sends turn after
+        turn cannot grow it for ever)."""
         self._current: TurnRecord | None = None
         self._heard: TurnRecord | None = None
         self._watchers: list[asyncio.Task[None]] = []
@@ -365,7 +371,9 @@ class Session:
         while not turn_id or turn_id in self._used_turn_ids:
             self._turns_started += 1
             turn_id = f"turn-{self._turns_started}"
-        self._used_turn_ids.add(turn_id)
+        self._used_turn_ids[turn_id] = None
+        if len(self._used_turn_ids) > REMEMBERED_TURN_IDS:
+            self._used_turn_ids.popitem(last=False)
         stats = TurnStats()
         outlet = self._outbox.open_turn(turn_id)
         speak_input: asyncio.Queue[str | None] = asyncio.Queue()
