@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.core.session import TurnRecord
+    from service.core.turn import TurnRecord
     from service.core.settings import StartRequest
 
 __all__ = [

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import enum
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 
 from service.core.aio import to_the_end
 from service.core.command import (
@@ -47,7 +45,7 @@ from service.core.command import (
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import SessionStarted, TurnEnd, TurnEndReason, TurnStats
 from service.core.history import Conversation, heard_text
-from service.core.outbox import Outbox, Outlet
+from service.core.outbox import Outbox
 from service.core.saver import HistorySaver
 from service.core.settings import (
     SessionDefaults,
@@ -59,10 +57,10 @@ from service.core.settings import (
     resolve_settings,
 )
 from service.core.store import Claim, SessionStore, StoredSession
-from service.core.turn import Turn
+from service.core.turn import Turn, TurnOutcome, TurnRecord, TurnState, llm_deltas, queued_deltas
 from service.errors import EngineError, IdleTimeout, InvalidRequest, SessionLost, SessionNotFound, SessionTakenOver
 
-__all__ = ["Ending", "Session", "SessionState", "TurnRecord", "TurnState"]
+__all__ = ["REMEMBERED_TURN_IDS", "Ending", "Session", "SessionState"]
 
 log = logging.getLogger(__name__)
 
@@ -86,81 +84,6 @@ class Ending(enum.Enum):
 
     HALF_CLOSED = "half-closed"
     SHUTDOWN = "shutdown"
-
-
-class TurnState(enum.Enum):
-    OPEN = "open"
-    """A speak turn still taking text."""
-    RUNNING = "running"
-    """Its text is complete (or comes from the LLM) and its pipeline runs."""
-    ENDED = "ended"
-
-
-@dataclass(frozen=True)
-class TurnOutcome:
-    """How a turn ended."""
-
-    reason: TurnEndReason
-    spoken: str
-    in_history: bool
-    """Its reply is the last assistant message of the history (so an interrupt may still cut it)."""
-
-
-class TurnRecord:
-    """One turn: its pipeline, its task, its way out, and where it stands."""
-
-    def __init__(
-        self,
-        pipeline: Turn,
-        outlet: Outlet,
-        stats: TurnStats,
-        user_text: str | None,
-        speak_input: asyncio.Queue[str | None],
-    ) -> None:
-        self.pipeline = pipeline
-        self.outlet = outlet
-        self.stats = stats
-        self.user_text = user_text
-        """The user's message; None for a speak turn."""
-        self.state = TurnState.RUNNING if user_text is not None else TurnState.OPEN
-        self.outcome: TurnOutcome | None = None
-        self.speak_input = speak_input
-        """Where a speak turn's text goes (None once it is complete)."""
-        self.speak_chars = 0
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def turn_id(self) -> str:
-        return self.pipeline.turn_id
-
-    def close_input(self) -> None:
-        """A speak turn's text is complete (OPEN → RUNNING)."""
-        if self.state is TurnState.OPEN:
-            self.speak_input.put_nowait(None)
-            self.state = TurnState.RUNNING
-
-    def end(self, outcome: TurnOutcome) -> None:
-        """The one transition to ENDED."""
-        assert self.state is not TurnState.ENDED, f"turn {self.turn_id} ended twice"
-        self.state, self.outcome = TurnState.ENDED, outcome
-
-    async def stop(self) -> None:
-        """Cancel the pipeline and wait until it has stopped (its engine streams are closed)."""
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.wait({self.task})
-
-
-async def _llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
-    """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the stream."""
-    async with contextlib.aclosing(llm.stream(request)) as stream:
-        async for delta in stream:
-            yield delta
-
-
-async def _deltas(queue: asyncio.Queue[str | None]) -> AsyncGenerator[str, None]:
-    while (text := await queue.get()) is not None:
-        yield text
 
 
 class Session:
@@ -307,7 +230,7 @@ class Session:
         settings = self._settings
         assert settings is not None
         request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
-        self._begin(turn_id, _llm_deltas(self._llm, request), user_text=text)
+        self._begin(turn_id, llm_deltas(self._llm, request), user_text=text)
 
     async def _speak_text(self, text: str, flush: bool, turn_id: str) -> None:
         self._require_started("speak_text")
@@ -379,7 +302,7 @@ class Session:
         speak_input: asyncio.Queue[str | None] = asyncio.Queue()
         pipeline = Turn(
             turn_id,
-            text if text is not None else _deltas(speak_input),
+            text if text is not None else queued_deltas(speak_input),
             tts=self._tts,
             voice=settings.voice,
             audio_format=settings.audio,

@@ -6,26 +6,31 @@ audio is leaving, and emits each segment's audio strictly in order, piece by pie
 yields it. It talks to the world only through the engine interfaces and an ``emit`` coroutine (the
 turn's outlet in the outbox, which sizes and numbers the messages), so it runs the same under a gRPC
 servicer and in a plain test.
+
+A :class:`TurnRecord` is the session's record of one turn: its pipeline, task and outlet, and its
+state (:class:`TurnState`), which has exactly one transition to its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
-from service.core.engine import LLMUsage, TTSEngine
-from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnStats
+from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
+from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
+from service.core.outbox import Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.errors import TTSError
 
-__all__ = ["Turn", "TurnOptions"]
+__all__ = ["Turn", "TurnOptions", "TurnOutcome", "TurnRecord", "TurnState", "llm_deltas", "queued_deltas"]
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +198,79 @@ class Turn:
         self._header_sent = True
         self._timeline_samples += count
         await self._emit(AudioPiece(self.turn_id, segment_index, data, self._format.duration_ms(count)))
+
+
+class TurnState(enum.Enum):
+    OPEN = "open"
+    """A speak turn still taking text."""
+    RUNNING = "running"
+    """Its text is complete (or comes from the LLM) and its pipeline runs."""
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """How a turn ended."""
+
+    reason: TurnEndReason
+    spoken: str
+    in_history: bool
+    """Its reply is the last assistant message of the history (so an interrupt may still cut it)."""
+
+
+class TurnRecord:
+    """One turn: its pipeline, its task, its way out, and where it stands."""
+
+    def __init__(
+        self,
+        pipeline: Turn,
+        outlet: Outlet,
+        stats: TurnStats,
+        user_text: str | None,
+        speak_input: asyncio.Queue[str | None],
+    ) -> None:
+        self.pipeline = pipeline
+        self.outlet = outlet
+        self.stats = stats
+        self.user_text = user_text
+        """The user's message; None for a speak turn."""
+        self.state = TurnState.RUNNING if user_text is not None else TurnState.OPEN
+        self.outcome: TurnOutcome | None = None
+        self.speak_input = speak_input
+        """Where a speak turn's text goes (a None after the last piece ends it)."""
+        self.speak_chars = 0
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def turn_id(self) -> str:
+        return self.pipeline.turn_id
+
+    def close_input(self) -> None:
+        """A speak turn's text is complete (OPEN → RUNNING)."""
+        if self.state is TurnState.OPEN:
+            self.speak_input.put_nowait(None)
+            self.state = TurnState.RUNNING
+
+    def end(self, outcome: TurnOutcome) -> None:
+        """The one transition to ENDED."""
+        assert self.state is not TurnState.ENDED, f"turn {self.turn_id} ended twice"
+        self.state, self.outcome = TurnState.ENDED, outcome
+
+    async def stop(self) -> None:
+        """Cancel the pipeline and wait until it has stopped (its engine streams are closed)."""
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.wait({self.task})
+
+
+async def llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
+    """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the stream."""
+    async with contextlib.aclosing(llm.stream(request)) as stream:
+        async for delta in stream:
+            yield delta
+
+
+async def queued_deltas(queue: asyncio.Queue[str | None]) -> AsyncGenerator[str, None]:
+    """A speak turn's text, as the client sends it, until a None."""
+    while (text := await queue.get()) is not None:
+        yield text
