@@ -209,10 +209,10 @@ async def test_session_survives_a_replica_killed_with_sigkill(redis_url: str, pr
 
 
 def test_redis_url_password_never_shows() -> None:
-    from service.stores.redis_store import _safe
+    from service.stores.redis_store import url_without_password
 
-    assert _safe("redis://:p@ssw0rd-Secret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
-    assert _safe("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert url_without_password("redis://:p@ssw0rd-Secret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
+    assert url_without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 async def test_a_session_redis_lost_ends_the_stream_unavailable(redis_url: str, prefix: str) -> None:

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from service.core.store import Claim, StoredSession
 from service.errors import StoreUnavailable
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "url_without_password"]
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,10 @@ class RedisStore:
         return f"{self._prefix}:takeover:{session_id}"
 
     def _unavailable(self, error: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"the session store (Redis at {_safe(self._url)}) is unavailable: {error}")
+        return StoreUnavailable(f"the session store (Redis at {url_without_password(self._url)}) is unavailable: {error}")
 
 
-def _safe(url: str) -> str:
+def url_without_password(url: str) -> str:
     """The URL without its user and password."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
