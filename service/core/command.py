@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.core.turn import TurnRecord
     from service.core.settings import StartRequest
+    from service.core.turn import TurnRecord
 
 __all__ = [
     "BadMessage",

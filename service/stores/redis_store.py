@@ -203,7 +203,9 @@ class RedisStore:
         return f"{self._prefix}:takeover:{session_id}"
 
     def _unavailable(self, error: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"the session store (Redis at {url_without_password(self._url)}) is unavailable: {error}")
+        return StoreUnavailable(
+            f"the session store (Redis at {url_without_password(self._url)}) is unavailable: {error}"
+        )
 
 
 def url_without_password(url: str) -> str:
