@@ -16,15 +16,32 @@ Policy (see :class:`SegmentPolicy`):
 - Sentence boundaries come from pysbd, which knows abbreviations (Dr., e.g., U.S.), initials,
   decimals, currency, times and ellipses. A boundary is only taken where punctuation is followed by
   whitespace *and* the next word has arrived, so "3." waiting for "14" is never cut, and nothing is cut
-  inside a URL.
+  inside a URL. A lower-case time followed by a title ("at 5 a.m. Mr. Smith") is not a boundary
+  (pysbd would cut there; the Golden Rule Set does not).
+
+Cost: every character is examined a bounded number of times, whatever the deltas, so a turn costs time
+linear in its length. Each delta is scanned once for the places that matter (line breaks, clause and
+sentence punctuation, word and whitespace starts, code fences), kept in sorted lists; a resumable scan
+remembers a run of punctuation or whitespace still growing at the end of the text instead of reading
+it again. Deciding a cut looks up these lists (by bisection) and goes on from where the previous
+decision stopped. pysbd, slow and super-linear on some inputs, never sees the whole text: it judges one
+sentence candidate at a time, on a window of at most ``_SBD_BEFORE + _SBD_AFTER`` characters around
+it, only when the policy would take that candidate, and only once the next word is complete (or
+``_SBD_AFTER`` characters have arrived), so its judgement does not depend on how the text was split.
+A plain word ending a sentence before a capital letter, with nothing pysbd treats specially around it,
+is taken without asking pysbd. :attr:`Segmenter.work` counts the characters examined, as a cost meter
+for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import pysbd
+from pysbd.exclamation_words import ExclamationWords
+from pysbd.lang.english import English
 
 __all__ = ["SegmentPolicy", "Segmenter", "TextSegment", "count_words"]
 
@@ -60,21 +77,68 @@ class TextSegment:
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
-# Sentence-ending punctuation (with any closing quotes or brackets) followed by whitespace and the
-# first character of the next word: only then can a boundary be judged.
-_SENTENCE_CANDIDATE = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s+\S)")
-# CJK full stops end a sentence on their own.
-_CJK_SENTENCE_END = re.compile(r"[。！？]+[」』”’）]*")
-_CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
+# Where a word of _WORD starts: a CJK character, or a word character not right after another one.
+_WORD_START = re.compile(rf"[{_CJK}]|(?<![^\W{_CJK}])[^\W{_CJK}]")
+_LATIN_WORD_CHAR = re.compile(rf"[^\W{_CJK}]")
+_WS_START = re.compile(r"(?<!\s)\s")
+# Whitespace where a long text may be cut at a word: not right after a period ("Dr. Smith", "3. 14").
+_CUTTABLE_WS_START = re.compile(r"(?<![\s.])\s")
+_NON_SPACE = re.compile(r"\S")
 _NEWLINE = re.compile(r"\n")
-_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+# A sentence candidate is a run of sentence punctuation, with any closing quotes or brackets,
+# followed by whitespace and the first character of the next word: only then can it be judged.
+_CANDIDATE = re.compile(r"[.!?…]+([\"'”’)\]]*)(\s*)")
+_SENTENCE_PUNCT_RUN = re.compile(r"[.!?…]*")
+_CLOSERS_RUN = re.compile(r"[\"'”’)\]]*")
+_SPACE_RUN = re.compile(r"\s*")
+# CJK full stops end a sentence on their own (once the character after them shows the run is over).
+_CJK_END = re.compile(r"[。！？]+([」』”’）]*)")
+_CJK_PUNCT_RUN = re.compile(r"[。！？]*")
+_CJK_CLOSERS_RUN = re.compile(r"[」』”’）]*")
+_CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
+_FENCE_INDENT = re.compile(r"[ \t]*")
+_FENCE_MARKERS = ("```", "~~~")
 _NO_CLAUSE_AFTER = ("e.g.", "i.e.", "cf.", "vs.")
-_SBD_CONTEXT_CHARS = 12
+
+# pysbd's window around a candidate: at most this many characters before it (and never more than
+# _SBD_PREVIOUS candidates back), and the next word, up to this many characters after it.
+_SBD_BEFORE = 160
+_SBD_PREVIOUS = 3
+_SBD_AFTER = 48
+_SBD_MEMO_SIZE = 256
+# Keep this much text before the region when dropping released text (look-behinds need a character).
+_KEEP_BEFORE = 16
+_COMPACT_AFTER = 1024
+
+# A plain sentence end pysbd always agrees with: a word of letters (not one of its abbreviations,
+# list numerals or exclamation words) ending in one ".", "?" or "!", one space, a capital letter, and
+# nothing in the window that its quote, bracket, dash, list or non-ASCII rules act on.
+_PLAIN_WINDOW = re.compile(r"[A-Za-z0-9 ,;:.?!'’-]*")
+_LONE_APOSTROPHE = re.compile(r"(?<![A-Za-z])['’]|['’](?![A-Za-z])")
+_PLAIN_WORD = re.compile(r"[A-Za-z][a-z]+")
+_ROMAN = re.compile(r"[ivxlcdm]+")
+_ABBREVIATIONS = frozenset(English.Abbreviation.ABBREVIATIONS)
+_EXCLAMATION_WORDS = frozenset(ExclamationWords.EXCLAMATION_WORDS)
+# Golden Rule Set: "At 5 a.m. Mr. Smith went to the bank." is one sentence.
+_LOWER_TIME = ("a.m.", "p.m.")
+_TITLE = re.compile(r"(?:Mr|Mrs|Ms|Mx|Dr|Prof|Rev|Hon|St|Sr|Jr|Capt|Col|Gen|Lt|Sgt|Gov|Sen|Rep|Messrs|Mme|Mlle)\.")
+
+_WAIT = -1
+_NEVER = 1 << 62
+# Phases of the resumable scans.
+_SEARCH, _PUNCT, _CLOSE, _SPACE = range(4)
+_INDENT, _MARKER, _NO_FENCE = range(1, 4)
 
 
 def count_words(text: str) -> int:
     """Words in ``text``; each CJK character counts as one."""
     return len(_WORD.findall(text))
+
+
+def _run_end(run: re.Pattern[str], text: str, pos: int) -> int:
+    """Where a run of ``run`` (a pattern that may match nothing) starting at ``pos`` ends."""
+    m = run.match(text, pos)
+    return pos if m is None else m.end()
 
 
 class Segmenter:
@@ -83,30 +147,248 @@ class Segmenter:
     def __init__(self, policy: SegmentPolicy | None = None) -> None:
         self._policy = policy or SegmentPolicy()
         self._sbd = pysbd.Segmenter(language="en", clean=False, char_span=True)
-        self._buffer = ""
-        self._offset = 0  # position of _buffer[0] in the turn's whole text
+        self._sbd_memo: dict[str, frozenset[int]] = {}
+        self._work = 0
+        # The text from turn position _base on; all positions below are positions in the turn's text.
+        self._text = ""
+        self._base = 0
+        self._start = 0  # where the unreleased text (the region) starts
         self._released = 0
-        self._sbd_cache: tuple[str, list[int]] = ("", [])
+        # What the scan found, in increasing order; the scan has read everything before _scanned.
+        self._scanned = 0
+        self._newlines: list[int] = []
+        self._ws_starts: list[int] = []
+        self._cuttable: list[int] = []
+        self._word_starts: list[int] = []
+        self._clause_starts: list[int] = []
+        self._clause_ends: list[int] = []
+        self._cjk_ends: list[int] = []
+        self._cand_ends: list[int] = []  # end of the punctuation and closers
+        self._cand_next: list[int] = []  # first character of the next word
+        self._cand_punct: list[int] = []  # start of the punctuation
+        self._fence_starts: list[int] = []  # line starts of ``` or ~~~ lines
+        self._fence_marker_ends: list[int] = []
+        self._fence_markers: list[str] = []
+        self._fence_by_marker: dict[str, tuple[list[int], list[int]]] = {m: ([], []) for m in _FENCE_MARKERS}
+        self._lists = (self._newlines, self._ws_starts, self._cuttable, self._word_starts, self._cjk_ends)
+        # Resumable scans, for a run still growing at the end of the text: its phase, where it
+        # started and the position to go on from.
+        self._clause_pos = 0  # clause ends are short: the scan reads the last two characters again
+        self._cjk_scan = (_SEARCH, 0)  # phase, position
+        self._sentence_scan = (_SEARCH, 0, 0, 0)  # phase, punctuation start, candidate end, position
+        self._fence_scan = (_SEARCH, 0, 0)  # phase, line start, position
+        # The region's state, found once and kept until the next release.
+        self._lead: int | None = None
+        self._lead_pos = 0
+        self._head_fence = (_INDENT, 0, "")  # phase, position, marker: a fence at the region's start
+        self._checked = 0  # breaks before this were considered and not taken
+        self._overflow: tuple[int | None] | None = None  # the clause cut of a region past max_chars
 
     @property
     def pending(self) -> str:
         """Text received but not yet released."""
-        return self._buffer
+        return self._text[self._start - self._base :]
+
+    @property
+    def work(self) -> int:
+        """Cost meter: characters examined so far (scanned, looked at around a candidate, handed to
+        pysbd, released) plus one per break considered. Grows linearly with the text, whatever the
+        deltas; for tests and benchmarks, not a stable unit."""
+        return self._work
 
     def push(self, delta: str) -> list[TextSegment]:
         """Add the next piece of text; return the segments it completed."""
-        self._buffer += delta
+        self._text += delta
+        self._work += len(delta) + 1
+        self._scan()
         return self._drain(final=False)
 
     def flush(self) -> list[TextSegment]:
         """Release everything held (end of stream or a client flush)."""
         return self._drain(final=True)
 
-    # -- internals -------------------------------------------------------------------------------
+    # -- the scan ----------------------------------------------------------------------------------
+
+    def _end(self) -> int:
+        return self._base + len(self._text)
+
+    def _scan(self) -> None:
+        """Record what the new text holds; each character is read a bounded number of times."""
+        text, base, end = self._text, self._base, self._end()
+        start = self._scanned
+        if start >= end:
+            return
+        rel = start - base
+        self._work += 5 * (end - start)
+        self._newlines.extend(base + m.start() for m in _NEWLINE.finditer(text, rel))
+        self._ws_starts.extend(base + m.start() for m in _WS_START.finditer(text, rel))
+        self._cuttable.extend(base + m.start() for m in _CUTTABLE_WS_START.finditer(text, rel))
+        self._word_starts.extend(base + m.start() for m in _WORD_START.finditer(text, rel))
+        # Clause ends look at most one character ahead and one behind: the last two characters are
+        # read again (_clause_pos is never more than two before the end).
+        self._work += start - self._clause_pos
+        for m in _CLAUSE_END.finditer(text, self._clause_pos - base):
+            self._clause_starts.append(base + m.start())
+            self._clause_ends.append(base + m.end())
+            self._clause_pos = base + m.end()
+        self._clause_pos = max(self._clause_pos, end - 2)
+        self._scan_sentences(text, base, end)
+        self._scan_cjk(text, base, end)
+        self._scan_fences(text, base, end)
+        self._scanned = end
+
+    def _scan_sentences(self, text: str, base: int, end: int) -> None:
+        phase, punct, close, pos = self._sentence_scan
+        # First go on with a run that reached the end of the text last time.
+        if phase == _PUNCT:
+            pos = base + _run_end(_SENTENCE_PUNCT_RUN, text, pos - base)
+            phase = _CLOSE if pos < end else _PUNCT
+        if phase == _CLOSE:
+            pos = close = base + _run_end(_CLOSERS_RUN, text, pos - base)
+            phase = _CLOSE if pos == end else _SPACE if text[pos - base].isspace() else _SEARCH
+        if phase == _SPACE:
+            pos = base + _run_end(_SPACE_RUN, text, pos - base)
+            if pos < end:
+                self._add_candidate(punct, close, pos)
+                phase = _SEARCH
+        if phase == _SEARCH:
+            for m in _CANDIDATE.finditer(text, pos - base):
+                space_start, space_end = m.span(2)
+                if base + space_end < end:
+                    if space_end > space_start:
+                        self._add_candidate(base + m.start(), base + space_start, base + space_end)
+                    continue
+                # The run reaches the end of the text: it may go on.
+                punct, close = base + m.start(), base + space_start
+                if space_end > space_start:
+                    phase = _SPACE
+                elif m.end(1) > m.start(1):
+                    phase = _CLOSE
+                else:
+                    phase = _PUNCT
+            pos = end
+        self._sentence_scan = (phase, punct, close, pos)
+
+    def _add_candidate(self, punct: int, close: int, after: int) -> None:
+        self._cand_punct.append(punct)
+        self._cand_ends.append(close)
+        self._cand_next.append(after)
+
+    def _scan_cjk(self, text: str, base: int, end: int) -> None:
+        phase, pos = self._cjk_scan
+        if phase == _PUNCT:
+            pos = base + _run_end(_CJK_PUNCT_RUN, text, pos - base)
+            phase = _CLOSE if pos < end else _PUNCT
+        if phase == _CLOSE:
+            pos = base + _run_end(_CJK_CLOSERS_RUN, text, pos - base)
+            if pos < end:
+                self._cjk_ends.append(pos)
+                phase = _SEARCH
+        if phase == _SEARCH:
+            for m in _CJK_END.finditer(text, pos - base):
+                if base + m.end() < end:
+                    self._cjk_ends.append(base + m.end())
+                else:  # the run reaches the end of the text: it may go on
+                    phase = _CLOSE if m.end(1) > m.start(1) else _PUNCT
+            pos = end
+        self._cjk_scan = (phase, pos)
+
+    def _scan_fences(self, text: str, base: int, end: int) -> None:
+        """Lines that start (after spaces or tabs) with ``` or ~~~."""
+        phase, line, pos = self._fence_scan
+        while True:
+            if phase == _SEARCH:
+                m = _NEWLINE.search(text, pos - base)
+                if m is None:
+                    pos = end
+                    break
+                line = pos = base + m.end()
+                phase = _INDENT
+            phase, pos, marker = self._fence_step(text, base, end, phase, pos)
+            if marker is None:
+                if phase == _NO_FENCE:
+                    phase = _SEARCH
+                    continue
+                break  # waiting for more text
+            self._fence_starts.append(line)
+            self._fence_marker_ends.append(pos)
+            self._fence_markers.append(marker)
+            starts, marker_ends = self._fence_by_marker[marker]
+            starts.append(line)
+            marker_ends.append(pos)
+            phase = _SEARCH
+        self._fence_scan = (phase, line, pos)
+
+    @staticmethod
+    def _fence_step(text: str, base: int, end: int, phase: int, pos: int) -> tuple[int, int, str | None]:
+        """Go on reading a possible fence line: (phase, position, marker once found)."""
+        if phase == _INDENT:
+            pos = base + _run_end(_FENCE_INDENT, text, pos - base)
+            if pos == end:
+                return _INDENT, pos, None
+            phase = _MARKER
+        head = text[pos - base : pos - base + 3]
+        for marker in _FENCE_MARKERS:
+            if head == marker:
+                return _SEARCH, pos + 3, marker
+            if len(head) < 3 and marker.startswith(head):
+                return _MARKER, pos, None
+        return _NO_FENCE, pos, None
+
+    # -- the region: the text not yet released -----------------------------------------------------
+
+    def _new_region(self) -> None:
+        self._lead = None
+        self._lead_pos = self._start
+        self._head_fence = (_INDENT, self._start, "")
+        self._checked = self._start
+        self._overflow = None
+
+    def _find_lead(self) -> int | None:
+        """The region's first non-whitespace character."""
+        if self._lead is None:
+            base = self._base
+            m = _NON_SPACE.search(self._text, self._lead_pos - base)
+            self._work += (m.start() + base if m else self._end()) - self._lead_pos + 1
+            if m is None:
+                self._lead_pos = self._end()
+            else:
+                self._lead = base + m.start()
+        return self._lead
+
+    def _region_fence(self) -> tuple[int, str, int] | None:
+        """The first fence in the region: (start, marker, end of the marker)."""
+        phase, pos, marker = self._head_fence
+        if phase in (_INDENT, _MARKER):
+            read_from = pos
+            phase, pos, found = self._fence_step(self._text, self._base, self._end(), phase, pos)
+            self._head_fence = (phase, pos, found or "")
+            self._work += pos - read_from + 3
+            marker = found or ""
+        if marker:
+            return self._start, marker, pos
+        i = bisect_right(self._fence_starts, self._start)
+        if i < len(self._fence_starts):
+            return self._fence_starts[i], self._fence_markers[i], self._fence_marker_ends[i]
+        return None
+
+    def _region_word(self, k: int) -> int | None:
+        """Where the region's ``k``-th word starts (``count_words`` of the text up to there is k - 1)."""
+        rs = self._start
+        i = bisect_left(self._word_starts, rs)
+        if (i == len(self._word_starts) or self._word_starts[i] != rs) and rs < self._end():
+            if _LATIN_WORD_CHAR.match(self._text, rs - self._base):  # the region starts inside a word
+                if k == 1:
+                    return rs
+                k -= 1
+        j = i + k - 1
+        return self._word_starts[j] if j < len(self._word_starts) else None
+
+    # -- cutting -----------------------------------------------------------------------------------
 
     def _drain(self, *, final: bool) -> list[TextSegment]:
         segments: list[TextSegment] = []
-        while self._buffer:
+        while self._start < self._end():
             cut = self._next_cut(final)
             if cut is None:
                 break
@@ -116,108 +398,263 @@ class Segmenter:
         return segments
 
     def _release(self, cut: int) -> TextSegment | None:
-        raw = self._buffer[:cut]
+        base = self._base
+        raw = self._text[self._start - base : cut - base]
+        self._work += len(raw)
         text = raw.strip()
-        start = self._offset + (len(raw) - len(raw.lstrip()))
-        self._buffer = self._buffer[cut:]
-        self._offset += cut
+        start = self._start + (len(raw) - len(raw.lstrip()))
+        self._start = cut
+        self._new_region()
+        self._compact()
         if not text:
             return None
         self._released += 1
         return TextSegment(text=text, start=start, end=start + len(text))
 
+    def _compact(self) -> None:
+        """Drop released text (and what the scan found in it) once it is most of what is held."""
+        dead = self._start - self._base
+        if dead < _COMPACT_AFTER or 2 * dead < len(self._text):
+            return
+        base = self._start - _KEEP_BEFORE
+        self._text = self._text[base - self._base :]
+        self._base = base
+        self._work += len(self._text)
+        for values in self._lists:
+            del values[: bisect_left(values, base)]
+        for starts, marker_ends in self._fence_by_marker.values():
+            k = bisect_left(starts, base)
+            del starts[:k], marker_ends[:k]
+        k = bisect_left(self._clause_starts, base)
+        del self._clause_starts[:k], self._clause_ends[:k]
+        k = bisect_left(self._cand_punct, base)
+        del self._cand_punct[:k], self._cand_ends[:k], self._cand_next[:k]
+        k = bisect_left(self._fence_starts, base)
+        del self._fence_starts[:k], self._fence_marker_ends[:k], self._fence_markers[:k]
+
     def _next_cut(self, final: bool) -> int | None:
-        """Where the next segment ends in the buffer, or None to wait for more text."""
-        buffer = self._buffer
-        if not buffer.strip():
-            return len(buffer) if final else None
-        fence = _FENCE.search(buffer)
-        if fence is not None and not buffer[: fence.start()].strip():
-            return self._fence_cut(buffer, fence, final)
-        region = buffer[: fence.start()] if fence is not None else buffer
+        """Where the next segment ends, or None to wait for more text."""
+        self._work += 1
+        end = self._end()
+        lead = self._find_lead()
+        if lead is None:
+            return end if final else None
+        fence = self._region_fence()
+        if fence is not None and lead >= fence[0]:
+            return self._fence_cut(fence, final)
+        region_end = fence[0] if fence is not None else end
         # Text before a code fence, or the end of the stream, is released whatever its length.
-        hard_end = fence is not None or final
-        cut = self._first_cut(region) if self._released == 0 else self._later_cut(region)
-        if cut is None and hard_end:
-            return len(region)
+        closed = fence is not None or final
+        if self._released == 0:
+            cut = self._first_cut(region_end, closed)
+        else:
+            cut = self._later_cut(lead, region_end, closed)
+        if cut is None and closed:
+            return region_end
         return cut
 
-    def _fence_cut(self, buffer: str, fence: re.Match[str], final: bool) -> int | None:
+    def _fence_cut(self, fence: tuple[int, str, int], final: bool) -> int | None:
         """A code block is one segment, from its opening fence to the end of its closing line."""
-        marker = fence.group(1)
-        body_start = buffer.find("\n", fence.end())
-        if body_start >= 0:
-            closing = re.compile(rf"^[ \t]*{re.escape(marker)}[^\n]*(\n|$)", re.MULTILINE)
-            close = closing.search(buffer, body_start + 1)
-            if close is not None and (close.group(1) == "\n" or final):
-                return close.end()
-        return len(buffer) if final else None
+        end = self._end()
+        _, marker, marker_end = fence
+        i = bisect_left(self._newlines, marker_end)
+        if i < len(self._newlines):
+            starts, marker_ends = self._fence_by_marker[marker]
+            j = bisect_left(starts, self._newlines[i] + 1)
+            if j < len(starts):
+                k = bisect_left(self._newlines, marker_ends[j])
+                if k < len(self._newlines):
+                    return self._newlines[k] + 1
+                if final:
+                    return end
+        return end if final else None
 
-    def _first_cut(self, region: str) -> int | None:
+    def _first_cut(self, region_end: int, closed: bool) -> int | None:
         policy = self._policy
-        for end in self._breaks(region, clauses=True):
-            if end > policy.first_max_chars:
-                break
-            if count_words(region[:end]) >= policy.first_min_words:
-                return end
-        if len(region) > policy.first_max_chars:
-            return self._word_cut(region, policy.first_max_chars, policy.first_min_words)
+        first_word = self._region_word(policy.first_min_words)
+        if first_word is None:
+            return None
+        limit = min(self._start + policy.first_max_chars, region_end)
+        found = self._find_break(max(self._checked, first_word + 1), limit, None, region_end, closed, True)
+        if found is not None:
+            return None if found == _WAIT else found
+        if region_end - self._start > policy.first_max_chars and not self._sentence_end_coming(
+            first_word + 1, limit, closed
+        ):
+            return self._word_cut(policy.first_max_chars, first_word, region_end)
         return None
 
-    def _later_cut(self, region: str) -> int | None:
+    def _later_cut(self, lead: int, region_end: int, closed: bool) -> int | None:
         policy = self._policy
-        line_ends = {m.start() for m in _NEWLINE.finditer(region)}
-        for end in self._breaks(region, clauses=False):
-            if end > policy.max_chars:
-                break
-            if end in line_ends or len(region[:end].strip()) >= policy.min_chars:
-                return end
-        if len(region) <= policy.max_chars:
+        long_enough = lead + policy.min_chars
+        limit = min(self._start + policy.max_chars, region_end)
+        found = self._find_break(max(self._checked, lead + 1), limit, long_enough, region_end, closed, False)
+        if found is not None:
+            return None if found == _WAIT else found
+        if region_end - self._start <= policy.max_chars or self._sentence_end_coming(long_enough, limit, closed):
             return None
-        clause_ends = [end for end in self._breaks(region, clauses=True) if end <= policy.max_chars]
-        if clause_ends and len(region[: clause_ends[-1]].strip()) >= policy.min_chars:
-            return clause_ends[-1]
-        return self._word_cut(region, policy.max_chars, 1)
+        if self._overflow is None:
+            self._overflow = (self._last_clause(long_enough, limit),)
+        if self._overflow[0] is not None:
+            return self._overflow[0]
+        first_word = self._region_word(1)
+        return None if first_word is None else self._word_cut(policy.max_chars, first_word, region_end)
 
-    def _word_cut(self, region: str, limit: int, min_words: int) -> int | None:
-        """The last word break before ``limit`` that leaves ``min_words`` words, else the first after."""
-        spaces = [m.start() for m in re.finditer(r"\s+", region)]
-        usable = [
-            pos for pos in spaces if count_words(region[:pos]) >= min_words and not region[:pos].rstrip().endswith(".")
-        ]
-        before = [pos for pos in usable if pos <= limit]
-        if before:
-            return before[-1]
-        after = [pos for pos in usable if pos > limit]
-        return after[0] if after else None
+    def _find_break(
+        self, pos: int, limit: int, long_enough: int | None, region_end: int, closed: bool, clauses: bool
+    ) -> int | None:
+        """The first break from ``pos`` to ``limit`` that the policy takes: a line end, a CJK sentence
+        end, a sentence end pysbd confirms, or (``clauses``) a clause end; sentence ends only from
+        ``long_enough`` on. None if there is none (yet), _WAIT at a candidate that cannot be judged
+        yet. ``_checked`` keeps how far breaks were refused, so the next call goes on from there (a
+        break refused once is refused for good while the region lasts)."""
+        newlines, cjk_ends, cand_ends, clause_ends = (
+            self._newlines,
+            self._cjk_ends,
+            self._cand_ends,
+            self._clause_ends,
+        )
+        # Sentence ends before long_enough are refused anyway: skip them.
+        sentence_from = pos if long_enough is None else max(pos, long_enough)
+        i_newline = bisect_left(newlines, pos)
+        i_cjk = bisect_left(cjk_ends, sentence_from)
+        i_cand = bisect_left(cand_ends, sentence_from)
+        i_clause = bisect_left(clause_ends, pos) if clauses else len(clause_ends)
+        while True:
+            self._work += 1
+            newline = newlines[i_newline] if i_newline < len(newlines) else _NEVER
+            cjk = cjk_ends[i_cjk] if i_cjk < len(cjk_ends) else _NEVER
+            cand = cand_ends[i_cand] if i_cand < len(cand_ends) else _NEVER
+            clause = clause_ends[i_clause] if i_clause < len(clause_ends) else _NEVER
+            at = min(newline, cjk, cand, clause)
+            if at > limit:
+                self._checked = pos
+                return None
+            self._checked = at
+            if at in (newline, cjk):
+                return at
+            if clause == at:
+                if not self._clause_excluded(i_clause):
+                    return at
+                i_clause += 1
+            if cand == at:
+                if self._cand_next[i_cand] < region_end:
+                    verdict = self._judge(i_cand, region_end, closed)
+                    if verdict is None:
+                        return _WAIT  # until the next word has arrived
+                    if verdict:
+                        return at
+                i_cand += 1
+            pos = at + 1
 
-    def _breaks(self, region: str, *, clauses: bool) -> list[int]:
-        """Sorted end positions of sentence breaks (and clause breaks when asked) in ``region``."""
-        ends = set(self._sentence_ends(region))
-        ends.update(m.end() for m in _CJK_SENTENCE_END.finditer(region))
-        ends.update(m.start() for m in _NEWLINE.finditer(region))
-        if clauses:
-            for m in _CLAUSE_END.finditer(region):
-                before = region[: m.start() + 1].rstrip(",;:").rsplit(None, 1)[-1:]
-                if before and before[0].lower() in _NO_CLAUSE_AFTER:
-                    continue
-                ends.add(m.end())
-        return sorted(end for end in ends if region[:end].strip())
+    def _sentence_end_coming(self, low: int, limit: int, closed: bool) -> bool:
+        """Whether sentence punctuation between ``low`` and ``limit`` waits for its next word: a
+        candidate that text arriving whole would already show, so the cut waits for it."""
+        phase, _, close, _ = self._sentence_scan
+        return not closed and phase == _SPACE and low <= close <= limit
 
-    def _sentence_ends(self, region: str) -> list[int]:
-        candidates = {m.end() for m in _SENTENCE_CANDIDATE.finditer(region)}
-        if not candidates:
-            return []
-        # pysbd is the slow part: run it again only when a new candidate appeared or the words
-        # after the last one (which its judgement depends on) are still arriving.
-        judged_text = region[: max(candidates) + _SBD_CONTEXT_CHARS]
-        cached_text, cached_ends = self._sbd_cache
-        if cached_text == judged_text:
-            return cached_ends
-        ends = []
-        for span in self._sbd.segment(region):
-            end = span.start + len(span.sent.rstrip())
-            if end in candidates:
-                ends.append(end)
-        self._sbd_cache = (judged_text, ends)
+    def _last_clause(self, long_enough: int, limit: int) -> int | None:
+        """The last clause end from ``long_enough`` to ``limit``."""
+        i = bisect_right(self._clause_ends, limit) - 1
+        while i >= 0 and self._clause_ends[i] >= long_enough:
+            self._work += 1
+            if not self._clause_excluded(i):
+                return self._clause_ends[i]
+            i -= 1
+        return None
+
+    def _word_cut(self, limit: int, first_word: int, region_end: int) -> int | None:
+        """The last word break before ``limit`` after ``first_word``, else the first after."""
+        cuttable = self._cuttable
+        i = bisect_right(cuttable, self._start + limit) - 1
+        if i >= 0 and cuttable[i] > first_word:
+            return cuttable[i]
+        i = bisect_right(cuttable, max(self._start + limit, first_word))
+        if i < len(cuttable) and cuttable[i] < region_end:
+            return cuttable[i]
+        return None
+
+    def _clause_excluded(self, index: int) -> bool:
+        """Whether the clause end follows "e.g." and the like (the region's last word before it)."""
+        text, base, rs = self._text, self._base, self._start
+        pos = self._clause_starts[index] + 1
+        while pos > rs and text[pos - 1 - base] in ",;:":
+            pos -= 1
+            self._work += 1
+        if pos > rs and text[pos - 1 - base].isspace():
+            run = bisect_right(self._ws_starts, pos - 1) - 1
+            pos = max(self._ws_starts[run], rs) if run >= 0 else rs
+        if pos <= rs:
+            return False
+        tail = text[max(rs, pos - 5) - base : pos - base]
+        self._work += len(tail)
+        word = tail.split()[-1] if tail.split() else ""
+        if word == tail and pos - 5 >= rs:
+            return False  # longer than any of the words
+        return word.lower() in _NO_CLAUSE_AFTER
+
+    # -- judging a sentence candidate --------------------------------------------------------------
+
+    def _judge(self, index: int, region_end: int, closed: bool) -> bool | None:
+        """Whether the candidate ends a sentence, or None until its next word has arrived."""
+        end_of_text = self._end()
+        close, after = self._cand_ends[index], self._cand_next[index]
+        limit = close + _SBD_AFTER
+        i = bisect_right(self._ws_starts, after)
+        word_end = self._ws_starts[i] if i < len(self._ws_starts) else None
+        if word_end is not None and word_end <= limit:
+            window_end = word_end
+        elif end_of_text >= limit:
+            window_end = limit
+        elif closed:
+            window_end = end_of_text
+        else:
+            return None
+        window_end = min(window_end, region_end)
+        window_start = max(self._start, close - _SBD_BEFORE)
+        if index >= _SBD_PREVIOUS:
+            window_start = max(window_start, self._cand_ends[index - _SBD_PREVIOUS])
+        base = self._base
+        window = self._text[window_start - base : window_end - base]
+        self._work += len(window)
+        at, next_at = close - window_start, after - window_start
+        if _time_before_title(window, at, next_at):
+            return False
+        if self._cand_punct[index] == close - 1 and _plain_sentence_end(window, at, next_at):
+            return True
+        return at in self._sbd_ends(window)
+
+    def _sbd_ends(self, window: str) -> frozenset[int]:
+        """Where pysbd ends sentences in ``window`` (a bounded text; recent answers are kept)."""
+        ends = self._sbd_memo.get(window)
+        if ends is None:
+            self._work += len(window)
+            ends = frozenset(span.start + len(span.sent.rstrip()) for span in self._sbd.segment(window))
+            if len(self._sbd_memo) >= _SBD_MEMO_SIZE:
+                del self._sbd_memo[next(iter(self._sbd_memo))]
+            self._sbd_memo[window] = ends
         return ends
+
+
+def _time_before_title(window: str, at: int, next_at: int) -> bool:
+    """ "5 a.m. Mr. Smith": a lower-case time, then a title, is not a sentence end."""
+    if window[max(0, at - 4) : at] not in _LOWER_TIME:
+        return False
+    if at > 4 and not (window[at - 5].isspace() or window[at - 5].isdigit()):
+        return False
+    word = window[next_at:].split(None, 1)
+    return bool(word) and _TITLE.fullmatch(word[0]) is not None
+
+
+def _plain_sentence_end(window: str, at: int, next_at: int) -> bool:
+    """A sentence end pysbd would confirm (see _PLAIN_WINDOW), decided without it."""
+    if next_at != at + 1 or window[at] != " " or not ("A" <= window[next_at] <= "Z"):
+        return False
+    if _PLAIN_WINDOW.fullmatch(window) is None or "--" in window or _LONE_APOSTROPHE.search(window):
+        return False
+    punct = window[at - 1]
+    word = window[window.rfind(" ", 0, at - 1) + 1 : at - 1]
+    if _PLAIN_WORD.fullmatch(word) is None:
+        return False
+    lowered = word.lower()
+    return lowered not in _ABBREVIATIONS and not _ROMAN.fullmatch(lowered) and word + punct not in _EXCLAMATION_WORDS
