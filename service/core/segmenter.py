@@ -108,7 +108,7 @@ _SBD_AFTER = 48
 _SBD_MEMO_SIZE = 256
 # Keep this much text before the region when dropping released text (look-behinds need a character).
 _KEEP_BEFORE = 16
-_COMPACT_AFTER = 1024
+_COMPACT_AFTER = 512
 
 # A plain sentence end pysbd always agrees with: a word of letters (not one of its abbreviations,
 # list numerals or exclamation words) ending in one ".", "?" or "!", one space, a capital letter, and
@@ -198,6 +198,7 @@ class Segmenter:
 
     def push(self, delta: str) -> list[TextSegment]:
         """Add the next piece of text; return the segments it completed."""
+        self._compact()
         self._text += delta
         self._work += len(delta) + 1
         self._scan()
@@ -405,14 +406,14 @@ class Segmenter:
         start = self._start + (len(raw) - len(raw.lstrip()))
         self._start = cut
         self._new_region()
-        self._compact()
         if not text:
             return None
         self._released += 1
         return TextSegment(text=text, start=start, end=start + len(text))
 
     def _compact(self) -> None:
-        """Drop released text (and what the scan found in it) once it is most of what is held."""
+        """Drop released text (and what the scan found in it) once it is most of what is held, so
+        that appending a delta copies little more than the unreleased text."""
         dead = self._start - self._base
         if dead < _COMPACT_AFTER or 2 * dead < len(self._text):
             return
