@@ -109,6 +109,14 @@ CASES = [
         ['He said "Stop right now."', "Then he walked away from the scene without another single word."],
     ),
     ("cjk", "你好，世界。今天天气很好！我们去公园吧。", ["你好，世界。", "今天天气很好！我们去公园吧。"]),
+    # Golden Rule Set: a lower-case time before a title does not end the sentence (pysbd alone cuts
+    # after "a.m.").
+    ("time then title", "At 5 a.m. Mr. Smith went to the bank.", ["At 5 a.m. Mr. Smith went to the bank."]),
+    (
+        "time then title, more after",
+        "At 5 a.m. Mr. Smith went to the bank. He left the bank at 6 P.M. Mr. Smith then went to the store.",
+        ["At 5 a.m. Mr. Smith went to the bank.", "He left the bank at 6 P.M. Mr. Smith then went to the store."],
+    ),
     (
         "list lines",
         "Here are the steps:\n1. Mix the flour and the sugar well\n2. Add two eggs and the milk slowly\n",
@@ -215,3 +223,59 @@ def test_segments_do_not_depend_on_delta_size_for_long_text() -> None:
     whole = segment(text, len(text))
     assert whole == segment(text, 1)
     assert len(whole[0]) <= SegmentPolicy().first_max_chars
+
+
+def repeat(unit: str, length: int) -> str:
+    return (unit * (length // len(unit) + 1))[:length]
+
+
+# Inputs that made the old segmenter re-read its buffer (or pysbd run super-linearly) on every delta.
+PATHOLOGICAL = {
+    "numbered": lambda n: repeat("1. ", n),
+    "question then word": lambda n: repeat("? a ", n),
+    "dots and spaces": lambda n: repeat(". ", n),
+    "letter and dot": lambda n: repeat("a. ", n),
+    "initials": lambda n: repeat("J. R. R. ", n),
+    "newlines": lambda n: "\n" * n,
+    "brackets": lambda n: "(" * n,
+    "long url": lambda n: repeat("http://x.y/" + "a" * n, n),
+    "cjk without punctuation": lambda n: repeat("我们今天去公园散步吧天气很好", n),
+    "digits and dots": lambda n: repeat("1.2.3.4.5.6.7.8.9.0.", n),
+    "dots": lambda n: "." * n,
+    "spaces after a stop": lambda n: repeat("Wait." + " " * n, n),
+    "cjk full stops": lambda n: repeat("。", n),
+    "abbreviations": lambda n: repeat("Dr. e.g., Mr. vs. ", n),
+    "clauses": lambda n: repeat("one, two; three: four — ", n),
+    "unclosed code": lambda n: repeat("```\nx = 1. y, z\n", n),
+    "quotes": lambda n: repeat('"Stop." "Go!" ', n),
+    "prose": lambda n: repeat(
+        "The quick brown fox jumps over the lazy dog near the bank. Did you see it? It was 3.5 m long, "
+        "e.g. longer than a car! Dr. Smith said so at 5 p.m. yesterday. ",
+        n,
+    ),
+}
+
+
+def work(text: str, step: int) -> tuple[int, list[str]]:
+    segmenter = Segmenter()
+    out = []
+    for i in range(0, len(text), step):
+        out += [s.text for s in segmenter.push(text[i : i + step])]
+    out += [s.text for s in segmenter.flush()]
+    return segmenter.work, out
+
+
+@pytest.mark.parametrize("name", PATHOLOGICAL)
+def test_work_grows_linearly(name: str) -> None:
+    # The cost meter (characters examined), not wall time: four times the text costs about four
+    # times the work, whether the text comes one character at a time or whole.
+    make = PATHOLOGICAL[name]
+    short, long = make(800), make(3200)
+    by_delta = {}
+    for whole in (False, True):
+        work_short, _ = work(short, len(short) if whole else 1)
+        work_long, segments = work(long, len(long) if whole else 1)
+        assert work_long <= 4.5 * work_short, (whole, work_short, work_long)
+        assert " ".join(segments).split() == long.split()
+        by_delta[whole] = segments
+    assert by_delta[False] == by_delta[True]
