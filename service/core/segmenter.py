@@ -97,6 +97,7 @@ _CJK_PUNCT_RUN = re.compile(r"[。！？]*")
 _CJK_CLOSERS_RUN = re.compile(r"[」』”’）]*")
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
 _FENCE_INDENT = re.compile(r"[ \t]*")
+_FENCE_LINE = re.compile(r"(?<=\n)[ \t]*(```|~~~)")
 _FENCE_MARKERS = ("```", "~~~")
 _NO_CLAUSE_AFTER = ("e.g.", "i.e.", "cf.", "vs.")
 
@@ -297,28 +298,32 @@ class Segmenter:
     def _scan_fences(self, text: str, base: int, end: int) -> None:
         """Lines that start (after spaces or tabs) with ``` or ~~~."""
         phase, line, pos = self._fence_scan
-        while True:
-            if phase == _SEARCH:
-                m = _NEWLINE.search(text, pos - base)
-                if m is None:
-                    pos = end
-                    break
-                line = pos = base + m.end()
-                phase = _INDENT
+        if phase != _SEARCH:  # a line start still being read
             phase, pos, marker = self._fence_step(text, base, end, phase, pos)
-            if marker is None:
-                if phase == _NO_FENCE:
-                    phase = _SEARCH
-                    continue
-                break  # waiting for more text
-            self._fence_starts.append(line)
-            self._fence_marker_ends.append(pos)
-            self._fence_markers.append(marker)
-            starts, marker_ends = self._fence_by_marker[marker]
-            starts.append(line)
-            marker_ends.append(pos)
-            phase = _SEARCH
-        self._fence_scan = (phase, line, pos)
+            if marker is not None:
+                self._add_fence(line, pos, marker)
+            if phase in (_INDENT, _MARKER):
+                self._fence_scan = (phase, line, pos)
+                return
+        for m in _FENCE_LINE.finditer(text, pos - base):
+            self._add_fence(base + m.start(), base + m.end(), m.group(1))
+        # The last line may still become a fence.
+        newline = text.rfind("\n", pos - base)
+        phase = _SEARCH
+        if newline >= 0:
+            line = base + newline + 1
+            phase, pos, marker = self._fence_step(text, base, end, _INDENT, line)
+            if phase not in (_INDENT, _MARKER):
+                phase = _SEARCH
+        self._fence_scan = (phase, line, end if phase == _SEARCH else pos)
+
+    def _add_fence(self, line: int, marker_end: int, marker: str) -> None:
+        self._fence_starts.append(line)
+        self._fence_marker_ends.append(marker_end)
+        self._fence_markers.append(marker)
+        starts, marker_ends = self._fence_by_marker[marker]
+        starts.append(line)
+        marker_ends.append(marker_end)
 
     @staticmethod
     def _fence_step(text: str, base: int, end: int, phase: int, pos: int) -> tuple[int, int, str | None]:
