@@ -112,12 +112,19 @@ _KEEP_BEFORE = 16
 _COMPACT_AFTER = 512
 
 # A plain sentence end pysbd always agrees with: a word of letters (not one of its abbreviations,
-# list numerals or exclamation words) ending in one ".", "?" or "!", one space, a capital letter, and
-# nothing in the window that its quote, bracket, dash, list or non-ASCII rules act on.
+# list numerals or exclamation words) or a number of three digits or more, ending in one ".", "?" or
+# "!", one space, a letter (a capital after "!"), and nothing in the window that its quote, bracket,
+# dash or non-ASCII rules act on.
 _PLAIN_WINDOW = re.compile(r"[A-Za-z0-9 ,;:.?!'’-]*")
 _LONE_APOSTROPHE = re.compile(r"(?<![A-Za-z])['’]|['’](?![A-Za-z])")
 _PLAIN_WORD = re.compile(r"[A-Za-z][a-z]+")
 _ROMAN = re.compile(r"[ivxlcdm]+")
+_YEAR = re.compile(r"[0-9]{3,}")  # three digits or more: not a list number to pysbd
+_LAST_LETTERS = re.compile(r"(?:^|(?<=\s))[A-Za-z]+$")
+_TITLES = frozenset(a for a in English.Abbreviation.PREPOSITIVE_ABBREVIATIONS if len(a) > 1)
+_INITIALS = frozenset("ABCDEFGHJKLMNOPQRSTUWXYZ")
+# What pysbd may take for a list item ("a.", "(b)", "2.", "3)") and break the text before.
+_LIST_ITEM = re.compile(r"(?:^|(?<=\s))[a-z][.)]|\([a-z]+\)|(?:^|(?<=[\s\-⁃]))[0-9]{1,2}\.|[0-9]\)")
 _ABBREVIATIONS = frozenset(English.Abbreviation.ABBREVIATIONS)
 _EXCLAMATION_WORDS = frozenset(ExclamationWords.EXCLAMATION_WORDS)
 # Golden Rule Set: "At 5 a.m. Mr. Smith went to the bank." is one sentence.
@@ -624,10 +631,10 @@ class Segmenter:
         window = self._text[window_start - base : window_end - base]
         self._work += len(window)
         at, next_at = close - window_start, after - window_start
-        if _time_before_title(window, at, next_at):
-            return False
-        if self._cand_punct[index] == close - 1 and _plain_sentence_end(window, at, next_at):
-            return True
+        if self._cand_punct[index] == close - 1:  # one punctuation mark, no closing quote
+            verdict = _quick_verdict(window, at, next_at)
+            if verdict is not None:
+                return verdict
         return at in self._sbd_ends(window)
 
     def _sbd_ends(self, window: str) -> frozenset[int]:
@@ -642,10 +649,30 @@ class Segmenter:
         return ends
 
 
+def _quick_verdict(window: str, at: int, next_at: int) -> bool | None:
+    """The verdict on a candidate ending in one punctuation mark where pysbd's is certain (or the
+    Golden Rule Set's), so pysbd need not be asked; None otherwise."""
+    punct = window[at - 1]
+    if "\n" in window[at:next_at] or "\r" in window[at:next_at]:
+        return None  # pysbd ends a sentence at any line break
+    if punct == ".":
+        if window[max(0, at - 4) : at] in _LOWER_TIME:
+            return False if _time_before_title(window, at, next_at) else None
+        token = _LAST_LETTERS.search(window, max(0, at - 8), at - 1)
+        if token is not None and _LIST_ITEM.search(window) is None:
+            letters = token.group()
+            # pysbd never ends a sentence after a title it knows (Dr., Prof.) or a capital initial
+            # ("J. R. R."), except "I." and "V." before some sentence starters, and where it takes
+            # what follows for the next item of a list.
+            if letters.lower() in _TITLES or (len(letters) == 1 and letters in _INITIALS):
+                return False
+    if _plain_sentence_end(window, at, next_at):
+        return True
+    return None
+
+
 def _time_before_title(window: str, at: int, next_at: int) -> bool:
-    """ "5 a.m. Mr. Smith": a lower-case time, then a title, is not a sentence end."""
-    if window[max(0, at - 4) : at] not in _LOWER_TIME:
-        return False
+    """ "5 a.m. Mr. Smith": a lower-case time, then a title."""
     if at > 4 and not (window[at - 5].isspace() or window[at - 5].isdigit()):
         return False
     word = window[next_at:].split(None, 1)
@@ -653,14 +680,16 @@ def _time_before_title(window: str, at: int, next_at: int) -> bool:
 
 
 def _plain_sentence_end(window: str, at: int, next_at: int) -> bool:
-    """A sentence end pysbd would confirm (see _PLAIN_WINDOW), decided without it."""
-    if next_at != at + 1 or window[at] != " " or not ("A" <= window[next_at] <= "Z"):
+    """A sentence end pysbd would confirm (see _PLAIN_WINDOW)."""
+    punct, first = window[at - 1], window[next_at : next_at + 1]
+    if next_at != at + 1 or window[at] != " " or not ("A" <= first <= "Z" or (punct != "!" and "a" <= first <= "z")):
         return False
     if _PLAIN_WINDOW.fullmatch(window) is None or "--" in window or _LONE_APOSTROPHE.search(window):
         return False
-    punct = window[at - 1]
     word = window[window.rfind(" ", 0, at - 1) + 1 : at - 1]
-    if _PLAIN_WORD.fullmatch(word) is None:
-        return False
-    lowered = word.lower()
-    return lowered not in _ABBREVIATIONS and not _ROMAN.fullmatch(lowered) and word + punct not in _EXCLAMATION_WORDS
+    if _PLAIN_WORD.fullmatch(word) is not None:
+        lowered = word.lower()
+        return (
+            lowered not in _ABBREVIATIONS and not _ROMAN.fullmatch(lowered) and word + punct not in _EXCLAMATION_WORDS
+        )
+    return _YEAR.fullmatch(word) is not None
