@@ -15,22 +15,23 @@ Policy (see :class:`SegmentPolicy`):
   own, never cut inside (the normalizer then keeps it from being read out).
 - Sentence boundaries come from pysbd, which knows abbreviations (Dr., e.g., U.S.), initials,
   decimals, currency, times and ellipses. A boundary is only taken where punctuation is followed by
-  whitespace *and* the next word has arrived, so "3." waiting for "14" is never cut, and nothing is cut
-  inside a URL. A lower-case time followed by a title ("at 5 a.m. Mr. Smith") is not a boundary
-  (pysbd would cut there; the Golden Rule Set does not).
+  whitespace *and* the next word has arrived (whole, or its first ``_SBD_AFTER`` characters), so "3."
+  waiting for "14" is never cut, and nothing is cut inside a URL. A lower-case time followed by a
+  title ("at 5 a.m. Mr. Smith") is not a boundary (pysbd would cut there; the Golden Rule Set does
+  not).
 
 Cost: every character is examined a bounded number of times, whatever the deltas, so a turn costs time
 linear in its length. Each delta is scanned once for the places that matter (line breaks, clause and
 sentence punctuation, word and whitespace starts, code fences), kept in sorted lists; a resumable scan
 remembers a run of punctuation or whitespace still growing at the end of the text instead of reading
-it again. Deciding a cut looks up these lists (by bisection) and goes on from where the previous
-decision stopped. pysbd, slow and super-linear on some inputs, never sees the whole text: it judges one
-sentence candidate at a time, on a window of at most ``_SBD_BEFORE + _SBD_AFTER`` characters around
-it, only when the policy would take that candidate, and only once the next word is complete (or
-``_SBD_AFTER`` characters have arrived), so its judgement does not depend on how the text was split.
-A plain word ending a sentence before a capital letter, with nothing pysbd treats specially around it,
-is taken without asking pysbd. :attr:`Segmenter.work` counts the characters examined, as a cost meter
-for tests and benchmarks.
+it again. Deciding a cut looks these lists up by bisection and goes on from where the previous
+decision stopped. A sentence candidate is judged only when the policy would take it, and only once
+its next word is complete (or ``_SBD_AFTER`` characters have arrived), on a window of at most
+``_SBD_BEFORE`` characters (and ``_SBD_PREVIOUS`` candidates) before it and that word after it, so the
+verdict does not depend on how the text was split. Where pysbd's verdict is certain (a plain word
+before a letter, a title such as "Dr.", a capital initial) it is not asked; otherwise it sees only
+that window, never the whole text (it is slow, and super-linear on some inputs). :attr:`Segmenter.work`
+counts the characters examined, as a cost meter for tests and benchmarks.
 """
 
 from __future__ import annotations
