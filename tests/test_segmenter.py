@@ -181,6 +181,26 @@ def test_sentence_end_waits_for_the_next_word() -> None:
     assert [s.text for s in segmenter.flush()] == ["The price is going to be $29.95 for you."]
 
 
+def test_sentence_end_leaves_with_the_first_letter_of_the_next_word() -> None:
+    # As an LLM streams it: the segment leaves with " This", not one token later.
+    segmenter = Segmenter()
+    out = []
+    for token in ["Hello", " there", ",", " friend", "."]:
+        out += segmenter.push(token)
+    assert out == []
+    assert [s.text for s in segmenter.push(" This")] == ["Hello there, friend."]
+
+
+def test_time_then_capital_waits_for_the_whole_word() -> None:
+    segmenter = Segmenter()
+    assert segmenter.push("At 5 a.m. M") == []
+    assert segmenter.push("r. Smith went") == []  # "Mr." is a title: no sentence end after "a.m."
+    assert [s.text for s in segmenter.flush()] == ["At 5 a.m. Mr. Smith went"]
+    segmenter = Segmenter()
+    assert segmenter.push("We got up at 5 a.m. T") == []
+    assert [s.text for s in segmenter.push("hen we ran ")] == ["We got up at 5 a.m."]
+
+
 def test_offsets_point_into_the_whole_text() -> None:
     text = "Right, so here we go. The first thing to know is simple. Then there is more to come after that."
     segmenter = Segmenter()

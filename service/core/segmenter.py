@@ -15,23 +15,24 @@ Policy (see :class:`SegmentPolicy`):
   own, never cut inside (the normalizer then keeps it from being read out).
 - Sentence boundaries come from pysbd, which knows abbreviations (Dr., e.g., U.S.), initials,
   decimals, currency, times and ellipses. A boundary is only taken where punctuation is followed by
-  whitespace *and* the next word has arrived (whole, or its first ``_SBD_AFTER`` characters), so "3."
-  waiting for "14" is never cut, and nothing is cut inside a URL. A lower-case time followed by a
-  title ("at 5 a.m. Mr. Smith") is not a boundary (pysbd would cut there; the Golden Rule Set does
-  not).
+  whitespace *and* the next word has arrived, so "3." waiting for "14" is never cut, and nothing is cut
+  inside a URL: pysbd judges with the first character of the next word and, if that is no sentence
+  end, again with the whole word. A lower-case time followed by a title ("at 5 a.m. Mr. Smith") is not
+  a boundary (pysbd would cut there; the Golden Rule Set does not).
 
 Cost: every character is examined a bounded number of times, whatever the deltas, so a turn costs time
 linear in its length. Each delta is scanned once for the places that matter (line breaks, clause and
 sentence punctuation, word and whitespace starts, code fences), kept in sorted lists; a resumable scan
 remembers a run of punctuation or whitespace still growing at the end of the text instead of reading
 it again. Deciding a cut looks these lists up by bisection and goes on from where the previous
-decision stopped. A sentence candidate is judged only when the policy would take it, and only once
-its next word is complete (or ``_SBD_AFTER`` characters have arrived), on a window of at most
-``_SBD_BEFORE`` characters (and ``_SBD_PREVIOUS`` candidates) before it and that word after it, so the
-verdict does not depend on how the text was split. Where pysbd's verdict is certain (a plain word
-before a letter, a title such as "Dr.", a capital initial) it is not asked; otherwise it sees only
-that window, never the whole text (it is slow, and super-linear on some inputs). :attr:`Segmenter.work`
-counts the characters examined, as a cost meter for tests and benchmarks.
+decision stopped. A sentence candidate is judged only when the policy would take it, on a window of
+at most ``_SBD_BEFORE`` characters (and ``_SBD_PREVIOUS`` candidates) before it and the first
+character, then the whole (up to ``_SBD_AFTER`` characters), of the next word after it: windows fixed
+by the text alone, so the verdict does not depend on how the text was split. Where pysbd's verdict is
+certain (a plain word before a letter, a title such as "Dr.", a capital initial) it is not asked;
+otherwise it sees only that window, never the whole text (it is slow, and super-linear on some
+inputs). :attr:`Segmenter.work` counts the characters examined, as a cost meter for tests and
+benchmarks.
 """
 
 from __future__ import annotations
@@ -610,29 +611,43 @@ class Segmenter:
     # -- judging a sentence candidate --------------------------------------------------------------
 
     def _judge(self, index: int, region_end: int, closed: bool) -> bool | None:
-        """Whether the candidate ends a sentence, or None until its next word has arrived."""
-        end_of_text = self._end()
+        """Whether the candidate ends a sentence: seen with the first character of the next word (so
+        a segment leaves as soon as it can), else with that whole word (up to ``_SBD_AFTER``
+        characters); None while the whole word has not arrived."""
         close, after = self._cand_ends[index], self._cand_next[index]
+        start = max(self._start, close - _SBD_BEFORE)
+        if index >= _SBD_PREVIOUS:
+            start = max(start, self._cand_ends[index - _SBD_PREVIOUS])
+        single = self._cand_punct[index] == close - 1  # one punctuation mark, no closing quote
+        text, base = self._text, self._base
+        # "5 a.m. M" may go on as "Mr." (no sentence end) or "Monday" (maybe one): wait for the word.
+        time_then_capital = text[close - 4 - base : close - base] in _LOWER_TIME and text[after - base].isupper()
+        if not time_then_capital and self._verdict(start, close, after, after + 1, single):
+            return True
         limit = close + _SBD_AFTER
         i = bisect_right(self._ws_starts, after)
         word_end = self._ws_starts[i] if i < len(self._ws_starts) else None
         if word_end is not None and word_end <= limit:
-            window_end = word_end
-        elif end_of_text >= limit:
-            window_end = limit
+            end = word_end
+        elif self._end() >= limit:
+            end = limit
         elif closed:
-            window_end = end_of_text
+            end = self._end()
         else:
             return None
-        window_end = min(window_end, region_end)
-        window_start = max(self._start, close - _SBD_BEFORE)
-        if index >= _SBD_PREVIOUS:
-            window_start = max(window_start, self._cand_ends[index - _SBD_PREVIOUS])
+        end = min(end, region_end)
+        if end <= after + 1 and not time_then_capital:
+            return False  # the same text as above
+        return self._verdict(start, close, after, end, single)
+
+    def _verdict(self, start: int, close: int, after: int, end: int, single: bool) -> bool:
+        """pysbd's verdict on the candidate ending at ``close``, seeing the text from ``start`` to
+        ``end`` (or the Golden Rule Set's, or a certain one found without asking it)."""
         base = self._base
-        window = self._text[window_start - base : window_end - base]
+        window = self._text[start - base : end - base]
         self._work += len(window)
-        at, next_at = close - window_start, after - window_start
-        if self._cand_punct[index] == close - 1:  # one punctuation mark, no closing quote
+        at, next_at = close - start, after - start
+        if single:
             verdict = _quick_verdict(window, at, next_at)
             if verdict is not None:
                 return verdict
