@@ -123,10 +123,11 @@ _PLAIN_WORD = re.compile(r"[A-Za-z][a-z]+")
 _ROMAN = re.compile(r"[ivxlcdm]+")
 _YEAR = re.compile(r"[0-9]{3,}")  # three digits or more: not a list number to pysbd
 _LAST_LETTERS = re.compile(r"(?:^|(?<=\s))[A-Za-z]+$")
+_MULTI_PERIOD = re.compile(r"(?:^|(?<=\s))[A-Za-z](?:\.[A-Za-z])+\.$")
 _TITLES = frozenset(a for a in English.Abbreviation.PREPOSITIVE_ABBREVIATIONS if len(a) > 1)
 _INITIALS = frozenset("ABCDEFGHJKLMNOPQRSTUWXYZ")
-# What pysbd may take for a list item ("a.", "(b)", "2.", "3)") and break the text before.
-_LIST_ITEM = re.compile(r"(?:^|(?<=\s))[a-z][.)]|\([a-z]+\)|(?:^|(?<=[\s\-⁃]))[0-9]{1,2}\.|[0-9]\)")
+# What pysbd may take for a list item ("a.", "(b)", "iv)", "2.", "3)") and break the text before.
+_LIST_ITEM = re.compile(r"(?:^|(?<=[\s(]))(?:[a-z]|[ivxlcdm]+)[.)]|(?:^|(?<=[\s\-⁃]))[0-9]{1,2}\.|[0-9]\)")
 _ABBREVIATIONS = frozenset(English.Abbreviation.ABBREVIATIONS)
 _EXCLAMATION_WORDS = frozenset(ExclamationWords.EXCLAMATION_WORDS)
 # Golden Rule Set: "At 5 a.m. Mr. Smith went to the bank." is one sentence.
@@ -672,15 +673,19 @@ def _quick_verdict(window: str, at: int, next_at: int) -> bool | None:
     if "\n" in window[at:next_at] or "\r" in window[at:next_at]:
         return None  # pysbd ends a sentence at any line break
     if punct == ".":
-        if window[max(0, at - 4) : at] in _LOWER_TIME:
-            return False if _time_before_title(window, at, next_at) else None
-        token = _LAST_LETTERS.search(window, max(0, at - 8), at - 1)
-        if token is not None and _LIST_ITEM.search(window) is None:
-            letters = token.group()
-            # pysbd never ends a sentence after a title it knows (Dr., Prof.) or a capital initial
-            # ("J. R. R."), except "I." and "V." before some sentence starters, and where it takes
-            # what follows for the next item of a list.
-            if letters.lower() in _TITLES or (len(letters) == 1 and letters in _INITIALS):
+        if window[max(0, at - 4) : at] in _LOWER_TIME and _time_before_title(window, at, next_at):
+            return False
+        # pysbd never ends a sentence after a title it knows (Dr., Prof.), a capital initial
+        # ("J. R. R."; not "I." or "V.", which may end one before some words), or an abbreviation
+        # with periods inside ("e.g.", "a.m.") before a lower-case word, unless it finds a list
+        # (two items or more) and breaks the text before the next item.
+        if len(_LIST_ITEM.findall(window)) <= 1:
+            letters = _LAST_LETTERS.search(window, max(0, at - 8), at - 1)
+            if letters is not None and (
+                letters.group().lower() in _TITLES or letters.group() in _INITIALS  # one letter
+            ):
+                return False
+            if "a" <= window[next_at : next_at + 1] <= "z" and _MULTI_PERIOD.search(window, max(0, at - 12), at):
                 return False
     if _plain_sentence_end(window, at, next_at):
         return True
