@@ -538,3 +538,41 @@ async def test_a_hang_up_while_a_failed_stream_waits_for_its_writer_still_closes
         assert not store.owned(session_id)
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1. " * 1333,
+        "? a " * 1000,
+        "a. " * 1333,
+        "J. R. R. " * 444,
+        " ".join(f"{n}." for n in range(1, 1000))[:3999],
+        '"Yes." ' * 570,
+    ],
+    ids=["numbered", "questions", "initials-a", "initials-jrr", "one-line-list", "quotes"],
+)
+async def test_a_pathological_text_does_not_stall_other_streams(text: str) -> None:
+    # One message used to hold the event loop for seconds (13 s for "1. " * 1333), failing every other
+    # stream's requests and the health checks. Other calls must go on being answered meanwhile.
+    h = await start_harness(FakeLLM(), FakeTTS(ms_per_char=1))
+    try:
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                began = asyncio.get_running_loop().time()
+                await h.stub.ListVoices(pb.ListVoicesRequest())
+                lags.append(asyncio.get_running_loop().time() - began)
+                await asyncio.sleep(0.005)
+
+        probing = asyncio.create_task(probe())
+        responses = await converse_all(h.stub, [start(), speak(text[:3999], flush=True)])
+        done.set()
+        await probing
+        (ended,) = turn_ends(responses)
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED
+        assert max(lags) < 1.0, f"another call waited {max(lags):.2f} s"
+    finally:
+        await stop_harness(h)

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _END = object()
 
+SEGMENTER_SLICE_CHARS = 256
+"""A delta is given to the segmenter this many characters at a time, letting other work run between:
+its cost is linear in the text, but a few thousand characters of an unusual text (a one-line numbered
+list, many quotes) can still take tens of milliseconds, which no stream may hold the loop for."""
+
 
 @dataclass(frozen=True)
 class TurnOptions:
@@ -128,8 +133,11 @@ class Turn:
                         self._stats.first_llm_token = time.monotonic()
                     self.text += delta
                     await self._emit(TextDelta(self.turn_id, delta))
-                    for segment in segmenter.push(delta):
-                        await self._schedule(segment, ready, slots, pending)
+                    for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
+                        if start:
+                            await asyncio.sleep(0)  # a long delta never holds the event loop for long
+                        for segment in segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS]):
+                            await self._schedule(segment, ready, slots, pending)
             for segment in segmenter.flush():
                 await self._schedule(segment, ready, slots, pending)
         finally:
