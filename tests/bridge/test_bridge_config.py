@@ -16,7 +16,7 @@ from ws_bridge.__main__ import bridge_options, main
 from ws_bridge.config import BridgeSettings, env_name
 from ws_bridge.server import BridgeOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 ENV = {name: env_name(field) for name, field in BridgeSettings.model_fields.items()}
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Harness, free_port, run_process
 
-NODE_CLIENT = Path(__file__).resolve().parent.parent / "clients" / "node"
+NODE_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "node"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or shutil.which("npm") is None, reason="Node.js and npm are not installed"

@@ -22,7 +22,7 @@ from service.core.store import StoredSession
 from service.stores.redis_store import RedisStore
 from tests.conftest import free_port, start, start_harness, start_service_process, stop_harness, user, wait_listening
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

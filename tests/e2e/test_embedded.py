@@ -31,7 +31,7 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.embedded
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.conftest import Harness, free_port, start_harness, stop_harness, wait
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Harness, run_process, start_harness, stop_harness
 from tests.fakes import FakeLLM, FakeTTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import yaml
 from service.config import Settings
 from service.server import SERVICE_NAME
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {f"PARLEY_{name.upper()}" for name in Settings.model_fields}
 BRIDGE_SETTINGS = {"PARLEY_BRIDGE_HOST", "PARLEY_BRIDGE_PORT", "PARLEY_GRPC_TARGET", "PARLEY_BRIDGE_ALLOWED_ORIGINS"}
 
