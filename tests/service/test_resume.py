@@ -13,7 +13,17 @@ from service.core.history import INTERRUPTED_NOTE, HistoryLimits
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.stores.memory import MemoryStore
-from tests.conftest import Harness, interrupt, speak, start, start_harness, stop_harness, user, wait_for
+from tests.conftest import (
+    Harness,
+    converse_all,
+    interrupt,
+    speak,
+    start,
+    start_harness,
+    stop_harness,
+    user,
+    wait_for,
+)
 from tests.fakes import FakeLLM, FakeTTS, SlowStore
 
 
@@ -323,5 +333,23 @@ async def test_a_turn_the_store_could_not_save_says_so_and_is_saved_with_the_nex
         assert not second.history_unsaved
         assert [e[1] for e in store.entries(session_id)] == ["One.", "All done.", "Two.", "All done."]
         call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_full_memory_store_refuses_new_sessions_until_one_is_let_go() -> None:
+    h = await start_harness(store=MemoryStore(ttl_s=60, max_sessions=1))
+    try:
+        holder, _ = await open_stream(h)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await converse_all(h.stub, [start()])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "maximum number of sessions" in (refused.value.details() or "")
+        await holder.done_writing()
+        while await holder.read() is not grpc.aio.EOF:
+            pass
+        # Let go: the idle session makes room (the least recently used idle one is forgotten).
+        responses = await converse_all(h.stub, [start()])
+        assert responses[0].session_started.session_id
     finally:
         await stop_harness(h)
