@@ -11,10 +11,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from parley.v1 import voice_pb2, voice_pb2_grpc
+from parley.v1 import voice_pb2
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
+from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
 
@@ -65,7 +66,7 @@ async def start_server(
     servicer = VoiceServicer(
         llm, tts, defaults, limits, store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     )
-    voice_pb2_grpc.add_VoiceServiceServicer_to_server(servicer, server)
+    add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

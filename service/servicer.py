@@ -23,7 +23,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
-from service.core.command import CommandQueue, HalfClose, Shutdown
+from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import TurnEnded
 from service.core.outbox import Outbox
@@ -42,6 +42,7 @@ from service.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from service.rpc import end_call
 
 __all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer", "Writer", "status_for"]
 
@@ -189,13 +190,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self._drained.clear()
         try:
             failure = await self._converse(request_iterator, context)
-        finally:
+            if failure is not None:
+                code, message = status_for(failure)
+                # A client that reads nothing never gets the status: the call is then cancelled.
+                await end_call(context, code, message, self._limits.send_timeout_s)
+        finally:  # (the stream is counted until its call has ended)
             self.active_streams -= 1
             if self.active_streams == 0:
                 self._drained.set()
-        if failure is not None:
-            code, message = status_for(failure)
-            await context.abort(code, message)
 
     async def _converse(
         self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
@@ -244,6 +246,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ConverseRequest], commands: CommandQueue) -> None:
-        async for request in requests:
-            await commands.put(command_from_proto(request))
+        try:
+            async for request in requests:
+                await commands.put(command_from_proto(request))
+        except InvalidRequest as error:  # bytes that are not a ConverseRequest (see service.rpc)
+            await commands.put(BadMessage(error))  # in its turn, after what came before it
+            return
         await commands.put(HalfClose())
