@@ -11,6 +11,7 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
     ├── SessionLost           the store no longer has this stream's session, e.g. it restarted empty (UNAVAILABLE)
     ├── IdleTimeout           the stream sat idle for too long (DEADLINE_EXCEEDED)
     ├── ClientNotReading      the client stopped reading while replies waited (DEADLINE_EXCEEDED)
+    ├── ClientGone            the call ended under the stream: the client cancelled or went away (CANCELLED)
     ├── ShuttingDown          the server is shutting down; resume the session elsewhere (UNAVAILABLE)
     └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
         ├── LLMError
@@ -58,6 +59,11 @@ class IdleTimeout(ParleyError):
 
 class ClientNotReading(ParleyError):
     """The client read nothing for too long while messages waited to be sent."""
+
+
+class ClientGone(ParleyError):
+    """The call ended under the stream (the client cancelled, its connection dropped, the server
+    stopped): a normal ending, not a failure to report."""
 
 
 class ShuttingDown(ParleyError):

@@ -31,6 +31,7 @@ from service.core.session import Ending, Session
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.errors import (
+    ClientGone,
     ClientNotReading,
     IdleTimeout,
     InvalidRequest,
@@ -58,6 +59,7 @@ STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     ClientNotReading: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ClientGone: grpc.StatusCode.CANCELLED,
 }
 
 
@@ -74,6 +76,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a stream that failed with ``error`` ends with."""
     for kind, code in STATUS_FOR.items():
         if isinstance(error, kind):
+            log.log(logging.DEBUG if isinstance(error, ClientGone) else logging.INFO, "stream ended: %s", error)
             return code, str(error)
     log.error("stream failed", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
@@ -115,7 +118,9 @@ class Writer:
         self._written.set()
 
     async def run(self) -> None:
-        """Send messages until the outbox is closed and empty. Raises :class:`ClientNotReading`."""
+        """Send messages until the outbox is closed and empty. Raises :class:`ClientNotReading`, or
+        :class:`ClientGone` when a write fails because the call is over (the client cancelled or went
+        away, or the server stopped)."""
         while (message := await self._outbox.next()) is not None:
             if self._stopping:
                 return
@@ -128,6 +133,8 @@ class Writer:
                     f"the client read nothing for {self._send_timeout_s:g} s while replies waited; "
                     "the stream was closed"
                 ) from None
+            except Exception as error:  # grpc.aio raises its own internal errors for a call that is over
+                raise ClientGone(f"the call is over ({type(error).__name__})") from error
             finally:
                 self._written.set()
             if isinstance(message, TurnEnded):
@@ -230,7 +237,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             return failure
         if ending is Ending.SHUTDOWN:
             where = f"resume session {session.session_id} on another replica" if session.session_id else "reconnect"
-            return ShuttingDown(f"the server is shutting down; {where}")
+            unanswered = (
+                f" ({session.unanswered} message(s) sent after the shutdown began were not answered: send them again)"
+                if session.unanswered
+                else ""
+            )
+            return ShuttingDown(f"the server is shutting down; {where}{unanswered}")
         return None
 
     @staticmethod

@@ -101,6 +101,8 @@ class Session:
         self.state = SessionState.NEW
         self._ending = Ending.HALF_CLOSED
         self.session_id = ""
+        self.unanswered = 0
+        """Messages that came after the server began shutting down and were not answered."""
         self._settings: SessionSettings | None = None
         self._claim: Claim | None = None
         self._saver: HistorySaver | None = None
@@ -124,14 +126,16 @@ class Session:
         is closed.
         """
         self._commands = commands
+        ended = False
         try:
             while self.state is not SessionState.CLOSED:
                 await self._handle(await self._next_command(commands))
                 if self.state is SessionState.DRAINING and self._current is None:
                     self.state = SessionState.CLOSED
+            ended = True
             return self._ending
         finally:
-            await to_the_end(self._close())
+            await to_the_end(self._close(cut_short=not ended))
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -224,9 +228,9 @@ class Session:
             raise InvalidRequest("user_text.text is empty; send the message to answer")
         check_length(text, "user_text.text", self._defaults.max_text_chars)
         self._check_turn_id(turn_id, "user_text.turn_id")
+        if self._unanswerable():
+            return
         await self._interrupt(None)
-        if self.state is not SessionState.OPEN:
-            return  # the server is shutting down: no new turn
         settings = self._settings
         assert settings is not None
         request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
@@ -244,9 +248,9 @@ class Session:
                     "speak_text.text is empty and no speak turn is open to flush; send the text to read aloud"
                 )
             self._check_turn_id(turn_id, "speak_text.turn_id")
+            if self._unanswerable():
+                return
             await self._interrupt(None)
-            if self.state is not SessionState.OPEN:
-                return  # the server is shutting down: no new turn
             turn = self._begin(turn_id, None, user_text=None)
         if turn.speak_chars + len(text) > self._defaults.max_text_chars:
             raise InvalidRequest(
@@ -274,6 +278,14 @@ class Session:
             return
         if self._heard is not None:
             self._cut_heard(self._heard, played_ms)
+
+    def _unanswerable(self) -> bool:
+        """The server is shutting down: a message that would begin a turn is not answered (nor does it
+        cut the turn in progress, which is sent whole; a speak turn's text is complete as it was)."""
+        if self.state is SessionState.DRAINING:
+            self.unanswered += 1
+            return True
+        return False
 
     def _drain(self, ending: Ending) -> None:
         """End once the turn in progress has ended (a speak turn's text is complete as it is)."""
@@ -373,6 +385,10 @@ class Session:
             self._outbox.put_control(unsent_end, turn.outlet)  # already cut to what was heard: keep that
             return
         spoken = self._heard_text(turn, played_ms)
+        if spoken == turn.outcome.spoken and turn.outcome.reason is not TurnEndReason.INTERRUPTED:
+            if unsent_end is not None:
+                self._outbox.put_control(unsent_end, turn.outlet)  # it was heard whole: nothing to cut
+            return
         if turn.outcome.in_history:
             self._conversation.trim_last_reply(spoken)
             self._save()
@@ -406,20 +422,28 @@ class Session:
 
     def _watch(self, claim: Claim) -> None:
         async def watch() -> None:
-            await claim.lost.wait()
+            lost, wanted = asyncio.ensure_future(claim.lost.wait()), asyncio.ensure_future(claim.wanted.wait())
+            try:
+                await asyncio.wait({lost, wanted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                wanted.cancel()
             assert self._commands is not None
             self._commands.put_nowait(ClaimLost(claim.vanished))
 
         self._watchers.append(asyncio.create_task(watch(), name=f"takeover watch {self.session_id[:8]}"))
 
-    async def _close(self) -> None:
-        """The stream is over: stop a turn in progress (kept in the history as heard: a dropped
-        connection is a barge-in whose cut the client could not report), write what is not yet
-        stored, let the session go, close the outbox."""
+    async def _close(self, *, cut_short: bool) -> None:
+        """The stream is over: stop a turn in progress, write what is not yet stored, let the session
+        go, close the outbox. A stream ``cut_short`` (a failure, a dropped connection) is a barge-in
+        whose cut the client could not report: the turn in progress, or the last turn if its audio
+        had not all been sent, is kept in the history as far as its audio was sent."""
         for watcher in self._watchers:
             watcher.cancel()
         owned = self._claim is not None and not self._claim.lost.is_set()
         turn = self._current
+        if turn is None and cut_short and owned and self._heard is not None:
+            self._cut_heard(self._heard, None)
         if turn is not None:
             self._outbox.drop(turn.outlet)
             await turn.stop()

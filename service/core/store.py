@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from service.core.history import Entry
 
-__all__ = ["DEFAULT_SESSION_TTL_S", "Claim", "SessionStore", "StoredSession"]
+__all__ = ["DEFAULT_SESSION_TTL_S", "HANDOVER_TIMEOUT_S", "Claim", "SessionStore", "StoredSession", "hand_over"]
 
 DEFAULT_SESSION_TTL_S = 3600.0
 """How long a session is kept with no stream, unless configured otherwise."""
@@ -51,21 +51,44 @@ class StoredSession:
         )
 
 
+HANDOVER_TIMEOUT_S = 3.0
+"""How long a stream resuming a session waits for the stream that holds it on this replica to let go."""
+
+
 @dataclass
 class Claim:
     """A stream's ownership of a session. ``lost`` is set when another stream takes it over, or when
-    the store no longer has the session (``vanished``: it expired, or the store restarted empty)."""
+    the store no longer has the session (``vanished``: it expired, or the store restarted empty).
+    ``wanted`` is set when another stream on this replica asks for the session: the holder should
+    end, writing what it has, and let go (``released``), which the other waits for (bounded)."""
 
     session_id: str
     token: str
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     vanished: bool = False
+    wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def lose(self, *, vanished: bool = False) -> None:
         """The stream no longer owns the session (the first reason given stays)."""
         if not self.lost.is_set():
             self.vanished = vanished
             self.lost.set()
+
+
+async def hand_over(previous: Claim, timeout_s: float = HANDOVER_TIMEOUT_S) -> None:
+    """Ask the stream that holds ``previous`` to end and let go, and wait until it has (at most
+    ``timeout_s``), so that a stream resuming the session finds what the previous one was still
+    writing: a reply it was cutting short when its client reconnected. Safe to cancel."""
+    if previous.released.is_set() or previous.lost.is_set():
+        return
+    previous.wanted.set()
+    waits = [asyncio.ensure_future(previous.released.wait()), asyncio.ensure_future(previous.lost.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 class SessionStore(Protocol):

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from service.core.store import Claim, StoredSession
+from service.core.store import Claim, StoredSession, hand_over
 from service.errors import Overloaded
 
 __all__ = ["DEFAULT_MAX_SESSIONS", "MemoryStore"]
@@ -94,6 +94,9 @@ class MemoryStore:
         return self._claim(session_id, record)
 
     async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+        held = self._held.get(session_id)
+        if held is not None and held.owner is not None:
+            await hand_over(held.owner)  # (it writes what it has, then lets go)
         now = self._clock()
         self._sweep(now)
         record = self._idle.pop(session_id, None)
@@ -120,6 +123,7 @@ class MemoryStore:
             record.owner = None
             record.expires = self._clock() + self._ttl_s
             self._idle[claim.session_id] = record  # the most recently used end
+        claim.released.set()
 
     async def aclose(self) -> None:
         self._idle.clear()

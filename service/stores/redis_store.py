@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from service.core.store import Claim, StoredSession
+from service.core.store import Claim, StoredSession, hand_over
 from service.errors import StoreUnavailable
 
 __all__ = ["RedisStore", "url_without_password"]
@@ -105,17 +105,29 @@ class RedisStore:
         return claim
 
     async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+        previous = self._claims.get(session_id)
+        if previous is not None:
+            await hand_over(previous)  # held on this replica: it writes what it has, then lets go
         claim = Claim(session_id, secrets.token_hex(16))
         keys = [self._key(session_id), self._owner(session_id), self._channel(session_id)]
         try:
             data = await self._resume(keys=keys, args=[claim.token, self._ttl])
             if not data:
                 return None
-            self._hold(claim)
-            # A rival may have claimed it between our script and _hold (its announcement then found
-            # no local claim to tell): look once more.
-            if await self._redis.get(self._owner(session_id)) != claim.token:
-                claim.lose()
+            # Resumes close together may finish in another order than their scripts ran, and a rival's
+            # announcement may have found no local claim to tell: the owner key decides which of this
+            # claim and the one this replica held before is the owner; the other one lost.
+            previous = self._claims.get(session_id)
+            self._claims[session_id] = claim
+            owner = await self._redis.get(self._owner(session_id))
+            for candidate in (previous, claim):
+                if candidate is not None and candidate.token != owner:
+                    candidate.lose()
+            holder = self._claims.get(session_id)
+            if holder is not None and holder.lost.is_set():
+                del self._claims[session_id]
+            if previous is not None and previous.token == owner:
+                self._claims[session_id] = previous
         except RedisError as error:
             raise self._unavailable(error) from error
         return StoredSession.from_json(json.loads(data)), claim
@@ -134,10 +146,13 @@ class RedisStore:
         """Let go; the session's idle time starts now."""
         if self._claims.get(claim.session_id) is claim:
             del self._claims[claim.session_id]
-        with contextlib.suppress(RedisError):
-            await self._renew(
-                keys=[self._key(claim.session_id), self._owner(claim.session_id)], args=[claim.token, self._ttl]
-            )
+        try:
+            with contextlib.suppress(RedisError):
+                await self._renew(
+                    keys=[self._key(claim.session_id), self._owner(claim.session_id)], args=[claim.token, self._ttl]
+                )
+        finally:
+            claim.released.set()
 
     async def aclose(self) -> None:
         for task in (self._listener, self._renewer):

@@ -171,3 +171,28 @@ async def test_the_turn_ids_remembered_are_bounded() -> None:
     await stream.send(UserText("Again", turn_id=ids[0]))  # forgotten: accepted
     ends = [m.turn_id for m in await stream.read_to_the_end() if isinstance(m, TurnEnded)]
     assert ends[-1] == "a0" and len(ends) == len(ids) + 1
+
+
+async def test_an_interrupt_after_the_whole_reply_was_heard_changes_nothing() -> None:
+    stream = await started(FakeLLM())
+    await stream.send(UserText("Hi?"))
+    while not isinstance(message := await stream.read(), TurnEnded):
+        pass
+    await stream.send(Interrupt(10**9))  # the client played all of it, and more
+    assert await stream.read_to_the_end() == []
+    last = (await stream.history())[-1]
+    assert last.content == message.spoken_text and not last.interrupted
+
+
+async def test_a_stream_cut_short_keeps_the_last_turn_only_as_far_as_its_audio_was_sent() -> None:
+    # The turn completed on the server, but the connection dropped before its tail audio left.
+    llm = FakeLLM(reply="One two three four five. Six seven eight nine ten. Eleven twelve thirteen.")
+    stream = await started(llm)
+    await stream.send(UserText("Count."))
+    await stream.wait_for_end_queued()
+    await stream.read_audio(2)
+    stream.loop.cancel()  # the transport's end: a hang-up
+    with pytest.raises(asyncio.CancelledError):
+        await stream.loop
+    last = (await stream.history())[-1]
+    assert last.interrupted and last.content and len(last.content) < len(llm.reply)

@@ -353,3 +353,47 @@ async def test_a_full_memory_store_refuses_new_sessions_until_one_is_let_go() ->
         assert responses[0].session_started.session_id
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize("trial", range(8))
+async def test_a_stream_cancelled_and_resumed_at_once_keeps_the_turn_it_cut(trial: int) -> None:
+    # A phone that drops and reconnects at once: the new stream waits (briefly) for the old one to
+    # write the reply it was cutting short, so the conversation goes on with it.
+    llm = FakeLLM(reply="Right, here is a long answer. " + "It keeps going. " * 30, token_s=0.002)
+    h = await start_harness(llm, FakeTTS(chunk_s=0.01))
+    try:
+        first, session_id = await open_stream(h)
+        await first.write(user("The first question."))
+        while (await first.read()).WhichOneof("kind") != "audio":
+            pass
+        first.cancel()
+        second, _ = await open_stream(h, session_id=session_id)
+        await one_turn(second, "The second question.")
+        messages = [(m.role, m.content) for m in h.llm.requests[-1].messages]
+        assert messages[1] == ("user", "The first question.")
+        assert messages[2][0] == "assistant" and "[interrupted" in messages[2][1]
+        assert messages[3] == ("user", "The second question.")
+        second.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_stream_that_takes_a_session_over_finds_the_reply_the_first_was_giving() -> None:
+    llm = FakeLLM(reply="Right, here is a long answer. " + "It keeps going. " * 30, token_s=0.01)
+    h = await start_harness(llm, FakeTTS(chunk_s=0.01))
+    try:
+        first, session_id = await open_stream(h)
+        await first.write(user("The first question."))
+        while (await first.read()).WhichOneof("kind") != "audio":
+            pass
+        second, _ = await open_stream(h, session_id=session_id)
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            while await first.read() is not grpc.aio.EOF:
+                pass
+        assert taken.value.code() == grpc.StatusCode.ABORTED
+        await one_turn(second, "The second question.")
+        messages = [(m.role, m.content) for m in h.llm.requests[-1].messages]
+        assert messages[1] == ("user", "The first question.") and messages[2][0] == "assistant"
+        second.cancel()
+    finally:
+        await stop_harness(h)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -574,5 +575,44 @@ async def test_a_pathological_text_does_not_stall_other_streams(text: str) -> No
         (ended,) = turn_ends(responses)
         assert ended.reason == pb.TURN_END_REASON_COMPLETED
         assert max(lags) < 1.0, f"another call waited {max(lags):.2f} s"
+    finally:
+        await stop_harness(h)
+
+
+async def test_messages_after_shutdown_began_neither_answer_nor_cut_the_turn_in_progress() -> None:
+    h = await start_harness(FakeLLM(), FakeTTS(chunk_s=0.05))
+    call = h.stub.Converse()
+    await call.write(start())
+    await call.read()
+    await call.write(speak("This is the first part, of a long"))  # a speak turn, open
+    while (await call.read()).WhichOneof("kind") != "audio":
+        pass
+    h.running.servicer.shut_down()  # what SIGTERM does first
+    await call.write(speak(" sentence, and the rest of it.", flush=True))
+    await call.write(user("And a question?"))
+    responses = []
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+    (end,) = turn_ends(responses)
+    assert end.reason == pb.TURN_END_REASON_COMPLETED and end.spoken_text == "This is the first part, of a long"
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "2 message(s) sent after the shutdown began were not answered" in (ended.value.details() or "")
+    await stop_harness(h)
+
+
+async def test_a_client_that_cancels_is_not_an_error_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    h = await start_harness(FakeLLM(reply="Word after word. " * 50, token_s=0.001), FakeTTS(chunk_s=0.0))
+    try:
+        for _ in range(20):
+            call = h.stub.Converse()
+            await call.write(start())
+            await call.write(user("Talk."))
+            while (await call.read()).WhichOneof("kind") != "audio":
+                pass
+            call.cancel()
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
     finally:
         await stop_harness(h)
