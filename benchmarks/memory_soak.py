@@ -33,13 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from service.core.opening import new_session_id
 
 from benchmarks import load
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.core.history import Entry
-from service.core.session import SessionDefaults
+from service.core.settings import SessionDefaults, new_session_id
 from service.core.store import StoredSession
 from service.stores.memory import MemoryStore
 
