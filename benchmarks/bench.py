@@ -88,10 +88,14 @@ async def extras(args: argparse.Namespace, report: Report) -> None:
     from benchmarks import memory_soak, segmenter_stall
 
     quick = args.extras == "quick"
-    report.add_section(
-        "6. Segmenter: the longest event-loop stall", await asyncio.to_thread(segmenter_stall.run, quick)
-    )
-    report.add_section("7. Session store memory", await asyncio.to_thread(memory_soak.run, quick))
+    for title, run in (
+        ("6. Segmenter: the longest event-loop stall", segmenter_stall.run),
+        ("7. Session store memory", memory_soak.run),
+    ):
+        try:
+            report.add_section(title, await asyncio.to_thread(run, quick))
+        except Exception as error:  # one stage failing must not lose the others' figures
+            report.note(f"{title}: failed ({type(error).__name__}: {error})")
 
 
 async def streaming(args: argparse.Namespace, report: Report, deadline: float) -> None:

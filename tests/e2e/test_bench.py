@@ -49,3 +49,13 @@ def test_harness_smoke_run_produces_a_report(tmp_path: Path) -> None:
     assert re.search(r"\| long \| \d+ ms \| \d+ ms \| [\d.]+× \|", report)
     assert "3/3 turns" in report  # audio in order, no gaps
     assert (tmp_path / "first_audio.png").stat().st_size > 10_000
+
+
+def test_every_benchmark_module_imports() -> None:
+    # The extra stages run only in make bench: at least they must import against the current code.
+    import benchmarks.bench
+    import benchmarks.embedded
+    import benchmarks.memory_soak
+    import benchmarks.segmenter_stall
+
+    assert benchmarks.bench and benchmarks.embedded and benchmarks.memory_soak and benchmarks.segmenter_stall
