@@ -43,7 +43,7 @@ from service.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from service.rpc import end_call
+from service.rpc import collect_garbage_soon, end_call
 
 __all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer", "Writer", "status_for"]
 
@@ -196,7 +196,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self.active_streams += 1
         self._drained.clear()
         try:
-            failure = await self._converse(request_iterator, context)
+            try:
+                failure = await self._converse(request_iterator, context)
+            except asyncio.CancelledError:  # the client hung up
+                collect_garbage_soon()
+                raise
             if failure is not None:
                 code, message = status_for(failure)
                 # A client that reads nothing never gets the status: the call is then cancelled.

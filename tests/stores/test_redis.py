@@ -20,7 +20,16 @@ from parley.v1 import voice_pb2_grpc
 from service.core.history import Entry
 from service.core.store import StoredSession
 from service.stores.redis_store import RedisStore
-from tests.conftest import free_port, start, start_harness, start_service_process, stop_harness, user, wait_listening
+from tests.conftest import (
+    Harness,
+    free_port,
+    start,
+    start_harness,
+    start_service_process,
+    stop_harness,
+    user,
+    wait_listening,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,16 +123,22 @@ async def test_keys_are_namespaced_and_expire(redis_url: str, prefix: str) -> No
         await store.aclose()
 
 
+async def one_turn_on_a_new_session(h: Harness) -> tuple[grpc.aio.StreamStreamCall, str]:
+    """A new session's stream after its first turn ("One?") ended; the session's id."""
+    call = h.stub.Converse()
+    await call.write(start())
+    session_id = (await call.read()).session_started.session_id
+    await call.write(user("One?"))
+    while (await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    return call, session_id
+
+
 async def test_service_on_redis_resumes_and_reports_a_dead_store(redis_url: str, prefix: str) -> None:
     store = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
     h = await start_harness(store=store)
     try:
-        call = h.stub.Converse()
-        await call.write(start())
-        session_id = (await call.read()).session_started.session_id
-        await call.write(user("One?"))
-        while (await call.read()).WhichOneof("kind") != "turn_ended":
-            pass
+        call, session_id = await one_turn_on_a_new_session(h)
         call.cancel()
         again = h.stub.Converse()
         await again.write(start(session_id=session_id))
@@ -222,12 +237,7 @@ async def test_a_session_redis_lost_ends_the_stream_unavailable(redis_url: str, 
     h = await start_harness(store=store)
     client = redis.from_url(redis_url, decode_responses=True)
     try:
-        call = h.stub.Converse()
-        await call.write(start())
-        session_id = (await call.read()).session_started.session_id
-        await call.write(user("One?"))
-        while (await call.read()).WhichOneof("kind") != "turn_ended":
-            pass
+        call, session_id = await one_turn_on_a_new_session(h)
         await client.delete(*await client.keys(f"{prefix}:*"))
         await call.write(user("Two?"))
         with pytest.raises(grpc.aio.AioRpcError) as failed:
