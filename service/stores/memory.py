@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import struct
 import time
 import zlib
 from collections import OrderedDict
@@ -36,20 +37,22 @@ be evicted before their TTL only if the streams lasted under 36 s each, every on
 
 
 class _Record:
-    """One stored session: its JSON bytes, the stream holding it, and when it expires once idle
-    (set when the stream lets go: a held session does not expire)."""
+    """A session a stream holds: its encoded bytes and the stream's claim (a held session does not
+    expire). An idle session is only bytes: its expiry, then its encoded form (:func:`_idle`)."""
 
-    __slots__ = ("data", "expires", "owner")
+    __slots__ = ("data", "owner")
 
-    def __init__(self, data: bytes, expires: float, owner: Claim | None = None) -> None:
+    def __init__(self, data: bytes, owner: Claim | None = None) -> None:
         self.data = data
-        self.expires = expires
         self.owner = owner
 
-    @property
-    def session(self) -> StoredSession:
-        """The stored session, decoded (a new copy each time)."""
-        return _decode(self.data)
+
+_EXPIRY = struct.Struct("<d")
+
+
+def _idle(data: bytes, expires: float) -> bytes:
+    """An idle session as one bytes object (one object per idle session keeps the heap compact)."""
+    return _EXPIRY.pack(expires) + data
 
 
 class MemoryStore:
@@ -70,8 +73,9 @@ class MemoryStore:
         self._ttl_s = ttl_s
         self._max_sessions = max_sessions
         self._clock = clock
-        # Idle sessions, least recently used first; held sessions apart (never evicted or expired).
-        self._idle: OrderedDict[str, _Record] = OrderedDict()
+        # Idle sessions (expiry + encoded form), least recently used first; held sessions apart (never
+        # evicted or expired).
+        self._idle: OrderedDict[str, bytes] = OrderedDict()
         self._held: dict[str, _Record] = {}
 
     async def create(self, session: StoredSession) -> Claim:
@@ -80,7 +84,8 @@ class MemoryStore:
         now = self._clock()
         self._sweep(now)
         session_id = session.session_id
-        previous = self._idle.pop(session_id, None) or self._held.pop(session_id, None)
+        self._idle.pop(session_id, None)
+        previous = self._held.pop(session_id, None)
         if previous is not None and previous.owner is not None:
             previous.owner.lose()
         if len(self._idle) + len(self._held) >= self._max_sessions:
@@ -90,7 +95,7 @@ class MemoryStore:
                     "open streams; retry later"
                 )
             self._idle.popitem(last=False)
-        record = _Record(_encode(session), now + self._ttl_s)  # the expiry is set again on release
+        record = _Record(_encode(session))
         self._held[session_id] = record
         return self._claim(session_id, record)
 
@@ -100,11 +105,10 @@ class MemoryStore:
             await hand_over(held.owner)  # (it writes what it has, then lets go)
         now = self._clock()
         self._sweep(now)
-        record = self._idle.pop(session_id, None)
+        idle = self._idle.pop(session_id, None)
+        record = _Record(idle[_EXPIRY.size :]) if idle is not None else self._held.get(session_id)
         if record is None:
-            record = self._held.get(session_id)
-            if record is None:
-                return None
+            return None
         self._held[session_id] = record
         return _decode(record.data), self._claim(session_id, record)
 
@@ -122,8 +126,7 @@ class MemoryStore:
         if record is not None and record.owner is claim:
             del self._held[claim.session_id]
             record.owner = None
-            record.expires = self._clock() + self._ttl_s
-            self._idle[claim.session_id] = record  # the most recently used end
+            self._idle[claim.session_id] = _idle(record.data, self._clock() + self._ttl_s)  # most recent end
         claim.released.set()
 
     async def aclose(self) -> None:
@@ -144,8 +147,8 @@ class MemoryStore:
         becomes idle (and most recently used) when it is released, its expiry then set to the same
         TTL ahead, so the expired ones are all at that end."""
         while self._idle:
-            session_id, record = next(iter(self._idle.items()))
-            if record.expires > now:
+            session_id, idle = next(iter(self._idle.items()))
+            if _EXPIRY.unpack_from(idle)[0] > now:
                 break
             del self._idle[session_id]
 
