@@ -239,8 +239,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 ending = await session.run(commands)
                 for task in others[:2]:
                     task.cancel()  # the session is over: stop reading and watching
-            await asyncio.wait({writing})  # the outbox is closed: the writer sends what is left, then ends
-            writing.result()
+            # (The group's end waited for the writer too: the outbox is closed, so it sent what was left.)
         except* Exception as errors:
             failure = errors.exceptions[0]
         finally:

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 
-from service.core.aio import to_the_end
+from service.core.aio import first_of, to_the_end
 from service.core.command import (
     BadMessage,
     ClaimLost,
@@ -422,12 +422,7 @@ class Session:
 
     def _watch(self, claim: Claim) -> None:
         async def watch() -> None:
-            lost, wanted = asyncio.ensure_future(claim.lost.wait()), asyncio.ensure_future(claim.wanted.wait())
-            try:
-                await asyncio.wait({lost, wanted}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                lost.cancel()
-                wanted.cancel()
+            await first_of(claim.lost, claim.wanted)
             assert self._commands is not None
             self._commands.put_nowait(ClaimLost(claim.vanished))
 

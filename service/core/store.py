@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from service.core.aio import first_of
 from service.core.history import Entry
 
 __all__ = ["DEFAULT_SESSION_TTL_S", "HANDOVER_TIMEOUT_S", "Claim", "SessionStore", "StoredSession", "hand_over"]
@@ -83,12 +84,7 @@ async def hand_over(previous: Claim, timeout_s: float = HANDOVER_TIMEOUT_S) -> N
     if previous.released.is_set() or previous.lost.is_set():
         return
     previous.wanted.set()
-    waits = [asyncio.ensure_future(previous.released.wait()), asyncio.ensure_future(previous.lost.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
+    await first_of(previous.released, previous.lost, timeout_s=timeout_s)
 
 
 class SessionStore(Protocol):
