@@ -42,6 +42,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import pysbd
+import regex
 from pysbd.exclamation_words import ExclamationWords
 from pysbd.lang.english import English
 
@@ -93,10 +94,16 @@ _CANDIDATE = re.compile(r"[.!?…]+([\"'”’)\]]*)(\s*)")
 _SENTENCE_PUNCT_RUN = re.compile(r"[.!?…]*")
 _CLOSERS_RUN = re.compile(r"[\"'”’)\]]*")
 _SPACE_RUN = re.compile(r"\s*")
+_ELLIPSIS_CHARS = ".…"
+_SPACED_DOTS = re.compile(r"[.…\s]*")
 # CJK full stops end a sentence on their own (once the character after them shows the run is over).
 _CJK_END = re.compile(r"[。！？]+([」』”’）]*)")
 _CJK_PUNCT_RUN = re.compile(r"[。！？]*")
 _CJK_CLOSERS_RUN = re.compile(r"[」』”’）]*")
+# A letter of another script than Latin: sentence punctuation right before one ends a sentence
+# ("egg?で…") although no whitespace follows.
+_OTHER_SCRIPT = regex.compile(r"[^\P{L}\p{Latin}]")
+_CLOSERS = "\"'”’)]"
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
 _FENCE_INDENT = re.compile(r"[ \t]*")
 _FENCE_LINE = re.compile(r"(?<=\n)[ \t]*(```|~~~)")
@@ -109,6 +116,7 @@ _SBD_BEFORE = 160
 _SBD_PREVIOUS = 3
 _SBD_AFTER = 48
 _SBD_MEMO_SIZE = 256
+_SCRIPT_WORD = 24  # how far back the word before a period followed by another script is looked for
 # Keep this much text before the region when dropping released text (look-behinds need a character).
 _KEEP_BEFORE = 16
 _COMPACT_AFTER = 512
@@ -258,6 +266,8 @@ class Segmenter:
         if phase == _CLOSE:
             pos = close = base + _run_end(_CLOSERS_RUN, text, pos - base)
             phase = _CLOSE if pos == end else _SPACE if text[pos - base].isspace() else _SEARCH
+            if phase == _SEARCH and _OTHER_SCRIPT.match(text, pos - base):
+                self._add_candidate(punct, close, pos)
         if phase == _SPACE:
             pos = base + _run_end(_SPACE_RUN, text, pos - base)
             if pos < end:
@@ -267,7 +277,7 @@ class Segmenter:
             for m in _CANDIDATE.finditer(text, pos - base):
                 space_start, space_end = m.span(2)
                 if base + space_end < end:
-                    if space_end > space_start:
+                    if space_end > space_start or _OTHER_SCRIPT.match(text, space_end):
                         self._add_candidate(base + m.start(), base + space_start, base + space_end)
                     continue
                 # The run reaches the end of the text: it may go on.
@@ -616,17 +626,30 @@ class Segmenter:
         a segment leaves as soon as it can), else with that whole word (up to ``_SBD_AFTER``
         characters); None while the whole word has not arrived."""
         close, after = self._cand_ends[index], self._cand_next[index]
+        if after == close:
+            return self._script_change_verdict(index)
         start = max(self._start, close - _SBD_BEFORE)
         if index >= _SBD_PREVIOUS:
             start = max(start, self._cand_ends[index - _SBD_PREVIOUS])
         single = self._cand_punct[index] == close - 1  # one punctuation mark, no closing quote
         text, base = self._text, self._base
+        # A spaced ellipsis (". . . .") goes on after the space: the next word is the first one after
+        # it, which decides where (and whether) its sentence ends.
+        word = after
+        if text[after - base] in _ELLIPSIS_CHARS:
+            m = _SPACED_DOTS.match(text, after - base, after - base + _SBD_AFTER)
+            word = after if m is None else base + m.end()
+            self._work += word - after
+            if word >= min(self._end(), region_end):
+                if not closed:
+                    return None
+                word = min(self._end(), region_end) - 1
         # "5 a.m. M" may go on as "Mr." (no sentence end) or "Monday" (maybe one): wait for the word.
-        time_then_capital = text[close - 4 - base : close - base] in _LOWER_TIME and text[after - base].isupper()
-        if not time_then_capital and self._verdict(start, close, after, after + 1, single):
+        time_then_capital = text[close - 4 - base : close - base] in _LOWER_TIME and text[word - base].isupper()
+        if not time_then_capital and self._verdict(start, close, after, word + 1, single):
             return True
-        limit = close + _SBD_AFTER
-        i = bisect_right(self._ws_starts, after)
+        limit = word + _SBD_AFTER
+        i = bisect_right(self._ws_starts, word)
         word_end = self._ws_starts[i] if i < len(self._ws_starts) else None
         if word_end is not None and word_end <= limit:
             end = word_end
@@ -637,9 +660,29 @@ class Segmenter:
         else:
             return None
         end = min(end, region_end)
-        if end <= after + 1 and not time_then_capital:
+        if end <= word + 1 and not time_then_capital:
             return False  # the same text as above
         return self._verdict(start, close, after, end, single)
+
+    def _script_change_verdict(self, index: int) -> bool:
+        """Sentence punctuation followed at once by a letter of another script ("egg?で"): a sentence
+        end, unless it is one period after an abbreviation, a title, an initial, an abbreviation with
+        periods inside or a number of one or two digits (a list item or a decimal)."""
+        punct, close = self._cand_punct[index], self._cand_ends[index]
+        text, base = self._text, self._base
+        run = text[punct - base : close - base].rstrip(_CLOSERS)
+        self._work += close - punct + _SCRIPT_WORD
+        if run != ".":
+            return True
+        before = text[max(self._start, punct - _SCRIPT_WORD) - base : punct - base]
+        word = before.split()[-1] if before.split() else ""
+        word = word.lstrip("\"'“‘([")
+        if not word or not word[-1].isalnum():
+            return True
+        if "." in word or word.isdigit() and len(word) < 3:
+            return False
+        lowered = word.lower()
+        return lowered not in _ABBREVIATIONS and word not in _INITIALS
 
     def _verdict(self, start: int, close: int, after: int, end: int, single: bool) -> bool:
         """pysbd's verdict on the candidate ending at ``close``, seeing the text from ``start`` to

@@ -3,9 +3,12 @@ segments must not depend on how the text was split."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from service.core.segmenter import Segmenter, SegmentPolicy, count_words
+from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment, count_words
+from tests.core.golden_rules_en import GOLDEN_RULES_EN
 
 
 def segment(text: str, step: int, policy: SegmentPolicy | None = None) -> list[str]:
@@ -254,6 +257,9 @@ PATHOLOGICAL = {
     "numbered": lambda n: repeat("1. ", n),
     "question then word": lambda n: repeat("? a ", n),
     "dots and spaces": lambda n: repeat(". ", n),
+    "a word, then spaced dots": lambda n: "It was weakened" + repeat(" .", n),
+    "another script after stops": lambda n: repeat("Yes?で", n),
+    "another script after titles": lambda n: repeat("Dr.田", n),
     "letter and dot": lambda n: repeat("a. ", n),
     "initials": lambda n: repeat("J. R. R. ", n),
     "newlines": lambda n: "\n" * n,
@@ -296,6 +302,56 @@ def test_work_grows_linearly(name: str) -> None:
         work_short, _ = work(short, len(short) if whole else 1)
         work_long, segments = work(long, len(long) if whole else 1)
         assert work_long <= 4.5 * work_short, (whole, work_short, work_long)
-        assert " ".join(segments).split() == long.split()
+        assert "".join("".join(segments).split()) == "".join(long.split())
         by_delta[whole] = segments
     assert by_delta[False] == by_delta[True]
+
+
+def segment_spans(text: str, step: int, policy: SegmentPolicy | None = None) -> list[TextSegment]:
+    segmenter = Segmenter(policy)
+    out: list[TextSegment] = []
+    for i in range(0, len(text), step):
+        out += segmenter.push(text[i : i + step])
+    return out + segmenter.flush()
+
+
+_ENDS_AT_SENTENCE_PUNCTUATION = re.compile(r"[.!?…][\"'”’)\]]*$")
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize("policy", [SegmentPolicy(), SegmentPolicy(min_chars=0)], ids=["default", "every sentence"])
+def test_no_false_cuts_on_the_golden_rule_set(policy: SegmentPolicy, step: int) -> None:
+    """A cut after sentence punctuation is always a sentence end of the Golden Rule Set. (Cuts at
+    clauses and before a phrase are not sentence ends and never follow sentence punctuation.)"""
+    false_cuts = []
+    for text, sentences in GOLDEN_RULES_EN:
+        ends, pos = set(), 0
+        for sentence in sentences:
+            pos = text.index(sentence, pos) + len(sentence)
+            ends.add(pos)
+        for seg in segment_spans(text, step, policy)[:-1]:
+            assert text[seg.start : seg.end] == seg.text
+            if _ENDS_AT_SENTENCE_PUNCTUATION.search(seg.text) and seg.end not in ends:
+                false_cuts.append(seg.text)
+    assert false_cuts == []
+
+
+@pytest.mark.parametrize("step", [1, 2, 1000])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("How do I boil an egg?で購入する", ["How do I boil an egg?", "で購入する"]),
+        ("It is very hot.Привет мир.", ["It is very hot.", "Привет мир."]),
+        ('Is it "really true?"で購入する', ['Is it "really true?"', "で購入する"]),
+        ("I was born in 2024.日本です", ["I was born in 2024.", "日本です"]),
+        # One period after an abbreviation, a title, an initial or a short number is no sentence end.
+        ("Call Dr.田中 now please and go.", ["Call Dr.田中 now please and go."]),
+        ("See the U.S.A.日本 and more.", ["See the U.S.A.日本 and more."]),
+        ("The value is 3.日本 more here.", ["The value is 3.日本 more here."]),
+        ("A man named J.田中 came by.", ["A man named J.田中 came by."]),
+        # Latin letters right after the punctuation are not enough (a typo, a file name).
+        ("Open the file config.Yaml now please.", ["Open the file config.Yaml now please."]),
+    ],
+)
+def test_sentence_end_followed_by_another_script(text: str, expected: list[str], step: int) -> None:
+    assert segment(text, step) == expected
