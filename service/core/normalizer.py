@@ -6,6 +6,9 @@ Captions keep the LLM's text as written; the TTS engine gets :func:`speakable` o
 - links and images keep their text, bare URLs are read as their host name;
 - headings, bullet markers, block quotes, table bars and emphasis markers are removed;
 - emoji are removed;
+- text in a script the voice cannot read (Japanese for an English voice) is left out: a voice's
+  language (``en_US``, ``ru_RU``) gives the scripts it reads, Latin and its own; an unknown or
+  multilingual language reads everything;
 - each line becomes a sentence, and whitespace is collapsed.
 
 Pure functions, no I/O.
@@ -14,10 +17,12 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import emoji
+import regex
 
-__all__ = ["speakable"]
+__all__ = ["readable_scripts", "speakable"]
 
 _FENCED_CODE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n?.*?(^[ \t]*\1[^\n]*$|\Z)", re.S | re.M)
 _IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
@@ -41,6 +46,42 @@ _HTML_TAG = re.compile(
     r"blockquote)(?:\s[^<>]*)?/?>",
     re.IGNORECASE,
 )
+# The scripts a voice reads besides Latin (names as Unicode gives them), by language code.
+_OWN_SCRIPTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("ru", "uk", "be", "bg", "mk", "sr", "kk", "ky", "mn", "tg", "tt", "ba", "cv"), ("Cyrillic",)),
+    "el": ("Greek",),
+    **dict.fromkeys(("ar", "fa", "ur", "ps", "sd", "ug"), ("Arabic",)),
+    **dict.fromkeys(("he", "yi"), ("Hebrew",)),
+    **dict.fromkeys(("hi", "mr", "ne", "sa"), ("Devanagari",)),
+    "bn": ("Bengali",),
+    "pa": ("Gurmukhi",),
+    "gu": ("Gujarati",),
+    "or": ("Oriya",),
+    "ta": ("Tamil",),
+    "te": ("Telugu",),
+    "kn": ("Kannada",),
+    "ml": ("Malayalam",),
+    "si": ("Sinhala",),
+    "th": ("Thai",),
+    "lo": ("Lao",),
+    "km": ("Khmer",),
+    "my": ("Myanmar",),
+    "ka": ("Georgian",),
+    "hy": ("Armenian",),
+    "am": ("Ethiopic",),
+    "zh": ("Han", "Bopomofo"),
+    "yue": ("Han",),
+    "ja": ("Han", "Hiragana", "Katakana"),
+    "ko": ("Hangul", "Han"),
+}
+# Languages written in Latin: their voices read Latin only.
+_LATIN = frozenset(
+    "af az bs ca cs cy da de en eo es et eu fi fil fo fr ga gd gl ha hr ht hu id is it jv la lb lt lv mg mi ms mt "
+    "nb nl nn no oc pl pt qu ro rw sk sl so sq sv sw tl tn tr uz vi wo xh yo zu".split()
+)
+_SPOKEN_LEFT = regex.compile(r"[\p{L}\p{N}]")
+_EMPTY_BRACKETS = re.compile(r"[(\[{「『“\"'‘]\s*[)\]}」』”\"'’]")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?…])")
 _ENDS_SENTENCE = re.compile(r"[.!?…:;,。！？]$")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 
@@ -52,8 +93,26 @@ def _host_of(match: re.Match[str]) -> str:
     return match.group(1).rstrip(".,;:!?").removeprefix("www.") + trailing
 
 
-def speakable(text: str) -> str:
-    """Return ``text`` as a TTS engine should read it. May be empty (a code block, an emoji)."""
+@lru_cache(maxsize=64)
+def readable_scripts(language: str) -> regex.Pattern[str] | None:
+    """A pattern matching a run of text in scripts a voice of ``language`` cannot read (letters of
+    another script, with the marks, digits and punctuation between and right after them), or None
+    when the voice reads every script (an unknown or multilingual language)."""
+    code = language.replace("-", "_").split("_")[0].lower()
+    if code in _LATIN:
+        scripts: tuple[str, ...] = ()
+    elif code in _OWN_SCRIPTS:
+        scripts = _OWN_SCRIPTS[code]
+    else:
+        return None
+    readable = "".join(rf"\p{{Script={name}}}" for name in ("Latin", *scripts))
+    foreign = rf"[^\P{{L}}{readable}]"
+    return regex.compile(rf"{foreign}(?:[\p{{M}}\p{{N}}\p{{P}}\p{{Zs}}]*{foreign})*[\p{{M}}\p{{Po}}]*")
+
+
+def speakable(text: str, language: str = "") -> str:
+    """Return ``text`` as a voice of ``language`` should read it (empty: every script is read). May
+    be empty (a code block, an emoji, text in another script)."""
     text = _FENCED_CODE.sub("\n", text)
     text = _IMAGE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)
@@ -70,6 +129,11 @@ def speakable(text: str) -> str:
     text = _EMPHASIS.sub(lambda m: m.group(2) or m.group(4), text)
     text = _STRAY_MARKERS.sub("", text)
     text = emoji.replace_emoji(text, replace="")
+    foreign = readable_scripts(language) if language else None
+    if foreign is not None and foreign.search(text):
+        text = _SPACE_BEFORE_PUNCT.sub("", _EMPTY_BRACKETS.sub("", foreign.sub(" ", text)))
+        if not _SPOKEN_LEFT.search(text):
+            return ""
     lines = []
     for line in text.splitlines():
         line = _TABLE_BAR.sub(", ", line.strip()).strip(", ")

@@ -317,6 +317,7 @@ class Session:
             text if text is not None else queued_deltas(speak_input),
             tts=self._tts,
             voice=settings.voice,
+            language=settings.voice_language,
             audio_format=settings.audio,
             emit=outlet.put,
             options=self._defaults.turn,

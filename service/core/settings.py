@@ -70,6 +70,8 @@ class SessionSettings:
 
     system_prompt: str
     voice: str
+    voice_language: str
+    """The voice's language (``en_US``), which decides what text it is given to read."""
     audio: AudioFormat
     temperature: float
     max_tokens: int
@@ -144,6 +146,7 @@ def resolve_settings(
     return SessionSettings(
         system_prompt=request.system_prompt or (stored.system_prompt if stored else "") or defaults.system_prompt,
         voice=voice,
+        voice_language=by_id[voice].language,
         audio=AudioFormat(request.encoding, request.sample_rate_hz or native),
         temperature=defaults.temperature if temperature is None else temperature,
         max_tokens=defaults.max_tokens if max_tokens is None else min(max_tokens, defaults.max_tokens),

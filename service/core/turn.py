@@ -72,6 +72,7 @@ class Turn:
         *,
         tts: TTSEngine,
         voice: str,
+        language: str,
         audio_format: AudioFormat,
         emit: Callable[[TextDelta | SegmentStarted | AudioPiece], Awaitable[None]],
         options: TurnOptions,
@@ -87,6 +88,7 @@ class Turn:
         self._source = text
         self._tts = tts
         self._voice = voice
+        self._language = language
         self._format = audio_format
         self._emit = emit
         self._options = options
@@ -153,7 +155,7 @@ class Turn:
         if self._stats.first_segment is None:
             self._stats.first_segment = time.monotonic()
         await slots.acquire()
-        item = _Pending(len(pending), segment, speakable(segment.text), asyncio.Queue())
+        item = _Pending(len(pending), segment, speakable(segment.text, self._language), asyncio.Queue())
         if item.spoken:
             item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
         else:

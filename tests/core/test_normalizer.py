@@ -45,3 +45,28 @@ CASES = [
 @pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_speakable(name: str, text: str, expected: str) -> None:
     assert speakable(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "expected"),
+    [
+        # The reply that cost 740-950 ms of Piper time: the Japanese is not given to an English voice.
+        ("How do I boil an egg?で購入する…", "en_US", "How do I boil an egg?"),
+        ("で購入する…", "en_US", ""),
+        ("It is hot. Привет мир, yes it is.", "en_US", "It is hot. yes it is."),
+        ("Tokyo (東京) is big.", "en_GB", "Tokyo is big."),
+        ("Ok 123 東京 456.", "en_US", "Ok 123 456."),
+        ("café, naïve, Ærø, Łódź", "de_DE", "café, naïve, Ærø, Łódź"),
+        # A voice reads its own script, and Latin.
+        ("Привет мир, мой iPhone.", "ru_RU", "Привет мир, мой iPhone."),
+        ("Привет 東京 мир.", "ru_RU", "Привет мир."),
+        ("東京は大きい。Tokyo!", "ja_JP", "東京は大きい。Tokyo!"),
+        ("Γειά σου κόσμε.", "el_GR", "Γειά σου κόσμε."),
+        # Unknown or multilingual voices (OpenAI's) read everything.
+        ("Hello 日本語 world.", "multilingual", "Hello 日本語 world."),
+        ("Hello 日本語 world.", "", "Hello 日本語 world."),
+        ("Hello 日本語 world.", "xx_YY", "Hello 日本語 world."),
+    ],
+)
+def test_text_in_a_script_the_voice_cannot_read_is_left_out(text: str, language: str, expected: str) -> None:
+    assert speakable(text, language) == expected

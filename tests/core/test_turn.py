@@ -39,6 +39,7 @@ async def run_turn(
     rate: int = 16000,
     encoding: Encoding = Encoding.PCM16,
     fill_lead_ms: int = 500,
+    language: str = "en_US",
 ) -> tuple[Turn, list[tuple[float, Message]]]:
     """Run a turn into an outbox that a client reads as fast as messages come; what it read, when."""
     outbox = Outbox(OutboxLimits(max_message_ms=100, fill_lead_ms=fill_lead_ms))
@@ -55,6 +56,7 @@ async def run_turn(
         words(text),
         tts=tts,
         voice="fake-voice",
+        language=language,
         audio_format=AudioFormat(encoding, rate),
         emit=outlet.put,
         options=TurnOptions(lookahead=lookahead),
@@ -208,3 +210,14 @@ async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
     chunks = [(at, e) for at, e in events if isinstance(e, AudioChunk)]
     before_the_stall_ended = sum(e.duration_ms for at, e in chunks if at - chunks[0][0] < 0.5)
     assert before_the_stall_ended == 6 * 180
+
+
+async def test_text_the_voice_cannot_read_is_captioned_but_not_synthesized() -> None:
+    tts = FakeTTS()
+    text = "How do I boil an egg?で購入するまで待ってください。"
+    _, events = await run_turn(tts, text=text)
+    segments = [e for _, e in events if isinstance(e, SegmentStarted)]
+    assert [s.text for s in segments] == ["How do I boil an egg?", "で購入するまで待ってください。"]
+    assert [s.spoken_text for s in segments] == ["How do I boil an egg?", ""]
+    assert tts.texts == ["How do I boil an egg?"]
+    assert "".join(e.text for _, e in events if isinstance(e, TextDelta)).strip() == text
