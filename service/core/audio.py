@@ -19,6 +19,7 @@ __all__ = [
     "MIN_SAMPLE_RATE_HZ",
     "AudioFormat",
     "Encoding",
+    "LeadingSilence",
     "SegmentEncoder",
     "wav_stream_header",
 ]
@@ -58,6 +59,42 @@ def wav_stream_header(sample_rate_hz: int) -> bytes:
         + b"data"
         + struct.pack("<I", _STREAMING_SIZE)
     )
+
+
+class LeadingSilence:
+    """Drops the silence a TTS engine puts before the speech (Piper: 30 to 70 ms), keeping
+    ``lead_in_ms`` of it, so the first sample a listener gets is close to the first audible one.
+    Feed the engine's PCM16 in order; what comes back is what to keep."""
+
+    THRESHOLD = 328
+    """Audible: a sample above 1% of full scale (-40 dBFS)."""
+
+    def __init__(self, sample_rate_hz: int, lead_in_ms: int = 10) -> None:
+        self._lead_in = sample_rate_hz * lead_in_ms // 1000
+        self._held = np.zeros(0, dtype="<i2")  # the last lead_in samples of the silence so far
+        self._odd_byte = b""
+        self.done = False
+        """Speech was found: from now on everything is kept."""
+
+    def feed(self, pcm: bytes) -> bytes:
+        if self.done:
+            return pcm
+        pcm = self._odd_byte + pcm
+        whole = len(pcm) - len(pcm) % 2
+        self._odd_byte = pcm[whole:]
+        samples = np.frombuffer(pcm[:whole], dtype="<i2")
+        loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > self.THRESHOLD)
+        if loud.size == 0:
+            self._held = np.concatenate((self._held, samples))[-self._lead_in :] if self._lead_in else self._held
+            return b""
+        self.done = True
+        first = int(loud[0])
+        start = max(0, first - self._lead_in)
+        missing = self._lead_in - first  # lead-in samples to take from the silence held back
+        before = self._held[max(0, len(self._held) - missing) :] if missing > 0 else self._held[:0]
+        kept = before.tobytes() + samples[start:].tobytes() + self._odd_byte
+        self._odd_byte = b""
+        return kept
 
 
 class SegmentEncoder:

@@ -57,6 +57,10 @@ class SegmentPolicy:
     """The first segment needs at least this many words before a break releases it."""
     first_max_chars: int = 120
     """With no break, the first segment is cut at a word break before this length."""
+    heads: bool = True
+    """The first segment may also end before a word that opens a phrase ("because", "with", "to"),
+    once it holds ``first_min_words`` words: a short head of the reply that can be spoken while the
+    rest is written."""
     min_chars: int = 40
     """Later sentences shorter than this are joined with the next one."""
     max_chars: int = 300
@@ -76,6 +80,9 @@ class TextSegment:
     text: str
     start: int
     end: int
+    open_end: bool = False
+    """The segment ends inside a sentence, after a word and with no punctuation (a head cut before a
+    phrase, or a long text cut at a word): the TTS engine should read it as going on."""
 
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
@@ -105,6 +112,20 @@ _CJK_CLOSERS_RUN = re.compile(r"[」』”’）]*")
 _OTHER_SCRIPT = regex.compile(r"[^\P{L}\p{Latin}]")
 _CLOSERS = "\"'”’)]"
 _CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
+# Words that open a phrase: a short first segment may end before one ("The sky is blue | because…").
+_OPENERS = (
+    "and but or so yet because although though while whereas when whenever where wherever if unless until "
+    "since before after which who whom whose that in on at with for from by about through during without into "
+    "to"
+).split()
+# An opener after a letter and one space (not after punctuation, which is a clause or sentence end).
+_OPENER = re.compile(rf"(?<=[^\W\d_] )(?:{'|'.join(_OPENERS)})(?=\s)")
+_ENDS_WITH_SENTENCE_PUNCT = re.compile(r"[.!?…。！？][\"'”’)\]」』）]*$")
+_OPENER_RESCAN = max(map(len, _OPENERS)) + 2
+# A head never ends on a word that needs what follows it ("the", "of", another opener).
+_NO_HEAD_AFTER = frozenset(
+    (*_OPENERS, "a", "an", "the", "of", "not", "no", "very", "than", "as", "more", "less", "most", "my", "your")
+)
 _FENCE_INDENT = re.compile(r"[ \t]*")
 _FENCE_LINE = re.compile(r"(?<=\n)[ \t]*(```|~~~)")
 _FENCE_MARKERS = ("```", "~~~")
@@ -193,6 +214,9 @@ class Segmenter:
         # Resumable scans, for a run still growing at the end of the text: its phase, where it
         # started and the position to go on from.
         self._clause_pos = 0  # clause ends are short: the scan reads the last two characters again
+        self._head_cuts: list[int] = []  # the space before a phrase opener (first segment only)
+        self._opener_pos = 0  # openers are short too: the scan reads the last few characters again
+        self._first_open = False  # the first segment ended inside its sentence
         self._cjk_scan = (_SEARCH, 0)  # phase, position
         self._sentence_scan = (_SEARCH, 0, 0, 0)  # phase, punctuation start, candidate end, position
         self._fence_scan = (_SEARCH, 0, 0)  # phase, line start, position
@@ -252,6 +276,12 @@ class Segmenter:
             self._clause_ends.append(base + m.end())
             self._clause_pos = base + m.end()
         self._clause_pos = max(self._clause_pos, end - 2)
+        if self._released == 0 and self._policy.heads:  # only the first segment is cut before a phrase
+            self._work += max(0, start - self._opener_pos)
+            for m in _OPENER.finditer(text, max(self._opener_pos, self._start) - base):
+                self._head_cuts.append(base + m.start() - 1)
+                self._opener_pos = base + m.end()
+            self._opener_pos = max(self._opener_pos, end - _OPENER_RESCAN)
         self._scan_sentences(text, base, end)
         self._scan_cjk(text, base, end)
         self._scan_fences(text, base, end)
@@ -433,8 +463,13 @@ class Segmenter:
         self._new_region()
         if not text:
             return None
+        # Cut inside a line (not at its end, nor the text's): a clause, a head or a word cut.
+        inside_line = cut < self._end() and self._text[cut - base] in " \t" and "\n" not in raw[len(raw.rstrip()) :]
+        if self._released == 0:
+            self._first_open = inside_line and _ENDS_WITH_SENTENCE_PUNCT.search(text) is None
         self._released += 1
-        return TextSegment(text=text, start=start, end=start + len(text))
+        open_end = inside_line and text[-1].isalnum()
+        return TextSegment(text=text, start=start, end=start + len(text), open_end=open_end)
 
     def _compact(self) -> None:
         """Drop released text (and what the scan found in it) once it is most of what is held, so
@@ -453,6 +488,7 @@ class Segmenter:
             del starts[:k], marker_ends[:k]
         k = bisect_left(self._clause_starts, base)
         del self._clause_starts[:k], self._clause_ends[:k]
+        del self._head_cuts[: bisect_left(self._head_cuts, base)]
         k = bisect_left(self._cand_punct, base)
         del self._cand_punct[:k], self._cand_ends[:k], self._cand_next[:k]
         k = bisect_left(self._fence_starts, base)
@@ -512,7 +548,9 @@ class Segmenter:
 
     def _later_cut(self, lead: int, region_end: int, closed: bool) -> int | None:
         policy = self._policy
-        long_enough = lead + policy.min_chars
+        # The rest of a sentence the first segment ended inside of leaves at its end, however short:
+        # it plays right after that short first segment.
+        long_enough = lead if self._released == 1 and self._first_open else lead + policy.min_chars
         limit = min(self._start + policy.max_chars, region_end)
         found = self._find_break(max(self._checked, lead + 1), limit, long_enough, region_end, closed, False)
         if found is not None:
@@ -546,13 +584,16 @@ class Segmenter:
         i_cjk = bisect_left(cjk_ends, sentence_from)
         i_cand = bisect_left(cand_ends, sentence_from)
         i_clause = bisect_left(clause_ends, pos) if clauses else len(clause_ends)
+        heads = self._head_cuts
+        i_head = bisect_left(heads, pos) if clauses else len(heads)
         while True:
             self._work += 1
             newline = newlines[i_newline] if i_newline < len(newlines) else _NEVER
             cjk = cjk_ends[i_cjk] if i_cjk < len(cjk_ends) else _NEVER
             cand = cand_ends[i_cand] if i_cand < len(cand_ends) else _NEVER
             clause = clause_ends[i_clause] if i_clause < len(clause_ends) else _NEVER
-            at = min(newline, cjk, cand, clause)
+            head = heads[i_head] if i_head < len(heads) else _NEVER
+            at = min(newline, cjk, cand, clause, head)
             if at > limit:
                 self._checked = pos
                 return None
@@ -563,6 +604,10 @@ class Segmenter:
                 if not self._clause_excluded(i_clause):
                     return at
                 i_clause += 1
+            if head == at:
+                if not self._head_excluded(at):
+                    return at
+                i_head += 1
             if cand == at:
                 if self._cand_next[i_cand] < region_end:
                     verdict = self._judge(i_cand, region_end, closed)
@@ -599,6 +644,14 @@ class Segmenter:
         if i < len(cuttable) and cuttable[i] < region_end:
             return cuttable[i]
         return None
+
+    def _head_excluded(self, cut: int) -> bool:
+        """Whether the word before a phrase opener needs what follows it ("the", "of", "and")."""
+        text, base = self._text, self._base
+        tail = text[max(self._start, cut - 8) - base : cut - base]
+        self._work += len(tail)
+        words = tail.split()
+        return not words or words[-1].lower() in _NO_HEAD_AFTER
 
     def _clause_excluded(self, index: int) -> bool:
         """Whether the clause end follows "e.g." and the like (the region's last word before it)."""

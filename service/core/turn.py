@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from service.core.audio import AudioFormat, Encoding, SegmentEncoder, wav_stream_header
+from service.core.audio import AudioFormat, Encoding, LeadingSilence, SegmentEncoder, wav_stream_header
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
 from service.core.history import SpokenSegment
@@ -60,6 +60,8 @@ class _Pending:
     spoken: str
     audio: asyncio.Queue[object]
     task: asyncio.Task[None] | None = None
+    trim_lead: bool = False
+    """The turn's first spoken segment: the engine's silence before the speech is dropped."""
 
 
 class Turn:
@@ -97,6 +99,7 @@ class Turn:
         self._from_llm = from_llm
         self._timeline_samples = 0
         self._header_sent = False
+        self._spoke = False  # a segment with text to speak was scheduled
 
     async def run(self) -> None:
         """Run the turn to its end.
@@ -155,7 +158,11 @@ class Turn:
         if self._stats.first_segment is None:
             self._stats.first_segment = time.monotonic()
         await slots.acquire()
-        item = _Pending(len(pending), segment, speakable(segment.text, self._language), asyncio.Queue())
+        spoken = speakable(segment.text, self._language)
+        if segment.open_end and spoken[-1:].isalnum():
+            spoken += ","  # a head of a sentence: read as going on, not as a finished statement
+        item = _Pending(len(pending), segment, spoken, asyncio.Queue(), trim_lead=not self._spoke)
+        self._spoke = self._spoke or bool(spoken)
         if item.spoken:
             item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
         else:
@@ -166,14 +173,17 @@ class Turn:
     async def _synthesize(self, item: _Pending) -> None:
         """Synthesize one segment into its queue; the queue always ends with _END or an error."""
         encoder: SegmentEncoder | None = None
+        silence: LeadingSilence | None = None
         try:
             async with contextlib.aclosing(self._tts.synthesize(item.spoken, self._voice)) as audio:
                 async for chunk in audio:
                     if encoder is None:
                         encoder = SegmentEncoder(chunk.sample_rate_hz, self._format.sample_rate_hz, self._piece_ms)
+                        silence = LeadingSilence(chunk.sample_rate_hz) if item.trim_lead else None
                     elif chunk.sample_rate_hz != encoder.in_rate:
                         raise TTSError("the TTS engine changed its sample rate within a segment")
-                    for piece in encoder.feed(chunk.pcm):
+                    pcm = chunk.pcm if silence is None else silence.feed(chunk.pcm)
+                    for piece in encoder.feed(pcm):
                         item.audio.put_nowait(piece)
             if encoder is not None:
                 for piece in encoder.finish():

@@ -19,12 +19,15 @@ def segment(text: str, step: int, policy: SegmentPolicy | None = None) -> list[s
     return out + [s.text for s in segmenter.flush()]
 
 
+NO_HEADS = SegmentPolicy(heads=False)
+
+# Where sentences and clauses end (without heads, which the next table covers).
 CASES = [
     # (name, text, expected segments)
     (
         "first at a clause",
         "Sure thing, my friend, here it is. It has more.",
-        ["Sure thing, my friend,", "here it is. It has more."],
+        ["Sure thing, my friend,", "here it is.", "It has more."],
     ),
     (
         "first needs a few words",
@@ -59,12 +62,12 @@ CASES = [
     (
         "e.g.",
         "Eat fruit daily, e.g. apples or pears. They are good for you and taste great in the morning.",
-        ["Eat fruit daily,", "e.g. apples or pears. They are good for you and taste great in the morning."],
+        ["Eat fruit daily,", "e.g. apples or pears.", "They are good for you and taste great in the morning."],
     ),
     (
         "e.g. with comma",
         "I like to eat fruit, e.g., apples. They are good for you and taste great in the morning.",
-        ["I like to eat fruit,", "e.g., apples. They are good for you and taste great in the morning."],
+        ["I like to eat fruit,", "e.g., apples.", "They are good for you and taste great in the morning."],
     ),
     (
         "U.S.",
@@ -140,7 +143,7 @@ CASES = [
 @pytest.mark.parametrize("step", [1, 2, 5, 13, 1000])
 @pytest.mark.parametrize(("name", "text", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_segments(name: str, text: str, expected: list[str], step: int) -> None:
-    assert segment(text, step) == expected
+    assert segment(text, step, NO_HEADS) == expected
 
 
 def test_long_sentence_is_cut_at_a_clause() -> None:
@@ -171,14 +174,14 @@ def test_long_url_is_never_cut() -> None:
 
 
 def test_first_segment_leaves_before_the_sentence_ends() -> None:
-    segmenter = Segmenter()
+    segmenter = Segmenter(NO_HEADS)
     assert segmenter.push("Well, the answer to your question") == []
     out = segmenter.push(" is simple, because")
     assert [s.text for s in out] == ["Well, the answer to your question is simple,"]
 
 
 def test_sentence_end_waits_for_the_next_word() -> None:
-    segmenter = Segmenter()
+    segmenter = Segmenter(NO_HEADS)
     assert [s.text for s in segmenter.push("The price is going to be $29.")] == []
     assert [s.text for s in segmenter.push("95 for you.")] == []
     assert [s.text for s in segmenter.flush()] == ["The price is going to be $29.95 for you."]
@@ -195,11 +198,11 @@ def test_sentence_end_leaves_with_the_first_letter_of_the_next_word() -> None:
 
 
 def test_time_then_capital_waits_for_the_whole_word() -> None:
-    segmenter = Segmenter()
+    segmenter = Segmenter(NO_HEADS)
     assert segmenter.push("At 5 a.m. M") == []
     assert segmenter.push("r. Smith went") == []  # "Mr." is a title: no sentence end after "a.m."
     assert [s.text for s in segmenter.flush()] == ["At 5 a.m. Mr. Smith went"]
-    segmenter = Segmenter()
+    segmenter = Segmenter(NO_HEADS)
     assert segmenter.push("We got up at 5 a.m. T") == []
     assert [s.text for s in segmenter.push("hen we ran ")] == ["We got up at 5 a.m."]
 
@@ -354,4 +357,56 @@ def test_no_false_cuts_on_the_golden_rule_set(policy: SegmentPolicy, step: int) 
     ],
 )
 def test_sentence_end_followed_by_another_script(text: str, expected: list[str], step: int) -> None:
+    assert segment(text, step, NO_HEADS) == expected
+
+
+HEAD_CASES = [
+    # (name, text, expected segments)
+    (
+        "before a conjunction",
+        "The sky is blue because the sun lights the air. It scatters blue light the most of all colours.",
+        ["The sky is blue", "because the sun lights the air.", "It scatters blue light the most of all colours."],
+    ),
+    (
+        "before a preposition",
+        "It is one of the best in the world. People come from far away to see it every year.",
+        ["It is one of the best", "in the world.", "People come from far away to see it every year."],
+    ),
+    ("the head needs its words", "Go to the shop.", ["Go to the shop."]),
+    ("never after a word that needs the next", "This is not in the box.", ["This is not in the box."]),
+    ("never after an article", "I saw the one that I liked.", ["I saw the one", "that I liked."]),
+    ("a whole word only", "The room was quiet inside the old house.", ["The room was quiet inside the old house."]),
+    (
+        "a clause first",
+        "Boil the water, then add the eggs to the pot.",
+        ["Boil the water,", "then add the eggs to the pot."],
+    ),
+    (
+        "only the first segment",
+        "Cats sleep a lot. They nap in the sun and then they play with a ball for a while.",
+        ["Cats sleep a lot.", "They nap in the sun and then they play with a ball for a while."],
+    ),
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+@pytest.mark.parametrize(("name", "text", "expected"), HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_first_segment_may_end_before_a_phrase(name: str, text: str, expected: list[str], step: int) -> None:
     assert segment(text, step) == expected
+
+
+def test_a_head_is_marked_as_going_on() -> None:
+    spans = segment_spans("The sky is blue because the sun lights it, and that is all. Done here now.", 3)
+    assert [(s.text, s.open_end) for s in spans] == [
+        ("The sky is blue", True),
+        ("because the sun lights it, and that is all.", False),
+        ("Done here now.", False),
+    ]
+    spans = segment_spans("Well, the answer to that is simple, my friend.", 1000, NO_HEADS)
+    assert [s.open_end for s in spans] == [False, False]
+
+
+def test_a_head_leaves_once_the_opener_is_a_whole_word() -> None:
+    segmenter = Segmenter()
+    assert segmenter.push("The sky is blue in") == []  # "in" or "indeed"?
+    assert [s.text for s in segmenter.push(" the")] == ["The sky is blue"]

@@ -194,7 +194,7 @@ async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
     # leave before the stall ends (a message waits to fill only while the client has audio to spare,
     # and not for a piece that could not fit anyway).
     rate = 16000
-    piece = b"\x01\x00" * (rate * 180 // 1000)
+    piece = b"\xe8\x03" * (rate * 180 // 1000)  # audible (1000), so no leading silence is dropped
 
     class StallingTTS(FakeTTS):
         def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
@@ -221,3 +221,32 @@ async def test_text_the_voice_cannot_read_is_captioned_but_not_synthesized() -> 
     assert [s.spoken_text for s in segments] == ["How do I boil an egg?", ""]
     assert tts.texts == ["How do I boil an egg?"]
     assert "".join(e.text for _, e in events if isinstance(e, TextDelta)).strip() == text
+
+
+async def test_silence_before_the_first_speech_is_dropped_and_later_silence_kept() -> None:
+    rate = 16000
+    silence, speech = b"\x00\x00" * (rate * 60 // 1000), b"\xe8\x03" * (rate * 100 // 1000)
+
+    class QuietStartTTS(FakeTTS):
+        def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+            async def audio() -> AsyncGenerator[Audio, None]:
+                yield Audio(silence[: len(silence) // 2], rate)  # silence over two chunks
+                yield Audio(silence[len(silence) // 2 :] + speech, rate)
+
+            return audio()
+
+    _, events = await run_turn(QuietStartTTS(), text="The first sentence is here. The second one follows it now.")
+    pcm = b"".join(e.data for e in audio_of(events))
+    lead_in = rate * 10 // 1000  # 10 ms of the silence stays before the speech
+    first = (lead_in + len(speech) // 2) * 2
+    assert pcm[: lead_in * 2] == b"\x00\x00" * lead_in
+    assert pcm[lead_in * 2 : first] == speech
+    assert pcm[first:] == silence + speech  # the second segment is untouched
+
+
+async def test_a_head_is_read_as_going_on() -> None:
+    tts = FakeTTS()
+    _, events = await run_turn(tts, text="The sky is blue because the sun lights the air. That is all.")
+    assert tts.texts == ["The sky is blue,", "because the sun lights the air.", "That is all."]
+    captions = [e.text for _, e in events if isinstance(e, SegmentStarted)]
+    assert captions[0] == "The sky is blue"
