@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     )
     piper_voice_dir: Path | None = Field(None, description="Folder of further Piper voices (*.onnx) to offer.")
     tts_workers: int = Field(2, ge=1, description="Syntheses that may run at once.")
+    tts_threads: int = Field(0, ge=0, description="CPU threads per Piper synthesis. Default (0): one per core.")
+    share_cores: bool = Field(
+        True,
+        description="With the embedded LLM and Piper: the LLM pauses while a reply's first segment is synthesized.",
+    )
     lookahead_segments: int = Field(
         _TURN.lookahead, ge=0, description="Segments synthesized ahead of the one whose audio is being sent."
     )

@@ -81,7 +81,7 @@ class FakeTTS:
     def voices(self) -> list[Voice]:
         return [Voice(v, "en_US", self.sample_rate_hz, self.name) for v in self.voice_ids]
 
-    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         self.texts.append(text)
         return self._synthesize(text)
 

@@ -95,11 +95,12 @@ class TTSEngine(Protocol):
         """The voices this engine offers."""
         ...
 
-    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken by ``voice`` as audio chunks, as the engine makes them.
 
-        Safe to cancel; closing the iterator early stops the synthesis. Raises
-        :class:`service.errors.TTSError`.
+        ``urgent``: a listener is waiting in silence for this audio (a turn's first segment); an
+        engine that shares the machine's cores with other work may put it first. Safe to cancel;
+        closing the iterator early stops the synthesis. Raises :class:`service.errors.TTSError`.
         """
         ...
 

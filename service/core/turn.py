@@ -61,7 +61,8 @@ class _Pending:
     audio: asyncio.Queue[object]
     task: asyncio.Task[None] | None = None
     trim_lead: bool = False
-    """The turn's first spoken segment: the engine's silence before the speech is dropped."""
+    """The turn's first spoken segment: the listener waits for it in silence, so its synthesis is
+    urgent and the engine's silence before the speech is dropped."""
 
 
 class Turn:
@@ -175,7 +176,8 @@ class Turn:
         encoder: SegmentEncoder | None = None
         silence: LeadingSilence | None = None
         try:
-            async with contextlib.aclosing(self._tts.synthesize(item.spoken, self._voice)) as audio:
+            speech = self._tts.synthesize(item.spoken, self._voice, urgent=item.trim_lead)
+            async with contextlib.aclosing(speech) as audio:
                 async for chunk in audio:
                     if encoder is None:
                         encoder = SegmentEncoder(chunk.sample_rate_hz, self._format.sample_rate_hz, self._piece_ms)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from service.config import Settings
 from service.core.engine import LLMEngine, TTSEngine
+from service.engines.cpu import CpuShare
 from service.engines.retry import RetryPolicy
 from service.errors import EngineError
 
@@ -26,17 +27,19 @@ def load_engines(settings: Settings) -> tuple[LLMEngine, TTSEngine]:
 
     Raises :class:`service.errors.EngineError` when an engine cannot be set up.
     """
+    # Embedded engines share the cores: the LLM waits while a first segment is synthesized.
+    cpu = CpuShare() if settings.llm == "local" and settings.tts == "piper" and settings.share_cores else None
     began = time.perf_counter()
-    llm = _load_llm(settings)
+    llm = _load_llm(settings, cpu)
     log.info("LLM %s ready in %.1f s", llm.name, time.perf_counter() - began)
     began = time.perf_counter()
-    tts = _load_tts(settings)
+    tts = _load_tts(settings, cpu)
     voices = ", ".join(f"{v.id} ({v.sample_rate_hz} Hz)" for v in tts.voices())
     log.info("TTS %s ready in %.1f s: %s", tts.name, time.perf_counter() - began, voices)
     return llm, tts
 
 
-def _load_llm(settings: Settings) -> LLMEngine:
+def _load_llm(settings: Settings, cpu: CpuShare | None) -> LLMEngine:
     if settings.llm == "scripted":
         from service.engines.scripted import PROFILES, ScriptedLLM
 
@@ -55,13 +58,21 @@ def _load_llm(settings: Settings) -> LLMEngine:
     from service.engines.local_llm import LocalLLM, LocalLLMOptions, default_model_path
 
     model_path = settings.llm_model_path or default_model_path()
-    llm = LocalLLM(LocalLLMOptions(model_path, settings.llm_context_size, settings.llm_threads or os.cpu_count() or 1))
+    llm = LocalLLM(
+        LocalLLMOptions(
+            model_path,
+            settings.llm_context_size,
+            settings.llm_threads or os.cpu_count() or 1,
+            cpu=cpu,
+            warm_system_prompt=settings.system_prompt,
+        )
+    )
     template = "its chat template" if llm.uses_chat_template else "a transcript prompt"
     log.info("LLM local: %s (prompted with %s)", model_path, template)
     return llm
 
 
-def _load_tts(settings: Settings) -> TTSEngine:
+def _load_tts(settings: Settings, cpu: CpuShare | None) -> TTSEngine:
     if settings.tts == "scripted":
         from service.engines.scripted import PROFILES, ScriptedTTS
 
@@ -85,7 +96,7 @@ def _load_tts(settings: Settings) -> TTSEngine:
     from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
 
     voice_path = settings.piper_voice_path or default_voice_path()
-    return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers))
+    return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers, settings.tts_threads, cpu))
 
 
 def _retry(settings: Settings) -> RetryPolicy:

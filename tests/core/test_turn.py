@@ -197,7 +197,7 @@ async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
     piece = b"\xe8\x03" * (rate * 180 // 1000)  # audible (1000), so no leading silence is dropped
 
     class StallingTTS(FakeTTS):
-        def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+        def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
             async def audio() -> AsyncGenerator[Audio, None]:
                 for _ in range(6):
                     yield Audio(piece, rate)
@@ -228,7 +228,7 @@ async def test_silence_before_the_first_speech_is_dropped_and_later_silence_kept
     silence, speech = b"\x00\x00" * (rate * 60 // 1000), b"\xe8\x03" * (rate * 100 // 1000)
 
     class QuietStartTTS(FakeTTS):
-        def synthesize(self, text: str, voice: str) -> AsyncGenerator[Audio, None]:
+        def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
             async def audio() -> AsyncGenerator[Audio, None]:
                 yield Audio(silence[: len(silence) // 2], rate)  # silence over two chunks
                 yield Audio(silence[len(silence) // 2 :] + speech, rate)

@@ -177,3 +177,40 @@ async def test_interrupt_stops_the_real_engines_and_the_next_turn_works(real: Ha
     assert_speech(pcm, 22050, response.turn_ended.spoken_text)
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
+
+
+async def test_the_llm_waits_while_a_first_segment_is_synthesized(engines: tuple[LLMEngine, TTSEngine]) -> None:
+    """The embedded engines share the cores: while Piper speaks an urgent segment, llama.cpp pauses
+    between tokens (and not for a segment that is not urgent)."""
+    import asyncio
+
+    from service.core.engine import LLMRequest, Message
+
+    llm, tts = engines
+    cpu = llm._options.cpu  # type: ignore[attr-defined]
+    assert cpu is not None and tts._cpu is cpu  # type: ignore[attr-defined]
+    request = LLMRequest((Message("user", "Tell me a long story about a dragon."),), 0.0, 60)
+
+    async def generate(started: asyncio.Event) -> str:
+        reply = ""
+        async for delta in llm.stream(request):
+            if isinstance(delta, str):
+                reply += delta
+                started.set()
+        return reply
+
+    async def speak_while_generating(urgent: bool) -> tuple[float, str]:
+        waited = cpu.waited_s
+        started = asyncio.Event()
+        writing = asyncio.create_task(generate(started))
+        await started.wait()  # the LLM is generating
+        text = "A sentence long enough that its synthesis takes a little while to run."
+        audio = [a async for a in tts.synthesize(text, tts.default_voice, urgent=urgent)]
+        assert audio
+        reply = await writing
+        return cpu.waited_s - waited, reply
+
+    waited, reply = await speak_while_generating(urgent=True)
+    assert waited > 0.01 and reply
+    waited, _ = await speak_while_generating(urgent=False)
+    assert waited == 0
