@@ -101,6 +101,9 @@ class Turn:
         self._timeline_samples = 0
         self._header_sent = False
         self._spoke = False  # a segment with text to speak was scheduled
+        # Look-ahead syntheses start once the first spoken segment has audio: before, they would take
+        # cores (or a cloud engine's bandwidth) from the one the listener is waiting for.
+        self._first_spoken = asyncio.Event()
 
     async def run(self) -> None:
         """Run the turn to its end.
@@ -175,6 +178,8 @@ class Turn:
         """Synthesize one segment into its queue; the queue always ends with _END or an error."""
         encoder: SegmentEncoder | None = None
         silence: LeadingSilence | None = None
+        if not item.trim_lead:
+            await self._first_spoken.wait()
         try:
             speech = self._tts.synthesize(item.spoken, self._voice, urgent=item.trim_lead)
             async with contextlib.aclosing(speech) as audio:
@@ -184,6 +189,8 @@ class Turn:
                         silence = LeadingSilence(chunk.sample_rate_hz) if item.trim_lead else None
                     elif chunk.sample_rate_hz != encoder.in_rate:
                         raise TTSError("the TTS engine changed its sample rate within a segment")
+                    if item.trim_lead:
+                        self._first_spoken.set()
                     pcm = chunk.pcm if silence is None else silence.feed(chunk.pcm)
                     for piece in encoder.feed(pcm):
                         item.audio.put_nowait(piece)
@@ -196,6 +203,9 @@ class Turn:
         except Exception as error:  # an engine bug must still end the turn cleanly
             log.exception("TTS engine failed on segment %d of turn %s", item.index, self.turn_id)
             item.audio.put_nowait(TTSError(f"the TTS engine failed: {type(error).__name__}"))
+        finally:
+            if item.trim_lead:
+                self._first_spoken.set()
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
         """Emit each segment and its audio strictly in order, pieces as soon as they exist."""

@@ -250,3 +250,27 @@ async def test_a_head_is_read_as_going_on() -> None:
     assert tts.texts == ["The sky is blue,", "because the sun lights the air.", "That is all."]
     captions = [e.text for _, e in events if isinstance(e, SegmentStarted)]
     assert captions[0] == "The sky is blue"
+
+
+async def test_look_ahead_waits_for_the_first_segments_audio() -> None:
+    """The listener waits for the first segment: later ones are not synthesized beside it."""
+    started: list[tuple[str, float]] = []
+    first_audio_at: list[float] = []
+
+    class RecordingTTS(FakeTTS):
+        def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
+            async def audio() -> AsyncGenerator[Audio, None]:
+                started.append((text, time.monotonic()))
+                await asyncio.sleep(0.2 if urgent else 0.01)
+                if urgent:
+                    first_audio_at.append(time.monotonic())
+                yield Audio(b"\xe8\x03" * 1600, 16000)
+
+            return audio()
+
+    tts = RecordingTTS()
+    text = "The first part is here. The second part comes next, right after it. And the third one ends it."
+    await run_turn(tts, text=text)
+    assert [text for text, _ in started][0] == "The first part is here."
+    assert len(started) == 3, started
+    assert all(at >= first_audio_at[0] for _, at in started[1:])
