@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PROTO_OUT := parley/v1/voice_pb2.py parley/v1/voice_pb2.pyi parley/v1/voice_pb2_grpc.py
 
-.PHONY: setup system-deps run test proto proto-check lint bench clean
+.PHONY: setup system-deps run test proto proto-check lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -55,5 +55,23 @@ lint: setup
 bench: setup
 	$(PY) -m benchmarks.bench
 
+# Parley against a Pipecat pipeline on the same models (benchmarks/PEERS.md). Pipecat and the shared
+# llama.cpp server live in their own venv, .venv-peers, so their pins do not disturb Parley's.
+# Options: make bench-peers PEERS_ARGS="--reps 2 --parley-rev HEAD~1"
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-$(shell cat benchmarks/peers/requirements.txt | sha1sum | cut -c1-12)
+PEERS_ARGS ?=
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt
+	@echo "==> creating $(PEERS_VENV) with Pipecat and the llama.cpp server"
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --progress-bar on -r benchmarks/peers/requirements.txt
+	rm -f $(PEERS_VENV)/.installed-*
+	touch $@
+
+bench-peers: setup $(PEERS_STAMP)
+	$(PY) -m benchmarks.peers --peers-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache
