@@ -86,7 +86,8 @@ class Probe(BaseObserver):
             turn.errors.append(str(frame.error))
             turn.done.set()
         elif isinstance(frame, MetricsFrame) and data.source is self.tts:
-            for metric in frame.data:
+            # The TTS also passes on the LLM's metrics: keep only its own.
+            for metric in (m for m in frame.data if m.processor == self.tts.name):
                 if isinstance(metric, TTFAMetricsData) and turn.pipecat_leading_silence_ms is None:
                     turn.pipecat_leading_silence_ms = metric.leading_silence * 1000
                 elif isinstance(metric, TTFBMetricsData) and turn.pipecat_ttfb_ms is None:
