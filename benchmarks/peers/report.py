@@ -59,7 +59,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Parley and Pipecat: time to first audio, side by side",
         "",
         f"Written by `make bench-peers` (`{result['command']}`) on {result['date']}; the run took "
-        f"{result['duration_s'] / 60:.1f} minutes. Raw turns: `benchmarks/peers/last_run.json`.",
+        f"{result['duration_s'] / 60:.1f} minutes. The raw turns of a run go to `benchmarks/peers/last_run.json` "
+        "(not committed).",
         "",
         "## Machine and versions",
         "",
