@@ -198,7 +198,7 @@ class Run:
             str(port),
             "--n_ctx",
             "2048",
-            # llama-cpp-python's defaults, which Parley's embedded engine runs with too.
+            # llama-cpp-python's server defaults (Parley's embedded engine runs one thread per core).
             "--n_threads",
             str(max(multiprocessing.cpu_count() // 2, 1)),
             "--n_threads_batch",
@@ -341,6 +341,8 @@ async def ask_everything(
         )
         if args.embedded:
             systems.append(runner.parley("Parley embedded", ROOT, {"PARLEY_LLM": "local"}))
+        for label, env in args.variant:
+            systems.append(runner.parley(f"Parley {label}", ROOT, {**openai_env, **env}))
         print(f"==> starting {', '.join(s.label for s in systems)}", flush=True)
         await asyncio.gather(*(s.wait_ready() for s in systems))
         pipecat = next(s for s in systems if isinstance(s, PipecatWorker))
@@ -369,6 +371,15 @@ async def ask_everything(
     return rows, labels, pipecat.info
 
 
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:NAME=VALUE,...`` as a label and the environment it adds."""
+    label, _, settings = text.partition(":")
+    env = dict(item.split("=", 1) for item in settings.split(",") if "=" in item)
+    if not label or not env or not all(name.startswith("PARLEY_") for name in env):
+        raise argparse.ArgumentTypeError(f"{text!r}: give LABEL:PARLEY_NAME=VALUE[,PARLEY_NAME=VALUE...]")
+    return label, env
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions of the ten questions (default 5)")
@@ -380,6 +391,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run Parley at this git revision (repeatable), as 'Parley @<short rev>'",
     )
     parser.add_argument("--no-embedded", dest="embedded", action="store_false", help="skip Parley embedded")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=variant,
+        metavar="LABEL:NAME=VALUE,...",
+        help="also run Parley with these settings, as 'Parley LABEL' (repeatable); on the shared server "
+        "unless PARLEY_LLM=local, e.g. 'embedded 1+1:PARLEY_LLM=local,PARLEY_LLM_THREADS=1,PARLEY_TTS_THREADS=1'",
+    )
     parser.add_argument("--questions", type=int, default=len(PROMPTS), help="ask only the first N questions")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a turn may take (default 60)")
     parser.add_argument(

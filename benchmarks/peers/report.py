@@ -87,7 +87,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- **LLM**: one llama-cpp-python server (`python -m llama_cpp.server`, on loopback) serving "
         f"`{settings['model']}` (Gemma 3 270M, Q4_K_M) to Parley and Pipecat, with {settings['llama_threads']} "
         f"generation thread(s) and {settings['llama_batch_threads']} for the prompt (llama-cpp-python's "
-        "defaults, which Parley's embedded engine uses too) and a 2,048-token context. Each question is a "
+        "server defaults; Parley's embedded engine runs one thread per core unless `PARLEY_LLM_THREADS` "
+        "says otherwise) and a 2,048-token context. Each question is a "
         f'fresh conversation: Parley\'s default system prompt ("{settings["system_prompt"]}") and the '
         f"question; temperature {settings['temperature']:g}, at most {settings['max_tokens']} tokens. Both "
         "send the same chat-completions request (model, the two messages, temperature, max_tokens, "
@@ -189,7 +190,7 @@ def markdown(result: dict[str, Any]) -> str:
             "every turn evaluates its whole prompt. Its first-token times are not comparable with the "
             "server's for that reason."
         )
-    parleys = [s for s in systems if s.startswith("Parley") and s != "Parley embedded"]
+    parleys = [s for s in systems if s.startswith("Parley") and not s.startswith("Parley embedded")]
     if "Pipecat" in systems and parleys:
         out += [
             "",
