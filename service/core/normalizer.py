@@ -136,7 +136,9 @@ def speakable(text: str, language: str = "") -> str:
             return ""
     lines = []
     for line in text.splitlines():
-        line = _TABLE_BAR.sub(", ", line.strip()).strip(", ")
+        line = line.strip()
+        if "|" in line:  # a table row: its cells become a list, its outer bars go
+            line = _TABLE_BAR.sub(", ", line.strip("|").strip())
         line = _SPACES.sub(" ", line).strip()
         if line:
             lines.append(line)

@@ -8,6 +8,9 @@ from service.core.normalizer import speakable
 
 CASES = [
     ("plain", "Hello there.", "Hello there."),
+    # A first segment cut at a clause keeps its comma: the voice reads it as going on.
+    ("a clause keeps its comma", "Boil some eggs,", "Boil some eggs,"),
+    ("a table row loses only its bars", "| Name | Age |", "Name, Age"),
     ("bold italic strike", "**Bold** and *italic* and __under__ and ~~gone~~.", "Bold and italic and under and gone."),
     ("unclosed emphasis", "**Bold start of a segment", "Bold start of a segment"),
     ("heading and numbered list", "# Steps\n1. Mix flour\n2. Add eggs", "Steps. 1. Mix flour. 2. Add eggs"),
