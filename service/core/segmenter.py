@@ -111,7 +111,19 @@ _CJK_CLOSERS_RUN = re.compile(r"[」』”’）]*")
 # ("egg?で…") although no whitespace follows.
 _OTHER_SCRIPT = regex.compile(r"[^\P{L}\p{Latin}]")
 _CLOSERS = "\"'”’)]"
-_CLAUSE_END = re.compile(r"[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
+# A comma or semicolon after a letter ends a clause as it arrives (nothing can make it part of a
+# number); otherwise clause punctuation needs the whitespace after it ("380,000", "5:30", "http:").
+_CLAUSE_END = re.compile(r"(?P<now>(?<=[^\W\d_])[,;])|[,;:](?=\s)|[，、；：]|\s[—–-](?=\s)|—(?=\S)")
+# ...but only after a plain word, not inside a URL, an address or a number ("example.com/a,b").
+_NOT_PLAIN = re.compile(r"[\d/:@.=&?#%_\\]")
+_PLAIN_WORD_CHARS = 24
+# A reply that opens with a word like "Yes," may say it on its own: the listener hears it at once.
+_INTERJECTION = re.compile(
+    r"(?:yes|yeah|yep|no|nope|sure|okay|ok|well|oh|ah|hmm|hi|hello|hey|certainly|absolutely|alright|"
+    r"right|great|of course)(?:,(?!\S)|!(?=\s))",
+    re.IGNORECASE,
+)
+_INTERJECTION_CHARS = 16
 # Words that open a phrase: a short first segment may end before one ("The sky is blue | because…").
 _OPENERS = (
     "and but or so yet because although though while whereas when whenever where wherever if unless until "
@@ -272,6 +284,12 @@ class Segmenter:
         # read again (_clause_pos is never more than two before the end).
         self._work += start - self._clause_pos
         for m in _CLAUSE_END.finditer(text, self._clause_pos - base):
+            if m.lastgroup == "now" and not self._after_plain_word(m.start()):
+                if base + m.end() == end:
+                    self._clause_pos = base + m.start()  # judged again once the next character is here
+                    break
+                if not text[m.end()].isspace():
+                    continue  # inside a URL or a number
             self._clause_starts.append(base + m.start())
             self._clause_ends.append(base + m.end())
             self._clause_pos = base + m.end()
@@ -286,6 +304,16 @@ class Segmenter:
         self._scan_cjk(text, base, end)
         self._scan_fences(text, base, end)
         self._scanned = end
+
+    def _after_plain_word(self, rel: int) -> bool:
+        """Whether the word before the text position ``rel`` is a plain word (no digits, no URL)."""
+        text = self._text
+        begin = max(0, rel - _PLAIN_WORD_CHARS)
+        space = max(text.rfind(" ", begin, rel), text.rfind("\n", begin, rel), text.rfind("\t", begin, rel))
+        self._work += _PLAIN_WORD_CHARS
+        if space < 0 and (begin > 0 or self._base > 0):
+            return False  # a longer word than any plain one (or one that began before the text kept)
+        return _NOT_PLAIN.search(text, space + 1, rel) is None
 
     def _scan_sentences(self, text: str, base: int, end: int) -> None:
         phase, punct, close, pos = self._sentence_scan
@@ -448,12 +476,12 @@ class Segmenter:
             cut = self._next_cut(final)
             if cut is None:
                 break
-            segment = self._release(cut)
+            segment = self._release(cut, final)
             if segment is not None:
                 segments.append(segment)
         return segments
 
-    def _release(self, cut: int) -> TextSegment | None:
+    def _release(self, cut: int, final: bool) -> TextSegment | None:
         base = self._base
         raw = self._text[self._start - base : cut - base]
         self._work += len(raw)
@@ -464,7 +492,9 @@ class Segmenter:
         if not text:
             return None
         # Cut inside a line (not at its end, nor the text's): a clause, a head or a word cut.
-        inside_line = cut < self._end() and self._text[cut - base] in " \t" and "\n" not in raw[len(raw.rstrip()) :]
+        at_end = cut == self._end()
+        ends_line = "\n" in raw[len(raw.rstrip()) :] or (not at_end and self._text[cut - base] in "\r\n")
+        inside_line = not ends_line and not (at_end and final)
         if self._released == 0:
             self._first_open = inside_line and _ENDS_WITH_SENTENCE_PUNCT.search(text) is None
         self._released += 1
@@ -533,6 +563,8 @@ class Segmenter:
 
     def _first_cut(self, region_end: int, closed: bool) -> int | None:
         policy = self._policy
+        if policy.heads and (interjection := self._interjection()) is not None:
+            return interjection
         first_word = self._region_word(policy.first_min_words)
         if first_word is None:
             return None
@@ -545,6 +577,15 @@ class Segmenter:
         ):
             return self._word_cut(policy.first_max_chars, first_word, region_end)
         return None
+
+    def _interjection(self) -> int | None:
+        """The end of "Yes," (and the like) opening the reply."""
+        lead = self._find_lead()
+        if lead is None:
+            return None
+        m = _INTERJECTION.match(self._text, lead - self._base, lead - self._base + _INTERJECTION_CHARS)
+        self._work += _INTERJECTION_CHARS
+        return None if m is None else self._base + m.end()
 
     def _later_cut(self, lead: int, region_end: int, closed: bool) -> int | None:
         policy = self._policy

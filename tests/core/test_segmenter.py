@@ -263,6 +263,9 @@ PATHOLOGICAL = {
     "a word, then spaced dots": lambda n: "It was weakened" + repeat(" .", n),
     "another script after stops": lambda n: repeat("Yes?で", n),
     "another script after titles": lambda n: repeat("Dr.田", n),
+    "commas inside a long word": lambda n: repeat("abc,", n),
+    "interjections": lambda n: repeat("Yes, ", n),
+    "phrase openers": lambda n: repeat("the sky and the sea in the sun ", n),
     "letter and dot": lambda n: repeat("a. ", n),
     "initials": lambda n: repeat("J. R. R. ", n),
     "newlines": lambda n: "\n" * n,
@@ -382,6 +385,13 @@ HEAD_CASES = [
         ["Boil the water,", "then add the eggs to the pot."],
     ),
     (
+        "an interjection alone",
+        "Yes, I recommend the book by Poe. It is good.",
+        ["Yes,", "I recommend the book by Poe.", "It is good."],
+    ),
+    ("an exclamation too", "Sure! Here is the answer to it.", ["Sure!", "Here is the answer to it."]),
+    ("not any word", "Sure thing, my friend.", ["Sure thing, my friend."]),
+    (
         "only the first segment",
         "Cats sleep a lot. They nap in the sun and then they play with a ball for a while.",
         ["Cats sleep a lot.", "They nap in the sun and then they play with a ball for a while."],
@@ -410,3 +420,12 @@ def test_a_head_leaves_once_the_opener_is_a_whole_word() -> None:
     segmenter = Segmenter()
     assert segmenter.push("The sky is blue in") == []  # "in" or "indeed"?
     assert [s.text for s in segmenter.push(" the")] == ["The sky is blue"]
+
+
+def test_a_clause_after_a_word_leaves_as_its_comma_arrives() -> None:
+    segmenter = Segmenter(NO_HEADS)
+    assert [s.text for s in segmenter.push("Boil some eggs,")] == ["Boil some eggs,"]
+    # Not inside a URL or a number: those wait for what follows.
+    for text in ("Please open example.com/a,", "The moon is 380,", "Go to https://x.y/q?a=b;"):
+        segmenter = Segmenter(NO_HEADS)
+        assert segmenter.push(text) == [], text
