@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from service.config import Settings
 from service.core.engine import LLMEngine, TTSEngine
@@ -17,7 +19,7 @@ from service.errors import EngineError
 if TYPE_CHECKING:
     from service.engines.openai_client import OpenAIConnection
 
-__all__ = ["load_engines", "openai_connection"]
+__all__ = ["load_engines", "openai_connection", "tts_threads_beside"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,28 @@ def _load_tts(settings: Settings, cpu: CpuShare | None) -> TTSEngine:
     from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
 
     voice_path = settings.piper_voice_path or default_voice_path()
-    return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers, settings.tts_threads, cpu))
+    threads = settings.tts_threads or tts_threads_beside(settings)
+    return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers, threads, cpu))
+
+
+def tts_threads_beside(settings: Settings, cores: int | None = None) -> int:
+    """Piper's threads when none are configured: one per core (0, onnxruntime's default), except
+    beside an LLM server on this machine (an OpenAI-compatible server on a loopback address), which
+    generates while Piper speaks a reply's first segment: then half the cores, so the two do not
+    fight over every core (on 2 cores, with llama.cpp's server generating on one, a first segment
+    was synthesized in 117 ms with one thread against 177 ms with two; benchmarks/PEERS.md)."""
+    if settings.llm != "openai":
+        return 0
+    host = urlsplit(settings.openai_base_url or os.environ.get("OPENAI_BASE_URL") or "").hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return 0
+    threads = max(1, (cores or os.cpu_count() or 1) // 2)
+    log.info("Piper uses %d thread(s): the LLM server at %s shares this machine's cores", threads, host)
+    return threads
 
 
 def _retry(settings: Settings) -> RetryPolicy:
