@@ -128,7 +128,7 @@ _INTERJECTION_CHARS = 16
 _OPENERS = (
     "and but or so yet because although though while whereas when whenever where wherever if unless until "
     "since before after which who whom whose that in on at with for from by about through during without into "
-    "to"
+    "over under across between around behind among along against toward towards within beyond near to"
 ).split()
 # An opener after a letter and one space (not after punctuation, which is a clause or sentence end).
 _OPENER = re.compile(rf"(?<=[^\W\d_] )(?:{'|'.join(_OPENERS)})(?=\s)")
