@@ -323,8 +323,8 @@ async def ask_everything(
             "PARLEY_OPENAI_MODEL": MODEL_NAME,
         }
         systems: list[Parley | PipecatWorker] = [runner.parley("Parley", ROOT, openai_env)]
-        for revision in args.parley_rev:
-            path, short = stack.enter_context(checkout(revision))
+        revisions = [stack.enter_context(checkout(revision)) for revision in args.parley_rev]
+        for path, short in revisions:
             systems.append(runner.parley(f"Parley @{short}", path, openai_env))
         systems.append(
             runner.pipecat(
@@ -341,6 +341,8 @@ async def ask_everything(
         )
         if args.embedded:
             systems.append(runner.parley("Parley embedded", ROOT, {"PARLEY_LLM": "local"}))
+            for path, short in revisions:
+                systems.append(runner.parley(f"Parley embedded @{short}", path, {"PARLEY_LLM": "local"}))
         for label, env in args.variant:
             systems.append(runner.parley(f"Parley {label}", ROOT, {**openai_env, **env}))
         print(f"==> starting {', '.join(s.label for s in systems)}", flush=True)
