@@ -67,7 +67,7 @@ async def test_full_turn(harness: Harness) -> None:
     captions = "".join(r.text_delta.text for r in turn if r.WhichOneof("kind") == "text_delta")
     assert captions == harness.llm.reply
     segments = [r.segment for r in turn if r.WhichOneof("kind") == "segment"]
-    assert [s.index for s in segments] == [0, 1]
+    assert [s.index for s in segments] == [0, 1, 2]  # "Sure," | "here is the answer." | the second sentence
     audio = [r.audio for r in turn if r.WhichOneof("kind") == "audio"]
     assert [a.sequence for a in audio] == list(range(len(audio)))
     pcm = b"".join(a.data for a in audio)
