@@ -11,7 +11,24 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ["Audio", "LLMEngine", "LLMRequest", "LLMUsage", "Message", "TTSEngine", "Voice"]
+__all__ = [
+    "INTERRUPTED_NOTE",
+    "INTERRUPTED_SILENT",
+    "NOTES",
+    "Audio",
+    "LLMEngine",
+    "LLMRequest",
+    "LLMUsage",
+    "Message",
+    "TTSEngine",
+    "Voice",
+    "chat_content",
+]
+
+INTERRUPTED_NOTE = "[interrupted: the user heard only this much]"
+INTERRUPTED_SILENT = "[interrupted before the user heard anything]"
+NOTES = (INTERRUPTED_NOTE, INTERRUPTED_SILENT)
+"""The notes a chat model is shown on an interrupted reply; never spoken or captioned."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +37,17 @@ class Message:
 
     role: Literal["system", "user", "assistant"]
     content: str
+    interrupted: bool = False
+    """An assistant reply the listener cut short: ``content`` is what they heard (maybe nothing).
+    Each engine tells its model so in the form that model understands (:func:`chat_content`)."""
+
+
+def chat_content(message: Message) -> str:
+    """The message's text for a chat model: an interrupted reply ends with a note saying so, so that
+    the assistant does not assume it was heard in full."""
+    if not message.interrupted:
+        return message.content
+    return f"{message.content} {INTERRUPTED_NOTE}" if message.content else INTERRUPTED_SILENT
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from service.core.engine import Message
 
-__all__ = ["Conversation", "Entry", "HistoryLimits", "SpokenSegment", "heard_text"]
+__all__ = ["HEARD_TOLERANCE_MS", "Conversation", "Entry", "HistoryLimits", "SpokenSegment", "heard_text"]
 
 
 @dataclass
@@ -34,6 +34,10 @@ class SpokenSegment:
 
 _WORD_END = re.compile(r"\S+")
 
+HEARD_TOLERANCE_MS = 5.0
+"""A segment played to within this much of its end was heard whole: clients count played time in
+whole milliseconds, and a player's clock and the sample count differ by a few."""
+
 
 def heard_text(text: str, segments: Sequence[SpokenSegment], heard_ms: float) -> str:
     """The part of ``text`` whose audio was heard in the first ``heard_ms`` of the turn.
@@ -52,7 +56,7 @@ def heard_text(text: str, segments: Sequence[SpokenSegment], heard_ms: float) ->
         if heard_ms < segment.start_ms:
             break
         end_ms = segment.start_ms + segment.duration_ms
-        if segment.complete and heard_ms >= end_ms:
+        if segment.complete and heard_ms + HEARD_TOLERANCE_MS >= end_ms:
             cut = segment.end
             continue
         if segment.duration_ms <= 0:
@@ -101,10 +105,6 @@ class Entry:
     interrupted: bool = False
 
 
-INTERRUPTED_NOTE = "[interrupted: the user heard only this much]"
-INTERRUPTED_SILENT = "[interrupted before the user heard anything]"
-
-
 @dataclass
 class Conversation:
     """The system prompt and the turns so far. Assistant replies hold only what was heard."""
@@ -114,8 +114,8 @@ class Conversation:
     limits: HistoryLimits = field(default_factory=HistoryLimits)
 
     def request_messages(self, user_text: str) -> tuple[Message, ...]:
-        """The messages to send the LLM for a new user message. An interrupted reply says so, so the
-        assistant does not assume it was heard in full."""
+        """The messages to send the LLM for a new user message. An interrupted reply is marked, and
+        its engine tells the model so (:func:`service.core.engine.chat_content`)."""
         system = (Message("system", self.system_prompt),) if self.system_prompt else ()
         return (*system, *(_as_message(e) for e in self.entries), Message("user", user_text))
 
@@ -160,8 +160,4 @@ def _turn_starts(entries: list[Entry]) -> list[int]:
 
 
 def _as_message(entry: Entry) -> Message:
-    if not entry.interrupted:
-        return Message(entry.role, entry.content)
-    if not entry.content:
-        return Message(entry.role, INTERRUPTED_SILENT)
-    return Message(entry.role, f"{entry.content} {INTERRUPTED_NOTE}")
+    return Message(entry.role, entry.content, entry.interrupted)

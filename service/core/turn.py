@@ -30,7 +30,16 @@ from service.core.outbox import Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.errors import TTSError
 
-__all__ = ["Turn", "TurnOptions", "TurnOutcome", "TurnRecord", "TurnState", "llm_deltas", "queued_deltas"]
+__all__ = [
+    "NoteFilter",
+    "Turn",
+    "TurnOptions",
+    "TurnOutcome",
+    "TurnRecord",
+    "TurnState",
+    "llm_deltas",
+    "queued_deltas",
+]
 
 log = logging.getLogger(__name__)
 
@@ -295,11 +304,68 @@ class TurnRecord:
         await asyncio.wait({self.task})
 
 
+class NoteFilter:
+    """Drops the history's notes ("[interrupted: …]") from a model's output, as a last line of
+    defence: a model that repeats one must not have it spoken or captioned. Incremental: text that may
+    be the start of a note is held (at most ``MAX_NOTE_CHARS``) until it is or is not one."""
+
+    MAX_NOTE_CHARS = 96
+    _WORD = "interrupted"
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, delta: str) -> str:
+        text, self._held = self._held + delta, ""
+        out: list[str] = []
+        pos = 0
+        while (bracket := text.find("[", pos)) >= 0:
+            out.append(text[pos:bracket])
+            verdict = self._note_at(text, bracket)
+            if verdict is None:  # may still become a note
+                self._held = text[bracket:]
+                return "".join(out)
+            if verdict == 0:
+                out.append("[")
+                pos = bracket + 1
+            else:
+                pos = bracket + verdict
+        out.append(text[pos:])
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _note_at(self, text: str, start: int) -> int | None:
+        """The length of the note at ``start``, 0 if there is none, None while it cannot be told."""
+        rest = text[start + 1 : start + self.MAX_NOTE_CHARS]
+        head = rest[: len(self._WORD)].lower()
+        if not self._WORD.startswith(head):
+            return 0
+        if len(head) < len(self._WORD):
+            return None
+        close = rest.find("]")
+        if close >= 0 and "\n" not in rest[:close]:
+            return close + 2
+        if "\n" in rest or len(rest) >= self.MAX_NOTE_CHARS - 1:
+            return 0
+        return None
+
+
 async def llm_deltas(llm: LLMEngine, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
-    """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the stream."""
+    """The LLM's stream, opened inside the turn so that even opening it fails the turn, not the
+    stream, with the history's notes taken out (:class:`NoteFilter`)."""
+    notes = NoteFilter()
     async with contextlib.aclosing(llm.stream(request)) as stream:
         async for delta in stream:
+            if isinstance(delta, str):
+                delta = notes.feed(delta)
+                if not delta:
+                    continue
             yield delta
+    if rest := notes.flush():
+        yield rest
 
 
 async def queued_deltas(queue: asyncio.Queue[str | None]) -> AsyncGenerator[str, None]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.core.engine import LLMRequest, LLMUsage, Message
+from service.core.engine import LLMRequest, LLMUsage, Message, chat_content
 from service.engines.cpu import CpuShare
 from service.engines.threaded import iterate_in_thread
 from service.errors import LLMError
@@ -68,11 +68,21 @@ def default_model_path() -> Path:
 
 def transcript_prompt(messages: tuple[Message, ...]) -> str:
     """A transcript prompt for a base model: instructions, examples, the conversation, then
-    ``Assistant:`` for the model to continue."""
+    ``Assistant:`` for the model to continue.
+
+    The examples show the model what a reply looks like until the conversation has a reply of its
+    own; then they go, so that the model cannot recall them as what the user asked. A reply the
+    listener cut short ends with "…", a form the model reads as trailing off and does not repeat (a
+    bracketed note was continued and spoken aloud by Gemma 3 270M)."""
     system = " ".join(m.content for m in messages if m.role == "system").strip()
+    conversation = [m for m in messages if m.role != "system"]
+    examples = () if any(m.role == "assistant" for m in conversation) else _EXAMPLES
     lines = [system or "A conversation with a helpful voice assistant.", ""]
-    for message in (*_EXAMPLES, *(m for m in messages if m.role != "system")):
-        lines.append(f"{_LABELS[message.role]}: {' '.join(message.content.split())}")
+    for message in (*examples, *conversation):
+        text = " ".join(message.content.split())
+        if message.interrupted:
+            text = f"{text}…" if text else "…"
+        lines.append(f"{_LABELS[message.role]}: {text}")
         if message.role == "assistant":
             lines.append("")
     lines.append("Assistant:")
@@ -82,18 +92,20 @@ def transcript_prompt(messages: tuple[Message, ...]) -> str:
 def alternating(messages: tuple[Message, ...]) -> tuple[Message, ...]:
     """The conversation as chat templates expect it: an optional system message, then user and
     assistant taking turns, starting with the user. Consecutive messages of one role are joined, and
-    what the assistant said before the first user message (text read aloud) joins the system prompt."""
+    what the assistant said before the first user message (text read aloud) joins the system prompt.
+    An interrupted reply carries its note (:func:`chat_content`)."""
     system = [m.content for m in messages if m.role == "system"]
     turns: list[Message] = []
     for message in messages:
         if message.role == "system":
             continue
+        content = chat_content(message)
         if not turns and message.role == "assistant":
-            system.append(f"Earlier you said: {message.content}")
+            system.append(f"Earlier you said: {content}")
         elif turns and turns[-1].role == message.role:
-            turns[-1] = Message(message.role, f"{turns[-1].content}\n{message.content}")
+            turns[-1] = Message(message.role, f"{turns[-1].content}\n{content}")
         else:
-            turns.append(message)
+            turns.append(Message(message.role, content))
     head = (Message("system", "\n\n".join(system)),) if system else ()
     return (*head, *turns)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from service.core.engine import LLMRequest, LLMUsage
+from service.core.engine import LLMRequest, LLMUsage, chat_content
 from service.engines.openai_client import OpenAIConnection, engine_error, make_client
 from service.engines.retry import RetryPolicy, retrying, stall_guard
 from service.errors import EngineError, LLMError
@@ -51,7 +51,7 @@ class OpenAILLM:
         options = self._options
         arguments: dict[str, Any] = {
             "model": options.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [{"role": m.role, "content": chat_content(m)} for m in request.messages],
             "temperature": request.temperature,
             "stream": True,
         }

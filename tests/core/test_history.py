@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.core.engine import Message
+from service.core.engine import INTERRUPTED_NOTE, INTERRUPTED_SILENT, Message, chat_content
 from service.core.history import (
-    INTERRUPTED_NOTE,
-    INTERRUPTED_SILENT,
+    HEARD_TOLERANCE_MS,
     Conversation,
     HistoryLimits,
     SpokenSegment,
@@ -31,10 +30,11 @@ def segments() -> list[SpokenSegment]:
     [
         (0, ""),
         (500, "First"),  # 3 words in 1000 ms: one word heard by 500 ms
-        (999, "First part"),
+        (994, "First part"),  # more than HEARD_TOLERANCE_MS before the segment's end
         (1000, "First part here."),
         (1400, "First part here. Second"),  # 5 words over 2000 ms: 400 ms is one word
-        (2999, "First part here. Second part has five"),
+        (2994, "First part here. Second part has five"),
+        (2996, "First part here. Second part has five words."),  # within a few ms of its end: whole
         (3000, "First part here. Second part has five words."),
         (10_000, TEXT),
         (float("inf"), TEXT),
@@ -82,7 +82,7 @@ def test_trim_last_reply() -> None:
     assert not conversation.trim_last_reply("x")
     conversation.add_exchange("Q", "A long answer.")
     assert conversation.trim_last_reply("A long")
-    assert conversation.request_messages("next")[-2] == Message("assistant", f"A long {INTERRUPTED_NOTE}")
+    assert conversation.request_messages("next")[-2] == Message("assistant", "A long", interrupted=True)
 
 
 def test_segment_cut_short_counts_only_its_voiced_words() -> None:
@@ -109,8 +109,24 @@ def test_interrupted_replies_are_marked_for_the_llm() -> None:
     conversation.add_exchange("Tell me a story.", "Once upon a", interrupted=True)
     conversation.add_exchange("Hello?", "", interrupted=True)
     messages = conversation.request_messages("Go on.")
-    assert messages[2] == Message("assistant", f"Once upon a {INTERRUPTED_NOTE}")
-    assert messages[4] == Message("assistant", INTERRUPTED_SILENT)
+    assert messages[2] == Message("assistant", "Once upon a", interrupted=True)
+    assert messages[4] == Message("assistant", "", interrupted=True)
+    # A chat model is told in words; the history itself holds only what was heard.
+    assert chat_content(messages[2]) == f"Once upon a {INTERRUPTED_NOTE}"
+    assert chat_content(messages[4]) == INTERRUPTED_SILENT
+    assert chat_content(messages[1]) == "Tell me a story."
+
+
+@pytest.mark.parametrize("short_ms", [0.0, 0.4, 1.0, HEARD_TOLERANCE_MS])
+def test_a_segment_played_to_within_a_few_ms_of_its_end_was_heard(short_ms: float) -> None:
+    # "He lived in a castle," played to 1300.317 ms of 1300.4, reported as 1300: the clause is kept.
+    text = "He lived in a castle, with his three dogs."
+    segs = [
+        SpokenSegment(0, 21, start_ms=0, duration_ms=1300.4, complete=True),
+        SpokenSegment(22, len(text), start_ms=1300.4, duration_ms=1500, complete=True),
+    ]
+    assert heard_text(text, segs, 1300.4 - short_ms) == "He lived in a castle,"
+    assert heard_text(text, segs, 1300.4 - HEARD_TOLERANCE_MS - 60) == "He lived in a"
 
 
 @pytest.mark.parametrize(

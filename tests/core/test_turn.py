@@ -12,7 +12,7 @@ from service.core.audio import AudioFormat, Encoding
 from service.core.engine import Audio
 from service.core.events import AudioChunk, Message, SegmentStarted, TextDelta, TurnStats
 from service.core.outbox import Outbox, OutboxLimits
-from service.core.turn import Turn, TurnOptions
+from service.core.turn import NoteFilter, Turn, TurnOptions
 from service.errors import TTSError
 from tests.conftest import wait_for
 from tests.fakes import FakeTTS
@@ -274,3 +274,21 @@ async def test_look_ahead_waits_for_the_first_segments_audio() -> None:
     assert [text for text, _ in started][0] == "The first part is here."
     assert len(started) == 3, started
     assert all(at >= first_audio_at[0] for _, at in started[1:])
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1000])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The cat [interrupted: the user heard only this much] sat.", "The cat  sat."),
+        ("Yes. [Interrupted before the user heard anything]", "Yes. "),
+        ("A list [1] and [in] brackets [interrupt] stay.", "A list [1] and [in] brackets [interrupt] stay."),
+        ("Not closed on its line [interrupted: oh\nno] x", "Not closed on its line [interrupted: oh\nno] x"),
+        ("It ends mid-note [interrupted: the", "It ends mid-note [interrupted: the"),
+        ("Too long [interrupted" + "x" * 200 + "]", "Too long [interrupted" + "x" * 200 + "]"),
+    ],
+)
+def test_the_historys_notes_are_never_spoken_or_captioned(text: str, expected: str, step: int) -> None:
+    notes = NoteFilter()
+    out = "".join(notes.feed(text[i : i + step]) for i in range(0, len(text), step)) + notes.flush()
+    assert out == expected

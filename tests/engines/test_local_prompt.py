@@ -6,21 +6,50 @@ from service.core.engine import Message
 from service.engines.local_llm import transcript_prompt
 
 
-def test_transcript_has_system_examples_history_and_cue() -> None:
+def test_transcript_has_system_examples_and_cue() -> None:
+    prompt = transcript_prompt((Message("system", "Be brief."), Message("user", "Tell me\na joke.")))
+    lines = prompt.splitlines()
+    assert lines[0] == "Be brief."
+    assert "User: What is the capital of France?" in lines  # the built-in example exchange
+    assert lines[-3:] == ["", "User: Tell me a joke.", "Assistant:"]
+
+
+def test_examples_go_once_the_conversation_has_a_reply() -> None:
+    # Asked "What was the first thing I asked?", the model answered from the examples: once there
+    # is a real exchange, they are not in the prompt.
     prompt = transcript_prompt(
         (
             Message("system", "Be brief."),
             Message("user", "Hi there"),
             Message("assistant", "Hello! How can I help?"),
-            Message("user", "Tell me\na joke."),
+            Message("user", "What was the first thing I asked?"),
         )
     )
-    lines = prompt.splitlines()
-    assert lines[0] == "Be brief."
-    assert "User: What is the capital of France?" in lines  # the built-in example exchange
-    assert lines[-3:] == ["", "User: Tell me a joke.", "Assistant:"]
-    assert "User: Hi there" in lines and "Assistant: Hello! How can I help?" in lines
-    assert lines.index("User: Hi there") > lines.index("User: What is the capital of France?")
+    assert "capital of France" not in prompt and "cup of tea" not in prompt
+    assert prompt.splitlines() == [
+        "Be brief.",
+        "",
+        "User: Hi there",
+        "Assistant: Hello! How can I help?",
+        "",
+        "User: What was the first thing I asked?",
+        "Assistant:",
+    ]
+
+
+def test_an_interrupted_reply_trails_off_without_a_note() -> None:
+    prompt = transcript_prompt(
+        (
+            Message("user", "Tell me a story."),
+            Message("assistant", "Once upon a", interrupted=True),
+            Message("user", "Hello?"),
+            Message("assistant", "", interrupted=True),
+            Message("user", "Go on."),
+        )
+    )
+    assert "Assistant: Once upon a…" in prompt.splitlines()
+    assert "Assistant: …" in prompt.splitlines()
+    assert "[" not in prompt
 
 
 def test_transcript_without_system_prompt_still_frames_the_conversation() -> None:

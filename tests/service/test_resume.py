@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from parley.v1 import voice_pb2 as pb
-from service.core.history import INTERRUPTED_NOTE, HistoryLimits
+from service.core.engine import INTERRUPTED_NOTE, chat_content
+from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.stores.memory import MemoryStore
@@ -134,7 +135,7 @@ async def test_interrupted_reply_is_stored_cut_and_marked() -> None:
         h.llm.reply = "Sorry."
         again, _ = await open_stream(h, session_id=session_id)
         await one_turn(again, "Go on.")
-        assert h.llm.requests[-1].messages[-2].content == f"Right, this {INTERRUPTED_NOTE}"
+        assert chat_content(h.llm.requests[-1].messages[-2]) == f"Right, this {INTERRUPTED_NOTE}"
         again.cancel()
     finally:
         await stop_harness(h)
@@ -194,7 +195,7 @@ async def test_a_dropped_stream_keeps_the_turn_it_cut_short() -> None:
         h.llm.reply = "Where was I?"
         again, _ = await open_stream(h, session_id=session_id)
         await one_turn(again, "Go on.")
-        messages = [m.content for m in h.llm.requests[-1].messages]
+        messages = [chat_content(m) for m in h.llm.requests[-1].messages]
         assert messages[1] == "Tell me a story."
         assert messages[2].startswith("Once") and messages[2].endswith(INTERRUPTED_NOTE)
         assert "keeps going" not in messages[2]  # only what was sent counts as heard
@@ -369,7 +370,7 @@ async def test_a_stream_cancelled_and_resumed_at_once_keeps_the_turn_it_cut(tria
         first.cancel()
         second, _ = await open_stream(h, session_id=session_id)
         await one_turn(second, "The second question.")
-        messages = [(m.role, m.content) for m in h.llm.requests[-1].messages]
+        messages = [(m.role, chat_content(m)) for m in h.llm.requests[-1].messages]
         assert messages[1] == ("user", "The first question.")
         assert messages[2][0] == "assistant" and "[interrupted" in messages[2][1]
         assert messages[3] == ("user", "The second question.")

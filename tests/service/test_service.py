@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.v1 import voice_pb2 as pb
-from service.core.history import INTERRUPTED_NOTE, INTERRUPTED_SILENT
+from service.core.engine import INTERRUPTED_NOTE, INTERRUPTED_SILENT, chat_content
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from tests.conftest import (
@@ -176,7 +176,7 @@ async def test_interrupt_cancels_llm_and_tts_and_keeps_what_was_heard() -> None:
         turn_ids = {getattr(r, r.WhichOneof("kind")).turn_id for r in after}
         assert ended.turn_id not in turn_ids
         # ... marked as cut short, so the assistant does not assume it was heard in full.
-        assert h.llm.requests[-1].messages[-2].content == f"{ended.spoken_text} {INTERRUPTED_NOTE}"
+        assert chat_content(h.llm.requests[-1].messages[-2]) == f"{ended.spoken_text} {INTERRUPTED_NOTE}"
         await call.done_writing()
         await call.code()
     finally:
@@ -212,7 +212,7 @@ async def test_interrupt_after_turn_completed_trims_history(harness: Harness) ->
     await call.write(interrupt(played_ms=0))  # the client played nothing of it after all
     await call.write(user("Again?"))
     await read_until_turn_ended(call)
-    assert harness.llm.requests[-1].messages[-2].content == INTERRUPTED_SILENT
+    assert chat_content(harness.llm.requests[-1].messages[-2]) == INTERRUPTED_SILENT
     call.cancel()
 
 
