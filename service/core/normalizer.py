@@ -6,6 +6,8 @@ Captions keep the LLM's text as written; the TTS engine gets :func:`speakable` o
 - links and images keep their text, bare URLs are read as their host name;
 - headings, bullet markers, block quotes, table bars and emphasis markers are removed;
 - emoji are removed;
+- numbers, money, dates, times, ordinals, percentages, units, phone numbers and years are written
+  out as a person says them, for the voice's language (:mod:`service.core.numbers`; English for now);
 - text in a script the voice cannot read (Japanese for an English voice) is left out: a voice's
   language (``en_US``, ``ru_RU``) gives the scripts it reads, Latin and its own; an unknown or
   multilingual language reads everything;
@@ -21,6 +23,8 @@ from functools import lru_cache
 
 import emoji
 import regex
+
+from service.core.numbers import speak_numbers
 
 __all__ = ["readable_scripts", "speakable"]
 
@@ -129,6 +133,8 @@ def speakable(text: str, language: str = "") -> str:
     text = _EMPHASIS.sub(lambda m: m.group(2) or m.group(4), text)
     text = _STRAY_MARKERS.sub("", text)
     text = emoji.replace_emoji(text, replace="")
+    if language:
+        text = speak_numbers(text, language)
     foreign = readable_scripts(language) if language else None
     if foreign is not None and foreign.search(text):
         text = _SPACE_BEFORE_PUNCT.sub("", _EMPTY_BRACKETS.sub("", foreign.sub(" ", text)))

@@ -117,6 +117,13 @@ _CLAUSE_END = re.compile(r"(?P<now>(?<=[^\W\d_])[,;])|[,;:](?=\s)|[，、；：]
 # ...but only after a plain word, not inside a URL, an address or a number ("example.com/a,b").
 _NOT_PLAIN = re.compile(r"[\d/:@.=&?#%_\\]")
 _PLAIN_WORD_CHARS = 24
+# "Jan. 5th, 2024", "the 5th of January, 2024": the comma before the year is inside a date.
+_MONTH_NAME = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*"
+_MONTH_BEFORE_COMMA = re.compile(rf"\b{_MONTH_NAME}\.?(?:\s+\d{{1,2}}(?:st|nd|rd|th)?)?$")
+_YEAR_AFTER_COMMA = re.compile(r"\s+\d{4}(?!\d)(?=\W|$)")
+_YEAR_PREFIX = re.compile(r"\s*\d{0,4}")
+_DATE_TAIL = 20
+_YEAR_WORD = 7  # the whitespace, four digits and the character after them
 # A reply that opens with a word like "Yes," may say it on its own: the listener hears it at once.
 _INTERJECTION = re.compile(
     r"(?:yes|yeah|yep|no|nope|sure|okay|ok|well|oh|ah|hmm|hi|hello|hey|certainly|absolutely|alright|"
@@ -642,7 +649,10 @@ class Segmenter:
             if at in (newline, cjk):
                 return at
             if clause == at:
-                if not self._clause_excluded(i_clause):
+                taken = not self._clause_excluded(i_clause) and self._not_inside_a_date(i_clause, region_end, closed)
+                if taken is None:
+                    return _WAIT  # until the word after the comma shows whether it is a year
+                if taken:
                     return at
                 i_clause += 1
             if head == at:
@@ -670,7 +680,7 @@ class Segmenter:
         i = bisect_right(self._clause_ends, limit) - 1
         while i >= 0 and self._clause_ends[i] >= long_enough:
             self._work += 1
-            if not self._clause_excluded(i):
+            if not self._clause_excluded(i) and self._not_inside_a_date(i, _NEVER, True):
                 return self._clause_ends[i]
             i -= 1
         return None
@@ -693,6 +703,26 @@ class Segmenter:
         self._work += len(tail)
         words = tail.split()
         return not words or words[-1].lower() in _NO_HEAD_AFTER
+
+    def _not_inside_a_date(self, index: int, region_end: int, closed: bool) -> bool | None:
+        """False for the comma of "Jan. 5th, 2024" or "5th of January, 2024" (a month, maybe a day,
+        then a year); None while the word after the comma has not shown whether it is a year."""
+        text, base = self._text, self._base
+        start = self._clause_starts[index]
+        if text[start - base] != ",":
+            return True
+        tail = text[max(self._start, start - _DATE_TAIL) - base : start - base]
+        self._work += len(tail) + _YEAR_WORD
+        if _MONTH_BEFORE_COMMA.search(tail) is None:
+            return True
+        after = self._clause_ends[index]
+        end = min(self._end(), region_end)
+        word = text[after - base : min(end, after + _YEAR_WORD) - base]
+        if _YEAR_AFTER_COMMA.match(word):
+            return False
+        if not closed and len(word) < _YEAR_WORD and _YEAR_PREFIX.fullmatch(word):
+            return None
+        return True
 
     def _clause_excluded(self, index: int) -> bool:
         """Whether the clause end follows "e.g." and the like (the region's last word before it)."""

@@ -58,7 +58,7 @@ def test_speakable(name: str, text: str, expected: str) -> None:
         ("で購入する…", "en_US", ""),
         ("It is hot. Привет мир, yes it is.", "en_US", "It is hot. yes it is."),
         ("Tokyo (東京) is big.", "en_GB", "Tokyo is big."),
-        ("Ok 123 東京 456.", "en_US", "Ok 123 456."),
+        ("Ok 123 東京 456.", "en_US", "Ok one hundred and twenty-three four hundred and fifty-six."),
         ("café, naïve, Ærø, Łódź", "de_DE", "café, naïve, Ærø, Łódź"),
         # A voice reads its own script, and Latin.
         ("Привет мир, мой iPhone.", "ru_RU", "Привет мир, мой iPhone."),

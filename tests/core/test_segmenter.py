@@ -265,6 +265,7 @@ PATHOLOGICAL = {
     "another script after titles": lambda n: repeat("Dr.田", n),
     "commas inside a long word": lambda n: repeat("abc,", n),
     "interjections": lambda n: repeat("Yes, ", n),
+    "dates": lambda n: repeat("Jan 5, 2024, May 3rd, ", n),
     "phrase openers": lambda n: repeat("the sky and the sea in the sun ", n),
     "letter and dot": lambda n: repeat("a. ", n),
     "initials": lambda n: repeat("J. R. R. ", n),
@@ -429,3 +430,30 @@ def test_a_clause_after_a_word_leaves_as_its_comma_arrives() -> None:
     for text in ("Please open example.com/a,", "The moon is 380,", "Go to https://x.y/q?a=b;"):
         segmenter = Segmenter(NO_HEADS)
         assert segmenter.push(text) == [], text
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 1000])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The first segment's fast path (a clause after three words) never cuts a date...
+        ("We met on Jan. 5th, 2024. It was a fine day.", ["We met on Jan. 5th, 2024.", "It was a fine day."]),
+        ("On Friday, January 5th, 2024, we go.", ["On Friday, January 5th, 2024,", "we go."]),
+        ("It was the 5th of January, 2024, I think.", ["It was the 5th of January, 2024,", "I think."]),
+        # ...a time or an amount.
+        ("It starts at 5:30 p.m. sharp.", ["It starts at 5:30 p.m. sharp."]),
+        ("It costs $1,200.50 in total, sadly.", ["It costs $1,200.50 in total,", "sadly."]),
+        # A comma after a month that is not followed by a year is a clause.
+        ("Back in early January, we went out.", ["Back in early January,", "we went out."]),
+    ],
+)
+def test_never_cut_inside_a_date_a_time_or_an_amount(text: str, expected: list[str], step: int) -> None:
+    assert segment(text, step) == expected
+    assert segment(text, step, NO_HEADS) == expected
+
+
+def test_a_comma_after_a_date_waits_for_the_year() -> None:
+    segmenter = Segmenter()
+    assert segmenter.push("We met on Jan. 5th,") == []
+    assert segmenter.push(" 20") == []
+    assert [s.text for s in segmenter.push("24. Then")] == ["We met on Jan. 5th, 2024."]
