@@ -214,3 +214,26 @@ async def test_the_llm_waits_while_a_first_segment_is_synthesized(engines: tuple
     assert waited > 0.01 and reply
     waited, _ = await speak_while_generating(urgent=False)
     assert waited == 0
+
+
+async def test_money_a_date_a_time_and_a_percentage_are_said_as_a_person_says_them(real: Harness) -> None:
+    """Spoken through Piper and transcribed back with Whisper base: the listener hears the words a
+    person would say (Whisper writes them back as digits), not "dollar three point five zero"."""
+    import re
+
+    from tests.whisper import transcribe
+
+    text = "It costs $3.50 on Jan. 5th, 2024, at 5:30 p.m., up 25% from last year."
+    responses = await converse_all(real.stub, [start(), speak(text, flush=True)])
+    (ended,) = turn_ends(responses)
+    assert ended.spoken_text == text  # the captions keep the digits
+    segments = [r.segment for r in responses if r.WhichOneof("kind") == "segment"]
+    assert "three dollars and fifty cents" in " ".join(s.spoken_text for s in segments)
+    pcm = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    heard = transcribe(pcm, responses[0].session_started.audio.sample_rate_hz).lower().replace(",", "")
+    assert re.search(r"\$3\.50(?!\d)|three dollars and fifty cents", heard), heard
+    assert "january" in heard, heard
+    assert re.search(r"\b5(th)?\b|fifth", heard) and re.search(r"2024|twenty twenty-four", heard), heard
+    assert re.search(r"5[.:]30|five thirty", heard) and re.search(r"p\.? ?m", heard), heard
+    assert re.search(r"25 ?%|twenty-five percent", heard), heard
+    assert "point five zero" not in heard and "dollar three" not in heard, heard
