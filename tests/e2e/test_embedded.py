@@ -237,3 +237,29 @@ async def test_money_a_date_a_time_and_a_percentage_are_said_as_a_person_says_th
     assert re.search(r"5[.:]30|five thirty", heard) and re.search(r"p\.? ?m", heard), heard
     assert re.search(r"25 ?%|twenty-five percent", heard), heard
     assert "point five zero" not in heard and "dollar three" not in heard, heard
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 0.7, 1.0])
+async def test_the_interrupted_marker_is_never_said_or_shown(real: Harness, temperature: float) -> None:
+    """Gemma 3 270M once continued the history's "[interrupted: …]" note and said it aloud. Several
+    samples (temperatures above 0 draw a new seed each time): no caption or spoken text has it."""
+    call = real.stub.Converse()
+    await call.write(start(llm=pb.LlmOptions(temperature=temperature, max_tokens=40)))
+    await call.read()
+    captions: list[str] = []
+    for question in ("Tell me a story about a cat.", "Go on.", "What was the first thing I asked?"):
+        await call.write(user(question))
+        if question.startswith("Tell"):
+            while (await call.read()).WhichOneof("kind") != "audio":
+                pass
+            await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=400)))
+        while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+            kind = response.WhichOneof("kind")
+            if kind == "text_delta":
+                captions.append(response.text_delta.text)
+            elif kind == "segment":
+                captions.append(response.segment.spoken_text)
+        captions.append(response.turn_ended.spoken_text)
+    call.cancel()
+    said = "".join(captions).lower()
+    assert "interrupted" not in said and "heard only" not in said and "[" not in said, said
