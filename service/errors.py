@@ -13,9 +13,11 @@ Every error the service raises on purpose derives from :class:`ParleyError`::
     ├── ClientNotReading      the client stopped reading while replies waited (DEADLINE_EXCEEDED)
     ├── ClientGone            the call ended under the stream: the client cancelled or went away (CANCELLED)
     ├── ShuttingDown          the server is shutting down; resume the session elsewhere (UNAVAILABLE)
-    └── EngineError           an LLM or TTS engine failed; ``retryable`` says if trying again may help
+    └── EngineError           an engine failed; ``retryable`` says if trying again may help
         ├── LLMError
-        └── TTSError
+        ├── TTSError
+        ├── STTError          speech to text
+        └── VADError          voice activity detection
 
 Engines turn their vendor's errors into :class:`EngineError` subclasses at their edge, so the rest
 of the service never sees a vendor exception. An engine failure ends the turn FAILED; the session
@@ -91,3 +93,11 @@ class LLMError(EngineError):
 
 class TTSError(EngineError):
     """The TTS engine failed."""
+
+
+class STTError(EngineError):
+    """The speech-to-text engine failed."""
+
+
+class VADError(EngineError):
+    """The voice activity detector failed."""

@@ -1,7 +1,8 @@
 """The engine interfaces the turn pipeline talks to, and the values that cross them.
 
 An LLM engine streams text deltas for a conversation; a TTS engine streams PCM16 audio for a piece of
-text. Implementations live in ``service.engines``, one file per engine, and raise only
+text; a speech detector scores input audio for speech, frame by frame; an STT engine transcribes an
+utterance. Implementations live in ``service.engines``, one file per engine, and raise only
 :class:`service.errors.EngineError` subclasses.
 """
 
@@ -20,7 +21,11 @@ __all__ = [
     "LLMRequest",
     "LLMUsage",
     "Message",
+    "STTEngine",
+    "SpeechDetector",
+    "SpeechFrames",
     "TTSEngine",
+    "Transcription",
     "Voice",
     "chat_content",
 ]
@@ -134,4 +139,78 @@ class TTSEngine(Protocol):
 
     async def aclose(self) -> None:
         """Release the engine's resources."""
+        ...
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """What an STT engine heard in an utterance."""
+
+    text: str
+    """The words, as the engine writes them (may be empty: nothing was said)."""
+    language: str
+    """The language heard or given, as a code such as ``en``."""
+    no_speech_probability: float = 0.0
+    """How sure the engine is that there was no speech at all (0 when it does not say)."""
+
+
+class STTEngine(Protocol):
+    """Transcribes an utterance."""
+
+    @property
+    def name(self) -> str:
+        """Engine and model, for example ``whisper/base``."""
+        ...
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """The rate of the mono PCM16 audio it takes (16,000 for Whisper)."""
+        ...
+
+    async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
+        """Transcribe mono PCM16 at :attr:`sample_rate_hz`; ``language`` None or empty: detect it.
+
+        Runs off the event loop; safe to cancel. Raises :class:`service.errors.STTError`.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+class SpeechFrames(Protocol):
+    """One audio stream's voice activity detection; holds the model's state between calls."""
+
+    async def feed(self, pcm: bytes) -> list[float]:
+        """Take mono PCM16 at the detector's rate; return the speech probability (0 to 1) of each
+        frame completed, in order (a partial frame is kept for the next call). Runs off the event
+        loop when it would hold it for more than a millisecond or so. Raises
+        :class:`service.errors.VADError`."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the audio so far (the client cleared its input)."""
+        ...
+
+
+class SpeechDetector(Protocol):
+    """A voice activity detector: gives each audio stream its own :class:`SpeechFrames`."""
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """The rate of the mono PCM16 it scores (16,000 for Silero VAD)."""
+        ...
+
+    @property
+    def frame_ms(self) -> float:
+        """The duration of one scored frame (32 ms for Silero VAD at 16 kHz: 512 samples)."""
+        ...
+
+    def stream(self) -> SpeechFrames:
+        """A detector for one more audio stream."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the detector's resources."""
         ...
