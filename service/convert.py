@@ -5,10 +5,32 @@ from __future__ import annotations
 
 from parley.v1 import voice_pb2 as pb
 from service.core.audio import Encoding
-from service.core.command import BadMessage, ClientCommand, Interrupt, SpeakText, Start, UserText
+from service.core.command import (
+    BadMessage,
+    ClearAudio,
+    ClientCommand,
+    CommitAudio,
+    Interrupt,
+    SpeakText,
+    Start,
+    UserAudio,
+    UserText,
+)
 from service.core.engine import Voice
-from service.core.events import AudioChunk, Message, SegmentStarted, SessionStarted, TextDelta, TurnEnded, TurnEndReason
-from service.core.settings import StartRequest
+from service.core.events import (
+    AudioChunk,
+    Message,
+    SegmentStarted,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TextDelta,
+    Transcript,
+    TurnEnded,
+    TurnEndReason,
+)
+from service.core.listening import TurnDetection
+from service.core.settings import InputAudioStart, StartRequest
 from service.errors import InvalidRequest
 
 __all__ = ["command_from_proto", "message_to_proto", "start_from_proto", "voice_to_proto"]
@@ -38,6 +60,33 @@ def start_from_proto(start: pb.Start) -> StartRequest:
         sample_rate_hz=start.audio.sample_rate_hz,
         temperature=start.llm.temperature if start.llm.HasField("temperature") else None,
         max_tokens=start.llm.max_tokens if start.llm.HasField("max_tokens") else None,
+        input_audio=_input_audio(start.input_audio) if start.HasField("input_audio") else None,
+    )
+
+
+_MODES = {
+    pb.TURN_DETECTION_MODE_UNSPECIFIED: None,
+    pb.TURN_DETECTION_MODE_SERVER_VAD: TurnDetection.SERVER_VAD,
+    pb.TURN_DETECTION_MODE_MANUAL: TurnDetection.MANUAL,
+}
+
+
+def _input_audio(audio: pb.InputAudio) -> InputAudioStart:
+    if audio.encoding not in (pb.AUDIO_ENCODING_UNSPECIFIED, pb.AUDIO_ENCODING_PCM16):
+        raise InvalidRequest("start.input_audio.encoding: send PCM16 (other input encodings are not supported yet)")
+    detection = audio.turn_detection
+    if detection.mode not in _MODES:
+        raise InvalidRequest(
+            f"unknown start.input_audio.turn_detection.mode {detection.mode}; use SERVER_VAD or MANUAL"
+        )
+    return InputAudioStart(
+        sample_rate_hz=audio.sample_rate_hz,
+        language=audio.language,
+        mode=_MODES[detection.mode],
+        silence_ms=detection.silence_ms if detection.HasField("silence_ms") else None,
+        prefix_padding_ms=detection.prefix_padding_ms if detection.HasField("prefix_padding_ms") else None,
+        threshold=detection.threshold if detection.HasField("threshold") else None,
+        min_speech_ms=detection.min_speech_ms if detection.HasField("min_speech_ms") else None,
     )
 
 
@@ -63,9 +112,15 @@ def _command(request: pb.ConverseRequest) -> ClientCommand:
         if played is not None and played < 0:
             raise InvalidRequest(f"interrupt.played_ms is {played}; it cannot be negative")
         return Interrupt(played)
+    if kind == "user_audio":
+        return UserAudio(request.user_audio.data)
+    if kind == "commit_audio":
+        return CommitAudio(request.commit_audio.turn_id)
+    if kind == "clear_audio":
+        return ClearAudio()
     raise InvalidRequest(
-        "the message sets none of start, user_text, speak_text, interrupt "
-        "(an empty message, or a kind this server does not know)"
+        "the message sets none of start, user_text, speak_text, interrupt, user_audio, commit_audio, "
+        "clear_audio (an empty message, or a kind this server does not know)"
     )
 
 
@@ -113,6 +168,9 @@ def message_to_proto(event: Message) -> pb.ConverseResponse:
                     first_audio_ms=timings.first_audio_ms,
                     total_ms=timings.total_ms,
                     audio_duration_ms=timings.audio_duration_ms,
+                    speech_end_audio_ms=timings.speech_end_audio_ms,
+                    transcription_ms=timings.transcription_ms,
+                    speech_end_to_first_audio_ms=timings.speech_end_to_first_audio_ms,
                 ),
                 history_unsaved=event.history_unsaved,
             )
@@ -128,5 +186,13 @@ def message_to_proto(event: Message) -> pb.ConverseResponse:
                 llm_engine=event.llm_engine,
                 tts_engine=event.tts_engine,
             )
+        )
+    if isinstance(event, SpeechStarted):
+        return pb.ConverseResponse(speech_started=pb.SpeechStarted(audio_start_ms=event.audio_start_ms))
+    if isinstance(event, SpeechStopped):
+        return pb.ConverseResponse(speech_stopped=pb.SpeechStopped(audio_end_ms=event.audio_end_ms))
+    if isinstance(event, Transcript):
+        return pb.ConverseResponse(
+            transcript=pb.Transcript(turn_id=event.turn_id, text=event.text, is_final=event.is_final)
         )
     raise TypeError(f"no proto for {type(event).__name__}")

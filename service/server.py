@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from parley.v1 import voice_pb2
 from service.core.engine import LLMEngine, TTSEngine
+from service.core.hearing import VoiceInput
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
 from service.rpc import add_voice_service
@@ -59,12 +60,19 @@ async def start_server(
     defaults: SessionDefaults,
     limits: StreamLimits,
     store: SessionStore | None = None,
+    voice_input: VoiceInput | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
-    Without a store, sessions live in this process (the memory store with its defaults)."""
+    Without a store, sessions live in this process (the memory store with its defaults). Without
+    ``voice_input``, sessions take text only."""
     server = grpc.aio.server()
     servicer = VoiceServicer(
-        llm, tts, defaults, limits, store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
+        llm,
+        tts,
+        defaults,
+        limits,
+        store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S),
+        voice_input,
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

@@ -26,6 +26,7 @@ from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import TurnEnded
+from service.core.hearing import VoiceInput
 from service.core.outbox import Outbox
 from service.core.session import Ending, Session
 from service.core.settings import SessionDefaults
@@ -165,10 +166,17 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     """Serves ``parley.v1.VoiceService`` with the given engines."""
 
     def __init__(
-        self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, limits: StreamLimits, store: SessionStore
+        self,
+        llm: LLMEngine,
+        tts: TTSEngine,
+        defaults: SessionDefaults,
+        limits: StreamLimits,
+        store: SessionStore,
+        voice_input: VoiceInput | None = None,
     ) -> None:
         self._llm = llm
         self._tts = tts
+        self._voice_input = voice_input
         self._store = store
         self._defaults = defaults
         self._limits = limits
@@ -224,7 +232,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         """Run one stream; the error it ends with, if any."""
         outbox = Outbox(self._defaults.outbox)
         commands = CommandQueue()
-        session = Session(self._llm, self._tts, self._defaults, self._store, outbox)
+        session = Session(self._llm, self._tts, self._defaults, self._store, outbox, self._voice_input)
         writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id)
         writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None

@@ -15,12 +15,13 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.core.hearing import VoiceInput
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.server import RunningServer, start_server
 from service.servicer import StreamLimits
-from tests.fakes import FakeLLM, FakeTTS
+from tests.fakes import FakeDetector, FakeLLM, FakeSTT, FakeTTS
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Harness:
     tts: FakeTTS
     running: RunningServer
     channel: grpc.aio.Channel
+    stt: FakeSTT | None = None
     stub: voice_pb2_grpc.VoiceServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,9 +46,12 @@ async def start_harness(
     defaults: SessionDefaults | None = None,
     limits: StreamLimits | None = None,
     store: SessionStore | None = None,
+    stt: FakeSTT | None = None,
+    detector: FakeDetector | None = None,
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
+    voice_input = VoiceInput(detector or FakeDetector(), stt) if stt is not None else None
     running = await start_server(
         llm,
         tts,
@@ -55,9 +60,10 @@ async def start_harness(
         defaults=defaults or SessionDefaults(outbox=OutboxLimits(max_message_ms=100)),
         limits=limits or StreamLimits(),
         store=store,
+        voice_input=voice_input,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-    return Harness(llm, tts, running, channel)
+    return Harness(llm, tts, running, channel, stt)
 
 
 async def stop_harness(harness: Harness) -> None:

@@ -6,6 +6,7 @@ streams still open), so tests can check that an interrupt really stopped upstrea
 
 from __future__ import annotations
 
+import array
 import asyncio
 import copy
 import math
@@ -13,9 +14,9 @@ import re
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from service.core.engine import Audio, LLMRequest, Voice
+from service.core.engine import Audio, LLMRequest, Transcription, Voice
 from service.core.store import Claim, StoredSession
-from service.errors import LLMError, StoreUnavailable, TTSError
+from service.errors import LLMError, StoreUnavailable, STTError, TTSError
 from service.stores.memory import MemoryStore
 
 
@@ -171,3 +172,75 @@ class SlowStore(MemoryStore):
     def owned(self, session_id: str) -> bool:
         """A stream holds the session."""
         return session_id in self._owners
+
+
+@dataclass
+class FakeDetector:
+    """A speech detector that calls a frame speech when its samples are loud (|x| > 1000)."""
+
+    sample_rate_hz: int = 16000
+    frame_ms: float = 32.0
+    latency_s: float = 0.0
+
+    def stream(self) -> FakeFrames:
+        return FakeFrames(self)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeFrames:
+    def __init__(self, detector: FakeDetector) -> None:
+        self._detector = detector
+        self._pending = b""
+
+    async def feed(self, pcm: bytes) -> list[float]:
+        if self._detector.latency_s:
+            await asyncio.sleep(self._detector.latency_s)
+        data = self._pending + pcm
+        size = int(self._detector.sample_rate_hz * self._detector.frame_ms / 1000) * 2
+        whole = len(data) - len(data) % size
+        self._pending = data[whole:]
+        scores = []
+        for start in range(0, whole, size):
+            frame = array.array("h", data[start : start + size])
+            scores.append(0.95 if max(abs(x) for x in frame) > 1000 else 0.02)
+        return scores
+
+    def reset(self) -> None:
+        self._pending = b""
+
+
+@dataclass
+class FakeSTT:
+    """Transcribes every utterance as ``text`` (or the next of ``texts``) after ``latency_s``."""
+
+    text: str = "What is the weather like?"
+    texts: list[str] = field(default_factory=list)
+    latency_s: float = 0.05
+    no_speech_probability: float = 0.0
+    fail: bool = False
+    name: str = "fake-stt"
+    sample_rate_hz: int = 16000
+    heard: list[bytes] = field(default_factory=list)
+
+    async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
+        self.heard.append(pcm)
+        await asyncio.sleep(self.latency_s)
+        if self.fail:
+            raise STTError("fake STT failure: the model broke")
+        text = self.texts.pop(0) if self.texts else self.text
+        return Transcription(text, language or "en", self.no_speech_probability)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def loud(ms: int, rate: int = 16000, level: int = 8000) -> bytes:
+    """A loud 300 Hz tone: speech to the fake detector."""
+    count = rate * ms // 1000
+    return array.array("h", (int(level * math.sin(2 * math.pi * 300 * i / rate)) for i in range(count))).tobytes()
+
+
+def quiet(ms: int, rate: int = 16000) -> bytes:
+    return b"\x00\x00" * (rate * ms // 1000)

@@ -1,9 +1,11 @@
 """Commands: everything that can happen to a session, as values on one queue.
 
 The client's messages (:class:`Start`, :class:`UserText`, :class:`SpeakText`, :class:`Interrupt`,
-:class:`HalfClose`, and :class:`BadMessage` for one that could not be read) come from the
-transport's reader; the rest come from inside the server: the server shutting down, the session taken over by another
-stream or lost by the store, a turn finishing by itself. The session handles them one at a time, in order (see
+:class:`UserAudio`, :class:`CommitAudio`, :class:`ClearAudio`, :class:`HalfClose`, and
+:class:`BadMessage` for one that could not be read) come from the transport's reader; the rest come
+from inside the server: the server shutting down, the session taken over by another stream or lost
+by the store, a turn finishing by itself, the session's ears hearing speech begin, end, and its
+transcript. The session handles them one at a time, in order (see
 :meth:`service.core.session.Session.run`), so no two of them ever run at once.
 
 :class:`CommandQueue` bounds what the client can queue (its reader waits while the queue is full:
@@ -18,21 +20,29 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from service.core.events import SpokenInput
     from service.core.settings import StartRequest
     from service.core.turn import TurnRecord
+    from service.errors import EngineError
 
 __all__ = [
     "BadMessage",
     "ClaimLost",
+    "ClearAudio",
     "ClientCommand",
     "Command",
     "CommandQueue",
+    "CommitAudio",
     "HalfClose",
+    "Heard",
     "Interrupt",
     "Shutdown",
     "SpeakText",
+    "SpeechBegan",
+    "SpeechEnded",
     "Start",
     "TurnFinished",
+    "UserAudio",
     "UserText",
 ]
 
@@ -58,6 +68,21 @@ class SpeakText:
 @dataclass(frozen=True)
 class Interrupt:
     played_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class UserAudio:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CommitAudio:
+    turn_id: str = ""
+
+
+@dataclass(frozen=True)
+class ClearAudio:
+    pass
 
 
 @dataclass(frozen=True)
@@ -93,8 +118,32 @@ class TurnFinished:
     error: BaseException | None
 
 
-ClientCommand = Start | UserText | SpeakText | Interrupt | HalfClose | BadMessage
-Command = ClientCommand | Shutdown | ClaimLost | TurnFinished
+@dataclass(frozen=True)
+class SpeechBegan:
+    """Voice input: the user started speaking."""
+
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    """Voice input: the user stopped speaking; the transcript follows as :class:`Heard`."""
+
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class Heard:
+    """Voice input: an utterance's transcript (``text``), or the ``error`` that prevented one."""
+
+    turn_id: str
+    text: str | None
+    spoken: SpokenInput | None
+    error: EngineError | None = None
+
+
+ClientCommand = Start | UserText | SpeakText | Interrupt | UserAudio | CommitAudio | ClearAudio | HalfClose | BadMessage
+Command = ClientCommand | Shutdown | ClaimLost | TurnFinished | SpeechBegan | SpeechEnded | Heard
 
 
 class CommandQueue:

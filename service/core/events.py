@@ -20,11 +20,16 @@ from service.core.engine import LLMUsage
 __all__ = [
     "AudioChunk",
     "AudioPiece",
+    "Control",
     "Item",
     "Message",
     "SegmentStarted",
     "SessionStarted",
+    "SpeechStarted",
+    "SpeechStopped",
+    "SpokenInput",
     "TextDelta",
+    "Transcript",
     "TurnEnd",
     "TurnEndReason",
     "TurnEnded",
@@ -43,6 +48,17 @@ class TurnEndReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class SpokenInput:
+    """A voice turn's utterance: where its speech ended and how long the transcription took."""
+
+    speech_end_audio_ms: int
+    """Where the speech ended in the input audio's timeline."""
+    speech_end_at: float
+    """When the audio holding the end of the speech arrived (``time.monotonic()``)."""
+    transcription_s: float
+
+
+@dataclass(frozen=True)
 class TurnMoments:
     """When a turn's stages happened (``time.monotonic()`` seconds; None when a stage never did)."""
 
@@ -50,6 +66,7 @@ class TurnMoments:
     first_llm_token: float | None = None
     first_segment: float | None = None
     usage: LLMUsage | None = None
+    spoken: SpokenInput | None = None
 
 
 @dataclass
@@ -60,9 +77,11 @@ class TurnStats:
     first_llm_token: float | None = None
     first_segment: float | None = None
     usage: LLMUsage | None = None
+    spoken: SpokenInput | None = None
+    """Set for a turn that answers the user's voice."""
 
     def snapshot(self) -> TurnMoments:
-        return TurnMoments(self.started, self.first_llm_token, self.first_segment, self.usage)
+        return TurnMoments(self.started, self.first_llm_token, self.first_segment, self.usage, self.spoken)
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,10 @@ class TurnTimings:
     first_audio_ms: int
     total_ms: int
     audio_duration_ms: int
+    speech_end_audio_ms: int = 0
+    transcription_ms: int = 0
+    speech_end_to_first_audio_ms: int = 0
+    """Voice turns: from the end of the user's speech arriving to the first audio sent."""
 
 
 # -- items: what the core puts in the outbox ---------------------------------------------------------
@@ -125,7 +148,31 @@ class TurnEnd:
     history_unsaved: bool = False
 
 
-Item = SessionStarted | TextDelta | SegmentStarted | AudioPiece | TurnEnd
+@dataclass(frozen=True)
+class SpeechStarted:
+    """Voice input: the user started speaking (offset in the input audio's timeline)."""
+
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """Voice input: the user stopped speaking."""
+
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """Voice input: what the user said; the final one opens the reply turn ``turn_id``."""
+
+    turn_id: str
+    text: str
+    is_final: bool
+
+
+Control = SessionStarted | TurnEnd | SpeechStarted | SpeechStopped | Transcript
+Item = SessionStarted | TextDelta | SegmentStarted | AudioPiece | TurnEnd | SpeechStarted | SpeechStopped | Transcript
 
 
 # -- messages: what the outbox hands to the transport ------------------------------------------------
@@ -151,4 +198,6 @@ class TurnEnded:
     history_unsaved: bool = False
 
 
-Message = SessionStarted | TextDelta | SegmentStarted | AudioChunk | TurnEnded
+Message = (
+    SessionStarted | TextDelta | SegmentStarted | AudioChunk | TurnEnded | SpeechStarted | SpeechStopped | Transcript
+)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from service.core.events import (
     AudioChunk,
     AudioPiece,
+    Control,
     Item,
     Message,
     SegmentStarted,
-    SessionStarted,
     TextDelta,
     TurnEnd,
     TurnEnded,
@@ -111,8 +111,9 @@ class Outbox:
             return
         self._append(outlet, item)
 
-    def put_control(self, item: SessionStarted | TurnEnd, outlet: Outlet | None = None) -> None:
-        """Queue a session start or a turn's end without waiting for room (ignored once closed)."""
+    def put_control(self, item: Control, outlet: Outlet | None = None) -> None:
+        """Queue a session start, a turn's end or news of the user's voice without waiting for room
+        (ignored once closed)."""
         if not self._closed:
             self._append(outlet, item)
 
@@ -263,11 +264,17 @@ def _ended(end: TurnEnd, outlet: Outlet | None) -> TurnEnded:
 
     first_audio = outlet.first_audio_at if outlet is not None else None
     audio_ms = outlet.audio_ms_sent if outlet is not None else 0.0
+    spoken = moments.spoken
     timings = TurnTimings(
         first_llm_token_ms=since_start(moments.first_llm_token),
         first_segment_ms=since_start(moments.first_segment),
         first_audio_ms=since_start(first_audio),
         total_ms=since_start(time.monotonic()),
         audio_duration_ms=round(audio_ms),
+        speech_end_audio_ms=spoken.speech_end_audio_ms if spoken else 0,
+        transcription_ms=round(spoken.transcription_s * 1000) if spoken else 0,
+        speech_end_to_first_audio_ms=(
+            round((first_audio - spoken.speech_end_at) * 1000) if spoken and first_audio is not None else 0
+        ),
     )
     return TurnEnded(end.turn_id, end.reason, end.spoken_text, timings, moments.usage, end.error, end.history_unsaved)

@@ -31,19 +31,35 @@ from service.core.aio import first_of, to_the_end
 from service.core.command import (
     BadMessage,
     ClaimLost,
+    ClearAudio,
     ClientCommand,
     Command,
     CommandQueue,
+    CommitAudio,
     HalfClose,
+    Heard,
     Interrupt,
     Shutdown,
     SpeakText,
+    SpeechBegan,
+    SpeechEnded,
     Start,
     TurnFinished,
+    UserAudio,
     UserText,
 )
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
-from service.core.events import SessionStarted, TurnEnd, TurnEndReason, TurnStats
+from service.core.events import (
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    SpokenInput,
+    Transcript,
+    TurnEnd,
+    TurnEndReason,
+    TurnStats,
+)
+from service.core.hearing import Ears, VoiceInput
 from service.core.history import Conversation, heard_text
 from service.core.outbox import Outbox
 from service.core.saver import HistorySaver
@@ -90,10 +106,18 @@ class Session:
     """One client's conversation. Create, then ``await run(commands)`` once."""
 
     def __init__(
-        self, llm: LLMEngine, tts: TTSEngine, defaults: SessionDefaults, store: SessionStore, outbox: Outbox
+        self,
+        llm: LLMEngine,
+        tts: TTSEngine,
+        defaults: SessionDefaults,
+        store: SessionStore,
+        outbox: Outbox,
+        voice_input: VoiceInput | None = None,
     ) -> None:
         self._llm = llm
         self._tts = tts
+        self._voice_input = voice_input
+        self._ears: Ears | None = None
         self._defaults = defaults
         self._store = store
         self._outbox = outbox
@@ -168,6 +192,20 @@ class Session:
             case Interrupt(played_ms):
                 self._require_started("interrupt")
                 await self._interrupt(played_ms)
+            case UserAudio(data):
+                await self._require_ears("user_audio").feed(self._checked_audio(data))
+            case CommitAudio(turn_id):
+                self._check_turn_id(turn_id, "commit_audio.turn_id")
+                await self._require_ears("commit_audio").commit(turn_id)
+            case ClearAudio():
+                await self._require_ears("clear_audio").clear()
+            case SpeechBegan(audio_start_ms):
+                self._outbox.put_control(SpeechStarted(audio_start_ms))
+                await self._interrupt(self._played_estimate())  # barge-in by voice
+            case SpeechEnded(audio_end_ms):
+                self._outbox.put_control(SpeechStopped(audio_end_ms))
+            case Heard(turn_id, text, spoken, error):
+                await self._transcribed(turn_id, text, spoken, error)
             case HalfClose():
                 self._drain(Ending.HALF_CLOSED)
             case Shutdown():
@@ -194,6 +232,10 @@ class Session:
             raise InvalidRequest("`start` was already sent; send it only once, as the first message")
         voices = self._tts.voices()
         check_start(request, self._defaults, voices)
+        if request.input_audio is not None:
+            if self._voice_input is None:
+                raise InvalidRequest("this server takes no voice input (it has no speech-to-text engine); send text")
+            request.input_audio.resolve(self._defaults.listen)  # its errors before anything is created
         stored: StoredSession | None = None
         if request.session_id:
             resumed = await self._store.resume(request.session_id)
@@ -219,6 +261,11 @@ class Session:
         self._outbox.put_control(
             SessionStarted(self.session_id, settings.audio, settings.voice, self._llm.name, self._tts.name)
         )
+        if request.input_audio is not None:
+            assert self._voice_input is not None  # checked above
+            listen = request.input_audio.resolve(self._defaults.listen)
+            self._ears = Ears(self._voice_input, listen, self._commands.put_nowait if self._commands else _nowhere)
+            self._ears.start()
         if request.session_id and settings.stored_fields() != _stored_fields(stored):
             self._saver.submit(self._snapshot())  # a new voice or prompt holds from now, even if no turn follows
 
@@ -279,6 +326,51 @@ class Session:
         if self._heard is not None:
             self._cut_heard(self._heard, played_ms)
 
+    def _played_estimate(self) -> int | None:
+        """What the client has played of the turn it may be hearing, when it has not said: the audio
+        sent minus what it still holds (sent faster than real time), as if playback began with the
+        first audio. A later ``interrupt`` with ``played_ms`` corrects it."""
+        turn = self._current or self._heard
+        if turn is None or turn.outlet.first_audio_at is None:
+            return None
+        lead = max(turn.outlet.client_lead_ms(time.monotonic()), 0.0)
+        return max(round(turn.outlet.audio_ms_sent - lead), 0)
+
+    async def _transcribed(
+        self, turn_id: str, text: str | None, spoken: SpokenInput | None, error: Exception | None
+    ) -> None:
+        """An utterance's transcript opens a turn with it as the user's message."""
+        settings = self._settings
+        assert settings is not None
+        if self._unanswerable():
+            return
+        turn_id = self._new_turn_id(turn_id)
+        if error is not None or not text:
+            message = str(error) if error is not None else "nothing was understood"
+            self._outbox.put_control(TurnEnd(turn_id, TurnEndReason.FAILED, "", TurnStats().snapshot(), message))
+            return
+        text = text[: self._defaults.max_text_chars]
+        self._outbox.put_control(Transcript(turn_id, text, True))
+        await self._interrupt(None)  # the speech already cut any reply; this only ends one still open
+        request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
+        turn = self._begin(turn_id, llm_deltas(self._llm, request), user_text=text)
+        turn.stats.spoken = spoken
+
+    def _require_ears(self, what: str) -> Ears:
+        self._require_started(what)
+        if self._ears is None:
+            raise InvalidRequest(f"`{what}` needs voice input: set start.input_audio when opening the session")
+        return self._ears
+
+    def _checked_audio(self, data: bytes) -> bytes:
+        assert self._ears is not None
+        if len(data) > self._ears.max_chunk_bytes:
+            raise InvalidRequest(
+                f"user_audio.data is {len(data)} bytes, over one second of audio ({self._ears.max_chunk_bytes} bytes "
+                "at the input's rate); send it in smaller pieces"
+            )
+        return data
+
     def _unanswerable(self) -> bool:
         """The server is shutting down: a message that would begin a turn is not answered (nor does it
         cut the turn in progress, which is sent whole; a speak turn's text is complete as it was)."""
@@ -303,12 +395,7 @@ class Session:
     ) -> TurnRecord:
         settings = self._settings
         assert settings is not None
-        while not turn_id or turn_id in self._used_turn_ids:
-            self._turns_started += 1
-            turn_id = f"turn-{self._turns_started}"
-        self._used_turn_ids[turn_id] = None
-        if len(self._used_turn_ids) > REMEMBERED_TURN_IDS:
-            self._used_turn_ids.popitem(last=False)
+        turn_id = self._new_turn_id(turn_id)
         stats = TurnStats()
         outlet = self._outbox.open_turn(turn_id)
         speak_input: asyncio.Queue[str | None] = asyncio.Queue()
@@ -329,6 +416,18 @@ class Session:
         turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn {turn_id}")
         self._current = turn
         return turn
+
+    def _new_turn_id(self, turn_id: str) -> str:
+        """The client's id for a new turn, or the next free ``turn-N``; remembered from now."""
+        if turn_id in self._used_turn_ids:
+            return turn_id  # already allocated (a transcript announced it)
+        while not turn_id or turn_id in self._used_turn_ids:
+            self._turns_started += 1
+            turn_id = f"turn-{self._turns_started}"
+        self._used_turn_ids[turn_id] = None
+        if len(self._used_turn_ids) > REMEMBERED_TURN_IDS:
+            self._used_turn_ids.popitem(last=False)
+        return turn_id
 
     async def _run_turn(self, turn: TurnRecord) -> None:
         """The turn's task: run the pipeline, then tell the loop (unless it was stopped)."""
@@ -436,6 +535,8 @@ class Session:
         had not all been sent, is kept in the history as far as its audio was sent."""
         for watcher in self._watchers:
             watcher.cancel()
+        if self._ears is not None:
+            await self._ears.aclose()
         owned = self._claim is not None and not self._claim.lost.is_set()
         turn = self._current
         if turn is None and cut_short and owned and self._heard is not None:
@@ -471,3 +572,7 @@ class Session:
 
 def _stored_fields(stored: StoredSession) -> tuple[str, str, float | None, int | None]:
     return stored.system_prompt, stored.voice, stored.temperature, stored.max_tokens
+
+
+def _nowhere(command: Command) -> None:
+    """Where the ears post before the loop runs (never: the loop starts before ``start``)."""

@@ -10,17 +10,21 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from service.core.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, Encoding
 from service.core.engine import Voice
 from service.core.history import HistoryLimits
+from service.core.listening import ListenPolicy, TurnDetection
 from service.core.outbox import OutboxLimits
 from service.core.store import StoredSession
 from service.core.turn import TurnOptions
 from service.errors import InvalidRequest
 
 __all__ = [
+    "InputAudioRequest",
+    "InputAudioStart",
     "SessionDefaults",
     "SessionSettings",
     "StartRequest",
@@ -48,6 +52,8 @@ class SessionDefaults:
     turn: TurnOptions = field(default_factory=TurnOptions)
     outbox: OutboxLimits = field(default_factory=OutboxLimits)
     history: HistoryLimits = field(default_factory=HistoryLimits)
+    listen: ListenPolicy = field(default_factory=ListenPolicy)
+    """Voice input's turn detection, for a client that sets none."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,53 @@ class StartRequest:
     sample_rate_hz: int = 0
     temperature: float | None = None
     max_tokens: int | None = None
+    input_audio: InputAudioStart | None = None
+    """Voice input, when the client asks for it."""
+
+
+@dataclass(frozen=True)
+class InputAudioRequest:
+    """A session's voice input settings, resolved."""
+
+    sample_rate_hz: int
+    language: str
+    policy: ListenPolicy
+
+
+@dataclass(frozen=True)
+class InputAudioStart:
+    """``start.input_audio`` as the client sent it (None: the server's default)."""
+
+    sample_rate_hz: int
+    language: str = ""
+    mode: TurnDetection | None = None
+    silence_ms: int | None = None
+    prefix_padding_ms: int | None = None
+    threshold: float | None = None
+    min_speech_ms: int | None = None
+
+    def resolve(self, defaults: ListenPolicy) -> InputAudioRequest:
+        """The input audio settings with the server's defaults filled in. Raises
+        :class:`InvalidRequest` naming what is out of range."""
+        if not MIN_SAMPLE_RATE_HZ <= self.sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
+            raise InvalidRequest(
+                f"start.input_audio.sample_rate_hz is {self.sample_rate_hz}; "
+                f"use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}"
+            )
+        if len(self.language) > 16:
+            raise InvalidRequest("start.input_audio.language is too long; use a code such as 'en'")
+        chosen: dict[str, Any] = {
+            "mode": self.mode,
+            "silence_ms": self.silence_ms,
+            "prefix_padding_ms": self.prefix_padding_ms,
+            "threshold": self.threshold,
+            "min_speech_ms": self.min_speech_ms,
+        }
+        try:
+            policy = replace(defaults, **{k: v for k, v in chosen.items() if v is not None})
+        except ValueError as error:
+            raise InvalidRequest(f"start.input_audio.turn_detection: {error}") from error
+        return InputAudioRequest(self.sample_rate_hz, self.language, policy)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,11 @@ async def test_speak_mode_reads_text_verbatim_without_llm(harness: Harness) -> N
     assert ended.reason == pb.TURN_END_REASON_COMPLETED
     assert ended.spoken_text == "Hello there, Dr. Smith. It costs $29.95 today."
     assert ended.timings.first_llm_token_ms == 0 and ended.timings.first_audio_ms > 0
-    assert " ".join(harness.tts.texts) == "Hello there, Dr. Smith. It costs $29.95 today."
+    # The captions are verbatim; the voice says the amount as a person does.
+    assert (
+        " ".join(harness.tts.texts)
+        == "Hello there, Dr. Smith. It costs twenty-nine dollars and ninety-five cents today."
+    )
 
 
 async def test_half_close_finishes_an_unflushed_speak_turn(harness: Harness) -> None:

@@ -1,0 +1,205 @@
+"""A session's ears: the user's voice in, utterances and their transcripts out.
+
+:class:`Ears` owns one stream's voice input: it resamples the client's PCM16 to the detector's rate,
+scores it with the speech detector, finds utterances with a :class:`~service.core.listening.Listener`
+and transcribes each with the STT engine. It runs as its own task, in the order the audio came, and
+tells the session what happened through commands (:class:`~service.core.command.SpeechBegan`,
+:class:`~service.core.command.SpeechEnded`, :class:`~service.core.command.Heard`), so the session's
+one loop still decides everything (a barge-in, a new turn).
+
+Bounded: at most ``MAX_QUEUED_CHUNKS`` chunks wait to be scored (the session, and so the client's
+reader, waits while they do), an utterance is at most the listener's ``max_utterance_ms``, and one
+transcription runs at a time (the next utterance waits for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from service.core.command import Command, Heard, SpeechBegan, SpeechEnded
+from service.core.engine import SpeechDetector, STTEngine, Transcription
+from service.core.events import SpokenInput
+from service.core.listening import Listener, Utterance
+from service.core.listening import SpeechBegan as Began
+from service.core.settings import InputAudioRequest
+from service.errors import EngineError, STTError
+
+__all__ = ["MAX_QUEUED_CHUNKS", "Ears", "VoiceInput", "is_hallucination"]
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_CHUNKS = 16
+
+# What Whisper writes for silence or noise (it was trained on subtitles): never a turn on its own,
+# unless the utterance had real speech in it and the engine is sure it heard some.
+_HALLUCINATIONS = frozenset(
+    {
+        "thank you",
+        "thank you very much",
+        "thanks",
+        "thanks for watching",
+        "thank you for watching",
+        "thank you so much for watching",
+        "please subscribe",
+        "you",
+        "bye",
+        "so",
+        "okay",
+        "oh",
+        "hmm",
+        "subtitles by the amaraorg community",
+    }
+)
+_NOT_WORDS = re.compile(r"[^\w\s]")
+
+
+@dataclass(frozen=True)
+class VoiceInput:
+    """The engines voice input needs."""
+
+    detector: SpeechDetector
+    stt: STTEngine
+    language: str = ""
+    """The server's default language ("": detect)."""
+
+
+def is_hallucination(result: Transcription, speech_ms: float) -> bool:
+    """Whether a transcript is what Whisper writes for silence or noise, not what the user said."""
+    words = " ".join(_NOT_WORDS.sub("", result.text.lower()).split())
+    if not words:
+        return True
+    if result.no_speech_probability >= 0.6:
+        return True
+    return words in _HALLUCINATIONS and (speech_ms < 1500 or result.no_speech_probability >= 0.3)
+
+
+class Ears:
+    """One stream's voice input. :meth:`start`, then :meth:`feed`, :meth:`commit`, :meth:`clear`
+    in the client's order; :meth:`aclose` at the end."""
+
+    def __init__(self, engines: VoiceInput, request: InputAudioRequest, post: Callable[[Command], None]) -> None:
+        self._engines = engines
+        self._request = request
+        self._post = post
+        detector = engines.detector
+        self._rate = detector.sample_rate_hz
+        self._frames = detector.stream()
+        self._listener = Listener(request.policy, self._rate, detector.frame_ms)
+        self._resampler = (
+            None
+            if request.sample_rate_hz == self._rate
+            else soxr.ResampleStream(request.sample_rate_hz, self._rate, 1, dtype="int16", quality="HQ")
+        )
+        self._odd_byte = b""
+        self._queue: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue(MAX_QUEUED_CHUNKS)
+        self._task: asyncio.Task[None] | None = None
+        self._transcribing: asyncio.Task[None] | None = None
+        # When each chunk's end arrived, by sample: to know when the end of an utterance's speech did.
+        self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=512)
+        self._samples = 0
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        """The largest ``user_audio`` accepted: one second, at the client's rate."""
+        return self._request.sample_rate_hz * 2
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ears")
+
+    async def feed(self, pcm: bytes) -> None:
+        """Queue a chunk of the client's audio (waits while ``MAX_QUEUED_CHUNKS`` wait)."""
+        await self._queue.put(pcm)
+
+    async def commit(self, turn_id: str) -> None:
+        """The client says the utterance is over (MANUAL); its transcript opens ``turn_id``."""
+        await self._queue.put(("commit", turn_id))
+
+    async def clear(self) -> None:
+        """Discard the audio since the utterance began."""
+        await self._queue.put(("clear", ""))
+
+    async def aclose(self) -> None:
+        for task in (self._task, self._transcribing):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._task, self._transcribing) if t is not None), return_exceptions=True)
+
+    # -- the task ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, bytes):
+                    await self._hear(item)
+                elif item[0] == "commit":
+                    utterance = self._listener.commit()
+                    if utterance is not None:
+                        self._ended(utterance, item[1])
+                else:
+                    self._listener.clear()
+                    self._frames.reset()
+        except EngineError as error:
+            log.warning("voice input failed: %s", error)
+            self._post(Heard("", None, None, error))
+
+    async def _hear(self, pcm: bytes) -> None:
+        now = time.monotonic()
+        pcm = self._to_detector_rate(pcm)
+        self._samples += len(pcm) // 2
+        self._arrivals.append((self._samples, now))
+        probabilities = await self._frames.feed(pcm)
+        for event in self._listener.push(pcm, probabilities):
+            if isinstance(event, Began):
+                self._post(SpeechBegan(round(event.audio_start_ms)))
+            else:
+                self._ended(event, "")
+
+    def _ended(self, utterance: Utterance, turn_id: str) -> None:
+        end_sample = round(utterance.audio_end_ms * self._rate / 1000)
+        arrived = next((at for sample, at in self._arrivals if sample >= end_sample), time.monotonic())
+        self._post(SpeechEnded(round(utterance.audio_end_ms)))
+        previous = self._transcribing
+        self._transcribing = asyncio.create_task(
+            self._transcribe(utterance, turn_id, arrived, previous), name="transcription"
+        )
+
+    async def _transcribe(
+        self, utterance: Utterance, turn_id: str, arrived: float, previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(previous)  # transcripts leave in the order the user spoke
+        began = time.monotonic()
+        language = self._request.language or self._engines.language or None
+        try:
+            result = await self._engines.stt.transcribe(utterance.pcm, language)
+        except STTError as error:
+            log.warning("transcription failed: %s", error)
+            self._post(Heard(turn_id, None, None, error))
+            return
+        spent = time.monotonic() - began
+        if is_hallucination(result, utterance.speech_ms):
+            log.info("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
+            return
+        self._post(Heard(turn_id, result.text.strip(), SpokenInput(round(utterance.audio_end_ms), arrived, spent)))
+
+    def _to_detector_rate(self, pcm: bytes) -> bytes:
+        if self._odd_byte:
+            pcm = self._odd_byte + pcm
+        whole = len(pcm) - len(pcm) % 2
+        self._odd_byte = pcm[whole:]
+        if self._resampler is None:
+            return pcm[:whole]
+        samples = self._resampler.resample_chunk(np.frombuffer(pcm[:whole], dtype="<i2"), last=False)
+        return samples.astype("<i2").tobytes()

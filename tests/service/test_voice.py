@@ -1,0 +1,214 @@
+"""Voice input through the real gRPC server, with a fake speech detector (loud is speech) and a fake
+STT engine of configurable latency: utterances, barge-in, coughs, MANUAL commit and clear, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from parley.v1 import voice_pb2 as pb
+from tests.conftest import Harness, start, start_harness, stop_harness
+from tests.fakes import FakeLLM, FakeSTT, loud, quiet
+
+RATE = 16000
+
+
+@pytest.fixture
+async def voiced() -> AsyncIterator[Harness]:
+    h = await start_harness(stt=FakeSTT())
+    yield h
+    await stop_harness(h)
+
+
+def voice_start(**detection: object) -> pb.ConverseRequest:
+    return start(
+        input_audio=pb.InputAudio(
+            sample_rate_hz=RATE,
+            turn_detection=pb.TurnDetection(**detection),  # type: ignore[arg-type]
+        )
+    )
+
+
+def audio(pcm: bytes, chunk_ms: int = 100) -> list[pb.ConverseRequest]:
+    size = RATE * 2 * chunk_ms // 1000
+    return [pb.ConverseRequest(user_audio=pb.UserAudio(data=pcm[i : i + size])) for i in range(0, len(pcm), size)]
+
+
+async def read_until(
+    call: grpc.aio.StreamStreamCall, kind: str, seen: list[pb.ConverseResponse]
+) -> pb.ConverseResponse:
+    while True:
+        response = await asyncio.wait_for(call.read(), 10)
+        assert response is not grpc.aio.EOF, f"stream ended before {kind}"
+        seen.append(response)
+        if response.WhichOneof("kind") == kind:
+            return response
+
+
+def kinds(responses: list[pb.ConverseResponse]) -> list[str]:
+    return [r.WhichOneof("kind") for r in responses]
+
+
+async def test_an_utterance_is_transcribed_and_answered(voiced: Harness) -> None:
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=300, min_speech_ms=100, prefix_padding_ms=200))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    for request in audio(quiet(500) + loud(800) + quiet(600)):
+        await call.write(request)
+    ended = await read_until(call, "turn_ended", seen)
+    order = [k for k in kinds(seen) if k in ("speech_started", "speech_stopped", "transcript", "turn_ended")]
+    assert order == ["speech_started", "speech_stopped", "transcript", "turn_ended"]
+    started = next(r.speech_started for r in seen if r.WhichOneof("kind") == "speech_started")
+    stopped = next(r.speech_stopped for r in seen if r.WhichOneof("kind") == "speech_stopped")
+    assert 250 <= started.audio_start_ms <= 350  # speech at 500 ms, 200 ms of padding kept before it
+    assert 1250 <= stopped.audio_end_ms <= 1350
+    transcript = next(r.transcript for r in seen if r.WhichOneof("kind") == "transcript")
+    assert transcript.is_final and transcript.text == "What is the weather like?"
+    assert transcript.turn_id == ended.turn_ended.turn_id
+    assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert voiced.llm.requests[-1].messages[-1].content == "What is the weather like?"
+    timings = ended.turn_ended.timings
+    assert timings.transcription_ms >= 40 and timings.speech_end_audio_ms == stopped.audio_end_ms
+    # Sent faster than real time here, so the silence after the speech arrived with it: the wait is
+    # the transcription and the reply's first audio.
+    assert timings.speech_end_to_first_audio_ms >= timings.transcription_ms
+    # The utterance the STT got: the padding, the speech, a little after; at the detector's rate.
+    heard = voiced.stt.heard[0]  # type: ignore[union-attr]
+    assert 0.9 * RATE * 2 <= len(heard) <= 1.3 * RATE * 2
+    call.cancel()
+
+
+async def test_speech_during_a_reply_interrupts_it_at_once(voiced: Harness) -> None:
+    voiced.llm.token_s = 0.05  # a reply that takes a while
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=300, min_speech_ms=100))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a story.")))
+    await read_until(call, "audio", seen)
+    for request in audio(loud(300)):
+        await call.write(request)
+    ended = await read_until(call, "turn_ended", seen)
+    after_speech = kinds(seen)[kinds(seen).index("speech_started") :]
+    assert "audio" not in after_speech  # nothing more of the reply once the user spoke
+    assert ended.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+    call.cancel()
+
+
+async def test_a_cough_neither_interrupts_nor_starts_a_turn(voiced: Harness) -> None:
+    voiced.llm.token_s = 0.02
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=300, min_speech_ms=250))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a story.")))
+    await read_until(call, "audio", seen)
+    for request in audio(loud(120) + quiet(800)):  # a cough: 120 ms
+        await call.write(request)
+    ended = await read_until(call, "turn_ended", seen)
+    assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert "speech_started" not in kinds(seen) and voiced.stt.heard == []  # type: ignore[union-attr]
+    call.cancel()
+
+
+@pytest.mark.parametrize("heard", ["Thank you.", "", "  ", "Thanks for watching!"])
+async def test_what_whisper_hears_in_noise_never_starts_a_turn(heard: str) -> None:
+    h = await start_harness(stt=FakeSTT(text=heard, no_speech_probability=0.4))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(silence_ms=200, min_speech_ms=100))
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        for request in audio(loud(300) + quiet(500)):
+            await call.write(request)
+        await read_until(call, "speech_stopped", seen)
+        await asyncio.sleep(0.3)  # the transcription is done by now
+        await call.write(pb.ConverseRequest(user_text=pb.UserText(text="ping")))
+        ended = await read_until(call, "turn_ended", seen)
+        assert "transcript" not in kinds(seen) and ended.turn_ended.turn_id == "turn-1"
+        assert [r.messages[-1].content for r in h.llm.requests] == ["ping"]
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_manual_mode_waits_for_commit_and_clear_discards(voiced: Harness) -> None:
+    voiced.stt.texts = ["First question.", "Second question."]  # type: ignore[union-attr]
+    call = voiced.stub.Converse()
+    await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    for request in audio(loud(400) + quiet(1500)):  # silence does not end a MANUAL utterance
+        await call.write(request)
+    await read_until(call, "speech_started", seen)
+    await asyncio.sleep(0.2)
+    assert "speech_stopped" not in kinds(seen)
+    await call.write(pb.ConverseRequest(clear_audio=pb.ClearAudio()))
+    for request in audio(loud(300)):
+        await call.write(request)
+    await call.write(pb.ConverseRequest(commit_audio=pb.CommitAudio(turn_id="mine")))
+    ended = await read_until(call, "turn_ended", seen)
+    assert ended.turn_ended.turn_id == "mine"
+    transcript = next(r.transcript for r in seen if r.WhichOneof("kind") == "transcript")
+    assert transcript.turn_id == "mine" and transcript.text == "First question."
+    assert len(voiced.stt.heard) == 1 and len(voiced.stt.heard[0]) <= 0.35 * RATE * 2  # type: ignore[union-attr]
+    call.cancel()
+
+
+async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_on() -> None:
+    h = await start_harness(stt=FakeSTT(fail=True))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(silence_ms=200, min_speech_ms=100))
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        for request in audio(loud(300) + quiet(400)):
+            await call.write(request)
+        ended = await read_until(call, "turn_ended", seen)
+        assert ended.turn_ended.reason == pb.TURN_END_REASON_FAILED and "STT" in ended.turn_ended.error
+        await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Still there?")))
+        ended = await read_until(call, "turn_ended", seen)
+        assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    ("requests", "words"),
+    [
+        ([start(), pb.ConverseRequest(user_audio=pb.UserAudio(data=b"\x00\x00"))], "start.input_audio"),
+        ([start(), pb.ConverseRequest(commit_audio=pb.CommitAudio())], "start.input_audio"),
+        ([voice_start(), pb.ConverseRequest(user_audio=pb.UserAudio(data=b"\x00" * (RATE * 2 + 2)))], "one second"),
+        ([start(input_audio=pb.InputAudio(sample_rate_hz=4000))], "sample_rate_hz"),
+        ([voice_start(silence_ms=10)], "silence_ms"),
+        ([voice_start(threshold=2.0)], "threshold"),
+        ([start(input_audio=pb.InputAudio(sample_rate_hz=RATE, encoding=pb.AUDIO_ENCODING_WAV))], "PCM16"),
+    ],
+    ids=["audio without input_audio", "commit without", "chunk over a second", "rate", "silence", "threshold", "wav"],
+)
+async def test_bad_voice_input_is_invalid_argument(
+    voiced: Harness, requests: list[pb.ConverseRequest], words: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in voiced.stub.Converse(iter(requests)):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in (caught.value.details() or "")
+
+
+async def test_a_server_without_stt_refuses_voice_input() -> None:
+    h = await start_harness(FakeLLM())
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in h.stub.Converse(iter([voice_start()])):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no voice input" in (
+            caught.value.details() or ""
+        )
+    finally:
+        await stop_harness(h)
