@@ -166,10 +166,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def run_process(*argv: str, cwd: Path = ROOT, timeout_s: float = 60) -> tuple[int, str, str]:
+async def run_process(
+    *argv: str, cwd: Path = ROOT, timeout_s: float = 60, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run a command to its end; its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout_s)
     assert process.returncode is not None

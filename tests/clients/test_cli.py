@@ -123,7 +123,9 @@ PARLEY = Path(sys.executable).parent / "parley"
 
 
 async def run_script(*args: str, cwd: Path) -> tuple[int, str, str]:
-    return await run_process(str(PARLEY), *args, cwd=cwd)
+    # The console script imports the code of the checkout it was installed from; run this one's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return await run_process(str(PARLEY), *args, cwd=cwd, env=env)
 
 
 async def test_console_script_saves_wav_when_there_is_no_sound_device(harness: Harness, tmp_path: Path) -> None:
