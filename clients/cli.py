@@ -1,6 +1,7 @@
 """Parley's command-line client (installed as ``parley``).
 
     parley "Why is the sky blue?"        ask once: captions stream, the reply plays or is saved as WAV
+    parley Hi there                      the same; the words of an unquoted question are joined
     parley --speak "Read this aloud."    read text aloud (no LLM)
     parley                               interactive: one session, many turns
     parley --json "Hi"                   every server message as one JSON line, for scripts
@@ -246,8 +247,10 @@ async def run(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="parley", description=__doc__.split("\n\n")[0])
-    parser.add_argument("question", nargs="?", help="ask this once (omit for interactive mode)")
-    parser.add_argument("--speak", metavar="TEXT", help="read TEXT aloud instead of asking the LLM")
+    parser.add_argument(
+        "question", nargs="*", help="ask this once, quoted or not (omit for interactive mode)", metavar="QUESTION"
+    )
+    parser.add_argument("--speak", metavar="TEXT", nargs="+", help="read TEXT aloud instead of asking the LLM")
     parser.add_argument(
         "--server",
         default=os.environ.get("PARLEY_SERVER", "localhost:50051"),
@@ -262,7 +265,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-play", action="store_true", help="do not play on the sound device; write WAV files")
     parser.add_argument("--json", action="store_true", help="print every server message as one JSON line")
-    args = parser.parse_args(argv)
+    # Intermixed, so that options may also follow the words: parley Why is the sky blue? --no-play
+    args = parser.parse_intermixed_args(argv)
+    if args.question and args.speak is not None:
+        parser.error("give a question or --speak TEXT, not both")
+    # The words of an unquoted question (parley Hi there) are one question.
+    args.question = " ".join(args.question) if args.question else None
+    args.speak = " ".join(args.speak) if args.speak is not None else None
     for given, what in ((args.question, "the question"), (args.speak, "--speak")):
         if given is not None and not given.strip():
             parser.error(f"{what} is empty: give the text to send")

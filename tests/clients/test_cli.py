@@ -231,3 +231,19 @@ async def test_json_mode_stops_quietly_when_its_reader_goes_away(harness: Harnes
     )
     assert code == 0 and stdout.startswith('{"sessionStarted"')
     assert "exit 141" in stderr and "Traceback" not in stderr
+
+
+async def test_an_unquoted_question_is_one_question(harness: Harness, tmp_path: Path) -> None:
+    server = f"127.0.0.1:{harness.running.port}"
+    # Options may come before or after the words, as with other commands.
+    code, stdout, stderr = await run_cli(
+        "--server", server, "Hi", "there,", "how", "are", "you?", "--out", str(tmp_path / "q.wav")
+    )
+    assert code == 0, stderr
+    assert stdout.strip() == harness.llm.reply
+    assert harness.llm.requests[-1].messages[-1].content == "Hi there, how are you?"
+    code, stdout, stderr = await run_cli("--server", server, "--out", str(tmp_path / "s.wav"), "--speak", "Read", "me.")
+    assert code == 0, stderr
+    assert stdout.strip() == "Read me."
+    code, _, stderr = await run_cli("--server", server, "Hi", "--speak", "Read me.")
+    assert code == 2 and "give a question or --speak TEXT, not both" in stderr
