@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -29,6 +30,8 @@ from google.protobuf import json_format
 from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the service accepts as start.session_id
 
 _REASONS = {
     pb.TURN_END_REASON_COMPLETED: "completed",
@@ -156,14 +159,69 @@ class Conversation:
         return f", audio in {path}"
 
 
-def explain(error: grpc.aio.AioRpcError, target: str) -> str:
+async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace) -> str:
     """A message a person can act on."""
-    code = error.code()
+    code, target = error.code(), args.server
     if code == grpc.StatusCode.UNAVAILABLE:
+        if (http := await http_server_at(target)) is not None:
+            host = http[0]
+            if http[1]:
+                return (
+                    f"{target} is Parley's WebSocket bridge (the browser page), which speaks HTTP, not gRPC: "
+                    f"the CLI talks to the service itself, usually on port {SERVICE_PORT} "
+                    f"(--server {host}:{SERVICE_PORT})"
+                )
+            return (
+                f"{target} answers HTTP, not gRPC, so it is not the Parley service, which usually listens on "
+                f"port {SERVICE_PORT} (--server {host}:{SERVICE_PORT})"
+            )
         return f"cannot reach Parley at {target}: is the service running? (start it with `make run`)"
+    if code == grpc.StatusCode.NOT_FOUND and args.session:
+        return (
+            f"the service at {target} has no session {args.session!r}: it never existed, it expired, or it was "
+            "lost when the service restarted; run without --session to start a new conversation"
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return f"the service rejected the request: {error.details()}"
     return f"the service ended the stream with {code.name}: {error.details()}"
+
+
+SERVICE_PORT = 50051  # where `make run` and `python -m service` listen unless told otherwise
+
+
+def host_and_port(target: str) -> tuple[str, int] | None:
+    """The host and port of a gRPC target such as ``localhost:8080`` or ``[::1]:8080``; None for others."""
+    target = target.removeprefix("dns:///").removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host, int(port)) if host and "/" not in host else None
+
+
+async def http_server_at(target: str) -> tuple[str, bool] | None:
+    """When an HTTP server answers at ``target`` (instead of gRPC): its host as written, and whether it
+    is Parley's WebSocket bridge. None when nothing answers, or something else does."""
+    address = host_and_port(target)
+    if address is None:
+        return None
+    host, port = address
+    name = f"[{host}]" if ":" in host else host
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET /healthz HTTP/1.1\r\nHost: {name}:{port}\r\nConnection: close\r\n\r\n".encode())
+                head = await reader.read(4096)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None
+    if not head.startswith(b"HTTP/"):
+        return None
+    headers = head.split(b"\r\n\r\n", 1)[0].lower()
+    return name, b"\r\nserver: parley-bridge" in headers
 
 
 async def interactive(conversation: Conversation) -> None:
@@ -234,7 +292,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await converse(conversation, receiver, args)
         except grpc.aio.AioRpcError as error:
-            status(f"error: {explain(error, args.server)}")
+            status(f"error: {await explain(error, args)}")
             return 1
         finally:
             receiver.cancel()
@@ -275,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for given, what in ((args.question, "the question"), (args.speak, "--speak")):
         if given is not None and not given.strip():
             parser.error(f"{what} is empty: give the text to send")
+    if args.session and not SESSION_ID.fullmatch(args.session):
+        parser.error(
+            f"--session {args.session!r} is not a session id: give the id a previous run printed "
+            "([session ID: ...]), or run without --session to start a new conversation"
+        )
     args.interactive = args.question is None and args.speak is None
     return args
 

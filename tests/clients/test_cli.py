@@ -204,8 +204,58 @@ async def test_session_option_resumes_a_conversation(harness: Harness, tmp_path:
     code, _, stderr = await run_script("--server", server, "--session", session_id, "Who am I?", cwd=tmp_path)
     assert code == 0, stderr
     assert [m.content for m in harness.llm.requests[-1].messages][1:3] == ["My name is Ada.", harness.llm.reply]
-    code, _, stderr = await run_script("--server", server, "--session", "nope", "Hi?", cwd=tmp_path)
-    assert code == 1 and "NOT_FOUND" in stderr and "no session 'nope'" in stderr
+
+
+async def test_an_unknown_session_says_how_to_start_a_new_one(harness: Harness) -> None:
+    server = f"127.0.0.1:{harness.running.port}"
+    for args in (["Hi?"], []):  # one question, and interactive mode
+        code, _, stderr = await run_cli("--server", server, "--session", "doesnotexist", *args)
+        assert code == 1, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"error: the service at {server} has no session 'doesnotexist': it never existed, it expired, or it was "
+            "lost when the service restarted; run without --session to start a new conversation"
+        )
+    # Not even an id: said before anything is sent, in the CLI's words rather than the proto's.
+    code, _, stderr = await run_cli("--server", server, "--session", "no such id", "Hi?")
+    assert code == 2 and "start.session_id" not in stderr
+    assert "--session 'no such id' is not a session id" in stderr and "run without --session" in stderr
+    assert harness.llm.requests == []
+
+
+async def test_the_bridges_port_is_recognised(harness: Harness) -> None:
+    from ws_bridge.server import Bridge, BridgeOptions
+
+    bridge = await Bridge(
+        BridgeOptions(grpc_target=f"127.0.0.1:{harness.running.port}", host="127.0.0.1", port=0)
+    ).start()
+    port = bridge.port
+    try:
+        code, _, stderr = await run_cli("--server", f"localhost:{port}", "Hi?")
+    finally:
+        await bridge.aclose()
+    assert code == 1
+    assert stderr.strip() == (
+        f"error: localhost:{port} is Parley's WebSocket bridge (the browser page), which speaks HTTP, not "
+        "gRPC: the CLI talks to the service itself, usually on port 50051 (--server localhost:50051)"
+    )
+
+
+async def test_another_http_server_is_not_taken_for_the_service() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        code, _, stderr = await run_cli("--server", f"127.0.0.1:{port}", "Hi?")
+    finally:
+        server.close()
+    assert code == 1
+    assert f"127.0.0.1:{port} answers HTTP, not gRPC, so it is not the Parley service" in stderr
+    assert "usually listens on port 50051 (--server 127.0.0.1:50051)" in stderr
 
 
 async def test_empty_text_is_refused_before_anything_is_sent() -> None:
