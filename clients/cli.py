@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from ws_bridge.translate import to_json
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the service accepts as start.session_id
 
@@ -97,7 +97,8 @@ class Conversation:
         """Handle every server message until the stream ends. Raises grpc.aio.AioRpcError."""
         async for response in self._call:
             if self._args.json:
-                print(json.dumps(json_format.MessageToDict(response), separators=(",", ":")), flush=True)
+                # The bridge's JSON exactly: fields at their default value too ("index": 0, "startMs": "0").
+                print(json.dumps(to_json(response), separators=(",", ":")), flush=True)
             kind = response.WhichOneof("kind")
             if kind == "session_started":
                 self._started(response.session_started)

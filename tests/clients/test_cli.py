@@ -152,6 +152,59 @@ async def test_json_mode_prints_every_message_as_a_line(harness: Harness, tmp_pa
     assert len(audio) / 2 / 16 == pytest.approx(sum(harness.tts.duration_ms(t) for t in harness.tts.texts), rel=0.01)
     assert os.listdir(tmp_path) == []  # scripts get JSON, not files, unless they ask with --out
     assert stderr == ""
+    # Fields at their default value are there too, as in the bridge's frames.
+    first_segment = next(m["segment"] for m in messages if "segment" in m)
+    assert first_segment["index"] == 0 and first_segment["startMs"] == "0"
+    first_audio = next(m["audio"] for m in messages if "audio" in m)
+    assert first_audio["segmentIndex"] == 0 and first_audio["sequence"] == "0"
+    assert messages[-1]["turnEnded"]["historyUnsaved"] is False
+
+
+def shape(value: object) -> object:
+    """The field names of a JSON message, all the way down, without the values."""
+    return {key: shape(item) for key, item in value.items()} if isinstance(value, dict) else None
+
+
+async def test_json_lines_are_the_bridges_frames(harness: Harness, tmp_path: Path) -> None:
+    """The same turn through `parley --json` and through the bridge: the same messages, field for field."""
+    import json
+    import struct
+
+    from websockets.asyncio.client import connect
+
+    from ws_bridge.server import Bridge, BridgeOptions
+
+    code, stdout, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--json", "Hi?")
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    bridge = await Bridge(
+        BridgeOptions(grpc_target=f"127.0.0.1:{harness.running.port}", host="127.0.0.1", port=0)
+    ).start()
+    frames: list[dict[str, object]] = []
+    try:
+        async with connect(f"ws://127.0.0.1:{bridge.port}/ws") as ws:
+            await ws.send(json.dumps({"start": {}}))
+            await ws.send(json.dumps({"userText": {"text": "Hi?"}}))
+            while not frames or "turnEnded" not in frames[-1]:
+                frame = await asyncio.wait_for(ws.recv(), 10)
+                if isinstance(frame, bytes):  # audio: a JSON header (the AudioChunk without its data), then the bytes
+                    (length,) = struct.unpack(">I", frame[:4])
+                    frames.append({"audio": {**json.loads(frame[4 : 4 + length]), "data": ""}})
+                else:
+                    frames.append(json.loads(frame))
+    finally:
+        await bridge.aclose()
+
+    def shapes(messages: list[dict[str, object]]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for message in messages:
+            found.setdefault(next(iter(message)), set()).add(json.dumps(shape(message), sort_keys=True))
+        return found
+
+    # How audio is split into messages depends on timing; which fields each kind of message has does not.
+    assert shapes(lines) == shapes(frames)
+    for kind in ("textDelta", "segment"):
+        assert [m for m in lines if kind in m] == [m for m in frames if kind in m]
 
 
 class FakeStream:
