@@ -6,10 +6,12 @@ Flags win over the environment, which wins over the defaults. ``python -m servic
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.history import HistoryLimits
@@ -40,6 +42,8 @@ class Settings(BaseSettings):
         cli_prog_name="python -m service",
         cli_implicit_flags=True,
         frozen=True,
+        # Errors do not echo what was given: a URL may hold a password (each message says what is wrong).
+        hide_input_in_errors=True,
     )
 
     host: str = Field("0.0.0.0", description="Address to listen on.")
@@ -144,6 +148,30 @@ class Settings(BaseSettings):
         "", description="How the openai TTS engine should speak (models that support instructions)."
     )
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        if value:  # empty: not set
+            if problem := _http_url_problem(value):
+                raise ValueError(f"PARLEY_OPENAI_BASE_URL (--openai-base-url) {problem}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_a_url(cls, value: str) -> str:
+        if problem := _redis_url_problem(value):
+            raise ValueError(f"PARLEY_REDIS_URL (--redis-url) {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _openai_env_base_url_is_a_url(self) -> Settings:
+        """OPENAI_BASE_URL stands in for openai_base_url when an openai engine runs without it."""
+        env = os.environ.get("OPENAI_BASE_URL")
+        if "openai" in (self.llm, self.tts) and not self.openai_base_url and env:
+            if problem := _http_url_problem(env):
+                raise ValueError(f"OPENAI_BASE_URL (used as PARLEY_OPENAI_BASE_URL is not set) {problem}")
+        return self
+
     @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:
         if self.llm_max_tokens >= self.llm_context_size:
@@ -168,3 +196,51 @@ class Settings(BaseSettings):
     def extra_headers(self) -> dict[str, str]:
         """The parsed ``openai_extra_headers``."""
         return dict(json.loads(self.openai_extra_headers)) if self.openai_extra_headers else {}
+
+
+def _http_url_problem(url: str) -> str | None:
+    """What is wrong with an OpenAI-compatible server's base URL, or None."""
+    example = "write the server's base URL with its scheme, e.g. http://localhost:11434/v1"
+    if any(c.isspace() for c in url):
+        return f"is {_shown(url)!r}, which holds a space: {example}"
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"is {_shown(url)!r}, not an http:// or https:// URL: {example}"
+    return _host_and_port_problem(url, example)
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None (the schemes and parts redis-py reads)."""
+    example = "e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS, or unix:// and the socket's path)"
+    if any(c.isspace() for c in url):
+        return f"is {_shown(url)!r}, which holds a space: {example}"
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        return None if parts.path else f"is {_shown(url)!r}, which names no socket: write unix:// and the socket's path"
+    if scheme not in ("redis", "rediss"):
+        return f"is {_shown(url)!r}, not a redis://, rediss:// or unix:// URL: {example}"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return f"is {_shown(url)!r}: the database after the host must be a number ({database!r} is not): {example}"
+    return _host_and_port_problem(url, example)
+
+
+def _host_and_port_problem(url: str, example: str) -> str | None:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return f"is {_shown(url)!r}, which names no host: {example}"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        return f"is {_shown(url)!r}, whose port is not a number up to 65535: {example}"
+    return None
+
+
+def _shown(url: str) -> str:
+    """The URL as an error may show it: without its user and password."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
