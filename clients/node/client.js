@@ -3,44 +3,99 @@
 // stream, write the spoken reply to a WAV file, and print the turn's timings.
 //
 //   node client.js "Why is the sky blue?" [--server localhost:50051] [--out reply.wav] [--rate 16000] [--voice ID]
-import { writeFileSync } from "node:fs";
-import { dirname, resolve } from "node:path";
+//
+// Copied elsewhere (with package.json, then `npm ci`), it needs the contract: --protos names the
+// folder that holds parley/v1/voice.proto, or the .proto file itself.
+import { existsSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 
-import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-
 const here = dirname(fileURLToPath(import.meta.url));
-const PROTO_ROOT = resolve(here, "../../protos");
+const PROTO_FILE = "parley/v1/voice.proto";
+const USAGE = `usage: node client.js [options] QUESTION...
 
-const { values, positionals } = parseArgs({
-  allowPositionals: true,
-  options: {
-    server: { type: "string", default: process.env.PARLEY_SERVER || "localhost:50051" },
-    out: { type: "string", default: "reply.wav" },
-    rate: { type: "string", default: "0" },
-    voice: { type: "string", default: "" },
-    speak: { type: "boolean", default: false },
-  },
-});
-const question = positionals.join(" ");
-if (!question) {
-  console.error('usage: node client.js "question" [--server host:port] [--out reply.wav] [--rate hz] [--voice id] [--speak]');
+Ask Parley a question (the words are joined; quotes are optional): the captions stream to stdout,
+the spoken reply is written as a WAV file, the timings go to stderr.
+
+options:
+  --server HOST:PORT  the service (env PARLEY_SERVER; default localhost:50051)
+  --out FILE          the WAV file to write (default reply.wav)
+  --rate HZ           sample rate, 8000 to 48000 (default: the voice's own)
+  --voice ID          voice (default: the service's)
+  --speak             read QUESTION aloud instead of asking the LLM
+  --protos PATH       the folder holding ${PROTO_FILE}, or that file itself
+                      (default: this repository's protos/, ../../protos from client.js)
+  -h, --help          show this and exit`;
+
+function usageError(message) {
+  console.error(`${USAGE}\n\nerror: ${message}`);
   process.exit(2);
 }
 
+let values, positionals;
+try {
+  ({ values, positionals } = parseArgs({
+    allowPositionals: true,
+    options: {
+      server: { type: "string", default: process.env.PARLEY_SERVER || "localhost:50051" },
+      out: { type: "string", default: "reply.wav" },
+      rate: { type: "string", default: "0" },
+      voice: { type: "string", default: "" },
+      speak: { type: "boolean", default: false },
+      protos: { type: "string", default: resolve(here, "../../protos") },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  }));
+} catch (error) {
+  usageError(error.message); // an unknown option, or one without its value
+}
+if (values.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
+const question = positionals.join(" ");
+if (!question.trim()) usageError("give the question to ask");
+const rate = Number(values.rate);
+if (!Number.isInteger(rate) || (rate !== 0 && (rate < 8000 || rate > 48000))) {
+  usageError(`--rate ${values.rate} is not a sample rate: give 8000 to 48000 Hz, or 0 for the voice's own`);
+}
+
+// Imported here rather than above, so that --help works, and a missing `npm ci` is said plainly.
+let grpc, protoLoader;
+try {
+  grpc = await import("@grpc/grpc-js");
+  protoLoader = await import("@grpc/proto-loader");
+} catch (error) {
+  console.error(`error: ${error.message}\n(run \`npm ci\` in the folder of client.js and package.json first)`);
+  process.exit(1);
+}
+
 // The .proto is the contract: load it as is, keeping field names as written (snake_case).
-const definition = protoLoader.loadSync("parley/v1/voice.proto", {
-  includeDirs: [PROTO_ROOT],
-  keepCase: true,
-  longs: Number,
-  enums: String,
-  defaults: true,
-  oneofs: true,
-});
+function loadContract(path) {
+  const isFile = existsSync(path) && statSync(path).isFile();
+  const file = isFile ? resolve(path) : join(path, PROTO_FILE);
+  if (!existsSync(file)) {
+    usageError(
+      `cannot find ${file}: pass --protos with the folder that holds ${PROTO_FILE} ` +
+        "(the protos/ folder of the Parley repository), or with that file",
+    );
+  }
+  try {
+    return protoLoader.loadSync(file, { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true });
+  } catch (error) {
+    console.error(`error: cannot read ${file}: ${error.message}`);
+    process.exit(1);
+  }
+}
+const definition = loadContract(values.protos);
 const { parley } = grpc.loadPackageDefinition(definition);
-const client = new parley.v1.VoiceService(values.server, grpc.credentials.createInsecure());
+let client;
+try {
+  client = new parley.v1.VoiceService(values.server, grpc.credentials.createInsecure());
+} catch (error) {
+  usageError(`--server ${JSON.stringify(values.server)} is not an address: ${error.message}`);
+}
 
 const call = client.Converse();
 const pcm = [];
@@ -63,11 +118,20 @@ call.on("data", (response) => {
       const t = ended.timings;
       process.stdout.write("\n");
       const audio = Buffer.concat(pcm);
-      if (audio.length) writeFileSync(values.out, wav(audio, sampleRate));
+      let saved = audio.length > 0;
+      if (saved) {
+        try {
+          writeFileSync(values.out, wav(audio, sampleRate));
+        } catch (error) {
+          console.error(`error: cannot write the reply to ${values.out}: ${error.message}`);
+          process.exitCode = 1;
+          saved = false;
+        }
+      }
       console.error(
         `[${ended.reason.replace("TURN_END_REASON_", "").toLowerCase()}: first token ${t.first_llm_token_ms} ms, ` +
           `first audio ${t.first_audio_ms} ms, total ${t.total_ms} ms, ` +
-          `${(t.audio_duration_ms / 1000).toFixed(1)} s of speech${audio.length ? `, audio in ${values.out}` : ""}]`,
+          `${(t.audio_duration_ms / 1000).toFixed(1)} s of speech${saved ? `, audio in ${values.out}` : ""}]`,
       );
       if (ended.error) {
         console.error(`[turn failed: ${ended.error}]`);
@@ -88,7 +152,7 @@ call.on("error", (error) => {
 call.on("end", () => client.close());
 
 call.write({
-  start: { voice: values.voice, audio: { encoding: "AUDIO_ENCODING_PCM16", sample_rate_hz: Number(values.rate) } },
+  start: { voice: values.voice, audio: { encoding: "AUDIO_ENCODING_PCM16", sample_rate_hz: rate } },
 });
 if (values.speak) call.write({ speak_text: { text: question, flush: true } });
 else call.write({ user_text: { text: question } });

@@ -56,3 +56,58 @@ async def test_node_client_reports_a_missing_service(installed: Path) -> None:
     code, _, stderr = await run_node("--server", f"127.0.0.1:{free_port()}", "Hello?")
     assert code == 1
     assert "UNAVAILABLE" in stderr and "is the service running?" in stderr
+
+
+def no_stack_trace(stderr: str) -> bool:
+    return not any(line.lstrip().startswith("at ") for line in stderr.splitlines()) and "node:internal" not in stderr
+
+
+async def test_node_client_copied_out_of_the_repository(installed: Path, harness: Harness, tmp_path: Path) -> None:
+    """client.js and package.json copied elsewhere (their dependencies installed there): --protos finds
+    the contract, as a folder or as the file; without it the client says what to pass."""
+    copy = tmp_path / "mine"
+    copy.mkdir()
+    for name in ("client.js", "package.json"):
+        shutil.copy(NODE_CLIENT / name, copy / name)
+    (copy / "node_modules").symlink_to(installed / "node_modules")  # stands in for `npm ci` in the copy
+    protos = tmp_path / "contract"
+    (protos / "parley" / "v1").mkdir(parents=True)
+    shutil.copy(NODE_CLIENT.parents[1] / "protos" / "parley" / "v1" / "voice.proto", protos / "parley" / "v1")
+    server = f"127.0.0.1:{harness.running.port}"
+
+    code, _, stderr = await run_process("node", "client.js", "--server", server, "Hi?", cwd=copy)
+    assert code == 2 and no_stack_trace(stderr), stderr
+    assert "cannot find" in stderr and "pass --protos with the folder that holds parley/v1/voice.proto" in stderr
+
+    for contract in (protos, protos / "parley" / "v1" / "voice.proto"):
+        out = tmp_path / "reply.wav"
+        code, stdout, stderr = await run_process(
+            "node", "client.js", "--protos", str(contract), "--server", server, "--out", str(out), "Hi", cwd=copy
+        )
+        assert code == 0, stderr
+        assert stdout.strip() == harness.llm.reply and out.read_bytes()[:4] == b"RIFF"
+        out.unlink()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus", "Hi?"], "error: Unknown option '--bogus'"),
+        (["--rate"], "error: Option '--rate <value>' argument missing"),
+        (["--rate", "fast", "Hi?"], "error: --rate fast is not a sample rate"),
+        ([], "error: give the question to ask"),
+    ],
+)
+async def test_node_client_usage_errors(installed: Path, args: list[str], message: str) -> None:
+    code, stdout, stderr = await run_node(*args)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("usage: node client.js [options] QUESTION...")
+    assert stderr.strip().splitlines()[-1].startswith(message)
+    assert no_stack_trace(stderr), stderr
+
+
+async def test_node_client_help(installed: Path) -> None:
+    for flag in ("--help", "-h"):
+        code, stdout, stderr = await run_node(flag)
+        assert code == 0 and stderr == ""
+        assert stdout.startswith("usage: node client.js [options] QUESTION...") and "--protos PATH" in stdout
