@@ -173,7 +173,12 @@ async def run_process(
     process = await asyncio.create_subprocess_exec(
         *argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.kill()  # a test that failed this way leaves nothing running
+        out, err = await process.communicate()
+        raise AssertionError(f"{argv[0]} still ran after {timeout_s:g} s:\n{out.decode()}{err.decode()}") from None
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
