@@ -18,13 +18,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The service and the WebSocket bridge together; Ctrl-C stops both (gracefully).
+# The service and the WebSocket bridge together (scripts/run.py): Ctrl-C stops both gracefully (exit 0);
+# if either stops on its own, the other is stopped too and the reason is printed last (exit non-zero).
 run: setup
-	@echo "==> starting the service (gRPC :$${PARLEY_PORT:-50051}) and the bridge; the page will be at http://localhost:$${PARLEY_BRIDGE_PORT:-8080}/"
-	@trap 'kill -TERM $$service $$bridge 2>/dev/null; wait; exit 0' INT TERM; \
-	$(PY) -m service & service=$$!; \
-	$(PY) -m ws_bridge --grpc-target 127.0.0.1:$${PARLEY_PORT:-50051} & bridge=$$!; \
-	wait
+	@$(PY) scripts/run.py
 
 # Debian packages the tests drive: Chromium (Playwright cannot download browsers here) and Redis.
 TEST_PACKAGES := chromium redis-server
