@@ -13,6 +13,7 @@ In interactive mode Ctrl-C interrupts the reply being spoken (not the program) a
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import json
@@ -20,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import wave
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,24 @@ class Conversation:
             self.send(pb.ConverseRequest(user_text=pb.UserText(text=text)))
         await self._turn_ended.wait()
 
+    async def say(self, pcm: bytes, rate: int) -> None:
+        """Stream a spoken question in real time (20 ms at a time), then a second of silence so the
+        service hears it end; wait for the reply turn to end."""
+        self._turn_ended.clear()
+        self._pcm.clear()
+        if self.player is not None:
+            self.player.new_turn()
+        step = rate * 2 * 20 // 1000
+        began = asyncio.get_running_loop().time()
+        silence = b"\x00\x00" * rate
+        for index, start in enumerate(range(0, len(pcm) + len(silence), step)):
+            chunk = (pcm + silence)[start : start + step]
+            self.send(pb.ConverseRequest(user_audio=pb.UserAudio(data=chunk)))
+            delay = began + (index + 1) * 0.02 - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await self._turn_ended.wait()
+
     def interrupt(self) -> None:
         """Stop the reply: playback at once, and tell the service how much was heard."""
         request = pb.Interrupt()
@@ -113,6 +133,10 @@ class Conversation:
                     self.player.play(response.audio.data)
             elif kind == "turn_ended":
                 self._finish_turn(response.turn_ended)
+            elif kind == "transcript" and response.transcript.is_final and not self._args.json:
+                status(f"[you said: {response.transcript.text}]")
+            elif kind == "speech_started" and not self._args.json:
+                status("[hearing you]")
 
     def _started(self, started: pb.SessionStarted) -> None:
         self.sample_rate = started.audio.sample_rate_hz
@@ -274,6 +298,8 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
     await unless_ended(receiver, conversation.started.wait())
     if args.speak is not None:
         await unless_ended(receiver, conversation.ask(args.speak, speak=True))
+    elif args.audio is not None:
+        await unless_ended(receiver, conversation.say(*args.audio))
     else:
         await unless_ended(receiver, conversation.ask(args.question))
     conversation.close_sending()
@@ -287,6 +313,8 @@ async def run(args: argparse.Namespace) -> int:
         system_prompt=args.system,
         audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=args.rate),
     )
+    if args.audio is not None:
+        start.input_audio.CopyFrom(pb.InputAudio(sample_rate_hz=args.audio[1]))
     async with grpc.aio.insecure_channel(args.server) as channel:
         conversation = Conversation(voice_pb2_grpc.VoiceServiceStub(channel), start, args)
         receiver = asyncio.create_task(conversation.receive())
@@ -324,10 +352,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-play", action="store_true", help="do not play on the sound device; write WAV files")
     parser.add_argument("--json", action="store_true", help="print every server message as one JSON line")
+    parser.add_argument(
+        "--audio-file", metavar="WAV", help="ask by voice: stream this WAV (16-bit PCM) in real time, then listen"
+    )
     # Intermixed, so that options may also follow the words: parley Why is the sky blue? --no-play
     args = parser.parse_intermixed_args(argv)
-    if args.question and args.speak is not None:
-        parser.error("give a question or --speak TEXT, not both")
+    if sum(bool(x) for x in (args.question, args.speak is not None, args.audio_file)) > 1:
+        parser.error("give one of a question, --speak TEXT or --audio-file WAV")
+    args.audio = read_question_wav(parser, args.audio_file) if args.audio_file else None
     # The words of an unquoted question (parley Hi there) are one question.
     args.question = " ".join(args.question) if args.question else None
     args.speak = " ".join(args.speak) if args.speak is not None else None
@@ -339,8 +371,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--session {args.session!r} is not a session id: give the id a previous run printed "
             "([session ID: ...]), or run without --session to start a new conversation"
         )
-    args.interactive = args.question is None and args.speak is None
+    args.interactive = args.question is None and args.speak is None and args.audio is None
     return args
+
+
+def read_question_wav(parser: argparse.ArgumentParser, path: str) -> tuple[bytes, int]:
+    """A spoken question: mono PCM16 and its rate (stereo is mixed down). Exits on a bad file."""
+    try:
+        with wave.open(path, "rb") as wav:
+            if wav.getsampwidth() != 2:
+                parser.error(f"--audio-file {path}: {8 * wav.getsampwidth()}-bit samples; give 16-bit PCM")
+            rate, channels = wav.getframerate(), wav.getnchannels()
+            frames = wav.readframes(wav.getnframes())
+    except (OSError, EOFError, wave.Error) as error:
+        parser.error(f"--audio-file {path}: {error}")
+    if not 8000 <= rate <= 48000:
+        parser.error(f"--audio-file {path}: {rate} Hz; give 8000 to 48000 Hz")
+    if channels > 1:
+        samples = array.array("h", frames)
+        frames = array.array(
+            "h", (sum(samples[i : i + channels]) // channels for i in range(0, len(samples), channels))
+        ).tobytes()
+    return frames, rate
 
 
 def main(argv: list[str] | None = None) -> int:
