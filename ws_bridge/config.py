@@ -49,7 +49,10 @@ class BridgeSettings(BaseSettings):
         "Comma-separated origins (scheme://host[:port]) allowed besides the bridge's own and localhost.",
     )
     max_frame_bytes: int = _setting(
-        64 * 1024, "PARLEY_BRIDGE_MAX_FRAME_BYTES", "Largest client frame; larger ones close with 1009.", gt=0
+        128 * 1024,
+        "PARLEY_BRIDGE_MAX_FRAME_BYTES",
+        "Largest client frame (a second of 48 kHz voice is 96 KB); larger ones close with 1009.",
+        gt=0,
     )
     max_sockets: int = _setting(200, "PARLEY_BRIDGE_MAX_SOCKETS", "Concurrent sockets; more get HTTP 503.", gt=0)
     ping_interval_s: float = _setting(

@@ -203,14 +203,13 @@ class Bridge:
         (then returns ``_CALL_ENDED``)."""
         with contextlib.suppress(ConnectionClosed):
             async for message in websocket:
-                if isinstance(message, bytes):
-                    reason = "binary frames are not accepted; send JSON text frames"
-                    with contextlib.suppress(ConnectionClosed):
-                        await websocket.send(error_frame("INVALID_ARGUMENT", reason))
-                    await _close(websocket, 1008, reason)
-                    return None
                 try:
-                    request = request_from_text(message)
+                    # A binary frame is the user's voice (user_audio); JSON text frames are the rest.
+                    request = (
+                        pb.ConverseRequest(user_audio=pb.UserAudio(data=message))
+                        if isinstance(message, bytes)
+                        else request_from_text(message)
+                    )
                 except BadFrame as error:
                     with contextlib.suppress(ConnectionClosed):
                         await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))

@@ -95,7 +95,7 @@ def test_defaults_and_the_options_they_make() -> None:
     assert (options.port, options.grpc_target, options.max_frame_bytes, options.ping_timeout_s) == (
         8080,
         "127.0.0.1:50051",
-        65536,
+        131072,
         20.0,
     )
 
