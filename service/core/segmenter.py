@@ -127,7 +127,7 @@ _YEAR_WORD = 7  # the whitespace, four digits and the character after them
 # A reply that opens with a word like "Yes," may say it on its own: the listener hears it at once.
 _INTERJECTION = re.compile(
     r"(?:yes|yeah|yep|no|nope|sure|okay|ok|well|oh|ah|hmm|hi|hello|hey|certainly|absolutely|alright|"
-    r"right|great|of course)(?:,(?!\S)|!(?=\s))",
+    r"right|great|of course)(?:,|!(?=\s))",
     re.IGNORECASE,
 )
 _INTERJECTION_CHARS = 16
@@ -235,7 +235,7 @@ class Segmenter:
         self._clause_pos = 0  # clause ends are short: the scan reads the last two characters again
         self._head_cuts: list[int] = []  # the space before a phrase opener (first segment only)
         self._opener_pos = 0  # openers are short too: the scan reads the last few characters again
-        self._first_open = False  # the first segment ended inside its sentence
+        self._first_open = False  # the first segment ended without sentence punctuation
         self._cjk_scan = (_SEARCH, 0)  # phase, position
         self._sentence_scan = (_SEARCH, 0, 0, 0)  # phase, punctuation start, candidate end, position
         self._fence_scan = (_SEARCH, 0, 0)  # phase, line start, position
@@ -503,7 +503,9 @@ class Segmenter:
         ends_line = "\n" in raw[len(raw.rstrip()) :] or (not at_end and self._text[cut - base] in "\r\n")
         inside_line = not ends_line and not (at_end and final)
         if self._released == 0:
-            self._first_open = inside_line and _ENDS_WITH_SENTENCE_PUNCT.search(text) is None
+            # Whether the first segment ended inside its sentence is known once the next word is
+            # here (a line break may come first): see _later_cut.
+            self._first_open = _ENDS_WITH_SENTENCE_PUNCT.search(text) is None
         self._released += 1
         open_end = inside_line and text[-1].isalnum()
         return TextSegment(text=text, start=start, end=start + len(text), open_end=open_end)
@@ -598,7 +600,12 @@ class Segmenter:
         policy = self._policy
         # The rest of a sentence the first segment ended inside of leaves at its end, however short:
         # it plays right after that short first segment.
-        long_enough = lead if self._released == 1 and self._first_open else lead + policy.min_chars
+        first_open = (
+            self._released == 1
+            and self._first_open
+            and "\n" not in self._text[self._start - self._base : lead - self._base]
+        )
+        long_enough = lead if first_open else lead + policy.min_chars
         limit = min(self._start + policy.max_chars, region_end)
         found = self._find_break(max(self._checked, lead + 1), limit, long_enough, region_end, closed, False)
         if found is not None:
