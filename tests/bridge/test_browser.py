@@ -5,32 +5,18 @@ scheduled and played, captions appear, Stop and a new message interrupt. Screens
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
+from tests.bridge.conftest import Site, ask, needs_chromium, screenshots
+from tests.conftest import Harness, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    "--autoplay-policy=no-user-gesture-required",
-]
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it as root)"
-)
+pytestmark = needs_chromium
 
 SHORT = "Sure, here is a short answer. It has two sentences and that is all."
 LONG = "Right, this one is a long answer. " + "It keeps going with another sentence of speech. " * 25
@@ -45,22 +31,6 @@ async def site() -> AsyncIterator[tuple[Harness, str]]:
     yield harness, f"http://127.0.0.1:{bridge.port}/"
     await bridge.aclose()
     await stop_harness(harness)
-
-
-@pytest.fixture
-async def page() -> AsyncIterator[object]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        context = await browser.new_context(viewport={"width": 390, "height": 760})  # a phone-sized screen
-        yield await context.new_page()
-        await browser.close()
-
-
-async def ask(page: object, text: str) -> None:
-    await page.fill("#text", text)  # type: ignore[attr-defined]
-    await page.click("#send")  # type: ignore[attr-defined]
 
 
 async def test_a_question_is_heard_and_captioned(site: tuple[Harness, str], page: object) -> None:
@@ -84,10 +54,14 @@ async def test_a_question_is_heard_and_captioned(site: tuple[Harness, str], page
     assert clock_after - first_start >= (scheduled - 5) / 1000
     captions = await p.inner_text(".assistant")  # type: ignore[attr-defined]
     assert captions.strip() == SHORT
-    meta = await p.inner_text(".meta")  # type: ignore[attr-defined]
-    assert "first audio" in meta and "ms" in meta
-    ARTIFACTS.mkdir(exist_ok=True)
-    await p.screenshot(path=str(ARTIFACTS / "browser-turn.png"), full_page=True)  # type: ignore[attr-defined]
+    # The wait is said the way a person reads it; the detail is one click (or a hover) away.
+    meta = p.locator(".meta")  # type: ignore[attr-defined]
+    assert re.fullmatch(r"Spoke after \d+\.\d+ s", (await meta.inner_text()).strip())
+    detail = await meta.get_attribute("title")
+    assert "first audio" in detail and "ms" in detail
+    await meta.locator("summary").click()
+    assert "first audio" in await meta.inner_text()
+    await screenshots(p, "browser-turn")
 
 
 async def test_stop_and_a_new_message_interrupt(site: tuple[Harness, str], page: object) -> None:
@@ -101,7 +75,7 @@ async def test_stop_and_a_new_message_interrupt(site: tuple[Harness, str], page:
     assert await p.is_enabled("#stop")  # type: ignore[attr-defined]
     await p.click("#stop")  # type: ignore[attr-defined]
     await p.wait_for_selector(".meta", timeout=10_000)  # type: ignore[attr-defined]
-    assert "interrupted" in await p.inner_text(".meta")  # type: ignore[attr-defined]
+    assert "Interrupted" in await p.inner_text(".meta")  # type: ignore[attr-defined]
     heard = (await p.inner_text(".assistant")).strip()  # type: ignore[attr-defined]
     assert heard and LONG.startswith(heard) and len(heard) < len(LONG) / 2
     await wait_for(lambda: harness.llm.open_streams == 0 and harness.tts.open_streams == 0)
@@ -115,30 +89,43 @@ async def test_stop_and_a_new_message_interrupt(site: tuple[Harness, str], page:
     await ask(p, "Never mind, short please.")
     await p.wait_for_function("document.querySelectorAll('.meta').length === 3", timeout=15_000)  # type: ignore[attr-defined]
     metas = await p.locator(".meta").all_inner_texts()  # type: ignore[attr-defined]
-    assert "interrupted" in metas[1] and "interrupted" not in metas[2]
+    assert "Interrupted" in metas[1] and "Interrupted" not in metas[2]
     # The history the service keeps is what was heard: the cut reply precedes the last question.
     last_request = harness.llm.requests[-1].messages
     assert last_request[-1].content == "Never mind, short please."
     heard_reply = last_request[-2].content.removesuffix(" [interrupted: the user heard only this much]")
     assert heard_reply != last_request[-2].content, "the cut reply is marked as interrupted"
     assert LONG.startswith(heard_reply) and len(heard_reply) < len(LONG) / 2
-    ARTIFACTS.mkdir(exist_ok=True)
     await asyncio.sleep(0.2)
-    await p.screenshot(path=str(ARTIFACTS / "browser-interrupt.png"), full_page=True)  # type: ignore[attr-defined]
+    await screenshots(p, "browser-interrupt")
 
 
-async def test_the_page_says_when_the_service_is_down(page: object) -> None:
-    dead = free_port()
-    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{dead}", host="127.0.0.1", port=0)).start()
-    try:
-        p = page
-        await p.goto(f"http://127.0.0.1:{bridge.port}/")  # type: ignore[attr-defined]
-        status = p.locator("#status")  # type: ignore[attr-defined]
-        await status.wait_for(state="visible", timeout=10_000)
-        assert "voice service is unreachable" in await status.inner_text()
-        await ask(p, "Hello?")
-        await p.wait_for_function(  # type: ignore[attr-defined]
-            "document.querySelector('#status').textContent.includes('unavailable')", timeout=10_000
-        )
-    finally:
-        await bridge.aclose()
+async def test_the_page_says_when_the_service_is_down_and_comes_back_with_it(
+    make_site: Callable[..., Awaitable[Site]], page: Any
+) -> None:
+    """The service is down: the page says so in plain words (the gRPC detail on demand), keeps the
+    message, and when the service starts the voice picker fills in and the message is answered, with no
+    reload."""
+    site = await make_site(FakeLLM(reply=SHORT), FakeTTS(ms_per_char=20), service=False)
+    await page.goto(site.url)
+    status = page.locator("#status")
+    await status.wait_for(state="visible")
+    assert "voice service is not reachable" in await status.inner_text()
+    assert await page.locator("#voice").input_value() == ""  # "unavailable"
+    await ask(page, "Hello?")
+    await page.wait_for_function("document.querySelector('#status-text').textContent.includes('not responding')")
+    text = (await page.inner_text("#status-text")).strip()
+    assert "UNAVAILABLE" not in text and "127.0.0.1" not in text
+    await page.click("#status-details summary")  # the detail, for the curious
+    assert "UNAVAILABLE" in await page.inner_text("#status-detail")
+    await page.wait_for_selector(".user.unsent")
+    assert "Not sent yet" in await page.inner_text(".unsent-note")
+    await screenshots(page, "browser-service-down")
+
+    await site.start_service()
+    await page.wait_for_function("document.querySelector('#voice').value === 'fake-voice'", timeout=20_000)
+    assert await page.locator("#voice option").all_inner_texts() == ["fake-voice (en_US)", "fake-voice-2 (en_US)"]
+    await page.wait_for_selector(".meta", timeout=20_000)
+    assert (await page.inner_text(".assistant")).strip() == SHORT
+    assert await page.locator(".unsent").count() == 0
+    assert site.llm.requests[-1].messages[-1].content == "Hello?"

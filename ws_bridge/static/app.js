@@ -1,173 +1,662 @@
 // Parley demo page: one WebSocket to the bridge, gapless playback with scheduled AudioBuffers,
 // captions revealed segment by segment as their audio plays, barge-in with the milliseconds heard.
-// Frame protocol: see the README ("The WebSocket bridge").
+// The session survives a dropped connection and a reload (its id is kept in sessionStorage), messages
+// typed while Parley is unreachable wait and are sent when it is back, and a stopped reply shows what
+// the conversation kept. Frame protocol: see the README ("The WebSocket bridge").
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = {
-  ws: null,
-  ready: null,        // a promise resolved by session_started
-  ctx: null,          // the AudioContext (made on the first send: browsers need a gesture)
-  rate: 24000,
-  nextTime: 0,        // where the next audio chunk starts on the context's clock
-  turn: null,         // the turn being spoken
-  turns: new Map(),   // every turn of the session by id (an interrupted one still gets its end)
-  turnCount: 0,
+const RETRY_MS = [500, 1000, 2000, 4000, 8000, 10000];
+const VOICES_RETRY_MS = [2000, 4000, 8000, 15000];
+const DEFAULT_MS_PER_CHAR = 65; // the service's own guess of a speaking rate (service/core/history.py)
+
+// sessionStorage: kept across a reload of this tab, not shared with other tabs (two tabs on one
+// session would take it from each other).
+const saved = {
+  get(key, fallback) {
+    try {
+      const value = sessionStorage.getItem(`parley.${key}`);
+      return value === null ? fallback : JSON.parse(value);
+    } catch {
+      return fallback;
+    }
+  },
+  set(key, value) {
+    try { sessionStorage.setItem(`parley.${key}`, JSON.stringify(value)); } catch { /* full or disabled */ }
+  },
+  remove(key) {
+    try { sessionStorage.removeItem(`parley.${key}`); } catch { /* disabled */ }
+  },
 };
 
-// -- status and page ---------------------------------------------------------------------------
+const state = {
+  ws: null,
+  open: false,          // session_started arrived on state.ws: turns can be sent
+  sessionId: saved.get("session", ""),
+  sessionVoice: "",     // the voice the session speaks with (from session_started)
+  wanted: false,        // keep a connection: reconnect when it drops
+  attempt: 0,           // reconnection attempts since the last good connection
+  retryTimer: null,
+  lost: null,           // why the connection dropped, until it is back
+  ctx: null,            // the AudioContext (made on the first send: browsers need a gesture)
+  rate: 24000,          // the session's audio rate
+  nextTime: 0,          // where the next audio chunk starts on the context's clock
+  turn: null,           // the turn sent last (the one being spoken)
+  turns: new Map(),     // turns sent on this connection, by id
+  queue: [],            // turns waiting for a connection, in order
+  log: [],              // everything shown, in order (turns and notes), as kept in sessionStorage
+  turnCount: 0,
+  voices: null,
+  voicesAttempt: 0,
+  voicesTimer: null,
+  follow: true,         // the log is scrolled to its end: keep it there
+  statusTimer: null,
+};
 
-function showStatus(text, kind = "error") {
+// -- words --------------------------------------------------------------------------------------
+
+function seconds(ms) {
+  const s = ms / 1000;
+  if (s < 0.1) return `${s.toFixed(2)} s`;
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 60) return `${Math.round(s)} s`;
+  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
+function timingDetail(turn) {
+  const parts = [];
+  if (turn.waitMs != null) parts.push(`first sound ${Math.round(turn.waitMs)} ms after it was sent`);
+  const t = turn.timings || {};
+  const service = [];
+  if (Number(t.firstLlmTokenMs) > 0) service.push(`first word written ${t.firstLlmTokenMs} ms`);
+  if (Number(t.firstAudioMs) > 0) service.push(`first audio ${t.firstAudioMs} ms`);
+  if (Number(t.totalMs) > 0) service.push(`total ${t.totalMs} ms`);
+  if (service.length) parts.push(`on the service: ${service.join(", ")}`);
+  if (Number(t.audioMs) > 0) parts.push(`${seconds(Number(t.audioMs))} of speech`);
+  return parts.join(" · ");
+}
+
+// -- status ---------------------------------------------------------------------------------------
+
+function showStatus(text, { kind = "error", detail = "", action = null, topic = "" } = {}) {
   const status = $("#status");
-  status.textContent = text;
-  status.className = kind;
+  clearTimeout(state.statusTimer);
   status.hidden = !text;
+  status.className = kind;
+  $("#status-text").textContent = text;
+  const details = $("#status-details");
+  details.hidden = !detail;
+  if (status.dataset.topic !== topic) details.open = false; // the same trouble again: leave it as the reader set it
+  $("#status-detail").textContent = detail;
+  const button = $("#status-action");
+  button.hidden = !action;
+  if (action) {
+    button.textContent = action.label;
+    button.onclick = action.run;
+  }
+  status.dataset.topic = topic;
+  if (kind === "info" && text) state.statusTimer = setTimeout(() => showStatus(""), 8000);
 }
 
-function bubble(kind, text = "") {
-  $(".hint")?.remove();
-  const node = document.createElement("div");
-  node.className = `bubble ${kind}`;
-  node.textContent = text;
-  $("#log").append(node);
-  node.scrollIntoView({ block: "end" });
-  return node;
+function clearStatus(topic) {
+  if ($("#status").dataset.topic === topic) showStatus("");
 }
+
+// -- voices ---------------------------------------------------------------------------------------
 
 async function loadVoices() {
+  clearTimeout(state.voicesTimer);
   const select = $("#voice");
   try {
-    const response = await fetch("/voices");
+    const response = await fetch("/voices", { cache: "no-store" });
     const body = await response.json();
     if (!response.ok) throw new Error(body.error?.message || response.statusText);
-    select.replaceChildren(...body.voices.map((voice) => {
-      const option = new Option(`${voice.id} (${voice.language})`, voice.id);
-      option.selected = voice.id === body.defaultVoice;
-      return option;
-    }));
-    showStatus("");
+    state.voices = body.voices;
+    state.voicesAttempt = 0;
+    const want = state.sessionVoice || saved.get("voice", "") || body.defaultVoice;
+    select.replaceChildren(...body.voices.map((voice) => new Option(`${voice.id} (${voice.language})`, voice.id)));
+    select.value = body.voices.some((voice) => voice.id === want) ? want : body.defaultVoice;
+    select.disabled = false;
+    clearStatus("voices");
   } catch (error) {
+    state.voices = null;
     select.replaceChildren(new Option("unavailable", ""));
-    showStatus(`The voice service is unreachable (${error.message}). Is it running?`);
+    select.disabled = true;
+    if ($("#status").hidden || $("#status").dataset.topic === "voices") {
+      showStatus("The voice service is not reachable right now. Parley keeps trying; you can type meanwhile.", {
+        detail: error.message, topic: "voices",
+      });
+    }
+    const delay = VOICES_RETRY_MS[Math.min(state.voicesAttempt, VOICES_RETRY_MS.length - 1)];
+    state.voicesAttempt += 1;
+    state.voicesTimer = setTimeout(loadVoices, delay);
   }
 }
 
-// -- the connection ----------------------------------------------------------------------------
+// -- the connection -------------------------------------------------------------------------------
 
 function connect() {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
+  state.wanted = true;
+  if (state.ws) return;
   const url = new URL("/ws", location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
+  const info = { resuming: state.sessionId, error: null, started: false, closing: "" };
+  ws.parley = info;
   state.ws = ws;
-  state.ready = new Promise((resolve, reject) => {
-    ws.onopen = () => ws.send(JSON.stringify({
-      start: { voice: $("#voice").value, audio: { encoding: "AUDIO_ENCODING_PCM16", sampleRateHz: state.rate } },
-    }));
-    ws.onmessage = (event) => {
-      if (typeof event.data !== "string") return onAudio(event.data);
-      const message = JSON.parse(event.data);
-      if (message.sessionStarted) {
-        state.rate = message.sessionStarted.audio.sampleRateHz;
-        resolve();
-      }
-      onMessage(message);
-    };
-    ws.onerror = () => reject(new Error("cannot reach the Parley bridge"));
-    ws.onclose = (event) => {
-      if (state.ws === ws) state.ws = null;
-      reject(new Error(event.reason || "the connection closed"));
-      if (event.code !== 1000 && event.code !== 1001) {
-        showStatus(`Disconnected (${event.code}): ${event.reason || "the bridge went away"}. Send again to reconnect.`);
-      }
-      for (const turn of state.turns.values()) {
-        finishTurn(turn, { reason: "TURN_END_REASON_FAILED", error: event.reason || "disconnected" });
-      }
-      state.turns.clear();
-    };
-  });
-  return state.ready;
+  state.open = false;
+  ws.onopen = () => {
+    info.opened = true;
+    const start = { audio: { encoding: "AUDIO_ENCODING_PCM16", sampleRateHz: wantedRate() } };
+    if (info.resuming) start.sessionId = info.resuming;
+    if ($("#voice").value) start.voice = $("#voice").value;
+    ws.send(JSON.stringify({ start }));
+  };
+  ws.onmessage = (event) => {
+    if (state.ws !== ws) return;
+    if (typeof event.data !== "string") {
+      onAudio(event.data);
+      return;
+    }
+    const message = JSON.parse(event.data);
+    if (message.error) info.error = message.error;
+    else if (message.sessionStarted) sessionStarted(message.sessionStarted, info);
+    else onMessage(message);
+  };
+  ws.onclose = (event) => {
+    if (state.ws === ws) closed(event, info);
+  };
 }
 
-async function connected() {
-  if (state.ws && state.ws.readyState <= WebSocket.OPEN) return state.ready;
-  return connect();
+function wantedRate() {
+  return state.ctx ? Math.min(48000, Math.max(8000, state.ctx.sampleRate)) : state.rate;
+}
+
+function sessionStarted(started, info) {
+  info.started = true;
+  state.open = true;
+  state.attempt = 0;
+  state.rate = started.audio.sampleRateHz;
+  state.sessionId = started.sessionId;
+  saved.set("session", started.sessionId);
+  state.sessionVoice = started.voice;
+  if (state.voices && state.voices.some((voice) => voice.id === started.voice)) $("#voice").value = started.voice;
+  const resumed = Boolean(info.resuming) && started.sessionId === info.resuming;
+  const wasLost = Boolean(state.lost);
+  if (wasLost) {
+    showStatus(resumed ? "Reconnected. The conversation goes on where it was." : "Reconnected.", { kind: "info" });
+    state.lost = null;
+  } else if (["connection", "voices"].includes($("#status").dataset.topic)) {
+    showStatus("");
+  }
+  if (!state.voices || wasLost) loadVoices(); // the service is back: so are its voices (maybe others)
+  flushQueue();
+}
+
+function closed(event, info) {
+  state.ws = null;
+  state.open = false;
+  const error = info.error || {};
+  const code = error.code || "";
+  const detail = code ? `${code}: ${error.message}` : `the connection closed (WebSocket code ${event.code}${event.reason ? `: ${event.reason}` : ""})`;
+  // Turns sent on this connection that it never answered go back to the queue; one in progress is cut
+  // off (the service keeps its reply as far as its audio was sent).
+  const unanswered = [];
+  for (const turn of state.turns.values()) {
+    if (turn.outcome) continue;
+    if (turn.status === "sent") unanswered.push(turn);
+    else finish(turn, "cutoff", heardText(turn, turn.audioMs), { why: "the connection was lost" });
+  }
+  state.turns.clear();
+  for (const turn of unanswered.reverse()) {
+    turn.status = "queued";
+    if (state.turn === turn) state.turn = null;
+    state.queue.unshift(turn);
+  }
+
+  if (info.closing === "voice") {
+    connect(); // resume at once with the new voice
+    return;
+  }
+  if (code === "NOT_FOUND" && info.resuming) {
+    const reconnecting = Boolean(state.lost);
+    state.sessionId = "";
+    state.lost = null;
+    saved.remove("session");
+    addNote("New conversation: the assistant does not remember what was said above.");
+    showStatus("Your earlier conversation could not be continued: the voice service no longer has it "
+      + "(it expired, or was lost when the service restarted). A new conversation has started.", {
+      kind: "warn", detail, topic: "session",
+    });
+    state.attempt = 0;
+    if (state.queue.length || reconnecting) connect();
+    else state.wanted = false;
+    return;
+  }
+  if (code === "DEADLINE_EXCEEDED") {
+    // Closed as idle: the next message resumes the session.
+    state.wanted = false;
+    if (state.queue.length) connect();
+    return;
+  }
+  if (code === "ABORTED") {
+    state.wanted = false;
+    markUnsent();
+    showStatus("This conversation was continued in another tab or window. Send a message to continue it here.", {
+      kind: "warn", detail, topic: "session",
+    });
+    return;
+  }
+  if (code === "INVALID_ARGUMENT") {
+    state.wanted = false;
+    markUnsent();
+    showStatus("The voice service refused the request.", { detail, topic: "connection" });
+    return;
+  }
+  if (!state.wanted) return;
+  // The bridge or the service is down, restarting, busy or broken: try again, and resume the session.
+  let what;
+  if (!code && !info.opened && event.code === 1006) what = "Cannot reach Parley (the page's server is down, or the network is).";
+  else if (!code) what = "The connection to Parley was lost.";
+  else if (code === "UNAVAILABLE" && /shutting down/.test(error.message)) what = "The voice service is restarting.";
+  else if (code === "UNAVAILABLE") what = "The voice service is not responding.";
+  else if (code === "RESOURCE_EXHAUSTED") what = "The voice service is busy.";
+  else what = "The voice service ran into a problem.";
+  if (state.sessionId && (info.started || state.lost)) what += " Your conversation will go on when it is back.";
+  state.lost = { what, detail };
+  markUnsent();
+  const delay = RETRY_MS[Math.min(state.attempt, RETRY_MS.length - 1)];
+  state.attempt += 1;
+  state.retryTimer = setTimeout(connect, delay);
+  showStatus(`${what} ${delay < 2000 ? "Reconnecting…" : `Trying again in ${seconds(delay).replace(".0", "")}…`}`, {
+    detail, topic: "connection", action: { label: "Try now", run: retryNow },
+  });
+}
+
+function retryNow() {
+  state.attempt = 0;
+  if (!state.ws) connect();
 }
 
 function send(message) {
   state.ws.send(JSON.stringify(message));
 }
 
-// -- turns --------------------------------------------------------------------------------------
+// -- turns ----------------------------------------------------------------------------------------
 
-function newTurn(text, readAloud) {
-  bubble("user", text);
-  const node = bubble("assistant");
-  const typing = document.createElement("span");
-  typing.className = "typing";
-  typing.textContent = "…";
-  node.append(typing);
+function newTurn(text, mode, id = null) {
   state.turnCount += 1;
   return {
-    id: `web-${Date.now().toString(36)}-${state.turnCount}`,
-    node, typing, readAloud,
-    segments: [],       // {index, startMs, span}
-    chunks: [],         // {start, duration} on the context clock
+    id: id || `web-${Date.now().toString(36)}-${state.turnCount}`,
+    mode,               // "reply": answered by the LLM; "read": read aloud as it is
+    userText: text,
+    status: "queued",   // queued (waiting for a connection), sent, answered (the service sent something)
+    notSent: false,     // a connection attempt failed while it waited: say so
+    text: "",           // the caption text so far (text_delta)
+    segments: [],       // {index, text, offset, startMs, durationMs, complete, span}
+    searchFrom: 0,
+    chunks: [],         // {start, duration, source} on the context clock
     audioMs: 0,
     stopped: false,
-    ended: null,
-    sentAt: performance.now(),
+    stoppedAt: 0,
+    outcome: null,      // completed, interrupted, failed, cutoff
+    kept: "",           // the text the conversation kept, once the outcome is known
+    error: "",
+    why: "",
+    timings: null,
+    sentAt: 0,
+    waitMs: null,       // from sending to the first sound
+    dom: null,
   };
 }
 
-function onMessage(message) {
-  if (message.error) {
-    showStatus(message.error.message);
-    return;
-  }
-  const body = message.textDelta || message.segment || message.turnEnded;
-  const turn = body && state.turns.get(body.turnId);
-  if (!turn) return;
-  if (message.segment && !turn.stopped) {
-    const span = document.createElement("span");
-    span.className = "segment pending";
-    span.textContent = (turn.segments.length ? " " : "") + message.segment.text;
-    turn.node.insertBefore(span, turn.typing);
-    turn.segments.push({ index: message.segment.index, startMs: Number(message.segment.startMs), span });
-  } else if (message.turnEnded) {
-    finishTurn(turn, message.turnEnded);
+function queueTurn(turn) {
+  state.queue.push(turn);
+  state.log.push(turn);
+  render(turn);
+  saveLog();
+  if (state.open) flushQueue();
+  else if (!state.ws) {
+    state.attempt = 0;
+    connect();
   }
 }
 
-function finishTurn(turn, ended) {
-  if (!turn || turn.ended) return;
-  turn.ended = ended;
-  turn.typing.remove();
-  const reason = ended.reason || "";
-  if (reason.endsWith("INTERRUPTED")) {
-    // Keep only what was heard: the service cut the reply at the milliseconds we played.
-    turn.node.textContent = ended.spokenText || "";
-    turn.node.classList.toggle("empty", !ended.spokenText);
+function flushQueue() {
+  while (state.open && state.queue.length) {
+    const turn = state.queue.shift();
+    if (speaking(state.turn)) interrupt();
+    turn.status = "sent";
+    turn.notSent = false;
+    turn.sentAt = performance.now();
+    state.turns.set(turn.id, turn);
+    state.turn = turn;
+    if (turn.mode === "read") send({ speakText: { text: turn.userText, flush: true, turnId: turn.id } });
+    else send({ userText: { text: turn.userText, turnId: turn.id } });
+    render(turn);
   }
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const timings = ended.timings || {};
-  if (reason.endsWith("FAILED")) {
-    meta.classList.add("failed");
-    meta.textContent = `failed: ${ended.error || "unknown error"}`;
-  } else {
-    const parts = [];
-    if (timings.firstAudioMs && Number(timings.firstAudioMs) > 0) parts.push(`first audio ${timings.firstAudioMs} ms`);
-    if (timings.totalMs) parts.push(`total ${timings.totalMs} ms`);
-    if (reason.endsWith("INTERRUPTED")) parts.push("interrupted");
-    meta.textContent = parts.join(" · ");
-  }
-  turn.node.after(meta);
-  meta.scrollIntoView({ block: "end" });
+  saveLog();
   updateButtons();
 }
 
-// -- audio --------------------------------------------------------------------------------------
+function markUnsent() {
+  for (const turn of state.queue) {
+    turn.notSent = true;
+    render(turn);
+  }
+  saveLog();
+}
+
+function removeQueued(turn) {
+  state.queue = state.queue.filter((queued) => queued !== turn);
+  state.log = state.log.filter((item) => item !== turn);
+  turn.dom.box.remove();
+  saveLog();
+}
+
+function onMessage(message) {
+  const body = message.textDelta || message.segment || message.turnEnded;
+  const turn = body && state.turns.get(body.turnId);
+  if (!turn) return;
+  if (turn.status === "sent") turn.status = "answered";
+  if (message.textDelta) {
+    turn.text += message.textDelta.text;
+  } else if (message.segment) {
+    const segment = message.segment;
+    for (const earlier of turn.segments) earlier.complete = true;
+    let offset = turn.text.indexOf(segment.text, turn.searchFrom);
+    if (offset < 0) offset = Math.min(turn.searchFrom, turn.text.length);
+    turn.searchFrom = offset + segment.text.length;
+    turn.segments.push({
+      index: segment.index, text: segment.text, offset, startMs: Number(segment.startMs),
+      durationMs: 0, complete: false, span: null,
+    });
+  } else {
+    turnEnded(turn, message.turnEnded);
+    return;
+  }
+  if (!turn.outcome) render(turn);
+}
+
+function turnEnded(turn, ended) {
+  state.turns.delete(turn.id);
+  turn.timings = ended.timings || {};
+  const reason = ended.reason || "";
+  if (reason.endsWith("INTERRUPTED")) {
+    finish(turn, "interrupted", ended.spokenText || "");
+  } else if (turn.stopped) {
+    // It had ended on the service before our interrupt arrived: the service cut its history at the
+    // milliseconds we played, as we do here.
+    for (const segment of turn.segments) segment.complete = true;
+    const kept = heardText(turn, turn.stoppedAt);
+    finish(turn, kept === turn.text.trim() ? "completed" : "interrupted", kept);
+  } else if (reason.endsWith("FAILED")) {
+    finish(turn, "failed", ended.spokenText || "", { error: ended.error || "unknown error" });
+  } else {
+    for (const segment of turn.segments) segment.complete = true;
+    finish(turn, "completed", ended.spokenText || turn.text.trim());
+  }
+}
+
+function finish(turn, outcome, kept, { error = "", why = "" } = {}) {
+  turn.outcome = outcome;
+  turn.kept = kept;
+  turn.error = error;
+  turn.why = why;
+  render(turn);
+  saveLog();
+  updateButtons();
+}
+
+// What of the turn's text was heard in its first `heardMs` of audio: the service's own rule
+// (heard_text in service/core/history.py), so the page shows what the conversation keeps.
+function heardText(turn, heardMs) {
+  if (heardMs <= 0) return "";
+  const done = turn.segments.filter((segment) => segment.complete && segment.durationMs > 0);
+  const chars = done.reduce((sum, segment) => sum + segment.text.length, 0);
+  const msPerChar = chars ? done.reduce((sum, segment) => sum + segment.durationMs, 0) / chars : DEFAULT_MS_PER_CHAR;
+  let cut = 0;
+  for (const segment of turn.segments) {
+    if (heardMs < segment.startMs) break;
+    const endMs = segment.startMs + segment.durationMs;
+    if (segment.complete && heardMs >= endMs) {
+      cut = segment.offset + segment.text.length;
+      continue;
+    }
+    if (segment.durationMs <= 0) break;
+    const fullMs = segment.complete ? segment.durationMs : Math.max(segment.durationMs, segment.text.length * msPerChar);
+    const fraction = (Math.min(heardMs, endMs) - segment.startMs) / fullMs;
+    const words = [...segment.text.matchAll(/\S+/g)];
+    let whole = Math.floor(words.length * Math.min(fraction, 1) + 1e-9);
+    if (!segment.complete) whole = Math.min(whole, words.length - 1);
+    if (whole > 0) cut = segment.offset + words[whole - 1].index + words[whole - 1][0].length;
+    break;
+  }
+  return turn.text.slice(0, cut).trim();
+}
+
+// -- drawing --------------------------------------------------------------------------------------
+
+function element(tag, className = "", text = "") {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text) node.textContent = text;
+  return node;
+}
+
+function build(turn) {
+  $(".hint")?.remove();
+  const box = element("section", `turn turn-${turn.mode}`);
+  const dom = { box };
+  if (turn.mode === "read") {
+    dom.user = element("div", "bubble read");
+    dom.user.append(element("div", "label", "Read aloud (your text, not an answer)"));
+    dom.words = element("div", "words");
+    dom.user.append(dom.words);
+  } else {
+    dom.user = element("div", "bubble user", turn.userText);
+  }
+  dom.unsent = element("div", "unsent-note");
+  dom.unsent.hidden = true;
+  dom.unsent.append(element("span", "", "Not sent yet: Parley is unreachable. It will be sent when the connection is back."));
+  const sendNow = element("button", "link", "Send now");
+  sendNow.type = "button";
+  sendNow.onclick = retryNow;
+  const remove = element("button", "link", "Remove");
+  remove.type = "button";
+  remove.onclick = () => removeQueued(turn);
+  const actions = element("span", "actions");
+  actions.append(sendNow, remove);
+  dom.unsent.append(actions);
+  box.append(dom.user, dom.unsent);
+  $("#log").append(box);
+  turn.dom = dom;
+}
+
+function render(turn) {
+  const follow = state.follow;
+  if (!turn.dom) build(turn);
+  const dom = turn.dom;
+  const waiting = turn.status === "queued";
+  dom.user.classList.toggle("unsent", waiting && turn.notSent);
+  dom.user.classList.toggle("sending", waiting && !turn.notSent);
+  dom.unsent.hidden = !(waiting && turn.notSent);
+  if (turn.mode === "read") {
+    dom.user.classList.toggle("interrupted", turn.outcome === "interrupted" || turn.outcome === "cutoff");
+    if (waiting) dom.words.textContent = turn.userText;
+    else if (turn.outcome && !(turn.outcome === "completed" && turn.segments.length)) {
+      drawFinal(dom.words, turn, turn.outcome === "failed" && !turn.kept ? turn.userText : turn.kept);
+    } else drawLive(dom.words, turn);
+  } else if (waiting || (turn.outcome === "failed" && !turn.kept)) {
+    // Not sent (again), or failed with nothing said: no reply bubble (a failure gets a notice).
+    dom.reply?.remove();
+    dom.reply = null;
+  } else {
+    if (!dom.reply) {
+      dom.reply = element("div", "bubble assistant");
+      dom.unsent.after(dom.reply);
+    }
+    dom.reply.classList.toggle("interrupted", turn.outcome === "interrupted" || turn.outcome === "cutoff");
+    dom.reply.setAttribute("aria-busy", String(!turn.outcome));
+    if (turn.outcome && !(turn.outcome === "completed" && turn.segments.length)) drawFinal(dom.reply, turn, turn.kept);
+    else drawLive(dom.reply, turn);
+  }
+  drawMeta(turn);
+  if (follow) scrollToEnd();
+}
+
+function drawFinal(node, turn, text) {
+  node.replaceChildren();
+  node.classList.toggle("empty", !text);
+  const read = turn.mode === "read";
+  const nothing = {
+    interrupted: read ? "(stopped before any of it was read)" : "(stopped before it said anything)",
+    cutoff: read ? "(cut off before any of it was read)" : "(cut off before it said anything)",
+  };
+  node.textContent = text || nothing[turn.outcome] || "(nothing was said)";
+  turn.segments.forEach((segment) => { segment.span = null; });
+}
+
+// The reply as it is written: text not yet spoken is faint, each segment turns solid when its audio
+// starts. Before the first word, a "thinking" line.
+function drawLive(node, turn) {
+  node.classList.remove("empty");
+  const text = turn.text || (turn.mode === "read" ? turn.userText : "");
+  if (!text) {
+    if (!node.querySelector(".thinking")) {
+      const thinking = element("span", "thinking", "Thinking");
+      thinking.append(element("span", "dots", "…"));
+      node.replaceChildren(thinking);
+    }
+    return;
+  }
+  const parts = [];
+  let position = 0;
+  for (const segment of turn.segments) {
+    if (position && segment.offset > position) parts.push(document.createTextNode(text.slice(position, segment.offset)));
+    if (!segment.span) segment.span = element("span", "segment pending", segment.text);
+    parts.push(segment.span);
+    position = segment.offset + segment.text.length;
+  }
+  const rest = position ? text.slice(position) : text.trimStart();
+  if (rest.trim()) parts.push(element("span", "unspoken", rest));
+  if (!turn.outcome) parts.push(element("span", "caret", ""));
+  node.replaceChildren(...parts);
+  highlight(turn, playedMs(turn));
+}
+
+function drawMeta(turn) {
+  const dom = turn.dom;
+  dom.meta?.remove();
+  dom.meta = null;
+  if (!turn.outcome) return;
+  if (turn.outcome === "failed") {
+    dom.meta = element("div", "notice failed");
+    const said = turn.kept ? "The reply broke off" : turn.mode === "read" ? "This could not be read aloud" : "Sorry, no answer this time";
+    dom.meta.append(element("span", "", `${said}: something went wrong on the voice service. `));
+    const again = element("button", "link", "Try again");
+    again.type = "button";
+    again.onclick = () => queueTurn(newTurn(turn.userText, turn.mode));
+    dom.meta.append(again);
+    dom.meta.append(details(turn.error));
+  } else {
+    dom.meta = element("details", "meta");
+    let summary;
+    const spoke = turn.waitMs != null ? turn.waitMs : Number(turn.timings?.firstAudioMs) || null;
+    const read = turn.mode === "read";
+    if (turn.outcome === "cutoff") summary = `Cut off: ${turn.why}`;
+    else if (turn.outcome === "interrupted") {
+      summary = turn.kept ? `Interrupted: ${read ? "only this much was read" : "the rest was not said"}`
+        : `Interrupted before it ${read ? "was read" : "spoke"}`;
+    } else summary = spoke ? `${read ? "Read aloud" : "Spoke"} after ${seconds(spoke)}` : read ? "Read aloud" : "Answered";
+    if (turn.restoredSummary) summary = turn.restoredSummary;
+    const detail = turn.restoredDetail ?? timingDetail(turn);
+    const head = element("summary", turn.outcome === "completed" ? "" : "cut", summary);
+    dom.meta.append(head);
+    if (detail) {
+      dom.meta.append(element("div", "detail", detail));
+      dom.meta.title = detail;
+    } else {
+      dom.meta.classList.add("plain");
+    }
+    turn.summary = summary;
+    turn.detail = detail;
+  }
+  dom.box.append(dom.meta);
+}
+
+function details(text) {
+  const node = element("details", "detail-box");
+  node.append(element("summary", "", "Details"), element("span", "", text));
+  return node;
+}
+
+function addNote(text, save = true) {
+  $(".hint")?.remove();
+  const note = { note: text };
+  $("#log").append(element("p", "divider", text));
+  if (save) {
+    state.log.push(note);
+    saveLog();
+  }
+  scrollToEnd();
+}
+
+function scrollToEnd() {
+  const log = $("#log");
+  log.scrollTop = log.scrollHeight;
+}
+
+// -- keeping the page across a reload -------------------------------------------------------------
+
+function saveLog() {
+  saved.set("log", state.log.slice(-200).map((item) => {
+    if (item.note) return item;
+    const turn = item;
+    let { outcome, kept } = turn;
+    let summary = turn.summary || "";
+    if (!outcome && turn.status !== "queued") {
+      // In progress when the page went away: the service keeps the reply as far as its audio was sent.
+      outcome = "cutoff";
+      kept = heardText(turn, turn.audioMs);
+      summary = "Cut off: the page was reloaded";
+    }
+    return {
+      id: turn.id, mode: turn.mode, userText: turn.userText, queued: turn.status === "queued",
+      outcome, kept, error: turn.error, summary, detail: turn.detail || "",
+    };
+  }));
+}
+
+function restoreLog() {
+  for (const item of saved.get("log", [])) {
+    if (item.note) {
+      addNote(item.note, false);
+      state.log.push(item);
+      continue;
+    }
+    const turn = newTurn(item.userText, item.mode, item.id);
+    state.log.push(turn);
+    if (item.queued) {
+      turn.notSent = true;
+      state.queue.push(turn);
+    } else {
+      turn.status = "answered";
+      turn.outcome = item.outcome || "completed";
+      turn.kept = item.kept || "";
+      turn.error = item.error || "";
+      turn.restoredSummary = item.summary;
+      turn.restoredDetail = item.detail;
+    }
+    render(turn);
+  }
+  if (state.queue.length) connect();
+}
+
+// -- audio ----------------------------------------------------------------------------------------
 
 function ensureAudio() {
   if (!state.ctx) {
@@ -178,7 +667,6 @@ function ensureAudio() {
       ctx = new AudioContext({ sampleRate: rate });
     }
     state.ctx = ctx;
-    state.rate = rate;
   }
   if (state.ctx.state === "suspended") state.ctx.resume();
 }
@@ -187,9 +675,18 @@ function onAudio(buffer) {
   const view = new DataView(buffer);
   const headerLength = view.getUint32(0);
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, headerLength)));
-  const turn = state.turn;
-  if (!turn || turn.stopped || header.turnId !== turn.id) return;
+  const turn = state.turns.get(header.turnId);
+  if (!turn) return;
+  if (turn.status === "sent") turn.status = "answered";
+  // The turn's audio timeline, as the service measures it, even for audio not played (a stopped turn):
+  // a segment's end is where its last audio ends.
   const pcm = new Int16Array(buffer.slice(4 + headerLength));
+  const durationMs = (pcm.length / state.rate) * 1000;
+  turn.audioMs += durationMs;
+  const segment = turn.segments.find((s) => s.index === header.segmentIndex);
+  if (segment) segment.durationMs = turn.audioMs - segment.startMs;
+  if (turn !== state.turn || turn.stopped) return;
+  ensureAudio();
   const ctx = state.ctx;
   const audio = ctx.createBuffer(1, pcm.length, state.rate);
   const samples = audio.getChannelData(0);
@@ -200,8 +697,8 @@ function onAudio(buffer) {
   const start = Math.max(state.nextTime, ctx.currentTime + 0.03);
   source.start(start);
   state.nextTime = start + audio.duration;
+  if (turn.waitMs == null) turn.waitMs = performance.now() + (start - ctx.currentTime) * 1000 - turn.sentAt;
   turn.chunks.push({ start, duration: audio.duration, source });
-  turn.audioMs += audio.duration * 1000;
   updateButtons();
 }
 
@@ -213,24 +710,37 @@ function playedMs(turn) {
   return played * 1000;
 }
 
+// The turn is being answered or its audio still plays.
 function speaking(turn) {
-  return Boolean(turn && !turn.stopped && (!turn.ended || playedMs(turn) < turn.audioMs - 1));
+  if (!turn || turn.stopped || turn.status === "queued" || turn.outcome === "failed") return false;
+  return !turn.outcome || playedMs(turn) < turn.audioMs - 1;
 }
 
 function interrupt() {
   const turn = state.turn;
-  if (!turn || turn.stopped) return;
-  const played = Math.round(playedMs(turn));
+  if (!speaking(turn)) return;
+  // What was played, rounded up: the service keeps a segment only if the played time reaches its end.
+  const played = Math.ceil(playedMs(turn));
   turn.stopped = true;
+  turn.stoppedAt = played;
   for (const chunk of turn.chunks) {
     try { chunk.source.stop(); } catch { /* not started yet */ }
   }
   state.nextTime = 0;
-  highlight(turn, played);
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) send({ interrupt: { playedMs: played } });
-  if (turn.ended) {
-    // The service had finished; the reply is cut to what was heard all the same.
-    turn.node.querySelectorAll(".segment.pending").forEach((span) => span.remove());
+  if (!state.open) {
+    // The stream it belonged to has ended, and the service kept its reply as far as it was sent: only
+    // the sound stops.
+    updateButtons();
+    return;
+  }
+  send({ interrupt: { playedMs: played } });
+  if (turn.outcome === "completed") {
+    // The service had sent all of it; it cuts the history at what we played, and so does the page.
+    const kept = heardText(turn, played);
+    if (kept !== turn.kept) finish(turn, "interrupted", kept);
+  } else if (!turn.outcome) {
+    // Show at once what was heard; the service's turn_ended confirms it.
+    finish(turn, "interrupted", heardText(turn, played));
   }
   updateButtons();
 }
@@ -239,12 +749,14 @@ function interrupt() {
 function highlight(turn, played) {
   let active = null;
   for (const segment of turn.segments) {
-    const reached = segment.startMs <= played && (segment.startMs < turn.audioMs || turn.ended);
+    if (!segment.span) continue;
+    const reached = segment.startMs <= played && (segment.startMs < turn.audioMs || Boolean(turn.outcome));
     segment.span.classList.toggle("pending", !reached);
     if (reached) active = segment;
   }
+  const playing = speaking(turn);
   for (const segment of turn.segments) {
-    segment.span.classList.toggle("active", segment === active && speaking(turn));
+    segment.span?.classList.toggle("active", segment === active && playing);
   }
 }
 
@@ -259,47 +771,61 @@ function updateButtons() {
   $("#stop").disabled = !speaking(state.turn);
 }
 
-// -- wiring -------------------------------------------------------------------------------------
+// -- wiring ---------------------------------------------------------------------------------------
 
-async function submit(event) {
+function submit(event) {
   event.preventDefault();
   const input = $("#text");
   const text = input.value.trim();
   if (!text) return;
+  const readAloud = $("#read-aloud").checked;
   input.value = "";
+  input.focus();
+  state.follow = true; // your own message: show it, and what follows
+  $("#read-aloud").checked = false; // one message at a time: the next one is a question again
+  updateMode();
+  clearStatus("session");
   ensureAudio();
   if (speaking(state.turn)) interrupt();
-  try {
-    await connected();
-  } catch (error) {
-    showStatus(`Cannot start a conversation: ${error.message}.`);
-    return;
-  }
-  showStatus("");
-  const readAloud = $("#read-aloud").checked;
-  const turn = newTurn(text, readAloud);
-  state.turn = turn;
-  state.turns.set(turn.id, turn);
-  if (readAloud) send({ speakText: { text, flush: true, turnId: turn.id } });
-  else send({ userText: { text, turnId: turn.id } });
-  updateButtons();
+  queueTurn(newTurn(text, readAloud ? "read" : "reply"));
+}
+
+function updateMode() {
+  const read = $("#read-aloud").checked;
+  $("#composer").classList.toggle("reading", read);
+  $("#text").placeholder = read ? "Text to read aloud…" : "Ask something…";
+  $("#send").textContent = read ? "Read aloud" : "Send";
 }
 
 $("#composer").addEventListener("submit", submit);
 $("#stop").addEventListener("click", interrupt);
+$("#read-aloud").addEventListener("change", updateMode);
+$("#log").addEventListener("scroll", () => {
+  const log = $("#log");
+  state.follow = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+});
 $("#voice").addEventListener("change", () => {
-  // A voice belongs to a session: the next message starts a new one.
-  if (state.ws) state.ws.close(1000, "voice changed");
-  state.ws = null;
+  // The session goes on with the new voice: resume it on a new stream that asks for it.
+  saved.set("voice", $("#voice").value);
+  state.sessionVoice = "";
+  if (state.ws) {
+    if (speaking(state.turn)) interrupt();
+    state.ws.parley.closing = "voice";
+    state.ws.close(1000, "voice changed");
+  }
 });
 
-// For tests and the curious: the page's audio state.
+// For tests and the curious: the page's audio and session state.
 window.parley = {
   state,
   playedMs: () => playedMs(state.turn),
   scheduledMs: () => (state.turn ? state.turn.audioMs : 0),
   contextTime: () => (state.ctx ? state.ctx.currentTime : 0),
+  sessionId: () => state.sessionId,
 };
 
+window.addEventListener("pagehide", saveLog);
+
+restoreLog();
 loadVoices();
 requestAnimationFrame(tick);
