@@ -1,18 +1,24 @@
 """A fake OpenAI server: a real HTTP/1.1 server on 127.0.0.1 speaking OpenAI's wire formats.
 
 Chat completions stream as server-sent events (``data: {...}`` chunks ending in ``data: [DONE]``),
-speech streams as chunked raw PCM (24 kHz, 16-bit mono), errors come as OpenAI's JSON error bodies
-with their status codes and ``Retry-After``. The real ``openai`` client talks to it through its base
-URL. It records every request (path, headers, JSON body) and how each response ended: ``completed``,
-``disconnected`` (the client closed the connection before the end) or ``failed`` (injected).
+speech streams as chunked raw PCM (24 kHz, 16-bit mono), transcriptions take a multipart form (the
+audio ``file``, ``model``, ``language``, ``response_format``) and answer ``{"text": ...}`` (or the
+plain text for ``response_format=text``), errors come as OpenAI's JSON error bodies with their
+status codes and ``Retry-After``. The real ``openai`` client talks to it through its base URL. It
+records every request (path, headers, JSON body or form fields, uploaded files) and how each
+response ended: ``completed``, ``disconnected`` (the client closed the connection before the end) or
+``failed`` (injected).
 
-Tell it what to do next with :meth:`FakeOpenAI.plan_chat` / :meth:`FakeOpenAI.plan_speech`; each plan
-is used by one request, and requests without a plan get a normal answer.
+Tell it what to do next with :meth:`FakeOpenAI.plan_chat` / :meth:`FakeOpenAI.plan_speech` /
+:meth:`FakeOpenAI.plan_transcription`; each plan is used by one request, and requests without a
+plan get a normal answer.
 """
 
 from __future__ import annotations
 
 import collections
+import email.parser
+import email.policy
 import json
 import math
 import select
@@ -42,16 +48,31 @@ class Plan:
     """Wait before each chunk after the first."""
     first_delay_s: float = 0.0
     stall_after: int | None = None
-    """Send this many chunks, then nothing (the connection stays open)."""
+    """Send this many chunks, then nothing (the connection stays open). Transcription: 0 sends no
+    status line either (a server that never answers)."""
     drop_after: int | None = None
     """Send this many chunks, then close the connection mid-body."""
     malformed_after: int | None = None
-    """Chat: send this many chunks, then a ``data:`` line that is not JSON."""
+    """Chat: send this many chunks, then a ``data:`` line that is not JSON. Transcription: answer
+    JSON cut short."""
     usage: bool = True
     """Chat: send usage when the client asks for it."""
     audio_ms: int = 1200
     """Speech: how much audio to send."""
     audio_chunk_ms: int = 100
+    text: str = "Hello from the fake transcriber."
+    """Transcription: what was heard. Its answer is sent in chunks of ``answer_chunk`` bytes, paced
+    (and stalled or dropped) like the other streams."""
+    answer_chunk: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file sent in a multipart form."""
+
+    filename: str
+    content_type: str
+    data: bytes
 
 
 @dataclass
@@ -61,6 +82,9 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    """The JSON body, or a form's fields other than files."""
+    files: dict[str, Upload] = field(default_factory=dict)
+    """A form's files, by field name."""
     outcome: str = "pending"
     chunks_sent: int = 0
     ended_at: float = 0.0
@@ -76,6 +100,7 @@ class FakeOpenAI:
     requests: list[Recorded] = field(default_factory=list)
     _chat: collections.deque[Plan] = field(default_factory=collections.deque)
     _speech: collections.deque[Plan] = field(default_factory=collections.deque)
+    _transcription: collections.deque[Plan] = field(default_factory=collections.deque)
     _server: ThreadingHTTPServer | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -89,6 +114,9 @@ class FakeOpenAI:
 
     def plan_speech(self, *plans: Plan) -> None:
         self._speech.extend(plans)
+
+    def plan_transcription(self, *plans: Plan) -> None:
+        self._transcription.extend(plans)
 
     def of(self, path_end: str) -> list[Recorded]:
         """The recorded requests whose path ends with ``path_end``."""
@@ -112,7 +140,12 @@ class FakeOpenAI:
             self._server.server_close()
 
     def next_plan(self, path: str) -> Plan:
-        queue = self._chat if path.endswith("/chat/completions") else self._speech
+        if path.endswith("/chat/completions"):
+            queue = self._chat
+        elif path.endswith("/audio/transcriptions"):
+            queue = self._transcription
+        else:
+            queue = self._speech
         try:
             return queue.popleft()
         except IndexError:
@@ -132,8 +165,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         length = int(self.headers.get("Content-Length", "0"))
-        body = json.loads(self.rfile.read(length) or b"{}")
-        record = Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        data = self.rfile.read(length)
+        content_type = self.headers.get("Content-Type", "")
+        files: dict[str, Upload] = {}
+        if content_type.startswith("multipart/form-data"):
+            body, files = _form(content_type, data)
+        else:
+            body = json.loads(data or b"{}")
+        record = Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, files)
         self.owner.requests.append(record)
         plan = self.owner.next_plan(self.path)
         try:
@@ -162,6 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._chat(record, plan)
         if self.path.endswith("/audio/speech"):
             return self._speech(record, plan)
+        if self.path.endswith("/audio/transcriptions"):
+            return self._transcription(record, plan)
         return self._error(404, f"no route {self.path}")
 
     def _error(self, status: int, message: str, retry_after: str | None = None) -> None:
@@ -249,6 +290,63 @@ class _Handler(BaseHTTPRequestHandler):
             self._pace(record, plan, index)
             self._send_chunk(record, _tone(start, min(per_chunk, samples - start)))
         self._end_stream()
+
+    def _transcription(self, record: Recorded, plan: Plan) -> None:
+        """As OpenAI answers: the checks it makes on the form, then the text as JSON or plain text."""
+        form = record.body
+        upload = record.files.get("file")
+        if upload is None:
+            return self._error(400, "Could not parse multipart form: no 'file'")
+        if not form.get("model"):
+            return self._error(400, "you must provide a model parameter")
+        if upload.data[:4] != b"RIFF" or upload.data[8:12] != b"WAVE":
+            return self._error(400, "Invalid file format. Supported formats: ['flac', 'mp3', 'wav', ...]")
+        language = form.get("language")
+        if language is not None and not (len(language) == 2 and language.isalpha() and language.islower()):
+            return self._error(
+                400, f"Invalid language '{language}'. Language parameter must be specified in ISO-639-1 format."
+            )
+        response_format = form.get("response_format", "json")
+        if plan.malformed_after is not None:
+            payload, content_type = b'{"text": "cut sh', "application/json"
+        elif response_format == "json":
+            payload, content_type = json.dumps({"text": plan.text}).encode(), "application/json"
+        elif response_format == "text":
+            payload, content_type = (plan.text + "\n").encode(), "text/plain; charset=utf-8"
+        else:
+            return self._error(400, f"response_format '{response_format}' is not supported by this fake")
+        if plan.stall_after == 0:  # the server never answers: no status, no headers
+            self._wait_for_client_to_leave(30.0)
+            raise _ClientGone
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.flush()
+        for index, start in enumerate(range(0, len(payload), plan.answer_chunk)):
+            self._pace(record, plan, index)
+            self.wfile.write(payload[start : start + plan.answer_chunk])
+            self.wfile.flush()
+            record.chunks_sent += 1
+
+
+def _form(content_type: str, data: bytes) -> tuple[dict[str, Any], dict[str, Upload]]:
+    """A multipart/form-data body's fields and files."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data
+    )
+    fields: dict[str, Any] = {}
+    files: dict[str, Upload] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        assert isinstance(name, str) and isinstance(payload, bytes), part
+        filename = part.get_filename()
+        if filename is not None:
+            files[name] = Upload(filename, part.get_content_type(), payload)
+        else:
+            fields[name] = payload.decode()
+    return fields, files
 
 
 def _chunk(model: str, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
