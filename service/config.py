@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     tts: Literal["piper", "openai", "scripted"] = Field(
         "piper", description="TTS engine: piper (embedded), openai, or scripted (fixed latency, for benchmarks)."
     )
+    stt: Literal["whisper", "openai"] = Field(
+        "whisper", description="Speech-to-text engine: whisper (embedded, faster-whisper) or openai."
+    )
     scripted_profile: Literal["cloud", "quick"] = Field(
         "cloud", description="Latency profile of the scripted engines (see service/engines/scripted.py)."
     )
@@ -77,6 +80,13 @@ class Settings(BaseSettings):
     share_cores: bool = Field(
         True,
         description="With the embedded LLM and Piper: the LLM pauses while a reply's first segment is synthesized.",
+    )
+    stt_model_path: Path | None = Field(
+        None, description="faster-whisper model folder for the whisper STT engine. Default: Whisper base (PyPI)."
+    )
+    stt_threads: int | None = Field(None, ge=1, description="CPU threads for Whisper. Default: all cores.")
+    stt_language: str = Field(
+        "", description="Language the user speaks, as a code such as en (a client may name its own). Default: detect."
     )
     lookahead_segments: int = Field(
         _TURN.lookahead, ge=0, description="Segments synthesized ahead of the one whose audio is being sent."
@@ -146,6 +156,10 @@ class Settings(BaseSettings):
     openai_tts_speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking speed of the openai TTS engine.")
     openai_tts_instructions: str = Field(
         "", description="How the openai TTS engine should speak (models that support instructions)."
+    )
+    openai_stt_model: str = Field(
+        "gpt-4o-mini-transcribe",
+        description="Transcription model of the openai STT engine (compatible servers mostly offer whisper-1).",
     )
 
     @field_validator("openai_base_url")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from service.config import Settings
-from service.core.engine import LLMEngine, TTSEngine
+from service.core.engine import LLMEngine, STTEngine, TTSEngine
 from service.engines.cpu import CpuShare
 from service.engines.retry import RetryPolicy
 from service.errors import EngineError
@@ -19,7 +19,7 @@ from service.errors import EngineError
 if TYPE_CHECKING:
     from service.engines.openai_client import OpenAIConnection
 
-__all__ = ["load_engines", "openai_connection", "tts_threads_beside"]
+__all__ = ["load_engines", "load_stt", "openai_connection", "tts_threads_beside"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,33 @@ def _load_tts(settings: Settings, cpu: CpuShare | None) -> TTSEngine:
     voice_path = settings.piper_voice_path or default_voice_path()
     threads = settings.tts_threads or tts_threads_beside(settings)
     return PiperTTS(PiperOptions(voice_path, settings.piper_voice_dir, settings.tts_workers, threads, cpu))
+
+
+def load_stt(settings: Settings) -> STTEngine:
+    """Load the STT engine the settings name, logging what was loaded and how long it took.
+
+    Raises :class:`service.errors.EngineError` when it cannot be set up.
+    """
+    began = time.perf_counter()
+    language = settings.stt_language or None
+    stt: STTEngine
+    if settings.stt == "openai":
+        from service.engines.openai_stt import OpenAISTT, OpenAISTTOptions
+
+        connection = openai_connection(settings)
+        log.info("STT openai: model %s at %s", settings.openai_stt_model, connection.server_name)
+        stt = OpenAISTT(
+            connection,
+            OpenAISTTOptions(settings.openai_stt_model, language, settings.openai_stall_timeout_s, _retry(settings)),
+        )
+    else:
+        from service.engines.whisper_stt import WhisperOptions, WhisperSTT, default_model_dir
+
+        model_path = settings.stt_model_path or default_model_dir()
+        log.info("STT whisper: %s", model_path)
+        stt = WhisperSTT(WhisperOptions(model_path, threads=settings.stt_threads, language=language))
+    log.info("STT %s ready in %.1f s (language: %s)", stt.name, time.perf_counter() - began, language or "detected")
+    return stt
 
 
 def tts_threads_beside(settings: Settings, cores: int | None = None) -> int:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 import pytest
 
+from service.config import Settings
+from service.engines.factory import load_stt
 from service.engines.openai_client import OpenAIConnection
 from service.engines.openai_stt import OpenAISTT, OpenAISTTOptions
 from service.engines.retry import RetryPolicy
@@ -193,3 +195,18 @@ async def test_cancelling_closes_the_request(fake: FakeOpenAI) -> None:
         assert (await engine.transcribe(SPEECH)).text == "Hello from the fake transcriber."  # and it goes on
     finally:
         await engine.aclose()
+
+
+async def test_load_stt_builds_it_from_the_settings(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()  # type: ignore[call-arg]
+    assert (defaults.stt, defaults.openai_stt_model, defaults.stt_language) == ("whisper", "gpt-4o-mini-transcribe", "")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    settings = Settings(stt="openai", openai_base_url=fake.base_url, openai_stt_model="whisper-1", stt_language="en")  # type: ignore[call-arg]
+    engine = load_stt(settings)
+    try:
+        assert isinstance(engine, OpenAISTT) and engine.name == "openai/whisper-1"
+        assert (await engine.transcribe(SPEECH)).language == "en"
+    finally:
+        await engine.aclose()
+    (request,) = fake.of("/audio/transcriptions")
+    assert request.body == {"model": "whisper-1", "language": "en", "response_format": "json"}

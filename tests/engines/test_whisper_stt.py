@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import soxr
 
+from service.config import Settings
+from service.engines.factory import load_stt
 from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
 from service.engines.whisper_stt import WhisperOptions, WhisperSTT, default_model_dir
 from service.errors import STTError
@@ -126,9 +128,10 @@ async def test_a_given_language_is_honoured(whisper: WhisperSTT, speech: bytes) 
         await whisper.transcribe(speech, "xx")
 
 
-async def test_the_default_language_applies_when_a_call_names_none(speech: bytes) -> None:
-    engine = WhisperSTT(WhisperOptions(default_model_dir(), language="de"))
+async def test_the_configured_language_applies_when_a_call_names_none(speech: bytes) -> None:
+    engine = load_stt(Settings(stt_language="de", stt_threads=1))  # type: ignore[call-arg]
     try:
+        assert isinstance(engine, WhisperSTT) and engine.name == "whisper/base"
         assert (await engine.transcribe(speech)).language == "de"
         assert (await engine.transcribe(speech, "en")).language == "en"
     finally:
@@ -199,6 +202,11 @@ def test_a_bad_model_folder_fails_at_construction(tmp_path: Path, broken: str) -
         (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(STTError, match=str(folder)):
         WhisperSTT(WhisperOptions(folder))
+
+
+def test_load_stt_fails_on_a_bad_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(STTError, match="not a faster-whisper model folder"):
+        load_stt(Settings(stt_model_path=tmp_path / "none"))  # type: ignore[call-arg]
 
 
 def test_the_model_folder_is_assembled_once_and_repaired(tmp_path: Path) -> None:
