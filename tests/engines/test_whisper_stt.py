@@ -95,6 +95,39 @@ async def test_speech_is_heard_with_few_mistakes(whisper: WhisperSTT, speech: by
     assert heard.no_speech_probability < 0.2
 
 
+async def test_what_it_adds_to_faster_whisper_changes_nothing_it_decodes(
+    whisper: WhisperSTT, speech: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's model encodes the first window once when it detects the language, and keeps
+    every window's no-speech probability: the words, the language and the probabilities are those
+    of faster-whisper's own model, over two windows (speech, then 30 s of silence)."""
+    from faster_whisper import WhisperModel
+
+    pcm = speech + bytes(2 * 16000 * 30)
+    stock = WhisperModel(str(default_model_dir()), device="cpu", compute_type="int8", cpu_threads=2)
+    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    options = {"beam_size": 1, "condition_on_previous_text": False, "vad_filter": False, "without_timestamps": True}
+    encoded = 0
+    encode = WhisperModel.encode
+
+    def counting(self: WhisperModel, features: np.ndarray) -> object:
+        nonlocal encoded
+        encoded += 1
+        return encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", counting)
+    segments, info = stock.transcribe(audio, **options)
+    expected = list(segments)
+    assert encoded == 3  # faster-whisper alone encodes the first window twice
+    encoded = 0
+    heard = await whisper.transcribe(pcm)
+    assert encoded == 2  # once per window
+    assert heard.text == "".join(s.text for s in expected).strip() and heard.language == info.language == "en"
+    windows = whisper._model.no_speech_probabilities
+    assert len(windows) == 2 and windows[0] == expected[0].no_speech_prob
+    assert windows[1] > 0.6 and heard.no_speech_probability == min(windows)  # speech in one window is speech
+
+
 @pytest.mark.parametrize(
     "audio",
     [
