@@ -192,6 +192,7 @@ class WhisperSTT:
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+            self._model.model.unload_model()  # the weights' memory goes now, not when the engine does
 
     def _checked(self, language: str | None) -> str | None:
         if not language:

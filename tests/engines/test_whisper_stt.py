@@ -169,6 +169,9 @@ async def test_the_configured_language_applies_when_a_call_names_none(speech: by
         assert (await engine.transcribe(speech, "en")).language == "en"
     finally:
         await engine.aclose()
+    await engine.aclose()  # twice is fine
+    with pytest.raises(STTError, match="closed"):
+        await engine.transcribe(speech)
     with pytest.raises(STTError, match="does not know the language 'klingon'"):
         WhisperSTT(WhisperOptions(default_model_dir(), language="klingon"))
 
