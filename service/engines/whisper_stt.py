@@ -6,8 +6,9 @@ package also holding the config, tokenizer and vocabulary); :func:`default_model
 together once in a cache folder. Any other faster-whisper model folder may be configured instead.
 
 The model loads at start-up and transcribes a moment of silence then, so that the first utterance
-does not pay for CTranslate2's first run. Decoding runs on one worker thread per model (two at once
-would only share the same cores); the event loop never waits on it. Whisper is told nothing about
+does not pay for CTranslate2's first run. Decoding runs on one worker thread per model, one
+utterance at a time on every core, so that a lone utterance (the usual case) is heard soonest; the
+event loop never waits on it. Whisper is told nothing about
 earlier utterances (``condition_on_previous_text=False``: a mistake is not carried into the next
 one), faster-whisper's own voice activity filter is off (Parley has its own), and a 30-second window
 that Whisper itself judges silent is dropped (faster-whisper's ``no_speech_threshold`` with
@@ -175,7 +176,7 @@ class WhisperSTT:
 
     async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
         """Transcribe mono PCM16 at 16 kHz, off the event loop. Safe to cancel: the decoding stops
-        before its next 30-second window, and the next call waits for that."""
+        before its next 30-second window, and the next call waits for the one in progress."""
         if self._executor is None:
             raise STTError("the Whisper engine is closed")
         language = self._checked(language) or self._default_language
@@ -209,6 +210,7 @@ class WhisperSTT:
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
         try:
             self._model.no_speech_probabilities.clear()
+            self._model.stop = stop
             segments, info = self._model.transcribe(
                 audio,
                 language=language,
@@ -217,18 +219,20 @@ class WhisperSTT:
                 vad_filter=False,
                 without_timestamps=True,
             )
-            texts = []
-            for segment in segments:  # each window is decoded as the generator is drawn
-                texts.append(segment.text)
-                if stop.is_set():
-                    break
+            texts = [segment.text for segment in segments]  # each window is decoded as this draws on them
             windows = self._model.no_speech_probabilities
             # Speech in any window means there was speech.
             no_speech = min(windows) if windows else 1.0
+        except _Stopped:
+            return Transcription("", language or "", 1.0)  # for nobody: the caller left
         except Exception as error:  # CTranslate2 and faster-whisper raise assorted types
             log.exception("Whisper failed")
             raise STTError(f"Whisper failed: {type(error).__name__}: {error}") from error
         return Transcription("".join(texts).strip(), info.language, float(no_speech))
+
+
+class _Stopped(Exception):
+    """The caller cancelled: the decoding ends before its next window."""
 
 
 class _Model(WhisperModel):
@@ -241,9 +245,13 @@ class _Model(WhisperModel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.no_speech_probabilities: list[float] = []
+        self.stop: threading.Event | None = None
+        """Set: stop before the next window."""
         self._encoded: tuple[np.ndarray, Any] | None = None
 
     def generate_with_fallback(self, encoder_output: Any, prompt: Any, tokenizer: Any, options: Any) -> Any:
+        if self.stop is not None and self.stop.is_set():
+            raise _Stopped
         decoded = super().generate_with_fallback(encoder_output, prompt, tokenizer, options)
         self.no_speech_probabilities.append(decoded[0].no_speech_prob)
         return decoded

@@ -176,9 +176,23 @@ async def test_the_configured_language_applies_when_a_call_names_none(speech: by
         WhisperSTT(WhisperOptions(default_model_dir(), language="klingon"))
 
 
-async def test_cancelling_a_transcription_leaves_the_next_one_whole(whisper: WhisperSTT, speech: bytes) -> None:
-    task = asyncio.create_task(whisper.transcribe(speech))
-    await asyncio.sleep(0.2)  # decoding
+async def test_cancelling_a_transcription_leaves_the_next_one_whole(
+    whisper: WhisperSTT, speech: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faster_whisper import WhisperModel
+
+    windows = 0
+    generate = WhisperModel.generate_with_fallback
+
+    def counting(self: WhisperModel, *args: object) -> object:
+        nonlocal windows
+        windows += 1
+        return generate(self, *args)
+
+    monkeypatch.setattr(WhisperModel, "generate_with_fallback", counting)
+    long = speech * 10  # over a minute: three 30-second windows
+    task = asyncio.create_task(whisper.transcribe(long))
+    await asyncio.sleep(0.2)  # encoding the first window
     assert not task.done()
     began = time.perf_counter()
     task.cancel()
@@ -187,6 +201,7 @@ async def test_cancelling_a_transcription_leaves_the_next_one_whole(whisper: Whi
     assert time.perf_counter() - began < 0.05  # the caller does not wait for the decoding
     heard = await whisper.transcribe(speech)
     assert word_error_rate(SENTENCES, heard.text) <= 0.2, heard.text
+    assert windows <= 2  # the cancelled decoding stopped before its later windows (else 3, then 1)
 
 
 def run_queue_wait_s() -> float:
