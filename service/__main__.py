@@ -25,9 +25,10 @@ log = logging.getLogger("service")
 
 async def run(settings: Settings) -> None:
     """Load the engines, serve until a signal, shut down."""
-    from service.engines.factory import load_engines
+    from service.engines.factory import load_engines, load_voice_input
 
     llm, tts = await asyncio.to_thread(load_engines, settings)
+    voice_input = await asyncio.to_thread(load_voice_input, settings)
     store = await open_store(settings)
     defaults = SessionDefaults(
         system_prompt=settings.system_prompt,
@@ -42,13 +43,26 @@ async def run(settings: Settings) -> None:
     limits = StreamLimits(settings.max_streams, settings.send_timeout_s)
     try:
         running = await start_server(
-            llm, tts, host=settings.host, port=settings.port, defaults=defaults, limits=limits, store=store
+            llm,
+            tts,
+            host=settings.host,
+            port=settings.port,
+            defaults=defaults,
+            limits=limits,
+            store=store,
+            voice_input=voice_input,
         )
-        log.info("Parley listening on %s:%d (llm=%s, tts=%s)", settings.host, running.port, llm.name, tts.name)
+        stt = voice_input.stt.name if voice_input else "none"
+        log.info(
+            "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s)", settings.host, running.port, llm.name, tts.name, stt
+        )
         await serve_until_signal(running, settings.shutdown_grace_s)
     finally:
         await llm.aclose()
         await tts.aclose()
+        if voice_input is not None:
+            await voice_input.stt.aclose()
+            await voice_input.detector.aclose()
         await store.aclose()
 
 

@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     tts: Literal["piper", "openai", "scripted"] = Field(
         "piper", description="TTS engine: piper (embedded), openai, or scripted (fixed latency, for benchmarks)."
     )
-    stt: Literal["whisper", "openai"] = Field(
-        "whisper", description="Speech-to-text engine: whisper (embedded, faster-whisper) or openai."
+    stt: Literal["whisper", "openai", "none"] = Field(
+        "whisper",
+        description="Speech-to-text engine for voice input: whisper (embedded, faster-whisper), openai, or none "
+        "(text only).",
     )
     scripted_profile: Literal["cloud", "quick"] = Field(
         "cloud", description="Latency profile of the scripted engines (see service/engines/scripted.py)."

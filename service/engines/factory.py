@@ -17,6 +17,7 @@ from service.engines.retry import RetryPolicy
 from service.errors import EngineError
 
 if TYPE_CHECKING:
+    from service.core.hearing import VoiceInput
     from service.engines.openai_client import OpenAIConnection
 
 __all__ = ["load_engines", "load_stt", "openai_connection", "tts_threads_beside"]
@@ -181,3 +182,19 @@ def openai_connection(settings: Settings, environ: Mapping[str, str] | None = No
         timeout_s=settings.openai_timeout_s,
         extra_headers=settings.extra_headers(),
     )
+
+
+def load_voice_input(settings: Settings) -> VoiceInput | None:
+    """The speech detector (Silero VAD) and the STT engine, or None with ``PARLEY_STT=none``.
+
+    Raises :class:`service.errors.EngineError` when one cannot be set up."""
+    if settings.stt == "none":
+        log.info("voice input off (PARLEY_STT=none): sessions take text only")
+        return None
+    from service.core.hearing import VoiceInput
+    from service.engines.silero_vad import SileroOptions, SileroVAD
+
+    began = time.perf_counter()
+    detector = SileroVAD(SileroOptions())
+    log.info("VAD silero ready in %.2f s", time.perf_counter() - began)
+    return VoiceInput(detector, load_stt(settings), settings.stt_language)

@@ -26,6 +26,7 @@ from tests.conftest import (
     start_service_process,
     turn_ends,
     user,
+    wait_for,
     wait_listening,
 )
 
@@ -135,6 +136,21 @@ def test_service_process_and_cli(tmp_path: Path) -> None:
         with wave.open(str(out)) as wav:
             assert wav.getframerate() == 22050 and wav.getnchannels() == 1 and wav.getsampwidth() == 2
             assert_speech(wav.readframes(wav.getnframes()), 22050, cli.stdout)
+        # Asked by voice: a WAV streamed in real time, through the real VAD and Whisper.
+        question = tmp_path / "question.wav"
+        write_spoken(question, "What is the capital of France?")
+        cli = subprocess.run(
+            [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{port}", "--out", str(out)]
+            + ["--audio-file", str(question)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0, cli.stderr
+        said = next(line for line in cli.stderr.splitlines() if line.startswith("[you said:"))
+        assert "capital" in said.lower() and "france" in said.lower(), cli.stderr
+        assert "first audio" in cli.stderr and cli.stdout.strip()
     finally:
         service.send_signal(signal.SIGTERM)
         rest, _ = service.communicate(timeout=30)
@@ -263,3 +279,127 @@ async def test_the_interrupted_marker_is_never_said_or_shown(real: Harness, temp
     call.cancel()
     said = "".join(captions).lower()
     assert "interrupted" not in said and "heard only" not in said and "[" not in said, said
+
+
+async def spoken_async(text: str, rate: int = 22050) -> bytes:
+    """``text`` said by Piper's joe voice at ``rate`` (PCM16), for voice input tests."""
+    import soxr
+
+    from service.engines.piper_tts import PiperOptions, PiperTTS, default_voice_path
+
+    tts = PiperTTS(PiperOptions(default_voice_path()))
+    try:
+        chunks = [a async for a in tts.synthesize(text, tts.default_voice)]
+    finally:
+        await tts.aclose()
+    pcm, native = b"".join(a.pcm for a in chunks), chunks[0].sample_rate_hz
+    if native != rate:
+        pcm = soxr.resample(np.frombuffer(pcm, dtype="<i2"), native, rate).astype("<i2").tobytes()
+    return pcm
+
+
+def spoken(text: str, rate: int = 22050) -> bytes:
+    import asyncio
+
+    return asyncio.run(spoken_async(text, rate))
+
+
+def write_spoken(path: Path, text: str, rate: int = 22050) -> None:
+    silence = b"\x00\x00" * (rate // 2)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(silence + spoken(text, rate) + silence)
+
+
+@pytest.fixture(scope="module")
+def ears() -> Iterator[object]:
+    from service.engines.factory import load_voice_input
+
+    voice_input = load_voice_input(Settings(_cli_parse_args=False))  # type: ignore[call-arg]
+    yield voice_input
+
+
+async def test_a_spoken_question_is_heard_answered_and_a_spoken_interruption_stops_the_reply(
+    engines: tuple[LLMEngine, TTSEngine], ears: object
+) -> None:
+    """Real Silero VAD and Whisper base: a question in Piper's voice, streamed in real time, is
+    transcribed and answered; speaking again during the reply interrupts it."""
+    import asyncio
+    import time
+
+    import grpc
+
+    from service.core.settings import SessionDefaults
+    from service.server import start_server
+    from service.servicer import StreamLimits
+
+    llm, tts = engines
+    rate = 16000
+    question = await spoken_async("What is the capital of France?", rate)
+    running = await start_server(
+        llm,
+        tts,
+        host="127.0.0.1",
+        port=0,
+        defaults=SessionDefaults(max_tokens=80),
+        limits=StreamLimits(),
+        voice_input=ears,  # type: ignore[arg-type]
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = Harness(llm, tts, running, channel).stub.Converse()  # type: ignore[arg-type]
+            await call.write(start(input_audio=pb.InputAudio(sample_rate_hz=rate)))
+            await call.read()
+            seen: list[pb.ConverseResponse] = []
+
+            async def read_all() -> None:
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    seen.append(response)
+
+            reader = asyncio.create_task(read_all())
+
+            async def say(pcm: bytes) -> float:
+                """Stream in real time, 20 ms at a time; when the last speech sample was sent."""
+                step, began, speech_sent = rate * 2 // 50, time.monotonic(), 0.0
+                audio = b"\x00\x00" * (rate // 2) + pcm + b"\x00\x00" * rate
+                for i in range(0, len(audio), step):
+                    await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=audio[i : i + step])))
+                    if i <= rate + len(pcm) < i + step:
+                        speech_sent = time.monotonic()
+                    await asyncio.sleep(max(0.0, began + (i // step + 1) * 0.02 - time.monotonic()))
+                return speech_sent
+
+            speech_end = await say(question)
+            await wait_for(lambda: any(r.WhichOneof("kind") == "audio" for r in seen), 30)
+            first_reply_audio = time.monotonic()
+            (transcript,) = [r.transcript for r in seen if r.WhichOneof("kind") == "transcript"]
+            assert "capital" in transcript.text.lower() and "france" in transcript.text.lower(), transcript.text
+            print(f"\nend of speech sent -> first reply audio: {(first_reply_audio - speech_end) * 1000:.0f} ms")
+            # Now speak over the reply: it stops at once and ends INTERRUPTED.
+            await say(await spoken_async("Stop, tell me about Spain instead.", rate))
+            await wait_for(lambda: sum(r.WhichOneof("kind") == "turn_ended" for r in seen) >= 2, 30)
+            ends = [r.turn_ended for r in seen if r.WhichOneof("kind") == "turn_ended"]
+            assert ends[0].turn_id == transcript.turn_id
+            kinds = [r.WhichOneof("kind") for r in seen]
+            second_speech = [i for i, k in enumerate(kinds) if k == "speech_started"][1]
+            if ends[0].reason == pb.TURN_END_REASON_INTERRUPTED:  # the reply was still being sent
+                end_index = kinds.index("turn_ended")
+                assert second_speech < end_index
+                assert all(
+                    not (k == "audio" and seen[i].audio.turn_id == ends[0].turn_id)
+                    for i, k in enumerate(kinds)
+                    if i > second_speech
+                )
+            timings = ends[0].timings
+            assert timings.transcription_ms > 0 and timings.speech_end_to_first_audio_ms > 0
+            print(
+                f"server: end of speech -> first audio {timings.speech_end_to_first_audio_ms} ms "
+                f"(transcription {timings.transcription_ms} ms, first token {timings.first_llm_token_ms} ms, "
+                f"first audio {timings.first_audio_ms} ms after the transcript)"
+            )
+            call.cancel()
+            reader.cancel()
+    finally:
+        await running.stop(0)
