@@ -349,4 +349,26 @@ async def test_an_unquoted_question_is_one_question(harness: Harness, tmp_path: 
     assert code == 0, stderr
     assert stdout.strip() == "Read me."
     code, _, stderr = await run_cli("--server", server, "Hi", "--speak", "Read me.")
-    assert code == 2 and "give a question or --speak TEXT, not both" in stderr
+    assert code == 2 and "give one of a question, --speak TEXT or --audio-file WAV" in stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(None, "No such file"), (b"not a wav", "file does not start with RIFF id"), ("8bit", "8-bit samples")],
+)
+async def test_a_bad_audio_file_is_refused_before_anything_is_sent(
+    tmp_path: Path, content: bytes | str | None, words: str
+) -> None:
+    import wave
+
+    path = tmp_path / "q.wav"
+    if content == "8bit":
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(1)
+            wav.setframerate(16000)
+            wav.writeframes(b"\x80" * 1600)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    code, _, stderr = await run_cli("--server", "127.0.0.1:9", "--audio-file", str(path))
+    assert code == 2 and words in stderr, stderr

@@ -263,7 +263,8 @@ async def test_tts_failure_after_audio_went_out_is_not_retried(both: Harness, fa
     assert ended.reason == pb.TURN_END_REASON_FAILED
     assert "broke" in ended.error or "cannot read" in ended.error or "cannot reach" in ended.error
     assert audio_bytes(responses)  # the audio that came first was sent
-    assert len([s for s in fake.of("/audio/speech") if s.body["input"].startswith("Hello")]) == 1
+    # (A look-ahead request cancelled before its body was sent is recorded with an empty body.)
+    assert len([s for s in fake.of("/audio/speech") if s.body.get("input", "").startswith("Hello")]) == 1
 
 
 async def test_tts_stall_is_cancelled_and_reported(both: Harness, fake: FakeOpenAI) -> None:
