@@ -35,6 +35,7 @@ __all__ = [
     "CommitAudio",
     "HalfClose",
     "Heard",
+    "HeardAll",
     "Interrupt",
     "Shutdown",
     "SpeakText",
@@ -142,8 +143,13 @@ class Heard:
     error: EngineError | None = None
 
 
+@dataclass(frozen=True)
+class HeardAll:
+    """Voice input: after a half-close, every utterance sent has been transcribed (and posted)."""
+
+
 ClientCommand = Start | UserText | SpeakText | Interrupt | UserAudio | CommitAudio | ClearAudio | HalfClose | BadMessage
-Command = ClientCommand | Shutdown | ClaimLost | TurnFinished | SpeechBegan | SpeechEnded | Heard
+Command = ClientCommand | Shutdown | ClaimLost | TurnFinished | SpeechBegan | SpeechEnded | Heard | HeardAll
 
 
 class CommandQueue:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from service.core.command import Command, Heard, SpeechBegan, SpeechEnded
+from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded
 from service.core.engine import SpeechDetector, STTEngine, Transcription
 from service.core.events import SpokenInput
-from service.core.listening import Listener, Utterance
+from service.core.listening import Listener, TurnDetection, Utterance
 from service.core.listening import SpeechBegan as Began
 from service.core.settings import InputAudioRequest
 from service.errors import EngineError, STTError
@@ -128,6 +128,11 @@ class Ears:
         """Discard the audio since the utterance began."""
         await self._queue.put(("clear", ""))
 
+    async def finish(self) -> None:
+        """The client sends no more audio: an utterance in progress ends here, and once every
+        utterance is transcribed the session hears :class:`HeardAll`."""
+        await self._queue.put(("finish", ""))
+
     async def aclose(self) -> None:
         for task in (self._task, self._transcribing):
             if task is not None:
@@ -146,6 +151,15 @@ class Ears:
                     utterance = self._listener.commit()
                     if utterance is not None:
                         self._ended(utterance, item[1])
+                elif item[0] == "finish":
+                    if self._listener.speaking or self._request.policy.mode is TurnDetection.MANUAL:
+                        utterance = self._listener.commit()
+                        if utterance is not None and utterance.speech_ms > 0:
+                            self._ended(utterance, "")
+                    if self._transcribing is not None:
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self._transcribing)
+                    self._post(HeardAll())
                 else:
                     self._listener.clear()
                     self._frames.reset()

@@ -38,6 +38,7 @@ from service.core.command import (
     CommitAudio,
     HalfClose,
     Heard,
+    HeardAll,
     Interrupt,
     Shutdown,
     SpeakText,
@@ -118,6 +119,7 @@ class Session:
         self._tts = tts
         self._voice_input = voice_input
         self._ears: Ears | None = None
+        self._hearing_out = False  # after a half-close, utterances are still being transcribed
         self._defaults = defaults
         self._store = store
         self._outbox = outbox
@@ -154,7 +156,7 @@ class Session:
         try:
             while self.state is not SessionState.CLOSED:
                 await self._handle(await self._next_command(commands))
-                if self.state is SessionState.DRAINING and self._current is None:
+                if self.state is SessionState.DRAINING and self._current is None and not self._hearing_out:
                     self.state = SessionState.CLOSED
             ended = True
             return self._ending
@@ -206,7 +208,12 @@ class Session:
                 self._outbox.put_control(SpeechStopped(audio_end_ms))
             case Heard(turn_id, text, spoken, error):
                 await self._transcribed(turn_id, text, spoken, error)
+            case HeardAll():
+                self._hearing_out = False
             case HalfClose():
+                if self._ears is not None and self.state is SessionState.OPEN:
+                    self._hearing_out = True  # what the client said before it half-closed is answered
+                    await self._ears.finish()
                 self._drain(Ending.HALF_CLOSED)
             case Shutdown():
                 self._drain(Ending.SHUTDOWN)
@@ -342,8 +349,8 @@ class Session:
         """An utterance's transcript opens a turn with it as the user's message."""
         settings = self._settings
         assert settings is not None
-        if self._unanswerable():
-            return
+        if self._ending is Ending.SHUTDOWN and self._unanswerable():
+            return  # (after a half-close, what the client said before it is still answered)
         turn_id = self._new_turn_id(turn_id)
         if error is not None or not text:
             message = str(error) if error is not None else "nothing was understood"

@@ -212,3 +212,18 @@ async def test_a_server_without_stt_refuses_voice_input() -> None:
         )
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize("mode", ["commit", "speech in progress"])
+async def test_what_was_said_before_a_half_close_is_answered(voiced: Harness, mode: str) -> None:
+    """A client that commits (or just stops sending while speaking) and half-closes at once, as
+    grpcurl does when its input ends, still gets the transcript and the reply."""
+    detection = {"mode": pb.TURN_DETECTION_MODE_MANUAL} if mode == "commit" else {"silence_ms": 2000}
+    requests = [voice_start(min_speech_ms=100, **detection), *audio(quiet(200) + loud(600))]
+    if mode == "commit":
+        requests.append(pb.ConverseRequest(commit_audio=pb.CommitAudio()))
+    responses = [r async for r in voiced.stub.Converse(iter(requests))]
+    order = [k for k in kinds(responses) if k in ("speech_stopped", "transcript", "turn_ended")]
+    assert order == ["speech_stopped", "transcript", "turn_ended"]
+    ended = responses[-1].turn_ended
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED and voiced.llm.requests
