@@ -2,14 +2,17 @@
 
     python -m benchmarks.bench [--profile cloud] [--concurrency 1,50,200] [--turns 3]
                                [--duration 600] [--no-embedded] [--out benchmarks/RESULTS.md]
-                               [--compare REV] [--quick-extras | --no-extras]
+                               [--compare REV] [--extras full|quick|none] [--only voice]
 
 1. Service overhead on time to first audio: scripted engines with a known latency profile, so each
    turn's ideal first audio is computable; measured (at the client, through gRPC on loopback) minus
    ideal, at each concurrency, each stream doing several turns.
 2. Streaming versus sequential: the same profile and replies (short: one sentence; long: about 150
    words) through Parley and through a naive sequential baseline (whole LLM reply, then whole TTS).
-3. The embedded engines on this machine: ten questions on the local LLM and Piper.
+3. The embedded engines on this machine: ten questions on the local LLM and Piper; then voice to
+   voice: the same questions spoken by espeak-ng, streamed in real time through Silero VAD and
+   Whisper (``benchmarks/voice.py``). ``--only voice`` runs that alone and puts its section into
+   the existing report in place of the old one.
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
    turn, and whether audio arrived in order without gaps.
 5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
@@ -38,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks import embedded, load
+from benchmarks import embedded, load, voice
 from benchmarks.report import Report
 
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
@@ -111,6 +114,13 @@ async def streaming(args: argparse.Namespace, report: Report, deadline: float) -
             report.add_streaming(kind, streamed, sequential)
 
 
+async def voice_stage(report: Report) -> None:
+    try:
+        report.add_voice(await voice.measure(10))
+    except Exception as error:  # the other stages' figures still count
+        report.note(f"voice to voice: failed ({type(error).__name__}: {error})")
+
+
 def machine() -> str:
     model = platform.machine()
     try:
@@ -140,12 +150,16 @@ async def main_async(args: argparse.Namespace) -> Report:
         profile=args.profile,
         turns=args.turns,
     )
+    if args.only == "voice":
+        await voice_stage(report)
+        return report
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
         await overhead(args, report, deadline, baseline)
     await streaming(args, report, deadline)
     if args.embedded and time.monotonic() < deadline:
         report.add_embedded(await embedded.measure(10))
+        await voice_stage(report)
     if args.extras != "none":
         await extras(args, report)
     return report
@@ -166,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["full", "quick", "none"],
         help="the segmenter and memory stages: full (default), quick, or none",
     )
+    parser.add_argument(
+        "--only", default=None, choices=["voice"], help="run one stage alone (voice: merged into --out)"
+    )
     parser.add_argument("--chart", default=None, help="the PNG chart (default: beside the report)")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -177,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(main_async(args))
     out = Path(args.out)
     chart = Path(args.chart) if args.chart else out.with_name("first_audio.png")
-    report.write(out, chart)
+    if args.only == "voice":
+        report.merge_voice(out)
+    else:
+        report.write(out, chart)
     print(out.read_text())
     return 0
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from benchmarks.embedded import EmbeddedTurn
 from benchmarks.load import LoadResult
+from benchmarks.voice import VoiceResult
 
 TARGETS = "overhead p50 ≤ 5 ms and p99 ≤ 30 ms at 200 streams; streaming ≥ 8× sooner on the long reply; "
-TARGETS += "embedded first audio p50 ≤ 800 ms with TTS faster than real time; ≤ 1 MB per active stream"
+TARGETS += "embedded first audio p50 ≤ 800 ms with TTS faster than real time; ≤ 1 MB per active stream; "
+TARGETS += "voice to voice (end of speech → first reply audio, end-of-speech detection included) p50 ≤ 1.2 s"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -35,6 +37,7 @@ class Report:
     streams: list[tuple[str, list[float], list[float]]] = field(default_factory=list)
     embedded: list[EmbeddedTurn] = field(default_factory=list)
     comparisons: list[tuple[str, LoadResult, float]] = field(default_factory=list)
+    voice: VoiceResult | None = None
     sections: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -53,6 +56,9 @@ class Report:
     def add_embedded(self, rows: list[EmbeddedTurn]) -> None:
         self.embedded = rows
 
+    def add_voice(self, result: VoiceResult) -> None:
+        self.voice = result
+
     def note(self, text: str) -> None:
         self.notes.append(text)
 
@@ -70,7 +76,8 @@ class Report:
             f"- **Targets:** {TARGETS}",
             "",
         ]
-        lines += self._overhead() + self._streaming() + self._embedded() + self._capacity() + self._comparison()
+        lines += self._overhead() + self._streaming() + self._embedded() + self._voice()
+        lines += self._capacity() + self._comparison()
         for title, markdown in self.sections:
             lines += [f"## {title}", "", markdown.strip(), ""]
         if drew:
@@ -197,6 +204,73 @@ class Report:
         ):
             unit = " ms" if "first" in name else ""
             rows.append(f"| {name} | {percentile(values, 50):.2f}{unit} | {percentile(values, 95):.2f}{unit} |")
+        return [*rows, ""]
+
+    def merge_voice(self, path: Path) -> None:
+        """Put this run's voice section into an existing report in place of its old one (or before
+        the sections that follow the embedded one), leaving the other stages' figures as they are."""
+        section = self._voice()
+        if not path.exists():
+            self.write(path, path.with_name("first_audio.png"))
+            return
+        lines = path.read_text().split("\n")
+        heading = section[0]
+        stamp = f"Measured {self.date} on {self.machine}, commit {self.commit}, `{self.command}`."
+        section = [section[0], "", stamp, *section[1:]]
+        if heading in lines:
+            start = lines.index(heading)
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        else:
+            start = end = next(
+                (i for i, line in enumerate(lines) if line.startswith("## ") and line[3:4] in "4567F"), len(lines)
+            )
+        lines = lines[:start] + section + lines[end:]
+        lines = [f"- **Targets:** {TARGETS}" if line.startswith("- **Targets:**") else line for line in lines]
+        path.write_text("\n".join(lines))
+
+    def _voice(self) -> list[str]:
+        if self.voice is None:
+            return []
+        turns = self.voice.turns
+        rows = [
+            "## 3b. Voice to voice (Silero VAD, Whisper, Gemma 3 270M, Piper en_US-joe-medium)",
+            "",
+            f"Each question said by {self.voice.speaker} (16 kHz PCM16), one session each, streamed through "
+            "gRPC on loopback in real time (20 ms chunks, paced), then silence until the turn ends; one warm-up "
+            "question first, not counted. At the client: from the moment the chunk holding the last speech "
+            "sample (above 500 of 32767) was sent to the first reply `audio` message, and to `speech_stopped` "
+            "(end-of-speech detection). Server-side parts from `TurnEnded.timings`: `transcription_ms`, and "
+            "`first_llm_token_ms` and `first_audio_ms` from the turn's start (the final transcript). WER: word "
+            "error rate of the final transcript against the question (case and punctuation ignored).",
+            "",
+            "| question | transcript | WER | end of speech → first audio | end detected | transcription "
+            "| first token | first audio (from transcript) | server: end of speech → first audio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t in turns:
+            rows.append(
+                f"| {t.prompt} | {t.transcript} | {t.wer:.2f} | {t.end_to_first_audio_ms:.0f} ms "
+                f"| {t.end_detection_ms:.0f} ms | {t.transcription_ms} ms | {t.first_llm_token_ms} ms "
+                f"| {t.first_audio_ms} ms | {t.server_end_to_first_audio_ms} ms |"
+            )
+        rows += ["", "| | p50 | p95 |", "|---|---:|---:|"]
+        for name, values in (
+            ("end of speech → first reply audio (client)", [t.end_to_first_audio_ms for t in turns]),
+            ("end-of-speech detection (client, → `speech_stopped`)", [t.end_detection_ms for t in turns]),
+            ("`transcription_ms`", [float(t.transcription_ms) for t in turns]),
+            ("`first_llm_token_ms`", [float(t.first_llm_token_ms) for t in turns]),
+            ("`first_audio_ms`", [float(t.first_audio_ms) for t in turns]),
+            ("`speech_end_to_first_audio_ms` (server)", [float(t.server_end_to_first_audio_ms) for t in turns]),
+        ):
+            rows.append(f"| {name} | {percentile(values, 50):.0f} ms | {percentile(values, 95):.0f} ms |")
+        wers = [t.wer for t in turns]
+        failed = sum(t.reason != "TURN_END_REASON_COMPLETED" for t in turns)
+        rows += [
+            "",
+            f"Mean WER {statistics.fmean(wers) if wers else float('nan'):.3f} over {len(turns)} questions; "
+            f"{failed} turns did not complete.",
+            *(f"Note: {n}." for n in self.voice.notes),
+        ]
         return [*rows, ""]
 
     def _chart(self, path: Path) -> bool:

