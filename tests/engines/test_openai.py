@@ -99,7 +99,8 @@ async def test_full_turn_on_openai_llm_and_tts(both: Harness, fake: FakeOpenAI) 
     samples = np.frombuffer(audio_bytes(responses), dtype="<i2")
     assert len(samples) == pytest.approx(2 * 1.2 * 16000, rel=0.01)
     assert np.abs(samples).max() > 10000
-    assert all(r.outcome == "completed" for r in fake.requests)
+    # (The fake server marks a request completed after its last byte is written: the client may be first.)
+    await wait_for(lambda: all(r.outcome == "completed" for r in fake.requests))
 
 
 async def test_history_is_sent_on_the_second_turn(both: Harness, fake: FakeOpenAI) -> None:
