@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from service.core.hearing import VoiceInput
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.core.store import Claim, StoredSession
@@ -18,7 +19,7 @@ from service.server import RunningServer, start_server
 from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
 from tests.conftest import free_port
-from tests.fakes import FakeLLM, FakeTTS
+from tests.fakes import FakeDetector, FakeLLM, FakeSTT, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
 CHROMIUM = shutil.which("chromium") or ""
@@ -104,10 +105,13 @@ class RecordingStore(MemoryStore):
 @dataclass
 class Site:
     """The service (fake engines, a recording store) and the bridge, each on a fixed loopback port so
-    that either can be stopped and started again where the page expects it."""
+    that either can be stopped and started again where the page expects it. The service takes voice
+    input (a fake detector and STT engine: the page opens its sessions with it) unless ``voice`` is
+    false."""
 
     llm: FakeLLM
     tts: FakeTTS
+    voice: bool = True
     store: RecordingStore = field(default_factory=RecordingStore)
     service_port: int = field(default_factory=free_port)
     bridge_port: int = field(default_factory=free_port)
@@ -128,6 +132,7 @@ class Site:
             defaults=SessionDefaults(outbox=OutboxLimits(max_message_ms=100)),
             limits=StreamLimits(),
             store=self.store,
+            voice_input=VoiceInput(FakeDetector(), FakeSTT()) if self.voice else None,
         )
 
     async def stop_service(self, grace_s: float = 1.0) -> None:
@@ -156,8 +161,8 @@ class Site:
 async def make_site() -> AsyncIterator[Callable[..., Awaitable[Site]]]:
     sites: list[Site] = []
 
-    async def make(llm: FakeLLM, tts: FakeTTS, *, service: bool = True) -> Site:
-        site = Site(llm, tts)
+    async def make(llm: FakeLLM, tts: FakeTTS, *, service: bool = True, voice: bool = True) -> Site:
+        site = Site(llm, tts, voice=voice)
         sites.append(site)
         if service:
             await site.start_service()

@@ -51,7 +51,11 @@ const state = {
   voicesTimer: null,
   follow: true,         // the log is scrolled to its end: keep it there
   statusTimer: null,
+  voiceInput: null,     // the service takes voice input: null (not known yet), true, false (it refused)
+  mic: null,            // the microphone while it is on: {stream, source, node}
+  heard: null,          // the turn of what the user is saying, until its transcript opens it
 };
+const MIC_RATE = 16000; // the voice is sent as 16 kHz mono PCM16, the rate the service's engines use
 
 // -- words --------------------------------------------------------------------------------------
 
@@ -151,6 +155,9 @@ function connect() {
   ws.onopen = () => {
     info.opened = true;
     const start = { audio: { encoding: "AUDIO_ENCODING_PCM16", sampleRateHz: wantedRate() } };
+    // Always with voice input (text works with it too), unless this service said it takes none.
+    info.voice = state.voiceInput !== false;
+    if (info.voice) start.inputAudio = { encoding: "AUDIO_ENCODING_PCM16", sampleRateHz: MIC_RATE };
     if (info.resuming) start.sessionId = info.resuming;
     if ($("#voice").value) start.voice = $("#voice").value;
     ws.send(JSON.stringify({ start }));
@@ -178,6 +185,8 @@ function wantedRate() {
 function sessionStarted(started, info) {
   info.started = true;
   state.open = true;
+  if (info.voice) state.voiceInput = true;
+  updateMic();
   state.attempt = 0;
   state.rate = started.audio.sampleRateHz;
   state.sessionId = started.sessionId;
@@ -211,12 +220,22 @@ function closed(event, info) {
     else finish(turn, "cutoff", heardText(turn, turn.audioMs), { why: "the connection was lost" });
   }
   state.turns.clear();
+  dropHeard();
+  updateMic();
   for (const turn of unanswered.reverse()) {
     turn.status = "queued";
     if (state.turn === turn) state.turn = null;
     state.queue.unshift(turn);
   }
 
+  if (code === "INVALID_ARGUMENT" && info.voice && /no voice input/.test(error.message || "")) {
+    // A service without speech recognition: the same session, text only, and no microphone.
+    state.voiceInput = false;
+    micOff();
+    updateMic();
+    connect();
+    return;
+  }
   if (info.closing === "voice") {
     connect(); // resume at once with the new voice
     return;
@@ -358,6 +377,9 @@ function removeQueued(turn) {
 }
 
 function onMessage(message) {
+  if (message.speechStarted) return speechStarted();
+  if (message.speechStopped) return speechStopped();
+  if (message.transcript) return onTranscript(message.transcript);
   const body = message.textDelta || message.segment || message.turnEnded;
   const turn = body && state.turns.get(body.turnId);
   if (!turn) return;
@@ -385,7 +407,11 @@ function turnEnded(turn, ended) {
   state.turns.delete(turn.id);
   turn.timings = ended.timings || {};
   const reason = ended.reason || "";
-  if (reason.endsWith("INTERRUPTED")) {
+  if (reason.endsWith("INTERRUPTED") && turn.stoppedByVoice) {
+    // Cut by the user's voice: the service ended it before our interrupt with what we played came;
+    // the history keeps what was played, as shown.
+    finish(turn, "interrupted", heardText(turn, turn.stoppedAt));
+  } else if (reason.endsWith("INTERRUPTED")) {
     finish(turn, "interrupted", ended.spokenText || "");
   } else if (turn.stopped) {
     // It had ended on the service before our interrupt arrived: the service cut its history at the
@@ -481,6 +507,10 @@ function render(turn) {
   if (!turn.dom) build(turn);
   const dom = turn.dom;
   const waiting = turn.status === "queued";
+  if (turn.voice) {
+    dom.user.textContent = turn.userText || (turn.status === "hearing" ? "Hearing you…" : "…");
+    dom.user.classList.toggle("placeholder", turn.status === "hearing");
+  }
   dom.user.classList.toggle("unsent", waiting && turn.notSent);
   dom.user.classList.toggle("sending", waiting && !turn.notSent);
   dom.unsent.hidden = !(waiting && turn.notSent);
@@ -490,7 +520,7 @@ function render(turn) {
     else if (turn.outcome && !(turn.outcome === "completed" && turn.segments.length)) {
       drawFinal(dom.words, turn, turn.outcome === "failed" && !turn.kept ? turn.userText : turn.kept);
     } else drawLive(dom.words, turn);
-  } else if (waiting || (turn.outcome === "failed" && !turn.kept)) {
+  } else if (waiting || turn.status === "hearing" || (turn.outcome === "failed" && !turn.kept)) {
     // Not sent (again), or failed with nothing said: no reply bubble (a failure gets a notice).
     dom.reply?.remove();
     dom.reply = null;
@@ -613,7 +643,7 @@ function scrollToEnd() {
 // -- keeping the page across a reload -------------------------------------------------------------
 
 function saveLog() {
-  saved.set("log", state.log.slice(-200).map((item) => {
+  saved.set("log", state.log.filter((item) => item.status !== "hearing").slice(-200).map((item) => {
     if (item.note) return item;
     const turn = item;
     let { outcome, kept } = turn;
@@ -771,6 +801,178 @@ function updateButtons() {
   $("#stop").disabled = !speaking(state.turn);
 }
 
+// -- the microphone -------------------------------------------------------------------------------
+
+async function micOn() {
+  if (state.mic || state.voiceInput === false) return;
+  if (!navigator.mediaDevices?.getUserMedia || typeof AudioWorkletNode === "undefined") {
+    showStatus("This browser cannot record here (a microphone needs a secure page: https, or localhost). You can type.", {
+      topic: "mic",
+    });
+    return;
+  }
+  ensureAudio();
+  const mic = { stream: null, source: null, node: null };
+  state.mic = mic; // (on while it starts: a second click turns it off)
+  updateMic();
+  try {
+    mic.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+    if (state.mic !== mic) throw new Error("turned off");
+    await state.ctx.audioWorklet.addModule("/mic-worklet.js");
+    if (state.mic !== mic) throw new Error("turned off");
+    mic.source = state.ctx.createMediaStreamSource(mic.stream);
+    mic.node = new AudioWorkletNode(state.ctx, "parley-mic", {
+      numberOfOutputs: 1, processorOptions: { targetRate: MIC_RATE, chunkMs: 20 },
+    });
+    mic.node.port.onmessage = (event) => sendVoice(event.data);
+    mic.source.connect(mic.node);
+    mic.node.connect(state.ctx.destination); // (it writes silence: connected so that it is processed)
+    for (const track of mic.stream.getAudioTracks()) {
+      track.onended = () => {
+        if (state.mic === mic) {
+          micOff();
+          showStatus("The microphone stopped (it was unplugged or taken by another app).", { topic: "mic" });
+        }
+      };
+    }
+    clearStatus("mic");
+    if (!state.ws) {
+      state.attempt = 0;
+      connect();
+    }
+  } catch (error) {
+    const mine = state.mic === mic;
+    stopCapture(mic);
+    if (!mine) return;
+    state.mic = null;
+    updateMic();
+    const name = error?.name || "";
+    let text;
+    if (name === "NotAllowedError" || name === "SecurityError") {
+      text = "Parley may not use the microphone: access was refused. Allow it in the browser's site settings to talk; you can type meanwhile.";
+    } else if (name === "NotFoundError" || name === "OverconstrainedError") {
+      text = "No microphone was found. Plug one in to talk; you can type meanwhile.";
+    } else if (name === "NotReadableError") {
+      text = "The microphone is in use by another app, or could not be opened. You can type meanwhile.";
+    } else {
+      text = "The microphone could not be started. You can type meanwhile.";
+    }
+    showStatus(text, { detail: `${name || "Error"}: ${error?.message || error}`, topic: "mic" });
+  }
+}
+
+function stopCapture(mic) {
+  try { mic.node?.port.postMessage("stop"); } catch { /* gone */ }
+  try { mic.source?.disconnect(); } catch { /* not connected */ }
+  try { mic.node?.disconnect(); } catch { /* not connected */ }
+  for (const track of mic.stream?.getTracks() || []) track.stop();
+}
+
+function micOff() {
+  const mic = state.mic;
+  state.mic = null;
+  if (mic) stopCapture(mic);
+  dropHeard();
+  updateMic();
+}
+
+function sendVoice(buffer) {
+  if (!state.mic) return;
+  if (state.open && state.voiceInput) state.ws.send(buffer);
+  else if (!state.ws && !state.retryTimer && state.voiceInput !== false) connect();
+  // (while the connection is down the voice is dropped: what is said then is not heard)
+}
+
+function updateMic() {
+  const button = $("#mic");
+  const on = Boolean(state.mic);
+  button.disabled = state.voiceInput === false;
+  button.setAttribute("aria-pressed", String(on));
+  button.classList.toggle("on", on);
+  button.title = state.voiceInput === false
+    ? "This voice service takes text only: it has no speech recognition."
+    : on ? "Stop listening" : "Talk instead of typing";
+  const label = $("#mic-state");
+  const hearing = on && state.heard && state.heard.status === "hearing" && state.heard.speaking;
+  label.textContent = state.voiceInput === false
+    ? "Microphone off: this voice service understands text only."
+    : on ? (hearing ? "Hearing you…" : state.open ? "Listening…" : "Listening… (connecting)") : "";
+  label.hidden = !label.textContent;
+  label.classList.toggle("hearing", Boolean(hearing));
+}
+
+// The user started speaking: a reply playing stops at once, reporting what was played, as Stop does.
+function speechStarted() {
+  if (speaking(state.turn)) {
+    state.turn.stoppedByVoice = true;
+    interrupt();
+  }
+  let turn = state.heard;
+  if (!turn) {
+    turn = newTurn("", "reply");
+    turn.voice = true;
+    turn.status = "hearing";
+    state.heard = turn;
+    state.follow = true;
+    state.log.push(turn);
+  }
+  clearTimeout(turn.dropTimer);
+  turn.speaking = true;
+  render(turn);
+  updateMic();
+}
+
+function speechStopped() {
+  const turn = state.heard;
+  if (!turn) return;
+  turn.speaking = false;
+  turn.sentAt = performance.now(); // "Spoke after": from the end of what you said
+  // Noise, a cough or silence is never answered (no transcript comes): then the bubble goes.
+  turn.dropTimer = setTimeout(() => { if (state.heard === turn) dropHeard(); }, 15000);
+  updateMic();
+}
+
+function onTranscript(transcript) {
+  let turn = state.heard;
+  if (!turn) {
+    turn = newTurn("", "reply");
+    turn.voice = true;
+    turn.status = "hearing";
+    turn.sentAt = performance.now();
+    state.log.push(turn);
+  }
+  turn.userText = transcript.text.trim();
+  if (transcript.isFinal) {
+    clearTimeout(turn.dropTimer);
+    state.heard = null;
+    if (!turn.userText) {
+      dropHeard(turn);
+      return;
+    }
+    if (speaking(state.turn)) interrupt();
+    turn.id = transcript.turnId;
+    turn.status = "sent";
+    turn.speaking = false;
+    state.turns.set(turn.id, turn);
+    state.turn = turn;
+    saveLog();
+  }
+  render(turn);
+  updateMic();
+  updateButtons();
+}
+
+function dropHeard(turn = state.heard) {
+  if (!turn) return;
+  clearTimeout(turn.dropTimer);
+  if (state.heard === turn) state.heard = null;
+  state.log = state.log.filter((item) => item !== turn);
+  turn.dom?.box.remove();
+  updateMic();
+}
+
 // -- wiring ---------------------------------------------------------------------------------------
 
 function submit(event) {
@@ -799,6 +1001,7 @@ function updateMode() {
 
 $("#composer").addEventListener("submit", submit);
 $("#stop").addEventListener("click", interrupt);
+$("#mic").addEventListener("click", () => (state.mic ? micOff() : micOn()));
 $("#read-aloud").addEventListener("change", updateMode);
 $("#log").addEventListener("scroll", () => {
   const log = $("#log");
@@ -822,10 +1025,12 @@ window.parley = {
   scheduledMs: () => (state.turn ? state.turn.audioMs : 0),
   contextTime: () => (state.ctx ? state.ctx.currentTime : 0),
   sessionId: () => state.sessionId,
+  listening: () => Boolean(state.mic?.node),
 };
 
 window.addEventListener("pagehide", saveLog);
 
 restoreLog();
+updateMic();
 loadVoices();
 requestAnimationFrame(tick);
