@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.bridge.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP, Site, ask, needs_chromium, screenshots
+from tests.bridge.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, Site, ask, needs_chromium, screenshots
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
 
@@ -23,7 +23,8 @@ pytestmark = needs_chromium
 QUESTION = "What is the capital of France? Tell me about its long history."
 WAV_RATE = 48000
 LEAD_S = 1.0  # silence before the question
-TAIL_S = 3.0  # silence after it: the file loops, so the question comes again 4 s after it ends
+TAIL_S = 3.0  # silence after it: the file loops, so the question comes again 4 s after it ends (the reply
+# starts about 3 s after it, and lasts longer than that)
 
 
 # -- a service that takes no voice, and a microphone that is refused --------------------------------
@@ -49,18 +50,39 @@ async def test_a_service_without_speech_recognition_disables_the_microphone(
     await screenshots(page, "mic-no-stt")
 
 
-async def test_a_refused_microphone_says_so_and_stays_off(make_site: Callable[..., Awaitable[Site]], page: Any) -> None:
-    """Chromium without a fake device or permission: getUserMedia fails; the page says so plainly."""
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [([], "No microphone was found"), (["--use-fake-device-for-media-stream"], "access was refused")],
+    ids=["no-device", "denied"],
+)
+async def test_a_microphone_the_page_cannot_use_is_said_plainly_and_stays_off(
+    make_site: Callable[..., Awaitable[Site]], flags: list[str], said: str
+) -> None:
+    """Chromium without a capture device, or with one but no permission (headless Chromium denies the
+    prompt): getUserMedia fails, and the page says so in plain words, the error under Details."""
+    from playwright.async_api import async_playwright
+
     site = await make_site(FakeLLM(reply="Hello there."), FakeTTS(ms_per_char=5))
-    await page.goto(site.url)
-    await page.click("#mic")
-    status = page.locator("#status")
-    await status.wait_for(state="visible")
-    text = await page.inner_text("#status-text")
-    assert "microphone" in text.lower() and "type" in text, text
-    assert await page.get_attribute("#mic", "aria-pressed") == "false"
-    assert await page.locator("#mic-state").is_hidden()
-    await screenshots(page, "mic-refused")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *flags])
+        page = await (await browser.new_context(viewport=PHONE)).new_page()
+        page.set_default_timeout(15_000)
+        await page.goto(site.url)
+        await page.click("#mic")
+        await page.locator("#status").wait_for(state="visible")
+        text = await page.inner_text("#status-text")
+        assert said in text and "type" in text, text
+        await page.click("#status-details summary")
+        assert "Error" in await page.inner_text("#status-detail")
+        assert await page.get_attribute("#mic", "aria-pressed") == "false"
+        assert await page.locator("#mic-state").is_hidden()
+        assert await page.is_enabled("#mic")
+        # Typing still works.
+        await ask(page, "Hi?")
+        await page.wait_for_selector(".meta", timeout=10_000)
+        assert (await page.inner_text(".assistant")).strip() == "Hello there."
+        await screenshots(page, f"mic-refused-{'denied' if flags else 'no-device'}")
+        await browser.close()
 
 
 # -- the real thing ----------------------------------------------------------------------------------
@@ -147,6 +169,14 @@ async def test_a_spoken_question_is_answered_and_speaking_again_interrupts_the_r
             sent_json.append(json.loads(payload))
 
     page.on("websocket", lambda ws: ws.on("framesent", on_frame))
+    received: list[str] = []  # what the page was told (captions and audio left out), for a failure's message
+    page.on(
+        "websocket",
+        lambda ws: ws.on(
+            "framereceived",
+            lambda p: received.append(p[:160]) if isinstance(p, str) and '"textDelta"' not in p else None,
+        ),
+    )
     await page.goto(real_site)
     await page.wait_for_function("document.querySelector('#voice').value !== ''", timeout=20_000)
     await page.click("#mic")
@@ -169,13 +199,16 @@ async def test_a_spoken_question_is_answered_and_speaking_again_interrupts_the_r
     )
     question = (await page.locator(".user").first.inner_text()).lower()
     assert "capital" in question and "france" in question, question
-    await page.wait_for_function("parley.playedMs() > 500", timeout=30_000)
+    await page.wait_for_function("parley.playedMs() > 300", timeout=30_000)
     await screenshots(page, "mic-reply")
 
     # The file loops: the question comes again while the reply plays, and cuts it.
-    await page.wait_for_function(
-        "document.querySelector('.turn .meta')?.textContent.includes('Interrupted')", timeout=30_000
-    )
+    try:
+        await page.wait_for_function(
+            "document.querySelector('.turn .meta')?.textContent.includes('Interrupted')", timeout=30_000
+        )
+    except Exception as error:
+        raise AssertionError("the reply was not interrupted; the page was told:\n" + "\n".join(received)) from error
     first_meta = await page.locator(".turn").first.locator(".meta").inner_text()
     assert "Interrupted" in first_meta, first_meta
     assert await page.locator(".turn").first.locator(".assistant.interrupted").count() == 1

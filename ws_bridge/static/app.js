@@ -263,6 +263,7 @@ function closed(event, info) {
   }
   if (code === "ABORTED") {
     state.wanted = false;
+    micOff(); // (its voice would take the session back at once)
     markUnsent();
     showStatus("This conversation was continued in another tab or window. Send a message to continue it here.", {
       kind: "warn", detail, topic: "session",
@@ -271,6 +272,7 @@ function closed(event, info) {
   }
   if (code === "INVALID_ARGUMENT") {
     state.wanted = false;
+    micOff();
     markUnsent();
     showStatus("The voice service refused the request.", { detail, topic: "connection" });
     return;
