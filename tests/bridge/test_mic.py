@@ -195,10 +195,12 @@ async def test_a_spoken_question_is_answered_and_speaking_again_interrupts_the_r
 
     # The transcript becomes the user's bubble; the reply plays.
     await page.wait_for_function(
-        "document.querySelector('.user:not(.placeholder)')?.textContent.includes('France')", timeout=30_000
+        "document.querySelector('.user:not(.placeholder)')?.textContent.toLowerCase().includes('capital')",
+        timeout=30_000,
     )
     question = (await page.locator(".user").first.inner_text()).lower()
-    assert "capital" in question and "france" in question, question
+    # (Whisper base has heard Piper's "France" as "friends": the other words are checked.)
+    assert "capital" in question and "history" in question, question
     await page.wait_for_function("parley.playedMs() > 300", timeout=30_000)
     await screenshots(page, "mic-reply")
 
@@ -219,7 +221,7 @@ async def test_a_spoken_question_is_answered_and_speaking_again_interrupts_the_r
     # The second question is heard, as the next turn.
     await page.wait_for_function("document.querySelectorAll('.user:not(.placeholder)').length >= 2", timeout=30_000)
     second = (await page.locator(".user").nth(1).inner_text()).lower()
-    assert "france" in second, second
+    assert "capital" in second, second
     await screenshots(page, "mic-barge-in")
     await page.click("#mic")
     assert await page.get_attribute("#mic", "aria-pressed") == "false"
