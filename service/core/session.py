@@ -65,6 +65,7 @@ from service.core.history import Conversation, heard_text
 from service.core.outbox import Outbox
 from service.core.saver import HistorySaver
 from service.core.settings import (
+    InputAudioRequest,
     SessionDefaults,
     SessionSettings,
     StartRequest,
@@ -239,10 +240,11 @@ class Session:
             raise InvalidRequest("`start` was already sent; send it only once, as the first message")
         voices = self._tts.voices()
         check_start(request, self._defaults, voices)
+        listen: InputAudioRequest | None = None
         if request.input_audio is not None:
             if self._voice_input is None:
                 raise InvalidRequest("this server takes no voice input (it has no speech-to-text engine); send text")
-            request.input_audio.resolve(self._defaults.listen)  # its errors before anything is created
+            listen = request.input_audio.resolve(self._defaults.listen)  # its errors before anything is created
         stored: StoredSession | None = None
         if request.session_id:
             resumed = await self._store.resume(request.session_id)
@@ -268,10 +270,9 @@ class Session:
         self._outbox.put_control(
             SessionStarted(self.session_id, settings.audio, settings.voice, self._llm.name, self._tts.name)
         )
-        if request.input_audio is not None:
-            assert self._voice_input is not None  # checked above
-            listen = request.input_audio.resolve(self._defaults.listen)
-            self._ears = Ears(self._voice_input, listen, self._commands.put_nowait if self._commands else _nowhere)
+        if listen is not None:
+            assert self._voice_input is not None and self._commands is not None  # checked above; set by run()
+            self._ears = Ears(self._voice_input, listen, self._commands.put_nowait)
             self._ears.start()
         if request.session_id and settings.stored_fields() != _stored_fields(stored):
             self._saver.submit(self._snapshot())  # a new voice or prompt holds from now, even if no turn follows
@@ -579,7 +580,3 @@ class Session:
 
 def _stored_fields(stored: StoredSession) -> tuple[str, str, float | None, int | None]:
     return stored.system_prompt, stored.voice, stored.temperature, stored.max_tokens
-
-
-def _nowhere(command: Command) -> None:
-    """Where the ears post before the loop runs (never: the loop starts before ``start``)."""
