@@ -142,30 +142,36 @@ class Ears:
     # -- the task ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, bytes):
+        failing = False  # the detector failed on the last chunk: said once, until a chunk succeeds
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, bytes):
+                try:
                     await self._hear(item)
-                elif item[0] == "commit":
-                    utterance = self._listener.commit()
-                    if utterance is not None:
-                        self._ended(utterance, item[1])
-                elif item[0] == "finish":
-                    if self._listener.speaking or self._request.policy.mode is TurnDetection.MANUAL:
-                        utterance = self._listener.commit()
-                        if utterance is not None and utterance.speech_ms > 0:
-                            self._ended(utterance, "")
-                    if self._transcribing is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.shield(self._transcribing)
-                    self._post(HeardAll())
-                else:
+                    failing = False
+                except EngineError as error:  # the task goes on: a stopped task would block the session's feed
+                    log.warning("voice input failed: %s", error)
                     self._listener.clear()
                     self._frames.reset()
-        except EngineError as error:
-            log.warning("voice input failed: %s", error)
-            self._post(Heard("", None, None, error))
+                    if not failing:
+                        self._post(Heard("", None, None, error))
+                    failing = True
+            elif item[0] == "commit":
+                utterance = self._listener.commit()
+                if utterance is not None:
+                    self._ended(utterance, item[1])
+            elif item[0] == "finish":
+                if self._listener.speaking or self._request.policy.mode is TurnDetection.MANUAL:
+                    utterance = self._listener.commit()
+                    if utterance is not None and utterance.speech_ms > 0:
+                        self._ended(utterance, "")
+                if self._transcribing is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._transcribing)
+                self._post(HeardAll())
+            else:
+                self._listener.clear()
+                self._frames.reset()
 
     async def _hear(self, pcm: bytes) -> None:
         now = time.monotonic()

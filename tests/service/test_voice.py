@@ -227,3 +227,36 @@ async def test_what_was_said_before_a_half_close_is_answered(voiced: Harness, mo
     assert order == ["speech_stopped", "transcript", "turn_ended"]
     ended = responses[-1].turn_ended
     assert ended.reason == pb.TURN_END_REASON_COMPLETED and voiced.llm.requests
+
+
+async def test_a_detector_that_dies_fails_a_turn_once_and_the_stream_goes_on() -> None:
+    """Found by attacking it: the ears' task ended on a detector error, then the session waited for
+    ever to queue the next chunk."""
+    from service.errors import VADError
+    from tests.fakes import FakeDetector, FakeFrames
+
+    class BrokenFrames(FakeFrames):
+        async def feed(self, pcm: bytes) -> list[float]:
+            raise VADError("fake VAD failure: the model broke")
+
+    class BrokenDetector(FakeDetector):
+        def stream(self) -> FakeFrames:
+            return BrokenFrames(self)
+
+    h = await start_harness(stt=FakeSTT(), detector=BrokenDetector())
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start())
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        for request in audio(loud(3000), chunk_ms=50):  # 60 chunks: far more than the ears queue
+            await asyncio.wait_for(call.write(request), 5)
+        ended = await read_until(call, "turn_ended", seen)
+        assert ended.turn_ended.reason == pb.TURN_END_REASON_FAILED and "VAD" in ended.turn_ended.error
+        await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Still there?")))
+        ended = await read_until(call, "turn_ended", seen)
+        assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+        assert kinds(seen).count("turn_ended") == 2  # the failure is said once, not per chunk
+        call.cancel()
+    finally:
+        await stop_harness(h)
