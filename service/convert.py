@@ -87,6 +87,7 @@ def _input_audio(audio: pb.InputAudio) -> InputAudioStart:
         prefix_padding_ms=detection.prefix_padding_ms if detection.HasField("prefix_padding_ms") else None,
         threshold=detection.threshold if detection.HasField("threshold") else None,
         min_speech_ms=detection.min_speech_ms if detection.HasField("min_speech_ms") else None,
+        tentative_silence_ms=(detection.tentative_silence_ms if detection.HasField("tentative_silence_ms") else None),
     )
 
 

@@ -83,18 +83,20 @@ class InputAudio(_message.Message):
     def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., language: _Optional[str] = ..., turn_detection: _Optional[_Union[TurnDetection, _Mapping]] = ...) -> None: ...
 
 class TurnDetection(_message.Message):
-    __slots__ = ("mode", "silence_ms", "prefix_padding_ms", "threshold", "min_speech_ms")
+    __slots__ = ("mode", "silence_ms", "prefix_padding_ms", "threshold", "min_speech_ms", "tentative_silence_ms")
     MODE_FIELD_NUMBER: _ClassVar[int]
     SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_PADDING_MS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
+    TENTATIVE_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
     mode: TurnDetectionMode
     silence_ms: int
     prefix_padding_ms: int
     threshold: float
     min_speech_ms: int
-    def __init__(self, mode: _Optional[_Union[TurnDetectionMode, str]] = ..., silence_ms: _Optional[int] = ..., prefix_padding_ms: _Optional[int] = ..., threshold: _Optional[float] = ..., min_speech_ms: _Optional[int] = ...) -> None: ...
+    tentative_silence_ms: int
+    def __init__(self, mode: _Optional[_Union[TurnDetectionMode, str]] = ..., silence_ms: _Optional[int] = ..., prefix_padding_ms: _Optional[int] = ..., threshold: _Optional[float] = ..., min_speech_ms: _Optional[int] = ..., tentative_silence_ms: _Optional[int] = ...) -> None: ...
 
 class UserAudio(_message.Message):
     __slots__ = ("data",)

@@ -41,6 +41,7 @@ __all__ = [
     "SpeakText",
     "SpeechBegan",
     "SpeechEnded",
+    "SpeechResumed",
     "Start",
     "TurnFinished",
     "UserAudio",
@@ -135,12 +136,22 @@ class SpeechEnded:
 
 @dataclass(frozen=True)
 class Heard:
-    """Voice input: an utterance's transcript (``text``), or the ``error`` that prevented one."""
+    """Voice input: an utterance's transcript (``text``), or the ``error`` that prevented one.
+
+    ``tentative``: the user has paused, not yet stopped: a reply may be prepared, unheard; the final
+    :class:`Heard` of the same utterance (the same text) confirms it, :class:`SpeechResumed` discards it.
+    """
 
     turn_id: str
     text: str | None
     spoken: SpokenInput | None
     error: EngineError | None = None
+    tentative: bool = False
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Voice input: the user spoke again after a pause: a tentative transcript is not what they said."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,9 @@ class HeardAll:
 
 
 ClientCommand = Start | UserText | SpeakText | Interrupt | UserAudio | CommitAudio | ClearAudio | HalfClose | BadMessage
-Command = ClientCommand | Shutdown | ClaimLost | TurnFinished | SpeechBegan | SpeechEnded | Heard | HeardAll
+Command = (
+    ClientCommand | Shutdown | ClaimLost | TurnFinished | SpeechBegan | SpeechEnded | SpeechResumed | Heard | HeardAll
+)
 
 
 class CommandQueue:

@@ -7,6 +7,13 @@ tells the session what happened through commands (:class:`~service.core.command.
 :class:`~service.core.command.SpeechEnded`, :class:`~service.core.command.Heard`), so the session's
 one loop still decides everything (a barge-in, a new turn).
 
+When the user pauses (the listener's :class:`~service.core.listening.Paused`), the utterance so far is
+transcribed at once and posted as a tentative :class:`Heard`, so the reply can be prepared while the
+silence goes on; if it lasts, the final :class:`Heard` reuses that transcription (the audio is the
+same), so little is left to do when the user is known to be done; if the user speaks again, the
+transcription is cancelled and :class:`~service.core.command.SpeechResumed` tells the session to
+discard what it prepared.
+
 Bounded: at most ``MAX_QUEUED_CHUNKS`` chunks wait to be scored (the session, and so the client's
 reader, waits while they do), an utterance is at most the listener's ``max_utterance_ms``, and one
 transcription runs at a time (the next utterance waits for it).
@@ -16,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import re
 import time
@@ -26,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded
+from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded, SpeechResumed
 from service.core.engine import SpeechDetector, STTEngine, Transcription
 from service.core.events import SpokenInput
-from service.core.listening import Listener, TurnDetection, Utterance
+from service.core.listening import Listener, Paused, Resumed, TurnDetection, Utterance
 from service.core.listening import SpeechBegan as Began
 from service.core.settings import InputAudioRequest
 from service.errors import EngineError, STTError
@@ -61,6 +67,10 @@ _HALLUCINATIONS = frozenset(
     }
 )
 _NOT_WORDS = re.compile(r"[^\w\s]")
+
+
+_Result = tuple[Transcription | STTError, float]
+"""A transcription (or the engine's error) and the seconds it took."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class Ears:
         self._queue: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue(MAX_QUEUED_CHUNKS)
         self._task: asyncio.Task[None] | None = None
         self._transcribing: asyncio.Task[None] | None = None
+        """The last utterance's final transcription and its posting (each waits for the one before)."""
+        self._paused: tuple[Utterance, asyncio.Task[_Result], asyncio.Task[None]] | None = None
+        """The utterance as it was when the user paused, its transcription, and the tentative post."""
         # When each chunk's end arrived, by sample: to know when the end of an utterance's speech did.
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=512)
         self._samples = 0
@@ -134,10 +147,10 @@ class Ears:
         await self._queue.put(("finish", ""))
 
     async def aclose(self) -> None:
-        for task in (self._task, self._transcribing):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._task, self._transcribing) if t is not None), return_exceptions=True)
+        tasks = [t for t in (self._task, self._transcribing, *(self._paused or ())[1:]) if isinstance(t, asyncio.Task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- the task ----------------------------------------------------------------------------------
 
@@ -153,6 +166,7 @@ class Ears:
                     log.warning("voice input failed: %s", error)
                     self._listener.clear()
                     self._frames.reset()
+                    self._unpause()
                     if not failing:
                         self._post(Heard("", None, None, error))
                     failing = True
@@ -165,13 +179,14 @@ class Ears:
                     utterance = self._listener.commit()
                     if utterance is not None and utterance.speech_ms > 0:
                         self._ended(utterance, "")
+                self._unpause()
                 if self._transcribing is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(self._transcribing)
+                    await asyncio.wait({self._transcribing})
                 self._post(HeardAll())
             else:
                 self._listener.clear()
                 self._frames.reset()
+                self._unpause()
 
     async def _hear(self, pcm: bytes) -> None:
         now = time.monotonic()
@@ -182,37 +197,77 @@ class Ears:
         for event in self._listener.push(pcm, probabilities):
             if isinstance(event, Began):
                 self._post(SpeechBegan(round(event.audio_start_ms)))
+            elif isinstance(event, Paused):
+                self._pause(event.utterance)
+            elif isinstance(event, Resumed):
+                self._unpause()
             else:
                 self._ended(event, "")
 
+    def _pause(self, utterance: Utterance) -> None:
+        """The user paused: transcribe what they said so far, and post it as tentative."""
+        self._unpause()
+        recognition = asyncio.create_task(self._recognize(utterance, self._transcribing), name="transcription")
+        post = asyncio.create_task(self._post_tentative(utterance, recognition), name="tentative transcript")
+        self._paused = (utterance, recognition, post)
+
+    def _unpause(self) -> None:
+        """The paused utterance is not the one: drop its transcription, and what was prepared with it."""
+        if self._paused is None:
+            return
+        _, recognition, post = self._paused
+        self._paused = None
+        recognition.cancel()
+        post.cancel()
+        self._post(SpeechResumed())
+
     def _ended(self, utterance: Utterance, turn_id: str) -> None:
-        end_sample = round(utterance.audio_end_ms * self._rate / 1000)
-        arrived = next((at for sample, at in self._arrivals if sample >= end_sample), time.monotonic())
+        recognition: asyncio.Task[_Result] | None = None
+        if self._paused is not None and self._paused[0].pcm == utterance.pcm:
+            recognition = self._paused[1]  # the silence lasted: the tentative transcript is the one
+            self._paused = None
+        else:
+            self._unpause()
         self._post(SpeechEnded(round(utterance.audio_end_ms)))
-        previous = self._transcribing
+        if recognition is None:
+            recognition = asyncio.create_task(self._recognize(utterance, self._transcribing), name="transcription")
         self._transcribing = asyncio.create_task(
-            self._transcribe(utterance, turn_id, arrived, previous), name="transcription"
+            self._post_final(utterance, turn_id, recognition), name="final transcript"
         )
 
-    async def _transcribe(
-        self, utterance: Utterance, turn_id: str, arrived: float, previous: asyncio.Task[None] | None
-    ) -> None:
+    async def _recognize(self, utterance: Utterance, previous: asyncio.Task[None] | None) -> _Result:
+        """Transcribe ``utterance`` once the one before it is done (transcripts leave in the order the
+        user spoke): the transcription (or the engine's error) and the time it took."""
         if previous is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(previous)  # transcripts leave in the order the user spoke
+            await asyncio.wait({previous})
         began = time.monotonic()
         language = self._request.language or self._engines.language or None
         try:
-            result = await self._engines.stt.transcribe(utterance.pcm, language)
+            result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
         except STTError as error:
-            log.warning("transcription failed: %s", error)
-            self._post(Heard(turn_id, None, None, error))
+            result = error
+        return result, time.monotonic() - began
+
+    async def _post_tentative(self, utterance: Utterance, recognition: asyncio.Task[_Result]) -> None:
+        result, spent = await recognition
+        if isinstance(result, Transcription) and not is_hallucination(result, utterance.speech_ms):
+            self._post(Heard("", result.text.strip(), self._spoken(utterance, spent), tentative=True))
+
+    async def _post_final(self, utterance: Utterance, turn_id: str, recognition: asyncio.Task[_Result]) -> None:
+        result, spent = await recognition
+        if isinstance(result, STTError):
+            log.warning("transcription failed: %s", result)
+            self._post(Heard(turn_id, None, None, result))
             return
-        spent = time.monotonic() - began
         if is_hallucination(result, utterance.speech_ms):
             log.info("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
             return
-        self._post(Heard(turn_id, result.text.strip(), SpokenInput(round(utterance.audio_end_ms), arrived, spent)))
+        self._post(Heard(turn_id, result.text.strip(), self._spoken(utterance, spent)))
+
+    def _spoken(self, utterance: Utterance, spent: float) -> SpokenInput:
+        end_sample = round(utterance.audio_end_ms * self._rate / 1000)
+        arrived = next((at for sample, at in self._arrivals if sample >= end_sample), time.monotonic())
+        return SpokenInput(round(utterance.audio_end_ms), arrived, spent)
 
     def _to_detector_rate(self, pcm: bytes) -> bytes:
         if self._odd_byte:

@@ -10,6 +10,12 @@ below the threshold), handing over the utterance with ``prefix_padding_ms`` of t
 speech (so its first syllable is not clipped). With manual turn detection the client ends the
 utterance (:meth:`Listener.commit`); speech is still reported, for barge-in. Memory is bounded: an
 utterance longer than ``max_utterance_ms`` ends there.
+
+With server turn detection, a shorter silence (``tentative_silence_ms``) already reports a
+:class:`Paused` with the utterance as it would end there, so that the caller can transcribe it and
+prepare the reply while it waits to know whether the user is done; speech after it reports
+:class:`Resumed` (that utterance is not the one), and the full silence reports the :class:`Utterance`,
+whose audio is then exactly the paused one's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["ListenPolicy", "Listener", "SpeechBegan", "TurnDetection", "Utterance"]
+__all__ = ["Event", "ListenPolicy", "Listener", "Paused", "Resumed", "SpeechBegan", "TurnDetection", "Utterance"]
 
 
 class TurnDetection(enum.Enum):
@@ -40,6 +46,9 @@ class ListenPolicy:
     """Speech needed before it counts: shorter sounds are ignored."""
     max_utterance_ms: int = 30_000
     """An utterance ends here, whatever follows."""
+    tentative_silence_ms: int = 200
+    """Server turn detection: silence after which the utterance is taken as probably over (a reply is
+    prepared unheard, and discarded if speech resumes). 0, or ``silence_ms`` and above: off."""
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.threshold <= 0.99:
@@ -52,6 +61,13 @@ class ListenPolicy:
             raise ValueError("min_speech_ms must be between 0 and 2000")
         if self.max_utterance_ms < 1000:
             raise ValueError("max_utterance_ms must be at least 1000")
+        if self.tentative_silence_ms and not 100 <= self.tentative_silence_ms <= 5000:
+            raise ValueError("tentative_silence_ms must be 0 (off) or between 100 and 5000")
+
+    @property
+    def tentative(self) -> bool:
+        """Whether pauses are reported."""
+        return self.mode is TurnDetection.SERVER_VAD and 0 < self.tentative_silence_ms < self.silence_ms
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,19 @@ class SpeechBegan:
 
     audio_start_ms: float
     """Where the utterance starts in the input timeline (the prefix padding included)."""
+
+
+@dataclass(frozen=True)
+class Paused:
+    """Server turn detection: the user has been silent for ``tentative_silence_ms``; if the silence
+    lasts, ``utterance`` is what they said."""
+
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The user spoke again after a :class:`Paused`: its utterance goes on."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +128,7 @@ class Listener:
         self._last_speech_end = 0
         self._utterance_start = 0
         self._committed_start = 0  # MANUAL: the audio after the last commit or clear
+        self._paused = False  # a Paused was reported for the current silence
 
     @property
     def speaking(self) -> bool:
@@ -108,11 +138,11 @@ class Listener:
     def received_ms(self) -> float:
         return self._ms(self._received)
 
-    def push(self, pcm: bytes, probabilities: list[float]) -> list[SpeechBegan | Utterance]:
+    def push(self, pcm: bytes, probabilities: list[float]) -> list[Event]:
         """Add audio and the scores of the frames it completed; return what happened, in order."""
         self._audio += pcm
         self._received += len(pcm) // 2
-        events: list[SpeechBegan | Utterance] = []
+        events: list[Event] = []
         for probability in probabilities:
             frame_start = self._scored
             self._scored += self._frame_samples
@@ -137,7 +167,7 @@ class Listener:
 
     # -- per frame ---------------------------------------------------------------------------------
 
-    def _frame(self, probability: float, start: int) -> SpeechBegan | Utterance | None:
+    def _frame(self, probability: float, start: int) -> Event | None:
         policy, frame = self._policy, self._frame_samples
         if self._state is _State.IDLE:
             if probability >= policy.threshold:
@@ -154,6 +184,9 @@ class Listener:
             self._silence_run = 0
             self._speech_samples += frame
             self._last_speech_end = start + frame
+            if self._paused:
+                self._paused = False
+                return Resumed()
         elif probability < self._negative:
             self._silence_run += frame
         else:
@@ -162,6 +195,9 @@ class Listener:
             return self._end(self._scored)
         if policy.mode is TurnDetection.SERVER_VAD and self._ms(self._silence_run) >= policy.silence_ms:
             return self._end(self._last_speech_end)
+        if policy.tentative and not self._paused and self._ms(self._silence_run) >= policy.tentative_silence_ms:
+            self._paused = True
+            return Paused(self._utterance_until(self._last_speech_end))
         return None
 
     def _begin(self) -> SpeechBegan:
@@ -183,10 +219,17 @@ class Listener:
             utterance = self._cut(self._utterance_start, self._scored, self._speech_samples)
             self._reset(self._scored)
             return utterance
-        tail = min(round(0.1 * self._rate), self._scored - speech_end)  # 100 ms after the last speech
-        utterance = self._cut(self._utterance_start, speech_end + tail, self._speech_samples, speech_end)
-        self._reset(speech_end + tail)
+        utterance = self._utterance_until(speech_end)
+        self._reset(speech_end + self._tail(speech_end))
         return utterance
+
+    def _utterance_until(self, speech_end: int) -> Utterance:
+        """The utterance in progress, ending with its speech at ``speech_end``."""
+        return self._cut(self._utterance_start, speech_end + self._tail(speech_end), self._speech_samples, speech_end)
+
+    def _tail(self, speech_end: int) -> int:
+        """Audio kept after the last speech: 100 ms (what there is of it)."""
+        return min(round(0.1 * self._rate), self._scored - speech_end)
 
     def _cut(self, start: int, end: int, speech: int, speech_end: int | None = None) -> Utterance:
         begin = (start - self._audio_start) * 2
@@ -195,6 +238,7 @@ class Listener:
 
     def _reset(self, keep_from: int) -> None:
         self._state = _State.IDLE
+        self._paused = False
         self._speech_run = self._silence_run = self._speech_samples = 0
         self._committed_start = keep_from
         keep_from = max(keep_from, self._audio_start)
@@ -222,3 +266,7 @@ class Listener:
 
     def _ms(self, samples: int) -> float:
         return samples * 1000 / self._rate
+
+
+Event = SpeechBegan | Paused | Resumed | Utterance
+"""What :meth:`Listener.push` reports."""

@@ -14,7 +14,10 @@ messages out with :meth:`Outbox.next`. The outbox alone
 - snapshots a turn's immutable :class:`TurnTimings` when its :class:`TurnEnd` leaves.
 
 An interrupted turn's :class:`Outlet` is dropped: what of it waits is removed and whatever it still
-puts is discarded; its end still goes. Nothing here calls back into the session. One event loop.
+puts is discarded; its end still goes. A tentative turn's outlet is *held*: what it puts waits
+aside (counting toward the same bounds) until :meth:`Outbox.release` queues it, in order, or a drop
+discards it; nothing of a held turn ever reaches the client before its release. Nothing here calls
+back into the session. One event loop.
 """
 
 from __future__ import annotations
@@ -63,11 +66,15 @@ class OutboxLimits:
 class Outlet:
     """One turn's way into the outbox, and the record of what of the turn left."""
 
-    def __init__(self, outbox: Outbox, turn_id: str) -> None:
+    def __init__(self, outbox: Outbox, turn_id: str, *, held: bool = False) -> None:
         self.turn_id = turn_id
         self._outbox = outbox
         self.dropped = False
         """Interrupted: nothing more of this turn leaves, except its end."""
+        self.held: collections.deque[TextDelta | SegmentStarted | AudioPiece] | None = (
+            collections.deque() if held else None
+        )
+        """Held (a tentative turn): what it put so far, waiting for its release. None once released."""
         self.first_audio_at: float | None = None
         """When its first audio message was handed to the transport."""
         self.audio_ms_sent = 0.0
@@ -96,12 +103,13 @@ class Outbox:
         self._limits = limits
         self._entries: collections.deque[_Entry] = collections.deque()
         self._buffered_ms = 0.0
+        self._held_items = 0  # in held outlets
         self._changed = asyncio.Event()
         self._closed = False
 
-    def open_turn(self, turn_id: str) -> Outlet:
-        """A new turn's outlet."""
-        return Outlet(self, turn_id)
+    def open_turn(self, turn_id: str, *, held: bool = False) -> Outlet:
+        """A new turn's outlet; ``held``: nothing of it leaves before :meth:`release`."""
+        return Outlet(self, turn_id, held=held)
 
     async def put(self, outlet: Outlet, item: TextDelta | SegmentStarted | AudioPiece) -> None:
         while self._full() and not (self._closed or outlet.dropped):
@@ -109,7 +117,22 @@ class Outbox:
             await self._changed.wait()
         if self._closed or outlet.dropped:
             return
+        if outlet.held is not None:
+            outlet.held.append(item)
+            self._held_items += 1
+            if isinstance(item, AudioPiece):
+                self._buffered_ms += item.duration_ms
+            return
         self._append(outlet, item)
+
+    def release(self, outlet: Outlet) -> None:
+        """A held turn may leave: what it put so far is queued now, after everything waiting."""
+        held, outlet.held = outlet.held, None
+        if held is None or outlet.dropped:
+            return
+        self._held_items -= len(held)
+        self._entries.extend((outlet, item) for item in held)
+        self._changed.set()
 
     def put_control(self, item: Control, outlet: Outlet | None = None) -> None:
         """Queue a session start, a turn's end or news of the user's voice without waiting for room
@@ -121,6 +144,10 @@ class Outbox:
         """Drop a turn: remove what of it waits, discard what it still puts. Returns its end if that
         was waiting (removed too), so that the caller can replace it."""
         outlet.dropped = True
+        if outlet.held is not None:
+            self._held_items -= len(outlet.held)
+            self._buffered_ms -= sum(item.duration_ms for item in outlet.held if isinstance(item, AudioPiece))
+            outlet.held.clear()
         kept: collections.deque[_Entry] = collections.deque()
         end: TurnEnd | None = None
         for entry in self._entries:
@@ -176,7 +203,8 @@ class Outbox:
 
     def _full(self) -> bool:
         return (
-            len(self._entries) >= self._limits.max_buffered_items or self._buffered_ms >= self._limits.max_buffered_ms
+            len(self._entries) + self._held_items >= self._limits.max_buffered_items
+            or self._buffered_ms >= self._limits.max_buffered_ms
         )
 
     def _append(self, outlet: Outlet | None, item: Item) -> None:

@@ -12,6 +12,12 @@ matter at any time, each held in a named slot: ``current``, the turn in progress
 last turn that ended, whose audio the client may still be playing (an interrupt with ``played_ms``
 then cuts its history). Older turns are gone: nothing of them can still leave or change.
 
+A reply to the user's voice may begin before the user is known to be done: on a tentative
+transcript (the user paused) it begins TENTATIVE, held in the outbox and out of the history; the
+final transcript of the same words confirms it (its transcript, then all it prepared, leave at
+once), and anything else (speech resuming, other words, text from the client, the stream ending)
+discards it without a trace, its turn id free again.
+
 Output goes through the :class:`~service.core.outbox.Outbox` (what leaves, when, numbered how);
 the history goes to the store through a latest-wins :class:`~service.core.saver.HistorySaver`. The
 session knows nothing of gRPC.
@@ -44,6 +50,7 @@ from service.core.command import (
     SpeakText,
     SpeechBegan,
     SpeechEnded,
+    SpeechResumed,
     Start,
     TurnFinished,
     UserAudio,
@@ -170,7 +177,7 @@ class Session:
         """The next command; raises :class:`IdleTimeout` when none came in time while no turn ran."""
         limit = self._defaults.idle_timeout_s
         while True:
-            running = self._current is not None and self._current.state is TurnState.RUNNING
+            running = self._current is not None and self._current.state in (TurnState.RUNNING, TurnState.TENTATIVE)
             remaining = None if running else limit - (time.monotonic() - self._last_activity)
             if remaining is not None and remaining <= 0:
                 raise IdleTimeout(
@@ -207,7 +214,11 @@ class Session:
                 await self._interrupt(self._played_estimate())  # barge-in by voice
             case SpeechEnded(audio_end_ms):
                 self._outbox.put_control(SpeechStopped(audio_end_ms))
-            case Heard(turn_id, text, spoken, error):
+            case SpeechResumed():
+                await self._discard_tentative()
+            case Heard(_, text, spoken, None, True) if text:
+                await self._heard_tentatively(text, spoken)
+            case Heard(turn_id, text, spoken, error, False):
                 await self._transcribed(turn_id, text, spoken, error)
             case HeardAll():
                 self._hearing_out = False
@@ -217,6 +228,7 @@ class Session:
                     await self._ears.finish()
                 self._drain(Ending.HALF_CLOSED)
             case Shutdown():
+                await self._discard_tentative()
                 self._drain(Ending.SHUTDOWN)
             case ClaimLost(vanished=True):
                 raise SessionLost(
@@ -322,8 +334,10 @@ class Session:
         """Stop the turn in progress at once; with none, cut the turn the client may still be hearing.
 
         Nothing more of the stopped turn leaves. The history keeps what the client heard: up to
-        ``played_ms`` when it says, else all the audio that was sent.
+        ``played_ms`` when it says, else all the audio that was sent. A tentative turn is discarded
+        (the client never had any of it), and the turn before it cut.
         """
+        await self._discard_tentative()
         turn = self._current
         if turn is not None:
             self._outbox.drop(turn.outlet)
@@ -338,7 +352,8 @@ class Session:
         """What the client has played of the turn it may be hearing, when it has not said: the audio
         sent minus what it still holds (sent faster than real time), as if playback began with the
         first audio. A later ``interrupt`` with ``played_ms`` corrects it."""
-        turn = self._current or self._heard
+        turn = self._current if self._current is not None and self._current.state is not TurnState.TENTATIVE else None
+        turn = turn or self._heard
         if turn is None or turn.outlet.first_audio_at is None:
             return None
         lead = max(turn.outlet.client_lead_ms(time.monotonic()), 0.0)
@@ -347,9 +362,16 @@ class Session:
     async def _transcribed(
         self, turn_id: str, text: str | None, spoken: SpokenInput | None, error: Exception | None
     ) -> None:
-        """An utterance's transcript opens a turn with it as the user's message."""
+        """An utterance's transcript opens a turn with it as the user's message (or confirms the
+        tentative turn that began with the same words)."""
         settings = self._settings
         assert settings is not None
+        tentative = self._tentative()
+        if tentative is not None:
+            if text and text[: self._defaults.max_text_chars] == tentative.user_text and not turn_id:
+                self._confirm(tentative, spoken)
+                return
+            await self._discard_tentative()
         if self._ending is Ending.SHUTDOWN and self._unanswerable():
             return  # (after a half-close, what the client said before it is still answered)
         turn_id = self._new_turn_id(turn_id)
@@ -363,6 +385,45 @@ class Session:
         request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
         turn = self._begin(turn_id, llm_deltas(self._llm, request), user_text=text)
         turn.stats.spoken = spoken
+
+    async def _heard_tentatively(self, text: str, spoken: SpokenInput | None) -> None:
+        """The user paused after saying ``text``: prepare the reply, held, unless anything else runs."""
+        if self.state is not SessionState.OPEN or self._current is not None:
+            return
+        settings = self._settings
+        assert settings is not None
+        text = text[: self._defaults.max_text_chars]
+        request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
+        turn = self._begin("", llm_deltas(self._llm, request), user_text=text, tentative=True)
+        turn.stats.spoken = spoken
+
+    def _tentative(self) -> TurnRecord | None:
+        turn = self._current
+        return turn if turn is not None and turn.state is TurnState.TENTATIVE else None
+
+    def _confirm(self, turn: TurnRecord, spoken: SpokenInput | None) -> None:
+        """The tentative turn's utterance was the whole of it: its transcript, then what it holds, leave."""
+        assert turn.user_text is not None
+        self._outbox.put_control(Transcript(turn.turn_id, turn.user_text, True))
+        turn.stats.spoken = spoken
+        turn.confirm()
+        self._outbox.release(turn.outlet)
+        if turn.finished is not None:
+            assert self._commands is not None
+            self._commands.put_nowait(TurnFinished(turn, turn.finished[0]))  # (its news came while held)
+
+    async def _discard_tentative(self) -> None:
+        """Stop a tentative turn and forget it: nothing of it left, nothing of it stays."""
+        turn = self._tentative()
+        if turn is None:
+            return
+        self._outbox.drop(turn.outlet)
+        await turn.stop()
+        turn.discard()
+        self._current = None
+        self._used_turn_ids.pop(turn.turn_id, None)
+        if turn.turn_id == f"turn-{self._turns_started}":
+            self._turns_started -= 1
 
     def _require_ears(self, what: str) -> Ears:
         self._require_started(what)
@@ -399,13 +460,18 @@ class Session:
     # -- turns -------------------------------------------------------------------------------------
 
     def _begin(
-        self, turn_id: str, text: AsyncGenerator[str | LLMUsage, None] | None, *, user_text: str | None
+        self,
+        turn_id: str,
+        text: AsyncGenerator[str | LLMUsage, None] | None,
+        *,
+        user_text: str | None,
+        tentative: bool = False,
     ) -> TurnRecord:
         settings = self._settings
         assert settings is not None
         turn_id = self._new_turn_id(turn_id)
         stats = TurnStats()
-        outlet = self._outbox.open_turn(turn_id)
+        outlet = self._outbox.open_turn(turn_id, held=tentative)
         speak_input: asyncio.Queue[str | None] = asyncio.Queue()
         pipeline = Turn(
             turn_id,
@@ -420,7 +486,7 @@ class Session:
             stats=stats,
             from_llm=user_text is not None,
         )
-        turn = TurnRecord(pipeline, outlet, stats, user_text, speak_input)
+        turn = TurnRecord(pipeline, outlet, stats, user_text, speak_input, tentative=tentative)
         turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn {turn_id}")
         self._current = turn
         return turn
@@ -455,7 +521,10 @@ class Session:
 
     async def _turn_finished(self, turn: TurnRecord, error: BaseException | None) -> None:
         if turn.state is TurnState.ENDED:
-            return  # it was stopped (interrupted) before this news arrived
+            return  # it was stopped (interrupted, discarded) before this news arrived
+        if turn.state is TurnState.TENTATIVE:
+            turn.finished = (error,)  # handled when it is confirmed
+            return
         if error is None:
             end, version = self._end(turn, TurnEndReason.COMPLETED, turn.pipeline.text.strip())
         else:
@@ -545,6 +614,7 @@ class Session:
             watcher.cancel()
         if self._ears is not None:
             await self._ears.aclose()
+        await self._discard_tentative()
         owned = self._claim is not None and not self._claim.lost.is_set()
         turn = self._current
         if turn is None and cut_short and owned and self._heard is not None:

@@ -92,6 +92,7 @@ class InputAudioStart:
     prefix_padding_ms: int | None = None
     threshold: float | None = None
     min_speech_ms: int | None = None
+    tentative_silence_ms: int | None = None
 
     def resolve(self, defaults: ListenPolicy) -> InputAudioRequest:
         """The input audio settings with the server's defaults filled in. Raises
@@ -109,6 +110,7 @@ class InputAudioStart:
             "prefix_padding_ms": self.prefix_padding_ms,
             "threshold": self.threshold,
             "min_speech_ms": self.min_speech_ms,
+            "tentative_silence_ms": self.tentative_silence_ms,
         }
         try:
             policy = replace(defaults, **{k: v for k, v in chosen.items() if v is not None})

@@ -242,6 +242,10 @@ class Turn:
 
 
 class TurnState(enum.Enum):
+    TENTATIVE = "tentative"
+    """A reply to an utterance the user may not have finished (they paused): it runs, but its outlet
+    is held and it is not in the history; it becomes RUNNING when the pause proves to be the end, or is
+    discarded without a trace."""
     OPEN = "open"
     """A speak turn still taking text."""
     RUNNING = "running"
@@ -269,6 +273,8 @@ class TurnRecord:
         stats: TurnStats,
         user_text: str | None,
         speak_input: asyncio.Queue[str | None],
+        *,
+        tentative: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.outlet = outlet
@@ -276,7 +282,11 @@ class TurnRecord:
         self.user_text = user_text
         """The user's message; None for a speak turn."""
         self.state = TurnState.RUNNING if user_text is not None else TurnState.OPEN
+        if tentative:
+            self.state = TurnState.TENTATIVE
         self.outcome: TurnOutcome | None = None
+        self.finished: tuple[BaseException | None] | None = None
+        """A tentative turn whose pipeline finished before it was confirmed: how (its error)."""
         self.speak_input = speak_input
         """Where a speak turn's text goes (a None after the last piece ends it)."""
         self.speak_chars = 0
@@ -291,6 +301,16 @@ class TurnRecord:
         if self.state is TurnState.OPEN:
             self.speak_input.put_nowait(None)
             self.state = TurnState.RUNNING
+
+    def confirm(self) -> None:
+        """TENTATIVE → RUNNING: the user had finished."""
+        assert self.state is TurnState.TENTATIVE
+        self.state = TurnState.RUNNING
+
+    def discard(self) -> None:
+        """TENTATIVE → ENDED, with no outcome: the user was not done; nothing of the turn left, or stays."""
+        assert self.state is TurnState.TENTATIVE
+        self.state = TurnState.ENDED
 
     def end(self, outcome: TurnOutcome) -> None:
         """The one transition to ENDED."""

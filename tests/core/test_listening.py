@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.core.listening import Listener, ListenPolicy, SpeechBegan, TurnDetection, Utterance
+from service.core.listening import Event, Listener, ListenPolicy, Paused, Resumed, SpeechBegan, TurnDetection, Utterance
 
 RATE = 16000
 FRAME_MS = 32
@@ -17,13 +17,14 @@ def frames(levels: list[float]) -> tuple[bytes, list[float]]:
     return pcm, levels
 
 
-def run(levels: list[float], policy: ListenPolicy, step: int = 3) -> list[SpeechBegan | Utterance]:
+def run(levels: list[float], policy: ListenPolicy, step: int = 3, *, pauses: bool = False) -> list[Event]:
+    """The listener's events (without pauses and resumptions unless ``pauses``)."""
     listener = Listener(policy, RATE, FRAME_MS)
     pcm, scores = frames(levels)
-    events: list[SpeechBegan | Utterance] = []
+    events: list[Event] = []
     for i in range(0, len(scores), step):
         events += listener.push(pcm[i * FRAME * 2 : (i + step) * FRAME * 2], scores[i : i + step])
-    return events
+    return [e for e in events if pauses or not isinstance(e, Paused | Resumed)]
 
 
 def frames_in(utterance: Utterance) -> list[int]:
@@ -100,3 +101,40 @@ def test_policy_rejects_nonsense() -> None:
     for bad in ({"threshold": 0.0}, {"silence_ms": 50}, {"prefix_padding_ms": -1}, {"min_speech_ms": 5000}):
         with pytest.raises(ValueError):
             ListenPolicy(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ListenPolicy(tentative_silence_ms=50)
+
+
+@pytest.mark.parametrize("step", [1, 3, 100])
+def test_a_pause_reports_the_utterance_the_full_silence_then_ends_with(step: int) -> None:
+    policy = ListenPolicy(silence_ms=320, tentative_silence_ms=128, prefix_padding_ms=64, min_speech_ms=96)
+    events = run([0.0] * 10 + [0.9] * 20 + [0.0] * 15, policy, step, pauses=True)
+    assert [type(e) for e in events] == [SpeechBegan, Paused, Utterance]
+    paused, utterance = events[1], events[2]
+    assert isinstance(paused, Paused) and isinstance(utterance, Utterance)
+    assert paused.utterance.pcm == utterance.pcm  # the same audio: its transcript can be reused
+    assert paused.utterance.audio_end_ms == utterance.audio_end_ms == 30 * FRAME_MS
+
+
+def test_speech_after_a_pause_resumes_the_utterance() -> None:
+    policy = ListenPolicy(silence_ms=320, tentative_silence_ms=128, min_speech_ms=64)
+    levels = [0.9] * 10 + [0.0] * 6 + [0.9] * 10 + [0.0] * 5 + [0.9] * 3 + [0.0] * 12
+    events = run(levels, policy, 1, pauses=True)
+    assert [type(e) for e in events] == [SpeechBegan, Paused, Resumed, Paused, Resumed, Paused, Utterance]
+    last_pause, utterance = events[-2], events[-1]
+    assert isinstance(last_pause, Paused) and isinstance(utterance, Utterance)
+    assert last_pause.utterance.pcm == utterance.pcm
+    assert utterance.audio_end_ms == 34 * FRAME_MS  # all of it, up to the last speech
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ListenPolicy(silence_ms=320, tentative_silence_ms=0, min_speech_ms=64),
+        ListenPolicy(silence_ms=320, tentative_silence_ms=320, min_speech_ms=64),
+        ListenPolicy(mode=TurnDetection.MANUAL, tentative_silence_ms=128, min_speech_ms=64),
+    ],
+)
+def test_no_pauses_when_off_or_manual(policy: ListenPolicy) -> None:
+    events = run([0.9] * 10 + [0.0] * 6 + [0.9] * 10 + [0.0] * 15, policy, pauses=True)
+    assert not any(isinstance(e, Paused | Resumed) for e in events)

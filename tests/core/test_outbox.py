@@ -171,3 +171,34 @@ async def test_a_message_waiting_to_fill_is_put_back_when_the_reader_is_cancelle
 def test_limits_are_checked() -> None:
     with pytest.raises(ValueError, match="max_buffered_ms"):
         OutboxLimits(max_message_ms=500, max_buffered_ms=100)
+
+
+async def test_a_held_turn_leaves_nothing_until_released_and_then_all_of_it_in_order() -> None:
+    outbox = Outbox(OutboxLimits(max_message_ms=100))
+    held = outbox.open_turn("t1", held=True)
+    await held.put(TextDelta("t1", "Hi."))
+    await held.put(piece(0, 40))
+    outbox.put_control(SessionStarted("s", AudioFormat(Encoding.PCM16, 16000), "v", "l", "t"))
+    assert [type(i) for i in outbox.waiting()] == [SessionStarted]
+    outbox.release(held)
+    await held.put(piece(0, 40))  # after the release: straight in
+    messages = await drain(outbox)
+    assert [type(m) for m in messages] == [SessionStarted, TextDelta, AudioChunk]
+    assert isinstance(messages[2], AudioChunk) and messages[2].duration_ms == 80
+    assert held.first_audio_at is not None and held.audio_ms_sent == 80
+
+
+async def test_a_held_turn_counts_toward_the_bounds_and_a_drop_frees_them() -> None:
+    outbox = Outbox(OutboxLimits(max_message_ms=100, max_buffered_ms=200, max_buffered_items=64))
+    held = outbox.open_turn("t1", held=True)
+    for _ in range(5):
+        await held.put(piece(0, 40))
+    blocked = asyncio.create_task(held.put(piece(0, 40)))  # 200 ms held: full
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    outbox.drop(held)  # discarded: the put returns, nothing of it leaves, the room is back
+    await asyncio.wait_for(blocked, 1)
+    other = outbox.open_turn("t2")
+    await asyncio.wait_for(other.put(piece(0, 40, "t2")), 1)
+    messages = await drain(outbox)
+    assert [m.turn_id for m in messages if isinstance(m, AudioChunk)] == ["t2"]

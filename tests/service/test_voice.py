@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from parley.v1 import voice_pb2 as pb
-from tests.conftest import Harness, start, start_harness, stop_harness
+from tests.conftest import Harness, start, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 
 RATE = 16000
@@ -260,3 +260,115 @@ async def test_a_detector_that_dies_fails_a_turn_once_and_the_stream_goes_on() -
         call.cancel()
     finally:
         await stop_harness(h)
+
+
+class Reader:
+    """Reads a stream in the background, keeping every response."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.seen: list[pb.ConverseResponse] = []
+        self._task = asyncio.create_task(self._read(call))
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        while (response := await call.read()) is not grpc.aio.EOF:
+            self.seen.append(response)
+
+    def kinds(self) -> list[str]:
+        return kinds(self.seen)
+
+    async def until(self, kind: str, count: int = 1) -> None:
+        await wait_for(lambda: self.kinds().count(kind) >= count, 10)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def test_a_reply_prepared_during_a_pause_leaves_only_when_the_silence_confirms_the_end(
+    voiced: Harness,
+) -> None:
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=800, tentative_silence_ms=150, min_speech_ms=100))
+    reader = Reader(call)
+    await reader.until("session_started")
+    for request in audio(loud(600) + quiet(300)):
+        await call.write(request)
+    await wait_for(lambda: voiced.llm.completed == 1)  # the whole reply was made while the user paused
+    await asyncio.sleep(0.1)
+    assert reader.kinds() == ["session_started", "speech_started"]  # none of it left
+    for request in audio(quiet(600)):
+        await call.write(request)
+    await reader.until("turn_ended")
+    order = [k for k in reader.kinds() if k != "text_delta"]
+    assert order[:5] == ["session_started", "speech_started", "speech_stopped", "transcript", "segment"]
+    ended = next(r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended")
+    assert ended.turn_id == "turn-1" and ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert ended.spoken_text == voiced.llm.reply
+    assert ended.timings.speech_end_to_first_audio_ms > 0
+    assert len(voiced.stt.heard) == 1 and len(voiced.llm.requests) == 1  # type: ignore[union-attr]
+    await reader.stop()
+    call.cancel()
+
+
+async def test_speech_after_a_pause_discards_the_prepared_reply_without_a_trace(voiced: Harness) -> None:
+    voiced.stt.texts = ["What is", "What is the weather like in Paris?"]  # type: ignore[union-attr]
+    voiced.llm.token_s = 0.02
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=800, tentative_silence_ms=150, min_speech_ms=100))
+    reader = Reader(call)
+    await reader.until("session_started")
+    for request in audio(loud(500) + quiet(300)):
+        await call.write(request)
+    await wait_for(lambda: len(voiced.llm.requests) == 1)  # a reply to "What is" is being prepared
+    for request in audio(loud(500) + quiet(1000)):  # ... but the user goes on
+        await call.write(request)
+    await reader.until("turn_ended")
+    assert voiced.llm.cancelled >= 1 or voiced.llm.completed == 1
+    transcripts = [r.transcript for r in reader.seen if r.WhichOneof("kind") == "transcript"]
+    assert [t.text for t in transcripts] == ["What is the weather like in Paris?"]
+    assert transcripts[0].turn_id == "turn-1"  # the discarded turn's id is free again
+    ended = next(r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended")
+    assert ended.turn_id == "turn-1" and ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert reader.kinds().count("speech_started") == 1 and reader.kinds().count("speech_stopped") == 1
+    assert len({r.audio.turn_id for r in reader.seen if r.WhichOneof("kind") == "audio"}) == 1
+    # The history has the one exchange.
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text="And tomorrow?")))
+    await reader.until("turn_ended", 2)
+    contents = [m.content for m in voiced.llm.requests[-1].messages if m.role == "user"]
+    assert contents == ["What is the weather like in Paris?", "And tomorrow?"]
+    await reader.stop()
+    call.cancel()
+
+
+async def test_text_sent_during_a_pause_discards_the_prepared_reply(voiced: Harness) -> None:
+    voiced.llm.token_s = 0.02
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
+    reader = Reader(call)
+    await reader.until("session_started")
+    for request in audio(loud(500) + quiet(300)):
+        await call.write(request)
+    await wait_for(lambda: len(voiced.llm.requests) == 1)
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Never mind, tell me a joke.")))
+    await reader.until("turn_ended")
+    ends = [r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended"]
+    assert [(e.turn_id, e.reason) for e in ends] == [("turn-1", pb.TURN_END_REASON_COMPLETED)]
+    assert "transcript" not in reader.kinds()
+    assert voiced.llm.requests[-1].messages[-1].content == "Never mind, tell me a joke."
+    await reader.stop()
+    call.cancel()
+
+
+async def test_a_half_close_during_a_pause_answers_the_utterance_once(voiced: Harness) -> None:
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
+    reader = Reader(call)
+    await reader.until("session_started")
+    for request in audio(loud(500) + quiet(300)):
+        await call.write(request)
+    await wait_for(lambda: len(voiced.llm.requests) == 1)
+    await call.done_writing()
+    await asyncio.wait_for(reader._task, 10)
+    ends = [r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended"]
+    assert [(e.turn_id, e.reason) for e in ends] == [("turn-1", pb.TURN_END_REASON_COMPLETED)]
+    assert reader.kinds().count("transcript") == 1
