@@ -263,6 +263,23 @@ class Report:
             ("`speech_end_to_first_audio_ms` (server)", [float(t.server_end_to_first_audio_ms) for t in turns]),
         ):
             rows.append(f"| {name} | {percentile(values, 50):.0f} ms | {percentile(values, 95):.0f} ms |")
+        if self.voice.without_tentative:
+            others = self.voice.without_tentative
+            rows += [
+                "",
+                "The same questions in the same run, each asked right after its counted turn, with "
+                "`tentative_silence_ms = 0` (no reply prepared while the user pauses: transcription and reply "
+                "begin when the silence has confirmed the end):",
+                "",
+                "| without a tentative reply | p50 | p95 |",
+                "|---|---:|---:|",
+            ]
+            for name, values in (
+                ("end of speech → first reply audio (client)", [t.end_to_first_audio_ms for t in others]),
+                ("end-of-speech detection (client)", [t.end_detection_ms for t in others]),
+                ("`transcription_ms`", [float(t.transcription_ms) for t in others]),
+            ):
+                rows.append(f"| {name} | {percentile(values, 50):.0f} ms | {percentile(values, 95):.0f} ms |")
         wers = [t.wer for t in turns]
         failed = sum(t.reason != "TURN_END_REASON_COMPLETED" for t in turns)
         rows += [

@@ -57,6 +57,7 @@ class VoiceResult:
     speaker: str  # which voice said the questions
     turns: list[VoiceTurn]
     notes: list[str]
+    without_tentative: list[VoiceTurn]  # the same questions, no reply prepared during a pause
 
 
 def words(text: str) -> list[str]:
@@ -153,6 +154,7 @@ async def measure(count: int = 10) -> VoiceResult:
         voice_input=ears,
     )
     turns: list[VoiceTurn] = []
+    without: list[VoiceTurn] = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = voice_pb2_grpc.VoiceServiceStub(channel)
@@ -160,17 +162,22 @@ async def measure(count: int = 10) -> VoiceResult:
             await _ask(stub, PROMPTS[0], pcms[0])
             for i, pcm in enumerate(pcms):
                 turns.append(await _ask(stub, PROMPTS[i % len(PROMPTS)], pcm))
+                without.append(await _ask(stub, PROMPTS[i % len(PROMPTS)], pcm, tentative=False))
     finally:
         await running.stop(0)
         await llm.aclose()
         await tts.aclose()
-    return VoiceResult(speaker, turns, notes)
+    return VoiceResult(speaker, turns, notes, without)
 
 
-async def _ask(stub: voice_pb2_grpc.VoiceServiceStub, prompt: str, pcm: bytes) -> VoiceTurn:
-    """One session: the question streamed in real time, then silence until the turn ends."""
+async def _ask(stub: voice_pb2_grpc.VoiceServiceStub, prompt: str, pcm: bytes, *, tentative: bool = True) -> VoiceTurn:
+    """One session: the question streamed in real time, then silence until the turn ends.
+    ``tentative``: the server's default; else no reply is prepared during a pause."""
     call = stub.Converse()
-    await call.write(pb.ConverseRequest(start=pb.Start(input_audio=pb.InputAudio(sample_rate_hz=RATE))))
+    listen = pb.InputAudio(sample_rate_hz=RATE)
+    if not tentative:
+        listen.turn_detection.tentative_silence_ms = 0
+    await call.write(pb.ConverseRequest(start=pb.Start(input_audio=listen)))
     await call.read()
     lead = b"\x00\x00" * int(RATE * LEAD_S)
     audio = lead + pcm

@@ -70,6 +70,13 @@ class LivePlayer:
         elapsed_ms = (time.monotonic() - self._turn_started) * 1000
         return max(0, round(min(written_ms - latency_ms, elapsed_ms)))
 
+    def playing(self) -> bool:
+        """Whether audio of the current turn is still to come out of the speaker."""
+        with self._lock:
+            written_ms = self._written_frames * 1000 / self._rate
+        elapsed_ms = (time.monotonic() - self._turn_started) * 1000
+        return not self._chunks.empty() or elapsed_ms < written_ms
+
     def stop_now(self) -> None:
         """Drop everything queued or buffered, so playback stops at once."""
         while True:

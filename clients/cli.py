@@ -4,6 +4,8 @@
     parley Hi there                      the same; the words of an unquoted question are joined
     parley --speak "Read this aloud."    read text aloud (no LLM)
     parley                               interactive: one session, many turns
+    parley --audio-file question.wav     ask by voice: the WAV is streamed in real time
+    parley --mic                         talk: the microphone streams until Ctrl-C (use headphones)
     parley --json "Hi"                   every server message as one JSON line, for scripts
 
 In interactive mode Ctrl-C interrupts the reply being spoken (not the program) and Ctrl-D quits.
@@ -28,11 +30,14 @@ from typing import Any
 
 import grpc
 
+from clients.audio_in import MicError, Microphone
 from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.translate import to_json
 
+MIC_RATE = 16000
+"""The microphone's rate: what the speech engines take, so nothing is resampled."""
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the service accepts as start.session_id
 
 _REASONS = {
@@ -105,6 +110,21 @@ class Conversation:
                 await asyncio.sleep(delay)
         await self._turn_ended.wait()
 
+    async def talk(self, microphone: Microphone) -> None:
+        """Stream the microphone until it is closed (Ctrl-C); each utterance is answered as it ends."""
+        async for block in microphone.blocks():
+            self.send(pb.ConverseRequest(user_audio=pb.UserAudio(data=block)))
+        if microphone.dropped_blocks:
+            status(f"[{microphone.dropped_blocks * 20} ms of microphone audio were dropped: the program fell behind]")
+
+    def _barge_in(self) -> None:
+        """The user spoke over the reply: stop playing it, and say how much of it was heard (the
+        service already stopped sending it)."""
+        if self.player is not None and self.player.playing():
+            if not self._args.json:
+                status(f"[you spoke over the reply: stopped it after {self.player.played_ms() / 1000:.1f} s]")
+            self.interrupt()
+
     def interrupt(self) -> None:
         """Stop the reply: playback at once, and tell the service how much was heard."""
         request = pb.Interrupt()
@@ -133,10 +153,16 @@ class Conversation:
                     self.player.play(response.audio.data)
             elif kind == "turn_ended":
                 self._finish_turn(response.turn_ended)
-            elif kind == "transcript" and response.transcript.is_final and not self._args.json:
-                status(f"[you said: {response.transcript.text}]")
-            elif kind == "speech_started" and not self._args.json:
-                status("[hearing you]")
+            elif kind == "transcript" and response.transcript.is_final:
+                self._pcm.clear()  # the reply turn to this utterance begins
+                if self.player is not None:
+                    self.player.new_turn()
+                if not self._args.json:
+                    status(f"[you said: {response.transcript.text}]")
+            elif kind == "speech_started":
+                self._barge_in()
+                if not self._args.json:
+                    status("[hearing you]")
 
     def _started(self, started: pb.SessionStarted) -> None:
         self.sample_rate = started.audio.sample_rate_hz
@@ -273,6 +299,23 @@ async def interactive(conversation: Conversation) -> None:
     conversation.close_sending()
 
 
+async def talk(conversation: Conversation) -> None:
+    """``--mic``: stream the microphone until Ctrl-C."""
+    try:
+        microphone = Microphone(MIC_RATE)  # (checked before the stream opened: Microphone.check)
+        async with microphone:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, microphone.close)
+            try:
+                await conversation.started.wait()
+                status("Speak; the reply plays when you stop. Speaking over it interrupts it. Ctrl-C quits.")
+                await conversation.talk(microphone)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
+    except MicError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 async def unless_ended(receiver: asyncio.Task[None], step: Coroutine[Any, Any, object]) -> None:
     """Run ``step`` unless the stream ends first; re-raise the stream's error if it failed."""
     waiter = asyncio.ensure_future(step)
@@ -300,6 +343,8 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
         await unless_ended(receiver, conversation.ask(args.speak, speak=True))
     elif args.audio is not None:
         await unless_ended(receiver, conversation.say(*args.audio))
+    elif args.mic:
+        await unless_ended(receiver, talk(conversation))
     else:
         await unless_ended(receiver, conversation.ask(args.question))
     conversation.close_sending()
@@ -315,6 +360,13 @@ async def run(args: argparse.Namespace) -> int:
     )
     if args.audio is not None:
         start.input_audio.CopyFrom(pb.InputAudio(sample_rate_hz=args.audio[1]))
+    elif args.mic:
+        start.input_audio.CopyFrom(pb.InputAudio(sample_rate_hz=MIC_RATE))
+        try:
+            Microphone.check()
+        except MicError as error:
+            status(f"error: {error}")
+            return 1
     async with grpc.aio.insecure_channel(args.server) as channel:
         conversation = Conversation(voice_pb2_grpc.VoiceServiceStub(channel), start, args)
         receiver = asyncio.create_task(conversation.receive())
@@ -355,10 +407,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--audio-file", metavar="WAV", help="ask by voice: stream this WAV (16-bit PCM) in real time, then listen"
     )
+    parser.add_argument(
+        "--mic",
+        action="store_true",
+        help="talk: stream the microphone (16 kHz) until Ctrl-C; needs sounddevice and PortAudio. Without "
+        "echo cancellation the reply heard by the microphone interrupts itself: use headphones",
+    )
     # Intermixed, so that options may also follow the words: parley Why is the sky blue? --no-play
     args = parser.parse_intermixed_args(argv)
-    if sum(bool(x) for x in (args.question, args.speak is not None, args.audio_file)) > 1:
-        parser.error("give one of a question, --speak TEXT or --audio-file WAV")
+    if sum(bool(x) for x in (args.question, args.speak is not None, args.audio_file, args.mic)) > 1:
+        parser.error("give one of a question, --speak TEXT, --audio-file WAV or --mic")
     args.audio = read_question_wav(parser, args.audio_file) if args.audio_file else None
     # The words of an unquoted question (parley Hi there) are one question.
     args.question = " ".join(args.question) if args.question else None
@@ -371,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--session {args.session!r} is not a session id: give the id a previous run printed "
             "([session ID: ...]), or run without --session to start a new conversation"
         )
-    args.interactive = args.question is None and args.speak is None and args.audio is None
+    args.interactive = args.question is None and args.speak is None and args.audio is None and not args.mic
     return args
 
 

@@ -349,7 +349,7 @@ async def test_an_unquoted_question_is_one_question(harness: Harness, tmp_path: 
     assert code == 0, stderr
     assert stdout.strip() == "Read me."
     code, _, stderr = await run_cli("--server", server, "Hi", "--speak", "Read me.")
-    assert code == 2 and "give one of a question, --speak TEXT or --audio-file WAV" in stderr
+    assert code == 2 and "give one of a question, --speak TEXT, --audio-file WAV or --mic" in stderr
 
 
 @pytest.mark.parametrize(
@@ -372,3 +372,60 @@ async def test_a_bad_audio_file_is_refused_before_anything_is_sent(
         path.write_bytes(content)
     code, _, stderr = await run_cli("--server", "127.0.0.1:9", "--audio-file", str(path))
     assert code == 2 and words in stderr, stderr
+
+
+def write_mic_wav(path: Path, pcm: bytes) -> Path:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(pcm)
+    return path
+
+
+async def run_mic(server: str, wav: Path, ctrl_c_after_s: float, *args: str) -> tuple[int, str, str]:
+    """``parley --mic`` with the fake sound device (tests/clients/fake_sounddevice): the microphone
+    says ``wav`` in real time, and the user presses Ctrl-C after ``ctrl_c_after_s``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent / "fake_sounddevice"), str(ROOT)])
+    env["FAKE_MIC_WAV"] = str(wav)
+    env["FAKE_MIC_CTRL_C_AFTER_S"] = str(ctrl_c_after_s)
+    return await run_process(sys.executable, "-m", "clients.cli", "--server", server, "--mic", *args, env=env)
+
+
+async def test_mic_streams_until_ctrl_c_and_each_utterance_is_answered(tmp_path: Path) -> None:
+    from tests.fakes import FakeSTT, loud, quiet
+
+    h = await start_harness(FakeLLM(reply="It is sunny."), stt=FakeSTT(texts=["What is the weather like?", "And tomorrow?"]))
+    try:
+        wav = write_mic_wav(tmp_path / "mic.wav", quiet(300) + loud(700) + quiet(2500) + loud(600) + quiet(1500))
+        code, stdout, stderr = await run_mic(f"127.0.0.1:{h.running.port}", wav, 6.0)
+        assert code == 0, stderr
+        assert "[you said: What is the weather like?]" in stderr and "[you said: And tomorrow?]" in stderr
+        assert stdout.split() == ["It", "is", "sunny.", "It", "is", "sunny."]
+        assert [r.messages[-1].content for r in h.llm.requests] == ["What is the weather like?", "And tomorrow?"]
+    finally:
+        await stop_harness(h)
+
+
+async def test_mic_speech_over_the_reply_stops_it_and_the_history_keeps_what_was_heard(tmp_path: Path) -> None:
+    from tests.fakes import FakeSTT, loud, quiet
+
+    reply = "Once upon a time there was a castle. " * 3  # about 7 s of the fake voice
+    h = await start_harness(FakeLLM(reply=reply), stt=FakeSTT(texts=["Tell me a story.", "Stop, thanks."]))
+    try:
+        # The question, then 2.5 s of the reply playing, then the user speaks over it.
+        wav = write_mic_wav(tmp_path / "mic.wav", loud(700) + quiet(2500) + loud(600) + quiet(1500))
+        code, _, stderr = await run_mic(f"127.0.0.1:{h.running.port}", wav, 5.5)
+        assert code == 0, stderr
+        assert "[you spoke over the reply: stopped it after" in stderr
+        heard = h.llm.requests[1].messages[-2]  # the first reply, as the history kept it
+        assert heard.role == "assistant"
+        assert 0 < len(heard.content) < len(reply.strip()) / 2, heard.content
+    finally:
+        await stop_harness(h)
+
+
+async def test_mic_without_sounddevice_says_what_to_install(harness: Harness) -> None:
+    code, _, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--mic")
+    assert code == 1 and "--mic needs the sounddevice package" in stderr, stderr
