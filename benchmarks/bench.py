@@ -12,7 +12,8 @@
 3. The embedded engines on this machine: ten questions on the local LLM and Piper; then voice to
    voice: the same questions spoken by espeak-ng, streamed in real time through Silero VAD and
    Whisper (``benchmarks/voice.py``). ``--only voice`` runs that alone and puts its section into
-   the existing report in place of the old one.
+   the existing report in place of the old one. Then the output encodings beside PCM16 (first audio,
+   bytes per second, encoder CPU; ``benchmarks/encodings.py``; alone: ``--only encodings``).
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
    turn, and whether audio arrived in order without gaps.
 5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
@@ -41,7 +42,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks import embedded, load, voice
+from benchmarks import embedded, encodings, load, voice
 from benchmarks.report import Report
 
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
@@ -114,6 +115,16 @@ async def streaming(args: argparse.Namespace, report: Report, deadline: float) -
             report.add_streaming(kind, streamed, sequential)
 
 
+ENCODINGS_TITLE = "3c. Output encodings (Piper, speak_text)"
+
+
+async def encodings_stage(report: Report) -> None:
+    try:
+        report.add_section(ENCODINGS_TITLE, await encodings.measure())
+    except Exception as error:  # the other stages' figures still count
+        report.note(f"output encodings: failed ({type(error).__name__}: {error})")
+
+
 async def voice_stage(report: Report) -> None:
     try:
         report.add_voice(await voice.measure(10))
@@ -153,6 +164,9 @@ async def main_async(args: argparse.Namespace) -> Report:
     if args.only == "voice":
         await voice_stage(report)
         return report
+    if args.only == "encodings":
+        await encodings_stage(report)
+        return report
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
         await overhead(args, report, deadline, baseline)
@@ -160,6 +174,7 @@ async def main_async(args: argparse.Namespace) -> Report:
     if args.embedded and time.monotonic() < deadline:
         report.add_embedded(await embedded.measure(10))
         await voice_stage(report)
+        await encodings_stage(report)
     if args.extras != "none":
         await extras(args, report)
     return report
@@ -181,7 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the segmenter and memory stages: full (default), quick, or none",
     )
     parser.add_argument(
-        "--only", default=None, choices=["voice"], help="run one stage alone (voice: merged into --out)"
+        "--only",
+        default=None,
+        choices=["voice", "encodings"],
+        help="run one stage alone (merged into --out in place of its old section)",
     )
     parser.add_argument("--chart", default=None, help="the PNG chart (default: beside the report)")
     args = parser.parse_args(argv)
@@ -196,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     chart = Path(args.chart) if args.chart else out.with_name("first_audio.png")
     if args.only == "voice":
         report.merge_voice(out)
+    elif args.only == "encodings":
+        report.merge_section(out, ENCODINGS_TITLE)
     else:
         report.write(out, chart)
     print(out.read_text())

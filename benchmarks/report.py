@@ -228,6 +228,26 @@ class Report:
         lines = [f"- **Targets:** {TARGETS}" if line.startswith("- **Targets:**") else line for line in lines]
         path.write_text("\n".join(lines))
 
+    def merge_section(self, path: Path, title: str) -> None:
+        """Put this run's section ``title`` into an existing report in place of its old one (or before
+        the capacity section), stamped with this run's machine, date and commit."""
+        markdown = next(m for t, m in self.sections if t == title)
+        if not path.exists():
+            self.write(path, path.with_name("first_audio.png"))
+            return
+        lines = path.read_text().split("\n")
+        heading = f"## {title}"
+        stamp = f"Measured {self.date} on {self.machine}, commit {self.commit}, `{self.command}`."
+        section = [heading, "", stamp, "", *markdown.strip().split("\n"), ""]
+        if heading in lines:
+            start = lines.index(heading)
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        else:
+            start = end = next(
+                (i for i, line in enumerate(lines) if line.startswith("## ") and line[3:4] in "4567F"), len(lines)
+            )
+        path.write_text("\n".join(lines[:start] + section + lines[end:]))
+
     def _voice(self) -> list[str]:
         if self.voice is None:
             return []

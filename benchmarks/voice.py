@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -57,7 +57,7 @@ class VoiceResult:
     speaker: str  # which voice said the questions
     turns: list[VoiceTurn]
     notes: list[str]
-    without_tentative: list[VoiceTurn]  # the same questions, no reply prepared during a pause
+    without_tentative: list[VoiceTurn] = field(default_factory=list)  # the same, no reply prepared in pauses
 
 
 def words(text: str) -> list[str]:

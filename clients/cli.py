@@ -36,6 +36,8 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.translate import to_json
 
+EXTENSIONS = {"pcm16": "wav", "wav": "wav", "ogg_opus": "ogg", "mp3": "mp3", "mulaw": "ulaw", "alaw": "alaw"}
+"""The CLI's --encoding choices, and the extension of the files it writes."""
 MIC_RATE = 16000
 """The microphone's rate: what the speech engines take, so nothing is resampled."""
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what the service accepts as start.session_id
@@ -166,10 +168,15 @@ class Conversation:
 
     def _started(self, started: pb.SessionStarted) -> None:
         self.sample_rate = started.audio.sample_rate_hz
-        if not self._args.no_play and not self._args.json:
+        if not self._args.no_play and not self._args.json and self._args.encoding in ("pcm16", "wav"):
             self.player = LivePlayer.open(self.sample_rate)
         if not self._args.json:
-            where = "playing on the sound device" if self.player else "no sound device: replies are saved as WAV"
+            if self.player:
+                where = "playing on the sound device"
+            elif self._args.encoding not in ("pcm16", "wav"):
+                where = f"{self._args.encoding} replies are saved as .{EXTENSIONS[self._args.encoding]} files"
+            else:
+                where = "no sound device: replies are saved as WAV"
             status(
                 f"[session {started.session_id}: voice {started.voice}, {self.sample_rate} Hz, "
                 f"{started.llm_engine} + {started.tts_engine}; {where}]"
@@ -203,10 +210,14 @@ class Conversation:
         out = self._args.out
         if not self._pcm or (out is None and (self.player is not None or self._args.json)):
             return "" if self._pcm else ", no audio"
-        path = Path(out or "reply.wav")
-        if self._args.interactive:
+        encoding = self._args.encoding
+        path = Path(out or f"reply.{EXTENSIONS[encoding]}")
+        if self._args.interactive or self._args.mic:
             path = path.with_name(f"{path.stem}-{self._turn_count}{path.suffix}")
-        write_wav(path, bytes(self._pcm), self.sample_rate)
+        if encoding in ("pcm16", "wav"):
+            write_wav(path, bytes(self._pcm), self.sample_rate)
+        else:
+            path.write_bytes(self._pcm)  # the turn's bytes are a file of the encoding
         return f", audio in {path}"
 
 
@@ -356,7 +367,9 @@ async def run(args: argparse.Namespace) -> int:
         session_id=args.session,
         voice=args.voice,
         system_prompt=args.system,
-        audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=args.rate),
+        audio=pb.AudioFormat(
+            encoding=pb.AudioEncoding.Value(f"AUDIO_ENCODING_{args.encoding.upper()}"), sample_rate_hz=args.rate
+        ),
     )
     if args.audio is not None:
         start.input_audio.CopyFrom(pb.InputAudio(sample_rate_hz=args.audio[1]))
@@ -403,6 +416,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", default=None, help="WAV file to write (default reply.wav when not playing; reply-N.wav per turn)"
     )
     parser.add_argument("--no-play", action="store_true", help="do not play on the sound device; write WAV files")
+    parser.add_argument(
+        "--encoding",
+        choices=list(EXTENSIONS),
+        default="pcm16",
+        help="the audio the service sends (default pcm16, played live); the others are written to files "
+        "(reply.ogg, reply.mp3, reply.ulaw, ...)",
+    )
     parser.add_argument("--json", action="store_true", help="print every server message as one JSON line")
     parser.add_argument(
         "--audio-file", metavar="WAV", help="ask by voice: stream this WAV (16-bit PCM) in real time, then listen"

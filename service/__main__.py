@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.config import Settings
+from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
@@ -27,6 +28,8 @@ async def run(settings: Settings) -> None:
     """Load the engines, serve until a signal, shut down."""
     from service.engines.factory import load_engines, load_voice_input
 
+    check_codecs()  # a PyAV without libopus or libmp3lame: said now, not at a client's first turn
+
     llm, tts = await asyncio.to_thread(load_engines, settings)
     voice_input = await asyncio.to_thread(load_voice_input, settings)
     store = await open_store(settings)
@@ -36,7 +39,10 @@ async def run(settings: Settings) -> None:
         max_tokens=settings.llm_max_tokens,
         max_text_chars=settings.max_text_chars,
         idle_timeout_s=settings.idle_timeout_s,
-        turn=TurnOptions(lookahead=settings.lookahead_segments),
+        turn=TurnOptions(
+            lookahead=settings.lookahead_segments,
+            codecs=CodecOptions(settings.opus_bitrate, settings.opus_application, settings.mp3_bitrate),
+        ),
         outbox=OutboxLimits(max_message_ms=settings.audio_chunk_ms),
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )

@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     lookahead_segments: int = Field(
         _TURN.lookahead, ge=0, description="Segments synthesized ahead of the one whose audio is being sent."
     )
+    opus_bitrate: int = Field(
+        _TURN.codecs.opus_bitrate_bps,
+        ge=6000,
+        le=256000,
+        description="OGG_OPUS audio: the default bitrate in bit/s (a session may choose its own).",
+    )
+    opus_application: Literal["voip", "audio", "lowdelay"] = Field(
+        "voip", description="OGG_OPUS audio: libopus's tuning (voip: speech)."
+    )
+    mp3_bitrate: int = Field(
+        _TURN.codecs.mp3_bitrate_bps,
+        ge=8000,
+        le=320000,
+        description="MP3 audio: the default bitrate in bit/s (a session may choose its own).",
+    )
     audio_chunk_ms: int = Field(
         _OUTBOX.max_message_ms, ge=10, le=2000, description="Longest audio message, in milliseconds."
     )

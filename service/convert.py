@@ -39,8 +39,13 @@ _ENCODINGS = {
     pb.AUDIO_ENCODING_UNSPECIFIED: Encoding.PCM16,
     pb.AUDIO_ENCODING_PCM16: Encoding.PCM16,
     pb.AUDIO_ENCODING_WAV: Encoding.WAV,
+    pb.AUDIO_ENCODING_OGG_OPUS: Encoding.OGG_OPUS,
+    pb.AUDIO_ENCODING_MP3: Encoding.MP3,
+    pb.AUDIO_ENCODING_MULAW: Encoding.MULAW,
+    pb.AUDIO_ENCODING_ALAW: Encoding.ALAW,
 }
-_ENCODING_TO_PROTO = {Encoding.PCM16: pb.AUDIO_ENCODING_PCM16, Encoding.WAV: pb.AUDIO_ENCODING_WAV}
+_ENCODING_TO_PROTO = {encoding: number for number, encoding in _ENCODINGS.items() if number}
+_INPUT_ENCODINGS = (Encoding.PCM16, Encoding.MULAW, Encoding.ALAW)
 _REASONS = {
     TurnEndReason.COMPLETED: pb.TURN_END_REASON_COMPLETED,
     TurnEndReason.INTERRUPTED: pb.TURN_END_REASON_INTERRUPTED,
@@ -51,13 +56,16 @@ _REASONS = {
 def start_from_proto(start: pb.Start) -> StartRequest:
     """The core's view of a ``start`` message. Raises :class:`InvalidRequest` for unknown enums."""
     if start.audio.encoding not in _ENCODINGS:
-        raise InvalidRequest(f"unknown audio encoding {start.audio.encoding}; use PCM16 or WAV")
+        raise InvalidRequest(
+            f"unknown audio encoding {start.audio.encoding}; use PCM16, WAV, OGG_OPUS, MP3, MULAW or ALAW"
+        )
     return StartRequest(
         session_id=start.session_id,
         system_prompt=start.system_prompt,
         voice=start.voice,
         encoding=_ENCODINGS[start.audio.encoding],
         sample_rate_hz=start.audio.sample_rate_hz,
+        bitrate_bps=start.audio.bitrate_bps,
         temperature=start.llm.temperature if start.llm.HasField("temperature") else None,
         max_tokens=start.llm.max_tokens if start.llm.HasField("max_tokens") else None,
         input_audio=_input_audio(start.input_audio) if start.HasField("input_audio") else None,
@@ -72,8 +80,8 @@ _MODES = {
 
 
 def _input_audio(audio: pb.InputAudio) -> InputAudioStart:
-    if audio.encoding not in (pb.AUDIO_ENCODING_UNSPECIFIED, pb.AUDIO_ENCODING_PCM16):
-        raise InvalidRequest("start.input_audio.encoding: send PCM16 (other input encodings are not supported yet)")
+    if _ENCODINGS.get(audio.encoding) not in _INPUT_ENCODINGS:
+        raise InvalidRequest("start.input_audio.encoding: send PCM16, MULAW or ALAW")
     detection = audio.turn_detection
     if detection.mode not in _MODES:
         raise InvalidRequest(
@@ -81,6 +89,7 @@ def _input_audio(audio: pb.InputAudio) -> InputAudioStart:
         )
     return InputAudioStart(
         sample_rate_hz=audio.sample_rate_hz,
+        encoding=_ENCODINGS[audio.encoding],
         language=audio.language,
         mode=_MODES[detection.mode],
         silence_ms=detection.silence_ms if detection.HasField("silence_ms") else None,
@@ -134,7 +143,11 @@ def message_to_proto(event: Message) -> pb.ConverseResponse:
     if isinstance(event, AudioChunk):
         return pb.ConverseResponse(
             audio=pb.AudioChunk(
-                turn_id=event.turn_id, segment_index=event.segment_index, sequence=event.sequence, data=event.data
+                turn_id=event.turn_id,
+                segment_index=event.segment_index,
+                sequence=event.sequence,
+                data=event.data,
+                duration_ms=event.duration_ms,
             )
         )
     if isinstance(event, TextDelta):
@@ -181,7 +194,9 @@ def message_to_proto(event: Message) -> pb.ConverseResponse:
             session_started=pb.SessionStarted(
                 session_id=event.session_id,
                 audio=pb.AudioFormat(
-                    encoding=_ENCODING_TO_PROTO[event.audio.encoding], sample_rate_hz=event.audio.sample_rate_hz
+                    encoding=_ENCODING_TO_PROTO[event.audio.encoding],
+                    sample_rate_hz=event.audio.sample_rate_hz,
+                    bitrate_bps=event.audio.bitrate_bps,
                 ),
                 voice=event.voice,
                 llm_engine=event.llm_engine,

@@ -3,6 +3,7 @@
 // stream, write the spoken reply to a WAV file, and print the turn's timings.
 //
 //   node client.js "Why is the sky blue?" [--server localhost:50051] [--out reply.wav] [--rate 16000] [--voice ID]
+//                  [--encoding pcm16|wav|ogg_opus|mp3|mulaw|alaw]
 //
 // Copied elsewhere (with package.json, then `npm ci`), it needs the contract: --protos names the
 // folder that holds parley/v1/voice.proto, or the .proto file itself.
@@ -20,8 +21,10 @@ the spoken reply is written as a WAV file, the timings go to stderr.
 
 options:
   --server HOST:PORT  the service (env PARLEY_SERVER; default localhost:50051)
-  --out FILE          the WAV file to write (default reply.wav)
+  --out FILE          the file to write (default reply.wav; reply.ogg, reply.mp3, ... for --encoding)
   --rate HZ           sample rate, 8000 to 48000 (default: the voice's own)
+  --encoding NAME     the audio the service sends: pcm16 (default, written as WAV), wav, ogg_opus,
+                      mp3, mulaw or alaw (the turn's bytes written as they came)
   --voice ID          voice (default: the service's)
   --speak             read QUESTION aloud instead of asking the LLM
   --protos PATH       the folder holding ${PROTO_FILE}, or that file itself
@@ -39,7 +42,8 @@ try {
     allowPositionals: true,
     options: {
       server: { type: "string", default: process.env.PARLEY_SERVER || "localhost:50051" },
-      out: { type: "string", default: "reply.wav" },
+      out: { type: "string" },
+      encoding: { type: "string", default: "pcm16" },
       rate: { type: "string", default: "0" },
       voice: { type: "string", default: "" },
       speak: { type: "boolean", default: false },
@@ -54,6 +58,11 @@ if (values.help) {
   console.log(USAGE);
   process.exit(0);
 }
+const EXTENSIONS = { pcm16: "wav", wav: "wav", ogg_opus: "ogg", mp3: "mp3", mulaw: "ulaw", alaw: "alaw" };
+if (!(values.encoding in EXTENSIONS)) {
+  usageError(`--encoding ${values.encoding} is not one of ${Object.keys(EXTENSIONS).join(", ")}`);
+}
+values.out ??= `reply.${EXTENSIONS[values.encoding]}`;
 const question = positionals.join(" ");
 if (!question.trim()) usageError("give the question to ask");
 const rate = Number(values.rate);
@@ -121,7 +130,8 @@ call.on("data", (response) => {
       let saved = audio.length > 0;
       if (saved) {
         try {
-          writeFileSync(values.out, wav(audio, sampleRate));
+          // PCM16 gets a WAV header; the other encodings' bytes are already a file of their format.
+          writeFileSync(values.out, values.encoding === "pcm16" ? wav(audio, sampleRate) : audio);
         } catch (error) {
           console.error(`error: cannot write the reply to ${values.out}: ${error.message}`);
           process.exitCode = 1;
@@ -152,7 +162,10 @@ call.on("error", (error) => {
 call.on("end", () => client.close());
 
 call.write({
-  start: { voice: values.voice, audio: { encoding: "AUDIO_ENCODING_PCM16", sample_rate_hz: rate } },
+  start: {
+    voice: values.voice,
+    audio: { encoding: `AUDIO_ENCODING_${values.encoding.toUpperCase()}`, sample_rate_hz: rate },
+  },
 });
 if (values.speak) call.write({ speak_text: { text: question, flush: true } });
 else call.write({ user_text: { text: question } });

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"\xc7\x02\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x12*\n\nuser_audio\x18\x05 \x01(\x0b\x32\x14.parley.v1.UserAudioH\x00\x12.\n\x0c\x63ommit_audio\x18\x06 \x01(\x0b\x32\x16.parley.v1.CommitAudioH\x00\x12,\n\x0b\x63lear_audio\x18\x07 \x01(\x0b\x32\x15.parley.v1.ClearAudioH\x00\x42\x06\n\x04kind\"\xb8\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\x12*\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.parley.v1.InputAudio\"\x94\x01\n\nInputAudio\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x30\n\x0eturn_detection\x18\x04 \x01(\x0b\x32\x18.parley.v1.TurnDetection\"\xa9\x02\n\rTurnDetection\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.parley.v1.TurnDetectionMode\x12\x17\n\nsilence_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11prefix_padding_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12!\n\x14tentative_silence_ms\x18\x06 \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_silence_msB\x14\n\x12_prefix_padding_msB\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x17\n\x15_tentative_silence_ms\"\x19\n\tUserAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1e\n\x0b\x43ommitAudio\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x0c\n\nClearAudio\"Q\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"1\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_played_ms\"\x8c\x03\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x12\x32\n\x0espeech_started\x18\x06 \x01(\x0b\x32\x18.parley.v1.SpeechStartedH\x00\x12\x32\n\x0espeech_stopped\x18\x07 \x01(\x0b\x32\x18.parley.v1.SpeechStoppedH\x00\x12+\n\ntranscript\x18\x08 \x01(\x0b\x32\x15.parley.v1.TranscriptH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"T\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xd0\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\x12\x17\n\x0fhistory_unsaved\x18\x07 \x01(\x08\"\'\n\rSpeechStarted\x12\x16\n\x0e\x61udio_start_ms\x18\x01 \x01(\x03\"%\n\rSpeechStopped\x12\x14\n\x0c\x61udio_end_ms\x18\x01 \x01(\x03\"=\n\nTranscript\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xe5\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\x12\x1b\n\x13speech_end_audio_ms\x18\x06 \x01(\x03\x12\x18\n\x10transcription_ms\x18\x07 \x01(\x03\x12$\n\x1cspeech_end_to_first_audio_ms\x18\x08 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*|\n\x11TurnDetectionMode\x12#\n\x1fTURN_DETECTION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eTURN_DETECTION_MODE_SERVER_VAD\x10\x01\x12\x1e\n\x1aTURN_DETECTION_MODE_MANUAL\x10\x02*a\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xa2\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"\xc7\x02\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x12*\n\nuser_audio\x18\x05 \x01(\x0b\x32\x14.parley.v1.UserAudioH\x00\x12.\n\x0c\x63ommit_audio\x18\x06 \x01(\x0b\x32\x16.parley.v1.CommitAudioH\x00\x12,\n\x0b\x63lear_audio\x18\x07 \x01(\x0b\x32\x15.parley.v1.ClearAudioH\x00\x42\x06\n\x04kind\"\xb8\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\x12*\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.parley.v1.InputAudio\"\x94\x01\n\nInputAudio\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x30\n\x0eturn_detection\x18\x04 \x01(\x0b\x32\x18.parley.v1.TurnDetection\"\xa9\x02\n\rTurnDetection\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.parley.v1.TurnDetectionMode\x12\x17\n\nsilence_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11prefix_padding_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12!\n\x14tentative_silence_ms\x18\x06 \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_silence_msB\x14\n\x12_prefix_padding_msB\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x17\n\x15_tentative_silence_ms\"\x19\n\tUserAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1e\n\x0b\x43ommitAudio\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x0c\n\nClearAudio\"f\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x13\n\x0b\x62itrate_bps\x18\x03 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"1\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_played_ms\"\x8c\x03\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x12\x32\n\x0espeech_started\x18\x06 \x01(\x0b\x32\x18.parley.v1.SpeechStartedH\x00\x12\x32\n\x0espeech_stopped\x18\x07 \x01(\x0b\x32\x18.parley.v1.SpeechStoppedH\x00\x12+\n\ntranscript\x18\x08 \x01(\x0b\x32\x15.parley.v1.TranscriptH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"i\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\xd0\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\x12\x17\n\x0fhistory_unsaved\x18\x07 \x01(\x08\"\'\n\rSpeechStarted\x12\x16\n\x0e\x61udio_start_ms\x18\x01 \x01(\x03\"%\n\rSpeechStopped\x12\x14\n\x0c\x61udio_end_ms\x18\x01 \x01(\x03\"=\n\nTranscript\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xe5\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\x12\x1b\n\x13speech_end_audio_ms\x18\x06 \x01(\x03\x12\x18\n\x10transcription_ms\x18\x07 \x01(\x03\x12$\n\x1cspeech_end_to_first_audio_ms\x18\x08 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*|\n\x11TurnDetectionMode\x12#\n\x1fTURN_DETECTION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eTURN_DETECTION_MODE_SERVER_VAD\x10\x01\x12\x1e\n\x1aTURN_DETECTION_MODE_MANUAL\x10\x02*\xc9\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x03\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x04\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x05\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x06*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xa2\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.v1.voice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TURNDETECTIONMODE']._serialized_start=2994
-  _globals['_TURNDETECTIONMODE']._serialized_end=3118
-  _globals['_AUDIOENCODING']._serialized_start=3120
-  _globals['_AUDIOENCODING']._serialized_end=3217
-  _globals['_TURNENDREASON']._serialized_start=3220
-  _globals['_TURNENDREASON']._serialized_end=3360
+  _globals['_TURNDETECTIONMODE']._serialized_start=3036
+  _globals['_TURNDETECTIONMODE']._serialized_end=3160
+  _globals['_AUDIOENCODING']._serialized_start=3163
+  _globals['_AUDIOENCODING']._serialized_end=3364
+  _globals['_TURNENDREASON']._serialized_start=3367
+  _globals['_TURNENDREASON']._serialized_end=3507
   _globals['_CONVERSEREQUEST']._serialized_start=37
   _globals['_CONVERSEREQUEST']._serialized_end=364
   _globals['_START']._serialized_start=367
@@ -52,43 +52,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLEARAUDIO']._serialized_start=1063
   _globals['_CLEARAUDIO']._serialized_end=1075
   _globals['_AUDIOFORMAT']._serialized_start=1077
-  _globals['_AUDIOFORMAT']._serialized_end=1158
-  _globals['_LLMOPTIONS']._serialized_start=1160
-  _globals['_LLMOPTIONS']._serialized_end=1254
-  _globals['_USERTEXT']._serialized_start=1256
-  _globals['_USERTEXT']._serialized_end=1297
-  _globals['_SPEAKTEXT']._serialized_start=1299
-  _globals['_SPEAKTEXT']._serialized_end=1356
-  _globals['_INTERRUPT']._serialized_start=1358
-  _globals['_INTERRUPT']._serialized_end=1407
-  _globals['_CONVERSERESPONSE']._serialized_start=1410
-  _globals['_CONVERSERESPONSE']._serialized_end=1806
-  _globals['_SESSIONSTARTED']._serialized_start=1809
-  _globals['_SESSIONSTARTED']._serialized_end=1939
-  _globals['_TEXTDELTA']._serialized_start=1941
-  _globals['_TEXTDELTA']._serialized_end=1983
-  _globals['_SEGMENT']._serialized_start=1985
-  _globals['_SEGMENT']._serialized_end=2079
-  _globals['_AUDIOCHUNK']._serialized_start=2081
-  _globals['_AUDIOCHUNK']._serialized_end=2165
-  _globals['_TURNENDED']._serialized_start=2168
-  _globals['_TURNENDED']._serialized_end=2376
-  _globals['_SPEECHSTARTED']._serialized_start=2378
-  _globals['_SPEECHSTARTED']._serialized_end=2417
-  _globals['_SPEECHSTOPPED']._serialized_start=2419
-  _globals['_SPEECHSTOPPED']._serialized_end=2456
-  _globals['_TRANSCRIPT']._serialized_start=2458
-  _globals['_TRANSCRIPT']._serialized_end=2519
-  _globals['_LLMUSAGE']._serialized_start=2521
-  _globals['_LLMUSAGE']._serialized_end=2581
-  _globals['_TURNTIMINGS']._serialized_start=2584
-  _globals['_TURNTIMINGS']._serialized_end=2813
-  _globals['_LISTVOICESREQUEST']._serialized_start=2815
-  _globals['_LISTVOICESREQUEST']._serialized_end=2834
-  _globals['_LISTVOICESRESPONSE']._serialized_start=2836
-  _globals['_LISTVOICESRESPONSE']._serialized_end=2913
-  _globals['_VOICE']._serialized_start=2915
-  _globals['_VOICE']._serialized_end=2992
-  _globals['_VOICESERVICE']._serialized_start=3363
-  _globals['_VOICESERVICE']._serialized_end=3525
+  _globals['_AUDIOFORMAT']._serialized_end=1179
+  _globals['_LLMOPTIONS']._serialized_start=1181
+  _globals['_LLMOPTIONS']._serialized_end=1275
+  _globals['_USERTEXT']._serialized_start=1277
+  _globals['_USERTEXT']._serialized_end=1318
+  _globals['_SPEAKTEXT']._serialized_start=1320
+  _globals['_SPEAKTEXT']._serialized_end=1377
+  _globals['_INTERRUPT']._serialized_start=1379
+  _globals['_INTERRUPT']._serialized_end=1428
+  _globals['_CONVERSERESPONSE']._serialized_start=1431
+  _globals['_CONVERSERESPONSE']._serialized_end=1827
+  _globals['_SESSIONSTARTED']._serialized_start=1830
+  _globals['_SESSIONSTARTED']._serialized_end=1960
+  _globals['_TEXTDELTA']._serialized_start=1962
+  _globals['_TEXTDELTA']._serialized_end=2004
+  _globals['_SEGMENT']._serialized_start=2006
+  _globals['_SEGMENT']._serialized_end=2100
+  _globals['_AUDIOCHUNK']._serialized_start=2102
+  _globals['_AUDIOCHUNK']._serialized_end=2207
+  _globals['_TURNENDED']._serialized_start=2210
+  _globals['_TURNENDED']._serialized_end=2418
+  _globals['_SPEECHSTARTED']._serialized_start=2420
+  _globals['_SPEECHSTARTED']._serialized_end=2459
+  _globals['_SPEECHSTOPPED']._serialized_start=2461
+  _globals['_SPEECHSTOPPED']._serialized_end=2498
+  _globals['_TRANSCRIPT']._serialized_start=2500
+  _globals['_TRANSCRIPT']._serialized_end=2561
+  _globals['_LLMUSAGE']._serialized_start=2563
+  _globals['_LLMUSAGE']._serialized_end=2623
+  _globals['_TURNTIMINGS']._serialized_start=2626
+  _globals['_TURNTIMINGS']._serialized_end=2855
+  _globals['_LISTVOICESREQUEST']._serialized_start=2857
+  _globals['_LISTVOICESREQUEST']._serialized_end=2876
+  _globals['_LISTVOICESRESPONSE']._serialized_start=2878
+  _globals['_LISTVOICESRESPONSE']._serialized_end=2955
+  _globals['_VOICE']._serialized_start=2957
+  _globals['_VOICE']._serialized_end=3034
+  _globals['_VOICESERVICE']._serialized_start=3510
+  _globals['_VOICESERVICE']._serialized_end=3672
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,10 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_PCM16: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_WAV: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_OGG_OPUS: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_MP3: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_MULAW: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_ALAW: _ClassVar[AudioEncoding]
 
 class TurnEndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +35,10 @@ TURN_DETECTION_MODE_MANUAL: TurnDetectionMode
 AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 AUDIO_ENCODING_PCM16: AudioEncoding
 AUDIO_ENCODING_WAV: AudioEncoding
+AUDIO_ENCODING_OGG_OPUS: AudioEncoding
+AUDIO_ENCODING_MP3: AudioEncoding
+AUDIO_ENCODING_MULAW: AudioEncoding
+AUDIO_ENCODING_ALAW: AudioEncoding
 TURN_END_REASON_UNSPECIFIED: TurnEndReason
 TURN_END_REASON_COMPLETED: TurnEndReason
 TURN_END_REASON_INTERRUPTED: TurnEndReason
@@ -115,12 +123,14 @@ class ClearAudio(_message.Message):
     def __init__(self) -> None: ...
 
 class AudioFormat(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hz")
+    __slots__ = ("encoding", "sample_rate_hz", "bitrate_bps")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    BITRATE_BPS_FIELD_NUMBER: _ClassVar[int]
     encoding: AudioEncoding
     sample_rate_hz: int
-    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
+    bitrate_bps: int
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., bitrate_bps: _Optional[int] = ...) -> None: ...
 
 class LlmOptions(_message.Message):
     __slots__ = ("temperature", "max_tokens")
@@ -211,16 +221,18 @@ class Segment(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., start_ms: _Optional[int] = ..., spoken_text: _Optional[str] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
-    __slots__ = ("turn_id", "segment_index", "sequence", "data")
+    __slots__ = ("turn_id", "segment_index", "sequence", "data", "duration_ms")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     segment_index: int
     sequence: int
     data: bytes
-    def __init__(self, turn_id: _Optional[str] = ..., segment_index: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    duration_ms: float
+    def __init__(self, turn_id: _Optional[str] = ..., segment_index: _Optional[int] = ..., sequence: _Optional[int] = ..., data: _Optional[bytes] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class TurnEnded(_message.Message):
     __slots__ = ("turn_id", "reason", "spoken_text", "timings", "error", "usage", "history_unsaved")

@@ -34,14 +34,21 @@ class Encoding(enum.Enum):
 
     PCM16 = "pcm16"
     WAV = "wav"
+    OGG_OPUS = "ogg_opus"
+    MP3 = "mp3"
+    MULAW = "mulaw"
+    ALAW = "alaw"
 
 
 @dataclass(frozen=True)
 class AudioFormat:
-    """The audio a session sends: always mono 16-bit little-endian samples."""
+    """The audio a session sends: mono, made from 16-bit samples at ``sample_rate_hz`` (the timeline's
+    rate, whatever the encoding)."""
 
     encoding: Encoding
     sample_rate_hz: int
+    bitrate_bps: int = 0
+    """OGG_OPUS and MP3: the codec's bitrate (0: the server's default)."""
 
     def duration_ms(self, samples: int) -> float:
         """The duration of ``samples`` samples, in milliseconds."""

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from service.core.audio import Encoding
+from service.core.codecs import G711Decoder
 from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded, SpeechResumed
 from service.core.engine import SpeechDetector, STTEngine, Transcription
 from service.core.events import SpokenInput
@@ -111,6 +113,9 @@ class Ears:
             else soxr.ResampleStream(request.sample_rate_hz, self._rate, 1, dtype="int16", quality="HQ")
         )
         self._odd_byte = b""
+        self._decoder = (
+            None if request.encoding is Encoding.PCM16 else G711Decoder(request.encoding, request.sample_rate_hz)
+        )
         self._queue: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue(MAX_QUEUED_CHUNKS)
         self._task: asyncio.Task[None] | None = None
         self._transcribing: asyncio.Task[None] | None = None
@@ -123,8 +128,8 @@ class Ears:
 
     @property
     def max_chunk_bytes(self) -> int:
-        """The largest ``user_audio`` accepted: one second, at the client's rate."""
-        return self._request.sample_rate_hz * 2
+        """The largest ``user_audio`` accepted: one second, at the client's rate and encoding."""
+        return self._request.sample_rate_hz * self._request.bytes_per_sample
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ears")
@@ -270,6 +275,8 @@ class Ears:
         return SpokenInput(round(utterance.audio_end_ms), arrived, spent)
 
     def _to_detector_rate(self, pcm: bytes) -> bytes:
+        if self._decoder is not None:
+            pcm = self._decoder.decode(pcm)
         if self._odd_byte:
             pcm = self._odd_byte + pcm
         whole = len(pcm) - len(pcm) % 2

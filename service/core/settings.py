@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.core.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat, Encoding
+from service.core.codecs import output_rate
 from service.core.engine import Voice
 from service.core.history import HistoryLimits
 from service.core.listening import ListenPolicy, TurnDetection
@@ -36,6 +37,7 @@ __all__ = [
 
 MAX_VOICE_ID_CHARS = 128
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BITRATES = {Encoding.OGG_OPUS: (6_000, 256_000), Encoding.MP3: (8_000, 320_000)}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class StartRequest:
     max_tokens: int | None = None
     input_audio: InputAudioStart | None = None
     """Voice input, when the client asks for it."""
+    bitrate_bps: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class InputAudioRequest:
     sample_rate_hz: int
     language: str
     policy: ListenPolicy
+    encoding: Encoding = Encoding.PCM16
+    """PCM16, MULAW or ALAW."""
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return 2 if self.encoding is Encoding.PCM16 else 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class InputAudioStart:
     threshold: float | None = None
     min_speech_ms: int | None = None
     tentative_silence_ms: int | None = None
+    encoding: Encoding = Encoding.PCM16
 
     def resolve(self, defaults: ListenPolicy) -> InputAudioRequest:
         """The input audio settings with the server's defaults filled in. Raises
@@ -116,7 +126,7 @@ class InputAudioStart:
             policy = replace(defaults, **{k: v for k, v in chosen.items() if v is not None})
         except ValueError as error:
             raise InvalidRequest(f"start.input_audio.turn_detection: {error}") from error
-        return InputAudioRequest(self.sample_rate_hz, self.language, policy)
+        return InputAudioRequest(self.sample_rate_hz, self.language, policy, self.encoding)
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,15 @@ def check_start(request: StartRequest, defaults: SessionDefaults, voices: Sequen
             f"sample_rate_hz {rate} is out of range; "
             f"use {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, or 0 for the voice's own rate"
         )
+    bitrate = request.bitrate_bps
+    low, high = _BITRATES.get(request.encoding, (0, 0))
+    if bitrate and high and not low <= bitrate <= high:
+        raise InvalidRequest(
+            f"audio.bitrate_bps {bitrate} is out of range for {request.encoding.name}; use {low} to {high}, "
+            "or 0 for the server's default"
+        )
+    if bitrate < 0:
+        raise InvalidRequest(f"audio.bitrate_bps {bitrate} is negative; use 0 for the server's default")
     if request.session_id and not _SESSION_ID.fullmatch(request.session_id):
         raise InvalidRequest(
             "start.session_id is not a session id (letters, digits, '-' and '_'); send the id session_started gave"
@@ -196,13 +215,19 @@ def resolve_settings(
     if voice not in by_id:
         voice = default_voice
     native = min(max(by_id[voice].sample_rate_hz, MIN_SAMPLE_RATE_HZ), MAX_SAMPLE_RATE_HZ)
+    codecs = defaults.turn.codecs
+    bitrate = 0
+    if request.encoding is Encoding.OGG_OPUS:
+        bitrate = request.bitrate_bps or codecs.opus_bitrate_bps
+    elif request.encoding is Encoding.MP3:
+        bitrate = request.bitrate_bps or codecs.mp3_bitrate_bps
     temperature = request.temperature if request.temperature is not None else (stored.temperature if stored else None)
     max_tokens = request.max_tokens if request.max_tokens is not None else (stored.max_tokens if stored else None)
     return SessionSettings(
         system_prompt=request.system_prompt or (stored.system_prompt if stored else "") or defaults.system_prompt,
         voice=voice,
         voice_language=by_id[voice].language,
-        audio=AudioFormat(request.encoding, request.sample_rate_hz or native),
+        audio=AudioFormat(request.encoding, output_rate(request.encoding, request.sample_rate_hz, native), bitrate),
         temperature=defaults.temperature if temperature is None else temperature,
         max_tokens=defaults.max_tokens if max_tokens is None else min(max_tokens, defaults.max_tokens),
         chosen_temperature=temperature,

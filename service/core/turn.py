@@ -21,7 +21,8 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from service.core.audio import AudioFormat, Encoding, LeadingSilence, SegmentEncoder, wav_stream_header
+from service.core.audio import AudioFormat, LeadingSilence, SegmentEncoder
+from service.core.codecs import CodecOptions, StreamEncoder, stream_encoder
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
 from service.core.history import SpokenSegment
@@ -58,6 +59,7 @@ class TurnOptions:
     lookahead: int = 2
     """Segments synthesized ahead of the one whose audio is being sent."""
     segments: SegmentPolicy = SegmentPolicy()
+    codecs: CodecOptions = CodecOptions()
 
 
 @dataclass
@@ -108,7 +110,8 @@ class Turn:
         self._stats = stats
         self._from_llm = from_llm
         self._timeline_samples = 0
-        self._header_sent = False
+        self._encoder: StreamEncoder | None = None  # the turn's audio stream, begun with its first audio
+        self._last_segment = 0
         self._spoke = False  # a segment with text to speak was scheduled
         # Look-ahead syntheses start once the first spoken segment has audio: before, they would take
         # cores (or a cloud engine's bandwidth) from the one the listener is waiting for.
@@ -127,6 +130,8 @@ class Turn:
         try:
             await self._send_in_order(ready, slots)
             await produce
+            if self._encoder is not None and (tail := self._encoder.finish()):
+                await self._emit(AudioPiece(self.turn_id, self._last_segment, tail, 0.0))  # the stream's end
         finally:
             produce.cancel()
             tasks = [item.task for item in pending if item.task is not None]
@@ -234,10 +239,13 @@ class Turn:
 
     async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
-        if not self._header_sent and self._format.encoding is Encoding.WAV:
-            data = wav_stream_header(self._format.sample_rate_hz) + data
-        self._header_sent = True
+        if self._encoder is None:
+            self._encoder = stream_encoder(self._format, self._options.codecs)
+        data = self._encoder.encode(data)
         self._timeline_samples += count
+        self._last_segment = segment_index
+        # (A codec may hold part of a frame: the piece then carries fewer bytes than its duration,
+        # and the next piece or the stream's end the rest; the timeline is the PCM's.)
         await self._emit(AudioPiece(self.turn_id, segment_index, data, self._format.duration_ms(count)))
 
 

@@ -396,7 +396,9 @@ async def run_mic(server: str, wav: Path, ctrl_c_after_s: float, *args: str) -> 
 async def test_mic_streams_until_ctrl_c_and_each_utterance_is_answered(tmp_path: Path) -> None:
     from tests.fakes import FakeSTT, loud, quiet
 
-    h = await start_harness(FakeLLM(reply="It is sunny."), stt=FakeSTT(texts=["What is the weather like?", "And tomorrow?"]))
+    h = await start_harness(
+        FakeLLM(reply="It is sunny."), stt=FakeSTT(texts=["What is the weather like?", "And tomorrow?"])
+    )
     try:
         wav = write_mic_wav(tmp_path / "mic.wav", quiet(300) + loud(700) + quiet(2500) + loud(600) + quiet(1500))
         code, stdout, stderr = await run_mic(f"127.0.0.1:{h.running.port}", wav, 6.0)
@@ -429,3 +431,20 @@ async def test_mic_speech_over_the_reply_stops_it_and_the_history_keeps_what_was
 async def test_mic_without_sounddevice_says_what_to_install(harness: Harness) -> None:
     code, _, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--mic")
     assert code == 1 and "--mic needs the sounddevice package" in stderr, stderr
+
+
+@pytest.mark.parametrize(("encoding", "container"), [("ogg_opus", "ogg"), ("mp3", "mp3")])
+async def test_an_encoding_is_asked_for_and_the_reply_written_as_its_file(
+    harness: Harness, tmp_path: Path, encoding: str, container: str
+) -> None:
+    import av
+
+    out = tmp_path / f"reply.{container}"
+    code, _, stderr = await run_cli(
+        "--server", f"127.0.0.1:{harness.running.port}", "--encoding", encoding, "--out", str(out), "Hi?"
+    )
+    assert code == 0, stderr
+    with av.open(str(out)) as stream:
+        seconds = sum(frame.samples for frame in stream.decode(audio=0)) / stream.streams.audio[0].rate
+    spoken_s = sum(harness.tts.duration_ms(t) for t in harness.tts.texts) / 1000
+    assert spoken_s <= seconds <= spoken_s + 0.15

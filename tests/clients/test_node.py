@@ -111,3 +111,19 @@ async def test_node_client_help(installed: Path) -> None:
         code, stdout, stderr = await run_node(flag)
         assert code == 0 and stderr == ""
         assert stdout.startswith("usage: node client.js [options] QUESTION...") and "--protos PATH" in stdout
+
+
+async def test_node_client_asks_for_ogg_opus_and_writes_the_file(
+    installed: Path, harness: Harness, tmp_path: Path
+) -> None:
+    import av
+
+    out = tmp_path / "node.ogg"
+    code, _, stderr = await run_node(
+        "--server", f"127.0.0.1:{harness.running.port}", "--encoding", "ogg_opus", "--out", str(out), "Hi?"
+    )
+    assert code == 0, stderr
+    with av.open(str(out)) as stream:
+        seconds = sum(frame.samples for frame in stream.decode(audio=0)) / stream.streams.audio[0].rate
+    spoken_s = sum(harness.tts.duration_ms(t) for t in harness.tts.texts) / 1000
+    assert spoken_s <= seconds <= spoken_s + 0.15

@@ -403,3 +403,29 @@ async def test_a_spoken_question_is_heard_answered_and_a_spoken_interruption_sto
             reader.cancel()
     finally:
         await running.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "container"), [(pb.AUDIO_ENCODING_OGG_OPUS, "ogg"), (pb.AUDIO_ENCODING_MP3, "mp3")]
+)
+async def test_opus_and_mp3_decoded_say_the_text(real: Harness, encoding: int, container: str) -> None:
+    """Piper's voice through Opus or MP3, decoded by FFmpeg (PyAV) and heard by Whisper base."""
+    import io
+
+    import av
+
+    from tests.whisper import transcribe
+
+    text = "The library opens at nine in the morning. Please bring your green card."
+    responses = await converse_all(real.stub, [start(audio=pb.AudioFormat(encoding=encoding)), speak(text, flush=True)])
+    data = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
+    with av.open(io.BytesIO(data), format=container) as stream:
+        rate = stream.streams.audio[0].rate
+        frames = [frame.to_ndarray().reshape(-1) for frame in stream.decode(audio=0)]
+    samples = np.concatenate(frames)
+    if samples.dtype.kind == "f":
+        samples = samples * 32767
+    pcm = np.clip(samples, -32768, 32767).astype("<i2").tobytes()
+    heard = transcribe(pcm, rate).lower()
+    for word in ("library", "nine", "morning", "bring", "green card"):
+        assert word in heard, heard
