@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import soxr
@@ -71,6 +73,7 @@ _HALLUCINATIONS = frozenset(
 _NOT_WORDS = re.compile(r"[^\w\s]")
 
 
+T = TypeVar("T")
 _Result = tuple[Transcription | STTError, float]
 """A transcription (or the engine's error) and the seconds it took."""
 
@@ -121,6 +124,7 @@ class Ears:
         self._transcribing: asyncio.Task[None] | None = None
         """The last utterance's final transcription and its posting (each waits for the one before)."""
         self._paused: tuple[Utterance, asyncio.Task[_Result], asyncio.Task[None]] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         """The utterance as it was when the user paused, its transcription, and the tentative post."""
         # When each chunk's end arrived, by sample: to know when the end of an utterance's speech did.
         self._arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=512)
@@ -152,7 +156,7 @@ class Ears:
         await self._queue.put(("finish", ""))
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._task, self._transcribing, *(self._paused or ())[1:]) if isinstance(t, asyncio.Task)]
+        tasks = [t for t in (self._task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -212,8 +216,9 @@ class Ears:
     def _pause(self, utterance: Utterance) -> None:
         """The user paused: transcribe what they said so far, and post it as tentative."""
         self._unpause()
-        recognition = asyncio.create_task(self._recognize(utterance, self._transcribing), name="transcription")
-        post = asyncio.create_task(self._post_tentative(utterance, recognition), name="tentative transcript")
+        recognition = self._spawn(self._recognize(utterance, self._transcribing), "transcription")
+        spoken = self._spoken(utterance)
+        post = self._spawn(self._post_tentative(utterance, spoken, recognition), "tentative transcript")
         self._paused = (utterance, recognition, post)
 
     def _unpause(self) -> None:
@@ -235,10 +240,16 @@ class Ears:
             self._unpause()
         self._post(SpeechEnded(round(utterance.audio_end_ms)))
         if recognition is None:
-            recognition = asyncio.create_task(self._recognize(utterance, self._transcribing), name="transcription")
-        self._transcribing = asyncio.create_task(
-            self._post_final(utterance, turn_id, recognition), name="final transcript"
-        )
+            recognition = self._spawn(self._recognize(utterance, self._transcribing), "transcription")
+        spoken = self._spoken(utterance)  # now: the arrival of its end is still remembered
+        self._transcribing = self._spawn(self._post_final(utterance, turn_id, spoken, recognition), "final transcript")
+
+    def _spawn(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """A task of this stream's voice input, cancelled by :meth:`aclose` if still running."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _recognize(self, utterance: Utterance, previous: asyncio.Task[None] | None) -> _Result:
         """Transcribe ``utterance`` once the one before it is done (transcripts leave in the order the
@@ -253,12 +264,17 @@ class Ears:
             result = error
         return result, time.monotonic() - began
 
-    async def _post_tentative(self, utterance: Utterance, recognition: asyncio.Task[_Result]) -> None:
+    async def _post_tentative(
+        self, utterance: Utterance, spoken: SpokenInput, recognition: asyncio.Task[_Result]
+    ) -> None:
         result, spent = await recognition
         if isinstance(result, Transcription) and not is_hallucination(result, utterance.speech_ms):
-            self._post(Heard("", result.text.strip(), self._spoken(utterance, spent), tentative=True))
+            spoken = dataclasses.replace(spoken, transcription_s=spent)
+            self._post(Heard("", result.text.strip(), spoken, tentative=True))
 
-    async def _post_final(self, utterance: Utterance, turn_id: str, recognition: asyncio.Task[_Result]) -> None:
+    async def _post_final(
+        self, utterance: Utterance, turn_id: str, spoken: SpokenInput, recognition: asyncio.Task[_Result]
+    ) -> None:
         result, spent = await recognition
         if isinstance(result, STTError):
             log.warning("transcription failed: %s", result)
@@ -267,12 +283,13 @@ class Ears:
         if is_hallucination(result, utterance.speech_ms):
             log.info("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
             return
-        self._post(Heard(turn_id, result.text.strip(), self._spoken(utterance, spent)))
+        self._post(Heard(turn_id, result.text.strip(), dataclasses.replace(spoken, transcription_s=spent)))
 
-    def _spoken(self, utterance: Utterance, spent: float) -> SpokenInput:
+    def _spoken(self, utterance: Utterance) -> SpokenInput:
+        """Where and when the utterance's speech ended (its transcription time to be filled in)."""
         end_sample = round(utterance.audio_end_ms * self._rate / 1000)
         arrived = next((at for sample, at in self._arrivals if sample >= end_sample), time.monotonic())
-        return SpokenInput(round(utterance.audio_end_ms), arrived, spent)
+        return SpokenInput(round(utterance.audio_end_ms), arrived, 0.0)
 
     def _to_detector_rate(self, pcm: bytes) -> bytes:
         if self._decoder is not None:

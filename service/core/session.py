@@ -177,7 +177,8 @@ class Session:
         """The next command; raises :class:`IdleTimeout` when none came in time while no turn ran."""
         limit = self._defaults.idle_timeout_s
         while True:
-            running = self._current is not None and self._current.state in (TurnState.RUNNING, TurnState.TENTATIVE)
+            # (A tentative turn does not hold the timer: only more of the client's audio can confirm it.)
+            running = self._current is not None and self._current.state is TurnState.RUNNING
             remaining = None if running else limit - (time.monotonic() - self._last_activity)
             if remaining is not None and remaining <= 0:
                 raise IdleTimeout(
@@ -192,6 +193,10 @@ class Session:
     async def _handle(self, command: Command) -> None:
         if isinstance(command, ClientCommand):
             self._last_activity = time.monotonic()
+        if isinstance(command, UserText | SpeakText | CommitAudio | Interrupt):
+            # Each of these ends a tentative turn anyway; first, so that the id it held (never shown to
+            # the client) is free for the client's own.
+            await self._discard_tentative()
         match command:
             case Start(request):
                 await self._start(request)
@@ -404,6 +409,8 @@ class Session:
     def _confirm(self, turn: TurnRecord, spoken: SpokenInput | None) -> None:
         """The tentative turn's utterance was the whole of it: its transcript, then what it holds, leave."""
         assert turn.user_text is not None
+        if self._heard is not None:
+            self._cut_heard(self._heard, None)  # as a new turn does: what of the last one waits is not sent
         self._outbox.put_control(Transcript(turn.turn_id, turn.user_text, True))
         turn.stats.spoken = spoken
         turn.confirm()

@@ -372,3 +372,72 @@ async def test_a_half_close_during_a_pause_answers_the_utterance_once(voiced: Ha
     ends = [r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended"]
     assert [(e.turn_id, e.reason) for e in ends] == [("turn-1", pb.TURN_END_REASON_COMPLETED)]
     assert reader.kinds().count("transcript") == 1
+
+
+async def test_a_stream_left_silent_during_a_pause_still_closes_as_idle() -> None:
+    """A tentative turn only more audio can confirm must not hold the idle timer (found in review:
+    the stream stayed open for ever)."""
+    from service.core.outbox import OutboxLimits
+    from service.core.settings import SessionDefaults
+
+    h = await start_harness(
+        stt=FakeSTT(), defaults=SessionDefaults(outbox=OutboxLimits(max_message_ms=100), idle_timeout_s=1.0)
+    )
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
+        reader = Reader(call)
+        await reader.until("session_started")
+        for request in audio(loud(600) + quiet(300)):
+            await call.write(request)
+        await wait_for(lambda: h.llm.completed == 1)  # the reply is ready, held; then nothing more comes
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(reader._task, 5)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert reader.kinds() == ["session_started", "speech_started"]
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_client_turn_id_like_the_hidden_tentative_ones_is_accepted(voiced: Harness) -> None:
+    """The client never saw the tentative turn's id: "turn-1" is free for it (found in review: the
+    stream ended INVALID_ARGUMENT, the id "already used")."""
+    voiced.llm.token_s = 0.02
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
+    reader = Reader(call)
+    await reader.until("session_started")
+    for request in audio(loud(500) + quiet(300)):
+        await call.write(request)
+    await wait_for(lambda: len(voiced.llm.requests) == 1)
+    await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a joke", turn_id="turn-1")))
+    await reader.until("turn_ended")
+    ends = [r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended"]
+    assert [(e.turn_id, e.reason) for e in ends] == [("turn-1", pb.TURN_END_REASON_COMPLETED)]
+    await reader.stop()
+    call.cancel()
+
+
+@pytest.mark.parametrize("tentative_ms", [0, 150])
+async def test_end_of_speech_to_first_audio_counts_from_when_the_speech_ended(tentative_ms: int) -> None:
+    """The moment the end of speech arrived is taken when the utterance ends, not when its (slow)
+    transcription is posted (found in review: a later chunk's arrival was used, under-reporting)."""
+    h = await start_harness(stt=FakeSTT(latency_s=1.0))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(silence_ms=300, tentative_silence_ms=tentative_ms, min_speech_ms=100))
+        reader = Reader(call)
+        await reader.until("session_started")
+        for request in audio(loud(600) + quiet(400)):
+            await call.write(request)
+        await reader.until("speech_stopped")
+        for request in audio(quiet(6000), chunk_ms=10):  # the microphone goes on while Whisper works
+            await call.write(request)
+        await reader.until("turn_ended")
+        ended = next(r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended")
+        assert ended.timings.transcription_ms >= 1000
+        assert ended.timings.speech_end_to_first_audio_ms >= ended.timings.transcription_ms
+        await reader.stop()
+        call.cancel()
+    finally:
+        await stop_harness(h)
