@@ -16,6 +16,7 @@ from pydantic_settings import CliApp
 
 from ws_bridge.config import BridgeSettings, describe_errors
 from ws_bridge.server import CHANNEL_OPTIONS, Bridge, BridgeOptions
+from ws_bridge.twilio import TwilioOptions
 
 log = logging.getLogger("ws_bridge")
 
@@ -31,6 +32,7 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         max_sockets=settings.max_sockets,
         ping_interval_s=settings.ping_interval_s,
         ping_timeout_s=settings.ping_interval_s,
+        twilio=TwilioOptions(settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting),
     )
 
 
@@ -38,6 +40,8 @@ async def run(options: BridgeOptions) -> None:
     bridge = await Bridge(options).start()
     page = f"http://localhost:{bridge.port}/"
     log.info("bridge listening on %s:%d for the service at %s", options.host, bridge.port, options.grpc_target)
+    if not options.twilio.auth_token:
+        log.info("phone calls on /twilio are not checked (no PARLEY_TWILIO_AUTH_TOKEN): for development only")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

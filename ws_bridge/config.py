@@ -41,7 +41,9 @@ class BridgeSettings(BaseSettings):
     )
 
     host: str = _setting("0.0.0.0", "PARLEY_BRIDGE_HOST", "Address to listen on.", min_length=1)
-    port: int = _setting(8080, "PARLEY_BRIDGE_PORT", "Port of the page and /ws (0: any free port).", ge=0, le=65535)
+    port: int = _setting(
+        8080, "PARLEY_BRIDGE_PORT", "Port of the page, /ws and /twilio (0: any free port).", ge=0, le=65535
+    )
     grpc_target: str = _setting("127.0.0.1:50051", "PARLEY_GRPC_TARGET", "The Parley service.", min_length=1)
     allowed_origins: str = _setting(
         "",
@@ -58,6 +60,21 @@ class BridgeSettings(BaseSettings):
     ping_interval_s: float = _setting(
         20.0, "PARLEY_BRIDGE_PING_INTERVAL_S", "Keepalive ping interval, and how long a pong may take.", gt=0
     )
+    twilio_auth_token: str = _setting(
+        "",
+        "PARLEY_TWILIO_AUTH_TOKEN",
+        "Twilio's auth token: /twilio then refuses upgrade requests without a valid X-Twilio-Signature. "
+        "Empty: any caller may connect (development only).",
+    )
+    twilio_public_url: str = _setting(
+        "",
+        "PARLEY_TWILIO_PUBLIC_URL",
+        "The stream URL Twilio is given (wss://example.com/twilio), which it signs. Empty: wss:// and the "
+        "request's Host.",
+    )
+    twilio_greeting: str = _setting(
+        "", "PARLEY_TWILIO_GREETING", "Said when a call starts (a call's greeting parameter overrides it)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
@@ -71,6 +88,13 @@ class BridgeSettings(BaseSettings):
                     f"{origin!r} is not an origin as a browser sends it: write scheme://host[:port] in lower case, "
                     "like https://app.example.com (no path, no trailing slash)"
                 )
+        return value
+
+    @field_validator("twilio_public_url")
+    @classmethod
+    def _a_websocket_url(cls, value: str) -> str:
+        if value and (urlsplit(value).scheme not in ("wss", "ws") or not urlsplit(value).hostname):
+            raise ValueError(f"{value!r} is not a WebSocket URL: write it as Twilio is given it, wss://host/twilio")
         return value
 
     @property

@@ -31,6 +31,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.config import default
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
+from ws_bridge.twilio import TWILIO_PATH, TwilioCall, TwilioOptions, signature_valid
 
 __all__ = ["CHANNEL_OPTIONS", "CLOSE_CODE_FOR", "Bridge", "BridgeOptions"]
 
@@ -74,6 +75,8 @@ class BridgeOptions:
     max_sockets: int = default("max_sockets")
     ping_interval_s: float = default("ping_interval_s")
     ping_timeout_s: float = default("ping_interval_s")
+    twilio: TwilioOptions = TwilioOptions()
+    """Phone calls on ``/twilio``."""
 
 
 @dataclass
@@ -122,8 +125,15 @@ class Bridge:
         path = urlsplit(request.path).path
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return await self._http(path)
+        if path == TWILIO_PATH:  # Twilio sends no Origin; its signature says it is Twilio
+            if not signature_valid(self.options.twilio, request):
+                log.warning("refused a /twilio socket without a valid X-Twilio-Signature")
+                return _text(http.HTTPStatus.FORBIDDEN, "invalid or missing X-Twilio-Signature")
+            if self.sockets >= self.options.max_sockets:
+                return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
+            return None
         if path != WS_PATH:
-            return _text(http.HTTPStatus.NOT_FOUND, f"the WebSocket endpoint is {WS_PATH}")
+            return _text(http.HTTPStatus.NOT_FOUND, f"the WebSocket endpoints are {WS_PATH} and {TWILIO_PATH}")
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
             log.info("refused a socket from origin %s", origin)
@@ -171,7 +181,10 @@ class Bridge:
     async def _handle(self, websocket: ServerConnection) -> None:
         self.sockets += 1
         try:
-            await self._converse(websocket)
+            if urlsplit(websocket.request.path).path == TWILIO_PATH if websocket.request else False:
+                await TwilioCall(websocket, self._stub, self.options.twilio).run()
+            else:
+                await self._converse(websocket)
         finally:
             self.sockets -= 1
 

@@ -59,7 +59,7 @@ async def stack() -> AsyncIterator[Stack]:
 def parse_audio(frame: bytes) -> tuple[dict[str, Any], bytes]:
     (length,) = struct.unpack(">I", frame[:4])
     header = json.loads(frame[4 : 4 + length])
-    assert set(header) == {"turnId", "segmentIndex", "sequence"}  # the AudioChunk without its data
+    assert set(header) == {"turnId", "segmentIndex", "sequence", "durationMs"}  # the AudioChunk without its data
     return header, frame[4 + length :]
 
 

@@ -35,6 +35,15 @@ DOCUMENTED = [
     ("PARLEY_BRIDGE_MAX_FRAME_BYTES", "--max-frame-bytes", "1024", "max_frame_bytes", 1024),
     ("PARLEY_BRIDGE_MAX_SOCKETS", "--max-sockets", "3", "max_sockets", 3),
     ("PARLEY_BRIDGE_PING_INTERVAL_S", "--ping-interval-s", "2.5", "ping_interval_s", 2.5),
+    ("PARLEY_TWILIO_AUTH_TOKEN", "--twilio-auth-token", "abc123", "twilio_auth_token", "abc123"),
+    (
+        "PARLEY_TWILIO_PUBLIC_URL",
+        "--twilio-public-url",
+        "wss://voice.example.com/twilio",
+        "twilio_public_url",
+        "wss://voice.example.com/twilio",
+    ),
+    ("PARLEY_TWILIO_GREETING", "--twilio-greeting", "Hello there.", "twilio_greeting", "Hello there."),
     ("PARLEY_LOG_LEVEL", "--log-level", "DEBUG", "log_level", "DEBUG"),
 ]
 
@@ -122,6 +131,10 @@ def test_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) ->
         (["--allowed-origins", "https://a.example.com/"], "'https://a.example.com/' is not an origin"),
         (["--allowed-origins", "a.example.com"], "'a.example.com' is not an origin"),
         (["--allowed-origins", "https://A.example.com"], "in lower case"),
+        (
+            ["--twilio-public-url", "https://voice.example.com/twilio"],
+            "--twilio-public-url / PARLEY_TWILIO_PUBLIC_URL: 'https://voice.example.com/twilio' is not a WebSocket URL",
+        ),
     ],
 )
 def test_invalid_settings_exit_2_naming_flag_and_variable(

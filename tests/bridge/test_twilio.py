@@ -1,0 +1,262 @@
+"""Phone calls through /twilio: a fake Twilio (a real WebSocket client speaking Twilio's documented
+Media Streams messages, with a playback clock that acknowledges marks as the caller hears the audio)
+against the real bridge and service (fake engines; the fake detector calls a loud tone speech)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from service.core.audio import AudioFormat, Encoding
+from service.core.codecs import CodecOptions, stream_encoder
+from tests.bridge.test_bridge import Stack, start_stack
+from tests.conftest import start_harness, stop_harness, wait_for
+from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
+from ws_bridge.twilio import TwilioOptions, signature
+
+RATE = 8000
+REPLY = "Once upon a time there was a castle on a hill. " * 4
+
+
+def mulaw(pcm: bytes) -> bytes:
+    return stream_encoder(AudioFormat(Encoding.MULAW, RATE), CodecOptions()).encode(pcm)
+
+
+class FakeTwilio:
+    """One call, as Twilio places it: ``connected``, ``start``, then the caller's audio as 20 ms
+    ``media`` messages in real time; the bridge's ``media`` is "played" in real time, and each ``mark``
+    is sent back when the audio before it has played (at once, for marks whose audio a ``clear``
+    dropped)."""
+
+    def __init__(self, socket: ClientConnection, stream_sid: str = "MZ0123456789abcdef") -> None:
+        self.socket = socket
+        self.stream_sid = stream_sid
+        self.received: list[dict[str, Any]] = []
+        self.played_bytes = 0
+        self.acked: list[str] = []
+        self._queue: list[tuple[str, bytes | str]] = []  # ("audio", bytes) or ("mark", name)
+        self._sequence = 0
+        self._reader = asyncio.create_task(self._read())
+        self._player = asyncio.create_task(self._play())
+        self.ended = False
+
+    async def start(self, parameters: dict[str, str] | None = None, media_format: dict[str, Any] | None = None) -> None:
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await self.send(
+            {
+                "event": "start",
+                "start": {
+                    "accountSid": "AC0123",
+                    "streamSid": self.stream_sid,
+                    "callSid": "CA0123",
+                    "tracks": ["inbound"],
+                    "mediaFormat": media_format or {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                    "customParameters": parameters or {},
+                },
+                "streamSid": self.stream_sid,
+            }
+        )
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self._sequence += 1
+        await self.socket.send(json.dumps({"sequenceNumber": str(self._sequence), **message}))
+
+    async def say(self, pcm16: bytes) -> None:
+        """The caller's audio (PCM16 at 8 kHz), as Twilio sends it: μ-law, 20 ms per message, paced."""
+        data = mulaw(pcm16)
+        began = time.monotonic()
+        for index, offset in enumerate(range(0, len(data), 160)):
+            payload = base64.b64encode(data[offset : offset + 160]).decode()
+            media = {"track": "inbound", "chunk": str(index + 1), "timestamp": str(index * 20), "payload": payload}
+            await self.send({"event": "media", "media": media, "streamSid": self.stream_sid})
+            await asyncio.sleep(max(0.0, began + (index + 1) * 0.02 - time.monotonic()))
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [m for m in self.received if m.get("event") == event]
+
+    async def hang_up(self) -> None:
+        await self.send({"event": "stop", "stop": {"accountSid": "AC0123", "callSid": "CA0123"}})
+
+    async def aclose(self) -> None:
+        for task in (self._reader, self._player):
+            task.cancel()
+        await asyncio.gather(self._reader, self._player, return_exceptions=True)
+        await self.socket.close()
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.socket:
+                message = json.loads(frame)
+                assert message.get("streamSid") == self.stream_sid, message
+                self.received.append(message)
+                if message["event"] == "media":
+                    self._queue.append(("audio", base64.b64decode(message["media"]["payload"])))
+                elif message["event"] == "mark":
+                    self._queue.append(("mark", message["mark"]["name"]))
+                elif message["event"] == "clear":  # drop what is buffered; its marks come back at once
+                    for kind, item in self._queue:
+                        if kind == "mark":
+                            await self._ack(str(item))
+                    self._queue.clear()
+        except ConnectionClosed:
+            pass
+        self.ended = True  # (a normal close ends the loop without an exception)
+
+    async def _play(self) -> None:
+        while True:
+            if not self._queue:
+                await asyncio.sleep(0.005)
+                continue
+            kind, item = self._queue.pop(0)
+            if kind == "mark":
+                await self._ack(str(item))
+            else:
+                assert isinstance(item, bytes)
+                self.played_bytes += len(item)
+                await asyncio.sleep(len(item) / RATE)  # one byte per sample
+
+    async def _ack(self, name: str) -> None:
+        self.acked.append(name)
+        with_name = {"event": "mark", "mark": {"name": name}, "streamSid": self.stream_sid}
+        try:
+            await self.send(with_name)
+        except ConnectionClosed:
+            pass
+
+
+@pytest.fixture
+async def phone() -> AsyncIterator[Stack]:
+    harness = await start_harness(
+        FakeLLM(reply=REPLY, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+        stt=FakeSTT(texts=["Tell me a story.", "Stop, what about dragons?"]),
+    )
+    stack = await start_stack(harness)
+    yield stack
+    await stack.bridge.aclose()
+    await stop_harness(harness)
+
+
+def twilio_url(stack: Stack) -> str:
+    return f"ws://127.0.0.1:{stack.bridge.port}/twilio"
+
+
+async def test_a_call_is_answered_in_mulaw_with_marks_and_a_barge_in_keeps_what_the_caller_heard(
+    phone: Stack,
+) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))  # the question
+        await wait_for(lambda: len(caller.of("media")) > 0, 10)
+        await caller.say(quiet(1500, RATE))  # the caller listens for 1.5 s (Twilio keeps sending)
+        heard_bytes = caller.played_bytes
+        await caller.say(loud(600, RATE) + quiet(700, RATE))  # ... and speaks over the reply
+        await wait_for(lambda: len(caller.of("clear")) == 1, 10)
+        await wait_for(lambda: len(phone.harness.llm.requests) == 2, 10)
+        media = caller.of("media")
+        marks = caller.of("mark")
+        assert len(marks) == len(media)  # a mark after each piece of audio
+        audio = b"".join(base64.b64decode(m["media"]["payload"]) for m in media)
+        assert audio and audio[:4] != b"RIFF"  # raw μ-law, no header
+        # The history keeps the first reply as far as the caller heard it: the last acknowledged mark.
+        history = phone.harness.llm.requests[1].messages
+        assert history[-3].content == "Tell me a story."
+        kept = history[-2].content
+        heard_s = heard_bytes / RATE
+        assert REPLY.startswith(kept.rstrip(".… ")), kept
+        chars_per_s = 1000 / phone.harness.tts.ms_per_char
+        assert heard_s * chars_per_s * 0.5 <= len(kept) <= (heard_s + 1.2) * chars_per_s, (heard_s, kept)
+        assert len(kept) < len(REPLY) / 2
+        await caller.aclose()
+
+
+async def test_parameters_set_the_prompt_and_a_greeting_is_said_first(phone: Stack) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start({"system_prompt": "You are a pizza shop.", "greeting": "Hello, Pizza Palace here."})
+        await wait_for(lambda: len(caller.of("mark")) > 0, 10)  # the greeting, before the caller said anything
+        assert " ".join(phone.harness.tts.texts).startswith("Hello, Pizza Palace here.")
+        await caller.say(loud(700, RATE) + quiet(800, RATE))
+        await wait_for(lambda: len(phone.harness.llm.requests) == 1, 10)
+        assert phone.harness.llm.requests[0].messages[0].content == "You are a pizza shop."
+        await caller.aclose()
+
+
+async def test_a_caller_hanging_up_mid_reply_ends_the_call_and_the_work(phone: Stack) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.say(loud(700, RATE) + quiet(700, RATE))
+        await wait_for(lambda: len(caller.of("media")) > 0, 10)
+        await caller.hang_up()
+        await wait_for(lambda: caller.ended, 10)
+        assert caller.socket.close_code == 1000
+        await wait_for(lambda: phone.harness.llm.open_streams == 0 and phone.bridge.sockets == 0, 10)
+        await caller.aclose()
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        (["not json"], "not JSON"),
+        ([json.dumps({"event": "media", "media": {"payload": ""}})], "expected start"),
+        (
+            [json.dumps({"event": "start", "streamSid": "MZ1", "start": {"mediaFormat": {"encoding": "audio/l16"}}})],
+            "unsupported mediaFormat",
+        ),
+        ([b"\x00\x01"], "binary frame"),
+    ],
+)
+async def test_what_is_not_twilio_is_refused(phone: Stack, frames: list[str | bytes], reason: str) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        for frame in frames:
+            await socket.send(frame)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert reason in closed.value.rcvd.reason
+
+
+async def test_a_bad_media_payload_ends_the_call(phone: Stack) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.send(
+            {"event": "media", "media": {"payload": "***not base64***"}, "streamSid": "MZ0123456789abcdef"}
+        )
+        await wait_for(lambda: caller.ended, 5)
+        assert caller.socket.close_code == 1008 and "base64" in (caller.socket.close_reason or "")
+        await caller.aclose()
+
+
+async def test_with_an_auth_token_only_a_signed_upgrade_is_accepted() -> None:
+    harness = await start_harness(stt=FakeSTT())
+    token = "0123456789abcdef0123456789abcdef"
+    stack = await start_stack(harness, twilio=TwilioOptions(auth_token=token))
+    try:
+        url = twilio_url(stack)
+        host = f"127.0.0.1:{stack.bridge.port}"
+        good = signature(token, f"wss://{host}/twilio?call=1")
+        for headers in ({}, {"X-Twilio-Signature": "bm90IGl0"}, {"X-Twilio-Signature": signature("other", url)}):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url + "?call=1", additional_headers=headers):
+                    pass
+            assert refused.value.response.status_code == 403
+        async with connect(url + "?call=1", additional_headers={"X-Twilio-Signature": good}) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 5)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)

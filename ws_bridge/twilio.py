@@ -1,0 +1,286 @@
+"""Phone calls: Twilio Media Streams (bidirectional, ``<Connect><Stream>``) on ``/twilio``.
+
+One call is one socket and one ``Converse`` call, with G.711 μ-law at 8 kHz both ways and the
+server's turn detection. Twilio's messages (its documented JSON: ``connected``, ``start``, ``media``,
+``mark``, ``dtmf``, ``stop``) become ``ConverseRequest`` messages; the service's audio goes back as
+``media`` messages (base64 μ-law, no header), each followed by a ``mark`` that Twilio echoes when the
+caller has heard the audio before it. So the bridge knows how much of each reply the caller heard:
+when the caller speaks over a reply, it sends ``clear`` (Twilio drops what it buffered) and an
+``interrupt`` whose ``played_ms`` is where the last acknowledged mark was, and the conversation's
+history keeps exactly what was heard.
+
+``start.customParameters`` (``<Parameter>`` in the TwiML) may carry ``system_prompt``, ``voice``,
+``session_id`` (to resume a conversation) and ``greeting`` (said when the call starts); the service
+validates them as it does any ``start``. With a Twilio auth token configured, the upgrade request
+must carry a valid ``X-Twilio-Signature`` (HMAC-SHA1 of the stream URL, keyed with the token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+
+__all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
+
+log = logging.getLogger(__name__)
+
+TWILIO_PATH = "/twilio"
+RATE = 8000
+START_WAIT_S = 10.0
+"""How long a socket may take to send ``start``."""
+MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
+MAX_PARAMETER_CHARS = 8000
+_PARAMETERS = ("system_prompt", "voice", "session_id", "greeting")
+
+
+@dataclass(frozen=True)
+class TwilioOptions:
+    auth_token: str = ""
+    """Twilio's auth token: with it, unsigned or wrongly signed upgrade requests are refused."""
+    public_url: str = ""
+    """The stream URL as Twilio is given it (``wss://example.com/twilio``), which it signs; empty: the
+    upgrade request's ``Host`` with ``wss://``."""
+    greeting: str = ""
+    """Said when a call starts, unless the call's parameters give their own."""
+
+
+def signature(auth_token: str, url: str) -> str:
+    """Twilio's request signature for a URL without POST parameters (a WebSocket upgrade)."""
+    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def signature_valid(options: TwilioOptions, request: Request) -> bool:
+    """Whether the upgrade request is Twilio's (always, without an auth token)."""
+    if not options.auth_token:
+        return True
+    given = request.headers.get("X-Twilio-Signature", "")
+    base = options.public_url.rstrip("/") if options.public_url else f"wss://{request.headers.get('Host', '')}"
+    path_and_query = request.path if not options.public_url else _query_of(request.path)
+    url = base + path_and_query
+    return hmac.compare_digest(given.encode(), signature(options.auth_token, url).encode())
+
+
+def _query_of(path: str) -> str:
+    return "?" + path.split("?", 1)[1] if "?" in path else ""
+
+
+class CallError(Exception):
+    """The socket sent what is not Twilio's protocol: the call ends (close 1008)."""
+
+
+@dataclass
+class _Turn:
+    sent_ms: float = 0.0
+    heard_ms: float = 0.0
+    cleared: bool = False
+
+
+@dataclass
+class TwilioCall:
+    """One phone call: run it with :meth:`run`."""
+
+    websocket: ServerConnection
+    stub: voice_pb2_grpc.VoiceServiceStub
+    options: TwilioOptions
+    stream_sid: str = ""
+    _turns: dict[str, _Turn] = field(default_factory=dict)
+    _marks: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Mark name → (turn, where its audio ends in the turn's timeline)."""
+    _playing: str | None = None
+    """The last turn whose audio was sent: what the caller may be hearing."""
+    _mark_count: int = 0
+
+    async def run(self) -> None:
+        try:
+            start = await asyncio.wait_for(self._wait_for_start(), START_WAIT_S)
+        except TimeoutError:
+            await self.websocket.close(1008, "no start message: this endpoint speaks Twilio Media Streams")
+            return
+        except CallError as error:
+            await self.websocket.close(1008, str(error)[:120])
+            return
+        except ConnectionClosed:
+            return
+        call = self.stub.Converse()
+        await call.write(pb.ConverseRequest(start=self._start_request(start)))
+        greeting = _parameters(start).get("greeting") or self.options.greeting
+        if greeting:
+            await call.write(pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
+        to_service = asyncio.create_task(self._twilio_to_service(call))
+        to_twilio = asyncio.create_task(self._service_to_twilio(call))
+        try:
+            await asyncio.wait({to_service, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
+            if to_service.done() and not to_service.cancelled() and to_service.exception() is None:
+                await to_twilio  # the caller hung up: the turn in progress ends, then the call
+        finally:
+            call.cancel()
+            for task in (to_service, to_twilio):
+                task.cancel()
+            results = await asyncio.gather(to_service, to_twilio, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, CallError)), None)
+        if failure is not None:
+            log.warning("twilio call %s: %s", self.stream_sid, failure)
+            with contextlib.suppress(ConnectionClosed):
+                await self.websocket.close(1008, str(failure)[:120])
+        else:
+            with contextlib.suppress(ConnectionClosed):
+                await self.websocket.close(1000, "the call ended")
+
+    async def _wait_for_start(self) -> dict[str, Any]:
+        async for frame in self.websocket:
+            message = _message(frame)
+            event = message.get("event")
+            if event == "connected":
+                continue
+            if event != "start":
+                raise CallError(f"expected start, got {event!r}")
+            start = message.get("start")
+            if not isinstance(start, dict) or not isinstance(message.get("streamSid"), str):
+                raise CallError("start without a streamSid or its start object")
+            media = start.get("mediaFormat") or {}
+            if (media.get("encoding"), media.get("sampleRate"), media.get("channels")) != ("audio/x-mulaw", RATE, 1):
+                raise CallError(f"unsupported mediaFormat {media!r}: expected audio/x-mulaw, 8000 Hz, 1 channel")
+            _parameters(start)  # checked now: a bad one ends the call before the service is asked
+            self.stream_sid = message["streamSid"]
+            log.info("twilio call %s (stream %s) started", start.get("callSid", "?"), self.stream_sid)
+            return start
+        raise ConnectionClosed(None, None)
+
+    def _start_request(self, start: dict[str, Any]) -> pb.Start:
+        parameters = _parameters(start)
+        return pb.Start(
+            session_id=parameters.get("session_id", ""),
+            voice=parameters.get("voice", ""),
+            system_prompt=parameters.get("system_prompt", ""),
+            audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=RATE),
+            input_audio=pb.InputAudio(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=RATE),
+        )
+
+    async def _twilio_to_service(self, call: grpc.aio.StreamStreamCall) -> None:
+        """The caller's audio and Twilio's marks, until Twilio says ``stop`` or the socket closes."""
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in self.websocket:
+                message = _message(frame)
+                event = message.get("event")
+                if event == "media":
+                    payload = (message.get("media") or {}).get("payload")
+                    if not isinstance(payload, str) or len(payload) > MAX_PAYLOAD_BYTES * 4 // 3 + 4:
+                        raise CallError("a media message without a payload, or over a second of audio")
+                    try:
+                        audio = base64.b64decode(payload, validate=True)
+                    except binascii.Error as error:
+                        raise CallError(f"a media payload that is not base64: {error}") from error
+                    if audio:
+                        await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
+                elif event == "mark":
+                    self._heard((message.get("mark") or {}).get("name", ""))
+                elif event == "stop":
+                    log.info("twilio stream %s stopped (the call ended)", self.stream_sid)
+                    await self._hung_up(call)
+                    return
+                elif event == "dtmf":
+                    log.info("twilio stream %s: key %s pressed", self.stream_sid, (message.get("dtmf") or {}))
+                elif event not in ("connected", "start"):
+                    raise CallError(f"unknown event {event!r}")
+        await call.done_writing()
+
+    async def _service_to_twilio(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                kind = response.WhichOneof("kind")
+                if kind == "audio":
+                    await self._play(response.audio)
+                elif kind == "speech_started":
+                    await self._barge_in(call)
+                elif kind == "turn_ended" and response.turn_ended.error:
+                    log.warning("twilio stream %s: turn failed: %s", self.stream_sid, response.turn_ended.error)
+        except grpc.aio.AioRpcError as error:
+            log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, error.details())
+            code = 1008 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
+            with contextlib.suppress(ConnectionClosed):
+                await self.websocket.close(code, f"{error.code().name}: {error.details() or ''}"[:120])
+
+    async def _play(self, audio: pb.AudioChunk) -> None:
+        turn = self._turns.setdefault(audio.turn_id, _Turn())
+        if turn.cleared:
+            return
+        turn.sent_ms += audio.duration_ms
+        self._playing = audio.turn_id
+        self._mark_count += 1
+        name = f"{audio.turn_id}/{audio.sequence}"
+        self._marks[name] = (audio.turn_id, turn.sent_ms)
+        if audio.data:
+            await self._send({"event": "media", "media": {"payload": base64.b64encode(audio.data).decode()}})
+        await self._send({"event": "mark", "mark": {"name": name}})
+
+    def _heard(self, name: str) -> None:
+        """Twilio played the audio up to mark ``name``."""
+        found = self._marks.pop(name, None)
+        if found is None:
+            return
+        turn = self._turns.get(found[0])
+        if turn is not None and not turn.cleared:
+            turn.heard_ms = max(turn.heard_ms, found[1])
+
+    async def _hung_up(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Nobody listens any more: the reply stops where the caller stopped hearing it, then the call."""
+        playing = self._turns.get(self._playing or "")
+        stop = pb.Interrupt()  # a reply still being made stops too (kept as far as it was sent: nothing)
+        if playing is not None and not playing.cleared and playing.heard_ms < playing.sent_ms:
+            playing.cleared = True
+            stop.played_ms = round(playing.heard_ms)
+        await call.write(pb.ConverseRequest(interrupt=stop))
+        await call.done_writing()
+
+    async def _barge_in(self, call: grpc.aio.StreamStreamCall) -> None:
+        """The caller spoke over the reply: Twilio drops what it holds; the service keeps what was heard."""
+        playing = self._turns.get(self._playing or "")
+        if playing is None or playing.cleared or playing.heard_ms >= playing.sent_ms:
+            return  # nothing is playing
+        playing.cleared = True
+        await self._send({"event": "clear"})
+        self._marks = {name: mark for name, mark in self._marks.items() if mark[0] != self._playing}
+        await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=round(playing.heard_ms))))
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.websocket.send(json.dumps({**message, "streamSid": self.stream_sid}))
+
+
+def _message(frame: str | bytes) -> dict[str, Any]:
+    if isinstance(frame, bytes):
+        raise CallError("a binary frame: Twilio Media Streams sends JSON text")
+    try:
+        message = json.loads(frame)
+    except json.JSONDecodeError as error:
+        raise CallError(f"a frame that is not JSON: {error}") from error
+    if not isinstance(message, dict):
+        raise CallError("a frame that is not a JSON object")
+    return message
+
+
+def _parameters(start: dict[str, Any]) -> dict[str, str]:
+    given = start.get("customParameters") or {}
+    if not isinstance(given, dict):
+        raise CallError("customParameters is not an object")
+    chosen = {k: v for k, v in given.items() if k in _PARAMETERS}
+    for name, value in chosen.items():
+        if not isinstance(value, str) or len(value) > MAX_PARAMETER_CHARS:
+            raise CallError(f"customParameters.{name} must be text of at most {MAX_PARAMETER_CHARS} characters")
+    return chosen
