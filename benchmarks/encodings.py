@@ -96,7 +96,7 @@ async def _turn(
         elif kind == "turn_ended":
             break
     await call.done_writing()
-    async for _ in call:
+    while await call.read() is not grpc.aio.EOF:
         pass
     if first is not None:
         result.first_audio_ms.append(first)

@@ -231,7 +231,9 @@ class Report:
     def merge_section(self, path: Path, title: str) -> None:
         """Put this run's section ``title`` into an existing report in place of its old one (or before
         the capacity section), stamped with this run's machine, date and commit."""
-        markdown = next(m for t, m in self.sections if t == title)
+        markdown = next((m for t, m in self.sections if t == title), None)
+        if markdown is None:
+            raise SystemExit(f"the stage did not run: {'; '.join(self.notes) or 'no figures'}")
         if not path.exists():
             self.write(path, path.with_name("first_audio.png"))
             return

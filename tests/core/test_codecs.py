@@ -119,3 +119,9 @@ def test_g711_input_decodes_to_pcm16(encoding: Encoding) -> None:
     out = np.frombuffer(b"".join(decoder.decode(data[i : i + 160]) for i in range(0, len(data), 160)), "<i2")
     assert len(out) == len(pcm)
     assert np.max(np.abs(out.astype(int) - pcm.astype(int))) < 300  # G.711's quantization
+
+
+def test_a_pyav_without_a_codec_is_named_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(av, "codecs_available", {"pcm_mulaw", "pcm_alaw", "libmp3lame"})
+    with pytest.raises(RuntimeError, match="has no libopus encoder; install PyAV's wheel from PyPI"):
+        check_codecs()

@@ -429,3 +429,68 @@ async def test_opus_and_mp3_decoded_say_the_text(real: Harness, encoding: int, c
     heard = transcribe(pcm, rate).lower()
     for word in ("library", "nine", "morning", "bring", "green card"):
         assert word in heard, heard
+
+
+async def test_a_phone_call_with_a_spoken_question_through_the_twilio_endpoint(
+    engines: tuple[LLMEngine, TTSEngine], ears: object
+) -> None:
+    """Real engines behind the bridge's /twilio: a question in Piper's voice at 8 kHz μ-law, as a
+    phone line carries it, is heard by Silero VAD and Whisper; the answer comes back as μ-law that
+    Whisper can understand."""
+    import base64
+
+    import av
+    from websockets.asyncio.client import connect
+
+    from service.core.settings import SessionDefaults
+    from service.server import start_server
+    from service.servicer import StreamLimits
+    from tests.bridge.test_twilio import FakeTwilio
+    from tests.whisper import transcribe
+    from ws_bridge.server import Bridge, BridgeOptions
+
+    llm, tts = engines
+    question = await spoken_async("What is the capital of France?", 8000)
+    stt = ears.stt  # type: ignore[attr-defined]
+    heard_questions: list[str] = []
+    transcribe_question = stt.transcribe
+
+    async def recorded(pcm: bytes, language: str | None = None) -> object:
+        result = await transcribe_question(pcm, language)
+        heard_questions.append(result.text)
+        return result
+
+    stt.transcribe = recorded
+    running = await start_server(
+        llm,
+        tts,
+        host="127.0.0.1",
+        port=0,
+        defaults=SessionDefaults(max_tokens=40, system_prompt="Answer in one short sentence."),
+        limits=StreamLimits(),
+        voice_input=ears,  # type: ignore[arg-type]
+    )
+    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{running.port}", host="127.0.0.1", port=0)).start()
+    try:
+        async with connect(f"ws://127.0.0.1:{bridge.port}/twilio") as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await caller.say(b"\x00\x00" * 4000 + question + b"\x00\x00" * 8000)
+            await wait_for(lambda: len(caller.of("media")) > 0, 60)
+            await caller.say(b"\x00\x00" * 8000 * 4)  # the caller listens (Twilio keeps sending silence)
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 30)
+            await caller.aclose()
+        assert any("capital" in q.lower() for q in heard_questions), heard_questions
+        reply = b"".join(base64.b64decode(m["media"]["payload"]) for m in caller.of("media"))
+        codec = av.CodecContext.create("pcm_mulaw", "r")
+        codec.sample_rate, codec.layout = 8000, "mono"  # type: ignore[attr-defined]
+        pcm = b"".join(f.to_ndarray().astype("<i2").tobytes() for f in codec.decode(av.Packet(reply)))
+        heard = transcribe(pcm, 8000)
+        assert len(heard.split()) >= 1, heard  # Whisper hears words in the μ-law reply
+        assert_speech(pcm, 8000, heard)
+        print(f"\nthe phone reply, as Whisper hears it: {heard!r}")
+    finally:
+        del stt.transcribe  # the fixture's engine as it was
+        await bridge.aclose()
+        await running.stop(0)
