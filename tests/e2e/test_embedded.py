@@ -416,7 +416,7 @@ async def test_opus_and_mp3_decoded_say_the_text(real: Harness, encoding: int, c
 
     from tests.whisper import transcribe
 
-    text = "The library opens at nine in the morning. Please bring your green card."
+    text = "The library opens at nine in the morning. Please bring your green card."  # (Whisper writes "9")
     responses = await converse_all(real.stub, [start(audio=pb.AudioFormat(encoding=encoding)), speak(text, flush=True)])
     data = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
     with av.open(io.BytesIO(data), format=container) as stream:
@@ -427,8 +427,9 @@ async def test_opus_and_mp3_decoded_say_the_text(real: Harness, encoding: int, c
         samples = samples * 32767
     pcm = np.clip(samples, -32768, 32767).astype("<i2").tobytes()
     heard = transcribe(pcm, rate).lower()
-    for word in ("library", "nine", "morning", "bring", "green card"):
+    for word in ("library", "morning", "bring", "green card"):
         assert word in heard, heard
+    assert " 9 " in heard or "nine" in heard, heard
 
 
 async def test_a_phone_call_with_a_spoken_question_through_the_twilio_endpoint(
