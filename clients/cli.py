@@ -60,7 +60,10 @@ class Conversation:
     def __init__(self, stub: voice_pb2_grpc.VoiceServiceStub, start: pb.Start, args: argparse.Namespace) -> None:
         self._requests: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
         self._requests.put_nowait(pb.ConverseRequest(start=start))
-        self._call = stub.Converse(self._request_stream())
+        token = args.token
+        self._call = stub.Converse(
+            self._request_stream(), metadata=[("authorization", f"Bearer {token}")] if token else None
+        )
         self._args = args
         self._pcm = bytearray()
         self._turn_ended = asyncio.Event()
@@ -245,6 +248,9 @@ async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace) -> str:
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return f"the service rejected the request: {error.details()}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        given = "the key given was not accepted" if args.token else "it needs an API key"
+        return f"the service at {target} refused the call: {given}; pass --token KEY (or set PARLEY_TOKEN)"
     return f"the service ended the stream with {code.name}: {error.details()}"
 
 
@@ -409,6 +415,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="service address (env PARLEY_SERVER; default localhost:50051)",
     )
     parser.add_argument("--session", default="", help="resume this session (the id a previous run printed)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("PARLEY_TOKEN", ""),
+        help="an API key of the service, sent as authorization: Bearer (env PARLEY_TOKEN)",
+    )
     parser.add_argument("--voice", default="", help="voice id (default: the server's; see ListVoices)")
     parser.add_argument("--rate", type=int, default=0, help="sample rate in Hz, 8000-48000 (default: the voice's)")
     parser.add_argument("--system", default="", help="system prompt (default: the server's)")

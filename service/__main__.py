@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from service.auth import KeyRing
 from service.config import Settings
 from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
@@ -29,6 +30,7 @@ async def run(settings: Settings) -> None:
     from service.engines.factory import load_engines, load_voice_input
 
     check_codecs()  # a PyAV without libopus or libmp3lame: said now, not at a client's first turn
+    keys = load_keys(settings)  # a bad key file: said before the models load
 
     llm, tts = await asyncio.to_thread(load_engines, settings)
     voice_input = await asyncio.to_thread(load_voice_input, settings)
@@ -57,11 +59,22 @@ async def run(settings: Settings) -> None:
             limits=limits,
             store=store,
             voice_input=voice_input,
+            keys=keys,
+            open_reflection=settings.open_reflection,
         )
         stt = voice_input.stt.name if voice_input else "none"
         log.info(
             "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s)", settings.host, running.port, llm.name, tts.name, stt
         )
+        if keys is not None:
+            log.info("authentication: API keys (%s); health checks open", ", ".join(keys.names) or "none yet")
+        elif settings.allow_unauthenticated:
+            log.warning(
+                "authentication: NONE, on %s (PARLEY_ALLOW_UNAUTHENTICATED): anyone who reaches it may use it",
+                settings.host,
+            )
+        else:
+            log.info("authentication: none; listening on loopback only")
         await serve_until_signal(running, settings.shutdown_grace_s)
     finally:
         await llm.aclose()
@@ -70,6 +83,16 @@ async def run(settings: Settings) -> None:
             await voice_input.stt.aclose()
             await voice_input.detector.aclose()
         await store.aclose()
+
+
+def load_keys(settings: Settings) -> KeyRing | None:
+    """The configured API keys, or None when none are. Raises RuntimeError saying what is wrong."""
+    if settings.api_keys_file is None and not settings.api_keys:
+        return None
+    try:
+        return KeyRing(settings.api_keys_file, settings.api_keys)
+    except ValueError as error:
+        raise RuntimeError(str(error)) from error
 
 
 async def open_store(settings: Settings) -> SessionStore:

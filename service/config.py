@@ -5,6 +5,7 @@ Flags win over the environment, which wins over the defaults. ``python -m servic
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -46,7 +47,23 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
-    host: str = Field("0.0.0.0", description="Address to listen on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Without API keys, only a loopback address, unless "
+        "allow_unauthenticated is set.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of API keys, one per line (name:key or key; # comments), read again when it "
+        "changes. With keys, every call but health checks needs authorization: Bearer <key>.",
+    )
+    api_keys: str = Field("", description="API keys as name:key entries separated by commas (besides the file's).")
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve on a non-loopback address without API keys: anyone who reaches the port may use "
+        "the service (and the engines' bills). Off: such a start is refused.",
+    )
+    open_reflection: bool = Field(False, description="With API keys: let gRPC reflection answer without a key.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
     llm: Literal["local", "openai", "scripted"] = Field(
         "local", description="LLM engine: local (embedded), openai, or scripted (fixed latency, for benchmarks)."
@@ -204,6 +221,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _not_open_by_accident(self) -> Settings:
+        if self.api_keys_file is None and not self.api_keys and not self.allow_unauthenticated:
+            if not _is_loopback(self.host):
+                raise ValueError(
+                    f"host {self.host} without API keys would let anyone who reaches it use the service: set "
+                    "PARLEY_API_KEYS_FILE (or PARLEY_API_KEYS; python -m service.auth prints a key), listen on "
+                    "127.0.0.1, or set PARLEY_ALLOW_UNAUTHENTICATED=true to run it open on purpose"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:
         if self.llm_max_tokens >= self.llm_context_size:
             raise ValueError(
@@ -275,3 +303,12 @@ def _shown(url: str) -> str:
     if not sep or "@" not in netloc:
         return url
     return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley.v1 import voice_pb2
+from service.auth import AuthInterceptor, KeyRing
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.hearing import VoiceInput
 from service.core.settings import SessionDefaults
@@ -61,11 +62,15 @@ async def start_server(
     limits: StreamLimits,
     store: SessionStore | None = None,
     voice_input: VoiceInput | None = None,
+    keys: KeyRing | None = None,
+    open_reflection: bool = False,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
-    ``voice_input``, sessions take text only."""
-    server = grpc.aio.server()
+    ``voice_input``, sessions take text only. With ``keys``, every call but health checks (and
+    reflection, if ``open_reflection``) needs one of them."""
+    interceptors = [AuthInterceptor(keys, open_reflection=open_reflection)] if keys is not None else []
+    server = grpc.aio.server(interceptors=interceptors)
     servicer = VoiceServicer(
         llm,
         tts,
@@ -73,6 +78,7 @@ async def start_server(
         limits,
         store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S),
         voice_input,
+        keys,
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

@@ -21,6 +21,7 @@ import grpc
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.auth import KeyRing, principal_of
 from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
@@ -173,7 +174,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         limits: StreamLimits,
         store: SessionStore,
         voice_input: VoiceInput | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
+        self._keys = keys
         self._llm = llm
         self._tts = tts
         self._voice_input = voice_input
@@ -232,7 +235,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         """Run one stream; the error it ends with, if any."""
         outbox = Outbox(self._defaults.outbox)
         commands = CommandQueue()
-        session = Session(self._llm, self._tts, self._defaults, self._store, outbox, self._voice_input)
+        principal = ""
+        if self._keys is not None:  # (the interceptor let only callers with a valid key through)
+            principal = principal_of(self._keys, context.invocation_metadata()) or ""
+        session = Session(
+            self._llm, self._tts, self._defaults, self._store, outbox, self._voice_input, principal=principal
+        )
         writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id)
         writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None

@@ -15,6 +15,7 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.auth import KeyRing
 from service.core.hearing import VoiceInput
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
@@ -48,6 +49,8 @@ async def start_harness(
     store: SessionStore | None = None,
     stt: FakeSTT | None = None,
     detector: FakeDetector | None = None,
+    keys: KeyRing | None = None,
+    open_reflection: bool = False,
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
@@ -61,6 +64,8 @@ async def start_harness(
         limits=limits or StreamLimits(),
         store=store,
         voice_input=voice_input,
+        keys=keys,
+        open_reflection=open_reflection,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

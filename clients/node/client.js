@@ -26,6 +26,7 @@ options:
   --encoding NAME     the audio the service sends: pcm16 (default, written as WAV), wav, ogg_opus,
                       mp3, mulaw or alaw (the turn's bytes written as they came)
   --voice ID          voice (default: the service's)
+  --token KEY         an API key of the service, sent as authorization: Bearer (env PARLEY_TOKEN)
   --speak             read QUESTION aloud instead of asking the LLM
   --protos PATH       the folder holding ${PROTO_FILE}, or that file itself
                       (default: this repository's protos/, ../../protos from client.js)
@@ -44,6 +45,7 @@ try {
       server: { type: "string", default: process.env.PARLEY_SERVER || "localhost:50051" },
       out: { type: "string" },
       encoding: { type: "string", default: "pcm16" },
+      token: { type: "string", default: process.env.PARLEY_TOKEN || "" },
       rate: { type: "string", default: "0" },
       voice: { type: "string", default: "" },
       speak: { type: "boolean", default: false },
@@ -106,7 +108,9 @@ try {
   usageError(`--server ${JSON.stringify(values.server)} is not an address: ${error.message}`);
 }
 
-const call = client.Converse();
+const metadata = new grpc.Metadata();
+if (values.token) metadata.set("authorization", `Bearer ${values.token}`);
+const call = client.Converse(metadata);
 const pcm = [];
 let sampleRate = 0;
 

@@ -122,7 +122,12 @@ class Session:
         store: SessionStore,
         outbox: Outbox,
         voice_input: VoiceInput | None = None,
+        *,
+        principal: str = "",
     ) -> None:
+        self._principal = principal
+        """Who opened the stream (``key:<name>``; empty without credentials): the sessions it creates
+        are theirs, and it may resume only theirs."""
         self._llm = llm
         self._tts = tts
         self._voice_input = voice_input
@@ -264,7 +269,7 @@ class Session:
             listen = request.input_audio.resolve(self._defaults.listen)  # its errors before anything is created
         stored: StoredSession | None = None
         if request.session_id:
-            resumed = await self._store.resume(request.session_id)
+            resumed = await self._store.resume(request.session_id, self._principal)
             if resumed is None:
                 raise SessionNotFound(
                     f"no session {request.session_id!r}: it never existed or has expired; "
@@ -273,7 +278,7 @@ class Session:
             stored, self._claim = resumed
         settings = resolve_settings(request, stored, self._defaults, voices, self._tts.default_voice)
         if stored is None:
-            stored = StoredSession(new_session_id(), *settings.stored_fields())
+            stored = StoredSession(new_session_id(), *settings.stored_fields(), principal=self._principal)
             self._claim = await self._store.create(stored)
         assert self._claim is not None
         self.state = SessionState.OPEN
@@ -598,6 +603,7 @@ class Session:
             *self._settings.stored_fields(),
             entries=list(self._conversation.entries),
             turns_started=self._turns_started,
+            principal=self._principal,
         )
 
     def _save(self) -> int:

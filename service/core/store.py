@@ -34,6 +34,9 @@ class StoredSession:
     entries: list[Entry] = field(default_factory=list)
     turns_started: int = 0
     """Turns begun so far, so that server-assigned turn ids go on where the last stream left off."""
+    principal: str = ""
+    """Who created it (``key:<name>``; empty when the server checks no credentials): only they may
+    resume it."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +52,7 @@ class StoredSession:
             max_tokens=data.get("max_tokens"),
             entries=entries,
             turns_started=int(data.get("turns_started", 0)),
+            principal=str(data.get("principal", "")),
         )
 
 
@@ -96,9 +100,10 @@ class SessionStore(Protocol):
         :class:`service.errors.Overloaded` when it cannot take another session."""
         ...
 
-    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+    async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
         """Load a session and claim it (taking it over from any stream that holds it); None if it
-        does not exist or has expired."""
+        does not exist, has expired, or belongs to another principal than ``principal`` (then
+        nothing happens to it: a leaked session id alone takes no conversation over)."""
         ...
 
     async def save(self, session: StoredSession, claim: Claim) -> bool:

@@ -99,8 +99,12 @@ class MemoryStore:
         self._held[session_id] = record
         return self._claim(session_id, record)
 
-    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+    async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
         held = self._held.get(session_id)
+        idle_now = self._idle.get(session_id)
+        found = _Record(idle_now[_EXPIRY.size :]) if idle_now is not None else held
+        if found is None or _decode(found.data).principal != principal:
+            return None  # (not there, or not theirs: nothing happens to it)
         if held is not None and held.owner is not None:
             await hand_over(held.owner)  # (it writes what it has, then lets go)
         now = self._clock()

@@ -104,7 +104,13 @@ class RedisStore:
         self._hold(claim)
         return claim
 
-    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
+    async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
+        try:
+            stored = await self._redis.get(self._key(session_id))
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        if stored is None or StoredSession.from_json(json.loads(stored)).principal != principal:
+            return None  # (not there, or not theirs: its holder is not disturbed; the principal never changes)
         previous = self._claims.get(session_id)
         if previous is not None:
             await hand_over(previous)  # held on this replica: it writes what it has, then lets go

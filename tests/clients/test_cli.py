@@ -448,3 +448,23 @@ async def test_an_encoding_is_asked_for_and_the_reply_written_as_its_file(
         seconds = sum(frame.samples for frame in stream.decode(audio=0)) / stream.streams.audio[0].rate
     spoken_s = sum(harness.tts.duration_ms(t) for t in harness.tts.texts) / 1000
     assert spoken_s <= seconds <= spoken_s + 0.15
+
+
+async def test_a_token_is_sent_and_a_missing_one_explained(tmp_path: Path) -> None:
+    from service.auth import KeyRing
+
+    key = "cli-0123456789abcdefghijklmnop"
+    h = await start_harness(keys=KeyRing(None, f"cli:{key}"))
+    try:
+        server = f"127.0.0.1:{h.running.port}"
+        code, _, stderr = await run_cli("--server", server, "--out", str(tmp_path / "a.wav"), "Hi?")
+        assert code == 1 and "it needs an API key; pass --token KEY (or set PARLEY_TOKEN)" in stderr, stderr
+        code, _, stderr = await run_cli("--server", server, "--token", "wrong" * 6, "Hi?")
+        assert code == 1 and "the key given was not accepted" in stderr, stderr
+        env = {**os.environ, "PARLEY_TOKEN": key}
+        code, stdout, stderr = await run_process(
+            sys.executable, "-m", "clients.cli", "--server", server, "--out", str(tmp_path / "b.wav"), "Hi?", env=env
+        )
+        assert code == 0 and stdout.strip() == h.llm.reply, stderr
+    finally:
+        await stop_harness(h)

@@ -127,3 +127,21 @@ async def test_node_client_asks_for_ogg_opus_and_writes_the_file(
         seconds = sum(frame.samples for frame in stream.decode(audio=0)) / stream.streams.audio[0].rate
     spoken_s = sum(harness.tts.duration_ms(t) for t in harness.tts.texts) / 1000
     assert spoken_s <= seconds <= spoken_s + 0.15
+
+
+async def test_node_client_sends_its_token(installed: Path, tmp_path: Path) -> None:
+    from service.auth import KeyRing
+    from tests.conftest import start_harness, stop_harness
+
+    key = "node-0123456789abcdefghijklmnop"
+    h = await start_harness(keys=KeyRing(None, f"node:{key}"))
+    try:
+        server = f"127.0.0.1:{h.running.port}"
+        code, _, stderr = await run_node("--server", server, "--out", str(tmp_path / "a.wav"), "Hi?")
+        assert code == 1 and "UNAUTHENTICATED" in stderr, stderr
+        code, stdout, stderr = await run_node(
+            "--server", server, "--token", key, "--out", str(tmp_path / "b.wav"), "Hi?"
+        )
+        assert code == 0 and stdout.strip() == h.llm.reply, stderr
+    finally:
+        await stop_harness(h)

@@ -249,3 +249,15 @@ async def test_a_session_redis_lost_ends_the_stream_unavailable(redis_url: str, 
         await client.aclose()
         await stop_harness(h)
         await store.aclose()
+
+
+async def test_a_session_resumes_only_for_its_principal(replicas: tuple[RedisStore, RedisStore]) -> None:
+    import dataclasses
+
+    one, two = replicas
+    claim = await one.create(dataclasses.replace(session(), principal="key:alice"))
+    assert await two.resume("s1") is None  # no credentials
+    assert await two.resume("s1", "key:bob") is None  # another key
+    assert not claim.lost.is_set() and not claim.wanted.is_set()  # the holder was not disturbed
+    resumed = await two.resume("s1", "key:alice")
+    assert resumed is not None and resumed[0].principal == "key:alice"

@@ -307,3 +307,15 @@ async def test_stored_data_is_a_copy() -> None:
     second = await store.resume("a")
     assert second is not None
     assert second[0].entries == [Entry("user", "Hi.")]
+
+
+async def test_a_session_resumes_only_for_its_principal() -> None:
+    memory = new_store()
+    claim = await memory.create(session("s1", principal="key:alice"))
+    assert await memory.resume("s1") is None
+    assert await memory.resume("s1", "key:bob") is None
+    assert not claim.lost.is_set() and not claim.wanted.is_set()  # the holder was not disturbed
+    resumed = await memory.resume("s1", "key:alice")
+    assert resumed is not None and resumed[0].principal == "key:alice"
+    await memory.release(resumed[1])
+    assert await memory.resume("s1", "key:bob") is None  # idle too

@@ -1,0 +1,193 @@
+"""Who may call: API keys, checked on every RPC but the health service's.
+
+Keys come from ``PARLEY_API_KEYS_FILE`` (one per line, ``#`` comments, ``name:key`` or a bare key) and
+``PARLEY_API_KEYS`` (the same, comma-separated). A client sends ``authorization: Bearer <key>``. A
+missing and a wrong key get the same UNAUTHENTICATED message; every configured key is compared, in
+constant time, whatever matched; a key is never logged or echoed (its name is, and names the
+*principal* that owns the sessions it creates). The file is read again when it changes (checked at
+most once a second, on a call), so keys are added and revoked without a restart; a file that no
+longer parses keeps the keys that were loaded, and says why in the log.
+
+``python -m service.auth`` prints a new random key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+__all__ = ["MIN_KEY_CHARS", "UNAUTHENTICATED_MESSAGE", "AuthInterceptor", "KeyRing", "new_key", "principal_of"]
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_CHARS = 24
+UNAUTHENTICATED_MESSAGE = "missing or invalid credentials: send the metadata authorization: Bearer <API key>"
+_RELOAD_EVERY_S = 1.0
+_HEALTH = "/grpc.health.v1.Health/"
+_REFLECTION = "/grpc.reflection."
+
+
+class KeyError_(ValueError):
+    """A key list that cannot be used (the message names the line, never the key)."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    digest: bytes  # SHA-256 of the key: compared instead of the key, so every comparison is the same length
+
+
+def parse_keys(text: str, where: str) -> list[_Key]:
+    """Keys from lines (or comma-separated entries) of ``name:key`` or ``key``. Raises KeyError_."""
+    keys: list[_Key] = []
+    for number, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, key = line.rpartition(":")
+        name, key = name.strip(), key.strip()
+        if len(key) < MIN_KEY_CHARS:
+            raise KeyError_(
+                f"{where}, entry {number}: a key must have at least {MIN_KEY_CHARS} characters "
+                "(python -m service.auth prints a good one)"
+            )
+        digest = hashlib.sha256(key.encode()).digest()
+        keys.append(_Key(name or f"key-{digest.hex()[:8]}", digest))
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise KeyError_(f"{where}: two keys have the same name")
+    return keys
+
+
+class KeyRing:
+    """The configured keys; :meth:`check` says whose a presented key is."""
+
+    def __init__(self, path: Path | None = None, inline: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._inline = parse_keys(inline, "PARLEY_API_KEYS") if inline else []
+        self._clock = clock
+        self._from_file: list[_Key] = []
+        self._mtime: float | None = None
+        self._checked_at = float("-inf")
+        if path is not None:
+            self._from_file = self._read(path)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._inline or self._from_file or self._path is not None)
+
+    @property
+    def names(self) -> list[str]:
+        return [k.name for k in (*self._inline, *self._from_file)]
+
+    def check(self, presented: str) -> str | None:
+        """The name of the key ``presented`` is, or None. Compares with every key, in constant time."""
+        self._reload_if_changed()
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: str | None = None
+        for key in (*self._inline, *self._from_file):
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.name
+        return found
+
+    def _reload_if_changed(self) -> None:
+        if self._path is None or self._clock() - self._checked_at < _RELOAD_EVERY_S:
+            return
+        self._checked_at = self._clock()
+        try:
+            mtime = self._path.stat().st_mtime_ns
+        except OSError as error:
+            log.error("API keys file %s cannot be read (%s); keeping the keys loaded", self._path, error.strerror)
+            return
+        if mtime == self._mtime:
+            return
+        try:
+            self._from_file = self._read(self._path)
+        except (KeyError_, OSError) as error:
+            log.error("API keys file not reloaded (%s); keeping the keys loaded before", error)
+            return
+        log.info("API keys reloaded from %s: %s", self._path, ", ".join(self.names) or "none")
+
+    def _read(self, path: Path) -> list[_Key]:
+        try:
+            self._mtime = path.stat().st_mtime_ns
+            return parse_keys(path.read_text(encoding="utf-8"), str(path))
+        except OSError as error:
+            raise KeyError_(f"cannot read the API keys file {path}: {error.strerror}") from error
+
+
+def principal_of(keys: KeyRing, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """Who the call's metadata says it is (``key:<name>``); None when it says nothing valid."""
+    for name, value in metadata or ():
+        if name == "authorization" and isinstance(value, str):
+            scheme, _, credential = value.partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                key = keys.check(credential.strip())
+                return None if key is None else f"key:{key}"
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid key (UNAUTHENTICATED), except health checks (probes) and, when
+    ``open_reflection``, reflection."""
+
+    def __init__(self, keys: KeyRing, *, open_reflection: bool = False) -> None:
+        self._keys = keys
+        self._open_reflection = open_reflection
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = details.method  # type: ignore[attr-defined]
+        handler = await continuation(details)
+        if method.startswith(_HEALTH) or (self._open_reflection and method.startswith(_REFLECTION)):
+            return handler
+        if principal_of(self._keys, details.invocation_metadata) is not None:  # type: ignore[attr-defined]
+            return handler
+        log.info("refused %s: missing or invalid credentials", method)
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    async def refuse(_: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    kind = (
+        grpc.stream_stream_rpc_method_handler
+        if handler.request_streaming and handler.response_streaming
+        else grpc.stream_unary_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return kind(  # type: ignore[operator]
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def new_key() -> str:
+    """A new random key (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+if __name__ == "__main__":
+    name = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("USER", "client")
+    print(f"{name}:{new_key()}")

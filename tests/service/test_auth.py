@@ -1,0 +1,166 @@
+"""API keys through the real gRPC server: the matrix (no key, wrong key, right key), health and
+reflection, key reload, sessions that belong to the key that made them, and no open service by
+accident."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import ValidationError
+
+from parley.v1 import voice_pb2 as pb
+from service.auth import UNAUTHENTICATED_MESSAGE, KeyRing, parse_keys
+from service.config import Settings
+from tests.conftest import Harness, start, start_harness, stop_harness, user
+
+ALICE = "alice-0123456789abcdefghijklmn"
+BOB = "bob-0123456789abcdefghijklmnopq"
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {key}")]
+
+
+async def one_turn(
+    h: Harness, metadata: list[tuple[str, str]] | None, session_id: str = ""
+) -> list[pb.ConverseResponse]:
+    call = h.stub.Converse(metadata=metadata)
+    await call.write(start(session_id=session_id))
+    responses = [await call.read()]  # (a refused call ends here, with its status)
+    await call.write(user("Hi?"))
+    await call.done_writing()
+    while (response := await call.read()) is not grpc.aio.EOF:
+        responses.append(response)
+    return responses
+
+
+@pytest.fixture
+async def keyed(tmp_path: Path) -> Harness:
+    path = tmp_path / "keys"
+    path.write_text(f"# the team's keys\nalice:{ALICE}\nbob:{BOB}  # Bob's laptop\n")
+    h = await start_harness(keys=KeyRing(path))
+    yield h  # type: ignore[misc]
+    await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [None, bearer("wrong-key-0123456789abcdefgh"), [("authorization", ALICE)], [("authorization", "Basic " + ALICE)]],
+)
+async def test_a_missing_or_wrong_key_is_unauthenticated_with_one_message(
+    keyed: Harness, metadata: list[tuple[str, str]] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await one_turn(keyed, metadata)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert raised.value.details() == UNAUTHENTICATED_MESSAGE
+    with pytest.raises(grpc.aio.AioRpcError) as listing:
+        await keyed.stub.ListVoices(pb.ListVoicesRequest(), metadata=metadata)
+    assert listing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert keyed.llm.requests == []  # nothing ran
+    assert ALICE not in caplog.text and "wrong-key" not in caplog.text  # keys are never logged
+
+
+async def test_the_right_key_works_and_health_needs_none(keyed: Harness) -> None:
+    responses = await one_turn(keyed, bearer(ALICE))
+    assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    voices = await keyed.stub.ListVoices(pb.ListVoicesRequest(), metadata=bearer(BOB))
+    assert voices.default_voice
+    health = health_pb2_grpc.HealthStub(keyed.channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service=""))  # probes carry no key
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _list_services(channel: grpc.aio.Channel, metadata: list[tuple[str, str]] | None) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(metadata=metadata)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    await call.done_writing()
+    response = await call.read()
+    return [s.name for s in response.list_services_response.service]
+
+
+async def test_reflection_needs_a_key_unless_open(keyed: Harness, tmp_path: Path) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await _list_services(keyed.channel, None)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "parley.v1.VoiceService" in await _list_services(keyed.channel, bearer(ALICE))
+    open_harness = await start_harness(keys=KeyRing(None, f"alice:{ALICE}"), open_reflection=True)
+    try:
+        assert "parley.v1.VoiceService" in await _list_services(open_harness.channel, None)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await one_turn(open_harness, None)  # the service itself still needs a key
+    finally:
+        await stop_harness(open_harness)
+
+
+async def test_keys_reload_without_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"alice:{ALICE}\n")
+    h = await start_harness(keys=KeyRing(path))
+    try:
+        await one_turn(h, bearer(ALICE))
+        await asyncio.sleep(1.1)  # (the file is looked at once a second at most)
+        path.write_text(f"bob:{BOB}\n")
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+        await one_turn(h, bearer(BOB))  # added
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await one_turn(h, bearer(ALICE))  # revoked
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await asyncio.sleep(1.1)
+        path.write_text("bob:short\n")  # a file that no longer parses keeps the keys loaded
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000))
+        await one_turn(h, bearer(BOB))
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_session_belongs_to_the_key_that_made_it(keyed: Harness) -> None:
+    made = await one_turn(keyed, bearer(ALICE))
+    session_id = made[0].session_started.session_id
+    # Alice holds her session open on a stream; Bob, with her session id, gets NOT_FOUND ...
+    alice = keyed.stub.Converse(metadata=bearer(ALICE))
+    await alice.write(start(session_id=session_id))
+    assert (await alice.read()).session_started.session_id == session_id
+    with pytest.raises(grpc.aio.AioRpcError) as stolen:
+        await one_turn(keyed, bearer(BOB), session_id)
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await one_turn(keyed, bearer(BOB), "no-such-session-0123456789")
+    assert stolen.value.code() == unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stolen.value.details() == (unknown.value.details() or "").replace("no-such-session-0123456789", session_id)
+    # ... and Alice's stream was not disturbed (no takeover): it goes on.
+    await alice.write(user("Still there?"))
+    await alice.done_writing()
+    rest = []
+    while (response := await alice.read()) is not grpc.aio.EOF:
+        rest.append(response)
+    assert rest[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert [m.content for m in keyed.llm.requests[-1].messages if m.role == "user"] == ["Hi?", "Still there?"]
+
+
+def test_keys_must_be_long_and_named_once() -> None:
+    assert [k.name for k in parse_keys(f"alice:{ALICE}\n{BOB}\n# x\n", "f")][0] == "alice"
+    with pytest.raises(ValueError, match="at least 24 characters"):
+        parse_keys("alice:short", "f")
+    with pytest.raises(ValueError, match="same name"):
+        parse_keys(f"a:{ALICE},a:{BOB}", "f")
+
+
+def test_no_open_service_by_accident(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PARLEY_"):
+            monkeypatch.delenv(name)
+    assert Settings(_cli_parse_args=False).host == "127.0.0.1"  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="without API keys would let anyone who reaches it use the service"):
+        Settings(_cli_parse_args=False, host="0.0.0.0")  # type: ignore[call-arg]
+    Settings(_cli_parse_args=False, host="0.0.0.0", api_keys=f"alice:{ALICE}")  # type: ignore[call-arg]
+    Settings(_cli_parse_args=False, host="0.0.0.0", allow_unauthenticated=True)  # type: ignore[call-arg]
+    Settings(_cli_parse_args=False, host="::1")  # type: ignore[call-arg]
