@@ -40,7 +40,12 @@ class BridgeSettings(BaseSettings):
         frozen=True,
     )
 
-    host: str = _setting("0.0.0.0", "PARLEY_BRIDGE_HOST", "Address to listen on.", min_length=1)
+    host: str = _setting(
+        "127.0.0.1",
+        "PARLEY_BRIDGE_HOST",
+        "Address to listen on (0.0.0.0: every interface, for other machines and phones).",
+        min_length=1,
+    )
     port: int = _setting(
         8080, "PARLEY_BRIDGE_PORT", "Port of the page, /ws and /twilio (0: any free port).", ge=0, le=65535
     )

@@ -95,7 +95,7 @@ def test_the_services_own_variables_are_not_the_bridges(monkeypatch: pytest.Monk
     monkeypatch.setenv("PARLEY_PORT", "50052")
     monkeypatch.setenv("PARLEY_HOST", "127.0.0.9")
     chosen = settings()
-    assert (chosen.port, chosen.host) == (8080, "0.0.0.0")
+    assert (chosen.port, chosen.host) == (8080, "127.0.0.1")
 
 
 def test_defaults_and_the_options_they_make() -> None:
