@@ -21,6 +21,7 @@ from service.errors import EngineError, StoreUnavailable
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
+from service.tls import ServerCertificates, TLSError
 
 log = logging.getLogger("service")
 
@@ -31,6 +32,12 @@ async def run(settings: Settings) -> None:
 
     check_codecs()  # a PyAV without libopus or libmp3lame: said now, not at a client's first turn
     keys = load_keys(settings)  # a bad key file: said before the models load
+    tls = None
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        try:
+            tls = ServerCertificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        except TLSError as error:
+            raise RuntimeError(str(error)) from error
 
     llm, tts = await asyncio.to_thread(load_engines, settings)
     voice_input = await asyncio.to_thread(load_voice_input, settings)
@@ -61,10 +68,15 @@ async def run(settings: Settings) -> None:
             voice_input=voice_input,
             keys=keys,
             open_reflection=settings.open_reflection,
+            tls=tls,
         )
         stt = voice_input.stt.name if voice_input else "none"
         log.info(
             "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s)", settings.host, running.port, llm.name, tts.name, stt
+        )
+        log.info(
+            "transport: %s",
+            "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",
         )
         if keys is not None:
             log.info("authentication: API keys (%s); health checks open", ", ".join(keys.names) or "none yet")

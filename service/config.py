@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         "the service (and the engines' bills). Off: such a start is refused.",
     )
     open_reflection: bool = Field(False, description="With API keys: let gRPC reflection answer without a key.")
+    tls_cert_file: Path | None = Field(
+        None, description="TLS on the gRPC port: the certificate chain (PEM); with tls_key_file. Reloaded on change."
+    )
+    tls_key_file: Path | None = Field(None, description="TLS: the certificate's private key (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        None, description="Mutual TLS: clients must present a certificate signed by these CAs (PEM)."
+    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
     llm: Literal["local", "openai", "scripted"] = Field(
         "local", description="LLM engine: local (embedded), openai, or scripted (fixed latency, for benchmarks)."
@@ -218,6 +225,14 @@ class Settings(BaseSettings):
         if "openai" in (self.llm, self.tts) and not self.openai_base_url and env:
             if problem := _http_url_problem(env):
                 raise ValueError(f"OPENAI_BASE_URL (used as PARLEY_OPENAI_BASE_URL is not set) {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file (PARLEY_TLS_CERT_FILE, PARLEY_TLS_KEY_FILE)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs TLS: set PARLEY_TLS_CERT_FILE and PARLEY_TLS_KEY_FILE too")
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
 from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
+from service.tls import ServerCertificates
 
 __all__ = ["DRAIN_S", "RunningServer", "serve_until_signal", "start_server"]
 
@@ -37,6 +38,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     servicer: VoiceServicer
+    tls: ServerCertificates | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
@@ -64,6 +66,7 @@ async def start_server(
     voice_input: VoiceInput | None = None,
     keys: KeyRing | None = None,
     open_reflection: bool = False,
+    tls: ServerCertificates | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
@@ -87,21 +90,25 @@ async def start_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, servicer)
+    return RunningServer(server, bound, health_servicer, servicer, tls)
 
 
 async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully. SIGHUP reads the TLS certificates
+    again (at the next connection)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.tls.reload_now)
     await stop.wait()
     log.info(
         "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish", running.servicer.active_streams, grace_s
