@@ -46,6 +46,8 @@ START_WAIT_S = 10.0
 """How long a socket may take to send ``start``."""
 MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
 MAX_PARAMETER_CHARS = 8000
+HANG_UP_GRACE_S = 0.25
+"""After a hang-up, how long the service has to apply the interrupt before the call is cancelled."""
 _PARAMETERS = ("system_prompt", "voice", "session_id", "greeting")
 
 
@@ -71,14 +73,13 @@ def signature_valid(options: TwilioOptions, request: Request) -> bool:
     if not options.auth_token:
         return True
     given = request.headers.get("X-Twilio-Signature", "")
-    base = options.public_url.rstrip("/") if options.public_url else f"wss://{request.headers.get('Host', '')}"
-    path_and_query = request.path if not options.public_url else _query_of(request.path)
-    url = base + path_and_query
+    if not options.public_url:
+        url = f"wss://{request.headers.get('Host', '')}{request.path}"
+    elif "?" in options.public_url:
+        url = options.public_url  # the exact URL, query included
+    else:  # the URL without its query: the call's own query (per-call parameters) follows
+        url = options.public_url + (request.path[request.path.index("?") :] if "?" in request.path else "")
     return hmac.compare_digest(given.encode(), signature(options.auth_token, url).encode())
-
-
-def _query_of(path: str) -> str:
-    return "?" + path.split("?", 1)[1] if "?" in path else ""
 
 
 class CallError(Exception):
@@ -106,6 +107,8 @@ class TwilioCall:
     _playing: str | None = None
     """The last turn whose audio was sent: what the caller may be hearing."""
     _mark_count: int = 0
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One write at a time on the call (the caller's audio and a barge-in come from two tasks)."""
 
     async def run(self) -> None:
         try:
@@ -128,14 +131,25 @@ class TwilioCall:
         try:
             await asyncio.wait({to_service, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
             if to_service.done() and not to_service.cancelled() and to_service.exception() is None:
-                await to_twilio  # the caller hung up: the turn in progress ends, then the call
+                # The caller hung up (or the line dropped): nobody listens. The interrupt just sent cuts
+                # the reply where they stopped hearing it; nothing more is said, and an utterance not
+                # yet answered is not (the call is cancelled, not half-closed).
+                await asyncio.wait({to_twilio}, timeout=HANG_UP_GRACE_S)
         finally:
             call.cancel()
             for task in (to_service, to_twilio):
                 task.cancel()
             results = await asyncio.gather(to_service, to_twilio, return_exceptions=True)
         failure = next((r for r in results if isinstance(r, CallError)), None)
-        if failure is not None:
+        unexpected = [
+            r for r in results if isinstance(r, Exception) and not isinstance(r, CallError | ConnectionClosed)
+        ]
+        for bug in unexpected:
+            log.error("twilio call %s failed", self.stream_sid, exc_info=bug)
+        if unexpected and failure is None:
+            with contextlib.suppress(ConnectionClosed):
+                await self.websocket.close(1011, "internal error; see the bridge's log")
+        elif failure is not None:
             log.warning("twilio call %s: %s", self.stream_sid, failure)
             with contextlib.suppress(ConnectionClosed):
                 await self.websocket.close(1008, str(failure)[:120])
@@ -154,7 +168,7 @@ class TwilioCall:
             start = message.get("start")
             if not isinstance(start, dict) or not isinstance(message.get("streamSid"), str):
                 raise CallError("start without a streamSid or its start object")
-            media = start.get("mediaFormat") or {}
+            media = _object(start, "mediaFormat")
             if (media.get("encoding"), media.get("sampleRate"), media.get("channels")) != ("audio/x-mulaw", RATE, 1):
                 raise CallError(f"unsupported mediaFormat {media!r}: expected audio/x-mulaw, 8000 Hz, 1 channel")
             _parameters(start)  # checked now: a bad one ends the call before the service is asked
@@ -174,13 +188,14 @@ class TwilioCall:
         )
 
     async def _twilio_to_service(self, call: grpc.aio.StreamStreamCall) -> None:
-        """The caller's audio and Twilio's marks, until Twilio says ``stop`` or the socket closes."""
-        with contextlib.suppress(ConnectionClosed):
+        """The caller's audio and Twilio's marks, until Twilio says ``stop`` or the socket closes
+        (both: the call is over, see :meth:`_hung_up`)."""
+        try:
             async for frame in self.websocket:
                 message = _message(frame)
                 event = message.get("event")
                 if event == "media":
-                    payload = (message.get("media") or {}).get("payload")
+                    payload = _object(message, "media").get("payload")
                     if not isinstance(payload, str) or len(payload) > MAX_PAYLOAD_BYTES * 4 // 3 + 4:
                         raise CallError("a media message without a payload, or over a second of audio")
                     try:
@@ -188,18 +203,22 @@ class TwilioCall:
                     except binascii.Error as error:
                         raise CallError(f"a media payload that is not base64: {error}") from error
                     if audio:
-                        await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
+                        await self._write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
                 elif event == "mark":
-                    self._heard((message.get("mark") or {}).get("name", ""))
+                    name = _object(message, "mark").get("name")
+                    if not isinstance(name, str):
+                        raise CallError("a mark without a name")
+                    self._heard(name)
                 elif event == "stop":
                     log.info("twilio stream %s stopped (the call ended)", self.stream_sid)
-                    await self._hung_up(call)
-                    return
+                    break
                 elif event == "dtmf":
-                    log.info("twilio stream %s: key %s pressed", self.stream_sid, (message.get("dtmf") or {}))
+                    log.info("twilio stream %s: key %s pressed", self.stream_sid, _object(message, "dtmf").get("digit"))
                 elif event not in ("connected", "start"):
                     raise CallError(f"unknown event {event!r}")
-        await call.done_writing()
+        except ConnectionClosed:
+            log.info("twilio stream %s: the socket closed without stop", self.stream_sid)
+        await self._hung_up(call)
 
     async def _service_to_twilio(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
@@ -222,6 +241,9 @@ class TwilioCall:
         if turn.cleared:
             return
         turn.sent_ms += audio.duration_ms
+        if self._playing != audio.turn_id:  # a new reply: the last one's marks no longer matter
+            self._marks.clear()
+            self._turns = {audio.turn_id: turn}
         self._playing = audio.turn_id
         self._mark_count += 1
         name = f"{audio.turn_id}/{audio.sequence}"
@@ -240,14 +262,20 @@ class TwilioCall:
             turn.heard_ms = max(turn.heard_ms, found[1])
 
     async def _hung_up(self, call: grpc.aio.StreamStreamCall) -> None:
-        """Nobody listens any more: the reply stops where the caller stopped hearing it, then the call."""
+        """Nobody listens any more: an utterance in progress is dropped, and the reply stops where the
+        caller stopped hearing it (then :meth:`run` cancels the call)."""
         playing = self._turns.get(self._playing or "")
-        stop = pb.Interrupt()  # a reply still being made stops too (kept as far as it was sent: nothing)
+        stop = pb.Interrupt()  # a reply still being made stops too (kept as far as it was sent)
         if playing is not None and not playing.cleared and playing.heard_ms < playing.sent_ms:
             playing.cleared = True
             stop.played_ms = round(playing.heard_ms)
-        await call.write(pb.ConverseRequest(interrupt=stop))
-        await call.done_writing()
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._write(call, pb.ConverseRequest(clear_audio=pb.ClearAudio()))
+            await self._write(call, pb.ConverseRequest(interrupt=stop))
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> None:
+        async with self._writing:
+            await call.write(request)
 
     async def _barge_in(self, call: grpc.aio.StreamStreamCall) -> None:
         """The caller spoke over the reply: Twilio drops what it holds; the service keeps what was heard."""
@@ -257,7 +285,7 @@ class TwilioCall:
         playing.cleared = True
         await self._send({"event": "clear"})
         self._marks = {name: mark for name, mark in self._marks.items() if mark[0] != self._playing}
-        await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=round(playing.heard_ms))))
+        await self._write(call, pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=round(playing.heard_ms))))
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.websocket.send(json.dumps({**message, "streamSid": self.stream_sid}))
@@ -273,6 +301,13 @@ def _message(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise CallError("a frame that is not a JSON object")
     return message
+
+
+def _object(message: dict[str, Any], key: str) -> dict[str, Any]:
+    value = message.get(key)
+    if not isinstance(value, dict):
+        raise CallError(f"{key} is not an object")
+    return value
 
 
 def _parameters(start: dict[str, Any]) -> dict[str, str]:

@@ -221,7 +221,7 @@ class Session:
                 await self._require_ears("clear_audio").clear()
             case SpeechBegan(audio_start_ms):
                 self._outbox.put_control(SpeechStarted(audio_start_ms))
-                await self._interrupt(self._played_estimate())  # barge-in by voice
+                await self._interrupt(self._played_estimate(), estimated=True)  # barge-in by voice
             case SpeechEnded(audio_end_ms):
                 self._outbox.put_control(SpeechStopped(audio_end_ms))
             case SpeechResumed():
@@ -340,12 +340,13 @@ class Session:
         if flush:
             turn.close_input()
 
-    async def _interrupt(self, played_ms: int | None) -> None:
+    async def _interrupt(self, played_ms: int | None, *, estimated: bool = False) -> None:
         """Stop the turn in progress at once; with none, cut the turn the client may still be hearing.
 
         Nothing more of the stopped turn leaves. The history keeps what the client heard: up to
         ``played_ms`` when it says, else all the audio that was sent. A tentative turn is discarded
-        (the client never had any of it), and the turn before it cut.
+        (the client never had any of it), and the turn before it cut. An ``estimated`` cut (a barge-in
+        by voice, before the client has said what it played) stays open to the client's own report.
         """
         await self._discard_tentative()
         turn = self._current
@@ -356,7 +357,7 @@ class Session:
             self._outbox.put_control(end, turn.outlet)  # at once: a barge-in's next turn never waits for the store
             return
         if self._heard is not None:
-            self._cut_heard(self._heard, played_ms)
+            self._cut_heard(self._heard, played_ms, estimated=estimated)
 
     def _played_estimate(self) -> int | None:
         """What the client has played of the turn it may be hearing, when it has not said: the audio
@@ -564,8 +565,9 @@ class Session:
         self._last_activity = time.monotonic()
         return TurnEnd(turn.turn_id, reason, spoken, turn.stats.snapshot(), error), self._save()
 
-    def _cut_heard(self, turn: TurnRecord, played_ms: int | None) -> None:
-        """Interrupt a turn that ended on the server while the client may still be hearing it."""
+    def _cut_heard(self, turn: TurnRecord, played_ms: int | None, *, estimated: bool = False) -> None:
+        """Interrupt a turn that ended on the server while the client may still be hearing it. After
+        an ``estimated`` cut the turn may still be cut again, by the client's ``played_ms``."""
         assert turn.outcome is not None
         unsent_end = self._outbox.drop(turn.outlet)
         if unsent_end is None and played_ms is None:
@@ -574,14 +576,17 @@ class Session:
             self._outbox.put_control(unsent_end, turn.outlet)  # already cut to what was heard: keep that
             return
         spoken = self._heard_text(turn, played_ms)
-        if spoken == turn.outcome.spoken and turn.outcome.reason is not TurnEndReason.INTERRUPTED:
+        whole = spoken == turn.outcome.spoken and turn.outcome.reason is not TurnEndReason.INTERRUPTED
+        if whole and not turn.trimmed:
             if unsent_end is not None:
                 self._outbox.put_control(unsent_end, turn.outlet)  # it was heard whole: nothing to cut
             return
         if turn.outcome.in_history:
             self._conversation.trim_last_reply(spoken)
+            turn.trimmed = True
             self._save()
-        self._heard = None
+        if not estimated:
+            self._heard = None
         if unsent_end is not None:
             self._outbox.put_control(
                 TurnEnd(turn.turn_id, TurnEndReason.INTERRUPTED, spoken, unsent_end.moments, unsent_end.error),

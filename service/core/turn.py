@@ -298,6 +298,8 @@ class TurnRecord:
         if tentative:
             self.state = TurnState.TENTATIVE
         self.outcome: TurnOutcome | None = None
+        self.trimmed = False
+        """Its reply in the history was cut to what the client heard (perhaps by an estimate)."""
         self.finished: tuple[BaseException | None] | None = None
         """A tentative turn whose pipeline finished before it was confirmed: how (its error)."""
         self.speak_input = speak_input

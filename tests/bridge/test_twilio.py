@@ -260,3 +260,141 @@ async def test_with_an_auth_token_only_a_signed_upgrade_is_accepted() -> None:
     finally:
         await stack.bridge.aclose()
         await stop_harness(harness)
+
+
+class LateTwilio(FakeTwilio):
+    """Starts playing ``delay_s`` after the first audio came (a jitter buffer, a slow network)."""
+
+    def __init__(self, socket: ClientConnection, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.first_media_at: float | None = None
+        super().__init__(socket)
+
+    async def _play(self) -> None:
+        while self.first_media_at is None or time.monotonic() < self.first_media_at + self.delay_s:
+            if self._queue and self.first_media_at is None:
+                self.first_media_at = time.monotonic()
+            await asyncio.sleep(0.005)
+        await super()._play()
+
+
+async def test_a_barge_in_after_the_reply_left_the_server_keeps_what_the_caller_heard() -> None:
+    """The reply was all sent (the turn ended on the server) but plays late on the phone: the history
+    keeps what the acknowledged marks say was heard, not the server's estimate (found in review)."""
+    reply = "Once upon a time there was a castle on a hill, and a dragon lived there."
+    harness = await start_harness(
+        FakeLLM(reply=reply, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT(texts=["Tell me a story.", "Stop."])
+    )
+    stack = await start_stack(harness)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = LateTwilio(socket, delay_s=1.0)
+            await caller.start()
+            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.say(quiet(2500, RATE))
+            heard_s = caller.played_bytes / RATE
+            await caller.say(loud(600, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(harness.llm.requests) == 2, 10)
+            kept = harness.llm.requests[1].messages[-2].content
+            chars_per_s = 1000 / harness.tts.ms_per_char
+            assert len(kept) <= (heard_s + 0.6) * chars_per_s, (heard_s, kept)  # not the estimate (1 s more)
+            assert len(kept) >= (heard_s - 0.8) * chars_per_s, (heard_s, kept)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+@pytest.mark.parametrize("how", ["stop", "close"])
+async def test_hanging_up_mid_sentence_answers_nothing(phone: Stack, how: str) -> None:
+    """Nobody is left to hear a reply: an utterance in progress is dropped, not answered (found in
+    review: the half-close made the service transcribe and answer it)."""
+    socket = await connect(twilio_url(phone))
+    caller = FakeTwilio(socket)
+    await caller.start()
+    await caller.say(quiet(200, RATE) + loud(700, RATE))  # still speaking
+    if how == "stop":
+        await caller.hang_up()
+    else:
+        await caller.aclose()
+    await wait_for(lambda: phone.bridge.sockets == 0, 10)
+    await asyncio.sleep(0.3)
+    assert phone.harness.llm.requests == [] and phone.harness.llm.open_streams == 0
+    assert caller.of("media") == []
+    await caller.aclose()
+
+
+async def test_a_line_dropped_mid_reply_keeps_only_what_was_heard() -> None:
+    """The socket closes without stop: the history keeps what the marks say was heard (found in
+    review: the whole reply was kept)."""
+    from service.stores.memory import MemoryStore
+
+    store = MemoryStore(ttl_s=600)
+    harness = await start_harness(
+        FakeLLM(reply=REPLY, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+        stt=FakeSTT(texts=["Tell me a story.", "And then?"]),
+        store=store,
+    )
+    stack = await start_stack(harness)
+    try:
+        socket = await connect(twilio_url(stack))
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+        await wait_for(lambda: len(caller.of("media")) > 0, 10)
+        await caller.say(quiet(1500, RATE))
+        heard_s = caller.played_bytes / RATE
+        await caller.aclose()  # the line drops: no stop
+        await wait_for(lambda: stack.bridge.sockets == 0, 10)
+        await wait_for(lambda: len(store._idle) == 1, 10)
+        session_id = next(iter(store._idle))
+        async with connect(twilio_url(stack)) as again:
+            caller = FakeTwilio(again, stream_sid="MZ2")
+            await caller.start({"session_id": session_id})
+            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(harness.llm.requests) == 2, 10)
+            kept = harness.llm.requests[1].messages[-2].content
+            chars_per_s = 1000 / harness.tts.ms_per_char
+            assert len(kept) <= (heard_s + 1.0) * chars_per_s, (heard_s, kept)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"event": "media", "media": "AAAA"}, "media is not an object"),
+        ({"event": "mark", "mark": "m1"}, "mark is not an object"),
+        ({"event": "mark", "mark": {"name": ["m1"]}}, "a mark without a name"),
+    ],
+)
+async def test_malformed_fields_close_with_1008_and_the_reason(
+    phone: Stack, message: dict[str, Any], reason: str
+) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.send({**message, "streamSid": caller.stream_sid})
+        await wait_for(lambda: caller.ended, 5)
+        assert caller.socket.close_code == 1008 and reason in (caller.socket.close_reason or "")
+        await caller.aclose()
+
+
+def test_the_public_url_is_signed_as_given() -> None:
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+
+    from ws_bridge.twilio import signature_valid
+
+    def request(path: str, url: str) -> Request:
+        return Request(path, Headers([("Host", "internal:8080"), ("X-Twilio-Signature", signature("t0k3n", url))]))
+
+    exact = TwilioOptions("t0k3n", "wss://voice.example.com/twilio?line=2")
+    assert signature_valid(exact, request("/twilio?line=2", "wss://voice.example.com/twilio?line=2"))
+    base = TwilioOptions("t0k3n", "wss://voice.example.com/twilio/")
+    assert signature_valid(base, request("/twilio/?a=1", "wss://voice.example.com/twilio/?a=1"))
+    assert not signature_valid(base, request("/twilio", "wss://internal:8080/twilio"))
