@@ -69,6 +69,7 @@ async def run(settings: Settings) -> None:
             keys=keys,
             open_reflection=settings.open_reflection,
             tls=tls,
+            token_secret=settings.token_secret,
         )
         stt = voice_input.stt.name if voice_input else "none"
         log.info(
@@ -79,7 +80,11 @@ async def run(settings: Settings) -> None:
             "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",
         )
         if keys is not None:
-            log.info("authentication: API keys (%s); health checks open", ", ".join(keys.names) or "none yet")
+            log.info(
+                "authentication: API keys (%s)%s; health checks open",
+                ", ".join(keys.names) or "none yet",
+                ", and client tokens" if settings.token_secret else "",
+            )
         elif settings.allow_unauthenticated:
             log.warning(
                 "authentication: NONE, on %s (PARLEY_ALLOW_UNAUTHENTICATED): anyone who reaches it may use it",

@@ -8,6 +8,14 @@ constant time, whatever matched; a key is never logged or echoed (its name is, a
 most once a second, on a call), so keys are added and revoked without a restart; a file that no
 longer parses keeps the keys that were loaded, and says why in the log.
 
+**Client tokens** (:class:`Authenticator`): a caller with an API key mints a short-lived token
+(``CreateClientToken``) for a browser or an app, which then calls ``Converse`` with it in place of a
+key. A token is a JWT signed with HS256 and ``PARLEY_TOKEN_SECRET`` (every replica needs the same
+secret), with an expiry of at most an hour, the minting key's name and a subject (whose sessions
+are theirs), and an optional scope: the voices it may use, the one session it may resume, the
+streams it may hold at once. Verification accepts only HS256 with this secret, requires every claim,
+and rejects an expired token: a forged signature, ``alg: none`` and another secret all fail alike.
+
 ``python -m service.auth`` prints a new random key.
 """
 
@@ -17,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -26,13 +35,36 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 
-__all__ = ["MIN_KEY_CHARS", "UNAUTHENTICATED_MESSAGE", "AuthInterceptor", "KeyRing", "new_key", "principal_of"]
+from service.core.settings import TokenScope
+
+__all__ = [
+    "MAX_TOKEN_TTL_S",
+    "MIN_KEY_CHARS",
+    "MIN_SECRET_CHARS",
+    "UNAUTHENTICATED_MESSAGE",
+    "AuthInterceptor",
+    "Authenticator",
+    "Caller",
+    "KeyRing",
+    "TokenError",
+    "TokenScope",
+    "new_key",
+    "principal_of",
+]
 
 log = logging.getLogger(__name__)
 
 MIN_KEY_CHARS = 24
-UNAUTHENTICATED_MESSAGE = "missing or invalid credentials: send the metadata authorization: Bearer <API key>"
+UNAUTHENTICATED_MESSAGE = (
+    "missing or invalid credentials: send the metadata authorization: Bearer <API key or client token>"
+)
+MIN_SECRET_CHARS = 32
+MAX_TOKEN_TTL_S = 3600
+DEFAULT_TOKEN_TTL_S = 300
+_ISSUER = _AUDIENCE = "parley"
+_SUBJECT = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 _RELOAD_EVERY_S = 1.0
 _HEALTH = "/grpc.health.v1.Health/"
 _REFLECTION = "/grpc.reflection."
@@ -128,22 +160,132 @@ class KeyRing:
 
 
 def principal_of(keys: KeyRing, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-    """Who the call's metadata says it is (``key:<name>``); None when it says nothing valid."""
+    """Who the call's metadata says it is, by API key alone (``key:<name>``); None when it says
+    nothing valid."""
+    credential = _bearer(metadata)
+    key = keys.check(credential) if credential is not None else None
+    return None if key is None else f"key:{key}"
+
+
+class TokenError(ValueError):
+    """A token cannot be minted as asked (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a call comes from."""
+
+    principal: str
+    """``key:<name>``, or ``key:<name>/<subject>`` for a client token."""
+    token: TokenScope | None = None
+    """None: an API key."""
+
+
+class Authenticator:
+    """API keys and the client tokens minted with them."""
+
+    def __init__(self, keys: KeyRing, token_secret: str = "", clock: Callable[[], float] = time.time) -> None:
+        if token_secret and len(token_secret) < MIN_SECRET_CHARS:
+            raise TokenError(f"the token secret must have at least {MIN_SECRET_CHARS} characters")
+        self.keys = keys
+        self._secret = token_secret
+        self._clock = clock
+
+    @property
+    def mints_tokens(self) -> bool:
+        return bool(self._secret)
+
+    def caller(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller | None:
+        """Who the call's ``authorization`` metadata says it is; None when nothing valid is there."""
+        credential = _bearer(metadata)
+        if credential is None:
+            return None
+        if credential.count(".") == 2 and self._secret:  # a JWT: header.payload.signature
+            return self._verify(credential)
+        key = self.keys.check(credential)
+        return None if key is None else Caller(f"key:{key}")
+
+    def mint(
+        self,
+        caller: Caller,
+        *,
+        ttl_s: int = 0,
+        subject: str = "",
+        voices: Sequence[str] = (),
+        session_id: str = "",
+        max_streams: int = 0,
+    ) -> tuple[str, int, str]:
+        """A token for ``caller`` (an API key's): the token, when it expires, its principal."""
+        if caller.token is not None:
+            raise TokenError("a client token cannot mint tokens: call CreateClientToken with an API key")
+        ttl_s = ttl_s or DEFAULT_TOKEN_TTL_S
+        if not 1 <= ttl_s <= MAX_TOKEN_TTL_S:
+            raise TokenError(
+                f"ttl_s {ttl_s} is out of range: use 1 to {MAX_TOKEN_TTL_S}, or 0 for {DEFAULT_TOKEN_TTL_S}"
+            )
+        if subject and not _SUBJECT.fullmatch(subject):
+            raise TokenError("subject must be 1 to 128 letters, digits, '-', '_', '.' or '@'")
+        if max_streams < 0:
+            raise TokenError("max_streams must not be negative")
+        if len(voices) > 64 or any(not v or len(v) > 128 for v in voices) or len(session_id) > 64:
+            raise TokenError("voices must be at most 64 voice ids, and session_id a session id")
+        subject = subject or secrets.token_urlsafe(12)
+        now = int(self._clock())
+        principal = f"{caller.principal}/{subject}"
+        claims = {
+            "iss": _ISSUER,
+            "aud": _AUDIENCE,
+            "sub": principal,
+            "iat": now,
+            "exp": now + ttl_s,
+            "jti": secrets.token_urlsafe(12),
+            "scope": {"voices": list(voices), "session_id": session_id, "max_streams": max_streams},
+        }
+        return jwt.encode(claims, self._secret, algorithm="HS256"), now + ttl_s, principal
+
+    def _verify(self, token: str) -> Caller | None:
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=_AUDIENCE,
+                issuer=_ISSUER,
+                options={"require": ["exp", "iat", "sub", "jti", "iss", "aud"]},
+                leeway=5,
+            )
+            scope = claims.get("scope") or {}
+            principal = str(claims["sub"])
+            if not principal.startswith("key:") or not isinstance(scope, dict):
+                return None
+            return Caller(
+                principal,
+                TokenScope(
+                    str(claims["jti"]),
+                    tuple(str(v) for v in scope.get("voices") or ()),
+                    str(scope.get("session_id") or ""),
+                    int(scope.get("max_streams") or 0),
+                ),
+            )
+        except (jwt.PyJWTError, TypeError, ValueError):
+            return None
+
+
+def _bearer(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     for name, value in metadata or ():
         if name == "authorization" and isinstance(value, str):
             scheme, _, credential = value.partition(" ")
             if scheme.lower() == "bearer" and credential.strip():
-                key = keys.check(credential.strip())
-                return None if key is None else f"key:{key}"
+                return credential.strip()
     return None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid key (UNAUTHENTICATED), except health checks (probes) and, when
-    ``open_reflection``, reflection."""
+    """Refuses calls without a valid key or client token (UNAUTHENTICATED), except health checks
+    (probes) and, when ``open_reflection``, reflection."""
 
-    def __init__(self, keys: KeyRing, *, open_reflection: bool = False) -> None:
-        self._keys = keys
+    def __init__(self, auth: Authenticator, *, open_reflection: bool = False) -> None:
+        self._auth = auth
         self._open_reflection = open_reflection
 
     async def intercept_service(
@@ -155,7 +297,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if method.startswith(_HEALTH) or (self._open_reflection and method.startswith(_REFLECTION)):
             return handler
-        if principal_of(self._keys, details.invocation_metadata) is not None:  # type: ignore[attr-defined]
+        if self._auth.caller(details.invocation_metadata) is not None:  # type: ignore[attr-defined]
             return handler
         log.info("refused %s: missing or invalid credentials", method)
         return _refusal(handler)

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         "the service (and the engines' bills). Off: such a start is refused.",
     )
     open_reflection: bool = Field(False, description="With API keys: let gRPC reflection answer without a key.")
+    token_secret: str = Field(
+        "",
+        description="Signs client tokens (CreateClientToken), at least 32 characters, the same on every replica. "
+        "Empty: no client tokens.",
+    )
     tls_cert_file: Path | None = Field(
         None, description="TLS on the gRPC port: the certificate chain (PEM); with tls_key_file. Reloaded on change."
     )
@@ -225,6 +230,16 @@ class Settings(BaseSettings):
         if "openai" in (self.llm, self.tts) and not self.openai_base_url and env:
             if problem := _http_url_problem(env):
                 raise ValueError(f"OPENAI_BASE_URL (used as PARLEY_OPENAI_BASE_URL is not set) {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _token_secret_is_usable(self) -> Settings:
+        if self.token_secret and len(self.token_secret) < 32:
+            raise ValueError("token_secret (PARLEY_TOKEN_SECRET) must have at least 32 characters")
+        if self.token_secret and self.api_keys_file is None and not self.api_keys:
+            raise ValueError(
+                "token_secret needs API keys to mint tokens with: set PARLEY_API_KEYS_FILE or PARLEY_API_KEYS"
+            )
         return self
 
     @model_validator(mode="after")

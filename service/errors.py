@@ -35,6 +35,10 @@ class InvalidRequest(ParleyError):
     """The client sent something it must fix. The message says what."""
 
 
+class NotAllowed(ParleyError):
+    """The caller's client token does not allow what it asked (a voice, a session)."""
+
+
 class SessionNotFound(ParleyError):
     """``start.session_id`` names no live session."""
 

@@ -232,6 +232,11 @@ def add_voice_service(servicer: Any, server: grpc.aio.Server) -> None:
             request_deserializer=_parse(pb.ListVoicesRequest),
             response_serializer=pb.ListVoicesResponse.SerializeToString,
         ),
+        "CreateClientToken": grpc.unary_unary_rpc_method_handler(
+            _unary(servicer.CreateClientToken, "CreateClientToken"),
+            request_deserializer=_parse(pb.CreateClientTokenRequest),
+            response_serializer=pb.ClientToken.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

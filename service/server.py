@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley.v1 import voice_pb2
-from service.auth import AuthInterceptor, KeyRing
+from service.auth import Authenticator, AuthInterceptor, KeyRing
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.hearing import VoiceInput
 from service.core.settings import SessionDefaults
@@ -67,12 +67,14 @@ async def start_server(
     keys: KeyRing | None = None,
     open_reflection: bool = False,
     tls: ServerCertificates | None = None,
+    token_secret: str = "",
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
     ``voice_input``, sessions take text only. With ``keys``, every call but health checks (and
     reflection, if ``open_reflection``) needs one of them."""
-    interceptors = [AuthInterceptor(keys, open_reflection=open_reflection)] if keys is not None else []
+    auth = Authenticator(keys, token_secret) if keys is not None else None
+    interceptors = [AuthInterceptor(auth, open_reflection=open_reflection)] if auth is not None else []
     server = grpc.aio.server(interceptors=interceptors)
     servicer = VoiceServicer(
         llm,
@@ -81,7 +83,7 @@ async def start_server(
         limits,
         store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S),
         voice_input,
-        keys,
+        auth,
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

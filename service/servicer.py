@@ -21,7 +21,7 @@ import grpc
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from service.auth import KeyRing, principal_of
+from service.auth import Authenticator, TokenError
 from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
@@ -37,6 +37,7 @@ from service.errors import (
     ClientNotReading,
     IdleTimeout,
     InvalidRequest,
+    NotAllowed,
     Overloaded,
     ParleyError,
     SessionLost,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SessionTakenOver: grpc.StatusCode.ABORTED,
     SessionLost: grpc.StatusCode.UNAVAILABLE,
@@ -174,9 +176,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         limits: StreamLimits,
         store: SessionStore,
         voice_input: VoiceInput | None = None,
-        keys: KeyRing | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
-        self._keys = keys
+        self._auth = auth
+        self._token_streams: dict[str, int] = {}
+        """Streams open per client token (by its id), for a token's own stream limit."""
         self._llm = llm
         self._tts = tts
         self._voice_input = voice_input
@@ -212,6 +216,52 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 Overloaded(f"the server is at its limit of {self._limits.max_streams} streams; retry later")
             )
             await context.abort(code, message)
+        caller = self._auth.caller(context.invocation_metadata()) if self._auth else None
+        scope = caller.token if caller else None
+        if scope is not None and scope.max_streams:
+            if self._token_streams.get(scope.token_id, 0) >= scope.max_streams:
+                code, message = status_for(
+                    Overloaded(f"this client token allows {scope.max_streams} streams at once; close one first")
+                )
+                await context.abort(code, message)
+            self._token_streams[scope.token_id] = self._token_streams.get(scope.token_id, 0) + 1
+        try:
+            await self._serve(request_iterator, context)
+        finally:
+            if scope is not None and scope.max_streams:
+                left = self._token_streams.pop(scope.token_id) - 1
+                if left:
+                    self._token_streams[scope.token_id] = left
+
+    async def CreateClientToken(
+        self, request: pb.CreateClientTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClientToken:
+        if self._auth is None or not self._auth.mints_tokens:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server mints no client tokens: it needs API keys and PARLEY_TOKEN_SECRET",
+            )
+        assert self._auth is not None
+        caller = self._auth.caller(context.invocation_metadata())
+        assert caller is not None  # (the interceptor let it through)
+        try:
+            token, expires_at, principal = self._auth.mint(
+                caller,
+                ttl_s=request.ttl_s,
+                subject=request.subject,
+                voices=list(request.voices),
+                session_id=request.session_id,
+                max_streams=request.max_streams,
+            )
+        except TokenError as error:
+            code = grpc.StatusCode.PERMISSION_DENIED if caller.token else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(error))
+        log.info("client token for %s, valid until %d", principal, expires_at)
+        return pb.ClientToken(token=token, expires_at=expires_at, principal=principal)
+
+    async def _serve(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
+    ) -> None:
         self.active_streams += 1
         self._drained.clear()
         try:
@@ -235,11 +285,18 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         """Run one stream; the error it ends with, if any."""
         outbox = Outbox(self._defaults.outbox)
         commands = CommandQueue()
-        principal = ""
-        if self._keys is not None:  # (the interceptor let only callers with a valid key through)
-            principal = principal_of(self._keys, context.invocation_metadata()) or ""
+        caller = None
+        if self._auth is not None:  # (the interceptor let only callers with valid credentials through)
+            caller = self._auth.caller(context.invocation_metadata())
         session = Session(
-            self._llm, self._tts, self._defaults, self._store, outbox, self._voice_input, principal=principal
+            self._llm,
+            self._tts,
+            self._defaults,
+            self._store,
+            outbox,
+            self._voice_input,
+            principal=caller.principal if caller else "",
+            scope=caller.token if caller else None,
         )
         writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id)
         writing = asyncio.create_task(writer.run(), name="converse writer")

@@ -51,6 +51,7 @@ async def start_harness(
     detector: FakeDetector | None = None,
     keys: KeyRing | None = None,
     open_reflection: bool = False,
+    token_secret: str = "",
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
@@ -66,6 +67,7 @@ async def start_harness(
         voice_input=voice_input,
         keys=keys,
         open_reflection=open_reflection,
+        token_secret=token_secret,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

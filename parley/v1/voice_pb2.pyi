@@ -44,6 +44,30 @@ TURN_END_REASON_COMPLETED: TurnEndReason
 TURN_END_REASON_INTERRUPTED: TurnEndReason
 TURN_END_REASON_FAILED: TurnEndReason
 
+class CreateClientTokenRequest(_message.Message):
+    __slots__ = ("ttl_s", "subject", "voices", "session_id", "max_streams")
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    ttl_s: int
+    subject: str
+    voices: _containers.RepeatedScalarFieldContainer[str]
+    session_id: str
+    max_streams: int
+    def __init__(self, ttl_s: _Optional[int] = ..., subject: _Optional[str] = ..., voices: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., max_streams: _Optional[int] = ...) -> None: ...
+
+class ClientToken(_message.Message):
+    __slots__ = ("token", "expires_at", "principal")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: int
+    principal: str
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ..., principal: _Optional[str] = ...) -> None: ...
+
 class ConverseRequest(_message.Message):
     __slots__ = ("start", "user_text", "speak_text", "interrupt", "user_audio", "commit_audio", "clear_audio")
     START_FIELD_NUMBER: _ClassVar[int]

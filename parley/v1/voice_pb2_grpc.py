@@ -45,6 +45,11 @@ class VoiceServiceStub:
                 request_serializer=parley_dot_v1_dot_voice__pb2.ListVoicesRequest.SerializeToString,
                 response_deserializer=parley_dot_v1_dot_voice__pb2.ListVoicesResponse.FromString,
                 _registered_method=True)
+        self.CreateClientToken = channel.unary_unary(
+                '/parley.v1.VoiceService/CreateClientToken',
+                request_serializer=parley_dot_v1_dot_voice__pb2.CreateClientTokenRequest.SerializeToString,
+                response_deserializer=parley_dot_v1_dot_voice__pb2.ClientToken.FromString,
+                _registered_method=True)
 
 
 class VoiceServiceServicer:
@@ -60,7 +65,9 @@ class VoiceServiceServicer:
         NOT_FOUND when `start.session_id` names no live session, ABORTED when another stream resumed
         this stream's session, RESOURCE_EXHAUSTED when the server holds its maximum number of streams,
         DEADLINE_EXCEEDED when the stream sat idle (no client message, no turn) for too long,
-        UNAVAILABLE while the server shuts down or when its session store cannot be reached.
+        UNAVAILABLE while the server shuts down or when its session store cannot be reached,
+        UNAUTHENTICATED when the server has API keys and the call carries no valid key or client token,
+        PERMISSION_DENIED when a client token does not allow what `start` asks (a voice, a session).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +75,16 @@ class VoiceServiceServicer:
 
     def ListVoices(self, request, context):
         """The voices the active TTS engine offers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateClientToken(self, request, context):
+        """A short-lived token for a browser or an app, to call Converse in place of an API key (send it as
+        `authorization: Bearer <token>`). Callable only with an API key, on a server that has keys and a
+        token secret (FAILED_PRECONDITION otherwise). The token may only do what `CreateClientTokenRequest`
+        allows; sessions it creates belong to the key's name and the token's `subject`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +102,11 @@ def add_VoiceServiceServicer_to_server(servicer, server):
                     servicer.ListVoices,
                     request_deserializer=parley_dot_v1_dot_voice__pb2.ListVoicesRequest.FromString,
                     response_serializer=parley_dot_v1_dot_voice__pb2.ListVoicesResponse.SerializeToString,
+            ),
+            'CreateClientToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateClientToken,
+                    request_deserializer=parley_dot_v1_dot_voice__pb2.CreateClientTokenRequest.FromString,
+                    response_serializer=parley_dot_v1_dot_voice__pb2.ClientToken.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +164,33 @@ class VoiceService:
             '/parley.v1.VoiceService/ListVoices',
             parley_dot_v1_dot_voice__pb2.ListVoicesRequest.SerializeToString,
             parley_dot_v1_dot_voice__pb2.ListVoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateClientToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.v1.VoiceService/CreateClientToken',
+            parley_dot_v1_dot_voice__pb2.CreateClientTokenRequest.SerializeToString,
+            parley_dot_v1_dot_voice__pb2.ClientToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,7 @@ from service.core.settings import (
     SessionDefaults,
     SessionSettings,
     StartRequest,
+    TokenScope,
     check_length,
     check_start,
     new_session_id,
@@ -83,7 +84,15 @@ from service.core.settings import (
 )
 from service.core.store import Claim, SessionStore, StoredSession
 from service.core.turn import Turn, TurnOutcome, TurnRecord, TurnState, llm_deltas, queued_deltas
-from service.errors import EngineError, IdleTimeout, InvalidRequest, SessionLost, SessionNotFound, SessionTakenOver
+from service.errors import (
+    EngineError,
+    IdleTimeout,
+    InvalidRequest,
+    NotAllowed,
+    SessionLost,
+    SessionNotFound,
+    SessionTakenOver,
+)
 
 __all__ = ["REMEMBERED_TURN_IDS", "Ending", "Session", "SessionState"]
 
@@ -124,8 +133,11 @@ class Session:
         voice_input: VoiceInput | None = None,
         *,
         principal: str = "",
+        scope: TokenScope | None = None,
     ) -> None:
         self._principal = principal
+        self._scope = scope
+        """A client token's limits (None: an API key, or no credentials)."""
         """Who opened the stream (``key:<name>``; empty without credentials): the sessions it creates
         are theirs, and it may resume only theirs."""
         self._llm = llm
@@ -262,6 +274,7 @@ class Session:
             raise InvalidRequest("`start` was already sent; send it only once, as the first message")
         voices = self._tts.voices()
         check_start(request, self._defaults, voices)
+        self._check_scope(request)
         listen: InputAudioRequest | None = None
         if request.input_audio is not None:
             if self._voice_input is None:
@@ -277,6 +290,11 @@ class Session:
                 )
             stored, self._claim = resumed
         settings = resolve_settings(request, stored, self._defaults, voices, self._tts.default_voice)
+        if self._scope is not None and self._scope.voices and settings.voice not in self._scope.voices:
+            raise NotAllowed(  # (the claim taken is let go as the stream ends)
+                f"this client token does not allow the voice {settings.voice!r} (the session's, or the default); "
+                f"ask for one it allows in start.voice: {', '.join(self._scope.voices)}"
+            )
         if stored is None:
             stored = StoredSession(new_session_id(), *settings.stored_fields(), principal=self._principal)
             self._claim = await self._store.create(stored)
@@ -654,6 +672,18 @@ class Session:
             await self._store.release(self._claim)
 
     # -- checks ------------------------------------------------------------------------------------
+
+    def _check_scope(self, request: StartRequest) -> None:
+        """What a client token allows: its voices, its one session."""
+        scope = self._scope
+        if scope is None:
+            return
+        if scope.session_id and request.session_id != scope.session_id:
+            raise NotAllowed("this client token may only resume its own session: send it as start.session_id")
+        if scope.voices and request.voice and request.voice not in scope.voices:
+            raise NotAllowed(
+                f"this client token does not allow the voice {request.voice!r}; it allows {', '.join(scope.voices)}"
+            )
 
     def _require_started(self, what: str) -> None:
         if self.state is SessionState.NEW:

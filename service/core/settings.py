@@ -29,6 +29,7 @@ __all__ = [
     "SessionDefaults",
     "SessionSettings",
     "StartRequest",
+    "TokenScope",
     "check_length",
     "check_start",
     "new_session_id",
@@ -56,6 +57,16 @@ class SessionDefaults:
     history: HistoryLimits = field(default_factory=HistoryLimits)
     listen: ListenPolicy = field(default_factory=ListenPolicy)
     """Voice input's turn detection, for a client that sets none."""
+
+
+@dataclass(frozen=True)
+class TokenScope:
+    """What a client token allows (see :mod:`service.auth`)."""
+
+    token_id: str
+    voices: tuple[str, ...] = ()
+    session_id: str = ""
+    max_streams: int = 0
 
 
 @dataclass(frozen=True)

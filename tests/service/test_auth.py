@@ -164,3 +164,97 @@ def test_no_open_service_by_accident(monkeypatch: pytest.MonkeyPatch) -> None:
     Settings(_cli_parse_args=False, host="0.0.0.0", api_keys=f"alice:{ALICE}")  # type: ignore[call-arg]
     Settings(_cli_parse_args=False, host="0.0.0.0", allow_unauthenticated=True)  # type: ignore[call-arg]
     Settings(_cli_parse_args=False, host="::1")  # type: ignore[call-arg]
+
+
+SECRET = "s3cret-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.fixture
+async def minting() -> Harness:
+    h = await start_harness(keys=KeyRing(None, f"alice:{ALICE}"), token_secret=SECRET)
+    yield h  # type: ignore[misc]
+    await stop_harness(h)
+
+
+async def mint(h: Harness, **scope: object) -> pb.ClientToken:
+    return await h.stub.CreateClientToken(pb.CreateClientTokenRequest(**scope), metadata=bearer(ALICE))  # type: ignore[arg-type]
+
+
+async def test_a_client_token_works_in_place_of_a_key_and_its_sessions_are_its_subjects(minting: Harness) -> None:
+    token = await mint(minting, subject="user-1", ttl_s=60)
+    assert token.principal == "key:alice/user-1" and token.token.count(".") == 2
+    made = await one_turn(minting, bearer(token.token))
+    assert made[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    session_id = made[0].session_started.session_id
+    same_user = await mint(minting, subject="user-1")
+    assert (await one_turn(minting, bearer(same_user.token), session_id))[-1].turn_ended.reason
+    for other in (bearer((await mint(minting, subject="user-2")).token), bearer(ALICE)):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await one_turn(minting, other, session_id)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND  # another subject, or the key itself
+
+
+async def test_expired_forged_and_unsigned_tokens_are_refused(minting: Harness) -> None:
+    import time
+
+    import jwt
+
+    now = int(time.time())
+    claims = {"iss": "parley", "aud": "parley", "sub": "key:alice/u", "jti": "j1", "iat": now - 600}
+    bad = [
+        jwt.encode({**claims, "exp": now - 60}, SECRET, algorithm="HS256"),  # expired
+        jwt.encode({**claims, "exp": now + 600}, "another-secret-0123456789abcdefghijk", algorithm="HS256"),  # forged
+        jwt.encode({**claims, "exp": now + 600}, None, algorithm="none"),  # alg: none
+        jwt.encode({**claims, "exp": now + 600, "sub": "root"}, SECRET, algorithm="HS256"),  # not a key's subject
+    ]
+    good = (await mint(minting)).token
+    head, payload, signature_ = good.split(".")
+    bad.append(f"{head}.{payload[:-2]}AA.{signature_}")  # payload changed, signature kept
+    for token in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await one_turn(minting, bearer(token))
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, token
+        assert raised.value.details() == UNAUTHENTICATED_MESSAGE
+
+
+async def test_a_token_scope_limits_session_voice_and_streams(minting: Harness) -> None:
+    made = await one_turn(minting, bearer(ALICE))
+    session_id = made[0].session_started.session_id
+    for_session = (await mint(minting, session_id=session_id)).token
+    for denied_id in ("", "another-session-0123456789"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await one_turn(minting, bearer(for_session), denied_id)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    voices = (await mint(minting, voices=["fake-voice-2"])).token
+    call = minting.stub.Converse(metadata=bearer(voices))
+    await call.write(start(voice="fake-voice"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED and "fake-voice-2" in (raised.value.details() or "")
+    one_stream = (await mint(minting, max_streams=1)).token
+    first = minting.stub.Converse(metadata=bearer(one_stream))
+    await first.write(start())
+    await first.read()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await one_turn(minting, bearer(one_stream))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    first.cancel()
+    await asyncio.sleep(0.2)
+    assert (await one_turn(minting, bearer(one_stream)))[-1].turn_ended.reason  # its slot is free again
+
+
+async def test_only_a_key_mints_and_only_within_bounds(minting: Harness, keyed: Harness) -> None:
+    token = (await mint(minting)).token
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await minting.stub.CreateClientToken(pb.CreateClientTokenRequest(), metadata=bearer(token))
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for bad in ({"ttl_s": 7200}, {"subject": "no spaces allowed"}, {"max_streams": -1}):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await mint(minting, **bad)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await keyed.stub.CreateClientToken(pb.CreateClientTokenRequest(), metadata=bearer(ALICE))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await minting.stub.CreateClientToken(pb.CreateClientTokenRequest())
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
