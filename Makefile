@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 run: setup
 	@$(PY) scripts/run.py
 
-# Debian packages the tests drive: Chromium (Playwright cannot download browsers here) and Redis.
-TEST_PACKAGES := chromium redis-server
+# Debian packages the tests drive: Chromium (Playwright cannot download browsers here), Redis, and
+# openssl (the TLS tests make a CA with it).
+TEST_PACKAGES := chromium redis-server openssl
 system-deps:
 	@missing=""; for p in $(TEST_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
