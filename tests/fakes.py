@@ -142,8 +142,8 @@ class SlowStore(MemoryStore):
         self._owners[session.session_id] = claim
         return claim
 
-    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
-        resumed = await super().resume(session_id)
+    async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
+        resumed = await super().resume(session_id, principal)
         if resumed is not None:
             self._owners[session_id] = resumed[1]
         return resumed

@@ -17,15 +17,17 @@ import ipaddress
 import json
 import logging
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import grpc
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
@@ -54,6 +56,8 @@ CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 1000,
     grpc.StatusCode.INVALID_ARGUMENT: 1008,
     grpc.StatusCode.NOT_FOUND: 1008,
+    grpc.StatusCode.UNAUTHENTICATED: 1008,
+    grpc.StatusCode.PERMISSION_DENIED: 1008,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
     grpc.StatusCode.UNAVAILABLE: 1013,
     grpc.StatusCode.DEADLINE_EXCEEDED: 1001,
@@ -103,6 +107,7 @@ class Bridge:
             self.options.host,
             self.options.port,
             process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
             compression=None,  # audio does not compress; JSON frames are small
             max_size=self.options.max_frame_bytes,
             ping_interval=self.options.ping_interval_s,
@@ -124,7 +129,7 @@ class Bridge:
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return await self._http(path)
+            return await self._http(path, request.headers.get("Authorization", ""))
         if path == TWILIO_PATH:  # Twilio sends no Origin; its signature says it is Twilio
             if not signature_valid(self.options.twilio, request):
                 log.warning("refused a /twilio socket without a valid X-Twilio-Signature")
@@ -134,6 +139,13 @@ class Bridge:
             return None
         if path != WS_PATH:
             return _text(http.HTTPStatus.NOT_FOUND, f"the WebSocket endpoints are {WS_PATH} and {TWILIO_PATH}")
+        if _credential_in_query(request.path):
+            log.warning("refused a socket with credentials in its URL")
+            return _text(
+                http.HTTPStatus.BAD_REQUEST,
+                "credentials in a URL end up in access logs: send the token as the subprotocol bearer.<token> "
+                'or in a first frame {"auth": {"token": "..."}}, never in the query string',
+            )
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
             log.info("refused a socket from origin %s", origin)
@@ -152,11 +164,11 @@ class Bridge:
         # a page whose DNS name was rebound to this address sends its own name in both headers.
         return bool(host) and parts.netloc == host and _is_ip_address(urlsplit(f"//{host}").hostname)
 
-    async def _http(self, path: str) -> Response:
+    async def _http(self, path: str, authorization: str = "") -> Response:
         if path == "/healthz":
             return _text(http.HTTPStatus.OK, "ok")
         if path == "/voices":
-            return await self._voices()
+            return await self._voices(authorization)
         name = "index.html" if path == "/" else path.removeprefix("/")
         file = STATIC / name
         if "/" in name or not file.is_file():
@@ -166,10 +178,17 @@ class Bridge:
             content_type += "; charset=utf-8"
         return _response(http.HTTPStatus.OK, content_type, file.read_bytes(), cache="no-cache")
 
-    async def _voices(self) -> Response:
+    async def _voices(self, authorization: str) -> Response:
+        """The service's voices; an ``Authorization: Bearer`` header is passed on (with API keys on)."""
+        metadata = (("authorization", authorization),) if authorization else None
         try:
-            voices = await self._stub.ListVoices(pb.ListVoicesRequest(), timeout=_CONNECT_WAIT_S, wait_for_ready=True)
+            voices = await self._stub.ListVoices(
+                pb.ListVoicesRequest(), timeout=_CONNECT_WAIT_S, wait_for_ready=True, metadata=metadata
+            )
         except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                body = error_frame(error.code().name, error.details() or "")
+                return _response(http.HTTPStatus.UNAUTHORIZED, "application/json", body.encode())
             # Not reached within the wait (DEADLINE_EXCEEDED) is the service being unavailable too.
             code = "UNAVAILABLE" if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else error.code().name
             body = error_frame(code, f"the voice service is unavailable: {error.details()}")
@@ -198,7 +217,35 @@ class Bridge:
                 await websocket.send(error_frame("UNAVAILABLE", message))
             await _close(websocket, 1013, message)
             return
-        call = self._stub.Converse()
+        token = _subprotocol_token(websocket)
+        first: str | bytes | None = None
+        if token is None:  # the token may come in a first frame {"auth": {"token": "..."}}
+            try:
+                first = await asyncio.wait_for(websocket.recv(), _FIRST_FRAME_S)
+            except TimeoutError:
+                await _close(websocket, 1008, "no message: send start (or auth, then start) first")
+                return
+            except ConnectionClosed:
+                return
+            token, first = _auth_frame(first)
+            if token == "":
+                with contextlib.suppress(ConnectionClosed):
+                    await websocket.send(error_frame("INVALID_ARGUMENT", "auth.token must be a non-empty string"))
+                await _close(websocket, 1008, "auth.token must be a non-empty string")
+                return
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        call = self._stub.Converse(metadata=metadata)
+        if first is not None:
+            try:
+                request = _request_of(first)
+            except BadFrame as error:
+                with contextlib.suppress(ConnectionClosed):
+                    await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
+                await _close(websocket, 1008, str(error))
+                call.cancel()
+                return
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(request)
         to_service = asyncio.create_task(self._client_to_service(websocket, call))
         to_client = asyncio.create_task(self._service_to_client(websocket, call))
         try:
@@ -217,12 +264,7 @@ class Bridge:
         with contextlib.suppress(ConnectionClosed):
             async for message in websocket:
                 try:
-                    # A binary frame is the user's voice (user_audio); JSON text frames are the rest.
-                    request = (
-                        pb.ConverseRequest(user_audio=pb.UserAudio(data=message))
-                        if isinstance(message, bytes)
-                        else request_from_text(message)
-                    )
+                    request = _request_of(message)
                 except BadFrame as error:
                     with contextlib.suppress(ConnectionClosed):
                         await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
@@ -252,6 +294,57 @@ class Bridge:
         except ConnectionClosed:
             return
         await _close(websocket, 1000, "the conversation ended")
+
+
+_FIRST_FRAME_S = 30.0
+_CREDENTIAL_NAMES = frozenset({"token", "access_token", "key", "api_key", "apikey", "authorization", "auth"})
+SUBPROTOCOL = "parley"
+_BEARER_PREFIX = "bearer."
+
+
+def _request_of(message: str | bytes) -> pb.ConverseRequest:
+    """A binary frame is the user's voice (user_audio); JSON text frames are the rest. Raises BadFrame."""
+    if isinstance(message, bytes):
+        return pb.ConverseRequest(user_audio=pb.UserAudio(data=message))
+    return request_from_text(message)
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """``parley`` when offered (a token rides beside it as ``bearer.<token>``); no subprotocol else."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+def _subprotocol_token(websocket: ServerConnection) -> str | None:
+    """The token offered as the subprotocol ``bearer.<token>`` (browsers cannot set headers)."""
+    request = websocket.request
+    if request is None:
+        return None
+    for value in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for offered in value.split(","):
+            offered = offered.strip()
+            if offered.startswith(_BEARER_PREFIX) and len(offered) > len(_BEARER_PREFIX):
+                return offered[len(_BEARER_PREFIX) :]
+    return None
+
+
+def _auth_frame(frame: str | bytes) -> tuple[str | None, str | bytes | None]:
+    """A first frame ``{"auth": {"token": "..."}}``: its token (``""`` when malformed) and no frame
+    left to forward; any other frame: no token, and the frame itself."""
+    if isinstance(frame, bytes) or '"auth"' not in frame[:64]:
+        return None, frame
+    try:
+        message = json.loads(frame)
+    except json.JSONDecodeError:
+        return None, frame
+    if not isinstance(message, dict) or set(message) != {"auth"}:
+        return None, frame
+    token = message["auth"].get("token") if isinstance(message["auth"], dict) else None
+    return (token if isinstance(token, str) and token else ""), None
+
+
+def _credential_in_query(path: str) -> bool:
+    query = urlsplit(path).query
+    return any(name.lower() in _CREDENTIAL_NAMES for name, _ in parse_qsl(query, keep_blank_values=True))
 
 
 def _is_ip_address(name: str | None) -> bool:

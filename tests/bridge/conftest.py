@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from service.auth import KeyRing
 from service.core.hearing import VoiceInput
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
@@ -96,8 +97,8 @@ class RecordingStore(MemoryStore):
         self.created.append(session.session_id)
         return await super().create(session)
 
-    async def resume(self, session_id: str) -> tuple[StoredSession, Claim] | None:
-        resumed = await super().resume(session_id)
+    async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
+        resumed = await super().resume(session_id, principal)
         self.resumed.append((session_id, resumed is not None))
         return resumed
 
@@ -117,6 +118,8 @@ class Site:
     bridge_port: int = field(default_factory=free_port)
     service: RunningServer | None = None
     bridge: Bridge | None = None
+    keys: KeyRing | None = None
+    token_secret: str = ""
 
     @property
     def url(self) -> str:
@@ -133,6 +136,8 @@ class Site:
             limits=StreamLimits(),
             store=self.store,
             voice_input=VoiceInput(FakeDetector(), FakeSTT()) if self.voice else None,
+            keys=self.keys,
+            token_secret=self.token_secret,
         )
 
     async def stop_service(self, grace_s: float = 1.0) -> None:
@@ -161,8 +166,16 @@ class Site:
 async def make_site() -> AsyncIterator[Callable[..., Awaitable[Site]]]:
     sites: list[Site] = []
 
-    async def make(llm: FakeLLM, tts: FakeTTS, *, service: bool = True, voice: bool = True) -> Site:
-        site = Site(llm, tts, voice=voice)
+    async def make(
+        llm: FakeLLM,
+        tts: FakeTTS,
+        *,
+        service: bool = True,
+        voice: bool = True,
+        keys: KeyRing | None = None,
+        token_secret: str = "",
+    ) -> Site:
+        site = Site(llm, tts, voice=voice, keys=keys, token_secret=token_secret)
         sites.append(site)
         if service:
             await site.start_service()

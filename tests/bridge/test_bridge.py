@@ -305,3 +305,68 @@ async def test_bridge_process_from_the_environment(harness: Harness) -> None:
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, rest.decode()
+
+
+ALICE_KEY = "alice-0123456789abcdefghijklmn"
+SECRET = "s3cret-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[Stack]:
+    from service.auth import KeyRing
+
+    harness = await start_harness(keys=KeyRing(None, f"alice:{ALICE_KEY}"), token_secret=SECRET)
+    s = await start_stack(harness)
+    yield s
+    await s.bridge.aclose()
+    await stop_harness(harness)
+
+
+async def client_token(stack: Stack) -> str:
+    from parley.v1 import voice_pb2 as pb
+
+    minted = await stack.harness.stub.CreateClientToken(
+        pb.CreateClientTokenRequest(subject="page-user"), metadata=[("authorization", f"Bearer {ALICE_KEY}")]
+    )
+    return minted.token
+
+
+async def test_a_token_as_subprotocol_or_first_frame_reaches_the_service(guarded: Stack) -> None:
+    token = await client_token(guarded)
+    async with connect(guarded.url, subprotocols=["parley", f"bearer.{token}"]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "parley"
+        await ws.send(json.dumps({"start": {}}))
+        assert "sessionStarted" in json.loads(await ws.recv())
+    async with connect(guarded.url) as ws:
+        await ws.send(json.dumps({"auth": {"token": token}}))
+        await ws.send(json.dumps({"start": {}}))
+        assert "sessionStarted" in json.loads(await ws.recv())
+
+
+async def test_without_a_token_the_socket_says_why_and_closes(guarded: Stack) -> None:
+    async with connect(guarded.url) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        frame = json.loads(await ws.recv())
+        assert frame["error"]["code"] == "UNAUTHENTICATED"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+@pytest.mark.parametrize("query", ["token=abc", "access_token=abc", "key=abc"])
+async def test_credentials_in_the_query_string_are_refused(guarded: Stack, query: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{guarded.url}?{query}"):
+            pass
+    assert refused.value.response.status_code == 400
+    assert b"never in the query string" in refused.value.response.body
+
+
+async def test_voices_pass_the_page_token_on(guarded: Stack) -> None:
+    token = await client_token(guarded)
+    request = urllib.request.Request(f"{guarded.http}/voices", headers={"Authorization": f"Bearer {token}"})
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).read())
+    assert json.loads(body)["defaultVoice"] == "fake-voice"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        await asyncio.to_thread(lambda: urllib.request.urlopen(f"{guarded.http}/voices", timeout=5))
+    assert refused.value.code == 401

@@ -363,3 +363,38 @@ async def test_a_new_voice_goes_on_with_the_same_conversation(make_site: MakeSit
     assert ("user", "My name is Ada.") in messages
     await page.reload()
     await page.wait_for_function("document.querySelector('#voice').value === 'fake-voice-2'")
+
+
+async def test_the_page_works_with_auth_on_when_given_a_token(
+    make_site: MakeSite, new_page: Callable[..., Awaitable[Any]]
+) -> None:
+    """With API keys on, the page opened with #token=… (what a backend hands out) lists the voices and
+    converses; without a token it says plainly that it needs one; the token leaves the address bar."""
+    from parley.v1 import voice_pb2 as pb
+    from parley.v1 import voice_pb2_grpc
+    from service.auth import KeyRing
+
+    key, secret = "site-0123456789abcdefghijklmnop", "s3cret-0123456789abcdefghijklmnopqrstuv"
+    site = await make_site(
+        FakeLLM(reply="Hello from behind the keys."), FakeTTS(), keys=KeyRing(None, f"site:{key}"), token_secret=secret
+    )
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{site.service_port}") as channel:
+        minted = await voice_pb2_grpc.VoiceServiceStub(channel).CreateClientToken(
+            pb.CreateClientTokenRequest(subject="visitor-1", ttl_s=600), metadata=[("authorization", f"Bearer {key}")]
+        )
+    page = await new_page()
+    await page.goto(site.url)
+    await ask(page, "Hello?")
+    await page.wait_for_function("document.querySelector('#status').textContent.includes('needs an access token')")
+    assert "Not sent: this page has no valid access token." in await page.inner_text("#log")
+    await screenshots(page, "token-missing")
+    page = await new_page()  # what the visitor gets from the site: the page with a token
+    await page.goto(f"{site.url}#token={minted.token}")
+    assert "token" not in page.url
+    await page.wait_for_function("!document.querySelector('#voice').disabled")
+    await ask(page, "Hello?")
+    await wait_done(page, 1)
+    assert "Hello from behind the keys." in await page.inner_text("#log")
+    await screenshots(page, "token")

@@ -29,7 +29,16 @@ const saved = {
   },
 };
 
+// An access token given in the URL's fragment (#token=…; a fragment never reaches a server or its
+// logs) is kept for this tab and taken out of the address bar.
+const fragmentToken = new URLSearchParams(location.hash.slice(1)).get("token");
+if (fragmentToken) {
+  saved.set("token", fragmentToken);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 const state = {
+  token: saved.get("token", ""),
   ws: null,
   open: false,          // session_started arrived on state.ws: turns can be sent
   sessionId: saved.get("session", ""),
@@ -112,7 +121,8 @@ async function loadVoices() {
   clearTimeout(state.voicesTimer);
   const select = $("#voice");
   try {
-    const response = await fetch("/voices", { cache: "no-store" });
+    const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+    const response = await fetch("/voices", { cache: "no-store", headers });
     const body = await response.json();
     if (!response.ok) throw new Error(body.error?.message || response.statusText);
     state.voices = body.voices;
@@ -146,7 +156,9 @@ function connect() {
   if (state.ws) return;
   const url = new URL("/ws", location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(url);
+  // A token (with API keys on) rides as a subprotocol beside "parley": browsers cannot set headers,
+  // and a URL's query string ends up in access logs.
+  const ws = state.token ? new WebSocket(url, ["parley", `bearer.${state.token}`]) : new WebSocket(url);
   ws.binaryType = "arraybuffer";
   const info = { resuming: state.sessionId, error: null, started: false, closing: "" };
   ws.parley = info;
@@ -270,6 +282,17 @@ function closed(event, info) {
     });
     return;
   }
+  if (code === "UNAUTHENTICATED" || code === "PERMISSION_DENIED") {
+    state.wanted = false;
+    micOff();
+    markUnsent("Not sent: this page has no valid access token.");
+    showStatus(state.token
+      ? "The voice service did not accept this page's access token (it may have expired). Reload the page from the site that gave it."
+      : "The voice service needs an access token: open this page with #token=… from the site that gives them.", {
+      detail, topic: "connection",
+    });
+    return;
+  }
   if (code === "INVALID_ARGUMENT") {
     state.wanted = false;
     micOff();
@@ -363,10 +386,11 @@ function flushQueue() {
   updateButtons();
 }
 
-function markUnsent() {
+function markUnsent(why) {
   for (const turn of state.queue) {
     turn.notSent = true;
     render(turn);
+    if (why && turn.dom?.unsentText) turn.dom.unsentText.textContent = why;
   }
   saveLog();
 }
@@ -489,7 +513,8 @@ function build(turn) {
   }
   dom.unsent = element("div", "unsent-note");
   dom.unsent.hidden = true;
-  dom.unsent.append(element("span", "", "Not sent yet: Parley is unreachable. It will be sent when the connection is back."));
+  dom.unsentText = element("span", "", "Not sent yet: Parley is unreachable. It will be sent when the connection is back.");
+  dom.unsent.append(dom.unsentText);
   const sendNow = element("button", "link", "Send now");
   sendNow.type = "button";
   sendNow.onclick = retryNow;
