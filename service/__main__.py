@@ -14,6 +14,7 @@ from service.config import Settings
 from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
+from service.core.quotas import QuotaLimits
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.core.turn import TurnOptions
@@ -70,6 +71,9 @@ async def run(settings: Settings) -> None:
             open_reflection=settings.open_reflection,
             tls=tls,
             token_secret=settings.token_secret,
+            quotas=QuotaLimits(
+                settings.quota_streams, settings.quota_turns_per_minute, settings.quota_chars_per_minute
+            ),
         )
         stt = voice_input.stt.name if voice_input else "none"
         log.info(

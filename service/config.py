@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         description="Signs client tokens (CreateClientToken), at least 32 characters, the same on every replica. "
         "Empty: no client tokens.",
     )
+    quota_streams: int = Field(
+        0, ge=0, description="Streams open at once per API key (or client token subject). 0: none."
+    )
+    quota_turns_per_minute: int = Field(0, ge=0, description="Turns begun per minute per key or subject. 0: none.")
+    quota_chars_per_minute: int = Field(
+        0, ge=0, description="Characters synthesized per minute per key or subject. 0: none."
+    )
     tls_cert_file: Path | None = Field(
         None, description="TLS on the gRPC port: the certificate chain (PEM); with tls_key_file. Reloaded on change."
     )

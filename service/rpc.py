@@ -41,14 +41,20 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["VoiceService"].full_name
 
 
-async def end_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, grace_s: float) -> NoReturn:
+async def end_call(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    grace_s: float,
+    trailing: tuple[tuple[str, str], ...] = (),
+) -> NoReturn:
     """End the handler's call with ``code`` and ``details``; if the client has not received them within
     ``grace_s`` (it reads nothing), cancel the call instead. Call it from the handler's own task once
     the stream's work has stopped and no ``write`` is running, and let what it raises propagate:
     grpc.aio's ``AbortError`` once the status is out, or ``CancelledError`` for a cancelled call."""
     try:
         async with asyncio.timeout(grace_s):
-            await context.abort(code, details)  # returns only by raising AbortError, once the status is out
+            await context.abort(code, details, trailing)  # returns only by raising AbortError, once the status is out
     except (TimeoutError, grpc.aio.InternalError):  # not out in time; refused; or the client went away
         pass
     _cancel_call()

@@ -15,6 +15,7 @@ from parley.v1 import voice_pb2
 from service.auth import Authenticator, AuthInterceptor, KeyRing
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.hearing import VoiceInput
+from service.core.quotas import QuotaLimits, Quotas
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
 from service.rpc import add_voice_service
@@ -68,6 +69,7 @@ async def start_server(
     open_reflection: bool = False,
     tls: ServerCertificates | None = None,
     token_secret: str = "",
+    quotas: QuotaLimits | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
@@ -84,6 +86,7 @@ async def start_server(
         store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S),
         voice_input,
         auth,
+        Quotas(quotas) if quotas is not None and quotas.any else None,
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

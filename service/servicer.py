@@ -29,6 +29,7 @@ from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import TurnEnded
 from service.core.hearing import VoiceInput
 from service.core.outbox import Outbox
+from service.core.quotas import QuotaExceeded, Quotas
 from service.core.session import Ending, Session
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
@@ -84,6 +85,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, str(error)
     log.error("stream failed", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _retry_after(error: QuotaExceeded) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that says when to try again."""
+    return (("retry-after-s", str(error.retry_after_s)),)
 
 
 def _log_turn(session_id: str, ended: TurnEnded) -> None:
@@ -177,8 +183,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         store: SessionStore,
         voice_input: VoiceInput | None = None,
         auth: Authenticator | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._auth = auth
+        self._quotas = quotas
         self._token_streams: dict[str, int] = {}
         """Streams open per client token (by its id), for a token's own stream limit."""
         self._llm = llm
@@ -218,6 +226,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             await context.abort(code, message)
         caller = self._auth.caller(context.invocation_metadata()) if self._auth else None
         scope = caller.token if caller else None
+        principal = caller.principal if caller else ""
+        if self._quotas is not None:
+            try:
+                self._quotas.open_stream(principal)
+            except QuotaExceeded as error:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), _retry_after(error))
         if scope is not None and scope.max_streams:
             if self._token_streams.get(scope.token_id, 0) >= scope.max_streams:
                 code, message = status_for(
@@ -228,6 +242,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         try:
             await self._serve(request_iterator, context)
         finally:
+            if self._quotas is not None:
+                self._quotas.close_stream(principal)
             if scope is not None and scope.max_streams:
                 left = self._token_streams.pop(scope.token_id) - 1
                 if left:
@@ -273,7 +289,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             if failure is not None:
                 code, message = status_for(failure)
                 # A client that reads nothing never gets the status: the call is then cancelled.
-                await end_call(context, code, message, self._limits.send_timeout_s)
+                trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
+                await end_call(context, code, message, self._limits.send_timeout_s, trailing)
         finally:  # (the stream is counted until its call has ended)
             self.active_streams -= 1
             if self.active_streams == 0:
@@ -297,6 +314,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             self._voice_input,
             principal=caller.principal if caller else "",
             scope=caller.token if caller else None,
+            quotas=self._quotas,
         )
         writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id)
         writing = asyncio.create_task(writer.run(), name="converse writer")

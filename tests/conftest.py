@@ -18,6 +18,7 @@ from parley.v1 import voice_pb2_grpc
 from service.auth import KeyRing
 from service.core.hearing import VoiceInput
 from service.core.outbox import OutboxLimits
+from service.core.quotas import QuotaLimits
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.server import RunningServer, start_server
@@ -52,6 +53,7 @@ async def start_harness(
     keys: KeyRing | None = None,
     open_reflection: bool = False,
     token_secret: str = "",
+    quotas: QuotaLimits | None = None,
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
@@ -68,6 +70,7 @@ async def start_harness(
         keys=keys,
         open_reflection=open_reflection,
         token_secret=token_secret,
+        quotas=quotas,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

@@ -288,7 +288,7 @@ class Bridge:
             if code == grpc.StatusCode.UNAVAILABLE:
                 details = f"the voice service is unavailable: {details}"
             with contextlib.suppress(ConnectionClosed):
-                await websocket.send(error_frame(code.name, details))
+                await websocket.send(error_frame(code.name, details, _retry_after(error)))
             await _close(websocket, CLOSE_CODE_FOR.get(code, 1011), f"{code.name}: {details}")
             return
         except ConnectionClosed:
@@ -345,6 +345,15 @@ def _auth_frame(frame: str | bytes) -> tuple[str | None, str | bytes | None]:
 def _credential_in_query(path: str) -> bool:
     query = urlsplit(path).query
     return any(name.lower() in _CREDENTIAL_NAMES for name, _ in parse_qsl(query, keep_blank_values=True))
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> int | None:
+    """The service's ``retry-after-s`` trailing metadata (a quota), if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-s":
+            with contextlib.suppress(ValueError):
+                return max(int(value), 0)
+    return None
 
 
 def _is_ip_address(name: str | None) -> bool:

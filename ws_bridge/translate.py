@@ -55,6 +55,9 @@ def frame_from_response(response: pb.ConverseResponse) -> str | bytes:
     return json.dumps(to_json(response), separators=(",", ":"))
 
 
-def error_frame(code: str, message: str) -> str:
-    """The bridge's own error frame."""
-    return json.dumps({"error": {"code": code, "message": message}})
+def error_frame(code: str, message: str, retry_after_s: int | None = None) -> str:
+    """The bridge's own error frame (with ``retryAfterS`` when the service said when to try again)."""
+    error: dict[str, object] = {"code": code, "message": message}
+    if retry_after_s is not None:
+        error["retryAfterS"] = retry_after_s
+    return json.dumps({"error": error})

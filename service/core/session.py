@@ -70,6 +70,7 @@ from service.core.events import (
 from service.core.hearing import Ears, VoiceInput
 from service.core.history import Conversation, heard_text
 from service.core.outbox import Outbox
+from service.core.quotas import QuotaExceeded, Quotas
 from service.core.saver import HistorySaver
 from service.core.settings import (
     InputAudioRequest,
@@ -134,9 +135,11 @@ class Session:
         *,
         principal: str = "",
         scope: TokenScope | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._principal = principal
         self._scope = scope
+        self._quotas = quotas
         """A client token's limits (None: an API key, or no credentials)."""
         """Who opened the stream (``key:<name>``; empty without credentials): the sessions it creates
         are theirs, and it may resume only theirs."""
@@ -421,6 +424,11 @@ class Session:
             return
         settings = self._settings
         assert settings is not None
+        if self._quotas is not None:
+            try:
+                self._quotas.admit_turn(self._principal, count=False)
+            except QuotaExceeded:
+                return  # (the final transcript says so, ending the stream)
         text = text[: self._defaults.max_text_chars]
         request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
         turn = self._begin("", llm_deltas(self._llm, request), user_text=text, tentative=True)
@@ -438,6 +446,8 @@ class Session:
         self._outbox.put_control(Transcript(turn.turn_id, turn.user_text, True))
         turn.stats.spoken = spoken
         turn.confirm()
+        if self._quotas is not None:
+            self._quotas.count_turn(self._principal)
         self._outbox.release(turn.outlet)
         if turn.finished is not None:
             assert self._commands is not None
@@ -500,6 +510,8 @@ class Session:
     ) -> TurnRecord:
         settings = self._settings
         assert settings is not None
+        if self._quotas is not None and not tentative:
+            self._quotas.admit_turn(self._principal)  # raises QuotaExceeded: the stream ends, resumable later
         turn_id = self._new_turn_id(turn_id)
         stats = TurnStats()
         outlet = self._outbox.open_turn(turn_id, held=tentative)
@@ -579,6 +591,8 @@ class Session:
         else:
             in_history = self._conversation.add_spoken(spoken, interrupted=interrupted)
         turn.end(TurnOutcome(reason, spoken, in_history))
+        if self._quotas is not None:
+            self._quotas.synthesized(self._principal, sum(s.end - s.start for s in turn.pipeline.segments))
         self._current, self._heard = None, turn
         self._last_activity = time.monotonic()
         return TurnEnd(turn.turn_id, reason, spoken, turn.stats.snapshot(), error), self._save()

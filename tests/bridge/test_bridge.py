@@ -370,3 +370,26 @@ async def test_voices_pass_the_page_token_on(guarded: Stack) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         await asyncio.to_thread(lambda: urllib.request.urlopen(f"{guarded.http}/voices", timeout=5))
     assert refused.value.code == 401
+
+
+async def test_a_quota_reaches_the_page_with_when_to_retry() -> None:
+    from service.core.quotas import QuotaLimits
+
+    harness = await start_harness(quotas=QuotaLimits(turns_per_minute=1))
+    stack = await start_stack(harness)
+    try:
+        async with connect(stack.url) as ws:
+            await ws.send(json.dumps({"start": {}}))
+            await ws.recv()
+            for text in ("One?", "Two?"):
+                await ws.send(json.dumps({"userText": {"text": text}}))
+            frames = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frames.append(await ws.recv())
+        error = next(m["error"] for m in (json.loads(f) for f in frames if isinstance(f, str)) if "error" in m)
+        assert error["code"] == "RESOURCE_EXHAUSTED" and 1 <= error["retryAfterS"] <= 60
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)

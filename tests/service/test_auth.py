@@ -258,3 +258,68 @@ async def test_only_a_key_mints_and_only_within_bounds(minting: Harness, keyed: 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await minting.stub.CreateClientToken(pb.CreateClientTokenRequest())
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def quota_harness(**limits: int) -> Harness:
+    from service.core.quotas import QuotaLimits
+
+    return await start_harness(keys=KeyRing(None, f"alice:{ALICE},bob:{BOB}"), quotas=QuotaLimits(**limits))
+
+
+def retry_after(error: grpc.aio.AioRpcError) -> int:
+    return int(dict(error.trailing_metadata() or ())["retry-after-s"])
+
+
+async def test_a_stream_quota_per_key(minting: Harness) -> None:
+    h = await quota_harness(streams=2)
+    try:
+        held = [h.stub.Converse(metadata=bearer(ALICE)) for _ in range(2)]
+        for call in held:
+            await call.write(start())
+            await call.read()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await one_turn(h, bearer(ALICE))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(raised.value) >= 1
+        assert "streams are already open" in (raised.value.details() or "")
+        assert (await one_turn(h, bearer(BOB)))[-1].turn_ended.reason  # another key has its own quota
+        held[0].cancel()
+        await asyncio.sleep(0.2)
+        assert (await one_turn(h, bearer(ALICE)))[-1].turn_ended.reason  # room again
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_turn_quota_ends_the_stream_with_a_retry_hint() -> None:
+    h = await quota_harness(turns_per_minute=2)
+    try:
+        call = h.stub.Converse(metadata=bearer(ALICE))
+        await call.write(start())
+        session_id = (await call.read()).session_started.session_id
+        for text in ("One?", "Two?", "Three?"):
+            await call.write(user(text))
+        responses = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "reached their quota of 2 turns a minute" in (raised.value.details() or "")
+        assert 1 <= retry_after(raised.value) <= 60
+        assert [r.turn_ended.turn_id for r in responses if r.WhichOneof("kind") == "turn_ended"] == ["turn-1", "turn-2"]
+        assert (await one_turn(h, bearer(BOB)))[-1].turn_ended.reason  # not Bob's quota
+        with pytest.raises(grpc.aio.AioRpcError):
+            await one_turn(h, bearer(ALICE), session_id)  # Alice waits (her session stays)
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_character_quota() -> None:
+    h = await quota_harness(chars_per_minute=50)
+    try:
+        await one_turn(h, bearer(ALICE))  # the fake reply is longer than 50 characters
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await one_turn(h, bearer(ALICE))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "reached their quota of 50 characters synthesized a minute" in (raised.value.details() or "")
+        assert 50 <= retry_after(raised.value) <= 60
+    finally:
+        await stop_harness(h)

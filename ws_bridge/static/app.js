@@ -307,12 +307,15 @@ function closed(event, info) {
   else if (!code) what = "The connection to Parley was lost.";
   else if (code === "UNAVAILABLE" && /shutting down/.test(error.message)) what = "The voice service is restarting.";
   else if (code === "UNAVAILABLE") what = "The voice service is not responding.";
+  else if (code === "RESOURCE_EXHAUSTED" && error.retryAfterS) what = "You have reached this page's usage limit for now.";
   else if (code === "RESOURCE_EXHAUSTED") what = "The voice service is busy.";
   else what = "The voice service ran into a problem.";
   if (state.sessionId && (info.started || state.lost)) what += " Your conversation will go on when it is back.";
   state.lost = { what, detail };
   markUnsent();
-  const delay = RETRY_MS[Math.min(state.attempt, RETRY_MS.length - 1)];
+  const delay = code === "RESOURCE_EXHAUSTED" && error.retryAfterS
+    ? error.retryAfterS * 1000 // (the service says when there is room again)
+    : RETRY_MS[Math.min(state.attempt, RETRY_MS.length - 1)];
   state.attempt += 1;
   state.retryTimer = setTimeout(connect, delay);
   showStatus(`${what} ${delay < 2000 ? "Reconnecting…" : `Trying again in ${seconds(delay).replace(".0", "")}…`}`, {
