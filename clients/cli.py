@@ -386,7 +386,7 @@ async def run(args: argparse.Namespace) -> int:
         except MicError as error:
             status(f"error: {error}")
             return 1
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    async with open_channel(args) as channel:
         conversation = Conversation(voice_pb2_grpc.VoiceServiceStub(channel), start, args)
         receiver = asyncio.create_task(conversation.receive())
         try:
@@ -403,6 +403,13 @@ async def run(args: argparse.Namespace) -> int:
     return 1 if conversation.failed else 0
 
 
+def open_channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """A channel to the service: TLS with --tls or --ca-file (the system's CAs, or that file's)."""
+    if not (args.tls or args.ca_file):
+        return grpc.aio.insecure_channel(args.server)
+    return grpc.aio.secure_channel(args.server, grpc.ssl_channel_credentials(args.ca))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="parley", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -415,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="service address (env PARLEY_SERVER; default localhost:50051)",
     )
     parser.add_argument("--session", default="", help="resume this session (the id a previous run printed)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--ca-file", metavar="PEM", help="connect with TLS, trusting the CA certificates in PEM")
     parser.add_argument(
         "--token",
         default=os.environ.get("PARLEY_TOKEN", ""),
@@ -460,6 +469,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--session {args.session!r} is not a session id: give the id a previous run printed "
             "([session ID: ...]), or run without --session to start a new conversation"
         )
+    args.ca = None
+    if args.ca_file:
+        try:
+            args.ca = Path(args.ca_file).read_bytes()
+        except OSError as error:
+            parser.error(f"--ca-file {args.ca_file}: {error.strerror}")
     args.interactive = args.question is None and args.speak is None and args.audio is None and not args.mic
     return args
 

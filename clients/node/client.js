@@ -7,7 +7,7 @@
 //
 // Copied elsewhere (with package.json, then `npm ci`), it needs the contract: --protos names the
 // folder that holds parley/v1/voice.proto, or the .proto file itself.
-import { existsSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -27,6 +27,8 @@ options:
                       mp3, mulaw or alaw (the turn's bytes written as they came)
   --voice ID          voice (default: the service's)
   --token KEY         an API key of the service, sent as authorization: Bearer (env PARLEY_TOKEN)
+  --tls               connect with TLS, trusting the system's CAs
+  --ca-file PEM       connect with TLS, trusting the CA certificates in PEM
   --speak             read QUESTION aloud instead of asking the LLM
   --protos PATH       the folder holding ${PROTO_FILE}, or that file itself
                       (default: this repository's protos/, ../../protos from client.js)
@@ -46,6 +48,8 @@ try {
       out: { type: "string" },
       encoding: { type: "string", default: "pcm16" },
       token: { type: "string", default: process.env.PARLEY_TOKEN || "" },
+      tls: { type: "boolean", default: false },
+      "ca-file": { type: "string" },
       rate: { type: "string", default: "0" },
       voice: { type: "string", default: "" },
       speak: { type: "boolean", default: false },
@@ -103,7 +107,19 @@ const definition = loadContract(values.protos);
 const { parley } = grpc.loadPackageDefinition(definition);
 let client;
 try {
-  client = new parley.v1.VoiceService(values.server, grpc.credentials.createInsecure());
+  let credentials = grpc.credentials.createInsecure();
+  if (values.tls || values["ca-file"]) {
+    let ca = null;
+    if (values["ca-file"]) {
+      try {
+        ca = readFileSync(values["ca-file"]);
+      } catch (error) {
+        usageError(`--ca-file ${values["ca-file"]}: ${error.message}`);
+      }
+    }
+    credentials = grpc.credentials.createSsl(ca);
+  }
+  client = new parley.v1.VoiceService(values.server, credentials);
 } catch (error) {
   usageError(`--server ${JSON.stringify(values.server)} is not an address: ${error.message}`);
 }
