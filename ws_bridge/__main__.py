@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
+from pathlib import Path
 
-import grpc
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from ws_bridge.config import BridgeSettings, describe_errors
-from ws_bridge.server import CHANNEL_OPTIONS, Bridge, BridgeOptions
+from ws_bridge.server import Bridge, BridgeOptions
 from ws_bridge.twilio import TwilioOptions
 
 log = logging.getLogger("ws_bridge")
@@ -33,12 +34,16 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         ping_interval_s=settings.ping_interval_s,
         ping_timeout_s=settings.ping_interval_s,
         twilio=TwilioOptions(settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting),
+        grpc_tls=settings.grpc_tls,
+        grpc_ca=Path(settings.grpc_ca_file).read_bytes() if settings.grpc_ca_file else None,
+        tls_cert_file=Path(settings.tls_cert_file) if settings.tls_cert_file else None,
+        tls_key_file=Path(settings.tls_key_file) if settings.tls_key_file else None,
     )
 
 
 async def run(options: BridgeOptions) -> None:
     bridge = await Bridge(options).start()
-    page = f"http://localhost:{bridge.port}/"
+    page = f"{'https' if options.tls_cert_file else 'http'}://localhost:{bridge.port}/"
     log.info("bridge listening on %s:%d for the service at %s", options.host, bridge.port, options.grpc_target)
     if not options.twilio.auth_token:
         log.info("phone calls on /twilio are not checked (no PARLEY_TWILIO_AUTH_TOKEN): for development only")
@@ -46,23 +51,22 @@ async def run(options: BridgeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    asyncio.create_task(_announce_when_ready(options.grpc_target, page))
+    asyncio.create_task(_announce_when_ready(bridge, options.grpc_target, page))
     await stop.wait()
     log.info("shutting down the bridge (%d socket(s) open)", bridge.sockets)
     await bridge.aclose()
 
 
-async def _announce_when_ready(target: str, page: str) -> None:
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        warned = False
-        while True:
-            try:
-                await asyncio.wait_for(channel.channel_ready(), timeout=5)
-                break
-            except TimeoutError:
-                if not warned:
-                    log.warning("the service at %s is not answering yet; the page will say so until it does", target)
-                    warned = True
+async def _announce_when_ready(bridge: Bridge, target: str, page: str) -> None:
+    warned = False
+    while True:
+        try:
+            await asyncio.wait_for(bridge.channel.channel_ready(), timeout=5)
+            break
+        except TimeoutError:
+            if not warned:
+                log.warning("the service at %s is not answering yet; the page will say so until it does", target)
+                warned = True
     log.info("ready: open %s", page)
 
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run(bridge_options(settings)))
-    except OSError as error:
+    except (OSError, ssl.SSLError, ValueError) as error:
         log.error("cannot start the bridge: %s", error)
         return 1
     return 0

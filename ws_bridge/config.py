@@ -80,6 +80,16 @@ class BridgeSettings(BaseSettings):
     twilio_greeting: str = _setting(
         "", "PARLEY_TWILIO_GREETING", "Said when a call starts (a call's greeting parameter overrides it)."
     )
+    tls_cert_file: str = _setting(
+        "",
+        "PARLEY_BRIDGE_TLS_CERT_FILE",
+        "Serve https and wss with this certificate chain (PEM), read again when it changes; with tls-key-file.",
+    )
+    tls_key_file: str = _setting("", "PARLEY_BRIDGE_TLS_KEY_FILE", "The bridge certificate's private key (PEM).")
+    grpc_tls: bool = _setting(False, "PARLEY_GRPC_TLS", "Reach the service with TLS (trusting the system's CAs).")
+    grpc_ca_file: str = _setting(
+        "", "PARLEY_GRPC_CA_FILE", "Reach the service with TLS, trusting the CA certificates in this PEM file."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )

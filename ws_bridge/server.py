@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,13 @@ class BridgeOptions:
     ping_timeout_s: float = default("ping_interval_s")
     twilio: TwilioOptions = TwilioOptions()
     """Phone calls on ``/twilio``."""
+    grpc_tls: bool = False
+    """Reach the service with TLS (trusting ``grpc_ca``, or the system's CAs)."""
+    grpc_ca: bytes | None = None
+    tls_cert_file: Path | None = None
+    """Serve https and wss with this certificate chain (PEM) and ``tls_key_file``; read again when
+    either file changes (the next connection uses the new one)."""
+    tls_key_file: Path | None = None
 
 
 @dataclass
@@ -92,6 +100,13 @@ class Bridge:
     _server: Server | None = None
     _channel: grpc.aio.Channel | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    _tls: _ServerTLS | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the service (once started)."""
+        assert self._channel is not None
+        return self._channel
 
     @property
     def port(self) -> int:
@@ -100,7 +115,14 @@ class Bridge:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def start(self) -> Bridge:
-        self._channel = grpc.aio.insecure_channel(self.options.grpc_target, options=CHANNEL_OPTIONS)
+        if self.options.grpc_tls or self.options.grpc_ca:
+            credentials = grpc.ssl_channel_credentials(self.options.grpc_ca)
+            self._channel = grpc.aio.secure_channel(self.options.grpc_target, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.options.grpc_target, options=CHANNEL_OPTIONS)
+        self._tls = (
+            _ServerTLS(self.options.tls_cert_file, self.options.tls_key_file) if self.options.tls_cert_file else None
+        )
         self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
         self._server = await serve(
             self._handle,
@@ -113,6 +135,7 @@ class Bridge:
             ping_interval=self.options.ping_interval_s,
             ping_timeout=self.options.ping_timeout_s,
             server_header="parley-bridge",
+            ssl=self._tls.context if self._tls else None,
         )
         return self
 
@@ -127,6 +150,8 @@ class Bridge:
     # -- HTTP --------------------------------------------------------------------------------------
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self._tls is not None:
+            self._tls.reload_if_changed()  # (for the next connection: this one's handshake is done)
         path = urlsplit(request.path).path
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return await self._http(path, request.headers.get("Authorization", ""))
@@ -300,6 +325,40 @@ _FIRST_FRAME_S = 30.0
 _CREDENTIAL_NAMES = frozenset({"token", "access_token", "key", "api_key", "apikey", "authorization", "auth"})
 SUBPROTOCOL = "parley"
 _BEARER_PREFIX = "bearer."
+
+
+class _ServerTLS:
+    """The bridge's certificate, read again when its files change."""
+
+    def __init__(self, cert_file: Path, key_file: Path | None) -> None:
+        if key_file is None:
+            raise ValueError("the bridge's TLS needs a key file too")
+        self._files = (cert_file, key_file)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert_file, key_file)  # raises at start-up: said plainly by __main__
+        self._stamps = self._stamp()
+
+    def _stamp(self) -> tuple[int, ...]:
+        stamps: list[int] = []
+        for path in self._files:
+            try:
+                stat = path.stat()
+                stamps += [stat.st_mtime_ns, stat.st_size]
+            except OSError:
+                stamps += [-1, -1]
+        return tuple(stamps)
+
+    def reload_if_changed(self) -> None:
+        stamps = self._stamp()
+        if stamps == self._stamps:
+            return
+        self._stamps = stamps
+        try:
+            self.context.load_cert_chain(*self._files)
+        except (OSError, ssl.SSLError) as error:
+            log.error("the bridge's TLS certificate was not reloaded (%s); the one in use stays", error)
+            return
+        log.info("the bridge's TLS certificate was reloaded from %s", self._files[0])
 
 
 def _request_of(message: str | bytes) -> pb.ConverseRequest:

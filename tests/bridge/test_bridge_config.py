@@ -44,6 +44,10 @@ DOCUMENTED = [
         "wss://voice.example.com/twilio",
     ),
     ("PARLEY_TWILIO_GREETING", "--twilio-greeting", "Hello there.", "twilio_greeting", "Hello there."),
+    ("PARLEY_BRIDGE_TLS_CERT_FILE", "--tls-cert-file", "cert.pem", "tls_cert_file", "cert.pem"),
+    ("PARLEY_BRIDGE_TLS_KEY_FILE", "--tls-key-file", "key.pem", "tls_key_file", "key.pem"),
+    ("PARLEY_GRPC_TLS", "--grpc-tls", "true", "grpc_tls", True),
+    ("PARLEY_GRPC_CA_FILE", "--grpc-ca-file", "ca.pem", "grpc_ca_file", "ca.pem"),
     ("PARLEY_LOG_LEVEL", "--log-level", "DEBUG", "log_level", "DEBUG"),
 ]
 
@@ -178,6 +182,8 @@ async def test_help_names_every_flag_its_variable_and_default() -> None:
 def _readme_default(default: object) -> str:
     if default == "":
         return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
     return f"{default:g}" if isinstance(default, float | int) else str(default)
 
 
