@@ -92,11 +92,12 @@ def _retry_after(error: QuotaExceeded) -> tuple[tuple[str, str], ...]:
     return (("retry-after-s", str(error.retry_after_s)),)
 
 
-def _log_turn(session_id: str, ended: TurnEnded) -> None:
+def _log_turn(session: str, ended: TurnEnded) -> None:
+    """``session``: the session's id, shortened, and whose it is (a key's name; never the key)."""
     timings = ended.timings
     log.info(
         "session %s turn %s %s: first token %d ms, first audio %d ms, total %d ms, %.1f s of audio%s",
-        session_id[:8],
+        session,
         ended.turn_id,
         ended.reason.value,
         timings.first_llm_token_ms,
@@ -316,7 +317,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             scope=caller.token if caller else None,
             quotas=self._quotas,
         )
-        writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id)
+        owner = f" ({session_principal})" if (session_principal := caller.principal if caller else "") else ""
+        writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id[:8] + owner)
         writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None
         ending = Ending.HALF_CLOSED

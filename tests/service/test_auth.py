@@ -323,3 +323,9 @@ async def test_a_character_quota() -> None:
         assert 50 <= retry_after(raised.value) <= 60
     finally:
         await stop_harness(h)
+
+
+async def test_the_key_name_is_logged_and_never_the_key(keyed: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    await one_turn(keyed, bearer(ALICE))
+    assert "(key:alice)" in caplog.text and ALICE not in caplog.text
