@@ -365,10 +365,16 @@ async def test_credentials_in_the_query_string_are_refused(guarded: Stack, query
 async def test_voices_pass_the_page_token_on(guarded: Stack) -> None:
     token = await client_token(guarded)
     request = urllib.request.Request(f"{guarded.http}/voices", headers={"Authorization": f"Bearer {token}"})
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).read())
+
+    def fetch(what: urllib.request.Request | str) -> bytes:
+        with urllib.request.urlopen(what, timeout=5) as response:
+            return bytes(response.read())
+
+    body = await asyncio.to_thread(fetch, request)
     assert json.loads(body)["defaultVoice"] == "fake-voice"
     with pytest.raises(urllib.error.HTTPError) as refused:
-        await asyncio.to_thread(lambda: urllib.request.urlopen(f"{guarded.http}/voices", timeout=5))
+        await asyncio.to_thread(fetch, f"{guarded.http}/voices")
+    refused.value.close()
     assert refused.value.code == 401
 
 
