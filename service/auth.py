@@ -21,6 +21,7 @@ and rejects an expired token: a forged signature, ``alg: none`` and another secr
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -40,6 +41,7 @@ import jwt
 from service.core.settings import TokenScope
 
 __all__ = [
+    "CALLER",
     "MAX_TOKEN_TTL_S",
     "MIN_KEY_CHARS",
     "MIN_SECRET_CHARS",
@@ -65,9 +67,11 @@ MAX_TOKEN_TTL_S = 3600
 DEFAULT_TOKEN_TTL_S = 300
 _ISSUER = _AUDIENCE = "parley"
 _SUBJECT = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _RELOAD_EVERY_S = 1.0
 _HEALTH = "/grpc.health.v1.Health/"
 _REFLECTION = "/grpc.reflection."
+_VOICE = "/parley.v1.VoiceService/"
 
 
 class KeyError_(ValueError):
@@ -89,6 +93,8 @@ def parse_keys(text: str, where: str) -> list[_Key]:
             continue
         name, _, key = line.rpartition(":")
         name, key = name.strip(), key.strip()
+        if name and not _KEY_NAME.fullmatch(name):
+            raise KeyError_(f"{where}, entry {number}: a key's name is 1 to 64 letters, digits, '-', '_', '.' or '@'")
         if len(key) < MIN_KEY_CHARS:
             raise KeyError_(
                 f"{where}, entry {number}: a key must have at least {MIN_KEY_CHARS} characters "
@@ -102,6 +108,12 @@ def parse_keys(text: str, where: str) -> list[_Key]:
     return keys
 
 
+def _check_unique(inline: list[_Key], from_file: list[_Key]) -> None:
+    names = [k.name for k in (*inline, *from_file)]
+    if len(set(names)) != len(names):
+        raise KeyError_("PARLEY_API_KEYS and the keys file name the same key twice")
+
+
 class KeyRing:
     """The configured keys; :meth:`check` says whose a presented key is."""
 
@@ -110,10 +122,11 @@ class KeyRing:
         self._inline = parse_keys(inline, "PARLEY_API_KEYS") if inline else []
         self._clock = clock
         self._from_file: list[_Key] = []
-        self._mtime: float | None = None
+        self._mtime: tuple[int, int, int] | None = None
         self._checked_at = float("-inf")
         if path is not None:
             self._from_file = self._read(path)
+            _check_unique(self._inline, self._from_file)
 
     @property
     def enabled(self) -> bool:
@@ -122,6 +135,11 @@ class KeyRing:
     @property
     def names(self) -> list[str]:
         return [k.name for k in (*self._inline, *self._from_file)]
+
+    def has(self, name: str) -> bool:
+        """Whether a key of that name is configured (now: the file is looked at first)."""
+        self._reload_if_changed()
+        return name in self.names
 
     def check(self, presented: str) -> str | None:
         """The name of the key ``presented`` is, or None. Compares with every key, in constant time."""
@@ -138,14 +156,17 @@ class KeyRing:
             return
         self._checked_at = self._clock()
         try:
-            mtime = self._path.stat().st_mtime_ns
+            stat = self._path.stat()
+            mtime = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except OSError as error:
             log.error("API keys file %s cannot be read (%s); keeping the keys loaded", self._path, error.strerror)
             return
         if mtime == self._mtime:
             return
         try:
-            self._from_file = self._read(self._path)
+            keys = self._read(self._path)
+            _check_unique(self._inline, keys)
+            self._from_file = keys
         except (KeyError_, OSError) as error:
             log.error("API keys file not reloaded (%s); keeping the keys loaded before", error)
             return
@@ -153,7 +174,8 @@ class KeyRing:
 
     def _read(self, path: Path) -> list[_Key]:
         try:
-            self._mtime = path.stat().st_mtime_ns
+            stat = path.stat()
+            self._mtime = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
             return parse_keys(path.read_text(encoding="utf-8"), str(path))
         except OSError as error:
             raise KeyError_(f"cannot read the API keys file {path}: {error.strerror}") from error
@@ -180,6 +202,16 @@ class Caller:
     token: TokenScope | None = None
     """None: an API key."""
 
+    @property
+    def key_principal(self) -> str:
+        """The API key's own principal (a token's minting key): whose quotas it counts against."""
+        return self.principal.split("/", 1)[0]
+
+
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("parley_caller", default=None)
+"""Who the current call comes from, set by :class:`AuthInterceptor` for the call's handler (the
+credentials are checked once per call: a token expiring or a key revoked mid-call changes nothing)."""
+
 
 class Authenticator:
     """API keys and the client tokens minted with them."""
@@ -201,7 +233,9 @@ class Authenticator:
         if credential is None:
             return None
         if credential.count(".") == 2 and self._secret:  # a JWT: header.payload.signature
-            return self._verify(credential)
+            caller = self._verify(credential)
+            if caller is not None:
+                return caller  # (else perhaps a key with two dots)
         key = self.keys.check(credential)
         return None if key is None else Caller(f"key:{key}")
 
@@ -256,8 +290,11 @@ class Authenticator:
             )
             scope = claims.get("scope") or {}
             principal = str(claims["sub"])
-            if not principal.startswith("key:") or not isinstance(scope, dict):
+            key, slash, subject = principal.removeprefix("key:").partition("/")
+            if not principal.startswith("key:") or not slash or not _SUBJECT.fullmatch(subject):
                 return None
+            if not self.keys.has(key) or not isinstance(scope, dict):
+                return None  # the key that minted it was revoked: so are its tokens
             return Caller(
                 principal,
                 TokenScope(
@@ -297,10 +334,31 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if method.startswith(_HEALTH) or (self._open_reflection and method.startswith(_REFLECTION)):
             return handler
-        if self._auth.caller(details.invocation_metadata) is not None:  # type: ignore[attr-defined]
-            return handler
-        log.info("refused %s: missing or invalid credentials", method)
-        return _refusal(handler)
+        caller = self._auth.caller(details.invocation_metadata)  # type: ignore[attr-defined]
+        if caller is None:
+            log.info("refused %s: missing or invalid credentials", method)
+            return _refusal(handler)
+        return _with_caller(handler, caller) if method.startswith(_VOICE) else handler
+
+
+def _with_caller(handler: grpc.RpcMethodHandler | None, caller: Caller) -> grpc.RpcMethodHandler | None:
+    """``handler`` run with :data:`CALLER` set (the voice service's handlers are coroutines)."""
+    if handler is None:
+        return None
+    if handler.stream_stream is not None:
+        behavior, kind = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.unary_unary is not None:
+        behavior, kind = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    else:
+        return handler
+
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        CALLER.set(caller)  # (the call's own task: its context only)
+        return await behavior(request, context)
+
+    return kind(  # type: ignore[operator]
+        run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:

@@ -21,7 +21,7 @@ import grpc
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from service.auth import Authenticator, TokenError
+from service.auth import CALLER, UNAUTHENTICATED_MESSAGE, Authenticator, Caller, TokenError
 from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
@@ -225,26 +225,30 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 Overloaded(f"the server is at its limit of {self._limits.max_streams} streams; retry later")
             )
             await context.abort(code, message)
-        caller = self._auth.caller(context.invocation_metadata()) if self._auth else None
+        caller = CALLER.get()
+        if self._auth is not None and caller is None:  # (never: the interceptor lets only callers through)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         scope = caller.token if caller else None
-        principal = caller.principal if caller else ""
-        if self._quotas is not None:
-            try:
-                self._quotas.open_stream(principal)
-            except QuotaExceeded as error:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), _retry_after(error))
         if scope is not None and scope.max_streams:
             if self._token_streams.get(scope.token_id, 0) >= scope.max_streams:
                 code, message = status_for(
                     Overloaded(f"this client token allows {scope.max_streams} streams at once; close one first")
                 )
                 await context.abort(code, message)
+        # Quotas count per API key: the tokens a key mints share its quota.
+        quota_principal = caller.key_principal if caller else ""
+        if self._quotas is not None:
+            try:
+                self._quotas.open_stream(quota_principal)
+            except QuotaExceeded as error:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), _retry_after(error))
+        if scope is not None and scope.max_streams:
             self._token_streams[scope.token_id] = self._token_streams.get(scope.token_id, 0) + 1
         try:
-            await self._serve(request_iterator, context)
+            await self._serve(request_iterator, context, caller)
         finally:
             if self._quotas is not None:
-                self._quotas.close_stream(principal)
+                self._quotas.close_stream(quota_principal)
             if scope is not None and scope.max_streams:
                 left = self._token_streams.pop(scope.token_id) - 1
                 if left:
@@ -259,8 +263,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 "this server mints no client tokens: it needs API keys and PARLEY_TOKEN_SECRET",
             )
         assert self._auth is not None
-        caller = self._auth.caller(context.invocation_metadata())
-        assert caller is not None  # (the interceptor let it through)
+        caller = CALLER.get()
+        if caller is None:  # (never: the interceptor lets only callers through)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        assert caller is not None
         try:
             token, expires_at, principal = self._auth.mint(
                 caller,
@@ -277,13 +283,16 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         return pb.ClientToken(token=token, expires_at=expires_at, principal=principal)
 
     async def _serve(
-        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ConverseRequest],
+        context: grpc.aio.ServicerContext,
+        caller: Caller | None,
     ) -> None:
         self.active_streams += 1
         self._drained.clear()
         try:
             try:
-                failure = await self._converse(request_iterator, context)
+                failure = await self._converse(request_iterator, context, caller)
             except asyncio.CancelledError:  # the client hung up
                 collect_garbage_soon()
                 raise
@@ -298,14 +307,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 self._drained.set()
 
     async def _converse(
-        self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext, caller: Caller | None
     ) -> BaseException | None:
         """Run one stream; the error it ends with, if any."""
         outbox = Outbox(self._defaults.outbox)
         commands = CommandQueue()
-        caller = None
-        if self._auth is not None:  # (the interceptor let only callers with valid credentials through)
-            caller = self._auth.caller(context.invocation_metadata())
         session = Session(
             self._llm,
             self._tts,
@@ -316,6 +322,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             principal=caller.principal if caller else "",
             scope=caller.token if caller else None,
             quotas=self._quotas,
+            quota_principal=caller.key_principal if caller else "",
         )
         owner = f" ({session_principal})" if (session_principal := caller.principal if caller else "") else ""
         writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id[:8] + owner)

@@ -35,6 +35,7 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         ping_timeout_s=settings.ping_interval_s,
         twilio=TwilioOptions(settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting),
         grpc_tls=settings.grpc_tls,
+        api_key=settings.api_key,
         grpc_ca=Path(settings.grpc_ca_file).read_bytes() if settings.grpc_ca_file else None,
         tls_cert_file=Path(settings.tls_cert_file) if settings.tls_cert_file else None,
         tls_key_file=Path(settings.tls_key_file) if settings.tls_key_file else None,
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m ws_bridge: invalid setting:\n{describe_errors(error)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs handshake headers at DEBUG, and a client token rides in one: never below INFO.
+    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
     try:
         asyncio.run(run(bridge_options(settings)))
     except (OSError, ssl.SSLError, ValueError) as error:

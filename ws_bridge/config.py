@@ -80,6 +80,11 @@ class BridgeSettings(BaseSettings):
     twilio_greeting: str = _setting(
         "", "PARLEY_TWILIO_GREETING", "Said when a call starts (a call's greeting parameter overrides it)."
     )
+    api_key: str = _setting(
+        "",
+        "PARLEY_BRIDGE_API_KEY",
+        "An API key of the service, for phone calls on /twilio (Twilio's own calls carry none).",
+    )
     tls_cert_file: str = _setting(
         "",
         "PARLEY_BRIDGE_TLS_CERT_FILE",

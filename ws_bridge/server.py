@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class BridgeOptions:
     """Serve https and wss with this certificate chain (PEM) and ``tls_key_file``; read again when
     either file changes (the next connection uses the new one)."""
     tls_key_file: Path | None = None
+    api_key: str = ""
+    """An API key of the service, for what the bridge itself calls with: phone calls on ``/twilio``."""
 
 
 @dataclass
@@ -226,7 +229,7 @@ class Bridge:
         self.sockets += 1
         try:
             if urlsplit(websocket.request.path).path == TWILIO_PATH if websocket.request else False:
-                await TwilioCall(websocket, self._stub, self.options.twilio).run()
+                await TwilioCall(websocket, self._stub, self.options.twilio, api_key=self.options.api_key).run()
             else:
                 await self._converse(websocket)
         finally:
@@ -253,10 +256,12 @@ class Bridge:
             except ConnectionClosed:
                 return
             token, first = _auth_frame(first)
+            if token is not None and not _TOKEN.fullmatch(token):
+                token = ""
             if token == "":
                 with contextlib.suppress(ConnectionClosed):
-                    await websocket.send(error_frame("INVALID_ARGUMENT", "auth.token must be a non-empty string"))
-                await _close(websocket, 1008, "auth.token must be a non-empty string")
+                    await websocket.send(error_frame("UNAUTHENTICATED", "auth.token must be a token (printable ASCII)"))
+                await _close(websocket, 1008, "auth.token must be a token (printable ASCII)")
                 return
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         call = self._stub.Converse(metadata=metadata)
@@ -322,6 +327,7 @@ class Bridge:
 
 
 _FIRST_FRAME_S = 30.0
+_TOKEN = re.compile(r"[!-~]{1,8192}")  # printable ASCII: what gRPC metadata can carry
 _CREDENTIAL_NAMES = frozenset({"token", "access_token", "key", "api_key", "apikey", "authorization", "auth"})
 SUBPROTOCOL = "parley"
 _BEARER_PREFIX = "bearer."
@@ -354,6 +360,9 @@ class _ServerTLS:
             return
         self._stamps = stamps
         try:
+            # On a scratch context first: a failed load_cert_chain may leave a context half changed
+            # (the new certificate without its key), which would break every later handshake.
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*self._files)
             self.context.load_cert_chain(*self._files)
         except (OSError, ssl.SSLError) as error:
             log.error("the bridge's TLS certificate was not reloaded (%s); the one in use stays", error)

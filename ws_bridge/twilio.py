@@ -100,6 +100,8 @@ class TwilioCall:
     websocket: ServerConnection
     stub: voice_pb2_grpc.VoiceServiceStub
     options: TwilioOptions
+    api_key: str = ""
+    """The bridge's API key for the service (Twilio is checked by its signature, not by a key)."""
     stream_sid: str = ""
     _turns: dict[str, _Turn] = field(default_factory=dict)
     _marks: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -121,7 +123,7 @@ class TwilioCall:
             return
         except ConnectionClosed:
             return
-        call = self.stub.Converse()
+        call = self.stub.Converse(metadata=(("authorization", f"Bearer {self.api_key}"),) if self.api_key else None)
         await call.write(pb.ConverseRequest(start=self._start_request(start)))
         greeting = _parameters(start).get("greeting") or self.options.greeting
         if greeting:

@@ -136,8 +136,11 @@ class Session:
         principal: str = "",
         scope: TokenScope | None = None,
         quotas: Quotas | None = None,
+        quota_principal: str = "",
     ) -> None:
         self._principal = principal
+        self._quota_principal = quota_principal
+        """Whose quotas this stream's turns count against (an API key's principal)."""
         self._scope = scope
         self._quotas = quotas
         """A client token's limits (None: an API key, or no credentials)."""
@@ -426,7 +429,7 @@ class Session:
         assert settings is not None
         if self._quotas is not None:
             try:
-                self._quotas.admit_turn(self._principal, count=False)
+                self._quotas.admit_turn(self._quota_principal, count=False)
             except QuotaExceeded:
                 return  # (the final transcript says so, ending the stream)
         text = text[: self._defaults.max_text_chars]
@@ -447,7 +450,7 @@ class Session:
         turn.stats.spoken = spoken
         turn.confirm()
         if self._quotas is not None:
-            self._quotas.count_turn(self._principal)
+            self._quotas.count_turn(self._quota_principal)
         self._outbox.release(turn.outlet)
         if turn.finished is not None:
             assert self._commands is not None
@@ -511,7 +514,7 @@ class Session:
         settings = self._settings
         assert settings is not None
         if self._quotas is not None and not tentative:
-            self._quotas.admit_turn(self._principal)  # raises QuotaExceeded: the stream ends, resumable later
+            self._quotas.admit_turn(self._quota_principal)  # raises QuotaExceeded: the stream ends, resumable later
         turn_id = self._new_turn_id(turn_id)
         stats = TurnStats()
         outlet = self._outbox.open_turn(turn_id, held=tentative)
@@ -592,7 +595,7 @@ class Session:
             in_history = self._conversation.add_spoken(spoken, interrupted=interrupted)
         turn.end(TurnOutcome(reason, spoken, in_history))
         if self._quotas is not None:
-            self._quotas.synthesized(self._principal, sum(s.end - s.start for s in turn.pipeline.segments))
+            self._quotas.synthesized(self._quota_principal, sum(s.end - s.start for s in turn.pipeline.segments))
         self._current, self._heard = None, turn
         self._last_activity = time.monotonic()
         return TurnEnd(turn.turn_id, reason, spoken, turn.stats.snapshot(), error), self._save()

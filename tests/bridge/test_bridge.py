@@ -399,3 +399,13 @@ async def test_a_quota_reaches_the_page_with_when_to_retry() -> None:
     finally:
         await stack.bridge.aclose()
         await stop_harness(harness)
+
+
+async def test_an_auth_frame_that_is_not_a_token_is_refused_plainly(guarded: Stack) -> None:
+    async with connect(guarded.url) as ws:
+        await ws.send(json.dumps({"auth": {"token": "abc\ndef"}}))
+        frame = json.loads(await ws.recv())
+        assert frame["error"]["code"] == "UNAUTHENTICATED"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008

@@ -44,6 +44,13 @@ DOCUMENTED = [
         "wss://voice.example.com/twilio",
     ),
     ("PARLEY_TWILIO_GREETING", "--twilio-greeting", "Hello there.", "twilio_greeting", "Hello there."),
+    (
+        "PARLEY_BRIDGE_API_KEY",
+        "--api-key",
+        "bridge-0123456789abcdefghijklm",
+        "api_key",
+        "bridge-0123456789abcdefghijklm",
+    ),
     ("PARLEY_BRIDGE_TLS_CERT_FILE", "--tls-cert-file", "cert.pem", "tls_cert_file", "cert.pem"),
     ("PARLEY_BRIDGE_TLS_KEY_FILE", "--tls-key-file", "key.pem", "tls_key_file", "key.pem"),
     ("PARLEY_GRPC_TLS", "--grpc-tls", "true", "grpc_tls", True),

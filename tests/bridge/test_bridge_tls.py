@@ -91,3 +91,33 @@ async def test_the_bridge_reaches_a_service_with_tls(tmp_path: Path) -> None:
     finally:
         await bridge.aclose()
         await service.stop(0)
+
+
+async def test_a_renewal_half_written_keeps_the_certificate_in_use(tmp_path: Path) -> None:
+    """Only the new certificate is there yet, not its key: the bridge goes on with the old pair (found
+    in review: every later handshake failed)."""
+    harness = await start_harness()
+    live = tmp_path / "live"
+    live.mkdir()
+    first, second = make_ca(tmp_path, "first"), make_ca(tmp_path, "second")
+    cert, key = make_cert(tmp_path, "a", first, server=True)
+    shutil.copy(cert, live / "cert.pem")
+    shutil.copy(key, live / "key.pem")
+    bridge = await Bridge(
+        BridgeOptions(
+            grpc_target=f"127.0.0.1:{harness.running.port}",
+            host="127.0.0.1",
+            port=0,
+            tls_cert_file=live / "cert.pem",
+            tls_key_file=live / "key.pem",
+        )
+    ).start()
+    url = f"wss://localhost:{bridge.port}/ws"
+    try:
+        new_cert, _ = make_cert(tmp_path, "b", second, server=True)
+        shutil.copy(new_cert, live / "cert.pem")  # the key is not written yet
+        for _ in range(3):
+            assert "sessionStarted" in await talk(url, trusting(first[0]))
+    finally:
+        await bridge.aclose()
+        await stop_harness(harness)

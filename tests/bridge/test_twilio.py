@@ -398,3 +398,21 @@ def test_the_public_url_is_signed_as_given() -> None:
     base = TwilioOptions("t0k3n", "wss://voice.example.com/twilio/")
     assert signature_valid(base, request("/twilio/?a=1", "wss://voice.example.com/twilio/?a=1"))
     assert not signature_valid(base, request("/twilio", "wss://internal:8080/twilio"))
+
+
+async def test_phone_calls_reach_a_service_with_api_keys_with_the_bridges_key() -> None:
+    from service.auth import KeyRing
+
+    key = "bridge-0123456789abcdefghijklm"
+    harness = await start_harness(FakeLLM(reply="Hello, caller."), stt=FakeSTT(), keys=KeyRing(None, f"bridge:{key}"))
+    stack = await start_stack(harness, api_key=key)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
