@@ -6,12 +6,14 @@ Every option is also an environment variable (shown in ``--help``; see :mod:`ws_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import ssl
 import sys
 from pathlib import Path
 
+import grpc
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
@@ -52,13 +54,13 @@ async def run(options: BridgeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    asyncio.create_task(_announce_when_ready(bridge, options.grpc_target, page))
+    asyncio.create_task(_announce_when_ready(bridge, options, page))
     await stop.wait()
     log.info("shutting down the bridge (%d socket(s) open)", bridge.sockets)
     await bridge.aclose()
 
 
-async def _announce_when_ready(bridge: Bridge, target: str, page: str) -> None:
+async def _announce_when_ready(bridge: Bridge, options: BridgeOptions, page: str) -> None:
     warned = False
     while True:
         try:
@@ -66,9 +68,35 @@ async def _announce_when_ready(bridge: Bridge, target: str, page: str) -> None:
             break
         except TimeoutError:
             if not warned:
-                log.warning("the service at %s is not answering yet; the page will say so until it does", target)
+                log.warning(
+                    "the service at %s is not answering yet; the page will say so until it does", options.grpc_target
+                )
                 warned = True
     log.info("ready: open %s", page)
+    if not _is_loopback(options.host) and await _takes_anyone(bridge):
+        log.warning(
+            "the service takes calls without credentials, and this bridge listens on %s: anyone who reaches the "
+            "bridge may use the service; give the service API keys (the page then needs a #token=)",
+            options.host,
+        )
+
+
+async def _takes_anyone(bridge: Bridge) -> bool:
+    from parley.v1 import voice_pb2 as pb
+    from parley.v1 import voice_pb2_grpc
+
+    try:
+        await voice_pb2_grpc.VoiceServiceStub(bridge.channel).ListVoices(pb.ListVoicesRequest(), timeout=5)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

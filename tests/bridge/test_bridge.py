@@ -409,3 +409,33 @@ async def test_an_auth_frame_that_is_not_a_token_is_refused_plainly(guarded: Sta
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_a_bridge_open_to_the_network_before_a_keyless_service_says_so() -> None:
+    import signal
+    import sys
+
+    harness = await start_harness()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ws_bridge",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--grpc-target",
+        f"127.0.0.1:{harness.running.port}",
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        lines = []
+        async with asyncio.timeout(20):
+            while not any("anyone who reaches the bridge may use the service" in line for line in lines):
+                lines.append((await process.stderr.readline()).decode())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+        await stop_harness(harness)
