@@ -19,6 +19,7 @@ from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
 from service.core.turn import TurnOptions
 from service.errors import EngineError, StoreUnavailable
+from service.logs import configure as configure_logs
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"python -m service: invalid setting:\n{error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(settings.log_level, settings.log_format)
     if settings.log_level != "DEBUG":
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:

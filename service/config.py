@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text (for a terminal) or json (one object per line, with session and turn)."
+    )
     session_store: Literal["memory", "redis"] = Field(
         "memory", description="Where sessions live: memory (this process) or redis (shared by replicas)."
     )

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from ws_bridge.config import BridgeSettings, describe_errors
+from ws_bridge.logs import configure as configure_logs
 from ws_bridge.server import Bridge, BridgeOptions
 from ws_bridge.twilio import TwilioOptions
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"python -m ws_bridge: invalid setting:\n{describe_errors(error)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(settings.log_level, settings.log_format)
     # websockets logs handshake headers at DEBUG, and a client token rides in one: never below INFO.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
     try:

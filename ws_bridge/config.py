@@ -95,6 +95,9 @@ class BridgeSettings(BaseSettings):
     grpc_ca_file: str = _setting(
         "", "PARLEY_GRPC_CA_FILE", "Reach the service with TLS, trusting the CA certificates in this PEM file."
     )
+    log_format: Literal["text", "json"] = _setting(
+        "text", "PARLEY_LOG_FORMAT", "text, or json: one object per line (shared with the service)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )

@@ -281,7 +281,11 @@ class Ears:
             self._post(Heard(turn_id, None, None, result))
             return
         if is_hallucination(result, utterance.speech_ms):
-            log.info("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
+            log.debug("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
+            log.info(
+                "ignored an utterance Whisper may have made up from noise (no speech: %.2f)",
+                result.no_speech_probability,
+            )
             return
         self._post(Heard(turn_id, result.text.strip(), dataclasses.replace(spoken, transcription_s=spent)))
 

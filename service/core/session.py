@@ -69,6 +69,7 @@ from service.core.events import (
 )
 from service.core.hearing import Ears, VoiceInput
 from service.core.history import Conversation, heard_text
+from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
 from service.core.saver import HistorySaver
@@ -307,6 +308,7 @@ class Session:
         assert self._claim is not None
         self.state = SessionState.OPEN
         self.session_id = stored.session_id
+        LOG_SESSION.set(self.session_id[:8])  # (this task's log lines, and those of the tasks it starts)
         self._settings = settings
         self._turns_started = stored.turns_started
         self._conversation = Conversation(settings.system_prompt, list(stored.entries), self._defaults.history)
@@ -551,6 +553,7 @@ class Session:
 
     async def _run_turn(self, turn: TurnRecord) -> None:
         """The turn's task: run the pipeline, then tell the loop (unless it was stopped)."""
+        LOG_TURN.set(turn.turn_id)
         error: BaseException | None = None
         try:
             await turn.pipeline.run()

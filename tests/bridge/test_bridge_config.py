@@ -55,6 +55,7 @@ DOCUMENTED = [
     ("PARLEY_BRIDGE_TLS_KEY_FILE", "--tls-key-file", "key.pem", "tls_key_file", "key.pem"),
     ("PARLEY_GRPC_TLS", "--grpc-tls", "true", "grpc_tls", True),
     ("PARLEY_GRPC_CA_FILE", "--grpc-ca-file", "ca.pem", "grpc_ca_file", "ca.pem"),
+    ("PARLEY_LOG_FORMAT", "--log-format", "json", "log_format", "json"),
     ("PARLEY_LOG_LEVEL", "--log-level", "DEBUG", "log_level", "DEBUG"),
 ]
 
