@@ -72,6 +72,7 @@ async def run(settings: Settings) -> None:
             open_reflection=settings.open_reflection,
             tls=tls,
             token_secret=settings.token_secret,
+            metrics_port=settings.metrics_port,
             quotas=QuotaLimits(
                 settings.quota_streams, settings.quota_turns_per_minute, settings.quota_chars_per_minute
             ),

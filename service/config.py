@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         None, description="Mutual TLS: clients must present a certificate signed by these CAs (PEM)."
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (same address as the service). Off: none.",
+    )
     llm: Literal["local", "openai", "scripted"] = Field(
         "local", description="LLM engine: local (embedded), openai, or scripted (fixed latency, for benchmarks)."
     )

@@ -18,6 +18,7 @@ from service.core.hearing import VoiceInput
 from service.core.quotas import QuotaLimits, Quotas
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
+from service.metrics import Metrics
 from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
@@ -70,6 +71,7 @@ async def start_server(
     tls: ServerCertificates | None = None,
     token_secret: str = "",
     quotas: QuotaLimits | None = None,
+    metrics_port: int | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
@@ -87,6 +89,7 @@ async def start_server(
         voice_input,
         auth,
         Quotas(quotas) if quotas is not None and quotas.any else None,
+        Metrics(llm.name, tts.name, limits.max_streams),
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()
@@ -97,6 +100,8 @@ async def start_server(
     )
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    if metrics_port is not None and servicer.metrics is not None:
+        servicer.metrics.serve(host, metrics_port)  # (raises OSError when the port is taken)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()

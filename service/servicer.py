@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
@@ -26,7 +27,7 @@ from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
-from service.core.events import TurnEnded
+from service.core.events import SessionStarted, SpeechStarted, TurnEnded, TurnEndReason
 from service.core.hearing import VoiceInput
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
@@ -47,6 +48,7 @@ from service.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from service.metrics import Metrics
 from service.rpc import collect_garbage_soon, end_call
 
 __all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer", "Writer", "status_for"]
@@ -118,10 +120,18 @@ class Writer:
     """
 
     def __init__(
-        self, outbox: Outbox, context: grpc.aio.ServicerContext, send_timeout_s: float, session_id: Callable[[], str]
+        self,
+        outbox: Outbox,
+        context: grpc.aio.ServicerContext,
+        send_timeout_s: float,
+        session_id: Callable[[], str],
+        metrics: Metrics | None = None,
     ) -> None:
         self._outbox = outbox
         self._session_id = session_id
+        self._metrics = metrics
+        self._encoding = ""
+        self._spoken_over = False  # the user started speaking since the last turn ended
         self._context = context
         self._send_timeout_s = send_timeout_s
         self._stopping = False
@@ -154,6 +164,14 @@ class Writer:
                         self._written.set()
                     if isinstance(message, TurnEnded):
                         _log_turn(self._session_id(), message)
+                        if self._metrics is not None:
+                            barge_in = self._spoken_over and message.reason is TurnEndReason.INTERRUPTED
+                            self._metrics.turn_ended(message, self._encoding, barge_in=barge_in)
+                        self._spoken_over = False
+                    elif isinstance(message, SpeechStarted):
+                        self._spoken_over = True
+                    elif isinstance(message, SessionStarted):
+                        self._encoding = message.audio.encoding.value
         except TimeoutError:
             raise ClientNotReading(
                 f"the client read nothing for {self._send_timeout_s:g} s while replies waited; the stream was closed"
@@ -185,7 +203,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         voice_input: VoiceInput | None = None,
         auth: Authenticator | None = None,
         quotas: Quotas | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self._auth = auth
         self._quotas = quotas
         self._token_streams: dict[str, int] = {}
@@ -224,7 +244,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             code, message = status_for(
                 Overloaded(f"the server is at its limit of {self._limits.max_streams} streams; retry later")
             )
-            await context.abort(code, message)
+            await self._refuse(context, code, message)
         caller = CALLER.get()
         if self._auth is not None and caller is None:  # (never: the interceptor lets only callers through)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
@@ -234,14 +254,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 code, message = status_for(
                     Overloaded(f"this client token allows {scope.max_streams} streams at once; close one first")
                 )
-                await context.abort(code, message)
+                await self._refuse(context, code, message)
         # Quotas count per API key: the tokens a key mints share its quota.
         quota_principal = caller.key_principal if caller else ""
         if self._quotas is not None:
             try:
                 self._quotas.open_stream(quota_principal)
             except QuotaExceeded as error:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), _retry_after(error))
+                await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), _retry_after(error))
         if scope is not None and scope.max_streams:
             self._token_streams[scope.token_id] = self._token_streams.get(scope.token_id, 0) + 1
         try:
@@ -253,6 +273,19 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 left = self._token_streams.pop(scope.token_id) - 1
                 if left:
                     self._token_streams[scope.token_id] = left
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        trailing: tuple[tuple[str, str], ...] = (),
+    ) -> NoReturn:
+        """End a stream before it began (counted in the metrics)."""
+        if self.metrics is not None:
+            self.metrics.rejected.labels(code.name).inc()
+        await context.abort(code, message, trailing)
+        raise AssertionError("abort returns only by raising")
 
     async def CreateClientToken(
         self, request: pb.CreateClientTokenRequest, context: grpc.aio.ServicerContext
@@ -289,6 +322,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         caller: Caller | None,
     ) -> None:
         self.active_streams += 1
+        if self.metrics is not None:
+            self.metrics.active_streams.set(self.active_streams)
         self._drained.clear()
         try:
             try:
@@ -298,11 +333,15 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 raise
             if failure is not None:
                 code, message = status_for(failure)
+                if self.metrics is not None:
+                    self.metrics.rejected.labels(code.name).inc()
                 # A client that reads nothing never gets the status: the call is then cancelled.
                 trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
                 await end_call(context, code, message, self._limits.send_timeout_s, trailing)
         finally:  # (the stream is counted until its call has ended)
             self.active_streams -= 1
+            if self.metrics is not None:
+                self.metrics.active_streams.set(self.active_streams)
             if self.active_streams == 0:
                 self._drained.set()
 
@@ -325,7 +364,9 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             quota_principal=caller.key_principal if caller else "",
         )
         owner = f" ({session_principal})" if (session_principal := caller.principal if caller else "") else ""
-        writer = Writer(outbox, context, self._limits.send_timeout_s, lambda: session.session_id[:8] + owner)
+        writer = Writer(
+            outbox, context, self._limits.send_timeout_s, lambda: session.session_id[:8] + owner, self.metrics
+        )
         writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None
         ending = Ending.HALF_CLOSED

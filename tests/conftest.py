@@ -54,6 +54,7 @@ async def start_harness(
     open_reflection: bool = False,
     token_secret: str = "",
     quotas: QuotaLimits | None = None,
+    metrics_port: int | None = None,
 ) -> Harness:
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
@@ -71,6 +72,7 @@ async def start_harness(
         open_reflection=open_reflection,
         token_secret=token_secret,
         quotas=quotas,
+        metrics_port=metrics_port,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

@@ -42,7 +42,10 @@ def test_ports_probes_and_grace_period_match_the_service() -> None:
     container = pod["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     port = int(env.get("PARLEY_PORT", Settings.model_fields["port"].default))
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    metrics = int(env["PARLEY_METRICS_PORT"])
+    assert [p["containerPort"] for p in container["ports"]] == [port, metrics]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics) and annotations["prometheus.io/path"] == "/metrics"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc_probe = container[probe]["grpc"]
         assert grpc_probe["port"] == port
@@ -101,3 +104,18 @@ def test_the_manifest_is_valid_against_the_kubernetes_schemas() -> None:
 
     for document in manifest():
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_grafana_dashboard_asks_for_metrics_the_service_has() -> None:
+    import json
+    import re
+
+    from service.metrics import Metrics
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    names = {family.name for family in Metrics("l", "t", 1).registry.collect()}
+    exported = {f"{n}{suffix}" for n in names for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for used in re.findall(r"parley_[a-z_]+", target["expr"]):
+                assert used in exported, used

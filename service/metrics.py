@@ -1,0 +1,92 @@
+"""Prometheus metrics (prometheus-client), served on their own port (``PARLEY_METRICS_PORT``, off by
+default). Labels are of low cardinality only (engine, encoding, reason, status): never a session,
+a turn or a principal.
+
+- Histograms, in seconds, with buckets for what users feel (tens of milliseconds to seconds):
+  ``parley_first_llm_token_seconds``, ``parley_first_audio_seconds`` (both from the turn's start),
+  ``parley_speech_end_to_first_audio_seconds`` and ``parley_transcription_seconds`` (voice turns),
+  ``parley_turn_seconds`` (the whole turn).
+- Counters: ``parley_turns_total{reason}``, ``parley_barge_ins_total`` (a reply interrupted by the
+  user's voice), ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
+- Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.core.events import TurnEnded
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_TURN_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """One server's metrics, in their own registry."""
+
+    def __init__(self, llm_engine: str, tts_engine: str, stream_limit: int) -> None:
+        self.registry = CollectorRegistry()
+        names = ("llm", "tts", "encoding")
+        self._llm, self._tts = llm_engine, tts_engine
+        self.first_llm_token = Histogram(
+            "parley_first_llm_token_seconds",
+            "From a turn's start to the LLM's first token.",
+            names,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_audio = Histogram(
+            "parley_first_audio_seconds",
+            "From a turn's start to its first audio message sent.",
+            names,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.speech_end_to_first_audio = Histogram(
+            "parley_speech_end_to_first_audio_seconds",
+            "Voice turns: from the end of the user's speech arriving to the reply's first audio sent.",
+            names,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.transcription = Histogram(
+            "parley_transcription_seconds",
+            "Voice turns: the transcription of the user's utterance.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.turn = Histogram(
+            "parley_turn_seconds", "A turn, start to end.", names, buckets=_TURN_BUCKETS, registry=self.registry
+        )
+        self.turns = Counter("parley_turns", "Turns ended, by reason.", ("reason",), registry=self.registry)
+        self.barge_ins = Counter("parley_barge_ins", "Replies interrupted by the user's voice.", registry=self.registry)
+        self.rejected = Counter(
+            "parley_rejected_streams", "Streams that ended with an error status.", ("status",), registry=self.registry
+        )
+        self.active_streams = Gauge("parley_active_streams", "Converse streams open.", registry=self.registry)
+        self.stream_limit = Gauge("parley_stream_limit", "The most streams this server holds.", registry=self.registry)
+        self.stream_limit.set(stream_limit)
+        for reason in ("completed", "interrupted", "failed"):
+            self.turns.labels(reason)  # (every series exists from the start, at 0)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's)."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def turn_ended(self, ended: TurnEnded, encoding: str, *, barge_in: bool) -> None:
+        timings = ended.timings
+        labels = (self._llm, self._tts, encoding)
+        self.turns.labels(ended.reason.value).inc()
+        if barge_in:
+            self.barge_ins.inc()
+        self.turn.labels(*labels).observe(timings.total_ms / 1000)
+        if timings.first_llm_token_ms:
+            self.first_llm_token.labels(*labels).observe(timings.first_llm_token_ms / 1000)
+        if timings.first_audio_ms:
+            self.first_audio.labels(*labels).observe(timings.first_audio_ms / 1000)
+        if timings.speech_end_to_first_audio_ms:
+            self.speech_end_to_first_audio.labels(*labels).observe(timings.speech_end_to_first_audio_ms / 1000)
+        if timings.transcription_ms:
+            self.transcription.observe(timings.transcription_ms / 1000)
