@@ -39,6 +39,7 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         twilio=TwilioOptions(settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting),
         grpc_tls=settings.grpc_tls,
         api_key=settings.api_key,
+        metrics_port=settings.metrics_port,
         grpc_ca=Path(settings.grpc_ca_file).read_bytes() if settings.grpc_ca_file else None,
         tls_cert_file=Path(settings.tls_cert_file) if settings.tls_cert_file else None,
         tls_key_file=Path(settings.tls_key_file) if settings.tls_key_file else None,

@@ -80,6 +80,13 @@ class BridgeSettings(BaseSettings):
     twilio_greeting: str = _setting(
         "", "PARLEY_TWILIO_GREETING", "Said when a call starts (a call's greeting parameter overrides it)."
     )
+    metrics_port: int | None = _setting(
+        None,
+        "PARLEY_BRIDGE_METRICS_PORT",
+        "Serve the bridge's Prometheus metrics on this port. Off when unset.",
+        ge=0,
+        le=65535,
+    )
     api_key: str = _setting(
         "",
         "PARLEY_BRIDGE_API_KEY",

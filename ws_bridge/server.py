@@ -34,6 +34,7 @@ from websockets.typing import Subprotocol
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.config import default
+from ws_bridge.metrics import BridgeMetrics
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
 from ws_bridge.twilio import TWILIO_PATH, TwilioCall, TwilioOptions, signature_valid
 
@@ -92,6 +93,8 @@ class BridgeOptions:
     tls_key_file: Path | None = None
     api_key: str = ""
     """An API key of the service, for what the bridge itself calls with: phone calls on ``/twilio``."""
+    metrics_port: int | None = None
+    """Serve the bridge's Prometheus metrics on this port (same address)."""
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Bridge:
     _channel: grpc.aio.Channel | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _tls: _ServerTLS | None = None
+    metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -140,6 +144,8 @@ class Bridge:
             server_header="parley-bridge",
             ssl=self._tls.context if self._tls else None,
         )
+        if self.options.metrics_port is not None:
+            self.metrics.serve(self.options.host, self.options.metrics_port)
         return self
 
     async def aclose(self) -> None:
@@ -160,14 +166,17 @@ class Bridge:
             return await self._http(path, request.headers.get("Authorization", ""))
         if path == TWILIO_PATH:  # Twilio sends no Origin; its signature says it is Twilio
             if not signature_valid(self.options.twilio, request):
+                self.metrics.refused.labels("twilio signature").inc()
                 log.warning("refused a /twilio socket without a valid X-Twilio-Signature")
                 return _text(http.HTTPStatus.FORBIDDEN, "invalid or missing X-Twilio-Signature")
             if self.sockets >= self.options.max_sockets:
+                self.metrics.refused.labels("socket limit").inc()
                 return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
             return None
         if path != WS_PATH:
             return _text(http.HTTPStatus.NOT_FOUND, f"the WebSocket endpoints are {WS_PATH} and {TWILIO_PATH}")
         if _credential_in_query(request.path):
+            self.metrics.refused.labels("credentials in URL").inc()
             log.warning("refused a socket with credentials in its URL")
             return _text(
                 http.HTTPStatus.BAD_REQUEST,
@@ -176,9 +185,11 @@ class Bridge:
             )
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            self.metrics.refused.labels("origin").inc()
             log.info("refused a socket from origin %s", origin)
             return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
         if self.sockets >= self.options.max_sockets:
+            self.metrics.refused.labels("socket limit").inc()
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
         return None
 
@@ -227,6 +238,7 @@ class Bridge:
 
     async def _handle(self, websocket: ServerConnection) -> None:
         self.sockets += 1
+        self.metrics.sockets.set(self.sockets)
         try:
             if urlsplit(websocket.request.path).path == TWILIO_PATH if websocket.request else False:
                 await TwilioCall(websocket, self._stub, self.options.twilio, api_key=self.options.api_key).run()
@@ -234,6 +246,8 @@ class Bridge:
                 await self._converse(websocket)
         finally:
             self.sockets -= 1
+            self.metrics.sockets.set(self.sockets)
+            self.metrics.closes.labels(str(websocket.close_code or 1000)).inc()
 
     async def _converse(self, websocket: ServerConnection) -> None:
         assert self._channel is not None
@@ -296,6 +310,7 @@ class Bridge:
                 try:
                     request = _request_of(message)
                 except BadFrame as error:
+                    self.metrics.refused.labels("bad frame").inc()
                     with contextlib.suppress(ConnectionClosed):
                         await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
                     await _close(websocket, 1008, str(error))

@@ -439,3 +439,31 @@ async def test_a_bridge_open_to_the_network_before_a_keyless_service_says_so() -
         process.send_signal(signal.SIGTERM)
         await process.wait()
         await stop_harness(harness)
+
+
+async def test_the_bridges_metrics_count_sockets_closes_and_refusals() -> None:
+    from tests.service.test_metrics import scrape
+
+    harness = await start_harness()
+    port = free_port()
+    stack = await start_stack(harness, metrics_port=port)
+    try:
+        async with connect(stack.url) as ws:
+            await ws.send(json.dumps({"start": {}}))
+            await ws.recv()
+            await ws.send("not json")  # a bad frame: refused (an error frame), closed 1008
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+        with pytest.raises(InvalidStatus):
+            async with connect(f"{stack.url}?token=abc"):
+                pass
+        await wait_for(lambda: stack.bridge.sockets == 0)
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+    text = "\n".join(f"{k} {v}" for k, v in samples.items())
+    assert samples["parley_bridge_sockets"] == 0
+    assert any(k.startswith("parley_bridge_socket_closes_total") and v == 1 for k, v in samples.items()), text
+    assert sum(v for k, v in samples.items() if k.startswith("parley_bridge_refused_total")) == 2, text

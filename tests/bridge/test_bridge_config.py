@@ -51,6 +51,7 @@ DOCUMENTED = [
         "api_key",
         "bridge-0123456789abcdefghijklm",
     ),
+    ("PARLEY_BRIDGE_METRICS_PORT", "--metrics-port", "9091", "metrics_port", 9091),
     ("PARLEY_BRIDGE_TLS_CERT_FILE", "--tls-cert-file", "cert.pem", "tls_cert_file", "cert.pem"),
     ("PARLEY_BRIDGE_TLS_KEY_FILE", "--tls-key-file", "key.pem", "tls_key_file", "key.pem"),
     ("PARLEY_GRPC_TLS", "--grpc-tls", "true", "grpc_tls", True),
@@ -188,7 +189,7 @@ async def test_help_names_every_flag_its_variable_and_default() -> None:
 
 
 def _readme_default(default: object) -> str:
-    if default == "":
+    if default == "" or default is None:
         return "none"
     if isinstance(default, bool):
         return str(default).lower()
