@@ -143,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: invalid setting:\n{error}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
+    if settings.worker_count > 1:
+        from service.workers import supervise
+
+        return asyncio.run(
+            supervise(settings.worker_count, sys.argv[1:] if argv is None else argv, settings.metrics_port)
+        )
     if settings.log_level != "DEBUG":
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:

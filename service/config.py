@@ -84,6 +84,10 @@ class Settings(BaseSettings):
         None, description="Mutual TLS: clients must present a certificate signed by these CAs (PEM)."
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Service processes sharing the port (auto: one per core); several need the redis session store.",
+    )
     metrics_port: int | None = Field(
         None,
         ge=0,
@@ -247,6 +251,23 @@ class Settings(BaseSettings):
             if problem := _http_url_problem(env):
                 raise ValueError(f"OPENAI_BASE_URL (used as PARLEY_OPENAI_BASE_URL is not set) {problem}")
         return self
+
+    @model_validator(mode="after")
+    def _workers_share_sessions(self) -> Settings:
+        if self.worker_count < 1:
+            raise ValueError("workers must be at least 1, or auto")
+        if self.worker_count > 1 and self.session_store != "redis":
+            raise ValueError(
+                "several workers need a session store they share: set PARLEY_SESSION_STORE=redis (a session "
+                "resumed on another connection may reach another worker, which the memory store cannot serve)"
+            )
+        if self.worker_count > 1 and self.port == 0:
+            raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")
+        return self
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
 
     @model_validator(mode="after")
     def _token_secret_is_usable(self) -> Settings:

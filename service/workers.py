@@ -1,0 +1,97 @@
+"""Several service processes on one port, so that every core of a host serves streams.
+
+``PARLEY_WORKERS=N`` (``--workers N``; ``auto``: one per core) makes ``python -m service`` a
+supervisor: it starts N workers, each a whole service (``python -m service`` with ``PARLEY_WORKERS=1``)
+with its own engines, all listening on the same port (gRPC sets ``SO_REUSEPORT``, and the kernel
+spreads new connections over them, as gRPC's Python multiprocessing example does). A connection, and
+every stream on it, stays with one worker; a session resumed on another connection may land on
+another worker, so several workers need a session store they share: the Redis store (the memory
+store refuses to run with several workers). The supervisor restarts a worker that dies (after a
+second, longer if it keeps dying), and on SIGTERM or SIGINT passes SIGTERM to every worker, which
+drains as a lone service does, and exits once all have. Worker i serves its metrics on
+``PARLEY_METRICS_PORT + i``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+__all__ = ["MAX_RESTART_DELAY_S", "supervise"]
+
+log = logging.getLogger("service.workers")
+
+MAX_RESTART_DELAY_S = 30.0
+_STABLE_S = 30.0  # a worker that ran this long before dying is restarted after the shortest delay
+
+
+async def supervise(count: int, argv: list[str], metrics_port: int | None) -> int:
+    """Run ``count`` workers until SIGTERM or SIGINT; the exit status."""
+    argv = _without_workers(argv)  # (each worker is one service)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    workers: dict[int, asyncio.subprocess.Process] = {}
+    delays = dict.fromkeys(range(count), 1.0)
+
+    async def start(index: int) -> asyncio.subprocess.Process:
+        env = {**os.environ, "PARLEY_WORKERS": "1", "PARLEY_WORKER_INDEX": str(index)}
+        if metrics_port is not None:
+            env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", *argv, env=env)
+        log.info("worker %d started (pid %d)", index, process.pid)
+        return process
+
+    async def keep(index: int) -> None:
+        while not stopping.is_set():
+            process = workers[index] = await start(index)
+            began = time.monotonic()
+            waiting = asyncio.ensure_future(process.wait())
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if stopping.is_set():
+                waiting.cancel()
+                return
+            code = process.returncode
+            if time.monotonic() - began > _STABLE_S:
+                delays[index] = 1.0
+            log.error(
+                "worker %d (pid %d) exited with %s; restarting it in %g s", index, process.pid, code, delays[index]
+            )
+            try:
+                await asyncio.wait_for(stopping.wait(), delays[index])
+                return
+            except TimeoutError:
+                delays[index] = min(delays[index] * 2, MAX_RESTART_DELAY_S)
+
+    keepers = [asyncio.create_task(keep(i), name=f"worker {i}") for i in range(count)]
+    log.info("supervising %d workers", count)
+    await stopping.wait()
+    await asyncio.gather(*keepers, return_exceptions=True)  # (none starts a worker any more)
+    log.info("stopping %d workers (SIGTERM: each drains its streams)", len(workers))
+    for process in workers.values():
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(p.wait() for p in workers.values()))
+    log.info("all workers stopped")
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` without ``--workers N`` (or ``--workers=N``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept

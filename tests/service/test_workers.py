@@ -1,0 +1,96 @@
+"""Several service processes on one port (PARLEY_WORKERS): they share the port and the Redis store,
+a worker that dies is restarted, SIGTERM drains them all; the memory store refuses several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
+from tests.conftest import ROOT, converse_all, free_port, start, start_service_process, user
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def wait_for_lines(process: subprocess.Popen[str], marker: str, count: int, timeout_s: float = 60) -> str:
+    assert process.stdout is not None
+    log, deadline = "", time.monotonic() + timeout_s
+    while log.count(marker) < count:
+        assert time.monotonic() < deadline, log
+        line = process.stdout.readline()
+        assert line, f"the service exited:\n{log}"
+        log += line
+    return log
+
+
+async def one_turn(port: int) -> pb.TurnEnded:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        responses = await converse_all(voice_pb2_grpc.VoiceServiceStub(channel), [start(), user("Hi?")])
+    return responses[-1].turn_ended
+
+
+async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: str) -> None:
+    port = free_port()
+    parent = start_service_process(
+        workers="2",
+        port=str(port),
+        llm="scripted",
+        tts="scripted",
+        stt="none",
+        session_store="redis",
+        redis_url=redis_url,
+        redis_prefix=f"w{secrets.token_hex(4)}",
+    )
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        assert len(workers) == 2
+        ends = await asyncio.gather(*(one_turn(port) for _ in range(6)))  # new connections: either worker
+        assert all(e.reason == pb.TURN_END_REASON_COMPLETED for e in ends)
+        killed = min(workers)
+        os.kill(killed, signal.SIGKILL)
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 1)  # its replacement
+        replaced = await asyncio.to_thread(children, parent.pid)
+        assert len(replaced) == 2 and killed not in replaced
+        assert (await one_turn(port)).reason == pb.TURN_END_REASON_COMPLETED
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+        for pid in replaced:  # no worker left behind
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            raise AssertionError(f"worker {pid} still runs")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+
+
+def test_several_workers_refuse_the_memory_store() -> None:
+    env = {**os.environ, "PARLEY_WORKERS": "2", "PARLEY_SESSION_STORE": "memory", "PARLEY_LLM": "scripted"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "several workers need a session store they share: set PARLEY_SESSION_STORE=redis" in result.stderr
