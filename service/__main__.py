@@ -23,6 +23,7 @@ from service.logs import configure as configure_logs
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
+from service.telemetry import configure_tracing
 from service.tls import ServerCertificates, TLSError
 
 log = logging.getLogger("service")
@@ -33,6 +34,7 @@ async def run(settings: Settings) -> None:
     from service.engines.factory import load_engines, load_voice_input
 
     check_codecs()  # a PyAV without libopus or libmp3lame: said now, not at a client's first turn
+    configure_tracing()
     keys = load_keys(settings)  # a bad key file: said before the models load
     tls = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:

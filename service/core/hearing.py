@@ -42,6 +42,7 @@ from service.core.events import SpokenInput
 from service.core.listening import Listener, Paused, Resumed, TurnDetection, Utterance
 from service.core.listening import SpeechBegan as Began
 from service.core.settings import InputAudioRequest
+from service.core.tracing import span
 from service.errors import EngineError, STTError
 
 __all__ = ["MAX_QUEUED_CHUNKS", "Ears", "VoiceInput", "is_hallucination"]
@@ -258,10 +259,13 @@ class Ears:
             await asyncio.wait({previous})
         began = time.monotonic()
         language = self._request.language or self._engines.language or None
-        try:
-            result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
-        except STTError as error:
-            result = error
+        with span(
+            "parley.transcription", {"parley.audio_ms": round(utterance.audio_end_ms - utterance.audio_start_ms)}
+        ):
+            try:
+                result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
+            except STTError as error:
+                result = error
         return result, time.monotonic() - began
 
     async def _post_tentative(

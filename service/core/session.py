@@ -32,6 +32,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from service.core.aio import first_of, to_the_end
 from service.core.command import (
@@ -85,6 +86,7 @@ from service.core.settings import (
     resolve_settings,
 )
 from service.core.store import Claim, SessionStore, StoredSession
+from service.core.tracing import span
 from service.core.turn import Turn, TurnOutcome, TurnRecord, TurnState, llm_deltas, queued_deltas
 from service.errors import (
     EngineError,
@@ -552,19 +554,24 @@ class Session:
         return turn_id
 
     async def _run_turn(self, turn: TurnRecord) -> None:
-        """The turn's task: run the pipeline, then tell the loop (unless it was stopped)."""
+        """The turn's task: run the pipeline (in a ``parley.turn`` span), then tell the loop (unless it
+        was stopped)."""
         LOG_TURN.set(turn.turn_id)
         error: BaseException | None = None
-        try:
-            await turn.pipeline.run()
-        except asyncio.CancelledError:
-            raise
-        except EngineError as failure:
-            log.warning("turn %s failed: %s", turn.turn_id, failure)
-            error = failure
-        except Exception as failure:
-            log.exception("turn %s failed unexpectedly", turn.turn_id)
-            error = failure
+        with span("parley.turn", {"parley.session": self.session_id[:8], "parley.turn": turn.turn_id}) as traced:
+            try:
+                await turn.pipeline.run()
+            except asyncio.CancelledError:
+                raise
+            except EngineError as failure:
+                log.warning("turn %s failed: %s", turn.turn_id, failure)
+                error = failure
+            except Exception as failure:
+                log.exception("turn %s failed unexpectedly", turn.turn_id)
+                error = failure
+            finally:
+                if traced is not None:
+                    _trace_timings(traced, turn)
         assert self._commands is not None
         self._commands.put_nowait(TurnFinished(turn, error))
 
@@ -714,6 +721,19 @@ class Session:
             raise InvalidRequest(f"{field} is {len(turn_id)} characters; use at most 128")
         if turn_id in self._used_turn_ids:
             raise InvalidRequest(f"{field} {turn_id!r} was already used in this session; turn ids must be unique")
+
+
+def _trace_timings(traced: Any, turn: TurnRecord) -> None:
+    """A turn span's attributes: how far it got, in ms from its start (no text)."""
+    moments = turn.stats
+    started = moments.started
+    for name, moment in (("first_llm_token_ms", moments.first_llm_token), ("first_segment_ms", moments.first_segment)):
+        if moment is not None:
+            traced.set_attribute(f"parley.{name}", round((moment - started) * 1000))
+    if turn.outlet.first_audio_at is not None:
+        traced.set_attribute("parley.first_audio_ms", round((turn.outlet.first_audio_at - started) * 1000))
+    traced.set_attribute("parley.segments", len(turn.pipeline.segments))
+    traced.set_attribute("parley.audio_ms", round(turn.outlet.audio_ms_sent))
 
 
 def _stored_fields(stored: StoredSession) -> tuple[str, str, float | None, int | None]:

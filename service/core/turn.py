@@ -29,6 +29,7 @@ from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
 from service.core.outbox import Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
+from service.core.tracing import span
 from service.errors import TTSError
 
 __all__ = [
@@ -144,23 +145,26 @@ class Turn:
     ) -> None:
         """Read the text, emit captions, cut segments and start their synthesis (look-ahead bound)."""
         segmenter = Segmenter(self._options.segments)
+        # (Not the current span: the syntheses it starts are the turn's children, beside it.)
+        traced = span("parley.llm" if self._from_llm else "parley.text", {"parley.turn": self.turn_id}, current=False)
         try:
-            async with contextlib.aclosing(self._source) as source:
-                async for delta in source:
-                    if isinstance(delta, LLMUsage):
-                        self._stats.usage = delta
-                        continue
-                    if not delta:
-                        continue
-                    if self._from_llm and self._stats.first_llm_token is None:
-                        self._stats.first_llm_token = time.monotonic()
-                    self.text += delta
-                    await self._emit(TextDelta(self.turn_id, delta))
-                    for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
-                        if start:
-                            await asyncio.sleep(0)  # a long delta never holds the event loop for long
-                        for segment in segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS]):
-                            await self._schedule(segment, ready, slots, pending)
+            with traced:
+                async with contextlib.aclosing(self._source) as source:
+                    async for delta in source:
+                        if isinstance(delta, LLMUsage):
+                            self._stats.usage = delta
+                            continue
+                        if not delta:
+                            continue
+                        if self._from_llm and self._stats.first_llm_token is None:
+                            self._stats.first_llm_token = time.monotonic()
+                        self.text += delta
+                        await self._emit(TextDelta(self.turn_id, delta))
+                        for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
+                            if start:
+                                await asyncio.sleep(0)  # a long delta never holds the event loop for long
+                            for segment in segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS]):
+                                await self._schedule(segment, ready, slots, pending)
             for segment in segmenter.flush():
                 await self._schedule(segment, ready, slots, pending)
         finally:
@@ -189,11 +193,17 @@ class Turn:
         ready.put_nowait(item)
 
     async def _synthesize(self, item: _Pending) -> None:
-        """Synthesize one segment into its queue; the queue always ends with _END or an error."""
-        encoder: SegmentEncoder | None = None
-        silence: LeadingSilence | None = None
+        """Synthesize one segment into its queue (in a ``parley.tts`` span); the queue always ends with
+        _END or an error."""
         if not item.trim_lead:
             await self._first_spoken.wait()
+        attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
+        with span("parley.tts", attributes):
+            await self._synthesize_in(item)
+
+    async def _synthesize_in(self, item: _Pending) -> None:
+        encoder: SegmentEncoder | None = None
+        silence: LeadingSilence | None = None
         try:
             speech = self._tts.synthesize(item.spoken, self._voice, urgent=item.trim_lead)
             async with contextlib.aclosing(speech) as audio:
