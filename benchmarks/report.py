@@ -210,13 +210,25 @@ class Report:
         """Put this run's voice section into an existing report in place of its old one (or before
         the sections that follow the embedded one), leaving the other stages' figures as they are."""
         section = self._voice()
+        self._merge(path, section[0], section[1:], targets=True)
+
+    def merge_section(self, path: Path, title: str) -> None:
+        """Put this run's section ``title`` into an existing report in place of its old one (or before
+        the capacity section), stamped with this run's machine, date and commit."""
+        markdown = next((m for t, m in self.sections if t == title), None)
+        if markdown is None:
+            raise SystemExit(f"the stage did not run: {'; '.join(self.notes) or 'no figures'}")
+        self._merge(path, f"## {title}", ["", *markdown.strip().split("\n"), ""])
+
+    def _merge(self, path: Path, heading: str, body: list[str], *, targets: bool = False) -> None:
+        """``heading`` and ``body``, stamped, in place of the report's section of that heading (or
+        before the capacity section); a new report when there is none."""
         if not path.exists():
             self.write(path, path.with_name("first_audio.png"))
             return
         lines = path.read_text().split("\n")
-        heading = section[0]
         stamp = f"Measured {self.date} on {self.machine}, commit {self.commit}, `{self.command}`."
-        section = [section[0], "", stamp, *section[1:]]
+        section = [heading, "", stamp, *body]
         if heading in lines:
             start = lines.index(heading)
             end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
@@ -225,30 +237,9 @@ class Report:
                 (i for i, line in enumerate(lines) if line.startswith("## ") and line[3:4] in "4567F"), len(lines)
             )
         lines = lines[:start] + section + lines[end:]
-        lines = [f"- **Targets:** {TARGETS}" if line.startswith("- **Targets:**") else line for line in lines]
+        if targets:
+            lines = [f"- **Targets:** {TARGETS}" if line.startswith("- **Targets:**") else line for line in lines]
         path.write_text("\n".join(lines))
-
-    def merge_section(self, path: Path, title: str) -> None:
-        """Put this run's section ``title`` into an existing report in place of its old one (or before
-        the capacity section), stamped with this run's machine, date and commit."""
-        markdown = next((m for t, m in self.sections if t == title), None)
-        if markdown is None:
-            raise SystemExit(f"the stage did not run: {'; '.join(self.notes) or 'no figures'}")
-        if not path.exists():
-            self.write(path, path.with_name("first_audio.png"))
-            return
-        lines = path.read_text().split("\n")
-        heading = f"## {title}"
-        stamp = f"Measured {self.date} on {self.machine}, commit {self.commit}, `{self.command}`."
-        section = [heading, "", stamp, "", *markdown.strip().split("\n"), ""]
-        if heading in lines:
-            start = lines.index(heading)
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        else:
-            start = end = next(
-                (i for i, line in enumerate(lines) if line.startswith("## ") and line[3:4] in "4567F"), len(lines)
-            )
-        path.write_text("\n".join(lines[:start] + section + lines[end:]))
 
     def _voice(self) -> list[str]:
         if self.voice is None:
