@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks import embedded, encodings, load, voice
+from benchmarks import embedded, encodings, load, voice, workers
 from benchmarks.report import Report
 
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
@@ -116,6 +116,14 @@ async def streaming(args: argparse.Namespace, report: Report, deadline: float) -
 
 
 ENCODINGS_TITLE = "3c. Output encodings (Piper, speak_text)"
+WORKERS_TITLE = "4b. One process or one per core (PARLEY_WORKERS)"
+
+
+async def workers_stage(args: argparse.Namespace, report: Report, deadline: float) -> None:
+    try:
+        report.add_section(WORKERS_TITLE, await workers.measure(args.profile, MESSAGES["medium"], args.turns, deadline))
+    except Exception as error:  # the other stages' figures still count
+        report.note(f"workers: failed ({type(error).__name__}: {error})")
 
 
 async def encodings_stage(report: Report) -> None:
@@ -167,10 +175,14 @@ async def main_async(args: argparse.Namespace) -> Report:
     if args.only == "encodings":
         await encodings_stage(report)
         return report
+    if args.only == "workers":
+        await workers_stage(args, report, deadline)
+        return report
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
         await overhead(args, report, deadline, baseline)
     await streaming(args, report, deadline)
+    await workers_stage(args, report, deadline)
     if args.embedded and time.monotonic() < deadline:
         report.add_embedded(await embedded.measure(10))
         await voice_stage(report)
@@ -198,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        choices=["voice", "encodings"],
+        choices=["voice", "encodings", "workers"],
         help="run one stage alone (merged into --out in place of its old section)",
     )
     parser.add_argument("--chart", default=None, help="the PNG chart (default: beside the report)")
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         report.merge_voice(out)
     elif args.only == "encodings":
         report.merge_section(out, ENCODINGS_TITLE)
+    elif args.only == "workers":
+        report.merge_section(out, WORKERS_TITLE)
     else:
         report.write(out, chart)
     print(out.read_text())

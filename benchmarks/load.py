@@ -50,6 +50,8 @@ class ServiceProcess:
     """The checkout whose service runs (another commit's, to compare before and after)."""
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """More settings (PARLEY_WORKERS, a session store)."""
 
     def __enter__(self) -> ServiceProcess:
         with socket.socket() as sock:
@@ -64,6 +66,7 @@ class ServiceProcess:
             "PARLEY_SCRIPTED_PROFILE": self.profile,
             "PARLEY_MAX_STREAMS": str(self.max_streams),
             "PARLEY_LOG_LEVEL": "WARNING",
+            **self.env,
         }
         self.process = subprocess.Popen([sys.executable, "-m", "service"], cwd=self.root, env=env)
         return self
@@ -95,19 +98,40 @@ class ServiceProcess:
                     raise RuntimeError("the service did not become ready")
                 await asyncio.sleep(0.1)
 
-    def rss_mb(self) -> float:
+    def pids(self) -> list[int]:
+        """The service's process, and its workers when it has some."""
         assert self.process is not None
-        with open(f"/proc/{self.process.pid}/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        pids = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.process.pid:
+                    pids.append(int(entry.name))
+        return pids
+
+    def rss_mb(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status", encoding="utf-8") as status:
+                    total += next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), 0.0)
+            except OSError:
+                continue
+        return total
 
     def cpu_s(self) -> float:
-        assert self.process is not None
-        with open(f"/proc/{self.process.pid}/stat", encoding="utf-8") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
 
 @dataclass
