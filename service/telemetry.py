@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 
+from service.core import tracing
+
 __all__ = ["configure_tracing"]
 
 log = logging.getLogger(__name__)
@@ -29,5 +31,6 @@ def configure_tracing(service_name: str = "parley") -> bool:
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    tracing.enable()
     log.info("traces: exported over OTLP")
     return True

@@ -17,7 +17,15 @@ try:
 except ImportError:  # the optional extra is not installed
     _trace = None  # type: ignore[assignment]
 
-__all__ = ["span"]
+__all__ = ["enable", "span"]
+
+_enabled = False
+
+
+def enable() -> None:
+    """Make spans from now on (once a tracer provider is set up): without this call they cost nothing."""
+    global _enabled
+    _enabled = _trace is not None
 
 
 @contextlib.contextmanager
@@ -25,7 +33,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, current: bool =
     """A span named ``name``, a child of the current span, ended on exit (an exception ends it with an
     error status). ``current``: it is the current span inside (tasks started there are its
     children); else the current span stays the parent's. Yields the span (None without tracing)."""
-    if _trace is None:
+    if not _enabled or _trace is None:
         yield None
         return
     tracer = _trace.get_tracer("parley")

@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from service.core import tracing
 from tests.conftest import start_harness, stop_harness
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 from tests.service.test_voice import Reader, audio, voice_start
@@ -17,10 +18,11 @@ EXPORTER = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tracing() -> None:
+def in_memory_traces() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
     trace.set_tracer_provider(provider)  # (once per process: OpenTelemetry refuses to replace it)
+    tracing.enable()
 
 
 async def test_a_voice_turn_is_one_span_with_its_stages_as_children() -> None:
