@@ -15,7 +15,9 @@
    the existing report in place of the old one. Then the output encodings beside PCM16 (first audio,
    bytes per second, encoder CPU; ``benchmarks/encodings.py``; alone: ``--only encodings``).
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
-   turn, and whether audio arrived in order without gaps.
+   turn, and whether audio arrived in order without gaps. With ``--extras full`` (``make bench``), one
+   service process against one per core (``PARLEY_WORKERS``) at 200 and 500 streams, sessions in a
+   Redis started for it (``benchmarks/workers.py``; alone: ``--only workers``).
 5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
    temporary git worktree, run by the same harness, the two alternating at each concurrency), so a
    change is judged before and after in one run.
@@ -182,7 +184,8 @@ async def main_async(args: argparse.Namespace) -> Report:
         baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
         await overhead(args, report, deadline, baseline)
     await streaming(args, report, deadline)
-    await workers_stage(args, report, deadline)
+    if args.extras == "full" and time.monotonic() < deadline:  # (minutes: make bench, not a smoke run)
+        await workers_stage(args, report, deadline)
     if args.embedded and time.monotonic() < deadline:
         report.add_embedded(await embedded.measure(10))
         await voice_stage(report)

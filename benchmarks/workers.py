@@ -62,6 +62,9 @@ async def measure(profile: str, message: str, turns: int, deadline: float, count
                 await service.wait_ready()
                 await load.run_load(service, 10, 1, message, deadline)  # warm-up: every worker's first turns
                 for count in counts:
+                    if time.monotonic() > deadline:
+                        rows.append(f"| {workers} | {count} | not run: --duration reached | | | | | |")
+                        continue
                     result = await load.run_load(service, count, turns, message, deadline)
                     overhead = [t.first_audio_ms - ideal for t in result.turns]
                     failed = len(result.errors) + sum(t.reason != "TURN_END_REASON_COMPLETED" for t in result.turns)
