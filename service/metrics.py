@@ -6,7 +6,8 @@ a turn or a principal.
   ``parley_first_llm_token_seconds``, ``parley_first_audio_seconds`` (both from the turn's start),
   ``parley_speech_end_to_first_audio_seconds`` and ``parley_transcription_seconds`` (voice turns),
   ``parley_turn_seconds`` (the whole turn).
-- Counters: ``parley_turns_total{reason}``, ``parley_barge_ins_total`` (a reply interrupted by the
+- Counters: ``parley_turns_total{reason}``, ``parley_engine_errors_total{engine,kind}``,
+  ``parley_barge_ins_total`` (a reply interrupted by the
   user's voice), ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
 - Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit).
 """
@@ -62,6 +63,12 @@ class Metrics:
         )
         self.turns = Counter("parley_turns", "Turns ended, by reason.", ("reason",), registry=self.registry)
         self.barge_ins = Counter("parley_barge_ins", "Replies interrupted by the user's voice.", registry=self.registry)
+        self.engine_errors = Counter(
+            "parley_engine_errors",
+            "Turns failed by an engine: which (llm, tts, stt, internal) and whether retrying may help.",
+            ("engine", "kind"),
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "parley_rejected_streams", "Streams that ended with an error status.", ("status",), registry=self.registry
         )
@@ -79,6 +86,9 @@ class Metrics:
         timings = ended.timings
         labels = (self._llm, self._tts, encoding)
         self.turns.labels(ended.reason.value).inc()
+        if ended.failure is not None:
+            kind = "retryable" if ended.failure.retryable else "permanent"
+            self.engine_errors.labels(ended.failure.engine, kind).inc()
         if barge_in:
             self.barge_ins.inc()
         self.turn.labels(*labels).observe(timings.total_ms / 1000)

@@ -27,6 +27,7 @@ __all__ = [
     "SessionStarted",
     "SpeechStarted",
     "SpeechStopped",
+    "Failure",
     "SpokenInput",
     "TextDelta",
     "Transcript",
@@ -146,6 +147,16 @@ class TurnEnd:
     moments: TurnMoments
     error: str = ""
     history_unsaved: bool = False
+    failure: Failure | None = None
+    """A failed turn's engine, for the metrics."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What failed a turn: ``engine`` (llm, tts, stt, or internal) and whether trying again may help."""
+
+    engine: str
+    retryable: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,7 @@ class TurnEnded:
     usage: LLMUsage | None = None
     error: str = ""
     history_unsaved: bool = False
+    failure: Failure | None = None
 
 
 Message = (

@@ -305,4 +305,6 @@ def _ended(end: TurnEnd, outlet: Outlet | None) -> TurnEnded:
             round((first_audio - spoken.speech_end_at) * 1000) if spoken and first_audio is not None else 0
         ),
     )
-    return TurnEnded(end.turn_id, end.reason, end.spoken_text, timings, moments.usage, end.error, end.history_unsaved)
+    return TurnEnded(
+        end.turn_id, end.reason, end.spoken_text, timings, moments.usage, end.error, end.history_unsaved, end.failure
+    )

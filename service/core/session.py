@@ -59,6 +59,7 @@ from service.core.command import (
 )
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import (
+    Failure,
     SessionStarted,
     SpeechStarted,
     SpeechStopped,
@@ -92,10 +93,13 @@ from service.errors import (
     EngineError,
     IdleTimeout,
     InvalidRequest,
+    LLMError,
     NotAllowed,
     SessionLost,
     SessionNotFound,
     SessionTakenOver,
+    STTError,
+    TTSError,
 )
 
 __all__ = ["REMEMBERED_TURN_IDS", "Ending", "Session", "SessionState"]
@@ -416,7 +420,10 @@ class Session:
         turn_id = self._new_turn_id(turn_id)
         if error is not None or not text:
             message = str(error) if error is not None else "nothing was understood"
-            self._outbox.put_control(TurnEnd(turn_id, TurnEndReason.FAILED, "", TurnStats().snapshot(), message))
+            failure = _failure(error) if error is not None else None
+            self._outbox.put_control(
+                TurnEnd(turn_id, TurnEndReason.FAILED, "", TurnStats().snapshot(), message, failure=failure)
+            )
             return
         text = text[: self._defaults.max_text_chars]
         self._outbox.put_control(Transcript(turn_id, text, True))
@@ -587,6 +594,7 @@ class Session:
             message = str(error) if isinstance(error, EngineError) else "internal error; see the server log"
             spoken = heard_text(turn.pipeline.text, turn.pipeline.segments, float("inf"))
             end, version = self._end(turn, TurnEndReason.FAILED, spoken, message)
+            end = dataclasses.replace(end, failure=_failure(error))
         # Stored before the client hears of it, so that a client that saw the end finds the turn on every
         # replica (the store's time is taken from no barge-in: nothing of this turn is left to stop).
         assert self._saver is not None
@@ -721,6 +729,20 @@ class Session:
             raise InvalidRequest(f"{field} is {len(turn_id)} characters; use at most 128")
         if turn_id in self._used_turn_ids:
             raise InvalidRequest(f"{field} {turn_id!r} was already used in this session; turn ids must be unique")
+
+
+def _failure(error: BaseException) -> Failure:
+    """Which engine failed a turn, for the metrics."""
+    engine = (
+        "llm"
+        if isinstance(error, LLMError)
+        else "tts"
+        if isinstance(error, TTSError)
+        else "stt"
+        if isinstance(error, STTError)
+        else "internal"
+    )
+    return Failure(engine, bool(getattr(error, "retryable", False)))
 
 
 def _trace_timings(traced: Any, turn: TurnRecord) -> None:

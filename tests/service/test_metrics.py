@@ -9,6 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from parley.v1 import voice_pb2 as pb
 from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 from tests.service.test_voice import Reader, audio, voice_start
@@ -20,7 +21,9 @@ def scrape(port: int) -> dict[str, float]:
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "status"))
+            labels = ",".join(
+                f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "status", "engine", "kind")
+            )
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
 
@@ -55,3 +58,19 @@ async def test_turns_latencies_barge_ins_and_rejections_are_counted() -> None:
     assert samples["parley_first_llm_token_seconds_count"] >= 2
     assert samples["parley_stream_limit"] == 100
     assert "parley_active_streams" in samples
+
+
+async def test_a_turn_failed_by_an_engine_is_counted_by_engine() -> None:
+    from tests.fakes import FakeTTS
+
+    port = free_port()
+    h = await start_harness(FakeLLM(), FakeTTS(fail_on="second"), metrics_port=port)
+    try:
+        responses = await converse_all(h.stub, [start(), user("Hi?")])
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
+        await asyncio.sleep(0.1)
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    assert samples["parley_engine_errors_total{engine=tts,kind=permanent}"] == 1
+    assert samples["parley_turns_total{reason=failed}"] == 1
