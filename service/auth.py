@@ -53,7 +53,6 @@ __all__ = [
     "TokenError",
     "TokenScope",
     "new_key",
-    "principal_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,14 +178,6 @@ class KeyRing:
             return parse_keys(path.read_text(encoding="utf-8"), str(path))
         except OSError as error:
             raise KeyError_(f"cannot read the API keys file {path}: {error.strerror}") from error
-
-
-def principal_of(keys: KeyRing, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-    """Who the call's metadata says it is, by API key alone (``key:<name>``); None when it says
-    nothing valid."""
-    credential = _bearer(metadata)
-    key = keys.check(credential) if credential is not None else None
-    return None if key is None else f"key:{key}"
 
 
 class TokenError(ValueError):

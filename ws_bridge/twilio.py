@@ -108,7 +108,6 @@ class TwilioCall:
     """Mark name → (turn, where its audio ends in the turn's timeline)."""
     _playing: str | None = None
     """The last turn whose audio was sent: what the caller may be hearing."""
-    _mark_count: int = 0
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """One write at a time on the call (the caller's audio and a barge-in come from two tasks)."""
 
@@ -247,7 +246,6 @@ class TwilioCall:
             self._marks.clear()
             self._turns = {audio.turn_id: turn}
         self._playing = audio.turn_id
-        self._mark_count += 1
         name = f"{audio.turn_id}/{audio.sequence}"
         self._marks[name] = (audio.turn_id, turn.sent_ms)
         if audio.data:

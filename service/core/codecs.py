@@ -98,6 +98,9 @@ def output_rate(encoding: Encoding, wanted_hz: int, native_hz: int) -> int:
 class StreamEncoder(Protocol):
     """One turn's audio stream."""
 
+    offload: bool
+    """Costly enough (2 to 3 ms a piece) to run off the event loop."""
+
     def encode(self, pcm: bytes) -> bytes:
         """The stream's bytes for this PCM16 (possibly none yet: a codec may hold part of a frame)."""
         ...
@@ -121,6 +124,8 @@ def stream_encoder(audio: AudioFormat, options: CodecOptions) -> StreamEncoder:
 
 
 class _Raw:
+    offload = False
+
     def encode(self, pcm: bytes) -> bytes:
         return pcm
 
@@ -129,6 +134,8 @@ class _Raw:
 
 
 class _Wav:
+    offload = False
+
     def __init__(self, rate: int) -> None:
         self._header: bytes | None = wav_stream_header(rate)
 
@@ -156,6 +163,7 @@ class _Codec:
         self._context.sample_rate = rate
         self._context.layout = "mono"
         self._planar = codec == "libmp3lame"  # LAME takes planar samples, G.711 interleaved
+        self.offload = self._planar  # MP3 costs; G.711 is a table lookup
         self._context.format = "s16p" if self._planar else "s16"
         if bitrate:
             self._context.bit_rate = bitrate
@@ -195,6 +203,8 @@ class _Sink(io.RawIOBase):
 
 
 class _OggOpus:
+    offload = True
+
     def __init__(self, rate: int, bitrate: int, application: str) -> None:
         self._sink = _Sink()
         # A page per packet (20 ms), not the muxer's default of a second.

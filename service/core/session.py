@@ -395,8 +395,7 @@ class Session:
         """What the client has played of the turn it may be hearing, when it has not said: the audio
         sent minus what it still holds (sent faster than real time), as if playback began with the
         first audio. A later ``interrupt`` with ``played_ms`` corrects it."""
-        turn = self._current if self._current is not None and self._current.state is not TurnState.TENTATIVE else None
-        turn = turn or self._heard
+        turn = self._current if self._current is not None and self._tentative() is None else self._heard
         if turn is None or turn.outlet.first_audio_at is None:
             return None
         lead = max(turn.outlet.client_lead_ms(time.monotonic()), 0.0)

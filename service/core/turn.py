@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from service.core.audio import AudioFormat, Encoding, LeadingSilence, SegmentEncoder
+from service.core.audio import AudioFormat, LeadingSilence, SegmentEncoder
 from service.core.codecs import CodecOptions, StreamEncoder, stream_encoder
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
@@ -131,7 +131,7 @@ class Turn:
         try:
             await self._send_in_order(ready, slots)
             await produce
-            if self._encoder is not None and (tail := await asyncio.to_thread(self._encoder.finish)):
+            if self._encoder is not None and (tail := await self._finish_encoding(self._encoder)):
                 await self._emit(AudioPiece(self.turn_id, self._last_segment, tail, 0.0))  # the stream's end
         finally:
             produce.cancel()
@@ -247,11 +247,15 @@ class Turn:
             spoken.complete = True
             slots.release()
 
+    @staticmethod
+    async def _finish_encoding(encoder: StreamEncoder) -> bytes:
+        return await asyncio.to_thread(encoder.finish) if encoder.offload else encoder.finish()
+
     async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
         if self._encoder is None:
             self._encoder = stream_encoder(self._format, self._options.codecs)
-        if self._format.encoding not in (Encoding.PCM16, Encoding.WAV):
+        if self._encoder.offload:
             # Opus and MP3 take 2 to 3 ms per piece (FFmpeg, without the GIL): off the event loop, so
             # that the pieces of a segment, ready at once, do not hold it while the first one waits to leave.
             data = await asyncio.to_thread(self._encoder.encode, data)

@@ -20,9 +20,10 @@ any utterance: on 2 cores, 0.6 s of the 0.8 s a 2-second question took. The enco
 as much of the window as the utterance needs (its length plus 3 s of padding, at least 10 s:
 :data:`MIN_WINDOW_FRAMES`, :data:`PAD_FRAMES`), and the decoder may write at most
 :data:`TOKENS_PER_SECOND` tokens per second of audio. Whisper repeats itself on a window cut much
-shorter (on 5 s windows it looped on 3 of 50 questions); with these bounds, on 50 spoken questions
-(two espeak-ng voices) the word error rate went from 0.152 to 0.114 and the median time from 0.81 s
-to 0.25 s (benchmarks/RESULTS.md).
+shorter (on 5 s windows it repeated sentences on several of 50 questions); with these bounds, on 50
+spoken questions (two espeak-ng voices, measured once on 2 cores) the word error rate went from 0.152
+to 0.114 and the median time from 0.81 s to 0.25 s. The voice benchmark (benchmarks/RESULTS.md, 3b)
+shows the effect end to end.
 """
 
 from __future__ import annotations

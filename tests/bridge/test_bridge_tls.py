@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from service.tls import ServerCertificates
-from tests.conftest import start_harness, stop_harness
+from tests.conftest import Harness, start_harness, stop_harness
 from tests.service.test_tls import make_ca, make_cert
 from ws_bridge.server import Bridge, BridgeOptions
 
@@ -29,22 +29,26 @@ async def talk(url: str, context: ssl.SSLContext) -> dict[str, object]:
         return json.loads(await ws.recv())
 
 
+def wss_options(harness: Harness, live: Path, ca: tuple[Path, Path], tmp_path: Path) -> BridgeOptions:
+    """A bridge serving wss with a certificate from ``ca``, copied to ``live``, where a renewal goes."""
+    live.mkdir()
+    cert, key = make_cert(tmp_path, "a", ca, server=True)
+    shutil.copy(cert, live / "cert.pem")
+    shutil.copy(key, live / "key.pem")
+    return BridgeOptions(
+        grpc_target=f"127.0.0.1:{harness.running.port}",
+        host="127.0.0.1",
+        port=0,
+        tls_cert_file=live / "cert.pem",
+        tls_key_file=live / "key.pem",
+    )
+
+
 async def test_wss_with_a_renewed_certificate(tmp_path: Path) -> None:
     harness = await start_harness()
     live = tmp_path / "live"
-    live.mkdir()
     first, second = make_ca(tmp_path, "first"), make_ca(tmp_path, "second")
-    for path in make_cert(tmp_path, "a", first, server=True):
-        shutil.copy(path, live / ("cert.pem" if path.suffix == ".pem" else "key.pem"))
-    bridge = await Bridge(
-        BridgeOptions(
-            grpc_target=f"127.0.0.1:{harness.running.port}",
-            host="127.0.0.1",
-            port=0,
-            tls_cert_file=live / "cert.pem",
-            tls_key_file=live / "key.pem",
-        )
-    ).start()
+    bridge = await Bridge(wss_options(harness, live, first, tmp_path)).start()
     url = f"wss://localhost:{bridge.port}/ws"
     try:
         assert "sessionStarted" in await talk(url, trusting(first[0]))
@@ -98,20 +102,8 @@ async def test_a_renewal_half_written_keeps_the_certificate_in_use(tmp_path: Pat
     in review: every later handshake failed)."""
     harness = await start_harness()
     live = tmp_path / "live"
-    live.mkdir()
     first, second = make_ca(tmp_path, "first"), make_ca(tmp_path, "second")
-    cert, key = make_cert(tmp_path, "a", first, server=True)
-    shutil.copy(cert, live / "cert.pem")
-    shutil.copy(key, live / "key.pem")
-    bridge = await Bridge(
-        BridgeOptions(
-            grpc_target=f"127.0.0.1:{harness.running.port}",
-            host="127.0.0.1",
-            port=0,
-            tls_cert_file=live / "cert.pem",
-            tls_key_file=live / "key.pem",
-        )
-    ).start()
+    bridge = await Bridge(wss_options(harness, live, first, tmp_path)).start()
     url = f"wss://localhost:{bridge.port}/ws"
     try:
         new_cert, _ = make_cert(tmp_path, "b", second, server=True)

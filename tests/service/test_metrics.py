@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from parley.v1 import voice_pb2 as pb
 from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
-from tests.service.test_voice import Reader, audio, voice_start
+from tests.service.test_voice import open_voice, say
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -33,14 +33,10 @@ async def test_turns_latencies_barge_ins_and_rejections_are_counted() -> None:
     h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), stt=FakeSTT(), metrics_port=port)
     try:
         await converse_all(h.stub, [start(), user("Hi?")])  # a completed turn
-        call = h.stub.Converse()  # a reply interrupted by the user's voice
-        await call.write(voice_start(silence_ms=300, min_speech_ms=100))
-        reader = Reader(call)
-        await reader.until("session_started")
+        call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)  # a reply interrupted by the user's voice
         await call.write(user("Tell me a story."))
         await reader.until("audio")
-        for request in audio(loud(300) + quiet(100)):
-            await call.write(request)
+        await say(call, loud(300) + quiet(100))
         await reader.until("turn_ended")
         await reader.stop()
         call.cancel()

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.core import tracing
 from tests.conftest import start_harness, stop_harness
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
-from tests.service.test_voice import Reader, audio, voice_start
+from tests.service.test_voice import open_voice, say
 
 EXPORTER = InMemorySpanExporter()
 
@@ -29,12 +29,8 @@ async def test_a_voice_turn_is_one_span_with_its_stages_as_children() -> None:
     EXPORTER.clear()
     h = await start_harness(FakeLLM(first_token_s=0.02), stt=FakeSTT())
     try:
-        call = h.stub.Converse()
-        await call.write(voice_start(silence_ms=300, min_speech_ms=100))
-        reader = Reader(call)
-        await reader.until("session_started")
-        for request in audio(quiet(200) + loud(600) + quiet(500)):
-            await call.write(request)
+        call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)
+        await say(call, quiet(200) + loud(600) + quiet(500))
         await reader.until("turn_ended")
         await reader.stop()
         call.cancel()

@@ -57,8 +57,7 @@ async def test_an_utterance_is_transcribed_and_answered(voiced: Harness) -> None
     await call.write(voice_start(silence_ms=300, min_speech_ms=100, prefix_padding_ms=200))
     seen: list[pb.ConverseResponse] = []
     await read_until(call, "session_started", seen)
-    for request in audio(quiet(500) + loud(800) + quiet(600)):
-        await call.write(request)
+    await say(call, quiet(500) + loud(800) + quiet(600))
     ended = await read_until(call, "turn_ended", seen)
     order = [k for k in kinds(seen) if k in ("speech_started", "speech_stopped", "transcript", "turn_ended")]
     assert order == ["speech_started", "speech_stopped", "transcript", "turn_ended"]
@@ -90,8 +89,7 @@ async def test_speech_during_a_reply_interrupts_it_at_once(voiced: Harness) -> N
     await read_until(call, "session_started", seen)
     await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a story.")))
     await read_until(call, "audio", seen)
-    for request in audio(loud(300)):
-        await call.write(request)
+    await say(call, loud(300))
     ended = await read_until(call, "turn_ended", seen)
     after_speech = kinds(seen)[kinds(seen).index("speech_started") :]
     assert "audio" not in after_speech  # nothing more of the reply once the user spoke
@@ -107,8 +105,7 @@ async def test_a_cough_neither_interrupts_nor_starts_a_turn(voiced: Harness) -> 
     await read_until(call, "session_started", seen)
     await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a story.")))
     await read_until(call, "audio", seen)
-    for request in audio(loud(120) + quiet(800)):  # a cough: 120 ms
-        await call.write(request)
+    await say(call, loud(120) + quiet(800))  # a cough: 120 ms
     ended = await read_until(call, "turn_ended", seen)
     assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
     assert "speech_started" not in kinds(seen) and voiced.stt.heard == []  # type: ignore[union-attr]
@@ -123,8 +120,7 @@ async def test_what_whisper_hears_in_noise_never_starts_a_turn(heard: str) -> No
         await call.write(voice_start(silence_ms=200, min_speech_ms=100))
         seen: list[pb.ConverseResponse] = []
         await read_until(call, "session_started", seen)
-        for request in audio(loud(300) + quiet(500)):
-            await call.write(request)
+        await say(call, loud(300) + quiet(500))
         await read_until(call, "speech_stopped", seen)
         await asyncio.sleep(0.3)  # the transcription is done by now
         await call.write(pb.ConverseRequest(user_text=pb.UserText(text="ping")))
@@ -142,14 +138,12 @@ async def test_manual_mode_waits_for_commit_and_clear_discards(voiced: Harness) 
     await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
     seen: list[pb.ConverseResponse] = []
     await read_until(call, "session_started", seen)
-    for request in audio(loud(400) + quiet(1500)):  # silence does not end a MANUAL utterance
-        await call.write(request)
+    await say(call, loud(400) + quiet(1500))  # silence does not end a MANUAL utterance
     await read_until(call, "speech_started", seen)
     await asyncio.sleep(0.2)
     assert "speech_stopped" not in kinds(seen)
     await call.write(pb.ConverseRequest(clear_audio=pb.ClearAudio()))
-    for request in audio(loud(300)):
-        await call.write(request)
+    await say(call, loud(300))
     await call.write(pb.ConverseRequest(commit_audio=pb.CommitAudio(turn_id="mine")))
     ended = await read_until(call, "turn_ended", seen)
     assert ended.turn_ended.turn_id == "mine"
@@ -166,8 +160,7 @@ async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_
         await call.write(voice_start(silence_ms=200, min_speech_ms=100))
         seen: list[pb.ConverseResponse] = []
         await read_until(call, "session_started", seen)
-        for request in audio(loud(300) + quiet(400)):
-            await call.write(request)
+        await say(call, loud(300) + quiet(400))
         ended = await read_until(call, "turn_ended", seen)
         assert ended.turn_ended.reason == pb.TURN_END_REASON_FAILED and "STT" in ended.turn_ended.error
         await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Still there?")))
@@ -262,6 +255,21 @@ async def test_a_detector_that_dies_fails_a_turn_once_and_the_stream_goes_on() -
         await stop_harness(h)
 
 
+async def say(call: grpc.aio.StreamStreamCall, pcm: bytes, chunk_ms: int = 100) -> None:
+    """Send ``pcm`` as ``user_audio`` in chunks of ``chunk_ms`` (faster than real time)."""
+    for request in audio(pcm, chunk_ms):
+        await call.write(request)
+
+
+async def open_voice(h: Harness, **detection: object) -> tuple[grpc.aio.StreamStreamCall, Reader]:
+    """A voice stream with ``detection``, read in the background, once its session has started."""
+    call = h.stub.Converse()
+    await call.write(voice_start(**detection))
+    reader = Reader(call)
+    await reader.until("session_started")
+    return call, reader
+
+
 class Reader:
     """Reads a stream in the background, keeping every response."""
 
@@ -287,17 +295,12 @@ class Reader:
 async def test_a_reply_prepared_during_a_pause_leaves_only_when_the_silence_confirms_the_end(
     voiced: Harness,
 ) -> None:
-    call = voiced.stub.Converse()
-    await call.write(voice_start(silence_ms=800, tentative_silence_ms=150, min_speech_ms=100))
-    reader = Reader(call)
-    await reader.until("session_started")
-    for request in audio(loud(600) + quiet(300)):
-        await call.write(request)
+    call, reader = await open_voice(voiced, silence_ms=800, tentative_silence_ms=150, min_speech_ms=100)
+    await say(call, loud(600) + quiet(300))
     await wait_for(lambda: voiced.llm.completed == 1)  # the whole reply was made while the user paused
     await asyncio.sleep(0.1)
     assert reader.kinds() == ["session_started", "speech_started"]  # none of it left
-    for request in audio(quiet(600)):
-        await call.write(request)
+    await say(call, quiet(600))
     await reader.until("turn_ended")
     order = [k for k in reader.kinds() if k != "text_delta"]
     assert order[:5] == ["session_started", "speech_started", "speech_stopped", "transcript", "segment"]
@@ -313,15 +316,10 @@ async def test_a_reply_prepared_during_a_pause_leaves_only_when_the_silence_conf
 async def test_speech_after_a_pause_discards_the_prepared_reply_without_a_trace(voiced: Harness) -> None:
     voiced.stt.texts = ["What is", "What is the weather like in Paris?"]  # type: ignore[union-attr]
     voiced.llm.token_s = 0.02
-    call = voiced.stub.Converse()
-    await call.write(voice_start(silence_ms=800, tentative_silence_ms=150, min_speech_ms=100))
-    reader = Reader(call)
-    await reader.until("session_started")
-    for request in audio(loud(500) + quiet(300)):
-        await call.write(request)
+    call, reader = await open_voice(voiced, silence_ms=800, tentative_silence_ms=150, min_speech_ms=100)
+    await say(call, loud(500) + quiet(300))
     await wait_for(lambda: len(voiced.llm.requests) == 1)  # a reply to "What is" is being prepared
-    for request in audio(loud(500) + quiet(1000)):  # ... but the user goes on
-        await call.write(request)
+    await say(call, loud(500) + quiet(1000))  # ... but the user goes on
     await reader.until("turn_ended")
     assert voiced.llm.cancelled >= 1 or voiced.llm.completed == 1
     transcripts = [r.transcript for r in reader.seen if r.WhichOneof("kind") == "transcript"]
@@ -342,12 +340,8 @@ async def test_speech_after_a_pause_discards_the_prepared_reply_without_a_trace(
 
 async def test_text_sent_during_a_pause_discards_the_prepared_reply(voiced: Harness) -> None:
     voiced.llm.token_s = 0.02
-    call = voiced.stub.Converse()
-    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
-    reader = Reader(call)
-    await reader.until("session_started")
-    for request in audio(loud(500) + quiet(300)):
-        await call.write(request)
+    call, reader = await open_voice(voiced, silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100)
+    await say(call, loud(500) + quiet(300))
     await wait_for(lambda: len(voiced.llm.requests) == 1)
     await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Never mind, tell me a joke.")))
     await reader.until("turn_ended")
@@ -360,12 +354,8 @@ async def test_text_sent_during_a_pause_discards_the_prepared_reply(voiced: Harn
 
 
 async def test_a_half_close_during_a_pause_answers_the_utterance_once(voiced: Harness) -> None:
-    call = voiced.stub.Converse()
-    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
-    reader = Reader(call)
-    await reader.until("session_started")
-    for request in audio(loud(500) + quiet(300)):
-        await call.write(request)
+    call, reader = await open_voice(voiced, silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100)
+    await say(call, loud(500) + quiet(300))
     await wait_for(lambda: len(voiced.llm.requests) == 1)
     await call.done_writing()
     await asyncio.wait_for(reader._task, 10)
@@ -384,12 +374,8 @@ async def test_a_stream_left_silent_during_a_pause_still_closes_as_idle() -> Non
         stt=FakeSTT(), defaults=SessionDefaults(outbox=OutboxLimits(max_message_ms=100), idle_timeout_s=1.0)
     )
     try:
-        call = h.stub.Converse()
-        await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
-        reader = Reader(call)
-        await reader.until("session_started")
-        for request in audio(loud(600) + quiet(300)):
-            await call.write(request)
+        call, reader = await open_voice(h, silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100)
+        await say(call, loud(600) + quiet(300))
         await wait_for(lambda: h.llm.completed == 1)  # the reply is ready, held; then nothing more comes
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await asyncio.wait_for(reader._task, 5)
@@ -403,12 +389,8 @@ async def test_a_client_turn_id_like_the_hidden_tentative_ones_is_accepted(voice
     """The client never saw the tentative turn's id: "turn-1" is free for it (found in review: the
     stream ended INVALID_ARGUMENT, the id "already used")."""
     voiced.llm.token_s = 0.02
-    call = voiced.stub.Converse()
-    await call.write(voice_start(silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100))
-    reader = Reader(call)
-    await reader.until("session_started")
-    for request in audio(loud(500) + quiet(300)):
-        await call.write(request)
+    call, reader = await open_voice(voiced, silence_ms=2000, tentative_silence_ms=150, min_speech_ms=100)
+    await say(call, loud(500) + quiet(300))
     await wait_for(lambda: len(voiced.llm.requests) == 1)
     await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Tell me a joke", turn_id="turn-1")))
     await reader.until("turn_ended")
@@ -424,15 +406,10 @@ async def test_end_of_speech_to_first_audio_counts_from_when_the_speech_ended(te
     transcription is posted (found in review: a later chunk's arrival was used, under-reporting)."""
     h = await start_harness(stt=FakeSTT(latency_s=1.0))
     try:
-        call = h.stub.Converse()
-        await call.write(voice_start(silence_ms=300, tentative_silence_ms=tentative_ms, min_speech_ms=100))
-        reader = Reader(call)
-        await reader.until("session_started")
-        for request in audio(loud(600) + quiet(400)):
-            await call.write(request)
+        call, reader = await open_voice(h, silence_ms=300, tentative_silence_ms=tentative_ms, min_speech_ms=100)
+        await say(call, loud(600) + quiet(400))
         await reader.until("speech_stopped")
-        for request in audio(quiet(6000), chunk_ms=10):  # the microphone goes on while Whisper works
-            await call.write(request)
+        await say(call, quiet(6000), chunk_ms=10)  # the microphone goes on while Whisper works
         await reader.until("turn_ended")
         ended = next(r.turn_ended for r in reader.seen if r.WhichOneof("kind") == "turn_ended")
         assert ended.timings.transcription_ms >= 1000
