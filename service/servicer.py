@@ -29,6 +29,7 @@ from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import SessionStarted, SpeechStarted, TurnEnded, TurnEndReason
 from service.core.hearing import VoiceInput
+from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
 from service.core.session import Ending, Session
@@ -163,6 +164,7 @@ class Writer:
                             deadline.reschedule(None)
                         self._written.set()
                     if isinstance(message, TurnEnded):
+                        LOG_TURN.set(message.turn_id)  # (this task's lines: the writer began before the session)
                         _log_turn(self._session_id(), message)
                         if self._metrics is not None:
                             barge_in = self._spoken_over and message.reason is TurnEndReason.INTERRUPTED
@@ -172,6 +174,7 @@ class Writer:
                         self._spoken_over = True
                     elif isinstance(message, SessionStarted):
                         self._encoding = message.audio.encoding.value
+                        LOG_SESSION.set(message.session_id[:8])
         except TimeoutError:
             raise ClientNotReading(
                 f"the client read nothing for {self._send_timeout_s:g} s while replies waited; the stream was closed"

@@ -18,6 +18,7 @@ async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("service")
     logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
     h = await start_harness(FakeLLM(), FakeTTS(fail_on="second"))
     try:
         responses = await converse_all(h.stub, [start(), user("Hi?")])
@@ -25,9 +26,12 @@ async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
         assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         await stop_harness(h)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     failed = next(line for line in lines if "failed" in line["message"] and line["level"] == "WARNING")
     assert failed["session"] == session_id[:8] and failed["turn"] == "turn-1"
     assert {"time", "level", "logger", "message"} <= set(failed)
+    ended = next(line for line in lines if line["logger"] == "service.servicer" and "turn turn-1" in line["message"])
+    assert ended["session"] == session_id[:8] and ended["turn"] == "turn-1"  # (written by the stream's writer)
     assert "Hi?" not in stream.getvalue()  # never what the user said
