@@ -18,7 +18,8 @@ async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("service")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (setLevel, not an assignment: it clears the loggers' level caches)
     h = await start_harness(FakeLLM(), FakeTTS(fail_on="second"))
     try:
         responses = await converse_all(h.stub, [start(), user("Hi?")])
