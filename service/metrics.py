@@ -7,16 +7,31 @@ a turn or a principal.
   ``parley_speech_end_to_first_audio_seconds`` and ``parley_transcription_seconds`` (voice turns),
   ``parley_turn_seconds`` (the whole turn).
 - Counters: ``parley_turns_total{reason}``, ``parley_engine_errors_total{engine,kind}``,
-  ``parley_barge_ins_total`` (a reply interrupted by the
-  user's voice), ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
-- Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit).
+  ``parley_engine_retries_total{engine}`` (provider requests tried again, before anything of them was
+  used), ``parley_barge_ins_total`` (a reply interrupted by the user's voice),
+  ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
+- Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit),
+  ``parley_held_sessions`` (sessions this process's streams hold) and ``parley_stored_sessions``
+  (sessions kept in this process, held or idle: the memory store only), and
+  ``parley_worker_threads_busy{pool}`` beside ``parley_worker_threads{pool}`` (the embedded engines'
+  and the codecs' thread pools: a pool whose threads are all busy is where turns wait).
+
+Retries and the pools are counted per process, and read at each scrape.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from service.core.events import TurnEnded
+from service.core.store import SessionStore
+from service.core.workpool import pools
+from service.engines.retry import retries
 
 __all__ = ["Metrics"]
 
@@ -27,7 +42,7 @@ _TURN_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 class Metrics:
     """One server's metrics, in their own registry."""
 
-    def __init__(self, llm_engine: str, tts_engine: str, stream_limit: int) -> None:
+    def __init__(self, llm_engine: str, tts_engine: str, stream_limit: int, store: SessionStore | None = None) -> None:
         self.registry = CollectorRegistry()
         names = ("llm", "tts", "encoding")
         self._llm, self._tts = llm_engine, tts_engine
@@ -77,6 +92,17 @@ class Metrics:
         self.stream_limit.set(stream_limit)
         for reason in ("completed", "interrupted", "failed"):
             self.turns.labels(reason)  # (every series exists from the start, at 0)
+        if store is not None:
+            Gauge(
+                "parley_held_sessions", "Sessions held by this process's streams.", registry=self.registry
+            ).set_function(lambda: store.counts()[0])
+            if store.counts()[1] is not None:
+                Gauge(
+                    "parley_stored_sessions",
+                    "Sessions kept in this process (the memory store), held or idle.",
+                    registry=self.registry,
+                ).set_function(lambda: store.counts()[1] or 0)
+        self.registry.register(_ProcessCollector())
 
     def serve(self, host: str, port: int) -> None:
         """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's)."""
@@ -100,3 +126,32 @@ class Metrics:
             self.speech_end_to_first_audio.labels(*labels).observe(timings.speech_end_to_first_audio_ms / 1000)
         if timings.transcription_ms:
             self.transcription.observe(timings.transcription_ms / 1000)
+
+
+class _ProcessCollector(Collector):
+    """What the process counts outside any one server: engine retries and its thread pools."""
+
+    def collect(self) -> Iterator[Metric]:
+        retried = CounterMetricFamily(
+            "parley_engine_retries",
+            "Provider requests tried again after a retryable error, before anything of them was used.",
+            labels=("engine",),
+        )
+        counts = retries()
+        for engine in ("llm", "tts", "stt"):
+            retried.add_metric((engine,), counts.get(engine, 0))
+        yield retried
+        busy = GaugeMetricFamily("parley_worker_threads_busy", "Threads of a pool running a job now.", labels=("pool",))
+        size = GaugeMetricFamily("parley_worker_threads", "Threads a pool may run.", labels=("pool",))
+        by_name: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for pool in pools():
+            by_name[pool.name][0] += pool.busy
+            by_name[pool.name][1] += pool.size
+        for name, (running, threads) in sorted(by_name.items()):
+            busy.add_metric((name,), running)
+            size.add_metric((name,), threads)
+        yield busy
+        yield size
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # (the pools come and go: collected at each scrape)

@@ -80,16 +80,17 @@ async def start_server(
     auth = Authenticator(keys, token_secret) if keys is not None else None
     interceptors = [AuthInterceptor(auth, open_reflection=open_reflection)] if auth is not None else []
     server = grpc.aio.server(interceptors=interceptors)
+    store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     servicer = VoiceServicer(
         llm,
         tts,
         defaults,
         limits,
-        store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S),
+        store,
         voice_input,
         auth,
         Quotas(quotas) if quotas is not None and quotas.any else None,
-        Metrics(llm.name, tts.name, limits.max_streams),
+        Metrics(llm.name, tts.name, limits.max_streams, store),
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

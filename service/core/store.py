@@ -117,3 +117,9 @@ class SessionStore(Protocol):
     async def aclose(self) -> None:
         """Release the store's connections."""
         ...
+
+    def counts(self) -> tuple[int, int | None]:
+        """Sessions held by this process's streams, and sessions kept in this process (held or idle;
+        None when they are kept elsewhere, as in Redis). Cheap: the metrics read it at each scrape,
+        from another thread."""
+        ...

@@ -30,6 +30,7 @@ from service.core.normalizer import speakable
 from service.core.outbox import Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.core.tracing import span
+from service.core.workpool import WorkPool
 from service.errors import TTSError
 
 __all__ = [
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_CODEC_POOL = WorkPool("codec", 4)
+"""Where Opus and MP3 are encoded (FFmpeg releases the GIL): off the event loop, shared by every stream."""
 
 _END = object()
 
@@ -249,7 +253,9 @@ class Turn:
 
     @staticmethod
     async def _finish_encoding(encoder: StreamEncoder) -> bytes:
-        return await asyncio.to_thread(encoder.finish) if encoder.offload else encoder.finish()
+        if not encoder.offload:
+            return encoder.finish()
+        return await asyncio.get_running_loop().run_in_executor(_CODEC_POOL, encoder.finish)
 
     async def _emit_audio(self, segment_index: int, data: bytes) -> None:
         count = len(data) // 2
@@ -258,7 +264,7 @@ class Turn:
         if self._encoder.offload:
             # Opus and MP3 take 2 to 3 ms per piece (FFmpeg, without the GIL): off the event loop, so
             # that the pieces of a segment, ready at once, do not hold it while the first one waits to leave.
-            data = await asyncio.to_thread(self._encoder.encode, data)
+            data = await asyncio.get_running_loop().run_in_executor(_CODEC_POOL, self._encoder.encode, data)
         else:
             data = self._encoder.encode(data)
         self._timeline_samples += count

@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.core.engine import LLMRequest, LLMUsage, Message, chat_content
+from service.core.workpool import WorkPool
 from service.engines.cpu import CpuShare
 from service.engines.threaded import iterate_in_thread
 from service.errors import LLMError
@@ -127,7 +127,7 @@ class LocalLLM:
             raise LLMError(f"cannot load the GGUF model {options.model_path}: {error}") from error
         self._options = options
         self._chat_template = bool(self._llama.metadata.get("tokenizer.chat_template"))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._executor = WorkPool("llama", 1)
         self.name = f"local/{options.model_path.name}"
         if options.warm_system_prompt is not None:
             self._warm(options.warm_system_prompt)

@@ -42,7 +42,7 @@ class OpenAILLM:
 
     def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMUsage, None]:
         """Yield the reply's deltas, then its usage. Safe to cancel: the HTTP response is closed."""
-        return retrying(lambda: self._attempt(request), self._options.retry, f"LLM request to {self.name}")
+        return retrying(lambda: self._attempt(request), self._options.retry, f"LLM request to {self.name}", "llm")
 
     async def aclose(self) -> None:
         await self._client.close()

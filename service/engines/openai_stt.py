@@ -71,7 +71,9 @@ class OpenAISTT:
         language = language or self._options.language or None
         if not pcm:
             return Transcription("", language or "", 1.0)  # nothing to send: no speech, surely
-        attempts = retrying(lambda: self._attempt(pcm, language), self._options.retry, f"transcription ({self.name})")
+        attempts = retrying(
+            lambda: self._attempt(pcm, language), self._options.retry, f"transcription ({self.name})", "stt"
+        )
         async with contextlib.aclosing(attempts):
             async for transcription in attempts:
                 return transcription

@@ -57,7 +57,7 @@ class OpenAITTS:
 
     def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
         """Yield ``text`` spoken, as the server streams it. Safe to cancel: the response is closed."""
-        return retrying(lambda: self._attempt(text, voice), self._options.retry, f"speech request ({voice})")
+        return retrying(lambda: self._attempt(text, voice), self._options.retry, f"speech request ({voice})", "tts")
 
     async def aclose(self) -> None:
         await self._client.close()

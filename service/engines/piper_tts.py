@@ -15,12 +15,12 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.core.engine import Audio, Voice
+from service.core.workpool import WorkPool
 from service.engines.cpu import CpuShare
 from service.engines.threaded import iterate_in_thread
 from service.errors import TTSError
@@ -77,7 +77,7 @@ class PiperTTS:
             self._load(path, options.threads)
         self._default = _voice_id(options.voice_path)
         self._cpu = options.cpu
-        self._executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="piper")
+        self._executor = WorkPool("piper", options.workers)
 
     @property
     def default_voice(self) -> str:

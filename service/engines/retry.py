@@ -3,12 +3,14 @@
 A provider request that fails with a retryable error (429, 5xx, a lost connection, a stall) is tried
 again with exponential backoff and jitter, waiting at least what its Retry-After asked, a bounded
 number of times, but only while nothing of it has been yielded: once text or audio went out, a retry
-would repeat it, so the error ends the turn instead.
+would repeat it, so the error ends the turn instead. Each retry is counted by engine
+(:func:`retries`, exported as ``parley_engine_retries_total{engine}``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -18,11 +20,18 @@ from typing import TypeVar
 
 from service.errors import EngineError
 
-__all__ = ["RetryPolicy", "retrying", "stall_guard"]
+__all__ = ["RetryPolicy", "retries", "retrying", "stall_guard"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_RETRIES: collections.Counter[str] = collections.Counter()
+
+
+def retries() -> dict[str, int]:
+    """Retries so far in this process, by engine (``llm``, ``tts``, ``stt``)."""
+    return dict(_RETRIES)
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,11 @@ class RetryPolicy:
 
 
 async def retrying(
-    open_stream: Callable[[], AsyncGenerator[T, None]], policy: RetryPolicy, what: str
+    open_stream: Callable[[], AsyncGenerator[T, None]], policy: RetryPolicy, what: str, engine: str
 ) -> AsyncGenerator[T, None]:
     """Yield ``open_stream()``'s items, opening it again after a retryable error that came before its
-    first item. Safe to cancel; each attempt's stream is closed before the next begins."""
+    first item (counted as a retry of ``engine``). Safe to cancel; each attempt's stream is closed
+    before the next begins."""
     failures = 0
     while True:
         started = False
@@ -69,6 +79,7 @@ async def retrying(
                     raise type(error)(f"{error} (gave up after {failures} tries)") from error
                 raise
             log.warning("%s failed (%s); try %d of %d in %.2f s", what, error, failures + 1, policy.attempts, delay)
+            _RETRIES[engine] += 1
             await asyncio.sleep(delay)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime
 
+from service.core.workpool import WorkPool
 from service.errors import VADError
 
 __all__ = ["SileroFrames", "SileroOptions", "SileroVAD", "default_model_path"]
@@ -83,7 +83,7 @@ class SileroVAD:
 
     def __init__(self, options: SileroOptions) -> None:
         self._session = _load(options.model_path)
-        self._executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="silero-vad")
+        self._executor = WorkPool("silero-vad", options.workers)
 
     @property
     def sample_rate_hz(self) -> int:
@@ -107,7 +107,7 @@ class SileroFrames:
     Feeds are scored in the order they were called, even when one is called before the last returned.
     """
 
-    def __init__(self, session: onnxruntime.InferenceSession, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, session: onnxruntime.InferenceSession, executor: WorkPool) -> None:
         self._session = session
         self._executor = executor
         self._lock = asyncio.Lock()  # one scoring at a time: each starts from the state the last left

@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,6 +45,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 
 from service.core.engine import Transcription
+from service.core.workpool import WorkPool
 from service.errors import STTError
 
 __all__ = [
@@ -187,7 +187,7 @@ class WhisperSTT:
         self._options = options
         self._default_language = self._checked(options.language)
         self.name = f"whisper/{path.name.removeprefix('whisper-')}"
-        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+        self._executor: WorkPool | None = WorkPool("whisper", 1)
         began = time.perf_counter()
         try:
             self._decode(bytes(SAMPLE_RATE_HZ // 2 * 2), None, threading.Event())  # half a second of silence

@@ -133,6 +133,10 @@ class MemoryStore:
             self._idle[claim.session_id] = _idle(record.data, self._clock() + self._ttl_s)  # most recent end
         claim.released.set()
 
+    def counts(self) -> tuple[int, int | None]:
+        held = len(self._held)
+        return held, held + len(self._idle)
+
     async def aclose(self) -> None:
         self._idle.clear()
         self._held.clear()

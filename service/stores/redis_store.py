@@ -160,6 +160,9 @@ class RedisStore:
         finally:
             claim.released.set()
 
+    def counts(self) -> tuple[int, int | None]:
+        return len(self._claims), None  # (the stored ones are Redis's to count, shared by every replica)
+
     async def aclose(self) -> None:
         for task in (self._listener, self._renewer):
             if task is not None:

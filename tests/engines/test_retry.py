@@ -61,7 +61,7 @@ class Flaky:
 
 
 async def collect(flaky: Flaky) -> list[str]:
-    return [item async for item in retrying(flaky.stream, POLICY, "test")]
+    return [item async for item in retrying(flaky.stream, POLICY, "test", "llm")]
 
 
 async def test_a_retryable_failure_before_the_first_item_is_retried() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.request
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parley.v1 import voice_pb2 as pb
-from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user
+from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 from tests.service.test_voice import open_voice, say
 
@@ -22,7 +23,9 @@ def scrape(port: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = ",".join(
-                f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "status", "engine", "kind")
+                f"{k}={v}"
+                for k, v in sorted(sample.labels.items())
+                if k in ("reason", "status", "engine", "kind", "pool")
             )
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
@@ -70,3 +73,72 @@ async def test_a_turn_failed_by_an_engine_is_counted_by_engine() -> None:
         await stop_harness(h)
     assert samples["parley_engine_errors_total{engine=tts,kind=permanent}"] == 1
     assert samples["parley_turns_total{reason=failed}"] == 1
+
+
+async def test_sessions_held_and_stored_are_gauged() -> None:
+    port = free_port()
+    h = await start_harness(FakeLLM(), metrics_port=port)
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.read()  # session_started: the stream holds its session
+        held = await asyncio.to_thread(scrape, port)
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+        await asyncio.sleep(0.1)
+        released = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    assert (held["parley_held_sessions"], held["parley_stored_sessions"]) == (1, 1)
+    assert (released["parley_held_sessions"], released["parley_stored_sessions"]) == (0, 1)  # kept, idle
+
+
+async def test_busy_worker_threads_are_gauged_by_pool() -> None:
+    from service.core.workpool import WorkPool
+
+    port = free_port()
+    h = await start_harness(FakeLLM(), metrics_port=port)
+    pool = WorkPool("test-pool", 3)
+    release = threading.Event()
+    try:
+        jobs = [asyncio.get_running_loop().run_in_executor(pool, release.wait, 5) for _ in range(2)]
+        await wait_for(lambda: pool.busy == 2)
+        busy = await asyncio.to_thread(scrape, port)
+        release.set()
+        await asyncio.gather(*jobs)
+        idle = await asyncio.to_thread(scrape, port)
+    finally:
+        release.set()
+        pool.shutdown()
+        await stop_harness(h)
+    assert busy["parley_worker_threads_busy{pool=test-pool}"] == 2
+    assert busy["parley_worker_threads{pool=test-pool}"] == 3
+    assert idle["parley_worker_threads_busy{pool=test-pool}"] == 0
+    from service.core.workpool import pools
+
+    assert all(p.name != "test-pool" for p in pools())  # a pool shut down is no longer reported
+
+
+async def test_provider_retries_are_counted_by_engine() -> None:
+    from tests.engines.test_openai import openai_llm, openai_tts
+    from tests.fake_openai import FakeOpenAI, Plan
+
+    fake = FakeOpenAI().start()
+    port = free_port()
+    h = await start_harness(openai_llm(fake), openai_tts(fake), metrics_port=port)  # type: ignore[arg-type]
+    try:
+        before = await asyncio.to_thread(scrape, port)
+        fake.plan_chat(Plan(status=503, error_message="Overloaded"))
+        fake.plan_speech(Plan(status=502, error_message="Bad gateway"), Plan(hang_up=True))
+        responses = await converse_all(h.stub, [start(), user("Hi?")])
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+        after = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+        fake.stop()
+    retried = {
+        e: after[f"parley_engine_retries_total{{engine={e}}}"] - before[f"parley_engine_retries_total{{engine={e}}}"]
+        for e in ("llm", "tts", "stt")
+    }
+    assert retried == {"llm": 1, "tts": 2, "stt": 0}

@@ -1,0 +1,66 @@
+"""Thread pools that say how busy they are.
+
+The embedded engines (llama.cpp, Piper, Whisper, Silero VAD) and the codecs run their blocking work
+on threads. A :class:`WorkPool` is a :class:`~concurrent.futures.ThreadPoolExecutor` that counts the
+threads running a job right now, and every pool made is listed by :func:`pools`, so that the metrics
+can report ``parley_worker_threads_busy{pool}`` beside each pool's size: a pool whose threads are all
+busy is where turns queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+__all__ = ["WorkPool", "pools"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_POOLS: weakref.WeakSet[WorkPool] = weakref.WeakSet()
+_POOLS_LOCK = threading.Lock()
+
+
+class WorkPool(ThreadPoolExecutor):
+    """A thread pool named ``name`` (its threads are named after it) that counts its busy threads."""
+
+    def __init__(self, name: str, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=name)
+        self.name = name
+        self.size = max_workers
+        self._busy = 0
+        self._lock = threading.Lock()
+        with _POOLS_LOCK:
+            _POOLS.add(self)
+
+    @property
+    def busy(self) -> int:
+        """Threads running a job now."""
+        return self._busy
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        def counted() -> T:
+            with self._lock:
+                self._busy += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+        return super().submit(counted)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with _POOLS_LOCK:
+            _POOLS.discard(self)
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def pools() -> list[WorkPool]:
+    """The pools in use (not shut down), by name."""
+    with _POOLS_LOCK:
+        found: list[Any] = list(_POOLS)
+    return sorted(found, key=lambda pool: pool.name)
