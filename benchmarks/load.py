@@ -160,7 +160,9 @@ class LoadResult:
 async def _stream(
     target: str, message: str, turns: int, ready: asyncio.Barrier, result: LoadResult, live: list[int], deadline: float
 ) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+    # One connection per stream, as separate users have: gRPC otherwise shares one connection between
+    # channels to the same target, and every stream would reach the same worker.
+    async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
         await call.write(pb.ConverseRequest(start=pb.Start()))
         await call.read()
