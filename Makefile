@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 run: setup
 	@$(PY) scripts/run.py
 
-# Debian packages the tests drive: Chromium (Playwright cannot download browsers here), Redis, and
-# openssl (the TLS tests make a CA with it).
-TEST_PACKAGES := chromium redis-server openssl
+# Debian packages the tests and benchmarks drive: Chromium (Playwright cannot download browsers
+# here), Redis, openssl (the TLS tests make a CA with it), and gRPC C++ with a compiler (the compiled
+# load generator, benchmarks/loadgen/).
+TEST_PACKAGES := chromium redis-server openssl g++ pkg-config libgrpc++-dev protobuf-compiler-grpc
 system-deps:
-	@missing=""; for p in $(TEST_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "==> installing Debian packages for the tests:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -51,7 +53,7 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy scripts/run.py
 
-bench: setup
+bench: setup system-deps
 	$(PY) -m benchmarks.bench
 
 # Parley against a Pipecat pipeline on the same models (benchmarks/PEERS.md). Pipecat and the shared

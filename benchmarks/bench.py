@@ -3,10 +3,13 @@
     python -m benchmarks.bench [--profile cloud] [--concurrency 1,50,200] [--turns 3]
                                [--duration 600] [--no-embedded] [--out benchmarks/RESULTS.md]
                                [--compare REV] [--extras full|quick|none] [--only voice]
+                               [--generator compiled|python]
 
 1. Service overhead on time to first audio: scripted engines with a known latency profile, so each
    turn's ideal first audio is computable; measured (at the client, through gRPC on loopback) minus
-   ideal, at each concurrency, each stream doing several turns.
+   ideal, at each concurrency, each stream doing several turns. The load is driven by a compiled load
+   generator (``benchmarks/loadgen/``, gRPC C++, built on first use; ``--generator python`` drives it
+   from this process instead), which costs a fraction of the service's CPU.
 2. Streaming versus sequential: the same profile and replies (short: one sentence; long: about 150
    words) through Parley and through a naive sequential baseline (whole LLM reply, then whole TTS).
 3. The embedded engines on this machine: ten questions on the local LLM and Piper; then voice to
@@ -16,8 +19,9 @@
    bytes per second, encoder CPU; ``benchmarks/encodings.py``; alone: ``--only encodings``).
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
    turn, and whether audio arrived in order without gaps. With ``--extras full`` (``make bench``), one
-   service process against one per core (``PARLEY_WORKERS``) at 200 and 500 streams, sessions in a
-   Redis started for it (``benchmarks/workers.py``; alone: ``--only workers``).
+   service process against one per core (``PARLEY_WORKERS``) at 200 and 500 streams, and the largest
+   stream count meeting the overhead target for each, sessions in a Redis started for it
+   (``benchmarks/workers.py``; alone: ``--only workers``).
 5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
    temporary git worktree, run by the same harness, the two alternating at each concurrency), so a
    change is judged before and after in one run.
@@ -52,6 +56,7 @@ MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, p
 
 async def overhead(args: argparse.Namespace, report: Report, deadline: float, baseline: Path | None) -> None:
     ideal = load.ideal_first_audio_ms(args.profile, MESSAGES["medium"])
+    compiled = args.generator == "compiled"
     with contextlib.ExitStack() as stack:
         service = stack.enter_context(load.ServiceProcess(args.profile, max(args.concurrency) + 10))
         before = None
@@ -61,7 +66,7 @@ async def overhead(args: argparse.Namespace, report: Report, deadline: float, ba
             if each is not None:
                 await each.wait_ready()
                 # Warm up: the first turns pay for imports and connection set-up.
-                await load.run_load(each, 2, 1, MESSAGES["medium"], deadline)
+                await load.run_load(each, 2, 1, MESSAGES["medium"], deadline, compiled=compiled)
         for round_, concurrency in enumerate(args.concurrency):
             if time.monotonic() > deadline:
                 report.note(f"stopped before concurrency {concurrency}: --duration reached")
@@ -70,7 +75,9 @@ async def overhead(args: argparse.Namespace, report: Report, deadline: float, ba
             if round_ % 2:
                 runs.reverse()  # neither always goes first
             for label, each in runs:
-                result = await load.run_load(each, concurrency, args.turns, MESSAGES["medium"], deadline)
+                result = await load.run_load(
+                    each, concurrency, args.turns, MESSAGES["medium"], deadline, compiled=compiled
+                )
                 if label == "after":
                     report.add_load(result, ideal)
                 if before is not None:
@@ -123,7 +130,10 @@ WORKERS_TITLE = "4b. One process or one per core (PARLEY_WORKERS)"
 
 async def workers_stage(args: argparse.Namespace, report: Report, deadline: float) -> None:
     try:
-        report.add_section(WORKERS_TITLE, await workers.measure(args.profile, MESSAGES["medium"], args.turns, deadline))
+        measured = await workers.measure(
+            args.profile, MESSAGES["medium"], args.turns, deadline, compiled=args.generator == "compiled"
+        )
+        report.add_section(WORKERS_TITLE, measured)
     except Exception as error:  # the other stages' figures still count
         report.note(f"workers: failed ({type(error).__name__}: {error})")
 
@@ -170,6 +180,7 @@ async def main_async(args: argparse.Namespace) -> Report:
         command=" ".join(["python -m benchmarks.bench", *sys.argv[1:]]),
         profile=args.profile,
         turns=args.turns,
+        generator=args.generator,
     )
     if args.only == "voice":
         await voice_stage(report)
@@ -215,6 +226,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=["voice", "encodings", "workers"],
         help="run one stage alone (merged into --out in place of its old section)",
+    )
+    parser.add_argument(
+        "--generator",
+        default="compiled",
+        choices=["compiled", "python"],
+        help="the load generator: compiled (benchmarks/loadgen/, gRPC C++; default) or python (grpc.aio)",
     )
     parser.add_argument("--chart", default=None, help="the PNG chart (default: beside the report)")
     args = parser.parse_args(argv)

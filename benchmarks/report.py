@@ -33,6 +33,8 @@ class Report:
     command: str
     profile: str
     turns: int
+    generator: str = "compiled"
+    """The load generator of stages 1, 2 and 4: ``compiled`` (benchmarks/loadgen/) or ``python``."""
     loads: list[tuple[LoadResult, float]] = field(default_factory=list)
     streams: list[tuple[str, list[float], list[float]]] = field(default_factory=list)
     embedded: list[EmbeddedTurn] = field(default_factory=list)
@@ -96,8 +98,13 @@ class Report:
             "loopback, service in its own process) minus the ideal first audio the profile allows "
             f"({self.loads[0][1]:.0f} ms for the reply used). Server-side: the service's own `first_audio_ms` "
             "minus the same ideal. Streams open together, start their first turn spread over a ramp of "
-            "10 ms per stream (at most 2 s), and pause 0 to 300 ms between turns; the load generator is a "
-            "Python process on the same 2 cores.",
+            "10 ms per stream (at most 2 s), and pause 0 to 300 ms between turns, each on its own connection; "
+            + (
+                "the load generator is compiled (`benchmarks/loadgen/`, gRPC C++, one thread for every stream)"
+                if self.generator == "compiled"
+                else "the load generator is this Python process (grpc.aio)"
+            )
+            + ", on the same cores (its share of the machine is in section 4).",
             "",
             "| streams | turns | overhead p50 | p95 | p99 | server-side p50 | p99 | first audio p50 | failed |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -146,7 +153,8 @@ class Report:
             "",
             "Resident memory of the service process (VmRSS) before the run and at its peak, sampled every "
             "100 ms; CPU is the service process's user+system time over the run, also shown as a share of "
-            "one core over the run's wall time, beside the load generator's own share (same machine).",
+            "one core over the run's wall time, beside the load generator's own share of one core (same "
+            "machine).",
             "",
             "| streams | held at once | RSS idle | RSS peak | per active stream | CPU per turn "
             "| service CPU | load generator CPU | audio in order, no gaps |",

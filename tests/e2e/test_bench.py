@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,3 +64,49 @@ def test_every_benchmark_module_imports() -> None:
     import benchmarks.segmenter_stall
 
     assert benchmarks.bench and benchmarks.embedded and benchmarks.memory_soak and benchmarks.segmenter_stall
+
+
+def _compiled_generator() -> None:
+    from benchmarks import compiled
+
+    try:
+        compiled.build()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+
+
+async def test_the_compiled_load_generator_holds_the_same_conversations_as_the_python_one() -> None:
+    from benchmarks import load
+
+    await asyncio.to_thread(_compiled_generator)
+    message = "What is the capital of France?"
+    ideal = load.ideal_first_audio_ms("quick", message)
+    with load.ServiceProcess("quick", 20) as service:
+        await service.wait_ready()
+        deadline = time.monotonic() + 60
+        results = {
+            kind: await load.run_load(service, 5, 2, message, deadline, compiled=kind == "compiled")
+            for kind in ("compiled", "python")
+        }
+    for kind, result in results.items():
+        assert result.errors == [], kind
+        assert len(result.turns) == 10 and result.peak_streams >= 1, kind
+        for turn in result.turns:
+            assert turn.reason == "TURN_END_REASON_COMPLETED" and turn.in_order, kind
+            assert turn.first_audio_ms >= ideal - 1 and turn.server_first_audio_ms >= ideal - 1, kind
+        assert result.client_cpu_s > 0 and result.cpu_s > 0, kind
+    # The same replies, cut the same way: as many audio messages per turn, give or take merging.
+    counts = {kind: sum(t.audio_messages for t in r.turns) / len(r.turns) for kind, r in results.items()}
+    assert counts["compiled"] == pytest.approx(counts["python"], rel=0.5)
+
+
+async def test_the_compiled_load_generator_reports_streams_that_cannot_open() -> None:
+    from benchmarks import compiled, load
+
+    await asyncio.to_thread(_compiled_generator)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = load.LoadResult(3)
+    await asyncio.wait_for(compiled.drive(f"127.0.0.1:{port}", 3, 2, "Hi", time.monotonic() + 30, result), timeout=60)
+    assert result.turns == [] and len(result.errors) == 3
