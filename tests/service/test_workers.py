@@ -94,3 +94,18 @@ def test_several_workers_refuse_the_memory_store() -> None:
     )
     assert result.returncode == 2
     assert "several workers need a session store they share: set PARLEY_SESSION_STORE=redis" in result.stderr
+
+
+def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
+    import gc
+
+    from service.__main__ import settle_memory
+
+    loaded = [[n] for n in range(1000)]  # (stands for the engines, loaded before serving)
+    try:
+        settle_memory()
+        assert gc.get_freeze_count() >= len(loaded)
+        scanned = {id(o) for generation in range(3) for o in gc.get_objects(generation=generation)}
+        assert all(gc.is_tracked(o) and id(o) not in scanned for o in loaded)
+    finally:
+        gc.unfreeze()
