@@ -9,7 +9,9 @@
 // One thread drives every stream through one completion queue (gRPC's asynchronous API, with alarms
 // for the ramp and the pauses): no thread per stream, no thread switch per message.
 //
-// Output, on stdout, one JSON object per line: {"turn": {...}} per turn, {"error": "..."} per stream
+// Output, on stdout, one JSON object per line: {"turn": {...}} per turn (its first audio at the client,
+// the server's own first_audio_ms, its audio messages, whether they came in order, how it ended, its
+// index in its stream and when it was sent, from the start), {"error": "..."} per stream
 // that failed, and last {"done": {...}} with this process's CPU time and the wall time.
 
 #include <grpcpp/alarm.h>
@@ -129,7 +131,8 @@ class Stream {
 
 class Run {
  public:
-  explicit Run(const Options& options) : options(options), deadline(after(options.deadline_s)) {}
+  explicit Run(const Options& options)
+      : options(options), began(Clock::now()), deadline(after(options.deadline_s)) {}
 
   void Main() {
     std::random_device seeds;
@@ -171,6 +174,7 @@ class Run {
   }
 
   const Options& options;
+  const Clock::time_point began;
   const Clock::time_point deadline;
   grpc::CompletionQueue queue;
   int peak = 0;
@@ -285,9 +289,10 @@ void Stream::Proceed(Step step, bool ok) {
         const auto& ended = response_.turn_ended();
         std::printf(
             "{\"turn\": {\"first_audio_ms\": %.3f, \"server_first_audio_ms\": %lld, \"audio_messages\": %ld, "
-            "\"in_order\": %s, \"reason\": \"%s\"}}\n",
+            "\"in_order\": %s, \"reason\": \"%s\", \"index\": %d, \"sent_s\": %.3f}}\n",
             first_audio_ms_, static_cast<long long>(ended.timings().first_audio_ms()), audio_messages_,
-            in_order_ ? "true" : "false", parley::v1::TurnEndReason_Name(ended.reason()).c_str());
+            in_order_ ? "true" : "false", parley::v1::TurnEndReason_Name(ended.reason()).c_str(), turns_done_,
+            std::chrono::duration<double>(sent_ - run_.began).count());
         ++turns_done_;
         alarm_.Set(&run_.queue, alarm_after(std::uniform_real_distribution<>(0, 0.3)(random_)), TagFor(Step::kPaused));
         return;
