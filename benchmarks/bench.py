@@ -16,7 +16,9 @@
    voice: the same questions spoken by espeak-ng, streamed in real time through Silero VAD and
    Whisper (``benchmarks/voice.py``). ``--only voice`` runs that alone and puts its section into
    the existing report in place of the old one. Then the output encodings beside PCM16 (first audio,
-   bytes per second, encoder CPU; ``benchmarks/encodings.py``; alone: ``--only encodings``).
+   bytes per second, encoder CPU; ``benchmarks/encodings.py``; alone: ``--only encodings``). Then a
+   replica as the manifest runs it: its memory at rest with every model loaded, and first audio with
+   1 to 8 streams asking at once (``benchmarks/replica.py``; alone: ``--only replica``).
 4. Capacity and memory: streams held at once, resident memory per active stream above idle, CPU per
    turn, and whether audio arrived in order without gaps. With ``--extras full`` (``make bench``), one
    service process against one per core (``PARLEY_WORKERS``) at 200 and 500 streams, and the largest
@@ -48,7 +50,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks import embedded, encodings, load, voice, workers
+from benchmarks import embedded, encodings, load, replica, voice, workers
 from benchmarks.report import Report
 
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
@@ -126,6 +128,7 @@ async def streaming(args: argparse.Namespace, report: Report, deadline: float) -
 
 ENCODINGS_TITLE = "3c. Output encodings (Piper, speak_text)"
 WORKERS_TITLE = "4b. One process or one per core (PARLEY_WORKERS)"
+REPLICA_TITLE = "3d. A replica on the embedded engines: memory and conversations at once"
 
 
 async def workers_stage(args: argparse.Namespace, report: Report, deadline: float) -> None:
@@ -136,6 +139,13 @@ async def workers_stage(args: argparse.Namespace, report: Report, deadline: floa
         report.add_section(WORKERS_TITLE, measured)
     except Exception as error:  # the other stages' figures still count
         report.note(f"workers: failed ({type(error).__name__}: {error})")
+
+
+async def replica_stage(report: Report, deadline: float) -> None:
+    try:
+        report.add_section(REPLICA_TITLE, await replica.measure(deadline))
+    except Exception as error:  # the other stages' figures still count
+        report.note(f"replica: failed ({type(error).__name__}: {error})")
 
 
 async def encodings_stage(report: Report) -> None:
@@ -191,6 +201,9 @@ async def main_async(args: argparse.Namespace) -> Report:
     if args.only == "workers":
         await workers_stage(args, report, deadline)
         return report
+    if args.only == "replica":
+        await replica_stage(report, deadline)
+        return report
     with contextlib.ExitStack() as stack:
         baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
         await overhead(args, report, deadline, baseline)
@@ -201,6 +214,7 @@ async def main_async(args: argparse.Namespace) -> Report:
         report.add_embedded(await embedded.measure(10))
         await voice_stage(report)
         await encodings_stage(report)
+        await replica_stage(report, deadline)
     if args.extras != "none":
         await extras(args, report)
     return report
@@ -224,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        choices=["voice", "encodings", "workers"],
+        choices=["voice", "encodings", "workers", "replica"],
         help="run one stage alone (merged into --out in place of its old section)",
     )
     parser.add_argument(
@@ -250,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         report.merge_section(out, ENCODINGS_TITLE)
     elif args.only == "workers":
         report.merge_section(out, WORKERS_TITLE)
+    elif args.only == "replica":
+        report.merge_section(out, REPLICA_TITLE)
     else:
         report.write(out, chart)
     print(out.read_text())

@@ -70,6 +70,7 @@ class Row:
     generator_share: float
     rss_idle_mb: float
     rss_peak_mb: float
+    cpu_per_turn_ms: float
 
     @property
     def meets(self) -> bool:
@@ -80,7 +81,7 @@ class Row:
         return (
             f"| {self.workers} | {self.streams} | {self.turns} | {self.p50_ms:.1f} ms | {self.p99_ms:.1f} ms "
             f"| {'yes' if self.meets else 'no'} | {self.failed} | {self.service_share:.0%} "
-            f"| {self.generator_share:.0%} "
+            f"| {self.generator_share:.0%} | {self.cpu_per_turn_ms:.1f} ms "
             f"| {self.rss_idle_mb:.0f} MB | {self.rss_peak_mb:.0f} MB | {per_stream_kb:.0f} KB |"
         )
 
@@ -111,6 +112,7 @@ async def _run(
         result.client_cpu_s / wall / cores,
         result.rss_idle_mb,
         result.rss_peak_mb,
+        result.cpu_s * 1000 / max(1, len(result.turns)),
     )
 
 
@@ -180,8 +182,8 @@ async def measure(
         "and at the run's peak, and the peak above rest per stream.",
         "",
         "| workers | streams | turns | overhead p50 | p99 | meets the target | failed | service's share "
-        "| load generator's share | RSS at rest | RSS peak | per stream |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| load generator's share | service CPU per turn | RSS at rest | RSS peak | per stream |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         *(row.markdown() for row in rows),
         "",
         *(
