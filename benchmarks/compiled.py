@@ -10,10 +10,13 @@ CPU, so that on a small machine the cores go to the service being measured. It n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,58 +31,80 @@ SOURCE = ROOT / "benchmarks" / "loadgen" / "loadgen.cc"
 PROTO = ROOT / "protos" / "parley" / "v1" / "voice.proto"
 BUILD = ROOT / "build" / "loadgen"
 PACKAGES = "g++ pkg-config libgrpc++-dev protobuf-compiler-grpc"
+COMPILE = ("g++", "-O2", "-std=c++20")
 
 
 def build() -> Path:
-    """The generator's executable, compiled if it is missing or older than its sources. Raises
-    RuntimeError saying what to install when a tool is missing, or what the compiler said."""
+    """The generator's executable, compiled if it is missing or was built from other sources, flags
+    or gRPC. Raises RuntimeError saying what to install when a tool is missing, or what the compiler
+    said."""
     binary = BUILD / "loadgen"
-    if binary.exists() and binary.stat().st_mtime > max(SOURCE.stat().st_mtime, PROTO.stat().st_mtime):
-        return binary
     missing = [tool for tool in ("g++", "pkg-config", "protoc", "grpc_cpp_plugin") if shutil.which(tool) is None]
     if not missing and subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode != 0:
         missing.append("grpc++ (pkg-config)")
     if missing:
-        raise RuntimeError(f"the compiled load generator needs {', '.join(missing)}: apt-get install {PACKAGES}")
-    BUILD.mkdir(parents=True, exist_ok=True)
-    plugin = shutil.which("grpc_cpp_plugin")
+        raise RuntimeError(
+            f"the compiled load generator needs {', '.join(missing)}: apt-get install {PACKAGES} "
+            "(or run the benchmark with --generator python)"
+        )
     flags = subprocess.run(
         ["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"], capture_output=True, text=True, check=True
     ).stdout.split()
-    steps = [
-        [
-            "protoc",
-            f"-I{ROOT / 'protos'}",
-            f"--cpp_out={BUILD}",
-            f"--grpc_out={BUILD}",
-            f"--plugin=protoc-gen-grpc={plugin}",
-            str(PROTO),
-        ],
-        [
-            "g++",
-            "-O2",
-            "-std=c++20",
-            f"-I{BUILD}",
-            str(SOURCE),
-            str(BUILD / "parley" / "v1" / "voice.pb.cc"),
-            str(BUILD / "parley" / "v1" / "voice.grpc.pb.cc"),
-            *flags,
-            "-o",
-            str(BUILD / "loadgen.partial"),
-        ],
-    ]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the load generator failed: {shlex.join(step[:2])} …\n{done.stderr[-2000:]}")
-    (BUILD / "loadgen.partial").replace(binary)
+    versions = subprocess.run(
+        ["pkg-config", "--modversion", "grpc++", "protobuf"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    stamp = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), PROTO.read_bytes(), " ".join([*COMPILE, *flags, *versions]).encode()])
+    ).hexdigest()
+    if binary.exists() and (BUILD / "stamp").exists() and (BUILD / "stamp").read_text() == stamp:
+        return binary
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BUILD, prefix="building-") as scratch:  # (two builds at once do not mix)
+        work = Path(scratch)
+        steps = [
+            [
+                "protoc",
+                f"-I{ROOT / 'protos'}",
+                f"--cpp_out={work}",
+                f"--grpc_out={work}",
+                f"--plugin=protoc-gen-grpc={shutil.which('grpc_cpp_plugin')}",
+                str(PROTO),
+            ],
+            [
+                *COMPILE,
+                f"-I{work}",
+                str(SOURCE),
+                str(work / "parley" / "v1" / "voice.pb.cc"),
+                str(work / "parley" / "v1" / "voice.grpc.pb.cc"),
+                *flags,
+                "-o",
+                str(work / "loadgen"),
+            ],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"building the load generator failed: {shlex.join(step[:2])} …\n{done.stderr[-2000:]}"
+                )
+        (work / "loadgen").replace(binary)
+    (BUILD / "stamp").write_text(stamp)
     return binary
 
 
-async def drive(target: str, concurrency: int, turns: int, message: str, deadline: float, result: LoadResult) -> None:
-    """Run the generator against ``target`` and put its turns, errors, CPU and peak into ``result``."""
-    from benchmarks.load import Turn
-
+async def drive(
+    target: str,
+    concurrency: int,
+    turns: int,
+    message: str,
+    deadline: float,
+    result: LoadResult,
+    *,
+    grace_s: float = 120.0,
+) -> None:
+    """Run the generator against ``target`` and put its turns, errors, CPU and peak into ``result``.
+    No turn starts after ``deadline``; a call still open ``grace_s`` later is cut (an error). Cancelled,
+    it kills the generator."""
     binary = await asyncio.to_thread(build)
     process = await asyncio.create_subprocess_exec(
         str(binary),
@@ -93,14 +118,33 @@ async def drive(target: str, concurrency: int, turns: int, message: str, deadlin
         message,
         "--deadline-s",
         f"{max(0.0, deadline - time.monotonic()):.3f}",
+        "--grace-s",
+        f"{grace_s:g}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         limit=1 << 20,
     )
     assert process.stdout is not None and process.stderr is not None
     stderr = asyncio.create_task(process.stderr.read())
-    async for raw in process.stdout:
-        line = json.loads(raw)
+    try:
+        await _read(process.stdout, message, result)
+        code = await process.wait()
+        if code != 0:
+            raise RuntimeError(f"the load generator exited with {code}: {(await stderr).decode()[-2000:]}")
+    finally:
+        if process.returncode is None:  # (cancelled, or its output made no sense: it stops with us)
+            process.kill()
+            await process.wait()
+        stderr.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stderr
+
+
+async def _read(stdout: asyncio.StreamReader, message: str, result: LoadResult) -> None:
+    from benchmarks.load import Turn
+
+    async for raw in stdout:
+        line = json.loads(raw.decode(errors="replace"))
         if "turn" in line:
             turn = line["turn"]
             first_audio = turn["first_audio_ms"] if turn["first_audio_ms"] >= 0 else float("nan")
@@ -119,7 +163,3 @@ async def drive(target: str, concurrency: int, turns: int, message: str, deadlin
         elif "done" in line:
             result.client_cpu_s = line["done"]["cpu_s"]
             result.peak_streams = line["done"]["peak_streams"]
-    code = await process.wait()
-    if code != 0:
-        raise RuntimeError(f"the load generator exited with {code}: {(await stderr).decode()[-2000:]}")
-    await stderr

@@ -86,6 +86,18 @@ class Row:
         )
 
 
+def _largest(met: list[int], missed: list[int], stop: str, search: tuple[int, ...]) -> str:
+    """What the search found, in words that claim no more than it saw."""
+    tried = f"met at {', '.join(map(str, met)) or 'none'}; missed at {', '.join(map(str, missed)) or 'none'} ({stop})"
+    if not met and not missed:
+        return f"the largest stream count meeting the target was not measured ({stop})."
+    if not met:
+        return f"the target was met at no count tried, the smallest being {search[0]} ({tried})."
+    best = max(met)
+    qualifier = "at least " if best == search[-1] or "cut short" in stop else ""
+    return f"largest stream count meeting the target **{qualifier}{best}**: {tried}."
+
+
 async def _run(
     service: load.ServiceProcess,
     workers: int,
@@ -129,7 +141,7 @@ async def measure(
     ideal = load.ideal_first_audio_ms(profile, message)
     cores = os.cpu_count() or 1
     rows: list[Row] = []
-    largest: dict[int, str] = {}
+    largest: dict[int, str] = {}  # workers: what the search found
     skipped: list[str] = []
     with redis_server() as redis_url:
         for workers in dict.fromkeys((1, cores)):
@@ -145,19 +157,23 @@ async def measure(
                 await load.run_load(service, 10, 1, message, deadline, compiled=compiled)  # warm-up
                 # The search first (rising counts, until two in a row miss: one noisy p99 does not end
                 # it), then the fixed counts not measured yet.
-                best, misses = 0, 0
+                met: list[int] = []
+                missed: list[int] = []
+                stop, in_a_row = "stopped after two misses in a row", 0
                 for count in search:
                     if time.monotonic() > deadline:
-                        skipped.append(f"{workers} worker(s), the search from {count} streams")
+                        stop = f"cut short by --duration before {count} streams"
                         break
                     await asyncio.sleep(SETTLE_S)
                     row = await _run(service, workers, count, turns, message, ideal, deadline, compiled)
                     rows.append(row)
-                    misses = 0 if row.meets else misses + 1
-                    best = count if row.meets else best
-                    if misses == 2:
+                    (met if row.meets else missed).append(count)
+                    in_a_row = 0 if row.meets else in_a_row + 1
+                    if in_a_row == 2:
                         break
-                largest[workers] = f"{best}" if best else f"fewer than {search[0]}"
+                else:
+                    stop = "every count tried"
+                largest[workers] = _largest(met, missed, stop, search)
                 for count in counts:
                     if any(r.workers == workers and r.streams == count for r in rows):
                         continue
@@ -186,11 +202,7 @@ async def measure(
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         *(row.markdown() for row in rows),
         "",
-        *(
-            f"Largest stream count meeting the target with {workers} worker(s) (tried in rising order from "
-            f"{search[0]}, stopping after two misses in a row): **{best}**."
-            for workers, best in largest.items()
-        ),
+        *(f"With {workers} worker(s): {summary}" for workers, summary in largest.items()),
     ]
     if skipped:
         lines += ["", f"Not run (--duration reached): {'; '.join(skipped)}."]

@@ -13,7 +13,7 @@ a turn or a principal.
 - Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit),
   ``parley_held_sessions`` (sessions this process's streams hold) and ``parley_stored_sessions``
   (sessions kept in this process, held or idle: the memory store only), and
-  ``parley_worker_threads_busy{pool}`` beside ``parley_worker_threads{pool}`` (the embedded engines'
+  ``parley_worker_threads_busy{pool}`` beside ``parley_worker_threads_limit{pool}`` (the embedded engines'
   and the codecs' thread pools: a pool whose threads are all busy is where turns wait).
 
 Retries and the pools are counted per process, and read at each scrape.
@@ -142,7 +142,7 @@ class _ProcessCollector(Collector):
             retried.add_metric((engine,), counts.get(engine, 0))
         yield retried
         busy = GaugeMetricFamily("parley_worker_threads_busy", "Threads of a pool running a job now.", labels=("pool",))
-        size = GaugeMetricFamily("parley_worker_threads", "Threads a pool may run.", labels=("pool",))
+        size = GaugeMetricFamily("parley_worker_threads_limit", "Threads a pool may run.", labels=("pool",))
         by_name: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for pool in pools():
             by_name[pool.name][0] += pool.busy
@@ -154,4 +154,7 @@ class _ProcessCollector(Collector):
         yield size
 
     def describe(self) -> Iterator[Metric]:
-        return iter(())  # (the pools come and go: collected at each scrape)
+        # (Names only: the values are read at each scrape, the pools come and go.)
+        yield CounterMetricFamily("parley_engine_retries", "", labels=("engine",))
+        yield GaugeMetricFamily("parley_worker_threads_busy", "", labels=("pool",))
+        yield GaugeMetricFamily("parley_worker_threads_limit", "", labels=("pool",))

@@ -32,6 +32,7 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
 using parley::v1::ConverseRequest;
 using parley::v1::ConverseResponse;
 
@@ -41,6 +42,7 @@ struct Options {
   int turns = 3;
   std::string message = "What is the capital of France?";
   double deadline_s = 600;
+  double grace_s = 120;
 };
 
 std::string quoted(const std::string& text) {
@@ -193,6 +195,9 @@ Stream::Stream(Run& run, unsigned seed) : run_(run), random_(seed) {
 }
 
 void Stream::Open() {
+  // No turn starts after the run's deadline; one under way gets --grace-s more to end, then the call
+  // is cut (a service that stalls fails its streams instead of holding the generator for ever).
+  context_.set_deadline(alarm_after(run_.options.deadline_s + run_.options.grace_s));
   call_ = stub_->PrepareAsyncConverse(&context_, &run_.queue);
   call_->StartCall(TagFor(Step::kStarted));
 }
@@ -234,6 +239,7 @@ void Stream::Fail(const std::string& failure) {
     live_ = false;
     run_.Live(-1);
   }
+  context_.TryCancel();  // (a call still open would never finish otherwise; a status already in stays)
   call_->Finish(&status_, TagFor(Step::kFinished));
 }
 
@@ -323,6 +329,10 @@ void Stream::Proceed(Step step, bool ok) {
 
 int main(int argc, char** argv) {
   Options options;
+  if (argc % 2 == 0) {
+    std::fprintf(stderr, "loadgen: %s has no value\n", argv[argc - 1]);
+    return 2;
+  }
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string name = argv[i];
     std::string value = argv[i + 1];
@@ -336,6 +346,8 @@ int main(int argc, char** argv) {
       options.message = value;
     } else if (name == "--deadline-s") {
       options.deadline_s = std::atof(value.c_str());
+    } else if (name == "--grace-s") {
+      options.grace_s = std::atof(value.c_str());
     } else {
       std::fprintf(stderr, "loadgen: unknown option %s\n", name.c_str());
       return 2;
@@ -343,7 +355,8 @@ int main(int argc, char** argv) {
   }
   if (options.target.empty() || options.streams < 1 || options.turns < 1) {
     std::fprintf(stderr,
-                 "usage: loadgen --target HOST:PORT --streams N --turns N [--message TEXT] [--deadline-s S]\n");
+                 "usage: loadgen --target HOST:PORT --streams N --turns N [--message TEXT] [--deadline-s S] "
+                 "[--grace-s S]\n");
     return 2;
   }
   auto began = Clock::now();

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CODEC_POOL = WorkPool("codec", 4)
+_CODEC_POOL = WorkPool("codec", min(32, (os.cpu_count() or 1) + 4))  # (asyncio's default executor's size)
 """Where Opus and MP3 are encoded (FFmpeg releases the GIL): off the event loop, shared by every stream."""
 
 _END = object()

@@ -54,9 +54,9 @@ class WorkPool(ThreadPoolExecutor):
         return super().submit(counted)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with _POOLS_LOCK:
-            _POOLS.discard(self)
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        with _POOLS_LOCK:
+            _POOLS.discard(self)  # (after its last jobs, when waited for: they stay counted until done)
 
 
 def pools() -> list[WorkPool]:

@@ -79,8 +79,8 @@ async def retrying(
                     raise type(error)(f"{error} (gave up after {failures} tries)") from error
                 raise
             log.warning("%s failed (%s); try %d of %d in %.2f s", what, error, failures + 1, policy.attempts, delay)
-            _RETRIES[engine] += 1
             await asyncio.sleep(delay)
+            _RETRIES[engine] += 1  # (after the wait: a turn cancelled meanwhile retried nothing)
 
 
 async def stall_guard(

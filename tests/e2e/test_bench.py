@@ -110,3 +110,31 @@ async def test_the_compiled_load_generator_reports_streams_that_cannot_open() ->
     result = load.LoadResult(3)
     await asyncio.wait_for(compiled.drive(f"127.0.0.1:{port}", 3, 2, "Hi", time.monotonic() + 30, result), timeout=60)
     assert result.turns == [] and len(result.errors) == 3
+
+
+async def test_the_compiled_load_generator_gives_up_on_a_service_that_never_answers() -> None:
+    from benchmarks import compiled, load
+
+    await asyncio.to_thread(_compiled_generator)
+    silent = socket.socket()  # accepts connections, answers nothing
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        result = load.LoadResult(2)
+        began = time.monotonic()
+        await asyncio.wait_for(compiled.drive(target, 2, 1, "Hi", began + 1, result, grace_s=1), timeout=30)
+        assert result.turns == [] and len(result.errors) == 2
+        assert time.monotonic() - began < 15
+        # Cancelled, it takes the generator with it.
+        running = asyncio.create_task(compiled.drive(target, 2, 1, "Hi", time.monotonic() + 60, load.LoadResult(2)))
+        await asyncio.sleep(1)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        left = await asyncio.create_subprocess_exec(
+            "pgrep", "-f", f"loadgen --target {target}", stdout=asyncio.subprocess.PIPE
+        )
+        assert (await left.communicate())[0].strip() == b""
+    finally:
+        silent.close()

@@ -113,7 +113,7 @@ async def test_busy_worker_threads_are_gauged_by_pool() -> None:
         pool.shutdown()
         await stop_harness(h)
     assert busy["parley_worker_threads_busy{pool=test-pool}"] == 2
-    assert busy["parley_worker_threads{pool=test-pool}"] == 3
+    assert busy["parley_worker_threads_limit{pool=test-pool}"] == 3
     assert idle["parley_worker_threads_busy{pool=test-pool}"] == 0
     from service.core.workpool import pools
 

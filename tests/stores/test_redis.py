@@ -28,6 +28,7 @@ from tests.conftest import (
     start_service_process,
     stop_harness,
     user,
+    wait_for,
     wait_listening,
 )
 
@@ -261,3 +262,17 @@ async def test_a_session_resumes_only_for_its_principal(replicas: tuple[RedisSto
     assert not claim.lost.is_set() and not claim.wanted.is_set()  # the holder was not disturbed
     resumed = await two.resume("s1", "key:alice")
     assert resumed is not None and resumed[0].principal == "key:alice"
+
+
+async def test_a_replica_counts_the_sessions_its_streams_hold_not_the_stored_ones(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = replicas
+    await one.create(session())
+    assert one.counts() == (1, None) and two.counts() == (0, None)  # (stored ones are Redis's to count)
+    resumed = await two.resume("s1")  # taken over by the other replica
+    assert resumed is not None
+    await wait_for(lambda: one.counts() == (0, None))
+    assert two.counts() == (1, None)
+    await two.release(resumed[1])
+    assert two.counts() == (0, None)
