@@ -14,7 +14,8 @@ a turn or a principal.
   ``parley_held_sessions`` (sessions this process's streams hold) and ``parley_stored_sessions``
   (sessions kept in this process, held or idle: the memory store only), and
   ``parley_worker_threads_busy{pool}`` beside ``parley_worker_threads_limit{pool}`` (the embedded engines'
-  and the codecs' thread pools: a pool whose threads are all busy is where turns wait).
+  and the codecs' thread pools: a pool whose threads are all busy is where turns wait), and the counter
+  ``parley_worker_busy_seconds_total{pool}`` (its rate: threads busy on average, between scrapes).
 
 Retries and the pools are counted per process, and read at each scrape.
 """
@@ -143,18 +144,27 @@ class _ProcessCollector(Collector):
         yield retried
         busy = GaugeMetricFamily("parley_worker_threads_busy", "Threads of a pool running a job now.", labels=("pool",))
         size = GaugeMetricFamily("parley_worker_threads_limit", "Threads a pool may run.", labels=("pool",))
-        by_name: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        busy_seconds = CounterMetricFamily(
+            "parley_worker_busy_seconds",
+            "Thread-seconds a pool spent on jobs that ended (its rate: threads busy on average).",
+            labels=("pool",),
+        )
+        by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
         for pool in pools():
             by_name[pool.name][0] += pool.busy
             by_name[pool.name][1] += pool.size
-        for name, (running, threads) in sorted(by_name.items()):
+            by_name[pool.name][2] += pool.busy_s
+        for name, (running, threads, seconds) in sorted(by_name.items()):
             busy.add_metric((name,), running)
             size.add_metric((name,), threads)
+            busy_seconds.add_metric((name,), seconds)
         yield busy
         yield size
+        yield busy_seconds
 
     def describe(self) -> Iterator[Metric]:
         # (Names only: the values are read at each scrape, the pools come and go.)
         yield CounterMetricFamily("parley_engine_retries", "", labels=("engine",))
         yield GaugeMetricFamily("parley_worker_threads_busy", "", labels=("pool",))
         yield GaugeMetricFamily("parley_worker_threads_limit", "", labels=("pool",))
+        yield CounterMetricFamily("parley_worker_busy_seconds", "", labels=("pool",))

@@ -105,6 +105,7 @@ async def test_busy_worker_threads_are_gauged_by_pool() -> None:
         jobs = [asyncio.get_running_loop().run_in_executor(pool, release.wait, 5) for _ in range(2)]
         await wait_for(lambda: pool.busy == 2)
         busy = await asyncio.to_thread(scrape, port)
+        await asyncio.sleep(0.2)
         release.set()
         await asyncio.gather(*jobs)
         idle = await asyncio.to_thread(scrape, port)
@@ -115,6 +116,8 @@ async def test_busy_worker_threads_are_gauged_by_pool() -> None:
     assert busy["parley_worker_threads_busy{pool=test-pool}"] == 2
     assert busy["parley_worker_threads_limit{pool=test-pool}"] == 3
     assert idle["parley_worker_threads_busy{pool=test-pool}"] == 0
+    assert busy["parley_worker_busy_seconds_total{pool=test-pool}"] == 0  # (counted as each job ends)
+    assert idle["parley_worker_busy_seconds_total{pool=test-pool}"] >= 2 * 0.2  # two jobs of at least 0.2 s
     from service.core.workpool import pools
 
     assert all(p.name != "test-pool" for p in pools())  # a pool shut down is no longer reported
