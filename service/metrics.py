@@ -78,7 +78,11 @@ class Metrics:
             "parley_turn_seconds", "A turn, start to end.", names, buckets=_TURN_BUCKETS, registry=self.registry
         )
         self.turns = Counter("parley_turns", "Turns ended, by reason.", ("reason",), registry=self.registry)
-        self.barge_ins = Counter("parley_barge_ins", "Replies interrupted by the user's voice.", registry=self.registry)
+        self.barge_ins = Counter(
+            "parley_barge_ins",
+            "The user's voice starting while a reply could be heard (which stops it).",
+            registry=self.registry,
+        )
         self.engine_errors = Counter(
             "parley_engine_errors",
             "Turns failed by an engine: which (llm, tts, stt, internal) and whether retrying may help.",
@@ -109,15 +113,13 @@ class Metrics:
         """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's)."""
         start_http_server(port, addr=host, registry=self.registry)
 
-    def turn_ended(self, ended: TurnEnded, encoding: str, *, barge_in: bool) -> None:
+    def turn_ended(self, ended: TurnEnded, encoding: str) -> None:
         timings = ended.timings
         labels = (self._llm, self._tts, encoding)
         self.turns.labels(ended.reason.value).inc()
         if ended.failure is not None:
             kind = "retryable" if ended.failure.retryable else "permanent"
             self.engine_errors.labels(ended.failure.engine, kind).inc()
-        if barge_in:
-            self.barge_ins.inc()
         self.turn.labels(*labels).observe(timings.total_ms / 1000)
         if timings.first_llm_token_ms:
             self.first_llm_token.labels(*labels).observe(timings.first_llm_token_ms / 1000)

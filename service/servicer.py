@@ -27,7 +27,7 @@ from service.convert import command_from_proto, message_to_proto, voice_to_proto
 from service.core.aio import to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
-from service.core.events import SessionStarted, SpeechStarted, TurnEnded, TurnEndReason
+from service.core.events import SessionStarted, SpeechStarted, TurnEnded
 from service.core.hearing import VoiceInput
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.core.outbox import Outbox
@@ -132,7 +132,6 @@ class Writer:
         self._session_id = session_id
         self._metrics = metrics
         self._encoding = ""
-        self._spoken_over = False  # the user started speaking since the last turn ended
         self._context = context
         self._send_timeout_s = send_timeout_s
         self._stopping = False
@@ -149,6 +148,9 @@ class Writer:
             # fresh one per message cost about a tenth of the writer's time).
             async with asyncio.timeout(None) as deadline:
                 while (message := await self._outbox.next()) is not None:
+                    if isinstance(message, TurnEnded):  # (counted as it leaves the outbox: sent or not, it ended)
+                        LOG_TURN.set(message.turn_id)  # (this task's lines: the writer began before the session)
+                        self._account(message)
                     if self._stopping:
                         return
                     self._written.clear()
@@ -163,15 +165,8 @@ class Writer:
                         if not deadline.expired():
                             deadline.reschedule(None)
                         self._written.set()
-                    if isinstance(message, TurnEnded):
-                        LOG_TURN.set(message.turn_id)  # (this task's lines: the writer began before the session)
-                        _log_turn(self._session_id(), message)
-                        if self._metrics is not None:
-                            barge_in = self._spoken_over and message.reason is TurnEndReason.INTERRUPTED
-                            self._metrics.turn_ended(message, self._encoding, barge_in=barge_in)
-                        self._spoken_over = False
-                    elif isinstance(message, SpeechStarted):
-                        self._spoken_over = True
+                    if isinstance(message, SpeechStarted) and message.over_reply and self._metrics is not None:
+                        self._metrics.barge_ins.inc()
                     elif isinstance(message, SessionStarted):
                         self._encoding = message.audio.encoding.value
                         LOG_SESSION.set(message.session_id[:8])
@@ -179,6 +174,18 @@ class Writer:
             raise ClientNotReading(
                 f"the client read nothing for {self._send_timeout_s:g} s while replies waited; the stream was closed"
             ) from None
+
+    def _account(self, ended: TurnEnded) -> None:
+        """A turn's end in the log and the metrics."""
+        _log_turn(self._session_id(), ended)
+        if self._metrics is not None:
+            self._metrics.turn_ended(ended, self._encoding)
+
+    def account_unsent(self, ends: list[TurnEnded]) -> None:
+        """Turns that ended without their end reaching the client (the stream ended under them, as a
+        client that hangs up mid-reply does): logged and counted all the same. Call after :meth:`stop`."""
+        for ended in ends:
+            self._account(ended)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""
@@ -336,7 +343,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 raise
             if failure is not None:
                 code, message = status_for(failure)
-                if self.metrics is not None:
+                if self.metrics is not None and not isinstance(failure, ClientGone):  # (a hang-up is no refusal)
                     self.metrics.rejected.labels(code.name).inc()
                 # A client that reads nothing never gets the status: the call is then cancelled.
                 trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
@@ -388,6 +395,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             failure = errors.exceptions[0]
         finally:
             await to_the_end(writer.stop(writing))
+            writer.account_unsent(outbox.unsent_ends())
         if failure is not None:
             return failure
         if ending is Ending.SHUTDOWN:

@@ -164,6 +164,9 @@ class SpeechStarted:
     """Voice input: the user started speaking (offset in the input audio's timeline)."""
 
     audio_start_ms: int
+    over_reply: bool = False
+    """While the client was hearing a reply (its audio had begun and, by the server's estimate, not
+    all played): a barge-in, which stops that reply. Not sent to the client."""
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,14 @@ class Outbox:
         """A copy of what waits to leave, oldest first (for monitoring and tests)."""
         return [item for _, item in self._entries]
 
+    def unsent_ends(self) -> list[TurnEnded]:
+        """The ends of turns that never left (the stream ended under them), as they would have been
+        sent, timings fixed now; everything waiting is let go. Call once the stream's writer is done."""
+        ends = [_ended(item, outlet) for outlet, item in self._entries if isinstance(item, TurnEnd)]
+        self._entries.clear()
+        self._buffered_ms = 0.0
+        return ends
+
     async def next(self) -> Message | None:
         """The next message to send, or None once closed and empty. Call from one task; what it
         returns counts as sent (hand it to the transport at once). Safe to cancel (a message that

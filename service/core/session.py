@@ -245,7 +245,7 @@ class Session:
             case ClearAudio():
                 await self._require_ears("clear_audio").clear()
             case SpeechBegan(audio_start_ms):
-                self._outbox.put_control(SpeechStarted(audio_start_ms))
+                self._outbox.put_control(SpeechStarted(audio_start_ms, over_reply=self._reply_audible()))
                 await self._interrupt(self._played_estimate(), estimated=True)  # barge-in by voice
             case SpeechEnded(audio_end_ms):
                 self._outbox.put_control(SpeechStopped(audio_end_ms))
@@ -390,6 +390,21 @@ class Session:
             return
         if self._heard is not None:
             self._cut_heard(self._heard, played_ms, estimated=estimated)
+
+    def _reply_audible(self) -> bool:
+        """The client is hearing a reply, by the server's estimate: the turn in progress has sent
+        audio, or the last one, not stopped, has audio not yet played."""
+        current = self._current
+        if current is not None and self._tentative() is None and current.outlet.first_audio_at is not None:
+            return True
+        heard = self._heard
+        return (
+            heard is not None
+            and heard.outcome is not None
+            and heard.outcome.reason is not TurnEndReason.INTERRUPTED  # (stopped: the client stops playing)
+            and heard.outlet.first_audio_at is not None
+            and heard.outlet.client_lead_ms(time.monotonic()) > 0
+        )
 
     def _played_estimate(self) -> int | None:
         """What the client has played of the turn it may be hearing, when it has not said: the audio

@@ -76,7 +76,11 @@ async def retrying(
             delay = None if started or not error.retryable else policy.delay_s(failures, error.retry_after_s)
             if delay is None:
                 if error.retryable and not started and failures > 1:
-                    raise type(error)(f"{error} (gave up after {failures} tries)") from error
+                    raise type(error)(
+                        f"{error} (gave up after {failures} tries)",
+                        retryable=True,  # (still: the provider may recover; the client may try later)
+                        retry_after_s=error.retry_after_s,
+                    ) from error
                 raise
             log.warning("%s failed (%s); try %d of %d in %.2f s", what, error, failures + 1, policy.attempts, delay)
             await asyncio.sleep(delay)

@@ -145,3 +145,64 @@ async def test_provider_retries_are_counted_by_engine() -> None:
         for e in ("llm", "tts", "stt")
     }
     assert retried == {"llm": 1, "tts": 2, "stt": 0}
+
+
+async def test_a_spoken_question_stopped_by_an_interrupt_is_no_barge_in() -> None:
+    # The question's own speech starts before its reply: stopping that reply with a message is no
+    # barge-in; the user's voice over the reply is one.
+    port = free_port()
+    h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), stt=FakeSTT(), metrics_port=port)
+    try:
+        call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)
+        await say(call, loud(300) + quiet(600))
+        await reader.until("audio")
+        await call.write(pb.ConverseRequest(interrupt=pb.Interrupt()))
+        await reader.until("turn_ended")
+        before = await asyncio.to_thread(scrape, port)
+        await say(call, loud(300) + quiet(100))  # a second question, over nothing (the reply was stopped)
+        await asyncio.sleep(0.3)
+        after = await asyncio.to_thread(scrape, port)
+        await reader.stop()
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    assert before["parley_turns_total{reason=interrupted}"] == 1
+    assert before["parley_barge_ins_total"] == 0
+    assert after["parley_barge_ins_total"] == 0
+
+
+async def test_a_turn_whose_client_hangs_up_mid_reply_is_counted_interrupted() -> None:
+    port = free_port()
+    h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), metrics_port=port)
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Tell me a story."))
+        while (await call.read()).WhichOneof("kind") != "audio":
+            pass
+        call.cancel()  # mid-reply
+        await wait_for(lambda: h.running.servicer.active_streams == 0)
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    assert samples["parley_turns_total{reason=interrupted}"] == 1
+    assert samples["parley_first_audio_seconds_count"] == 1
+    assert samples.get("parley_rejected_streams_total{status=CANCELLED}", 0) == 0  # (a hang-up is no refusal)
+
+
+async def test_an_overload_that_outlasts_the_retries_is_counted_retryable() -> None:
+    from tests.engines.test_openai import openai_llm, openai_tts
+    from tests.fake_openai import FakeOpenAI, Plan
+
+    fake = FakeOpenAI().start()
+    port = free_port()
+    h = await start_harness(openai_llm(fake), openai_tts(fake), metrics_port=port)  # type: ignore[arg-type]
+    try:
+        fake.plan_chat(*[Plan(status=503, error_message="Overloaded")] * 3)
+        responses = await converse_all(h.stub, [start(), user("Hi?")])
+        assert "gave up after 3 tries" in responses[-1].turn_ended.error
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+        fake.stop()
+    assert samples["parley_engine_errors_total{engine=llm,kind=retryable}"] == 1  # (not a bad key or model)
