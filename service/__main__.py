@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
 from service.telemetry import configure_tracing
 from service.tls import ServerCertificates, TLSError
+from service.workers import WORKER_INDEX
 
 log = logging.getLogger("service")
 
@@ -77,6 +79,7 @@ async def run(settings: Settings) -> None:
             tls=tls,
             token_secret=settings.token_secret,
             metrics_port=settings.metrics_port,
+            share_port=WORKER_INDEX in os.environ,  # (set by the supervisor for its workers)
             quotas=QuotaLimits(
                 settings.quota_streams, settings.quota_turns_per_minute, settings.quota_chars_per_minute
             ),

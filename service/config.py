@@ -263,6 +263,11 @@ class Settings(BaseSettings):
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")
+        if self.metrics_port is not None and self.metrics_port + self.worker_count - 1 > 65535:
+            raise ValueError(
+                f"worker i serves its metrics on PARLEY_METRICS_PORT + i: with {self.worker_count} workers, "
+                f"PARLEY_METRICS_PORT must be at most {65536 - self.worker_count}"
+            )
         return self
 
     @property

@@ -72,6 +72,7 @@ async def start_server(
     token_secret: str = "",
     quotas: QuotaLimits | None = None,
     metrics_port: int | None = None,
+    share_port: bool = False,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
@@ -79,7 +80,9 @@ async def start_server(
     reflection, if ``open_reflection``) needs one of them."""
     auth = Authenticator(keys, token_secret) if keys is not None else None
     interceptors = [AuthInterceptor(auth, open_reflection=open_reflection)] if auth is not None else []
-    server = grpc.aio.server(interceptors=interceptors)
+    # Only workers share a port (SO_REUSEPORT, which gRPC sets by default): a second lone service on
+    # a port in use fails to start instead of silently taking half its connections.
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 1 if share_port else 0)])
     store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     servicer = VoiceServicer(
         llm,
@@ -102,7 +105,10 @@ async def start_server(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if metrics_port is not None and servicer.metrics is not None:
-        servicer.metrics.serve(host, metrics_port)  # (raises OSError when the port is taken)
+        try:
+            servicer.metrics.serve(host, metrics_port)
+        except OSError as error:
+            raise RuntimeError(f"cannot serve metrics on {host}:{metrics_port}: {error.strerror or error}") from None
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()

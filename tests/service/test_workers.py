@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
@@ -85,6 +86,110 @@ async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: 
         if parent.poll() is None:
             parent.kill()
         parent.communicate(timeout=30)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_workers_outlive_neither_a_killed_supervisor_nor_a_clean_stop_during_a_restart(redis_url: str) -> None:
+    port = free_port()
+    settings = {
+        "workers": "2",
+        "port": str(port),
+        "llm": "scripted",
+        "tts": "scripted",
+        "stt": "none",
+        "session_store": "redis",
+        "redis_url": redis_url,
+        "redis_prefix": f"w{secrets.token_hex(4)}",
+    }
+    # SIGTERM while a worker waits to be restarted: the others drain, and the exit is clean.
+    parent = start_service_process(**settings)
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        os.kill(min(await asyncio.to_thread(children, parent.pid)), signal.SIGKILL)
+        await asyncio.to_thread(wait_for_lines, parent, "restarting it in", 1)
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+    # The supervisor killed outright: its workers stop too (none keeps serving the port on its own).
+    parent = start_service_process(**settings)
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        parent.kill()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            await asyncio.sleep(0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+
+
+async def test_a_worker_that_cannot_start_is_not_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import workers
+
+    broken = tmp_path / "python"  # stands for a worker whose settings it cannot run with
+    broken.write_text("#!/bin/sh\necho 'invalid setting' >&2\nexit 2\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(workers.sys, "executable", str(broken))
+    began = time.monotonic()
+    assert await asyncio.wait_for(workers.supervise(2, [], None), timeout=20) == 2
+    assert time.monotonic() - began < 5  # (not restarted after 1 s, 2 s, 4 s, …)
+
+
+def test_a_lone_service_does_not_share_its_port() -> None:
+    port = free_port()
+    first = start_service_process(port=str(port), llm="scripted", tts="scripted", stt="none")
+    try:
+        wait_for_lines(first, "Parley listening", 1)
+        env = {**os.environ, "PARLEY_PORT": str(port), "PARLEY_LLM": "scripted", "PARLEY_TTS": "scripted"}
+        env["PARLEY_STT"] = "none"
+        second = subprocess.run(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 1
+        assert "cannot start" in second.stderr and f"bind to address 127.0.0.1:{port}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+
+
+def test_metrics_ports_must_fit_every_worker() -> None:
+    env = {**os.environ, "PARLEY_WORKERS": "2", "PARLEY_SESSION_STORE": "redis", "PARLEY_METRICS_PORT": "65535"}
+    env["PARLEY_PORT"] = "50099"
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "PARLEY_METRICS_PORT must be at most 65534" in result.stderr
+
+
+def test_a_metrics_port_in_use_is_said_plainly() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "PARLEY_LLM": "scripted", "PARLEY_TTS": "scripted", "PARLEY_STT": "none"}
+        env.update(PARLEY_PORT=str(free_port()), PARLEY_METRICS_PORT=str(taken.getsockname()[1]))
+        env["PARLEY_LOG_FORMAT"] = "json"
+        result = subprocess.run(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot serve metrics on" in result.stderr
 
 
 def test_several_workers_refuse_the_memory_store() -> None:
