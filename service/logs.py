@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 
 from service.core.logcontext import LOG_SESSION, LOG_TURN
+from service.workers import WORKER_INDEX
 
 __all__ = ["JsonFormatter", "configure"]
 
@@ -21,8 +23,12 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, and session, turn
-    and exception when there are."""
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, and worker (its
+    index, in a worker), session, turn and exception when there are."""
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, str] = {
@@ -31,6 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker:
+            entry["worker"] = self._worker
         if session := LOG_SESSION.get():
             entry["session"] = session
         if turn := LOG_TURN.get():
@@ -41,7 +49,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, log_format: str) -> None:
-    """The root logger's level and format (``text`` or ``json``), on stderr."""
+    """The root logger's level and format (``text`` or ``json``), on stderr. In a worker (see
+    :mod:`service.workers`) every line says which: ``[w1]`` in text, ``"worker": "1"`` in JSON."""
+    worker = os.environ.get(WORKER_INDEX, "")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        handler.setFormatter(
+            logging.Formatter(TEXT_FORMAT.replace("%(name)s", f"[w{worker}] %(name)s", 1) if worker else TEXT_FORMAT)
+        )
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -36,3 +36,12 @@ async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
     ended = next(line for line in lines if line["logger"] == "service.servicer" and "turn turn-1" in line["message"])
     assert ended["session"] == session_id[:8] and ended["turn"] == "turn-1"  # (written by the stream's writer)
     assert "Hi?" not in stream.getvalue()  # never what the user said
+
+
+def test_a_workers_lines_say_which_worker() -> None:
+    import json
+    import logging
+
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "Parley listening", None, None)
+    assert json.loads(JsonFormatter("1").format(record))["worker"] == "1"
+    assert "worker" not in json.loads(JsonFormatter().format(record))  # (a lone service)

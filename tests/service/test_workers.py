@@ -63,7 +63,8 @@ async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: 
         redis_prefix=f"w{secrets.token_hex(4)}",
     )
     try:
-        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        assert "[w0] service: Parley listening" in log and "[w1] service: Parley listening" in log  # (which worker)
         workers = await asyncio.to_thread(children, parent.pid)
         assert len(workers) == 2
         ends = await asyncio.gather(*(one_turn(port) for _ in range(6)))  # new connections: either worker
