@@ -101,37 +101,43 @@ class ServiceProcess:
     def pids(self) -> list[int]:
         """The service's process, and its workers when it has some."""
         assert self.process is not None
-        pids = [self.process.pid]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.process.pid:
-                    pids.append(int(entry.name))
-        return pids
+        parent = self.process.pid
+        children = [
+            int(entry.name)
+            for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) and int(fields[1]) == parent
+        ]
+        return [parent, *children]
 
     def rss_mb(self, pids: list[int] | None = None) -> float:
         total = 0.0
         for pid in self.pids() if pids is None else pids:
-            try:
-                with open(f"/proc/{pid}/status", encoding="utf-8") as status:
-                    total += next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")), 0.0)
-            except OSError:
-                continue
+            status = _proc_file(pid, "status") or ""
+            total += next(
+                (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0
+            )
         return total
 
     def cpu_s(self, pids: list[int] | None = None) -> float:
         total = 0.0
         for pid in self.pids() if pids is None else pids:
-            try:
-                with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if fields := _stat_fields(pid):
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
+
+
+def _proc_file(pid: int, name: str) -> str | None:
+    """``/proc/<pid>/<name>``, or None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (the state first)."""
+    stat = _proc_file(pid, "stat")
+    return stat.rsplit(")", 1)[1].split() if stat else None
 
 
 @dataclass
