@@ -86,6 +86,17 @@ class Outlet:
         dropped or the outbox closed. Safe to cancel."""
         await self._outbox.put(self, item)
 
+    def fill_until(self) -> float | None:
+        """Until when (``time.monotonic``) the turn's audio may wait to fill a message: while the client
+        still holds ``fill_lead_ms`` of audio beyond it. None while the client is not that far ahead
+        (audio then leaves as it comes)."""
+        limits = self._outbox.limits
+        now = time.monotonic()
+        lead_ms = self.client_lead_ms(now)
+        if self.first_audio_at is None or lead_ms < limits.fill_lead_ms + limits.max_message_ms:
+            return None
+        return now + (lead_ms - limits.fill_lead_ms) / 1000
+
     def client_lead_ms(self, now: float) -> float:
         """Audio the client holds beyond what it can have played, if it started at the first audio."""
         if self.first_audio_at is None:
@@ -106,6 +117,10 @@ class Outbox:
         self._held_items = 0  # in held outlets
         self._changed = asyncio.Event()
         self._closed = False
+
+    @property
+    def limits(self) -> OutboxLimits:
+        return self._limits
 
     def open_turn(self, turn_id: str, *, held: bool = False) -> Outlet:
         """A new turn's outlet; ``held``: nothing of it leaves before :meth:`release`."""
@@ -232,7 +247,7 @@ class Outbox:
         pieces = [first]
         duration = first.duration_ms
         limit = self._limits.max_message_ms
-        fill_until = self._fill_until(outlet)
+        fill_until = outlet.fill_until()
         while True:
             head = self._entries[0] if self._entries else None
             if head is not None:
@@ -269,15 +284,6 @@ class Outbox:
         outlet.audio_ms_sent += duration
         sequence, outlet.next_sequence = outlet.next_sequence, outlet.next_sequence + 1
         return AudioChunk(first.turn_id, first.segment_index, sequence, data, duration)
-
-    def _fill_until(self, outlet: Outlet) -> float | None:
-        """Until when a message may wait to fill: while the client still holds ``fill_lead_ms`` of audio.
-        None when it is not that far ahead."""
-        now = time.monotonic()
-        lead_ms = outlet.client_lead_ms(now)
-        if outlet.first_audio_at is None or lead_ms < self._limits.fill_lead_ms + self._limits.max_message_ms:
-            return None
-        return now + (lead_ms - self._limits.fill_lead_ms) / 1000
 
     def _put_back(self, outlet: Outlet, pieces: list[AudioPiece]) -> None:
         for piece in reversed(pieces):

@@ -556,6 +556,7 @@ class Session:
             piece_ms=self._defaults.outbox.max_message_ms,
             stats=stats,
             from_llm=user_text is not None,
+            fill_until=outlet.fill_until,
         )
         turn = TurnRecord(pipeline, outlet, stats, user_text, speak_input, tentative=tentative)
         turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn {turn_id}")

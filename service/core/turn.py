@@ -14,6 +14,7 @@ state (:class:`TurnState`), which has exactly one transition to its end.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 _CODEC_POOL = WorkPool("codec", min(32, (os.cpu_count() or 1) + 4))  # (asyncio's default executor's size)
 """Where Opus and MP3 are encoded (FFmpeg releases the GIL): off the event loop, shared by every stream."""
 
-_END = object()
-
 SEGMENTER_SLICE_CHARS = 256
 """A delta is given to the segmenter this many characters at a time, letting other work run between:
 its cost is linear in the text, but a few thousand characters of an unusual text (a one-line numbered
@@ -68,6 +67,79 @@ class TurnOptions:
     codecs: CodecOptions = CodecOptions()
 
 
+class SegmentAudio:
+    """One segment's audio between its synthesis and the turn's sender: the engine's pieces, kept
+    until the sender takes them a message's worth at a time.
+
+    Appending wakes the sender only when what it waits for is there: a first piece, or (while the
+    client is well ahead and the outbox lets audio wait to fill a message) a full message, the
+    segment's end, or the deadline; so a piece costs no task switch of its own.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_at = 1  # bytes that wake the waiter
+
+    def append(self, piece: bytes) -> None:
+        """A piece of PCM16 the engine made (never empty)."""
+        self._pieces.append(piece)
+        self._bytes += len(piece)
+        if self._bytes >= self._wake_at:
+            self._wake()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """The segment's audio is complete, or failed with ``error``."""
+        self._ended, self._error = True, error
+        self._wake()
+
+    async def take(self, limit: int, fill_until: float | None) -> bytes | None:
+        """The next message's worth of audio: the pieces waiting, joined, at most ``limit`` bytes
+        (unless a single piece is longer). Waits for a first piece; with ``fill_until`` (a
+        ``loop.time()``), waits until then for a full message. None once the segment has ended;
+        raises the engine's error (after the audio made before it). Safe to cancel (nothing is lost).
+        (The event loop's clock is ``time.monotonic``, as the outbox's.)"""
+        loop = asyncio.get_running_loop()
+        while not self._pieces and not self._ended:
+            await self._wait(1, None, loop)
+        if fill_until is not None and self._pieces and not self._ended:
+            # Wait while another piece as long as the last one would still fit.
+            wanted = limit - len(self._pieces[-1]) + 1
+            if self._bytes < wanted and loop.time() < fill_until:
+                await self._wait(wanted, fill_until, loop)
+        if not self._pieces:
+            if self._error is not None:
+                raise self._error
+            return None
+        first = self._pieces.popleft()
+        taken = [first]
+        size = len(first)
+        while self._pieces and size + len(self._pieces[0]) <= limit:
+            piece = self._pieces.popleft()
+            taken.append(piece)
+            size += len(piece)
+        self._bytes -= size
+        return first if len(taken) == 1 else b"".join(taken)
+
+    async def _wait(self, wake_at: int, until: float | None, loop: asyncio.AbstractEventLoop) -> None:
+        waiter = self._waiter = loop.create_future()
+        self._wake_at = wake_at
+        timer = None if until is None else loop.call_at(until, self._wake)
+        try:
+            await waiter
+        finally:
+            self._waiter, self._wake_at = None, 1
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 @dataclass
 class _Pending:
     """A segment on its way out: its synthesis task and the audio it produced so far."""
@@ -75,7 +147,7 @@ class _Pending:
     index: int
     segment: TextSegment
     spoken: str
-    audio: asyncio.Queue[object]
+    audio: SegmentAudio
     task: asyncio.Task[None] | None = None
     trim_lead: bool = False
     """The turn's first spoken segment: the listener waits for it in silence, so its synthesis is
@@ -99,6 +171,7 @@ class Turn:
         piece_ms: int,
         stats: TurnStats,
         from_llm: bool,
+        fill_until: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.turn_id = turn_id
         self.text = ""
@@ -113,6 +186,8 @@ class Turn:
         self._emit = emit
         self._options = options
         self._piece_ms = piece_ms
+        self._piece_bytes = max(2, audio_format.sample_rate_hz * piece_ms // 1000 * 2)
+        self._fill_until = fill_until
         self._stats = stats
         self._from_llm = from_llm
         self._timeline_samples = 0
@@ -188,18 +263,18 @@ class Turn:
         spoken = speakable(segment.text, self._language)
         if segment.open_end and spoken[-1:].isalnum():
             spoken += ","  # a head of a sentence: read as going on, not as a finished statement
-        item = _Pending(len(pending), segment, spoken, asyncio.Queue(), trim_lead=not self._spoke)
+        item = _Pending(len(pending), segment, spoken, SegmentAudio(), trim_lead=not self._spoke)
         self._spoke = self._spoke or bool(spoken)
         if item.spoken:
             item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
         else:
-            item.audio.put_nowait(_END)
+            item.audio.end()
         pending.append(item)
         ready.put_nowait(item)
 
     async def _synthesize(self, item: _Pending) -> None:
-        """Synthesize one segment into its queue (in a ``parley.tts`` span); the queue always ends with
-        _END or an error."""
+        """Synthesize one segment into its audio (in a ``parley.tts`` span), which always ends, with or
+        without an error."""
         if not item.trim_lead:
             await self._first_spoken.wait()
         attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
@@ -222,31 +297,31 @@ class Turn:
                         self._first_spoken.set()
                     pcm = chunk.pcm if silence is None else silence.feed(chunk.pcm)
                     for piece in encoder.feed(pcm):
-                        item.audio.put_nowait(piece)
+                        item.audio.append(piece)
             if encoder is not None:
                 for piece in encoder.finish():
-                    item.audio.put_nowait(piece)
-            item.audio.put_nowait(_END)
+                    item.audio.append(piece)
+            item.audio.end()
         except TTSError as error:
-            item.audio.put_nowait(error)
+            item.audio.end(error)
         except Exception as error:  # an engine bug must still end the turn cleanly
             log.exception("TTS engine failed on segment %d of turn %s", item.index, self.turn_id)
-            item.audio.put_nowait(TTSError(f"the TTS engine failed: {type(error).__name__}"))
+            item.audio.end(TTSError(f"the TTS engine failed: {type(error).__name__}"))
         finally:
             if item.trim_lead:
                 self._first_spoken.set()
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
-        """Emit each segment and its audio strictly in order, pieces as soon as they exist."""
+        """Emit each segment and its audio strictly in order: what exists of it at once, or, while the
+        outbox lets audio wait to fill a message (the client is well ahead), a message's worth at a time."""
         while (item := await ready.get()) is not None:
             start_ms = round(self._format.duration_ms(self._timeline_samples))
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            while (piece := await item.audio.get()) is not _END:
-                if isinstance(piece, BaseException):
-                    raise piece
-                assert isinstance(piece, bytes)
+            while True:
+                if (piece := await item.audio.take(self._piece_bytes, self._fill_until())) is None:
+                    break
                 await self._emit_audio(item.index, piece)
                 spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
             spoken.complete = True

@@ -10,9 +10,9 @@ import pytest
 
 from service.core.audio import AudioFormat, Encoding
 from service.core.engine import Audio
-from service.core.events import AudioChunk, Message, SegmentStarted, TextDelta, TurnStats
+from service.core.events import AudioChunk, AudioPiece, Item, Message, SegmentStarted, TextDelta, TurnStats
 from service.core.outbox import Outbox, OutboxLimits
-from service.core.turn import NoteFilter, Turn, TurnOptions
+from service.core.turn import NoteFilter, SegmentAudio, Turn, TurnOptions
 from service.errors import TTSError
 from tests.conftest import wait_for
 from tests.fakes import FakeTTS
@@ -40,11 +40,18 @@ async def run_turn(
     encoding: Encoding = Encoding.PCM16,
     fill_lead_ms: int = 500,
     language: str = "en_US",
+    puts: list[Item] | None = None,
 ) -> tuple[Turn, list[tuple[float, Message]]]:
-    """Run a turn into an outbox that a client reads as fast as messages come; what it read, when."""
+    """Run a turn into an outbox that a client reads as fast as messages come; what it read, when
+    (and, in ``puts``, what the turn put into the outbox)."""
     outbox = Outbox(OutboxLimits(max_message_ms=100, fill_lead_ms=fill_lead_ms))
     outlet = outbox.open_turn("t1")
     messages: list[tuple[float, Message]] = []
+
+    async def emit(item: TextDelta | SegmentStarted | AudioPiece) -> None:
+        if puts is not None:
+            puts.append(item)
+        await outlet.put(item)
 
     async def client() -> None:
         while (message := await outbox.next()) is not None:
@@ -58,11 +65,12 @@ async def run_turn(
         voice="fake-voice",
         language=language,
         audio_format=AudioFormat(encoding, rate),
-        emit=outlet.put,
+        emit=emit,
         options=TurnOptions(lookahead=lookahead),
         piece_ms=100,
         stats=TurnStats(),
         from_llm=True,
+        fill_until=outlet.fill_until,
     )
     try:
         await turn.run()
@@ -144,6 +152,77 @@ async def test_messages_fill_up_once_the_client_is_well_ahead() -> None:
     second = [c.duration_ms for c in chunks if c.segment_index == 1]
     assert len(second) < 100 / 2  # far fewer messages than the engine's pieces...
     assert min(second[:-1]) > 80  # ... each as full as the pieces allow
+
+
+async def test_a_message_is_gathered_before_it_reaches_the_outbox() -> None:
+    # As above: once the client is well ahead, the turn hands the outbox a message's worth at a time,
+    # not each of the engine's pieces (each would cost the event loop a task switch or two).
+    tts = FakeTTS(ms_per_char=40, chunks=100, chunk_s=0.002)
+    puts: list[Item] = []
+    _, events = await run_turn(
+        tts,
+        text="Okay, here we go now. The first full sentence is right here.",
+        fill_lead_ms=300,
+        lookahead=0,  # (no segment's audio waits ready in full: each piece comes as the engine makes it)
+        puts=puts,
+    )
+    last = [p.duration_ms for p in puts if isinstance(p, AudioPiece) and p.segment_index == 2]
+    assert len(last) < 100 / 2  # far fewer than the engine's 100 pieces...
+    assert sorted(last)[len(last) // 2] > 80  # ... most as full as the pieces allow (the client is ahead)
+    # Nothing lost or reordered on the way.
+    pieces = b"".join(p.data for p in puts if isinstance(p, AudioPiece))
+    assert b"".join(c.data for c in audio_of(events)) == pieces
+    assert len(pieces) // 2 == round(sum(tts.duration_ms(t) for t in tts.texts) * 16)
+
+
+async def test_segment_audio_wakes_its_reader_for_what_it_waits_for() -> None:
+    audio = SegmentAudio()
+    loop = asyncio.get_running_loop()
+    # Nothing there: the reader waits for a first piece, then takes what there is.
+    reading = asyncio.create_task(audio.take(100, None))
+    await asyncio.sleep(0.01)
+    assert not reading.done()
+    audio.append(b"a" * 20)
+    assert await reading == b"a" * 20
+    # Filling: it waits until another piece as long as the last would not fit, taking at most the limit.
+    audio.append(b"b" * 20)
+    reading = asyncio.create_task(audio.take(100, loop.time() + 5))
+    for _ in range(3):
+        audio.append(b"c" * 20)
+        await asyncio.sleep(0.01)
+        assert not reading.done()
+    audio.append(b"d" * 20)
+    audio.append(b"e" * 20)  # (beyond the limit: stays for the next message)
+    assert await reading == b"b" * 20 + b"c" * 60 + b"d" * 20
+    # The deadline ends the wait with what there is.
+    began = time.monotonic()
+    assert await audio.take(100, loop.time() + 0.05) == b"e" * 20
+    assert 0.04 <= time.monotonic() - began < 1
+    # The end ends it too; then the segment is over.
+    audio.append(b"f" * 10)
+    reading = asyncio.create_task(audio.take(100, loop.time() + 5))
+    await asyncio.sleep(0.01)
+    audio.end()
+    assert await reading == b"f" * 10
+    assert await audio.take(100, None) is None
+
+
+async def test_segment_audio_gives_what_came_before_an_error_then_the_error() -> None:
+    audio = SegmentAudio()
+    audio.append(b"a" * 300)  # (a piece longer than the limit still leaves whole)
+    audio.append(b"b" * 10)
+    audio.end(TTSError("voice broke"))
+    assert await audio.take(100, None) == b"a" * 300
+    assert await audio.take(100, None) == b"b" * 10
+    with pytest.raises(TTSError, match="voice broke"):
+        await audio.take(100, None)
+    # Cancelling a reader loses nothing.
+    audio = SegmentAudio()
+    reading = asyncio.create_task(audio.take(100, None))
+    await asyncio.sleep(0.01)
+    reading.cancel()
+    audio.append(b"x" * 4)
+    assert await audio.take(100, None) == b"x" * 4
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 48000])

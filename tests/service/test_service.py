@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import pytest
@@ -522,6 +523,42 @@ async def test_a_write_in_flight_is_never_abandoned() -> None:
     await asyncio.sleep(0.01)
     await asyncio.wait_for(writer.stop(running), 1)
     assert context.sent == []
+
+
+async def test_the_send_timeout_counts_from_the_write_in_flight_only() -> None:
+    # Slow but steady writes, and a long pause with nothing to send, never reach the send timeout, however
+    # long the stream lasts; a write stuck after them is cut once it alone has lasted the timeout.
+    from service.core.events import TextDelta
+    from service.core.outbox import Outbox, OutboxLimits
+    from service.errors import ClientNotReading
+    from service.servicer import Writer
+
+    class Context:
+        def __init__(self) -> None:
+            self.delay_s = 0.05
+            self.sent: list[str] = []
+
+        async def write(self, message: pb.ConverseResponse) -> None:
+            await asyncio.sleep(self.delay_s)
+            self.sent.append(message.text_delta.text)
+
+    context = Context()
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    writer = Writer(outbox, context, 0.2, lambda: "s")  # type: ignore[arg-type]
+    running = asyncio.create_task(writer.run())
+    for index in range(8):  # 8 writes of 50 ms in a row: 0.4 s of writing, each well within 0.2 s
+        await outlet.put(TextDelta("t1", str(index)))
+        await asyncio.sleep(0.051)
+    await asyncio.sleep(0.5)  # nothing to send, for longer than the timeout
+    assert not running.done()
+    context.delay_s = 10.0
+    await outlet.put(TextDelta("t1", "stuck"))
+    began = time.monotonic()
+    with pytest.raises(ClientNotReading, match="read nothing for 0.2 s"):
+        await asyncio.wait_for(running, 5)
+    assert 0.15 <= time.monotonic() - began < 1.0
+    assert context.sent == [str(index) for index in range(8)]
 
 
 async def test_a_hang_up_while_a_failed_stream_waits_for_its_writer_still_closes_the_session() -> None:
