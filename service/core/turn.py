@@ -102,14 +102,13 @@ class SegmentAudio:
         ``loop.time()``), waits until then for a full message. None once the segment has ended;
         raises the engine's error (after the audio made before it). Safe to cancel (nothing is lost).
         (The event loop's clock is ``time.monotonic``, as the outbox's.)"""
-        loop = asyncio.get_running_loop()
         while not self._pieces and not self._ended:
-            await self._wait(1, None, loop)
+            await self._wait(1, None)
         if fill_until is not None and self._pieces and not self._ended:
             # Wait while another piece as long as the last one would still fit.
             wanted = limit - len(self._pieces[-1]) + 1
-            if self._bytes < wanted and loop.time() < fill_until:
-                await self._wait(wanted, fill_until, loop)
+            if self._bytes < wanted and time.monotonic() < fill_until:
+                await self._wait(wanted, fill_until)
         if not self._pieces:
             if self._error is not None:
                 raise self._error
@@ -124,7 +123,8 @@ class SegmentAudio:
         self._bytes -= size
         return first if len(taken) == 1 else b"".join(taken)
 
-    async def _wait(self, wake_at: int, until: float | None, loop: asyncio.AbstractEventLoop) -> None:
+    async def _wait(self, wake_at: int, until: float | None) -> None:
+        loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         self._wake_at = wake_at
         timer = None if until is None else loop.call_at(until, self._wake)

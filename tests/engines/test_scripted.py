@@ -1,0 +1,63 @@
+"""The scripted engines keep their schedule: the benchmarks' ideal first audio is computed from it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from service.core.engine import LLMRequest, Message
+from service.engines.scripted import PROFILES, ScriptedLLM, ScriptedTTS, reply_for, tokens_of
+
+QUICK = PROFILES["quick"]
+
+
+async def test_the_llm_streams_the_script_on_schedule() -> None:
+    request = LLMRequest((Message("user", "What is the capital of France?"),), 0.7, 1000)
+    began = time.monotonic()
+    arrivals: list[tuple[float, str]] = []
+    async for token in ScriptedLLM(QUICK, "quick").stream(request):
+        if isinstance(token, str):
+            arrivals.append((time.monotonic() - began, token))
+    tokens = tokens_of(reply_for("What is the capital of France?"))
+    assert [token for _, token in arrivals] == tokens
+    assert arrivals[0][0] >= QUICK.first_token_s
+    last_due = QUICK.first_token_s + (len(tokens) - 1) / QUICK.tokens_per_s
+    assert last_due <= arrivals[-1][0] < last_due + 0.05  # on schedule, with no drift added per token
+
+
+async def test_the_tts_makes_its_audio_in_chunks_on_schedule() -> None:
+    tts = ScriptedTTS(QUICK)
+    text = "Hello there, my good friend."
+    began = time.monotonic()
+    chunks = [(time.monotonic() - began, audio) async for audio in tts.synthesize(text, "scripted")]
+    assert chunks[0][0] >= QUICK.tts_first_audio_s
+    samples = sum(len(audio.pcm) // 2 for _, audio in chunks)
+    assert samples == int(tts.duration_s(text) * 24000)
+    assert all(len(audio.pcm) == 2 * int(QUICK.tts_chunk_s * 24000) for _, audio in chunks[:-1])
+    made_s = (samples - len(chunks[-1][1].pcm) // 2) / 24000
+    last_due = QUICK.tts_first_audio_s + made_s * QUICK.tts_real_time_factor
+    assert last_due <= chunks[-1][0] < last_due + 0.05
+
+
+@pytest.mark.parametrize("engine", ["llm", "tts"])
+async def test_a_cancelled_stream_leaves_no_timer_behind(engine: str) -> None:
+    async def consume() -> None:
+        if engine == "llm":
+            request = LLMRequest((Message("user", "hi"),), 0.7, 1000)
+            async for _ in ScriptedLLM(PROFILES["cloud"]).stream(request):
+                pass
+        else:
+            async for _ in ScriptedTTS(PROFILES["cloud"]).synthesize("Hello there.", "scripted"):
+                pass
+
+    loop = asyncio.get_running_loop()
+    before = len(loop._scheduled)  # type: ignore[attr-defined]
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)  # waiting for its first token or chunk (0.35 s, 0.2 s)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert sum(not handle.cancelled() for handle in loop._scheduled) <= before  # type: ignore[attr-defined]
