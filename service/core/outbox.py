@@ -6,8 +6,9 @@ messages out with :meth:`Outbox.next`. The outbox alone
 - bounds what waits per stream, in seconds of audio as well as in items (a turn's :meth:`Outlet.put`
   waits while it is full: that is the backpressure from a slow client to the TTS engine);
 - merges: caption deltas of a turn waiting together leave as one message, and audio pieces of one
-  segment as one message of at most ``max_message_ms``; once the client holds ``fill_lead_ms`` of
-  audio beyond a message's worth, a message waits (never past that lead) until it is full;
+  segment as one message of at most ``max_message_ms``; once the client holds more than
+  ``fill_lead_ms`` of audio, a message waits until it is full, but never so long that the client
+  would hold less (the turn gathers a message's worth before handing it over, by the same rule);
 - numbers each turn's audio messages, gap-free, once, as they leave;
 - records what of each turn left (:class:`Outlet`: first audio, audio sent), which the session reads
   to know what the client can have heard;
@@ -54,9 +55,9 @@ class OutboxLimits:
     max_buffered_items: int = 64
     """Items that may wait before a turn's put waits (captions and segment starts count too)."""
     fill_lead_ms: int = 500
-    """Once the client has this much audio in hand beyond a message's worth (counting from when the
-    turn's first audio left), audio messages wait until they are full: fewer, larger messages, with
-    no effect on the first audio or on playback."""
+    """Audio the client keeps in hand (counting from when the turn's first audio left) while messages
+    wait to fill: beyond it, an audio message waits until it is full, or until the client would hold
+    only this much. Fewer, larger messages, with no effect on the first audio or on playback."""
 
     def __post_init__(self) -> None:
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
@@ -88,12 +89,12 @@ class Outlet:
 
     def fill_until(self) -> float | None:
         """Until when (``time.monotonic``) the turn's audio may wait to fill a message: while the client
-        still holds ``fill_lead_ms`` of audio beyond it. None while the client is not that far ahead
-        (audio then leaves as it comes)."""
+        still holds more than ``fill_lead_ms`` of audio. None while it holds no more (audio then
+        leaves as it comes)."""
         limits = self._outbox.limits
         now = time.monotonic()
         lead_ms = self.client_lead_ms(now)
-        if self.first_audio_at is None or lead_ms < limits.fill_lead_ms + limits.max_message_ms:
+        if self.first_audio_at is None or lead_ms <= limits.fill_lead_ms:
             return None
         return now + (lead_ms - limits.fill_lead_ms) / 1000
 

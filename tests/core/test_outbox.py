@@ -168,6 +168,34 @@ async def test_a_message_waiting_to_fill_is_put_back_when_the_reader_is_cancelle
     assert isinstance(message, AudioChunk) and message.duration_ms == 40 and message.sequence == 10
 
 
+async def test_a_message_waits_to_fill_only_while_the_client_keeps_the_fill_lead() -> None:
+    # 400 ms sent at once: the client holds 400 ms, more than the 300 ms lead (though less than the
+    # lead plus a message's worth); a new piece waits for company, but only until the client would
+    # hold 300 ms (about 100 ms); at or below the lead, a piece leaves at once.
+    outbox = Outbox(OutboxLimits(max_message_ms=200, fill_lead_ms=300))
+    outlet = outbox.open_turn("t1")
+    for _ in range(2):
+        await outlet.put(piece(0, 200))
+    for _ in range(2):
+        await outbox.next()
+    await outlet.put(piece(0, 20))
+    began = asyncio.get_running_loop().time()
+    reading = asyncio.create_task(outbox.next())
+    await asyncio.sleep(0.03)
+    assert not reading.done()
+    await outlet.put(piece(0, 20))
+    message = await reading
+    waited = asyncio.get_running_loop().time() - began
+    assert isinstance(message, AudioChunk) and message.duration_ms == 40
+    assert 0.08 <= waited < 0.3
+    # The client held about 340 ms then; 150 ms of playing later it holds less than the lead, and a
+    # piece leaves at once.
+    await asyncio.sleep(0.15)
+    await outlet.put(piece(0, 20))
+    message = await asyncio.wait_for(outbox.next(), 0.02)
+    assert isinstance(message, AudioChunk) and message.duration_ms == 20
+
+
 def test_limits_are_checked() -> None:
     with pytest.raises(ValueError, match="max_buffered_ms"):
         OutboxLimits(max_message_ms=500, max_buffered_ms=100)
