@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from service.core.store import Claim, StoredSession, hand_over
 from service.errors import StoreUnavailable
 
-__all__ = ["RedisStore", "url_without_password"]
+__all__ = ["MAX_CONNECTIONS", "TIMEOUT_S", "RedisStore", "url_without_password"]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,31 @@ return 1
 """
 
 
-class RedisStore:
-    """Sessions in Redis. Create, then ``await start()``."""
+MAX_CONNECTIONS = 100
+"""Connections to Redis one process opens at most (redis-py's default)."""
+TIMEOUT_S = 5.0
+"""How long an operation waits for Redis: to connect, for a reply, and for a free connection."""
 
-    def __init__(self, url: str, *, prefix: str = "parley", ttl_s: float = 3600.0) -> None:
-        self._redis = redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
+
+class RedisStore:
+    """Sessions in Redis. Create, then ``await start()``.
+
+    Operations beyond ``max_connections`` at once (hundreds of turns ending together on one replica)
+    wait for a free connection, up to the timeout, instead of failing: redis-py's default pool raises
+    "Too many connections" there, and the history of every turn past the hundredth was not saved."""
+
+    def __init__(
+        self, url: str, *, prefix: str = "parley", ttl_s: float = 3600.0, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=TIMEOUT_S,
+            decode_responses=True,
+            socket_timeout=TIMEOUT_S,
+            socket_connect_timeout=TIMEOUT_S,
+        )
+        self._redis = redis.Redis.from_pool(pool)  # (closing the client closes the pool)
         self._url = url
         self._prefix = prefix
         self._ttl = max(1, round(ttl_s))

@@ -56,6 +56,25 @@ def session(session_id: str = "s1") -> StoredSession:
     )
 
 
+async def test_more_operations_at_once_than_connections_wait_for_one(redis_url: str, prefix: str) -> None:
+    # Hundreds of turns ending together on one replica: saves beyond the pool's connections wait for
+    # one instead of failing ("Too many connections"), and every history is written.
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60, max_connections=3).start()
+    try:
+        sessions = [session(f"s{index}") for index in range(40)]
+        claims = await asyncio.gather(*(store.create(each) for each in sessions))
+        for each in sessions:
+            each.entries.append(Entry("user", f"more for {each.session_id}"))
+        saves = (store.save(each, claim) for each, claim in zip(sessions, claims, strict=True))
+        assert all(await asyncio.gather(*saves))
+        resumed = await asyncio.gather(*(store.resume(each.session_id) for each in sessions))
+        assert [r[0].entries[-1].content for r in resumed if r is not None] == [
+            f"more for s{index}" for index in range(40)
+        ]
+    finally:
+        await store.aclose()
+
+
 async def test_every_replica_sees_every_session(replicas: tuple[RedisStore, RedisStore]) -> None:
     one, two = replicas
     await one.create(session())
