@@ -26,7 +26,8 @@
    (``benchmarks/workers.py``; alone: ``--only workers``).
 5. With ``--compare REV``: stage 1 also against the service of commit REV (checked out in a
    temporary git worktree, run by the same harness, the two alternating at each concurrency), so a
-   change is judged before and after in one run.
+   change is judged before and after in one run; with ``--only workers``, one worker per core of
+   each, both running, measured in turn at 100 and 200 streams over three rounds.
 6. The segmenter's worst case (the longest single call, which holds the event loop, over
    pathological inputs; ``benchmarks/segmenter_stall.py``) and the session store's memory (bytes per
    stored session and a cancel-after-first-response soak; ``benchmarks/memory_soak.py``).
@@ -131,11 +132,17 @@ WORKERS_TITLE = "4b. One process or one per core (PARLEY_WORKERS)"
 REPLICA_TITLE = "3d. A replica on the embedded engines: memory and conversations at once"
 
 
-async def workers_stage(args: argparse.Namespace, report: Report, deadline: float) -> None:
+async def workers_stage(
+    args: argparse.Namespace, report: Report, deadline: float, baseline: Path | None = None
+) -> None:
+    compiled = args.generator == "compiled"
     try:
-        measured = await workers.measure(
-            args.profile, MESSAGES["medium"], args.turns, deadline, compiled=args.generator == "compiled"
-        )
+        measured = await workers.measure(args.profile, MESSAGES["medium"], args.turns, deadline, compiled=compiled)
+        if baseline is not None:
+            compared = await workers.compare(
+                args.profile, MESSAGES["medium"], args.turns, deadline, baseline, args.compare, compiled=compiled
+            )
+            measured = f"{measured}\n\n{compared}"
         report.add_section(WORKERS_TITLE, measured)
     except Exception as error:  # the other stages' figures still count
         report.note(f"workers: failed ({type(error).__name__}: {error})")
@@ -205,7 +212,9 @@ async def main_async(args: argparse.Namespace) -> Report:
         await encodings_stage(report)
         return report
     if args.only == "workers":
-        await workers_stage(args, report, deadline)
+        with contextlib.ExitStack() as stack:
+            baseline = stack.enter_context(checkout(args.compare)) if args.compare else None
+            await workers_stage(args, report, deadline, baseline)
         return report
     if args.only == "replica":
         await replica_stage(report, deadline)
@@ -234,7 +243,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=600, help="no turn starts after this many seconds")
     parser.add_argument("--no-embedded", dest="embedded", action="store_false", help="skip the embedded engines")
     parser.add_argument("--out", default="benchmarks/RESULTS.md", help="the Markdown report")
-    parser.add_argument("--compare", default=None, metavar="REV", help="also measure stage 1 on commit REV")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="REV",
+        help="also measure commit REV: stage 1, or with --only workers one worker per core side by side",
+    )
     parser.add_argument(
         "--extras",
         default="full",

@@ -19,11 +19,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks import load
 from benchmarks.report import percentile
 
-__all__ = ["TARGET_P50_MS", "TARGET_P99_MS", "measure"]
+__all__ = ["TARGET_P50_MS", "TARGET_P99_MS", "compare", "measure"]
 
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 30.0
@@ -207,3 +208,63 @@ async def measure(
     if skipped:
         lines += ["", f"Not run (--duration reached): {'; '.join(skipped)}."]
     return "\n".join(lines)
+
+
+async def compare(
+    profile: str,
+    message: str,
+    turns: int,
+    deadline: float,
+    baseline: Path,
+    revision: str,
+    counts: tuple[int, ...] = (100, 200),
+    rounds: int = 3,
+    *,
+    compiled: bool = True,
+) -> str:
+    """One worker per core, this checkout against ``baseline`` (another commit's), both running at once
+    and measured in turn: at each count, ``rounds`` rounds, which of the two goes first alternating.
+    This machine's speed drifts between runs minutes apart (the same commit's p99 at 200 streams has
+    differed by a factor of two): only runs side by side tell a change from the drift."""
+    ideal = load.ideal_first_audio_ms(profile, message)
+    cores = os.cpu_count() or 1
+    rows: list[str] = []
+    with redis_server() as redis_url, contextlib.ExitStack() as stack:
+        services = {}
+        for label, root in (("before", baseline), ("after", load.ROOT)):
+            env = {
+                "PARLEY_WORKERS": str(cores),
+                "PARLEY_SESSION_STORE": "redis",
+                "PARLEY_REDIS_URL": redis_url,
+                "PARLEY_REDIS_PREFIX": f"parley-{label}",
+                "PARLEY_STT": "none",
+            }
+            services[label] = stack.enter_context(load.ServiceProcess(profile, max(counts) + 10, root=root, env=env))
+        for service in services.values():
+            await service.wait_ready()
+            await load.run_load(service, 10, 1, message, deadline, compiled=compiled)  # warm-up
+        order = ["before", "after"]
+        for round_ in range(rounds):
+            for count in counts:
+                for label in order:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(SETTLE_S)
+                    row = await _run(services[label], cores, count, turns, message, ideal, deadline, compiled)
+                    rows.append(
+                        f"| {round_ + 1} | {count} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
+                        f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
+                        f"| {row.cpu_per_turn_ms:.1f} ms |"
+                    )
+                order.reverse()  # neither always goes first
+    return "\n".join(
+        [
+            f"Before and after, side by side: {cores} workers each, the same Redis, this commit against "
+            f"`{revision}`, {rounds} rounds, alternating which goes first.",
+            "",
+            "| round | streams | service | overhead p50 | p99 | meets the target | failed | service's share "
+            "| service CPU per turn |",
+            "|---:|---:|---|---:|---:|---|---:|---:|---:|",
+            *rows,
+        ]
+    )

@@ -138,3 +138,14 @@ async def test_the_compiled_load_generator_gives_up_on_a_service_that_never_answ
         assert (await left.communicate())[0].strip() == b""
     finally:
         silent.close()
+
+
+async def test_the_workers_comparison_measures_both_commits_side_by_side() -> None:
+    # (This checkout against itself: what matters is that both services run and every row is measured.)
+    from benchmarks import workers
+
+    table = await workers.compare(
+        "quick", "What is the capital of France?", 1, time.monotonic() + 120, ROOT, "HEAD", counts=(2,), rounds=2
+    )
+    rows = re.findall(r"^\| (\d) \| 2 \| (before|after) \| [\d.]+ ms \| [\d.]+ ms \| (?:yes|no) \| 0 \|", table, re.M)
+    assert rows == [("1", "before"), ("1", "after"), ("2", "after"), ("2", "before")]
