@@ -59,6 +59,16 @@ def redis_server() -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def _service_env(workers: int, redis_url: str) -> dict[str, str]:
+    """The settings of a measured service: ``workers`` processes, sessions in Redis, no voice input."""
+    return {
+        "PARLEY_WORKERS": str(workers),
+        "PARLEY_SESSION_STORE": "redis",
+        "PARLEY_REDIS_URL": redis_url,
+        "PARLEY_STT": "none",
+    }
+
+
 @dataclass
 class Row:
     workers: int
@@ -146,12 +156,7 @@ async def measure(
     skipped: list[str] = []
     with redis_server() as redis_url:
         for workers in dict.fromkeys((1, cores)):
-            env = {
-                "PARLEY_WORKERS": str(workers),
-                "PARLEY_SESSION_STORE": "redis",
-                "PARLEY_REDIS_URL": redis_url,
-                "PARLEY_STT": "none",
-            }
+            env = _service_env(workers, redis_url)
             limit = max((*counts, *search)) + 10
             with load.ServiceProcess(profile, limit, env=env) as service:
                 await service.wait_ready()
@@ -232,13 +237,7 @@ async def compare(
     with redis_server() as redis_url, contextlib.ExitStack() as stack:
         services = {}
         for label, root in (("before", baseline), ("after", load.ROOT)):
-            env = {
-                "PARLEY_WORKERS": str(cores),
-                "PARLEY_SESSION_STORE": "redis",
-                "PARLEY_REDIS_URL": redis_url,
-                "PARLEY_REDIS_PREFIX": f"parley-{label}",
-                "PARLEY_STT": "none",
-            }
+            env = {**_service_env(cores, redis_url), "PARLEY_REDIS_PREFIX": f"parley-{label}"}
             services[label] = stack.enter_context(load.ServiceProcess(profile, max(counts) + 10, root=root, env=env))
         for service in services.values():
             await service.wait_ready()

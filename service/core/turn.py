@@ -98,10 +98,10 @@ class SegmentAudio:
 
     async def take(self, limit: int, fill_until: float | None) -> bytes | None:
         """The next message's worth of audio: the pieces waiting, joined, at most ``limit`` bytes
-        (unless a single piece is longer). Waits for a first piece; with ``fill_until`` (a
-        ``loop.time()``), waits until then for a full message. None once the segment has ended;
-        raises the engine's error (after the audio made before it). Safe to cancel (nothing is lost).
-        (The event loop's clock is ``time.monotonic``, as the outbox's.)"""
+        (unless a single piece is longer). Waits for a first piece; with ``fill_until``
+        (``time.monotonic``, which is also the event loop's clock), waits until then for a full
+        message. None once the segment has ended; raises the engine's error (after the audio made
+        before it). Safe to cancel (nothing is lost)."""
         while not self._pieces and not self._ended:
             await self._wait(1, None)
         if fill_until is not None and self._pieces and not self._ended:
@@ -319,9 +319,7 @@ class Turn:
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            while True:
-                if (piece := await item.audio.take(self._piece_bytes, self._fill_until())) is None:
-                    break
+            while (piece := await item.audio.take(self._piece_bytes, self._fill_until())) is not None:
                 await self._emit_audio(item.index, piece)
                 spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
             spoken.complete = True
