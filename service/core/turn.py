@@ -97,31 +97,32 @@ class SegmentAudio:
         self._wake()
 
     async def take(self, limit: int, fill_until: float | None) -> bytes | None:
-        """The next message's worth of audio: the pieces waiting, joined, at most ``limit`` bytes
-        (unless a single piece is longer). Waits for a first piece; with ``fill_until``
-        (``time.monotonic``, which is also the event loop's clock), waits until then for a full
-        message. None once the segment has ended; raises the engine's error (after the audio made
-        before it). Safe to cancel (nothing is lost)."""
+        """The next message's worth of audio: what waits, joined, at most ``limit`` bytes (an even
+        number: a piece is cut between two samples to fill a message). Waits for a first piece; with
+        ``fill_until`` (``time.monotonic``, which is also the event loop's clock), waits until then
+        for a full message. None once the segment has ended; raises the engine's error (after the
+        audio made before it). Safe to cancel (nothing is lost)."""
         while not self._pieces and not self._ended:
             await self._wait(1, None)
-        if fill_until is not None and self._pieces and not self._ended:
-            # Wait while another piece as long as the last one would still fit.
-            wanted = limit - len(self._pieces[-1]) + 1
-            if self._bytes < wanted and time.monotonic() < fill_until:
-                await self._wait(wanted, fill_until)
+        if fill_until is not None and self._bytes < limit and not self._ended and time.monotonic() < fill_until:
+            await self._wait(limit, fill_until)
         if not self._pieces:
             if self._error is not None:
                 raise self._error
             return None
-        first = self._pieces.popleft()
-        taken = [first]
-        size = len(first)
-        while self._pieces and size + len(self._pieces[0]) <= limit:
-            piece = self._pieces.popleft()
+        taken: list[bytes] = []
+        size = 0
+        while self._pieces and size < limit:
+            piece = self._pieces[0]
+            room = limit - size
+            if len(piece) <= room:
+                self._pieces.popleft()
+            else:
+                piece, self._pieces[0] = piece[:room], piece[room:]
             taken.append(piece)
             size += len(piece)
         self._bytes -= size
-        return first if len(taken) == 1 else b"".join(taken)
+        return taken[0] if len(taken) == 1 else b"".join(taken)
 
     async def _wait(self, wake_at: int, until: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -284,6 +285,7 @@ class Turn:
     async def _synthesize_in(self, item: _Pending) -> None:
         encoder: SegmentEncoder | None = None
         silence: LeadingSilence | None = None
+        unpaused_ms = 0.0
         try:
             speech = self._tts.synthesize(item.spoken, self._voice, urgent=item.trim_lead)
             async with contextlib.aclosing(speech) as audio:
@@ -298,6 +300,10 @@ class Turn:
                     pcm = chunk.pcm if silence is None else silence.feed(chunk.pcm)
                     for piece in encoder.feed(pcm):
                         item.audio.append(piece)
+                    unpaused_ms += len(chunk.pcm) * 500 / chunk.sample_rate_hz
+                    if unpaused_ms >= self._piece_ms:  # a message's worth read since the last pause
+                        unpaused_ms = 0.0
+                        await self._read_pause()
             if encoder is not None:
                 for piece in encoder.finish():
                     item.audio.append(piece)
@@ -310,6 +316,17 @@ class Turn:
         finally:
             if item.trim_lead:
                 self._first_spoken.set()
+
+    async def _read_pause(self) -> None:
+        """After a message's worth read from a TTS engine: while the client is well ahead (the outbox
+        lets audio wait to fill a message), wait half a message's time, so that the next read takes
+        what the engine made meanwhile at once (a network stream's buffered bytes, a merged chunk)
+        instead of costing the event loop a task switch per small chunk. Never past the moment the
+        client would hold only the fill lead, so playback cannot notice; and since a message's worth is
+        read per half a message's time, an engine that does not merge is still read at twice real time."""
+        fill_until = self._fill_until()
+        if fill_until is not None:
+            await asyncio.sleep(min(fill_until - time.monotonic(), self._piece_ms / 2000))
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
         """Emit each segment and its audio strictly in order: what exists of it at once, or, while the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import pytest
 
@@ -15,7 +15,7 @@ from service.core.outbox import Outbox, OutboxLimits
 from service.core.turn import NoteFilter, SegmentAudio, Turn, TurnOptions
 from service.errors import TTSError
 from tests.conftest import wait_for
-from tests.fakes import FakeTTS
+from tests.fakes import FakeTTS, tone
 
 REPLY = (
     "Okay, here we go now. "
@@ -175,6 +175,78 @@ async def test_a_message_is_gathered_before_it_reaches_the_outbox() -> None:
     assert len(pieces) // 2 == round(sum(tts.duration_ms(t) for t in tts.texts) * 16)
 
 
+class BufferedTTS(FakeTTS):
+    """Makes audio at four times real time in 10 ms chunks on its own clock and, as a network stream
+    does, hands each read everything made since the read before. Counts the reads of each text."""
+
+    reads: dict[str, int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = {}
+
+    async def _synthesize(self, text: str) -> AsyncGenerator[Audio, None]:
+        rate = self.sample_rate_hz
+        chunk = rate // 100
+        total = int(self.duration_ms(text) * rate / 1000)
+        began = time.monotonic()
+        start = 0
+        while start < total:
+            made = min(total, int((time.monotonic() - began) * 4 * rate) // chunk * chunk)
+            if made <= start:
+                await asyncio.sleep(max(0.0, began + (start + chunk) / rate / 4 - time.monotonic()))
+                continue
+            self.reads[text] = self.reads.get(text, 0) + 1
+            yield Audio(tone(start, made - start, rate), rate)
+            start = made
+
+
+async def test_the_engine_is_read_in_rounds_once_the_client_is_well_ahead() -> None:
+    # Once the client holds more than the fill lead, a read of the engine waits half a message's time
+    # after each message's worth, so that the next read takes what was made meanwhile: a handful of
+    # reads for a segment, instead of one (and a task switch) per 10 ms chunk.
+    tts = BufferedTTS()
+    puts: list[Item] = []
+    _, events = await run_turn(tts, fill_lead_ms=300, puts=puts)
+    last = tts.texts[-1]
+    chunks = tts.duration_ms(last) / 10
+    assert tts.reads[last] < chunks / 5
+    # Nothing lost or reordered, and the messages full.
+    pieces = b"".join(p.data for p in puts if isinstance(p, AudioPiece))
+    assert b"".join(c.data for c in audio_of(events)) == pieces
+    assert len(pieces) // 2 == round(sum(tts.duration_ms(t) for t in tts.texts) * 16)
+    sizes = [c.duration_ms for c in audio_of(events) if c.segment_index == 4]
+    assert min(sizes[:-1]) == pytest.approx(100)
+
+
+async def test_a_read_pause_ends_before_the_client_would_hold_less_than_the_fill_lead() -> None:
+    def turn(fill_until: Callable[[], float | None]) -> Turn:
+        return Turn(
+            "t1",
+            words("Hello."),
+            tts=FakeTTS(),
+            voice="fake-voice",
+            language="en_US",
+            audio_format=AudioFormat(Encoding.PCM16, 16000),
+            emit=lambda item: asyncio.sleep(0),
+            options=TurnOptions(),
+            piece_ms=2000,  # a second's pause, unless the fill lead comes first
+            stats=TurnStats(),
+            from_llm=True,
+            fill_until=fill_until,
+        )
+
+    began = time.monotonic()
+    await turn(lambda: time.monotonic() + 0.02)._read_pause()
+    assert time.monotonic() - began < 0.5
+    began = time.monotonic()
+    await turn(lambda: None)._read_pause()  # the client holds no more than the fill lead: no pause
+    assert time.monotonic() - began < 0.1
+    began = time.monotonic()
+    await turn(lambda: time.monotonic() + 10)._read_pause()
+    assert time.monotonic() - began >= 0.99
+
+
 async def test_segment_audio_wakes_its_reader_for_what_it_waits_for() -> None:
     audio = SegmentAudio()
     loop = asyncio.get_running_loop()
@@ -184,19 +256,19 @@ async def test_segment_audio_wakes_its_reader_for_what_it_waits_for() -> None:
     assert not reading.done()
     audio.append(b"a" * 20)
     assert await reading == b"a" * 20
-    # Filling: it waits until another piece as long as the last would not fit, taking at most the limit.
+    # Filling: it waits for a full message, taking the limit exactly (a piece is cut to fill it).
     audio.append(b"b" * 20)
     reading = asyncio.create_task(audio.take(100, loop.time() + 5))
     for _ in range(3):
         audio.append(b"c" * 20)
         await asyncio.sleep(0.01)
         assert not reading.done()
-    audio.append(b"d" * 20)
+    audio.append(b"d" * 30)
     audio.append(b"e" * 20)  # (beyond the limit: stays for the next message)
     assert await reading == b"b" * 20 + b"c" * 60 + b"d" * 20
     # The deadline ends the wait with what there is.
     began = time.monotonic()
-    assert await audio.take(100, loop.time() + 0.05) == b"e" * 20
+    assert await audio.take(100, loop.time() + 0.05) == b"d" * 10 + b"e" * 20
     assert 0.04 <= time.monotonic() - began < 1
     # The end ends it too; then the segment is over.
     audio.append(b"f" * 10)
@@ -209,11 +281,12 @@ async def test_segment_audio_wakes_its_reader_for_what_it_waits_for() -> None:
 
 async def test_segment_audio_gives_what_came_before_an_error_then_the_error() -> None:
     audio = SegmentAudio()
-    audio.append(b"a" * 300)  # (a piece longer than the limit still leaves whole)
+    audio.append(b"a" * 250)  # (a piece is cut to fill a message)
     audio.append(b"b" * 10)
     audio.end(TTSError("voice broke"))
-    assert await audio.take(100, None) == b"a" * 300
-    assert await audio.take(100, None) == b"b" * 10
+    assert await audio.take(100, None) == b"a" * 100
+    assert await audio.take(100, None) == b"a" * 100
+    assert await audio.take(100, None) == b"a" * 50 + b"b" * 10
     with pytest.raises(TTSError, match="voice broke"):
         await audio.take(100, None)
     # Cancelling a reader loses nothing.

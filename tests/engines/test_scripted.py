@@ -42,6 +42,23 @@ async def test_the_tts_makes_its_audio_in_chunks_on_schedule() -> None:
     assert last_due <= chunks[-1][0] < last_due + 0.05
 
 
+async def test_a_late_reader_gets_the_chunks_made_meanwhile_at_once() -> None:
+    # As a network stream's reader gets the bytes buffered since its last read: one chunk, the same audio.
+    tts = ScriptedTTS(QUICK)
+    text = "Hello there, my good friend."
+    prompt = [audio.pcm async for audio in tts.synthesize(text, "scripted")]
+    chunk_bytes = 2 * int(QUICK.tts_chunk_s * 24000)
+    late: list[bytes] = []
+    async for audio in tts.synthesize(text, "scripted"):
+        late.append(audio.pcm)
+        if len(late) == 1:
+            await asyncio.sleep(0.03)  # the chunks are made 1.2 ms apart: about 25 are made meanwhile
+    assert b"".join(late) == b"".join(prompt)
+    assert len(late[1]) >= 10 * chunk_bytes
+    assert len(late) < len(prompt) - 10
+    assert all(len(pcm) % chunk_bytes == 0 for pcm in late[:-1])  # whole chunks only
+
+
 @pytest.mark.parametrize("engine", ["llm", "tts"])
 async def test_a_cancelled_stream_leaves_no_timer_behind(engine: str) -> None:
     async def consume() -> None:
