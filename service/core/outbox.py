@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.core.events import (
@@ -81,6 +82,15 @@ class Outlet:
         self.audio_ms_sent = 0.0
         """Audio of it handed to the transport."""
         self.next_sequence = 0
+        self.on_end: Callable[[TurnEnded | None], None] | None = None
+        """Told once of the turn's end as it leaves (sent, or let go unsent as the stream ended), or of
+        None by :meth:`finish` for a turn that ends without one (discarded)."""
+
+    def finish(self, ended: TurnEnded | None) -> None:
+        """Tell ``on_end`` (once) that the turn is over: ``ended`` as it left, or None."""
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(ended)
 
     async def put(self, item: TextDelta | SegmentStarted | AudioPiece) -> None:
         """Queue one of the turn's items, waiting while the outbox is full. Discarded once the turn was
@@ -320,6 +330,9 @@ def _ended(end: TurnEnd, outlet: Outlet | None) -> TurnEnded:
             round((first_audio - spoken.speech_end_at) * 1000) if spoken and first_audio is not None else 0
         ),
     )
-    return TurnEnded(
+    ended = TurnEnded(
         end.turn_id, end.reason, end.spoken_text, timings, moments.usage, end.error, end.history_unsaved, end.failure
     )
+    if outlet is not None:
+        outlet.finish(ended)
+    return ended

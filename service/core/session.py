@@ -29,6 +29,7 @@ import asyncio
 import collections
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -66,6 +67,7 @@ from service.core.events import (
     SpokenInput,
     Transcript,
     TurnEnd,
+    TurnEnded,
     TurnEndReason,
     TurnStats,
 )
@@ -87,7 +89,7 @@ from service.core.settings import (
     resolve_settings,
 )
 from service.core.store import Claim, SessionStore, StoredSession
-from service.core.tracing import span
+from service.core.tracing import as_current, end_span, open_span
 from service.core.turn import Turn, TurnOutcome, TurnRecord, TurnState, llm_deltas, queued_deltas
 from service.errors import (
     EngineError,
@@ -489,6 +491,7 @@ class Session:
         self._outbox.drop(turn.outlet)
         await turn.stop()
         turn.discard()
+        turn.outlet.finish(None)
         self._current = None
         self._used_turn_ids.pop(turn.turn_id, None)
         if turn.turn_id == f"turn-{self._turns_started}":
@@ -580,7 +583,10 @@ class Session:
         was stopped)."""
         LOG_TURN.set(turn.turn_id)
         error: BaseException | None = None
-        with span("parley.turn", {"parley.session": self.session_id[:8], "parley.turn": turn.turn_id}) as traced:
+        traced = open_span("parley.turn", {"parley.session": self.session_id[:8], "parley.turn": turn.turn_id})
+        if traced is not None:  # (it ends when the turn's end leaves: the timings are then the client's)
+            turn.outlet.on_end = functools.partial(_end_turn_span, traced, turn)
+        with as_current(traced):
             try:
                 await turn.pipeline.run()
             except asyncio.CancelledError:
@@ -591,9 +597,6 @@ class Session:
             except Exception as failure:
                 log.exception("turn %s failed unexpectedly", turn.turn_id)
                 error = failure
-            finally:
-                if traced is not None:
-                    _trace_timings(traced, turn)
         assert self._commands is not None
         self._commands.put_nowait(TurnFinished(turn, error))
 
@@ -713,6 +716,7 @@ class Session:
                 self._outbox.put_control(end, turn.outlet)
             else:
                 turn.end(TurnOutcome(TurnEndReason.INTERRUPTED, "", False))
+                turn.outlet.finish(None)
                 self._current = None
         self.state = SessionState.CLOSED
         self._outbox.close()
@@ -760,17 +764,34 @@ def _failure(error: BaseException) -> Failure:
     return Failure(engine, bool(getattr(error, "retryable", False)))
 
 
-def _trace_timings(traced: Any, turn: TurnRecord) -> None:
-    """A turn span's attributes: how far it got, in ms from its start (no text)."""
-    moments = turn.stats
-    started = moments.started
-    for name, moment in (("first_llm_token_ms", moments.first_llm_token), ("first_segment_ms", moments.first_segment)):
-        if moment is not None:
-            traced.set_attribute(f"parley.{name}", round((moment - started) * 1000))
-    if turn.outlet.first_audio_at is not None:
-        traced.set_attribute("parley.first_audio_ms", round((turn.outlet.first_audio_at - started) * 1000))
-    traced.set_attribute("parley.segments", len(turn.pipeline.segments))
-    traced.set_attribute("parley.audio_ms", round(turn.outlet.audio_ms_sent))
+def _end_turn_span(traced: Any, turn: TurnRecord, ended: TurnEnded | None) -> None:
+    """End a turn's span as its end leaves, with the timings the client got, in ms from the turn's
+    start (0: the stage never happened; no text); or, for a turn with no end (discarded), with how
+    far it got."""
+    attributes: dict[str, Any] = {"parley.segments": len(turn.pipeline.segments)}
+    if ended is None:
+        stats, started = turn.stats, turn.stats.started
+        for name, moment in (("first_llm_token_ms", stats.first_llm_token), ("first_segment_ms", stats.first_segment)):
+            if moment is not None:
+                attributes[f"parley.{name}"] = round((moment - started) * 1000)
+        attributes["parley.discarded"] = True
+        end_span(traced, attributes)
+        return
+    timings = ended.timings
+    attributes.update(
+        {
+            "parley.end_reason": ended.reason.value,
+            "parley.first_llm_token_ms": timings.first_llm_token_ms,
+            "parley.first_segment_ms": timings.first_segment_ms,
+            "parley.first_audio_ms": timings.first_audio_ms,
+            "parley.total_ms": timings.total_ms,
+            "parley.audio_ms": timings.audio_duration_ms,
+        }
+    )
+    if timings.speech_end_to_first_audio_ms:
+        attributes["parley.speech_end_to_first_audio_ms"] = timings.speech_end_to_first_audio_ms
+    failed = ended.reason is TurnEndReason.FAILED
+    end_span(traced, attributes, (ended.error or "failed") if failed else None)
 
 
 def _stored_fields(stored: StoredSession) -> tuple[str, str, float | None, int | None]:

@@ -2,8 +2,9 @@
 :mod:`service.telemetry`). Without the package every span here is a no-op.
 
 One span per turn (``parley.turn``), with child spans for the LLM stream (``parley.llm``), each
-synthesis (``parley.tts``) and each transcription (``parley.transcription``); the turn span carries
-its timings as attributes when it ends. Spans carry ids, counts and timings, never what was said.
+synthesis (``parley.tts``) and each transcription (``parley.transcription``); the turn span ends when
+the turn's end leaves for the client (or the turn is discarded), with the timings the client got as
+attributes. Spans carry ids, counts and timings, never what was said.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ try:
 except ImportError:  # the optional extra is not installed
     _trace = None  # type: ignore[assignment]
 
-__all__ = ["enable", "span"]
+__all__ = ["as_current", "enable", "end_span", "open_span", "span"]
 
 _enabled = False
 
@@ -51,3 +52,34 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, current: bool =
         raise
     finally:
         opened.end()
+
+
+def open_span(name: str, attributes: dict[str, Any] | None = None) -> Any:
+    """A span named ``name``, a child of the current span, that stays open until :func:`end_span`
+    (None without tracing)."""
+    if not _enabled or _trace is None:
+        return None
+    attributes = {k: v for k, v in (attributes or {}).items() if v is not None}
+    return _trace.get_tracer("parley").start_span(name, attributes=attributes)
+
+
+@contextlib.contextmanager
+def as_current(opened: Any) -> Iterator[None]:
+    """Make ``opened`` (from :func:`open_span`, or None) the current span inside, without ending it:
+    spans started there, in tasks started there too, are its children."""
+    if opened is None or _trace is None:
+        yield
+        return
+    with _trace.use_span(opened, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+        yield
+
+
+def end_span(opened: Any, attributes: dict[str, Any], error: str | None = None) -> None:
+    """End ``opened`` (from :func:`open_span`, or None) with ``attributes``, and ``error`` as its
+    status if given."""
+    if opened is None or _trace is None:
+        return
+    opened.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    if error is not None:
+        opened.set_status(_trace.Status(_trace.StatusCode.ERROR, error))
+    opened.end()

@@ -3,15 +3,17 @@ each synthesis and each transcription as its children, and the timings as attrib
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from parley.v1 import voice_pb2 as pb
 from service.core import tracing
-from tests.conftest import start_harness, stop_harness
-from tests.fakes import FakeLLM, FakeSTT, loud, quiet
+from tests.conftest import start, start_harness, stop_harness, user
+from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
 
 EXPORTER = InMemorySpanExporter()
@@ -43,8 +45,52 @@ async def test_a_voice_turn_is_one_span_with_its_stages_as_children() -> None:
     (turn,) = by_name["parley.turn"]
     assert turn.attributes["parley.turn"] == "turn-1"
     assert turn.attributes["parley.first_llm_token_ms"] >= 15 and turn.attributes["parley.first_audio_ms"] > 0
+    assert turn.attributes["parley.end_reason"] == "completed"
     (llm,) = by_name["parley.llm"]
     assert llm.parent.span_id == turn.context.span_id
     assert by_name["parley.tts"] and all(s.parent.span_id == turn.context.span_id for s in by_name["parley.tts"])
     assert by_name["parley.transcription"]
     assert "What is the weather like?" not in str([dict(s.attributes) for s in spans])  # never what was said
+
+
+async def test_a_turn_span_ends_as_its_end_leaves_with_the_timings_the_client_got() -> None:
+    # (The held audio of a tentative voice turn, above, leaves after the turn's work is over: only the
+    # end leaving knows the first audio.)
+    EXPORTER.clear()
+    h = await start_harness(FakeLLM(), FakeTTS())
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Hello there."))
+        ended = None
+        while (response := await call.read()) is not grpc.aio.EOF:
+            if response.HasField("turn_ended"):
+                ended = response.turn_ended
+                break
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    assert ended is not None
+    (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
+    assert turn.attributes["parley.first_audio_ms"] == ended.timings.first_audio_ms > 0
+    assert turn.attributes["parley.audio_ms"] == ended.timings.audio_duration_ms > 0
+    assert turn.attributes["parley.total_ms"] == ended.timings.total_ms
+
+
+async def test_a_failed_turn_span_has_an_error_status() -> None:
+    EXPORTER.clear()
+    h = await start_harness(FakeLLM(), FakeTTS(fail_on="answer"))
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Hello there."))
+        while (response := await call.read()) is not grpc.aio.EOF:
+            if response.HasField("turn_ended"):
+                assert response.turn_ended.reason == pb.TURN_END_REASON_FAILED
+                break
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
+    assert turn.attributes["parley.end_reason"] == "failed"
+    assert turn.status.status_code is trace.StatusCode.ERROR
