@@ -322,8 +322,8 @@ class Turn:
         lets audio wait to fill a message), wait half a message's time, so that the next read takes
         what the engine made meanwhile at once (a network stream's buffered bytes, a merged chunk)
         instead of costing the event loop a task switch per small chunk. Never past the moment the
-        client would hold only the fill lead, so playback cannot notice; and since a message's worth is
-        read per half a message's time, an engine that does not merge is still read at twice real time."""
+        client would hold only the fill lead, so playback cannot notice (an engine that made nothing
+        meanwhile is read more slowly, down to keeping that lead, and no further)."""
         fill_until = self._fill_until()
         if fill_until is not None:
             await asyncio.sleep(min(fill_until - time.monotonic(), self._piece_ms / 2000))
