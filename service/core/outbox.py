@@ -84,7 +84,7 @@ class Outlet:
         self.next_sequence = 0
         self.on_end: Callable[[TurnEnded | None], None] | None = None
         """Told once of the turn's end as it leaves (sent, or let go unsent as the stream ended), or of
-        None by :meth:`finish` for a turn that ends without one (discarded)."""
+        None, by :meth:`finish`, for a turn whose end is never made (a discarded tentative reply)."""
 
     def finish(self, ended: TurnEnded | None) -> None:
         """Tell ``on_end`` (once) that the turn is over: ``ended`` as it left, or None."""

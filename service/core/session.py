@@ -766,15 +766,15 @@ def _failure(error: BaseException) -> Failure:
 
 def _end_turn_span(traced: Any, turn: TurnRecord, ended: TurnEnded | None) -> None:
     """End a turn's span as its end leaves, with the timings the client got, in ms from the turn's
-    start (0: the stage never happened; no text); or, for a turn with no end (discarded), with how
-    far it got."""
+    start (0: the stage never happened; no text); or, for a turn whose end was never sent (a
+    tentative reply discarded, a stream closed under a turn it no longer owned), with how far it got."""
     attributes: dict[str, Any] = {"parley.segments": len(turn.pipeline.segments)}
     if ended is None:
         stats, started = turn.stats, turn.stats.started
         for name, moment in (("first_llm_token_ms", stats.first_llm_token), ("first_segment_ms", stats.first_segment)):
             if moment is not None:
                 attributes[f"parley.{name}"] = round((moment - started) * 1000)
-        attributes["parley.discarded"] = True
+        attributes["parley.end_reason"] = turn.outcome.reason.value if turn.outcome is not None else "discarded"
         end_span(traced, attributes)
         return
     timings = ended.timings

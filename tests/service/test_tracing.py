@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from parley.v1 import voice_pb2 as pb
 from service.core import tracing
-from tests.conftest import start, start_harness, stop_harness, user
+from tests.conftest import start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
 
@@ -94,3 +94,20 @@ async def test_a_failed_turn_span_has_an_error_status() -> None:
     (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
     assert turn.attributes["parley.end_reason"] == "failed"
     assert turn.status.status_code is trace.StatusCode.ERROR
+
+
+async def test_a_discarded_reply_span_ends_as_discarded() -> None:
+    EXPORTER.clear()
+    h = await start_harness(FakeLLM(token_s=0.02), stt=FakeSTT(texts=["What is", "What is the weather like?"]))
+    try:
+        call, reader = await open_voice(h, silence_ms=800, tentative_silence_ms=150, min_speech_ms=100)
+        await say(call, loud(500) + quiet(300))
+        await wait_for(lambda: len(h.llm.requests) == 1)  # a reply to "What is" is being prepared
+        await say(call, loud(500) + quiet(1000))  # ... but the user goes on
+        await reader.until("turn_ended")
+        await reader.stop()
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    turns = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
+    assert sorted(str(s.attributes["parley.end_reason"]) for s in turns) == ["completed", "discarded"]
