@@ -34,16 +34,14 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, current: bool =
     """A span named ``name``, a child of the current span, ended on exit (an exception ends it with an
     error status). ``current``: it is the current span inside (tasks started there are its
     children); else the current span stays the parent's. Yields the span (None without tracing)."""
-    if not _enabled or _trace is None:
+    opened = open_span(name, attributes)
+    if opened is None or _trace is None:
         yield None
         return
-    tracer = _trace.get_tracer("parley")
-    attributes = {k: v for k, v in (attributes or {}).items() if v is not None}
     if current:
-        with tracer.start_as_current_span(name, attributes=attributes) as opened:
+        with _trace.use_span(opened, end_on_exit=True):  # (records an exception and its error status)
             yield opened
         return
-    opened = tracer.start_span(name, attributes=attributes)
     try:
         yield opened
     except BaseException as error:
