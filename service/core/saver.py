@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.core.aio import stopped
 from service.core.store import Claim, SessionStore, StoredSession
 from service.errors import StoreUnavailable
 
@@ -64,8 +65,7 @@ class HistorySaver:
         """Write what is not yet stored (if the stream still owns the session), then stop. Safe to call
         twice; safe to cancel (the write in progress is abandoned)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
+            await stopped(self._task)  # (a write in flight can lose a cancellation on Python 3.11)
             self._task = None
         if not self._stopped and self._latest is not None and not self._claim.lost.is_set():
             await self._write()

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from service.core.aio import stopped
 from service.core.store import Claim, StoredSession, hand_over
 from service.errors import StoreUnavailable
 
@@ -186,9 +187,7 @@ class RedisStore:
     async def aclose(self) -> None:
         for task in (self._listener, self._renewer):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stopped(task)  # (a command in flight can lose a cancellation on Python 3.11)
         await self._redis.aclose()
 
     async def _keep_alive(self) -> None:

@@ -74,3 +74,24 @@ async def test_nothing_is_written_for_a_session_the_stream_lost() -> None:
     store.failing = False
     await saver.aclose()
     assert store.written == []
+
+
+async def test_closing_ends_a_write_whose_cancellation_was_lost() -> None:
+    # Python 3.11's asyncio.wait_for (inside redis-py) can lose the cancellation of a write that is
+    # completing: the saver then waited for the next snapshot, and the stream's end for ever.
+    written = asyncio.get_running_loop().create_future()
+    writing = asyncio.Event()
+
+    class CompletingStore:
+        async def save(self, session: StoredSession, claim: Claim) -> bool:
+            writing.set()
+            return bool(await asyncio.wait_for(written, 5))
+
+    saver = HistorySaver(CompletingStore(), Claim("s", "t"))  # type: ignore[arg-type]
+    saver.start()
+    saver.submit(snapshot(1))
+    await writing.wait()
+    written.set_result(True)
+    async with asyncio.timeout(5):
+        await saver.aclose()
+    assert not saver.unsaved

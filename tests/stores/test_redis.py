@@ -283,6 +283,36 @@ async def test_a_session_resumes_only_for_its_principal(replicas: tuple[RedisSto
     assert resumed is not None and resumed[0].principal == "key:alice"
 
 
+async def test_a_store_closes_even_when_its_listener_loses_its_cancellation(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CI once waited for ever on closing a store: its takeover listener was cancelled as a command's
+    # write completed, and Python 3.11's asyncio.wait_for (inside redis-py) lost the cancellation. The
+    # listener went on listening. Here the race is made certain: the owner check it makes for a
+    # takeover completes at the moment it is cancelled.
+    one = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    two = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    try:
+        checking = asyncio.Event()
+        checked = asyncio.get_running_loop().create_future()
+
+        async def owner_check(key: str) -> str | None:
+            checking.set()
+            return await asyncio.wait_for(checked, 5)
+
+        monkeypatch.setattr(one._redis, "get", owner_check)
+        await one.create(session())
+        assert await two.resume("s1") is not None  # announced: the first one checks who owns it
+        async with asyncio.timeout(5):
+            await checking.wait()
+        checked.set_result(None)
+        async with asyncio.timeout(5) as closing:
+            await one.aclose()
+        assert not closing.expired()  # (the timeout's own cancellation would end the listener)
+    finally:
+        await two.aclose()
+
+
 async def test_a_replica_counts_the_sessions_its_streams_hold_not_the_stored_ones(
     replicas: tuple[RedisStore, RedisStore],
 ) -> None:
