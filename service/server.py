@@ -49,7 +49,8 @@ class RunningServer:
         self.servicer.shut_down()
         await self.server.stop(grace_s)
         try:
-            await asyncio.wait_for(self.servicer.drained(), DRAIN_S)
+            async with asyncio.timeout(DRAIN_S):
+                await self.servicer.drained()
         except TimeoutError:
             log.warning(
                 "%d stream(s) still closing after %g s; stopping without them", self.servicer.active_streams, DRAIN_S

@@ -219,7 +219,8 @@ class Writer:
             self._stopping = True
             if not self._written.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._written.wait(), self._send_timeout_s)
+                    async with asyncio.timeout(self._send_timeout_s):
+                        await self._written.wait()
             task.cancel()  # it waits for the next message (safe to cancel), or its write is stuck
             await asyncio.wait({task})
         if not task.cancelled():

@@ -83,7 +83,8 @@ async def supervise(count: int, argv: list[str], metrics_port: int | None) -> in
                 "worker %d (pid %d) exited with %s; restarting it in %g s", index, process.pid, code, delays[index]
             )
             try:
-                await asyncio.wait_for(stopping.wait(), delays[index])
+                async with asyncio.timeout(delays[index]):
+                    await stopping.wait()
                 return
             except TimeoutError:
                 delays[index] = min(delays[index] * 2, MAX_RESTART_DELAY_S)

@@ -66,7 +66,8 @@ async def _announce_when_ready(bridge: Bridge, options: BridgeOptions, page: str
     warned = False
     while True:
         try:
-            await asyncio.wait_for(bridge.channel.channel_ready(), timeout=5)
+            async with asyncio.timeout(5):
+                await bridge.channel.channel_ready()
             break
         except TimeoutError:
             if not warned:

@@ -252,7 +252,8 @@ class Bridge:
     async def _converse(self, websocket: ServerConnection) -> None:
         assert self._channel is not None
         try:  # give a service that is (re)starting a moment before saying it is down
-            await asyncio.wait_for(self._channel.channel_ready(), _CONNECT_WAIT_S)
+            async with asyncio.timeout(_CONNECT_WAIT_S):
+                await self._channel.channel_ready()
         except TimeoutError:
             message = f"the voice service at {self.options.grpc_target} is unavailable; try again later"
             with contextlib.suppress(ConnectionClosed):
@@ -263,7 +264,8 @@ class Bridge:
         first: str | bytes | None = None
         if token is None:  # the token may come in a first frame {"auth": {"token": "..."}}
             try:
-                first = await asyncio.wait_for(websocket.recv(), _FIRST_FRAME_S)
+                async with asyncio.timeout(_FIRST_FRAME_S):
+                    first = await websocket.recv()
             except TimeoutError:
                 await _close(websocket, 1008, "no message: send start (or auth, then start) first")
                 return

@@ -113,7 +113,8 @@ class TwilioCall:
 
     async def run(self) -> None:
         try:
-            start = await asyncio.wait_for(self._wait_for_start(), START_WAIT_S)
+            async with asyncio.timeout(START_WAIT_S):
+                start = await self._wait_for_start()
         except TimeoutError:
             await self.websocket.close(1008, "no start message: this endpoint speaks Twilio Media Streams")
             return
