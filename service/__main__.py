@@ -27,7 +27,7 @@ from service.servicer import StreamLimits
 from service.stores.memory import MemoryStore
 from service.telemetry import configure_tracing
 from service.tls import ServerCertificates, TLSError
-from service.workers import WORKER_INDEX
+from service.workers import WORKER_INDEX, tell_ready
 
 log = logging.getLogger("service")
 
@@ -88,6 +88,8 @@ async def run(settings: Settings) -> None:
         log.info(
             "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s)", settings.host, running.port, llm.name, tts.name, stt
         )
+        if running.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
         log.info(
             "transport: %s",
             "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",
@@ -105,6 +107,7 @@ async def run(settings: Settings) -> None:
             )
         else:
             log.info("authentication: none; listening on loopback only")
+        tell_ready()  # (a worker's supervisor: it serves)
         await serve_until_signal(running, settings.shutdown_grace_s)
     finally:
         await llm.aclose()
@@ -164,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         from service.workers import supervise
 
         return asyncio.run(
-            supervise(settings.worker_count, sys.argv[1:] if argv is None else argv, settings.metrics_port)
+            supervise(
+                settings.worker_count,
+                sys.argv[1:] if argv is None else argv,
+                settings.metrics_port,
+                host=settings.host,
+                port=settings.port,
+            )
         )
     if settings.log_level != "DEBUG":
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise

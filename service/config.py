@@ -86,13 +86,18 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port.")
     workers: int | Literal["auto"] = Field(
         1,
-        description="Service processes sharing the port (auto: one per core); several need the redis session store.",
+        description=(
+            "Service processes sharing the port (auto: one per core this process may use, within a container's "
+            "CPU limit); several need the redis session store."
+        ),
     )
     metrics_port: int | None = Field(
         None,
         ge=0,
         le=65535,
-        description="Serve Prometheus metrics on this port (same address as the service). Off: none.",
+        description=(
+            "Serve Prometheus metrics on this port (same address as the service; worker i on this port + i). Off: none."
+        ),
     )
     llm: Literal["local", "openai", "scripted"] = Field(
         "local", description="LLM engine: local (embedded), openai, or scripted (fixed latency, for benchmarks)."
@@ -263,6 +268,11 @@ class Settings(BaseSettings):
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")
+        if self.worker_count > 1 and self.metrics_port == 0:
+            raise ValueError(
+                "worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
+                "PARLEY_METRICS_PORT to a port (not 0)"
+            )
         if self.metrics_port is not None and self.metrics_port + self.worker_count - 1 > 65535:
             raise ValueError(
                 f"worker i serves its metrics on PARLEY_METRICS_PORT + i: with {self.worker_count} workers, "
@@ -272,7 +282,11 @@ class Settings(BaseSettings):
 
     @property
     def worker_count(self) -> int:
-        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+        if self.workers != "auto":
+            return self.workers
+        from service.workers import core_count
+
+        return core_count()
 
     @model_validator(mode="after")
     def _token_secret_is_usable(self) -> Settings:

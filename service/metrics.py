@@ -109,9 +109,10 @@ class Metrics:
                 ).set_function(lambda: store.counts()[1] or 0)
         self.registry.register(_ProcessCollector())
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's); the port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
 
     def turn_ended(self, ended: TurnEnded, encoding: str) -> None:
         timings = ended.timings

@@ -41,6 +41,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     servicer: VoiceServicer
     tls: ServerCertificates | None = None
+    metrics_port: int | None = None
+    """Where ``/metrics`` is served (on the same host), if it is."""
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
@@ -107,7 +109,7 @@ async def start_server(
     bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if metrics_port is not None and servicer.metrics is not None:
         try:
-            servicer.metrics.serve(host, metrics_port)
+            metrics_port = servicer.metrics.serve(host, metrics_port)
         except OSError as error:
             raise RuntimeError(f"cannot serve metrics on {host}:{metrics_port}: {error.strerror or error}") from None
     if bound == 0:
@@ -115,7 +117,7 @@ async def start_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, servicer, tls)
+    return RunningServer(server, bound, health_servicer, servicer, tls, metrics_port)
 
 
 async def serve_until_signal(running: RunningServer, grace_s: float) -> None:

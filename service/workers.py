@@ -7,25 +7,30 @@ spreads new connections over them, as gRPC's Python multiprocessing example does
 every stream on it, stays with one worker; a session resumed on another connection may land on
 another worker, so several workers need a session store they share: the Redis store (the memory
 store refuses to run with several workers). The supervisor restarts a worker that dies (after a
-second, longer if it keeps dying), but not one that cannot start (exit status 2, bad settings: then
-it stops them all and exits 2), and on SIGTERM or SIGINT passes SIGTERM to every worker, which
-drains as a lone service does, and exits once all have (0 when every running worker drained). A
-worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves its metrics
-on ``PARLEY_METRICS_PORT + i``. A lone service does not share its port: a second one on the same
-port fails to start.
+second, longer if it keeps dying), but not one that cannot start: one that exits with status 2 (bad
+settings), or that exits before it ever served (its port or a file, the store or an engine it cannot
+reach: a worker tells the supervisor through a pipe once it listens). Then it stops them all and
+exits with that status, as a lone service would. On SIGTERM or SIGINT it passes SIGTERM to every
+worker, which drains as a lone service does, and exits once all have (0 when every running worker
+drained). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
+its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
+it, and a supervisor refuses a port something already listens on (another supervisor's workers
+included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
-__all__ = ["CONFIGURATION_ERROR", "MAX_RESTART_DELAY_S", "WORKER_INDEX", "supervise"]
+__all__ = ["CONFIGURATION_ERROR", "MAX_RESTART_DELAY_S", "WORKER_INDEX", "core_count", "supervise", "tell_ready"]
 
 log = logging.getLogger("service.workers")
 
@@ -34,13 +39,21 @@ CONFIGURATION_ERROR = 2
 """A service's exit status for settings it cannot run with: a worker that exits so is not restarted."""
 WORKER_INDEX = "PARLEY_WORKER_INDEX"
 """Set in each worker's environment: its index (a lone service has none)."""
+READY_FD = "PARLEY_READY_FD"
+"""Set in each worker's environment: the pipe on which it tells the supervisor that it listens."""
 _PR_SET_PDEATHSIG = 1
 _STABLE_S = 30.0  # a worker that ran this long before dying is restarted after the shortest delay
 
 
-async def supervise(count: int, argv: list[str], metrics_port: int | None) -> int:
-    """Run ``count`` workers until SIGTERM or SIGINT; the exit status."""
-    argv = _without_workers(argv)  # (each worker is one service)
+async def supervise(
+    count: int, argv: list[str], metrics_port: int | None, *, host: str | None = None, port: int | None = None
+) -> int:
+    """Run ``count`` workers until SIGTERM or SIGINT; the exit status. With ``host`` and ``port``, first
+    refuse (exit 1) a port something already listens on."""
+    if host is not None and port is not None and (taken := _port_taken(host, port)) is not None:
+        log.error("cannot start: %s", taken)
+        return 1
+    argv = _worker_argv(argv)  # (each worker is one service)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,19 +63,40 @@ async def supervise(count: int, argv: list[str], metrics_port: int | None) -> in
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)
 
-    async def start(index: int) -> asyncio.subprocess.Process:
+    async def start(index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool]]:
+        """A worker, and whether it came to serve (known by the time it has exited)."""
         env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index)}
         if metrics_port is not None:
             env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", *argv, env=env, preexec_fn=_die_with_parent
-        )
+        readable, writable = os.pipe()
+        env[READY_FD] = str(writable)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service", *argv, env=env, preexec_fn=_die_with_parent, pass_fds=(writable,)
+            )
+        except BaseException:
+            os.close(readable)
+            raise
+        finally:
+            os.close(writable)
+        served = loop.create_future()
+
+        def told() -> None:  # a byte once it listens; the end of the pipe when it exits without one
+            said = os.read(readable, 1)
+            loop.remove_reader(readable)
+            os.close(readable)
+            if not served.done():
+                served.set_result(said != b"")
+
+        loop.add_reader(readable, told)
         log.info("worker %d started (pid %d)", index, process.pid)
-        return process
+        return process, served
 
     async def keep(index: int) -> None:
+        ever_served = False
         while not stopping.is_set():
-            process = workers[index] = await start(index)
+            process, served = await start(index)
+            workers[index] = process
             began = time.monotonic()
             waiting = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
@@ -72,9 +106,10 @@ async def supervise(count: int, argv: list[str], metrics_port: int | None) -> in
                 waiting.cancel()
                 return
             code = process.returncode
-            if code == CONFIGURATION_ERROR:  # (it said why; starting it again would say it again)
-                log.error("worker %d (pid %d) cannot start (exit %d): stopping every worker", index, process.pid, code)
-                failed.append(code)
+            ever_served |= await served  # (its end of the pipe closed when it exited)
+            if code == CONFIGURATION_ERROR or not ever_served:  # (it said why; again would say it again)
+                log.error("worker %d (pid %d) cannot start (exit %s): stopping every worker", index, process.pid, code)
+                failed.append(code if code is not None and code > 0 else 1)
                 stopping.set()
                 return
             if time.monotonic() - began > _STABLE_S:
@@ -112,15 +147,57 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _without_workers(argv: list[str]) -> list[str]:
-    """``argv`` without ``--workers N`` (or ``--workers=N``)."""
+def tell_ready() -> None:
+    """In a worker, once it listens: tell the supervisor (a lone service has no one to tell)."""
+    fd = os.environ.pop(READY_FD, None)
+    if fd is not None:
+        with contextlib.suppress(OSError, ValueError):  # (a supervisor that died meanwhile)
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+
+
+def core_count() -> int:
+    """The cores this process may use: those it may run on (``taskset``, a cpuset), and no more than
+    its CPU quota (a container's limit, cgroup v2's ``cpu.max``) allows, rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as limit:
+            quota, period = limit.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be the workers' (something listens there), or None. The probe binds
+    without ``SO_REUSEPORT``, which the kernel refuses while any socket listens on the port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as error:
+        return f"cannot bind to address {host}:{port}: {error}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return f"cannot bind to address {host}:{port}: {error.strerror or error} (is another service on it?)"
+    return None
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` for a worker: without ``--workers N`` (each worker is one service) and without
+    ``--metrics-port N`` (which would beat the ``PARLEY_METRICS_PORT`` each worker is given), in either
+    form (``--name value`` or ``--name=value``)."""
     kept: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--workers":
+        elif arg in ("--workers", "--metrics-port", "--metrics_port"):
             skip = True
-        elif not arg.startswith("--workers="):
+        elif not arg.startswith(("--workers=", "--metrics-port=", "--metrics_port=")):
             kept.append(arg)
     return kept

@@ -149,6 +149,100 @@ async def test_a_worker_that_cannot_start_is_not_restarted(tmp_path: Path, monke
     assert time.monotonic() - began < 5  # (not restarted after 1 s, 2 s, 4 s, …)
 
 
+async def test_a_worker_that_exits_before_it_serves_stops_the_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its port or a file it needs, the store or an engine it cannot reach: a lone service exits 1 at
+    # once, and so does the supervisor (it restarted such workers for ever before, with nothing served).
+    from service import workers
+
+    broken = tmp_path / "python"
+    broken.write_text(
+        f"#!{sys.executable}\nimport sys\nprint('cannot start: the API keys file', file=sys.stderr)\nsys.exit(1)\n"
+    )
+    broken.chmod(0o755)
+    monkeypatch.setattr(workers.sys, "executable", str(broken))
+    began = time.monotonic()
+    assert await asyncio.wait_for(workers.supervise(2, [], None), timeout=20) == 1
+    assert time.monotonic() - began < 5  # (not restarted after 1 s, 2 s, 4 s, …)
+
+
+async def test_a_supervisor_refuses_a_port_something_listens_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another supervisor's workers share their port (SO_REUSEPORT): a second supervisor's would have
+    # joined them, splitting the traffic between two configurations.
+    import socket
+
+    from service import workers
+
+    started = tmp_path / "started"
+    worker = tmp_path / "python"
+    worker.write_text(f"#!{sys.executable}\nimport pathlib, sys\npathlib.Path({str(started)!r}).touch()\nsys.exit(2)\n")
+    worker.chmod(0o755)
+    monkeypatch.setattr(workers.sys, "executable", str(worker))
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert await asyncio.wait_for(workers.supervise(2, [], None, host="127.0.0.1", port=port), timeout=20) == 1
+    assert not started.exists()  # no worker was started
+    assert await asyncio.wait_for(workers.supervise(2, [], None, host="127.0.0.1", port=port), timeout=20) == 2
+    assert started.exists()  # (once the port is free, the workers start)
+
+
+def test_workers_serve_metrics_each_on_its_own_port_given_as_a_flag(redis_url: str) -> None:
+    # The flag beats the environment: each worker kept --metrics-port N, and all but one failed to bind it.
+    import urllib.request
+
+    port, metrics = free_port(), free_port()
+    env = {**os.environ, "PARLEY_LLM": "scripted", "PARLEY_TTS": "scripted", "PARLEY_STT": "none"}
+    env.update(PARLEY_SESSION_STORE="redis", PARLEY_REDIS_URL=redis_url)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "service", "--workers", "2", "--port", str(port), f"--metrics-port={metrics}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        log = wait_for_lines(parent, "/metrics", 2)  # (said right after each worker listens)
+        for each in (metrics, metrics + 1):
+            assert f"metrics on http://127.0.0.1:{each}/metrics" in log
+            with urllib.request.urlopen(f"http://127.0.0.1:{each}/metrics", timeout=10) as response:
+                assert b"parley_active_streams" in response.read()
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(60) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+
+
+def test_auto_counts_the_cores_this_process_may_use() -> None:
+    from service.workers import core_count
+
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # as `taskset -c 0` or a cpuset does
+        assert core_count() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert core_count() == min(len(allowed), core_count())
+
+
+def test_workers_need_a_metrics_port_not_zero() -> None:
+    env = {**os.environ, "PARLEY_WORKERS": "2", "PARLEY_SESSION_STORE": "redis", "PARLEY_METRICS_PORT": "0"}
+    env["PARLEY_PORT"] = "50099"
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "set PARLEY_METRICS_PORT to a port (not 0)" in result.stderr
+
+
 def test_a_lone_service_does_not_share_its_port() -> None:
     port = free_port()
     first = start_service_process(port=str(port), llm="scripted", tts="scripted", stt="none")
