@@ -34,7 +34,7 @@ from websockets.typing import Subprotocol
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from ws_bridge.config import default
-from ws_bridge.metrics import BridgeMetrics
+from ws_bridge.metrics import BridgeMetrics, close_label
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
 from ws_bridge.twilio import TWILIO_PATH, TwilioCall, TwilioOptions, signature_valid
 
@@ -247,7 +247,13 @@ class Bridge:
         finally:
             self.sockets -= 1
             self.metrics.sockets.set(self.sockets)
-            self.metrics.closes.labels(str(websocket.close_code or 1000)).inc()
+            protocol = websocket.protocol
+            sent = protocol.close_sent.code if protocol.close_sent is not None else None
+            received = protocol.close_rcvd.code if protocol.close_rcvd is not None else None
+            label = close_label(sent, received, protocol.close_rcvd_then_sent)
+            self.metrics.closes.labels(label).inc()
+            if label == "1009" and sent == 1009:  # (websockets closes so on a frame over the size limit)
+                self.metrics.refused.labels("frame too large").inc()
 
     async def _converse(self, websocket: ServerConnection) -> None:
         assert self._channel is not None
@@ -275,9 +281,7 @@ class Bridge:
             if token is not None and not _TOKEN.fullmatch(token):
                 token = ""
             if token == "":
-                with contextlib.suppress(ConnectionClosed):
-                    await websocket.send(error_frame("UNAUTHENTICATED", "auth.token must be a token (printable ASCII)"))
-                await _close(websocket, 1008, "auth.token must be a token (printable ASCII)")
+                await self._refuse_frame(websocket, "auth.token must be a token (printable ASCII)", "UNAUTHENTICATED")
                 return
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         call = self._stub.Converse(metadata=metadata)
@@ -285,10 +289,8 @@ class Bridge:
             try:
                 request = _request_of(first)
             except BadFrame as error:
-                with contextlib.suppress(ConnectionClosed):
-                    await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
-                await _close(websocket, 1008, str(error))
                 call.cancel()
+                await self._refuse_frame(websocket, str(error))
                 return
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await call.write(request)
@@ -312,10 +314,7 @@ class Bridge:
                 try:
                     request = _request_of(message)
                 except BadFrame as error:
-                    self.metrics.refused.labels("bad frame").inc()
-                    with contextlib.suppress(ConnectionClosed):
-                        await websocket.send(error_frame("INVALID_ARGUMENT", str(error)))
-                    await _close(websocket, 1008, str(error))
+                    await self._refuse_frame(websocket, str(error))
                     return None
                 if call.done():
                     return _CALL_ENDED
@@ -324,6 +323,14 @@ class Bridge:
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     return _CALL_ENDED
         return None
+
+    async def _refuse_frame(self, websocket: ServerConnection, why: str, code: str = "INVALID_ARGUMENT") -> None:
+        """A frame the bridge cannot forward, first or later: counted, said in an error frame, and the
+        socket closed with 1008."""
+        self.metrics.refused.labels("bad frame").inc()
+        with contextlib.suppress(ConnectionClosed):
+            await websocket.send(error_frame(code, why))
+        await _close(websocket, 1008, why)
 
     async def _service_to_client(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> None:
         """Forward server messages until the call ends, then close the socket saying why."""

@@ -467,3 +467,47 @@ async def test_the_bridges_metrics_count_sockets_closes_and_refusals() -> None:
     assert samples["parley_bridge_sockets"] == 0
     assert any(k.startswith("parley_bridge_socket_closes_total") and v == 1 for k, v in samples.items()), text
     assert sum(v for k, v in samples.items() if k.startswith("parley_bridge_refused_total")) == 2, text
+
+
+async def test_no_client_makes_a_close_series_of_its_own_and_every_bad_frame_is_counted() -> None:
+    # A client chose the close code label (4001, 4002, ... one series each), and only a bad frame after
+    # the first was counted: not a bad first frame, a bad auth frame, or one over the size limit.
+    from tests.service.test_metrics import scrape
+
+    harness = await start_harness()
+    port = free_port()
+    stack = await start_stack(harness, metrics_port=port, max_frame_bytes=4096)
+
+    async def refused(*frames: str) -> None:
+        async with connect(stack.url) as ws:
+            for frame in frames:
+                await ws.send(frame)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+
+    try:
+        for code in (4001, 4002, 3999):
+            async with connect(stack.url) as ws:
+                await ws.send(json.dumps({"start": {}}))
+                await ws.recv()
+                await ws.close(code)
+        await refused("not json")  # a bad first frame
+        await refused(json.dumps({"auth": {"token": ""}}))  # a bad auth frame
+        await refused("x" * 5000)  # over the size limit: websockets closes 1009
+        await wait_for(lambda: stack.bridge.sockets == 0)
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+    text = "\n".join(f"{k} {v}" for k, v in samples.items())
+    closes = {k: v for k, v in samples.items() if k.startswith("parley_bridge_socket_closes_total")}
+    assert closes == {
+        "parley_bridge_socket_closes_total{code=4xxx}": 2,
+        "parley_bridge_socket_closes_total{code=3xxx}": 1,
+        "parley_bridge_socket_closes_total{code=1008}": 2,  # (the bridge's code, not the client's echo)
+        "parley_bridge_socket_closes_total{code=1009}": 1,
+    }, text
+    assert samples["parley_bridge_refused_total{reason=bad frame}"] == 2, text
+    assert samples["parley_bridge_refused_total{reason=frame too large}"] == 1, text
+    assert samples["parley_bridge_refused_total{reason=origin}"] == 0, text  # (every reason, from the start)

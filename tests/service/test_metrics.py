@@ -25,7 +25,7 @@ def scrape(port: int) -> dict[str, float]:
             labels = ",".join(
                 f"{k}={v}"
                 for k, v in sorted(sample.labels.items())
-                if k in ("reason", "status", "engine", "kind", "pool")
+                if k in ("reason", "status", "engine", "kind", "pool", "code")
             )
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
