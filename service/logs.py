@@ -17,9 +17,22 @@ import os
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.workers import WORKER_INDEX
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_ONE_LINE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85) if code != 0x09}
+_ONE_LINE |= {0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class TextFormatter(logging.Formatter):
+    """Text lines whose message stays on its line: control characters and line breaks in it (a
+    client's turn id, say) are escaped, so that no client can write a line of its own, a forged
+    ERROR say. (A traceback still takes the lines it needs.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # (logging's name)
+        record.message = record.message.translate(_ONE_LINE)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,6 +70,6 @@ def configure(level: str, log_format: str) -> None:
         handler.setFormatter(JsonFormatter(worker))
     else:
         handler.setFormatter(
-            logging.Formatter(TEXT_FORMAT.replace("%(name)s", f"[w{worker}] %(name)s", 1) if worker else TEXT_FORMAT)
+            TextFormatter(TEXT_FORMAT.replace("%(name)s", f"[w{worker}] %(name)s", 1) if worker else TEXT_FORMAT)
         )
     logging.basicConfig(level=level, handlers=[handler], force=True)

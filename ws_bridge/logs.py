@@ -7,6 +7,8 @@ import datetime
 import json
 import logging
 
+from service.logs import TextFormatter
+
 __all__ = ["configure"]
 
 
@@ -26,6 +28,6 @@ class _Json(logging.Formatter):
 def configure(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(
-        _Json() if log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _Json() if log_format == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, handlers=[handler], force=True)

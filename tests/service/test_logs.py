@@ -1,13 +1,15 @@
-"""JSON log lines: one object per line, with the session and the turn a line belongs to."""
+"""Log lines: JSON, one object per line, with the session and the turn a line belongs to; text, where
+nothing a client sends can start a line of its own."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import sys
 
 from parley.v1 import voice_pb2 as pb
-from service.logs import JsonFormatter
+from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
 from tests.conftest import converse_all, start, start_harness, stop_harness, user
 from tests.fakes import FakeLLM, FakeTTS
 
@@ -45,3 +47,37 @@ def test_a_workers_lines_say_which_worker() -> None:
     record = logging.LogRecord("service", logging.INFO, __file__, 1, "Parley listening", None, None)
     assert json.loads(JsonFormatter("1").format(record))["worker"] == "1"
     assert "worker" not in json.loads(JsonFormatter().format(record))  # (a lone service)
+
+
+async def test_a_client_cannot_write_a_text_line_of_its_own() -> None:
+    # The turn id is the client's (up to 128 characters): with a line break in it, a text log showed a
+    # forged line, "... ERROR service: cannot start: forged", after the turn's own.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    logger = logging.getLogger("service")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    forged = "t1\n2026-11-27 05:00:00,000 ERROR service: cannot start: forged\r\x1b[2K\u2028"
+    h = await start_harness(FakeLLM(), FakeTTS())
+    try:
+        responses = await converse_all(h.stub, [start(), user("Hi?", turn_id=forged)])
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        await stop_harness(h)
+    lines = stream.getvalue().splitlines()
+    assert not any(line.startswith("2026-11-27 05:00:00,000") for line in lines)
+    turn = [line for line in lines if "cannot start: forged" in line]
+    assert len(turn) == 1 and "turn t1\\n2026-11-27" in turn[0] and "\\r\\x1b[2K\\u2028" in turn[0], lines
+
+
+def test_a_traceback_keeps_its_lines() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("service", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info())
+    text = TextFormatter(TEXT_FORMAT).format(record)
+    assert "failed: a\\nb" in text and "Traceback (most recent call last):\n" in text
