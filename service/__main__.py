@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.auth import KeyRing
-from service.config import Settings
+from service.config import Settings, setting_names
 from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
@@ -24,6 +24,7 @@ from service.errors import EngineError, StoreUnavailable
 from service.logs import configure as configure_logs
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
+from service.setting_errors import describe_errors
 from service.stores.memory import MemoryStore
 from service.telemetry import configure_tracing
 from service.tls import ServerCertificates, TLSError
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
-        print(f"python -m service: invalid setting:\n{error}", file=sys.stderr)
+        print(f"python -m service: invalid setting:\n{describe_errors(error, setting_names)}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
     if settings.worker_count > 1:

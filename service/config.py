@@ -30,7 +30,7 @@ _OUTBOX = OutboxLimits()
 _HISTORY = HistoryLimits()
 _STREAMS = StreamLimits()
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "setting_names"]
 
 
 class Settings(BaseSettings):
@@ -260,7 +260,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _workers_share_sessions(self) -> Settings:
         if self.worker_count < 1:
-            raise ValueError("workers must be at least 1, or auto")
+            raise ValueError("PARLEY_WORKERS (--workers) must be at least 1, or auto")
         if self.worker_count > 1 and self.session_store != "redis":
             raise ValueError(
                 "several workers need a session store they share: set PARLEY_SESSION_STORE=redis (a session "
@@ -268,6 +268,12 @@ class Settings(BaseSettings):
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")
+        if self.metrics_port and self.port and self.metrics_port <= self.port < self.metrics_port + self.worker_count:
+            raise ValueError(
+                f"PARLEY_METRICS_PORT ({self.metrics_port}"
+                + (f", and + i for each of {self.worker_count} workers" if self.worker_count > 1 else "")
+                + f") must not be the gRPC port (PARLEY_PORT, {self.port})"
+            )
         if self.worker_count > 1 and self.metrics_port == 0:
             raise ValueError(
                 "worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
@@ -398,3 +404,8 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def setting_names(name: str) -> str | None:
+    """A setting's flag and variable (for :func:`service.setting_errors.describe_errors`), or None."""
+    return f"--{name.replace('_', '-')} / PARLEY_{name.upper()}" if name in Settings.model_fields else None

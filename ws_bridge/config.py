@@ -15,6 +15,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.setting_errors import describe_errors as describe_setting_errors
+
 __all__ = ["BridgeSettings", "default", "describe_errors", "env_name"]
 
 
@@ -184,11 +186,9 @@ def default(name: str) -> Any:
 
 def describe_errors(error: ValidationError) -> str:
     """One line per invalid setting, naming its flag and its variable."""
-    lines = []
-    for item in error.errors():
-        name = str(item["loc"][0]) if item["loc"] else ""
+
+    def where(name: str) -> str | None:
         field = BridgeSettings.model_fields.get(name)
-        where = f"--{name.replace('_', '-')} / {env_name(field)}" if field is not None else "settings"
-        message = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
-        lines.append(f"  {where}: {message} (got {item.get('input')!r})")
-    return "\n".join(lines)
+        return f"--{name.replace('_', '-')} / {env_name(field)}" if field is not None else None
+
+    return describe_setting_errors(error, where)

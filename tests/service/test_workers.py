@@ -309,3 +309,31 @@ def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
         assert all(gc.is_tracked(o) and id(o) not in scanned for o in loaded)
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["--workers", "abc"],
+            "  --workers / PARLEY_WORKERS: Input should be a valid integer, unable to parse string as an integer; "
+            "or Input should be 'auto' (got 'abc')",
+        ),
+        (["--workers", "0"], "  settings: PARLEY_WORKERS (--workers) must be at least 1, or auto"),
+        (
+            ["--metrics-port", "70000"],
+            "  --metrics-port / PARLEY_METRICS_PORT: Input should be less than or equal to 65535 (got '70000')",
+        ),
+        (
+            ["--metrics-port", "50051", "--port", "50051"],
+            "  settings: PARLEY_METRICS_PORT (50051) must not be the gRPC port (PARLEY_PORT, 50051)",
+        ),
+    ],
+)
+def test_a_bad_setting_is_said_in_one_line_naming_its_flag_and_variable(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.__main__ import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"python -m service: invalid setting:\n{said}\n"
