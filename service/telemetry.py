@@ -14,6 +14,9 @@ __all__ = ["configure_tracing"]
 
 log = logging.getLogger(__name__)
 
+EXPORT_TIMEOUT_S = 5.0
+"""How long an export waits for the collector unless ``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` says."""
+
 
 def configure_tracing(service_name: str = "parley") -> bool:
     """Install a tracer provider exporting over OTLP/HTTP when an endpoint is configured; whether it did."""
@@ -29,7 +32,11 @@ def configure_tracing(service_name: str = "parley") -> bool:
         log.warning("an OTLP endpoint is set but OpenTelemetry is not installed: pip install '.[otel]'; no traces")
         return False
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # An export waits at most this long for the collector (OpenTelemetry's variables win), so that a
+    # collector that is down delays the process's exit by no more than that (OpenTelemetry's own
+    # default is 10 s, which a pod's grace period would not allow for: see deploy/kubernetes.yaml).
+    told = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=None if told else EXPORT_TIMEOUT_S)))
     trace.set_tracer_provider(provider)
     tracing.enable()
     log.info("traces: exported over OTLP")

@@ -108,15 +108,13 @@ async def supervise(
             code = process.returncode
             ever_served |= await served  # (its end of the pipe closed when it exited)
             if code == CONFIGURATION_ERROR or not ever_served:  # (it said why; again would say it again)
-                log.error("worker %d (pid %d) cannot start (exit %s): stopping every worker", index, process.pid, code)
+                log.error("worker %d (pid %d) cannot start (%s): stopping every worker", index, process.pid, _how(code))
                 failed.append(code if code is not None and code > 0 else 1)
                 stopping.set()
                 return
             if time.monotonic() - began > _STABLE_S:
                 delays[index] = 1.0
-            log.error(
-                "worker %d (pid %d) exited with %s; restarting it in %g s", index, process.pid, code, delays[index]
-            )
+            log.error("worker %d (pid %d) %s; restarting it in %g s", index, process.pid, _how(code), delays[index])
             try:
                 async with asyncio.timeout(delays[index]):
                     await stopping.wait()
@@ -133,10 +131,23 @@ async def supervise(
     for process in running:
         process.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*(p.wait() for p in running))
+    for process, code in zip(running, codes, strict=True):
+        if code != 0:  # (one still starting, say: it did not drain, it was stopped)
+            log.warning("worker pid %d %s as it stopped", process.pid, _how(code))
     log.info("all workers stopped")
     if failed:
         return failed[0]
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def _how(code: int | None) -> str:
+    """How a worker ended: "exited with 1", "killed by SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"
 
 
 def _die_with_parent() -> None:

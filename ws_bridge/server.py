@@ -131,6 +131,13 @@ class Bridge:
             _ServerTLS(self.options.tls_cert_file, self.options.tls_key_file) if self.options.tls_cert_file else None
         )
         self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
+        if self.options.metrics_port is not None:  # (first: a port taken stops it before it says it listens)
+            try:
+                self.metrics.serve(self.options.host, self.options.metrics_port)
+            except OSError as error:
+                await self._channel.close()
+                where = f"{self.options.host}:{self.options.metrics_port}"
+                raise OSError(error.errno, f"cannot serve metrics on {where}: {error.strerror or error}") from None
         self._server = await serve(
             self._handle,
             self.options.host,
@@ -144,8 +151,6 @@ class Bridge:
             server_header="parley-bridge",
             ssl=self._tls.context if self._tls else None,
         )
-        if self.options.metrics_port is not None:
-            self.metrics.serve(self.options.host, self.options.metrics_port)
         return self
 
     async def aclose(self) -> None:

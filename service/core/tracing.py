@@ -9,6 +9,7 @@ attributes. Spans carry ids, counts and timings, never what was said.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -31,19 +32,23 @@ def enable() -> None:
 
 @contextlib.contextmanager
 def span(name: str, attributes: dict[str, Any] | None = None, *, current: bool = True) -> Iterator[Any]:
-    """A span named ``name``, a child of the current span, ended on exit (an exception ends it with an
-    error status). ``current``: it is the current span inside (tasks started there are its
-    children); else the current span stays the parent's. Yields the span (None without tracing)."""
+    """A span named ``name``, a child of the current span, ended on exit: an exception ends it with an
+    error status, a cancellation with ``parley.cancelled`` (not as an error). ``current``: it is the
+    current span inside (tasks started there are its children); else the current span stays the
+    parent's. Yields the span (None without tracing)."""
     opened = open_span(name, attributes)
     if opened is None or _trace is None:
         yield None
         return
-    if current:
-        with _trace.use_span(opened, end_on_exit=True):  # (records an exception and its error status)
-            yield opened
-        return
     try:
-        yield opened
+        if current:
+            with _trace.use_span(opened, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                yield opened
+        else:
+            yield opened
+    except asyncio.CancelledError:  # (a barge-in, a discarded reply, a stream gone: work stopped, not failed)
+        opened.set_attribute("parley.cancelled", True)
+        raise
     except BaseException as error:
         opened.record_exception(error)
         opened.set_status(_trace.Status(_trace.StatusCode.ERROR, type(error).__name__))

@@ -511,3 +511,15 @@ async def test_no_client_makes_a_close_series_of_its_own_and_every_bad_frame_is_
     assert samples["parley_bridge_refused_total{reason=bad frame}"] == 2, text
     assert samples["parley_bridge_refused_total{reason=frame too large}"] == 1, text
     assert samples["parley_bridge_refused_total{reason=origin}"] == 0, text  # (every reason, from the start)
+
+
+async def test_a_metrics_port_in_use_stops_the_bridge_naming_it() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bridge = Bridge(BridgeOptions(grpc_target="127.0.0.1:1", host="127.0.0.1", port=0, metrics_port=port))
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"):
+            await bridge.start()

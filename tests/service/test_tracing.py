@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from parley.v1 import voice_pb2 as pb
 from service.core import tracing
-from tests.conftest import start, start_harness, stop_harness, user, wait_for
+from tests.conftest import interrupt, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
 
@@ -111,3 +111,25 @@ async def test_a_discarded_reply_span_ends_as_discarded() -> None:
         await stop_harness(h)
     turns = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
     assert sorted(str(s.attributes["parley.end_reason"]) for s in turns) == ["completed", "discarded"]
+
+
+async def test_an_interrupted_llm_stream_is_cancelled_not_failed() -> None:
+    # A barge-in stops the reply's LLM stream: its span said ERROR (CancelledError) beside an OK turn.
+    EXPORTER.clear()
+    h = await start_harness(FakeLLM(token_s=0.05), FakeTTS())
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Hello there."))
+        await wait_for(lambda: h.llm.open_streams == 1)
+        await call.write(interrupt())
+        while (response := await call.read()) is not grpc.aio.EOF:
+            if response.HasField("turn_ended"):
+                assert response.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+                break
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    (llm,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.llm"]
+    assert llm.status.status_code is not trace.StatusCode.ERROR
+    assert llm.attributes["parley.cancelled"] is True

@@ -71,7 +71,8 @@ async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: 
         assert all(e.reason == pb.TURN_END_REASON_COMPLETED for e in ends)
         killed = min(workers)
         os.kill(killed, signal.SIGKILL)
-        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 1)  # its replacement
+        log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 1)  # its replacement
+        assert f"(pid {killed}) was killed by SIGKILL; restarting it in 1 s" in log
         replaced = await asyncio.to_thread(children, parent.pid)
         assert len(replaced) == 2 and killed not in replaced
         assert (await one_turn(port)).reason == pb.TURN_END_REASON_COMPLETED
