@@ -302,6 +302,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         if scope is not None and scope.max_streams:
             self._token_streams[scope.token_id] = self._token_streams.get(scope.token_id, 0) + 1
         try:
+            # Accepted: said at once (the response headers), before any request is read, so that a client
+            # may wait for it before it writes. A refusal above is said the same way, as the call's end:
+            # grpc aio's Python client reports a write that finds the call already over as INTERNAL,
+            # hiding the server's status (grpc/grpc#36066), which a client that waits never meets.
+            await context.send_initial_metadata(())
             await self._serve(request_iterator, context, caller)
         finally:
             if self._quotas is not None:

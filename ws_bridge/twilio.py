@@ -35,6 +35,7 @@ from websockets.http11 import Request
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from ws_bridge.calls import accepted_write
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -124,10 +125,11 @@ class TwilioCall:
         except ConnectionClosed:
             return
         call = self.stub.Converse(metadata=(("authorization", f"Bearer {self.api_key}"),) if self.api_key else None)
-        await call.write(pb.ConverseRequest(start=self._start_request(start)))
+        await call.initial_metadata()  # accepted, or refused: then the reader reports why
+        await accepted_write(call, pb.ConverseRequest(start=self._start_request(start)))
         greeting = _parameters(start).get("greeting") or self.options.greeting
         if greeting:
-            await call.write(pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
+            await accepted_write(call, pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
         to_service = asyncio.create_task(self._twilio_to_service(call))
         to_twilio = asyncio.create_task(self._service_to_twilio(call))
         try:

@@ -657,3 +657,23 @@ async def test_a_client_that_cancels_is_not_an_error_in_the_log(caplog: pytest.L
         assert errors == [], [r.getMessage() for r in errors]
     finally:
         await stop_harness(h)
+
+
+async def test_a_stream_is_accepted_or_refused_before_the_client_writes() -> None:
+    # A client may wait for the response headers before it writes: grpc aio's Python client hides the
+    # service's status behind INTERNAL when a write finds the call already over (grpc/grpc#36066), as
+    # the CLI's did for a missing key one run in ten. The service sends them before reading anything.
+    from service.servicer import StreamLimits
+
+    h = await start_harness(limits=StreamLimits(max_streams=1))
+    try:
+        first = h.stub.Converse()
+        await asyncio.wait_for(first.initial_metadata(), 10)  # accepted, though nothing was written
+        await first.write(start())
+        assert (await first.read()).HasField("session_started")
+        second = h.stub.Converse()  # over the limit: refused, and said so before any write
+        await asyncio.wait_for(second.initial_metadata(), 10)
+        assert second.done() and await second.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+    finally:
+        await stop_harness(h)

@@ -138,33 +138,26 @@ async def test_workers_outlive_neither_a_killed_supervisor_nor_a_clean_stop_duri
         parent.communicate(timeout=30)
 
 
-async def test_a_worker_that_cannot_start_is_not_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import workers
-
-    broken = tmp_path / "python"  # stands for a worker whose settings it cannot run with
-    broken.write_text("#!/bin/sh\necho 'invalid setting' >&2\nexit 2\n")
-    broken.chmod(0o755)
-    monkeypatch.setattr(workers.sys, "executable", str(broken))
-    began = time.monotonic()
-    assert await asyncio.wait_for(workers.supervise(2, [], None), timeout=20) == 2
-    assert time.monotonic() - began < 5  # (not restarted after 1 s, 2 s, 4 s, …)
-
-
-async def test_a_worker_that_exits_before_it_serves_stops_the_supervisor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("exit_status", "why"),
+    [
+        (2, "invalid setting"),  # settings it cannot run with
+        # Its port or a file it needs, the store or an engine it cannot reach, before it ever served: a
+        # lone service exits 1 at once, and so does the supervisor (it restarted such workers for ever).
+        (1, "cannot start: the API keys file"),
+    ],
+)
+async def test_a_worker_that_cannot_start_is_not_restarted(
+    exit_status: int, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Its port or a file it needs, the store or an engine it cannot reach: a lone service exits 1 at
-    # once, and so does the supervisor (it restarted such workers for ever before, with nothing served).
     from service import workers
 
-    broken = tmp_path / "python"
-    broken.write_text(
-        f"#!{sys.executable}\nimport sys\nprint('cannot start: the API keys file', file=sys.stderr)\nsys.exit(1)\n"
-    )
+    broken = tmp_path / "python"  # stands for a worker that cannot start (it never says it serves)
+    broken.write_text(f"#!{sys.executable}\nimport sys\nprint({why!r}, file=sys.stderr)\nsys.exit({exit_status})\n")
     broken.chmod(0o755)
     monkeypatch.setattr(workers.sys, "executable", str(broken))
     began = time.monotonic()
-    assert await asyncio.wait_for(workers.supervise(2, [], None), timeout=20) == 1
+    assert await asyncio.wait_for(workers.supervise(2, [], None), timeout=20) == exit_status
     assert time.monotonic() - began < 5  # (not restarted after 1 s, 2 s, 4 s, …)
 
 
