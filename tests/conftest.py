@@ -113,8 +113,20 @@ def interrupt(played_ms: int | None = None) -> pb.ConverseRequest:
 async def converse_all(
     stub: voice_pb2_grpc.VoiceServiceStub, requests: Iterable[pb.ConverseRequest]
 ) -> list[pb.ConverseResponse]:
-    """Send the requests, half-close, and collect every response until the stream ends."""
-    return [response async for response in stub.Converse(iter(list(requests)))]
+    """Once the service has accepted the stream (or refused it), send the requests, half-close, and
+    collect every response until the stream ends. (A write that finds the call over would report
+    INTERNAL instead of the service's status: see the README's contract.)"""
+    pending = list(requests)
+
+    async def sending() -> AsyncIterator[pb.ConverseRequest]:
+        await call.initial_metadata()
+        for request in pending:
+            if call.done():
+                return
+            yield request
+
+    call = stub.Converse(sending())
+    return [response async for response in call]
 
 
 def kinds(responses: list[pb.ConverseResponse]) -> list[str]:

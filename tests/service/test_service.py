@@ -38,7 +38,10 @@ async def rejection(stub: object, requests: list[pb.ConverseRequest]) -> grpc.ai
     place of the server's status (grpc/grpc#36066), which would hide what is being tested.
     """
     call = stub.Converse()  # type: ignore[attr-defined]
+    await call.initial_metadata()  # accepted, or refused (a stream over the limit)
     for request in requests:
+        if call.done():
+            break
         await call.write(request)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         while await call.read() is not grpc.aio.EOF:
