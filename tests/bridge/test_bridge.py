@@ -441,35 +441,7 @@ async def test_a_bridge_open_to_the_network_before_a_keyless_service_says_so() -
         await stop_harness(harness)
 
 
-async def test_the_bridges_metrics_count_sockets_closes_and_refusals() -> None:
-    from tests.service.test_metrics import scrape
-
-    harness = await start_harness()
-    port = free_port()
-    stack = await start_stack(harness, metrics_port=port)
-    try:
-        async with connect(stack.url) as ws:
-            await ws.send(json.dumps({"start": {}}))
-            await ws.recv()
-            await ws.send("not json")  # a bad frame: refused (an error frame), closed 1008
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    await ws.recv()
-        with pytest.raises(InvalidStatus):
-            async with connect(f"{stack.url}?token=abc"):
-                pass
-        await wait_for(lambda: stack.bridge.sockets == 0)
-        samples = await asyncio.to_thread(scrape, port)
-    finally:
-        await stack.bridge.aclose()
-        await stop_harness(harness)
-    text = "\n".join(f"{k} {v}" for k, v in samples.items())
-    assert samples["parley_bridge_sockets"] == 0
-    assert any(k.startswith("parley_bridge_socket_closes_total") and v == 1 for k, v in samples.items()), text
-    assert sum(v for k, v in samples.items() if k.startswith("parley_bridge_refused_total")) == 2, text
-
-
-async def test_no_client_makes_a_close_series_of_its_own_and_every_bad_frame_is_counted() -> None:
+async def test_the_bridges_metrics_count_sockets_closes_and_every_refusal() -> None:
     # A client chose the close code label (4001, 4002, ... one series each), and only a bad frame after
     # the first was counted: not a bad first frame, a bad auth frame, or one over the size limit.
     from tests.service.test_metrics import scrape
@@ -495,6 +467,9 @@ async def test_no_client_makes_a_close_series_of_its_own_and_every_bad_frame_is_
         await refused("not json")  # a bad first frame
         await refused(json.dumps({"auth": {"token": ""}}))  # a bad auth frame
         await refused("x" * 5000)  # over the size limit: websockets closes 1009
+        with pytest.raises(InvalidStatus):  # (refused at the upgrade: no socket, no close)
+            async with connect(f"{stack.url}?token=abc"):
+                pass
         await wait_for(lambda: stack.bridge.sockets == 0)
         samples = await asyncio.to_thread(scrape, port)
     finally:
@@ -510,7 +485,9 @@ async def test_no_client_makes_a_close_series_of_its_own_and_every_bad_frame_is_
     }, text
     assert samples["parley_bridge_refused_total{reason=bad frame}"] == 2, text
     assert samples["parley_bridge_refused_total{reason=frame too large}"] == 1, text
+    assert samples["parley_bridge_refused_total{reason=credentials in URL}"] == 1, text
     assert samples["parley_bridge_refused_total{reason=origin}"] == 0, text  # (every reason, from the start)
+    assert samples["parley_bridge_sockets"] == 0, text
 
 
 async def test_a_metrics_port_in_use_stops_the_bridge_naming_it() -> None:

@@ -227,16 +227,6 @@ def test_auto_counts_the_cores_this_process_may_use() -> None:
     assert core_count() == min(len(allowed), core_count())
 
 
-def test_workers_need_a_metrics_port_not_zero() -> None:
-    env = {**os.environ, "PARLEY_WORKERS": "2", "PARLEY_SESSION_STORE": "redis", "PARLEY_METRICS_PORT": "0"}
-    env["PARLEY_PORT"] = "50099"
-    result = subprocess.run(
-        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2
-    assert "set PARLEY_METRICS_PORT to a port (not 0)" in result.stderr
-
-
 def test_a_lone_service_does_not_share_its_port() -> None:
     port = free_port()
     first = start_service_process(port=str(port), llm="scripted", tts="scripted", stt="none")
@@ -321,6 +311,11 @@ def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
         (
             ["--metrics-port", "50051", "--port", "50051"],
             "  settings: PARLEY_METRICS_PORT (50051) must not be the gRPC port (PARLEY_PORT, 50051)",
+        ),
+        (
+            ["--workers", "2", "--session-store", "redis", "--port", "50099", "--metrics-port", "0"],
+            "  settings: worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
+            "PARLEY_METRICS_PORT to a port (not 0)",
         ),
     ],
 )
