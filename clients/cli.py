@@ -77,7 +77,10 @@ class Conversation:
     async def _request_stream(self) -> AsyncIterator[pb.ConverseRequest]:
         # Nothing is written before the service has accepted the stream (or refused it): a write that
         # finds the call over hides the service's status behind INTERNAL in grpc aio (grpc/grpc#36066).
-        await self._call.initial_metadata()
+        # (A service from before it answered at once does so only after a request: then 2 s, and on.)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._call.initial_metadata()
         while (request := await self._requests.get()) is not None:
             yield request
 

@@ -9,14 +9,25 @@ import grpc
 
 from parley.v1 import voice_pb2 as pb
 
-__all__ = ["accepted_write"]
+__all__ = ["ANSWER_WAIT_S", "accepted_write", "answered"]
+
+ANSWER_WAIT_S = 2.0
+"""How long a new call waits for the service's response headers before writing all the same (a
+service from before it sent them at once answers only after the first request)."""
+
+
+async def answered(call: grpc.aio.StreamStreamCall) -> None:
+    """Return once the service has answered the call (accepted it, or refused it: then the call is
+    over), or after :data:`ANSWER_WAIT_S`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(ANSWER_WAIT_S):
+            await call.initial_metadata()
 
 
 async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> None:
     """Write ``request`` unless the call is over: a write that finds it over (the service refused the
     stream, say) would hide the service's status behind INTERNAL in grpc aio (grpc/grpc#36066); the
-    reader reports that status. Call after ``initial_metadata()``, which comes with the service's
-    acceptance or its refusal."""
+    reader reports that status. Call after :func:`answered`."""
     if call.done():
         return
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -33,7 +33,7 @@ from websockets.typing import Subprotocol
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from ws_bridge.calls import accepted_write
+from ws_bridge.calls import accepted_write, answered
 from ws_bridge.config import default
 from ws_bridge.metrics import BridgeMetrics, close_label
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
@@ -297,7 +297,7 @@ class Bridge:
                 await self._refuse_frame(websocket, str(error))
                 return
         call = self._stub.Converse(metadata=metadata)
-        await call.initial_metadata()  # accepted, or refused (see accepted_write)
+        await answered(call)  # accepted, or refused (see accepted_write)
         if first is not None:
             await accepted_write(call, request)
         to_service = asyncio.create_task(self._client_to_service(websocket, call))

@@ -35,7 +35,7 @@ from websockets.http11 import Request
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from ws_bridge.calls import accepted_write
+from ws_bridge.calls import accepted_write, answered
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -125,7 +125,7 @@ class TwilioCall:
         except ConnectionClosed:
             return
         call = self.stub.Converse(metadata=(("authorization", f"Bearer {self.api_key}"),) if self.api_key else None)
-        await call.initial_metadata()  # accepted, or refused: then the reader reports why
+        await answered(call)  # accepted, or refused: then the reader reports why
         await accepted_write(call, pb.ConverseRequest(start=self._start_request(start)))
         greeting = _parameters(start).get("greeting") or self.options.greeting
         if greeting:

@@ -500,3 +500,19 @@ async def test_a_metrics_port_in_use_stops_the_bridge_naming_it() -> None:
         bridge = Bridge(BridgeOptions(grpc_target="127.0.0.1:1", host="127.0.0.1", port=0, metrics_port=port))
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"):
             await bridge.start()
+
+
+async def test_a_service_that_does_not_answer_at_once_is_written_to_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A service from before it sent its response headers at once sends them only after a request:
+    # waiting for them for ever would be a deadlock.
+    from ws_bridge import calls
+
+    monkeypatch.setattr(calls, "ANSWER_WAIT_S", 0.05)
+
+    class Silent:
+        async def initial_metadata(self) -> None:
+            await asyncio.Event().wait()
+
+    await asyncio.wait_for(calls.answered(Silent()), 5)  # type: ignore[arg-type]
