@@ -41,10 +41,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, current: bool =
         yield None
         return
     try:
-        if current:
-            with _trace.use_span(opened, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-                yield opened
-        else:
+        with as_current(opened) if current else contextlib.nullcontext():
             yield opened
     except asyncio.CancelledError:  # (a barge-in, a discarded reply, a stream gone: work stopped, not failed)
         opened.set_attribute("parley.cancelled", True)
