@@ -58,7 +58,8 @@ async def test_a_late_reader_gets_the_chunks_made_meanwhile_at_once() -> None:
             await asyncio.sleep(0.03)  # the chunks are made 1.2 ms apart: about 25 are made meanwhile
     assert b"".join(late) == b"".join(prompt)
     assert len(late[1]) >= 10 * chunk_bytes
-    assert len(late) < len(prompt) - 10
+    made = -(-len(b"".join(prompt)) // chunk_bytes)  # (chunks made; a busy machine may merge the prompt reader's too)
+    assert len(late) < made - 10
     assert all(len(pcm) % chunk_bytes == 0 for pcm in late[:-1])  # whole chunks only
 
 
