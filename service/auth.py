@@ -312,9 +312,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid key or client token (UNAUTHENTICATED), except health checks
     (probes) and, when ``open_reflection``, reflection."""
 
-    def __init__(self, auth: Authenticator, *, open_reflection: bool = False) -> None:
+    def __init__(
+        self, auth: Authenticator, *, open_reflection: bool = False, refused: Callable[[str], None] | None = None
+    ) -> None:
+        """``refused`` is told the method of every call refused (for the metrics)."""
         self._auth = auth
         self._open_reflection = open_reflection
+        self._refused = refused
 
     async def intercept_service(
         self,
@@ -328,6 +332,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         caller = self._auth.caller(details.invocation_metadata)  # type: ignore[attr-defined]
         if caller is None:
             log.info("refused %s: missing or invalid credentials", method)
+            if self._refused is not None:
+                self._refused(method)
             return _refusal(handler)
         return _with_caller(handler, caller) if method.startswith(_VOICE) else handler
 

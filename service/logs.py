@@ -13,16 +13,28 @@ import datetime
 import json
 import logging
 import os
+import re
 
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.workers import WORKER_INDEX
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "shorten_session_ids"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _ONE_LINE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85) if code != 0x09}
 _ONE_LINE |= {0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+# "session <id>" or "session '<id>'" as the service's messages name one (an id is 24 URL-safe characters).
+_SESSION_ID = re.compile(r"(\bsession '?)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]{4,}")
+
+
+def shorten_session_ids(text: str) -> str:
+    """``text`` with the session ids it names cut to the 8 characters every log line uses: a status
+    message gives the client the whole id (it needs it to resume), but whoever holds a session's id
+    may resume it, and a log is read by more people than the client."""
+    return _SESSION_ID.sub(r"\1\2…", text)
 
 
 class TextFormatter(logging.Formatter):

@@ -34,7 +34,23 @@ from service.core.store import SessionStore
 from service.core.workpool import pools
 from service.engines.retry import retries
 
-__all__ = ["Metrics"]
+__all__ = ["FAILING_ENGINES", "REJECTION_STATUSES", "Metrics"]
+
+FAILING_ENGINES = ("llm", "tts", "stt", "internal")
+"""What may fail a turn (:class:`service.core.events.Failure`), the ``engine`` of ``parley_engine_errors_total``."""
+REJECTION_STATUSES = (
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "ABORTED",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
+"""The statuses a stream may end with that count as ``parley_rejected_streams_total`` (CANCELLED,
+a client's hang-up, does not)."""
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _TURN_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -95,8 +111,15 @@ class Metrics:
         self.active_streams = Gauge("parley_active_streams", "Converse streams open.", registry=self.registry)
         self.stream_limit = Gauge("parley_stream_limit", "The most streams this server holds.", registry=self.registry)
         self.stream_limit.set(stream_limit)
+        # Every series exists from the start, at 0: a rate() over a series that appears only with its
+        # first event misses that event, and a dashboard shows nothing rather than 0.
         for reason in ("completed", "interrupted", "failed"):
-            self.turns.labels(reason)  # (every series exists from the start, at 0)
+            self.turns.labels(reason)
+        for engine in FAILING_ENGINES:
+            for kind in ("retryable", "permanent"):
+                self.engine_errors.labels(engine, kind)
+        for status in REJECTION_STATUSES:
+            self.rejected.labels(status)
         if store is not None:
             Gauge(
                 "parley_held_sessions", "Sessions held by this process's streams.", registry=self.registry

@@ -29,7 +29,9 @@ __all__ = ["DRAIN_S", "RunningServer", "serve_until_signal", "start_server"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
+CONVERSE_METHOD = f"/{SERVICE_NAME}/Converse"
 DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
+CUT_LEAD_S = 2.0  # turns still running this long before the grace period ends are stopped (see RunningServer.stop)
 
 
 @dataclass
@@ -46,10 +48,20 @@ class RunningServer:
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
-        wait (a bounded time) until the streams cut short have written their history."""
+        wait (a bounded time) until the streams cut short have written their history.
+
+        A turn still running :data:`CUT_LEAD_S` before the grace period ends (half way through a
+        shorter one) is stopped then, so that its stream ends with Parley's UNAVAILABLE, which says
+        where to resume the session, rather than with gRPC's cancellation of every call left."""
         await self.health.enter_graceful_shutdown()
         self.servicer.shut_down()
-        await self.server.stop(grace_s)
+        cutting = asyncio.get_running_loop().call_later(
+            grace_s - min(CUT_LEAD_S, grace_s / 2), self.servicer.cut_streams
+        )
+        try:
+            await self.server.stop(grace_s)
+        finally:
+            cutting.cancel()
         try:
             async with asyncio.timeout(DRAIN_S):
                 await self.servicer.drained()
@@ -81,12 +93,20 @@ async def start_server(
     Without a store, sessions live in this process (the memory store with its defaults). Without
     ``voice_input``, sessions take text only. With ``keys``, every call but health checks (and
     reflection, if ``open_reflection``) needs one of them."""
+    store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
+    metrics = Metrics(llm.name, tts.name, limits.max_streams, store)
+
+    def refused(method: str) -> None:
+        if method == CONVERSE_METHOD:  # (the metric counts streams)
+            metrics.rejected.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
+
     auth = Authenticator(keys, token_secret) if keys is not None else None
-    interceptors = [AuthInterceptor(auth, open_reflection=open_reflection)] if auth is not None else []
+    interceptors = (
+        [AuthInterceptor(auth, open_reflection=open_reflection, refused=refused)] if auth is not None else []
+    )
     # Only workers share a port (SO_REUSEPORT, which gRPC sets by default): a second lone service on
     # a port in use fails to start instead of silently taking half its connections.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 1 if share_port else 0)])
-    store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     servicer = VoiceServicer(
         llm,
         tts,
@@ -96,7 +116,7 @@ async def start_server(
         voice_input,
         auth,
         Quotas(quotas) if quotas is not None and quotas.any else None,
-        Metrics(llm.name, tts.name, limits.max_streams, store),
+        metrics,
     )
     add_voice_service(servicer, server)  # (the generated registration, with malformed requests rejected)
     health_servicer = health.aio.HealthServicer()

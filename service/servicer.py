@@ -49,6 +49,7 @@ from service.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from service.logs import shorten_session_ids
 from service.metrics import Metrics
 from service.rpc import collect_garbage_soon, end_call
 
@@ -84,7 +85,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a stream that failed with ``error`` ends with."""
     for kind, code in STATUS_FOR.items():
         if isinstance(error, kind):
-            log.log(logging.DEBUG if isinstance(error, ClientGone) else logging.INFO, "stream ended: %s", error)
+            said = shorten_session_ids(str(error))
+            log.log(logging.DEBUG if isinstance(error, ClientGone) else logging.INFO, "stream ended: %s", said)
             return code, str(error)
     log.error("stream failed", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
@@ -95,16 +97,21 @@ def _retry_after(error: QuotaExceeded) -> tuple[tuple[str, str], ...]:
     return (("retry-after-s", str(error.retry_after_s)),)
 
 
+def _ms_or_none(ms: int) -> str:
+    """A stage's time, or "none" for a stage that never happened (0 in :class:`TurnTimings`)."""
+    return f"{ms} ms" if ms else "none"
+
+
 def _log_turn(session: str, ended: TurnEnded) -> None:
     """``session``: the session's id, shortened, and whose it is (a key's name; never the key)."""
     timings = ended.timings
     log.info(
-        "session %s turn %s %s: first token %d ms, first audio %d ms, total %d ms, %.1f s of audio%s",
+        "session %s turn %s %s: first token %s, first audio %s, total %d ms, %.1f s of audio%s",
         session,
         ended.turn_id,
         ended.reason.value,
-        timings.first_llm_token_ms,
-        timings.first_audio_ms,
+        _ms_or_none(timings.first_llm_token_ms),
+        _ms_or_none(timings.first_audio_ms),
         timings.total_ms,
         timings.audio_duration_ms / 1000,
         f" ({ended.error})" if ended.error else "",
@@ -257,11 +264,21 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self._drained = asyncio.Event()
         self._drained.set()
         self._shutting_down = asyncio.Event()
+        self._cutting = asyncio.Event()
 
     def shut_down(self) -> None:
         """Begin a graceful shutdown: every stream ends once its turn in progress has been sent, with
         UNAVAILABLE and a message that says to resume the session elsewhere."""
         self._shutting_down.set()
+
+    def cut_streams(self) -> None:
+        """The shutdown's grace period is nearly over: every turn still in progress stops at once (as if
+        interrupted: the history keeps what was sent), so that its stream still ends with the message
+        that says where to resume, before the server cancels whatever is left."""
+        if self.active_streams:
+            log.info("the grace period is nearly over: %d stream(s) still open end now", self.active_streams)
+        self._shutting_down.set()
+        self._cutting.set()
 
     async def drained(self) -> None:
         """Return once no stream is open (every stream's session has been let go)."""
@@ -450,6 +467,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     async def _watch_shutdown(self, commands: CommandQueue) -> None:
         await self._shutting_down.wait()
         commands.put_nowait(Shutdown())
+        await self._cutting.wait()
+        commands.put_nowait(Shutdown(now=True))
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.ConverseRequest], commands: CommandQueue) -> None:

@@ -232,3 +232,21 @@ def wait_listening(process: subprocess.Popen[str], timeout_s: float = 120) -> st
         assert line, f"the service exited:\n{log}"
         log += line
     return log
+
+
+async def rejection(stub: object, requests: list[pb.ConverseRequest]) -> grpc.aio.AioRpcError:
+    """Send ``requests`` (the last one is the bad one) and return the error that ends the stream.
+
+    It never writes after the server may have ended the call: grpc aio can then report INTERNAL in
+    place of the server's status (grpc/grpc#36066), which would hide what is being tested.
+    """
+    call = stub.Converse()  # type: ignore[attr-defined]
+    await call.initial_metadata()  # accepted, or refused (a stream over the limit)
+    for request in requests:
+        if call.done():
+            break
+        await call.write(request)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    return caught.value

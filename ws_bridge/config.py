@@ -111,6 +111,12 @@ class BridgeSettings(BaseSettings):
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``PARLEY_BRIDGE_METRICS_PORT=`` is the setting left unset (metrics off), not a port."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins_are_origins(cls, value: str) -> str:

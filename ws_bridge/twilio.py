@@ -35,6 +35,7 @@ from websockets.http11 import Request
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.logs import shorten_session_ids
 from ws_bridge.calls import accepted_write, answered
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
@@ -235,7 +236,8 @@ class TwilioCall:
                 elif kind == "turn_ended" and response.turn_ended.error:
                     log.warning("twilio stream %s: turn failed: %s", self.stream_sid, response.turn_ended.error)
         except grpc.aio.AioRpcError as error:
-            log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, error.details())
+            said = shorten_session_ids(error.details() or "")
+            log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
             code = 1008 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
             with contextlib.suppress(ConnectionClosed):
                 await self.websocket.close(code, f"{error.code().name}: {error.details() or ''}"[:120])

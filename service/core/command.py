@@ -101,7 +101,10 @@ class BadMessage:
 
 @dataclass(frozen=True)
 class Shutdown:
-    """The server is shutting down: end once the turn in progress has ended."""
+    """The server is shutting down: end once the turn in progress has ended; or, ``now`` (its grace
+    period is nearly over), stop that turn at once and end."""
+
+    now: bool = False
 
 
 @dataclass(frozen=True)

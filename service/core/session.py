@@ -264,9 +264,11 @@ class Session:
                     self._hearing_out = True  # what the client said before it half-closed is answered
                     await self._ears.finish()
                 self._drain(Ending.HALF_CLOSED)
-            case Shutdown():
+            case Shutdown(now):
                 await self._discard_tentative()
                 self._drain(Ending.SHUTDOWN)
+                if now and self._current is not None:
+                    await self._interrupt(None)  # the history keeps what was sent; the end says where to resume
             case ClaimLost(vanished=True):
                 raise SessionLost(
                     f"the session store lost session {self.session_id} (it expired there, or the store restarted "

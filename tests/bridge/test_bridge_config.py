@@ -122,6 +122,11 @@ def test_defaults_and_the_options_they_make() -> None:
     )
 
 
+def test_a_metrics_port_set_to_nothing_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_BRIDGE_METRICS_PORT", "")
+    assert BridgeSettings().metrics_port is None
+
+
 def test_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARLEY_BRIDGE_ALLOWED_ORIGINS", " https://a.example.com, http://127.0.0.1:9000 ,,")
     assert bridge_options(settings()).allowed_origins == ("https://a.example.com", "http://127.0.0.1:9000")

@@ -8,9 +8,12 @@ import json
 import logging
 import sys
 
+import grpc
+import pytest
+
 from parley.v1 import voice_pb2 as pb
-from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
-from tests.conftest import converse_all, start, start_harness, stop_harness, user
+from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, shorten_session_ids
+from tests.conftest import converse_all, rejection, start, start_harness, stop_harness, user
 from tests.fakes import FakeLLM, FakeTTS
 
 
@@ -81,3 +84,43 @@ def test_a_traceback_keeps_its_lines() -> None:
         record = logging.LogRecord("service", logging.ERROR, __file__, 1, "failed: %s", ("a\nb",), sys.exc_info())
     text = TextFormatter(TEXT_FORMAT).format(record)
     assert "failed: a\\nb" in text and "Traceback (most recent call last):\n" in text
+
+
+async def test_a_session_id_is_logged_only_shortened(caplog: pytest.LogCaptureFixture) -> None:
+    # Whoever has a session's id may resume it (with no API keys, anyone): the client's status names
+    # it whole, the log only as every line does, by its first 8 characters.
+    unknown = "pTxXEFU6P0zLtq5NUSBZKL20"
+    h = await start_harness(FakeLLM(), FakeTTS())
+    try:
+        with caplog.at_level(logging.INFO, logger="service"):
+            error = await rejection(h.stub, [start(session_id=unknown)])
+            responses = await converse_all(h.stub, [start()])
+            session_id = responses[0].session_started.session_id
+            call = h.stub.Converse()
+            await call.write(start(session_id=session_id))
+            await call.read()
+            await h.running.stop(grace_s=1)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+    finally:
+        await stop_harness(h)
+    assert unknown in error.details() and session_id in ended.value.details()  # (the client's)
+    assert f"no session '{unknown[:8]}…'" in caplog.text and f"resume session {session_id[:8]}… on" in caplog.text
+    assert unknown not in caplog.text and session_id not in caplog.text
+
+
+def test_session_ids_in_a_message_are_shortened() -> None:
+    assert shorten_session_ids("session -TxXEFU6P0zLtq5NUSBZKL20 was resumed") == "session -TxXEFU6… was resumed"
+    assert shorten_session_ids("no session 'abc': no session store") == "no session 'abc': no session store"
+
+
+async def test_a_stage_that_never_happened_is_logged_as_none(caplog: pytest.LogCaptureFixture) -> None:
+    h = await start_harness(FakeLLM(fail_after_tokens=0), FakeTTS())
+    try:
+        with caplog.at_level(logging.INFO, logger="service"):
+            responses = await converse_all(h.stub, [start(), user("Hi?")])
+    finally:
+        await stop_harness(h)
+    assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
+    [line] = [r.getMessage() for r in caplog.records if r.name == "service.servicer" and "turn turn-1" in r.getMessage()]
+    assert "first token none, first audio none, total " in line and "0.0 s of audio" in line

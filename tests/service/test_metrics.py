@@ -206,3 +206,38 @@ async def test_an_overload_that_outlasts_the_retries_is_counted_retryable() -> N
         await stop_harness(h)
         fake.stop()
     assert samples["parley_engine_errors_total{engine=llm,kind=retryable}"] == 1  # (not a bad key or model)
+
+
+async def test_every_outcome_series_exists_from_the_start_at_zero() -> None:
+    from service.metrics import FAILING_ENGINES, REJECTION_STATUSES
+    from service.servicer import STATUS_FOR
+
+    port = free_port()
+    h = await start_harness(metrics_port=port)
+    try:
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    for engine in FAILING_ENGINES:
+        for kind in ("retryable", "permanent"):
+            assert samples[f"parley_engine_errors_total{{engine={engine},kind={kind}}}"] == 0
+    # Every status a stream can be refused or ended with, but a client's own hang-up.
+    ended_with = {code.name for code in STATUS_FOR.values()} - {"CANCELLED"} | {"UNAUTHENTICATED", "INTERNAL"}
+    assert set(REJECTION_STATUSES) == ended_with
+    for status in REJECTION_STATUSES:
+        assert samples[f"parley_rejected_streams_total{{status={status}}}"] == 0
+
+
+async def test_a_stream_without_credentials_is_counted_unauthenticated() -> None:
+    from service.auth import KeyRing
+    port = free_port()
+    h = await start_harness(keys=KeyRing(None, "ops:ops-0123456789abcdefghijklmnop"), metrics_port=port)
+    try:
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await converse_all(h.stub, [start()])
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    assert samples["parley_rejected_streams_total{status=UNAUTHENTICATED}"] == 2

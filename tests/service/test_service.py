@@ -15,11 +15,13 @@ from parley.v1 import voice_pb2 as pb
 from service.core.engine import INTERRUPTED_NOTE, INTERRUPTED_SILENT, chat_content
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
+from service.stores.memory import MemoryStore
 from tests.conftest import (
     Harness,
     converse_all,
     interrupt,
     kinds,
+    rejection,
     speak,
     start,
     start_harness,
@@ -29,24 +31,6 @@ from tests.conftest import (
     wait_for,
 )
 from tests.fakes import FakeLLM, FakeTTS, SlowStore
-
-
-async def rejection(stub: object, requests: list[pb.ConverseRequest]) -> grpc.aio.AioRpcError:
-    """Send ``requests`` (the last one is the bad one) and return the error that ends the stream.
-
-    It never writes after the server may have ended the call: grpc aio can then report INTERNAL in
-    place of the server's status (grpc/grpc#36066), which would hide what is being tested.
-    """
-    call = stub.Converse()  # type: ignore[attr-defined]
-    await call.initial_metadata()  # accepted, or refused (a stream over the limit)
-    for request in requests:
-        if call.done():
-            break
-        await call.write(request)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while await call.read() is not grpc.aio.EOF:
-            pass
-    return caught.value
 
 
 async def read_until_turn_ended(call: grpc.aio.StreamStreamCall) -> list[pb.ConverseResponse]:
@@ -429,6 +413,31 @@ async def test_shutdown_ends_open_streams_after_their_turn_and_says_where_to_go(
     await stopping
     assert asyncio.get_running_loop().time() - began < 10  # nobody waited for the grace period
     await h.channel.close()
+
+
+async def test_a_turn_longer_than_the_grace_period_is_cut_and_its_stream_told_where_to_resume() -> None:
+    store = MemoryStore(ttl_s=60)
+    h = await start_harness(FakeLLM(reply="A reply far too long to finish in time. " * 40, token_s=0.02), store=store)
+    call = h.stub.Converse()
+    await call.write(start())
+    session_id = (await call.read()).session_started.session_id
+    await call.write(user("Go on."))
+    responses = [await call.read()]  # the turn has begun
+    began = asyncio.get_running_loop().time()
+    stopping = asyncio.create_task(h.running.stop(grace_s=1.0))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
+    # Not gRPC's cancellation of every call left at the end of the grace period: Parley's own end.
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"resume session {session_id} on another replica" in ended.value.details()
+    [end] = turn_ends(responses)
+    assert end.reason == pb.TURN_END_REASON_INTERRUPTED and end.spoken_text
+    assert asyncio.get_running_loop().time() - began < 1.0  # (before the grace period ran out)
+    await stopping
+    await h.channel.close()
+    stored, _ = await store.resume(session_id) or pytest.fail("the session was not stored")
+    assert stored.entries[-1].content == end.spoken_text and stored.entries[-1].interrupted
 
 
 async def test_open_speak_turn_does_not_keep_an_abandoned_stream_alive() -> None:

@@ -326,3 +326,14 @@ def test_a_bad_setting_is_said_in_one_line_naming_its_flag_and_variable(
 
     assert main(argv) == 2
     assert capsys.readouterr().err == f"python -m service: invalid setting:\n{said}\n"
+
+
+def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import Settings
+
+    for name in ("PARLEY_METRICS_PORT", "PARLEY_LLM_THREADS", "PARLEY_TLS_CERT_FILE", "PARLEY_API_KEYS_FILE"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("PARLEY_STT_THREADS", " ")
+    settings = Settings()
+    assert settings.metrics_port is None and settings.llm_threads is None and settings.stt_threads is None
+    assert settings.tls_cert_file is None and settings.api_keys_file is None
