@@ -101,9 +101,7 @@ async def start_server(
             metrics.rejected.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
 
     auth = Authenticator(keys, token_secret) if keys is not None else None
-    interceptors = (
-        [AuthInterceptor(auth, open_reflection=open_reflection, refused=refused)] if auth is not None else []
-    )
+    interceptors = [AuthInterceptor(auth, open_reflection=open_reflection, refused=refused)] if auth is not None else []
     # Only workers share a port (SO_REUSEPORT, which gRPC sets by default): a second lone service on
     # a port in use fails to start instead of silently taking half its connections.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 1 if share_port else 0)])

@@ -122,5 +122,5 @@ async def test_a_stage_that_never_happened_is_logged_as_none(caplog: pytest.LogC
     finally:
         await stop_harness(h)
     assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
-    [line] = [r.getMessage() for r in caplog.records if r.name == "service.servicer" and "turn turn-1" in r.getMessage()]
+    [line] = [m for r in caplog.records if r.name == "service.servicer" and "turn turn-1" in (m := r.getMessage())]
     assert "first token none, first audio none, total " in line and "0.0 s of audio" in line

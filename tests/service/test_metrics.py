@@ -230,6 +230,7 @@ async def test_every_outcome_series_exists_from_the_start_at_zero() -> None:
 
 async def test_a_stream_without_credentials_is_counted_unauthenticated() -> None:
     from service.auth import KeyRing
+
     port = free_port()
     h = await start_harness(keys=KeyRing(None, "ops:ops-0123456789abcdefghijklmnop"), metrics_port=port)
     try:
