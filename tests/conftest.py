@@ -55,7 +55,10 @@ async def start_harness(
     token_secret: str = "",
     quotas: QuotaLimits | None = None,
     metrics_port: int | None = None,
+    port: int = 0,
+    share_port: bool = False,
 ) -> Harness:
+    """A server with fake engines; with ``share_port``, one of several on ``port`` (as workers are)."""
     llm = llm or FakeLLM()
     tts = tts or FakeTTS()
     voice_input = VoiceInput(detector or FakeDetector(), stt) if stt is not None else None
@@ -63,7 +66,7 @@ async def start_harness(
         llm,
         tts,
         host="127.0.0.1",
-        port=0,
+        port=port,
         defaults=defaults or SessionDefaults(outbox=OutboxLimits(max_message_ms=100)),
         limits=limits or StreamLimits(),
         store=store,
@@ -73,6 +76,7 @@ async def start_harness(
         token_secret=token_secret,
         quotas=quotas,
         metrics_port=metrics_port,
+        share_port=share_port,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

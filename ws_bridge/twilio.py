@@ -50,6 +50,10 @@ MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
 MAX_PARAMETER_CHARS = 8000
 HANG_UP_GRACE_S = 0.25
 """After a hang-up, how long the service has to apply the interrupt before the call is cancelled."""
+RESUME_WITHIN_S = 15.0
+"""A call whose service replica went away (it shut down, or dropped the connection) is resumed on
+another for this long; then the call ends."""
+RESUME_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 _PARAMETERS = ("system_prompt", "voice", "session_id", "greeting")
 
 
@@ -112,6 +116,10 @@ class TwilioCall:
     """The last turn whose audio was sent: what the caller may be hearing."""
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """One write at a time on the call (the caller's audio and a barge-in come from two tasks)."""
+    session_id: str = ""
+    """The call's session, once the service has started it: what a call resumed elsewhere asks for."""
+    _call_started: bool = False
+    """The current ``Converse`` call has started its session (a resumption may fail before it does)."""
 
     async def run(self) -> None:
         try:
@@ -125,41 +133,88 @@ class TwilioCall:
             return
         except ConnectionClosed:
             return
+        greeting = _parameters(start).get("greeting") or self.options.greeting
+        request = self._start_request(start)
+        resuming_since: float | None = None  # the service went away then, and the call is being resumed
+        attempt = 0
+        while True:
+            self._call_started = False
+            call = await self._open(request, greeting if resuming_since is None else "")
+            to_service = asyncio.create_task(self._twilio_to_service(call))
+            to_twilio = asyncio.create_task(self._service_to_twilio(call))
+            try:
+                await asyncio.wait({to_service, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
+                if to_service.done() and not to_service.cancelled() and to_service.exception() is None:
+                    # The caller hung up (or the line dropped): nobody listens. The interrupt just sent cuts
+                    # the reply where they stopped hearing it; nothing more is said, and an utterance not
+                    # yet answered is not (the call is cancelled, not half-closed).
+                    await asyncio.wait({to_twilio}, timeout=HANG_UP_GRACE_S)
+            finally:
+                call.cancel()
+                for task in (to_service, to_twilio):
+                    task.cancel()
+                results = await asyncio.gather(to_service, to_twilio, return_exceptions=True)
+            caller_there = isinstance(results[0], asyncio.CancelledError)  # (not hung up, no bad frame)
+            ended = results[1] if isinstance(results[1], grpc.aio.AioRpcError) else None
+            if caller_there and ended is not None and self._resumable(ended):
+                # The replica went away (a rolling update, a crash): the call goes on with its session
+                # on another one, while the caller hears silence (and Twilio plays what it holds).
+                now = asyncio.get_running_loop().time()
+                if self._call_started:
+                    resuming_since, attempt = now, 0
+                assert resuming_since is not None
+                if now - resuming_since < RESUME_WITHIN_S:
+                    log.info(
+                        "twilio stream %s: the service ended the call (%s); resuming session %s… on another replica",
+                        self.stream_sid,
+                        shorten_session_ids(ended.details() or ""),
+                        self.session_id[:8],
+                    )
+                    await asyncio.sleep(RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
+                    attempt += 1
+                    request = self._start_request(start)
+                    request.session_id = self.session_id
+                    continue
+            await self._end(results)
+            return
+
+    async def _open(self, start: pb.Start, greeting: str) -> grpc.aio.StreamStreamCall:
+        """A ``Converse`` call for this phone call, started (and the greeting asked for)."""
         call = self.stub.Converse(metadata=(("authorization", f"Bearer {self.api_key}"),) if self.api_key else None)
         await answered(call)  # accepted, or refused: then the reader reports why
-        await accepted_write(call, pb.ConverseRequest(start=self._start_request(start)))
-        greeting = _parameters(start).get("greeting") or self.options.greeting
+        await accepted_write(call, pb.ConverseRequest(start=start))
         if greeting:
             await accepted_write(call, pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
-        to_service = asyncio.create_task(self._twilio_to_service(call))
-        to_twilio = asyncio.create_task(self._service_to_twilio(call))
-        try:
-            await asyncio.wait({to_service, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
-            if to_service.done() and not to_service.cancelled() and to_service.exception() is None:
-                # The caller hung up (or the line dropped): nobody listens. The interrupt just sent cuts
-                # the reply where they stopped hearing it; nothing more is said, and an utterance not
-                # yet answered is not (the call is cancelled, not half-closed).
-                await asyncio.wait({to_twilio}, timeout=HANG_UP_GRACE_S)
-        finally:
-            call.cancel()
-            for task in (to_service, to_twilio):
-                task.cancel()
-            results = await asyncio.gather(to_service, to_twilio, return_exceptions=True)
+        return call
+
+    def _resumable(self, error: grpc.aio.AioRpcError) -> bool:
+        """The service ended the call as a replica does that goes away: UNAVAILABLE (shutting down,
+        the connection lost), once it had started a session to resume elsewhere."""
+        return error.code() == grpc.StatusCode.UNAVAILABLE and bool(self.session_id) and not self.websocket.close_code
+
+    async def _end(self, results: tuple[object, object]) -> None:
+        """Close the socket saying how the call ended: its tasks' ``results``."""
         failure = next((r for r in results if isinstance(r, CallError)), None)
         unexpected = [
-            r for r in results if isinstance(r, Exception) and not isinstance(r, CallError | ConnectionClosed)
+            r
+            for r in results
+            if isinstance(r, Exception) and not isinstance(r, CallError | ConnectionClosed | grpc.aio.AioRpcError)
         ]
         for bug in unexpected:
             log.error("twilio call %s failed", self.stream_sid, exc_info=bug)
-        if unexpected and failure is None:
-            with contextlib.suppress(ConnectionClosed):
+        ended = results[1] if isinstance(results[1], grpc.aio.AioRpcError) else None
+        with contextlib.suppress(ConnectionClosed):
+            if unexpected and failure is None:
                 await self.websocket.close(1011, "internal error; see the bridge's log")
-        elif failure is not None:
-            log.warning("twilio call %s: %s", self.stream_sid, failure)
-            with contextlib.suppress(ConnectionClosed):
+            elif failure is not None:
+                log.warning("twilio call %s: %s", self.stream_sid, failure)
                 await self.websocket.close(1008, str(failure)[:120])
-        else:
-            with contextlib.suppress(ConnectionClosed):
+            elif ended is not None:
+                said = shorten_session_ids(ended.details() or "")
+                log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
+                code = 1008 if ended.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
+                await self.websocket.close(code, f"{ended.code().name}: {ended.details() or ''}"[:120])
+            else:
                 await self.websocket.close(1000, "the call ended")
 
     async def _wait_for_start(self) -> dict[str, Any]:
@@ -225,7 +280,8 @@ class TwilioCall:
             log.info("twilio stream %s: the socket closed without stop", self.stream_sid)
         await self._hung_up(call)
 
-    async def _service_to_twilio(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _service_to_twilio(self, call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError | None:
+        """Play the service's replies until the call ends; the error it ended with, if any."""
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
                 kind = response.WhichOneof("kind")
@@ -233,14 +289,14 @@ class TwilioCall:
                     await self._play(response.audio)
                 elif kind == "speech_started":
                     await self._barge_in(call)
+                elif kind == "session_started":
+                    self.session_id = response.session_started.session_id
+                    self._call_started = True
                 elif kind == "turn_ended" and response.turn_ended.error:
                     log.warning("twilio stream %s: turn failed: %s", self.stream_sid, response.turn_ended.error)
         except grpc.aio.AioRpcError as error:
-            said = shorten_session_ids(error.details() or "")
-            log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
-            code = 1008 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
-            with contextlib.suppress(ConnectionClosed):
-                await self.websocket.close(code, f"{error.code().name}: {error.details() or ''}"[:120])
+            return error
+        return None
 
     async def _play(self, audio: pb.AudioChunk) -> None:
         turn = self._turns.setdefault(audio.turn_id, _Turn())

@@ -8,17 +8,19 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import ws_bridge.twilio
 from service.core.audio import AudioFormat, Encoding
 from service.core.codecs import CodecOptions, stream_encoder
+from service.stores.memory import MemoryStore
 from tests.bridge.test_bridge import Stack, start_stack
-from tests.conftest import start_harness, stop_harness, wait_for
+from tests.conftest import Harness, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from ws_bridge.twilio import TwilioOptions, signature
 
@@ -412,6 +414,72 @@ async def test_phone_calls_reach_a_service_with_api_keys_with_the_bridges_key() 
             await caller.start()
             await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
             await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -> None:
+    """A rolling update: the call's replica shuts down mid-reply; the bridge resumes the session on the
+    replica still running, and the caller, still on the line, is answered there with the history."""
+    store = MemoryStore(ttl_s=60)
+
+    def replica(port: int, heard: str) -> Awaitable[Harness]:
+        return start_harness(
+            FakeLLM(reply=REPLY * 3, token_s=0.01),
+            FakeTTS(chunk_s=0.02),
+            stt=FakeSTT(texts=[heard]),
+            store=store,
+            port=port,
+            share_port=True,
+        )
+
+    first = await replica(0, "Tell me a story.")
+    stack = await start_stack(first)
+    second: Harness | None = None
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            second = await replica(first.running.port, "And then what happened?")  # (the call stays on the first)
+            await first.running.stop(grace_s=1)  # the reply is cut half way through the grace period
+            await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
+            assert not caller.ended
+            played = len(caller.of("media"))
+            await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(second.llm.requests) == 1 and len(caller.of("media")) > played, 10)
+            history = second.llm.requests[0].messages
+            assert [m.content for m in history[-3:-1]][0] == "Tell me a story." and history[-1].content == (
+                "And then what happened?"
+            )
+            assert REPLY.startswith(history[-2].content.rstrip(".… ")[:40])  # what was sent of the cut reply
+            await caller.hang_up()
+            await wait_for(lambda: stack.bridge.sockets == 0, 10)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(first)
+        if second is not None:
+            await stop_harness(second)
+
+
+async def test_a_call_whose_service_stays_away_ends_after_the_resume_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ws_bridge.twilio, "RESUME_WITHIN_S", 1.5)
+    harness = await start_harness(FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT())
+    stack = await start_stack(harness)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
+            began = time.monotonic()
+            await harness.running.stop(grace_s=0)  # the only replica, gone for good
+            await wait_for(lambda: caller.ended, 10)
+            assert 1.5 <= time.monotonic() - began < 6  # retried for the window, then given up
+            assert socket.close_code == 1011 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
             await caller.aclose()
     finally:
         await stack.bridge.aclose()
