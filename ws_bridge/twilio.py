@@ -118,8 +118,13 @@ class TwilioCall:
     """One write at a time on the call (the caller's audio and a barge-in come from two tasks)."""
     session_id: str = ""
     """The call's session, once the service has started it: what a call resumed elsewhere asks for."""
-    _call_started: bool = False
+    _call: grpc.aio.StreamStreamCall | None = None
+    """The ``Converse`` call the caller's audio goes to; None between two (the audio is dropped)."""
+    _call_turns: set[str] = field(default_factory=set)
+    """The turns of the current ``Converse`` call (an interrupt names only those)."""
+    _started: asyncio.Event = field(default_factory=asyncio.Event)
     """The current ``Converse`` call has started its session (a resumption may fail before it does)."""
+    _started_at: float = 0.0
 
     async def run(self) -> None:
         try:
@@ -134,88 +139,133 @@ class TwilioCall:
         except ConnectionClosed:
             return
         greeting = _parameters(start).get("greeting") or self.options.greeting
+        # One reader of Twilio's messages for the whole phone call, whichever Converse call is current.
+        from_twilio = asyncio.create_task(self._from_twilio())
+        try:
+            code, reason = await self._converse(start, greeting, from_twilio)
+        finally:
+            from_twilio.cancel()
+            await asyncio.gather(from_twilio, return_exceptions=True)
+        with contextlib.suppress(ConnectionClosed):
+            await self.websocket.close(code, _close_reason(shorten_session_ids(reason)))
+
+    async def _converse(self, start: dict[str, Any], greeting: str, from_twilio: asyncio.Task[None]) -> tuple[int, str]:
+        """Hold the phone call's conversation until it ends; the socket's close code and reason.
+
+        When the service ends a ``Converse`` call as a replica does that goes away (a rolling update, a
+        crash), the conversation goes on with its session on another replica, while the caller hears
+        silence (and Twilio plays what it holds): see :data:`RESUME_WITHIN_S`."""
+        loop = asyncio.get_running_loop()
         request = self._start_request(start)
-        resuming_since: float | None = None  # the service went away then, and the call is being resumed
+        resuming_since: float | None = None  # when the service went away, while the call is being resumed
         attempt = 0
         while True:
-            self._call_started = False
             call = await self._open(request, greeting if resuming_since is None else "")
-            to_service = asyncio.create_task(self._twilio_to_service(call))
-            to_twilio = asyncio.create_task(self._service_to_twilio(call))
+            to_twilio = asyncio.create_task(self._to_twilio(call))
             try:
-                await asyncio.wait({to_service, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
-                if to_service.done() and not to_service.cancelled() and to_service.exception() is None:
-                    # The caller hung up (or the line dropped): nobody listens. The interrupt just sent cuts
-                    # the reply where they stopped hearing it; nothing more is said, and an utterance not
-                    # yet answered is not (the call is cancelled, not half-closed).
-                    await asyncio.wait({to_twilio}, timeout=HANG_UP_GRACE_S)
+                deadline = None if resuming_since is None else resuming_since + RESUME_WITHIN_S
+                if not await self._started_in_time(from_twilio, to_twilio, deadline):
+                    log.warning("twilio stream %s: no replica took the call back", self.stream_sid)
+                    return (
+                        1011,
+                        f"UNAVAILABLE: the voice service did not take the call back within {RESUME_WITHIN_S:g} s",
+                    )
+                await asyncio.wait({from_twilio, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
+                if from_twilio.done():
+                    return await self._caller_ended(from_twilio, call, to_twilio)
             finally:
+                self._call = None
                 call.cancel()
-                for task in (to_service, to_twilio):
-                    task.cancel()
-                results = await asyncio.gather(to_service, to_twilio, return_exceptions=True)
-            caller_there = isinstance(results[0], asyncio.CancelledError)  # (not hung up, no bad frame)
-            ended = results[1] if isinstance(results[1], grpc.aio.AioRpcError) else None
-            if caller_there and ended is not None and self._resumable(ended):
-                # The replica went away (a rolling update, a crash): the call goes on with its session
-                # on another one, while the caller hears silence (and Twilio plays what it holds).
-                now = asyncio.get_running_loop().time()
-                if self._call_started:
+                to_twilio.cancel()
+                ended = (await asyncio.gather(to_twilio, return_exceptions=True))[0]
+            if not isinstance(ended, grpc.aio.AioRpcError):
+                if ended is None:
+                    return 1000, "the call ended"
+                log.error("twilio call %s failed", self.stream_sid, exc_info=ended)
+                return 1011, "internal error; see the bridge's log"
+            said = shorten_session_ids(ended.details() or "")
+            now = loop.time()
+            if self._resumable(ended, resumption=resuming_since is not None and not self._started.is_set()):
+                # A new outage starts the window afresh; a replica that takes the call and soon drops it
+                # again (flapping) does not.
+                if resuming_since is None or (self._started.is_set() and now - self._started_at >= RESUME_WITHIN_S):
                     resuming_since, attempt = now, 0
-                assert resuming_since is not None
-                if now - resuming_since < RESUME_WITHIN_S:
+                if now < resuming_since + RESUME_WITHIN_S:
                     log.info(
                         "twilio stream %s: the service ended the call (%s); resuming session %s… on another replica",
                         self.stream_sid,
-                        shorten_session_ids(ended.details() or ""),
+                        said,
                         self.session_id[:8],
                     )
-                    await asyncio.sleep(RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
+                    await asyncio.wait({from_twilio}, timeout=RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
+                    if from_twilio.done():
+                        return await self._caller_ended(from_twilio)
                     attempt += 1
                     request = self._start_request(start)
                     request.session_id = self.session_id
                     continue
-            await self._end(results)
-            return
+            log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
+            code = 1008 if ended.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
+            return code, f"{ended.code().name}: {ended.details() or ''}"
 
     async def _open(self, start: pb.Start, greeting: str) -> grpc.aio.StreamStreamCall:
-        """A ``Converse`` call for this phone call, started (and the greeting asked for)."""
+        """A ``Converse`` call for this phone call, started (and the greeting asked for): the current one."""
+        self._started.clear()
+        self._call_turns = set()
         call = self.stub.Converse(metadata=(("authorization", f"Bearer {self.api_key}"),) if self.api_key else None)
         await answered(call)  # accepted, or refused: then the reader reports why
         await accepted_write(call, pb.ConverseRequest(start=start))
         if greeting:
             await accepted_write(call, pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
+        self._call = call
         return call
 
-    def _resumable(self, error: grpc.aio.AioRpcError) -> bool:
-        """The service ended the call as a replica does that goes away: UNAVAILABLE (shutting down,
-        the connection lost), once it had started a session to resume elsewhere."""
-        return error.code() == grpc.StatusCode.UNAVAILABLE and bool(self.session_id) and not self.websocket.close_code
+    async def _started_in_time(
+        self, from_twilio: asyncio.Task[None], to_twilio: asyncio.Task[Any], deadline: float | None
+    ) -> bool:
+        """False if a resumed call has neither started its session nor ended by ``deadline``."""
+        if deadline is None:
+            return True
+        started = asyncio.create_task(self._started.wait())
+        try:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait({from_twilio, to_twilio, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        return from_twilio.done() or to_twilio.done() or self._started.is_set()
 
-    async def _end(self, results: tuple[object, object]) -> None:
-        """Close the socket saying how the call ended: its tasks' ``results``."""
-        failure = next((r for r in results if isinstance(r, CallError)), None)
-        unexpected = [
-            r
-            for r in results
-            if isinstance(r, Exception) and not isinstance(r, CallError | ConnectionClosed | grpc.aio.AioRpcError)
-        ]
-        for bug in unexpected:
-            log.error("twilio call %s failed", self.stream_sid, exc_info=bug)
-        ended = results[1] if isinstance(results[1], grpc.aio.AioRpcError) else None
-        with contextlib.suppress(ConnectionClosed):
-            if unexpected and failure is None:
-                await self.websocket.close(1011, "internal error; see the bridge's log")
-            elif failure is not None:
-                log.warning("twilio call %s: %s", self.stream_sid, failure)
-                await self.websocket.close(1008, str(failure)[:120])
-            elif ended is not None:
-                said = shorten_session_ids(ended.details() or "")
-                log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
-                code = 1008 if ended.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
-                await self.websocket.close(code, f"{ended.code().name}: {ended.details() or ''}"[:120])
-            else:
-                await self.websocket.close(1000, "the call ended")
+    def _resumable(self, error: grpc.aio.AioRpcError, *, resumption: bool) -> bool:
+        """The service ended the call as a replica does that goes away: UNAVAILABLE (shutting down, the
+        connection lost), once a session exists to resume; while resuming, also RESOURCE_EXHAUSTED (the
+        replicas left are full)."""
+        codes = (
+            (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            if resumption
+            else (grpc.StatusCode.UNAVAILABLE,)
+        )
+        return bool(self.session_id) and error.code() in codes
+
+    async def _caller_ended(
+        self,
+        from_twilio: asyncio.Task[None],
+        call: grpc.aio.StreamStreamCall | None = None,
+        to_twilio: asyncio.Task[Any] | None = None,
+    ) -> tuple[int, str]:
+        """Twilio's side ended: the caller hung up (the call's reply is cut where they stopped hearing
+        it), or the socket sent what is not Twilio's protocol."""
+        error = None if from_twilio.cancelled() else from_twilio.exception()
+        if isinstance(error, CallError):
+            log.warning("twilio call %s: %s", self.stream_sid, error)
+            return 1008, str(error)
+        if error is not None:
+            log.error("twilio call %s failed", self.stream_sid, exc_info=error)
+            return 1011, "internal error; see the bridge's log"
+        if call is not None and to_twilio is not None:
+            # Nobody listens. The interrupt cuts the reply where they stopped hearing it; nothing more is
+            # said, and an utterance not yet answered is not (the call is cancelled, not half-closed).
+            await self._hung_up(call)
+            await asyncio.wait({to_twilio}, timeout=HANG_UP_GRACE_S)
+        return 1000, "the call ended"
 
     async def _wait_for_start(self) -> dict[str, Any]:
         async for frame in self.websocket:
@@ -247,9 +297,9 @@ class TwilioCall:
             input_audio=pb.InputAudio(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=RATE),
         )
 
-    async def _twilio_to_service(self, call: grpc.aio.StreamStreamCall) -> None:
-        """The caller's audio and Twilio's marks, until Twilio says ``stop`` or the socket closes
-        (both: the call is over, see :meth:`_hung_up`)."""
+    async def _from_twilio(self) -> None:
+        """The caller's audio (to the current ``Converse`` call; dropped between two) and Twilio's marks,
+        until Twilio says ``stop`` or the socket closes: the caller hung up. Raises :class:`CallError`."""
         try:
             async for frame in self.websocket:
                 message = _message(frame)
@@ -262,7 +312,7 @@ class TwilioCall:
                         audio = base64.b64decode(payload, validate=True)
                     except binascii.Error as error:
                         raise CallError(f"a media payload that is not base64: {error}") from error
-                    if audio:
+                    if audio and (call := self._call) is not None:
                         await self._write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
                 elif event == "mark":
                     name = _object(message, "mark").get("name")
@@ -271,27 +321,28 @@ class TwilioCall:
                     self._heard(name)
                 elif event == "stop":
                     log.info("twilio stream %s stopped (the call ended)", self.stream_sid)
-                    break
+                    return
                 elif event == "dtmf":
                     log.info("twilio stream %s: a key was pressed", self.stream_sid)  # (never which: a PIN?)
                 elif event not in ("connected", "start"):
                     raise CallError(f"unknown event {event!r}")
         except ConnectionClosed:
             log.info("twilio stream %s: the socket closed without stop", self.stream_sid)
-        await self._hung_up(call)
 
-    async def _service_to_twilio(self, call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError | None:
+    async def _to_twilio(self, call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError | None:
         """Play the service's replies until the call ends; the error it ended with, if any."""
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
                 kind = response.WhichOneof("kind")
                 if kind == "audio":
+                    self._call_turns.add(response.audio.turn_id)
                     await self._play(response.audio)
                 elif kind == "speech_started":
                     await self._barge_in(call)
                 elif kind == "session_started":
                     self.session_id = response.session_started.session_id
-                    self._call_started = True
+                    self._started_at = asyncio.get_running_loop().time()
+                    self._started.set()
                 elif kind == "turn_ended" and response.turn_ended.error:
                     log.warning("twilio stream %s: turn failed: %s", self.stream_sid, response.turn_ended.error)
         except grpc.aio.AioRpcError as error:
@@ -324,19 +375,21 @@ class TwilioCall:
 
     async def _hung_up(self, call: grpc.aio.StreamStreamCall) -> None:
         """Nobody listens any more: an utterance in progress is dropped, and the reply stops where the
-        caller stopped hearing it (then :meth:`run` cancels the call)."""
+        caller stopped hearing it (then the call is cancelled)."""
         playing = self._turns.get(self._playing or "")
         stop = pb.Interrupt()  # a reply still being made stops too (kept as far as it was sent)
         if playing is not None and not playing.cleared and playing.heard_ms < playing.sent_ms:
             playing.cleared = True
-            stop.played_ms = round(playing.heard_ms)
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._write(call, pb.ConverseRequest(clear_audio=pb.ClearAudio()))
-            await self._write(call, pb.ConverseRequest(interrupt=stop))
+            if self._playing in self._call_turns:  # (a turn of a replica that went away is not this call's)
+                stop.played_ms = round(playing.heard_ms)
+        await self._write(call, pb.ConverseRequest(clear_audio=pb.ClearAudio()))
+        await self._write(call, pb.ConverseRequest(interrupt=stop))
 
     async def _write(self, call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> None:
+        """Write on ``call``, unless it is over: its reader then reports why (the service's status)."""
         async with self._writing:
-            await call.write(request)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(request)
 
     async def _barge_in(self, call: grpc.aio.StreamStreamCall) -> None:
         """The caller spoke over the reply: Twilio drops what it holds; the service keeps what was heard."""
@@ -346,10 +399,16 @@ class TwilioCall:
         playing.cleared = True
         await self._send({"event": "clear"})
         self._marks = {name: mark for name, mark in self._marks.items() if mark[0] != self._playing}
-        await self._write(call, pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=round(playing.heard_ms))))
+        if self._playing in self._call_turns:  # (a reply from a replica that went away: only Twilio held it)
+            await self._write(call, pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=round(playing.heard_ms))))
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.websocket.send(json.dumps({**message, "streamSid": self.stream_sid}))
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to what a close frame's reason holds (123 bytes of UTF-8; 120 kept)."""
+    return text.encode()[:120].decode(errors="ignore")
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:

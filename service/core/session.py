@@ -267,8 +267,16 @@ class Session:
             case Shutdown(now):
                 await self._discard_tentative()
                 self._drain(Ending.SHUTDOWN)
-                if now and self._current is not None:
-                    await self._interrupt(None)  # the history keeps what was sent; the end says where to resume
+                if now and self.state is SessionState.DRAINING:
+                    # The grace period is nearly over: what is left stops, after a half-close too, and the
+                    # end says where to resume. The history keeps the turn as far as it was sent; an
+                    # utterance still being transcribed is not answered (counted as such).
+                    self._ending = Ending.SHUTDOWN
+                    if self._hearing_out:
+                        self._hearing_out = False
+                        self.unanswered += 1
+                    if self._current is not None:
+                        await self._interrupt(None)
             case ClaimLost(vanished=True):
                 raise SessionLost(
                     f"the session store lost session {self.session_id} (it expired there, or the store restarted "

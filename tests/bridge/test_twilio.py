@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import grpc
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -445,7 +446,11 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
             await wait_for(lambda: len(caller.of("media")) > 0, 10)
             second = await replica(first.running.port, "And then what happened?")  # (the call stays on the first)
-            await first.running.stop(grace_s=1)  # the reply is cut half way through the grace period
+            # The caller goes on sending audio (Twilio sends 50 messages a second) while the reply is cut
+            # half way through the grace period and the call moves: writes meet the call that ended.
+            talking = asyncio.create_task(caller.say(quiet(2500, RATE)))
+            await first.running.stop(grace_s=1)
+            await talking
             await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
             assert not caller.ended
             played = len(caller.of("media"))
@@ -482,5 +487,70 @@ async def test_a_call_whose_service_stays_away_ends_after_the_resume_window(monk
             assert socket.close_code == 1011 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
             await caller.aclose()
     finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_a_caller_who_hangs_up_while_the_call_is_being_resumed_is_let_go_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ws_bridge.twilio, "RESUME_BACKOFF_S", (3.0,))
+    harness = await start_harness(FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT())
+    stack = await start_stack(harness)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
+            await harness.running.stop(grace_s=0)
+            await asyncio.sleep(0.3)  # (the bridge waits to resume)
+            began = time.monotonic()
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 10)
+            assert time.monotonic() - began < 1.5 and socket.close_code == 1000  # not after the wait
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ws_bridge.twilio, "RESUME_WITHIN_S", 1.5)
+    harness = await start_harness(
+        FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT(), share_port=True
+    )
+    stack = await start_stack(harness)
+
+    async def never_answers(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            pass
+        await asyncio.Event().wait()
+        yield b""
+
+    stuck = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    stuck.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(never_answers)}
+            )
+        ]
+    )
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
+            stuck.add_insecure_port(f"127.0.0.1:{harness.running.port}")
+            await stuck.start()
+            began = time.monotonic()
+            await harness.running.stop(grace_s=0)  # the call goes to the replica that never answers
+            await wait_for(lambda: caller.ended, 10)
+            assert 1.5 <= time.monotonic() - began < 4
+            assert socket.close_code == 1011 and "did not take the call back" in (socket.close_reason or "")
+            await caller.aclose()
+    finally:
+        await stuck.stop(0)
         await stack.bridge.aclose()
         await stop_harness(harness)

@@ -415,13 +415,18 @@ async def test_shutdown_ends_open_streams_after_their_turn_and_says_where_to_go(
     await h.channel.close()
 
 
-async def test_a_turn_longer_than_the_grace_period_is_cut_and_its_stream_told_where_to_resume() -> None:
+@pytest.mark.parametrize("half_closed", [False, True])
+async def test_a_turn_longer_than_the_grace_period_is_cut_and_its_stream_told_where_to_resume(
+    half_closed: bool,
+) -> None:
     store = MemoryStore(ttl_s=60)
     h = await start_harness(FakeLLM(reply="A reply far too long to finish in time. " * 40, token_s=0.02), store=store)
     call = h.stub.Converse()
     await call.write(start())
     session_id = (await call.read()).session_started.session_id
     await call.write(user("Go on."))
+    if half_closed:  # (a client that has said all it will: its stream too ends saying where to resume)
+        await call.done_writing()
     responses = [await call.read()]  # the turn has begun
     began = asyncio.get_running_loop().time()
     stopping = asyncio.create_task(h.running.stop(grace_s=1.0))
