@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -81,6 +82,11 @@ class FakeTwilio:
             media = {"track": "inbound", "chunk": str(index + 1), "timestamp": str(index * 20), "payload": payload}
             await self.send({"event": "media", "media": media, "streamSid": self.stream_sid})
             await asyncio.sleep(max(0.0, began + (index + 1) * 0.02 - time.monotonic()))
+
+    async def ask(self) -> None:
+        """Say a question (a tone between silences) and wait for the reply's first audio."""
+        await self.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
+        await wait_for(lambda: len(self.of("media")) > 0, 10)
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [m for m in self.received if m.get("event") == event]
@@ -293,8 +299,7 @@ async def test_a_barge_in_after_the_reply_left_the_server_keeps_what_the_caller_
         async with connect(twilio_url(stack)) as socket:
             caller = LateTwilio(socket, delay_s=1.0)
             await caller.start()
-            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.ask()
             await caller.say(quiet(2500, RATE))
             heard_s = caller.played_bytes / RATE
             await caller.say(loud(600, RATE) + quiet(700, RATE))
@@ -413,8 +418,7 @@ async def test_phone_calls_reach_a_service_with_api_keys_with_the_bridges_key() 
         async with connect(twilio_url(stack)) as socket:
             caller = FakeTwilio(socket)
             await caller.start()
-            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.ask()
             await caller.aclose()
     finally:
         await stack.bridge.aclose()
@@ -443,8 +447,7 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
         async with connect(twilio_url(stack)) as socket:
             caller = FakeTwilio(socket)
             await caller.start()
-            await caller.say(quiet(200, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(caller.of("media")) > 0, 10)
+            await caller.ask()
             second = await replica(first.running.port, "And then what happened?")  # (the call stays on the first)
             # The caller goes on sending audio (Twilio sends 50 messages a second) while the reply is cut
             # half way through the grace period and the call moves: writes meet the call that ended.
@@ -471,57 +474,54 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             await stop_harness(second)
 
 
-async def test_a_call_whose_service_stays_away_ends_after_the_resume_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ws_bridge.twilio, "RESUME_WITHIN_S", 1.5)
-    harness = await start_harness(FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT())
+@contextlib.asynccontextmanager
+async def a_call_on_one_replica(
+    *, share_port: bool = False
+) -> AsyncIterator[tuple[Harness, ClientConnection, FakeTwilio]]:
+    """A phone call in progress on the only replica: its harness, Twilio's socket and the caller."""
+    harness = await start_harness(
+        FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT(), share_port=share_port
+    )
     stack = await start_stack(harness)
     try:
         async with connect(twilio_url(stack)) as socket:
             caller = FakeTwilio(socket)
             await caller.start()
             await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
-            began = time.monotonic()
-            await harness.running.stop(grace_s=0)  # the only replica, gone for good
-            await wait_for(lambda: caller.ended, 10)
-            assert 1.5 <= time.monotonic() - began < 6  # retried for the window, then given up
-            assert socket.close_code == 1011 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
+            yield harness, socket, caller
             await caller.aclose()
     finally:
         await stack.bridge.aclose()
         await stop_harness(harness)
+
+
+async def test_a_call_whose_service_stays_away_ends_after_the_resume_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ws_bridge.twilio, "RESUME_WITHIN_S", 1.5)
+    async with a_call_on_one_replica() as (harness, socket, caller):
+        began = time.monotonic()
+        await harness.running.stop(grace_s=0)  # the only replica, gone for good
+        await wait_for(lambda: caller.ended, 10)
+        assert 1.5 <= time.monotonic() - began < 6  # retried for the window, then given up
+        assert socket.close_code == 1011 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
 
 
 async def test_a_caller_who_hangs_up_while_the_call_is_being_resumed_is_let_go_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ws_bridge.twilio, "RESUME_BACKOFF_S", (3.0,))
-    harness = await start_harness(FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT())
-    stack = await start_stack(harness)
-    try:
-        async with connect(twilio_url(stack)) as socket:
-            caller = FakeTwilio(socket)
-            await caller.start()
-            await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
-            await harness.running.stop(grace_s=0)
-            await asyncio.sleep(0.3)  # (the bridge waits to resume)
-            began = time.monotonic()
-            await caller.hang_up()
-            await wait_for(lambda: caller.ended, 10)
-            assert time.monotonic() - began < 1.5 and socket.close_code == 1000  # not after the wait
-            await caller.aclose()
-    finally:
-        await stack.bridge.aclose()
-        await stop_harness(harness)
+    async with a_call_on_one_replica() as (harness, socket, caller):
+        await harness.running.stop(grace_s=0)
+        await asyncio.sleep(0.3)  # (the bridge waits to resume)
+        began = time.monotonic()
+        await caller.hang_up()
+        await wait_for(lambda: caller.ended, 10)
+        assert time.monotonic() - began < 1.5 and socket.close_code == 1000  # not after the wait
 
 
 async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ws_bridge.twilio, "RESUME_WITHIN_S", 1.5)
-    harness = await start_harness(
-        FakeLLM(reply=REPLY, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT(), share_port=True
-    )
-    stack = await start_stack(harness)
 
     async def never_answers(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async for _ in requests:
@@ -538,10 +538,7 @@ async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_u
         ]
     )
     try:
-        async with connect(twilio_url(stack)) as socket:
-            caller = FakeTwilio(socket)
-            await caller.start()
-            await wait_for(lambda: harness.running.servicer.active_streams == 1, 10)
+        async with a_call_on_one_replica(share_port=True) as (harness, socket, caller):
             stuck.add_insecure_port(f"127.0.0.1:{harness.running.port}")
             await stuck.start()
             began = time.monotonic()
@@ -549,8 +546,5 @@ async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_u
             await wait_for(lambda: caller.ended, 10)
             assert 1.5 <= time.monotonic() - began < 4
             assert socket.close_code == 1011 and "did not take the call back" in (socket.close_reason or "")
-            await caller.aclose()
     finally:
         await stuck.stop(0)
-        await stack.bridge.aclose()
-        await stop_harness(harness)
