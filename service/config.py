@@ -39,6 +39,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="PARLEY_",
+        env_ignore_empty=True,  # PARLEY_X= (templates often leave one so) is PARLEY_X unset: the default
         cli_kebab_case=True,
         cli_prog_name="python -m service",
         cli_implicit_flags=True,
@@ -232,27 +233,6 @@ class Settings(BaseSettings):
         "gpt-4o-mini-transcribe",
         description="Transcription model of the openai STT engine (compatible servers mostly offer whisper-1).",
     )
-
-    @field_validator(
-        "api_keys_file",
-        "tls_cert_file",
-        "tls_key_file",
-        "tls_client_ca_file",
-        "metrics_port",
-        "llm_model_path",
-        "llm_threads",
-        "piper_voice_path",
-        "piper_voice_dir",
-        "stt_model_path",
-        "stt_threads",
-        "openai_api_key_file",
-        mode="before",
-    )
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """``PARLEY_METRICS_PORT=`` (a variable set to nothing, as templates often leave one) is the
-        setting left unset, not a port or a path called ""."""
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("openai_base_url")
     @classmethod

@@ -111,12 +111,6 @@ class BridgeSettings(BaseSettings):
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
 
-    @field_validator("metrics_port", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """``PARLEY_BRIDGE_METRICS_PORT=`` is the setting left unset (metrics off), not a port."""
-        return None if isinstance(value, str) and not value.strip() else value
-
     @field_validator("allowed_origins")
     @classmethod
     def _origins_are_origins(cls, value: str) -> str:
@@ -171,7 +165,8 @@ def _is_origin(origin: str) -> bool:
 
 
 class _Environment(PydanticBaseSettingsSource):
-    """Each setting from its own variable, by its exact name."""
+    """Each setting from its own variable, by its exact name; a variable set to nothing (templates
+    often leave one so) is one left unset: the setting keeps its default."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return os.environ.get(env_name(field)), field_name, False
@@ -180,7 +175,7 @@ class _Environment(PydanticBaseSettingsSource):
         values: dict[str, Any] = {}
         for name, field in self.settings_cls.model_fields.items():
             value, _, _ = self.get_field_value(field, name)
-            if value is not None:
+            if value:
                 values[name] = value
         return values
 

@@ -122,9 +122,10 @@ def test_defaults_and_the_options_they_make() -> None:
     )
 
 
-def test_a_metrics_port_set_to_nothing_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PARLEY_BRIDGE_METRICS_PORT", "")
-    assert BridgeSettings().metrics_port is None
+def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ENV.values():
+        monkeypatch.setenv(variable, "")
+    assert BridgeSettings() == BridgeSettings.model_construct()
 
 
 def test_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
