@@ -51,9 +51,12 @@ MAX_PARAMETER_CHARS = 8000
 HANG_UP_GRACE_S = 0.25
 """After a hang-up, how long the service has to apply the interrupt before the call is cancelled."""
 RESUME_WITHIN_S = 15.0
-"""A call whose service replica went away (it shut down, or dropped the connection) is resumed on
-another for this long; then the call ends."""
+"""A call waits this long for a replica to take it: when it comes in, and when its replica went away
+(it shut down, or dropped the connection; the session is then resumed on another); then it ends."""
 RESUME_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+MAX_QUICK_DROPS = 2
+"""Streams in a row ended soon after they started (within :data:`RESUME_WITHIN_S`) that still get a
+wait of their own; after more, a flapping service gets only what is left of the last wait."""
 _PARAMETERS = ("system_prompt", "voice", "session_id", "greeting")
 
 
@@ -152,23 +155,25 @@ class TwilioCall:
     async def _converse(self, start: dict[str, Any], greeting: str, from_twilio: asyncio.Task[None]) -> tuple[int, str]:
         """Hold the phone call's conversation until it ends; the socket's close code and reason.
 
-        When the service ends a ``Converse`` call as a replica does that goes away (a rolling update, a
-        crash), the conversation goes on with its session on another replica, while the caller hears
-        silence (and Twilio plays what it holds): see :data:`RESUME_WITHIN_S`."""
+        A call waits for a replica to take it for :data:`RESUME_WITHIN_S`: when it comes in (the
+        service may be restarting, or the bridge's channel waiting to reconnect), and when the service
+        ends its stream as a replica does that goes away (a rolling update, a crash): the conversation
+        then goes on with its session on another replica, while the caller hears silence (and Twilio
+        plays what it holds)."""
         loop = asyncio.get_running_loop()
         request = self._start_request(start)
-        resuming_since: float | None = None  # when the service went away, while the call is being resumed
+        waiting_since = loop.time()  # the wait for a replica to take the call began then
         attempt = 0
+        quick_drops = 0  # streams in a row that ended within RESUME_WITHIN_S of starting
         while True:
-            call = await self._open(request, greeting if resuming_since is None else "")
+            call = await self._open(request, "" if self.session_id else greeting)
             to_twilio = asyncio.create_task(self._to_twilio(call))
             try:
-                deadline = None if resuming_since is None else resuming_since + RESUME_WITHIN_S
-                if not await self._started_in_time(from_twilio, to_twilio, deadline):
-                    log.warning("twilio stream %s: no replica took the call back", self.stream_sid)
+                if not await self._started_in_time(from_twilio, to_twilio, waiting_since + RESUME_WITHIN_S):
+                    log.warning("twilio stream %s: no replica of the service took the call", self.stream_sid)
                     return (
                         1011,
-                        f"UNAVAILABLE: the voice service did not take the call back within {RESUME_WITHIN_S:g} s",
+                        f"UNAVAILABLE: no replica of the voice service took the call within {RESUME_WITHIN_S:g} s",
                     )
                 await asyncio.wait({from_twilio, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
                 if from_twilio.done():
@@ -185,24 +190,33 @@ class TwilioCall:
                 return 1011, "internal error; see the bridge's log"
             said = shorten_session_ids(ended.details() or "")
             now = loop.time()
-            if self._resumable(ended, resumption=resuming_since is not None and not self._started.is_set()):
-                # A new outage starts the window afresh; a replica that takes the call and soon drops it
-                # again (flapping) does not.
-                if resuming_since is None or (self._started.is_set() and now - self._started_at >= RESUME_WITHIN_S):
-                    resuming_since, attempt = now, 0
-                if now < resuming_since + RESUME_WITHIN_S:
-                    log.info(
-                        "twilio stream %s: the service ended the call (%s); resuming session %s… on another replica",
-                        self.stream_sid,
-                        said,
-                        self.session_id[:8],
-                    )
+            if self._retryable(ended):
+                # A stream that had started makes this a new outage, with a wait of its own; but streams
+                # that keep being dropped soon after they start (a flapping replica) get no more.
+                if self._started.is_set():
+                    quick_drops = quick_drops + 1 if now - self._started_at < RESUME_WITHIN_S else 0
+                    if quick_drops <= MAX_QUICK_DROPS:
+                        waiting_since, attempt = now, 0
+                if now < waiting_since + RESUME_WITHIN_S:
+                    if self.session_id:
+                        log.info(
+                            "twilio stream %s: the service ended the call (%s); resuming session %s… elsewhere",
+                            self.stream_sid,
+                            said,
+                            self.session_id[:8],
+                        )
+                    else:
+                        log.info(
+                            "twilio stream %s: the service did not take the call (%s); trying again",
+                            self.stream_sid,
+                            said,
+                        )
                     await asyncio.wait({from_twilio}, timeout=RESUME_BACKOFF_S[min(attempt, len(RESUME_BACKOFF_S) - 1)])
                     if from_twilio.done():
                         return await self._caller_ended(from_twilio)
                     attempt += 1
                     request = self._start_request(start)
-                    request.session_id = self.session_id
+                    request.session_id = self.session_id or request.session_id
                     continue
             log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
             code = 1008 if ended.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
@@ -221,11 +235,10 @@ class TwilioCall:
         return call
 
     async def _started_in_time(
-        self, from_twilio: asyncio.Task[None], to_twilio: asyncio.Task[Any], deadline: float | None
+        self, from_twilio: asyncio.Task[None], to_twilio: asyncio.Task[Any], deadline: float
     ) -> bool:
-        """False if a resumed call has neither started its session nor ended by ``deadline``."""
-        if deadline is None:
-            return True
+        """False if the stream has neither started its session nor ended by ``deadline`` (nor the caller
+        hung up)."""
         started = asyncio.create_task(self._started.wait())
         try:
             timeout = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -234,16 +247,13 @@ class TwilioCall:
             started.cancel()
         return from_twilio.done() or to_twilio.done() or self._started.is_set()
 
-    def _resumable(self, error: grpc.aio.AioRpcError, *, resumption: bool) -> bool:
-        """The service ended the call as a replica does that goes away: UNAVAILABLE (shutting down, the
-        connection lost), once a session exists to resume; while resuming, also RESOURCE_EXHAUSTED (the
-        replicas left are full)."""
-        codes = (
-            (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            if resumption
-            else (grpc.StatusCode.UNAVAILABLE,)
-        )
-        return bool(self.session_id) and error.code() in codes
+    def _retryable(self, error: grpc.aio.AioRpcError) -> bool:
+        """The service ended the stream as a replica does that goes away, or is not there yet:
+        UNAVAILABLE (shutting down, the connection lost or refused); or, before the stream started its
+        session, RESOURCE_EXHAUSTED (the replica reached is full: another may not be)."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._started.is_set()
 
     async def _caller_ended(
         self,

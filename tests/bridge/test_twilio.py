@@ -22,8 +22,9 @@ from service.core.audio import AudioFormat, Encoding
 from service.core.codecs import CodecOptions, stream_encoder
 from service.stores.memory import MemoryStore
 from tests.bridge.test_bridge import Stack, start_stack
-from tests.conftest import Harness, start_harness, stop_harness, wait_for
+from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
+from ws_bridge.server import Bridge, BridgeOptions
 from ws_bridge.twilio import TwilioOptions, signature
 
 RATE = 8000
@@ -545,6 +546,32 @@ async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_u
             await harness.running.stop(grace_s=0)  # the call goes to the replica that never answers
             await wait_for(lambda: caller.ended, 10)
             assert 1.5 <= time.monotonic() - began < 4
-            assert socket.close_code == 1011 and "did not take the call back" in (socket.close_reason or "")
+            assert socket.close_code == 1011 and "no replica of the voice service took the call" in (
+                socket.close_reason or ""
+            )
     finally:
         await stuck.stop(0)
+
+
+async def test_a_call_that_comes_in_while_the_service_restarts_waits_for_it() -> None:
+    """Found in QA: a call placed while the bridge's channel waited to reconnect was hung up at once
+    (UNAVAILABLE, connection refused), though the service was back a moment later."""
+    port = free_port()
+    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
+    harness: Harness | None = None
+    try:
+        async with connect(f"ws://127.0.0.1:{bridge.port}/twilio") as socket:
+            caller = FakeTwilio(socket)
+            await caller.start({"greeting": "Hello, thanks for waiting."})
+            await asyncio.sleep(1.0)  # (nothing listens yet: the bridge tries again)
+            assert not caller.ended
+            harness = await start_harness(FakeLLM(), FakeTTS(chunk_s=0.02), stt=FakeSTT(), port=port)
+            await wait_for(lambda: len(caller.of("media")) > 0, 10)  # the greeting, once it is up
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 10)
+            assert socket.close_code == 1000
+            await caller.aclose()
+    finally:
+        await bridge.aclose()
+        if harness is not None:
+            await stop_harness(harness)
