@@ -114,7 +114,15 @@ async def supervise(
                 return
             if time.monotonic() - began > _STABLE_S:
                 delays[index] = 1.0
-            log.error("worker %d (pid %d) %s; restarting it in %g s", index, process.pid, _how(code), delays[index])
+            # (Exit 0 is a worker that drained after a SIGTERM of its own, an operator's say: no crash.)
+            log.log(
+                logging.WARNING if code == 0 else logging.ERROR,
+                "worker %d (pid %d) %s; restarting it in %g s",
+                index,
+                process.pid,
+                _how(code),
+                delays[index],
+            )
             try:
                 async with asyncio.timeout(delays[index]):
                     await stopping.wait()
