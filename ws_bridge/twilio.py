@@ -47,6 +47,8 @@ RATE = 8000
 START_WAIT_S = 10.0
 """How long a socket may take to send ``start``."""
 MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
+MARK_EVERY_MS = 200
+MARK_EVERY_BYTES = RATE * MARK_EVERY_MS // 1000  # (μ-law: a byte a sample)
 MAX_PARAMETER_CHARS = 8000
 HANG_UP_GRACE_S = 0.25
 """After a hang-up, how long the service has to apply the interrupt before the call is cancelled."""
@@ -368,11 +370,20 @@ class TwilioCall:
             self._marks.clear()
             self._turns = {audio.turn_id: turn}
         self._playing = audio.turn_id
-        name = f"{audio.turn_id}/{audio.sequence}"
-        self._marks[name] = (audio.turn_id, turn.sent_ms)
-        if audio.data:
-            await self._send({"event": "media", "media": {"payload": base64.b64encode(audio.data).decode()}})
-        await self._send({"event": "mark", "mark": {"name": name}})
+        # A mark at least every MARK_EVERY_MS of audio, however long the service's messages are
+        # (PARLEY_AUDIO_CHUNK_MS): the marks say how far the caller heard, and so where a barge-in cuts.
+        data, ended_ms = audio.data, turn.sent_ms
+        pieces = range(0, len(data), MARK_EVERY_BYTES) if data else range(1)
+        for part, offset in enumerate(pieces):
+            piece = data[offset : offset + MARK_EVERY_BYTES]
+            name = f"{audio.turn_id}/{audio.sequence}" + (f".{part}" if len(pieces) > 1 else "")
+            heard_ms = (
+                ended_ms - audio.duration_ms * (len(data) - offset - len(piece)) / len(data) if data else ended_ms
+            )
+            self._marks[name] = (audio.turn_id, heard_ms)
+            if piece:
+                await self._send({"event": "media", "media": {"payload": base64.b64encode(piece).decode()}})
+            await self._send({"event": "mark", "mark": {"name": name}})
 
     def _heard(self, name: str) -> None:
         """Twilio played the audio up to mark ``name``."""

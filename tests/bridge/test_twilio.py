@@ -20,6 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import ws_bridge.twilio
 from service.core.audio import AudioFormat, Encoding
 from service.core.codecs import CodecOptions, stream_encoder
+from service.core.outbox import OutboxLimits
+from service.core.settings import SessionDefaults
 from service.stores.memory import MemoryStore
 from tests.bridge.test_bridge import Stack, start_stack
 from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
@@ -288,12 +290,17 @@ class LateTwilio(FakeTwilio):
         await super()._play()
 
 
-async def test_a_barge_in_after_the_reply_left_the_server_keeps_what_the_caller_heard() -> None:
+@pytest.mark.parametrize("message_ms", [100, 2000])
+async def test_a_barge_in_after_the_reply_left_the_server_keeps_what_the_caller_heard(message_ms: int) -> None:
     """The reply was all sent (the turn ended on the server) but plays late on the phone: the history
-    keeps what the acknowledged marks say was heard, not the server's estimate (found in review)."""
+    keeps what the acknowledged marks say was heard, not the server's estimate (found in review); to
+    within a mark's 200 ms however long the service's audio messages are."""
     reply = "Once upon a time there was a castle on a hill, and a dragon lived there."
     harness = await start_harness(
-        FakeLLM(reply=reply, token_s=0.01), FakeTTS(chunk_s=0.02), stt=FakeSTT(texts=["Tell me a story.", "Stop."])
+        FakeLLM(reply=reply, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+        stt=FakeSTT(texts=["Tell me a story.", "Stop."]),
+        defaults=SessionDefaults(outbox=OutboxLimits(max_message_ms=message_ms)),
     )
     stack = await start_stack(harness)
     try:
@@ -309,6 +316,8 @@ async def test_a_barge_in_after_the_reply_left_the_server_keeps_what_the_caller_
             chars_per_s = 1000 / harness.tts.ms_per_char
             assert len(kept) <= (heard_s + 0.6) * chars_per_s, (heard_s, kept)  # not the estimate (1 s more)
             assert len(kept) >= (heard_s - 0.8) * chars_per_s, (heard_s, kept)
+            payloads = [base64.b64decode(m["media"]["payload"]) for m in caller.of("media")]
+            assert max(map(len, payloads)) <= RATE // 5  # (a mark follows each piece)
             await caller.aclose()
     finally:
         await stack.bridge.aclose()
