@@ -22,9 +22,10 @@ pytestmark = needs_chromium
 
 QUESTION = "What is the capital of France? Tell me about its long history."
 WAV_RATE = 48000
-LEAD_S = 1.0  # silence before the question
-TAIL_S = 3.0  # silence after it: the file loops, so the question comes again 4 s after it ends (the reply
-# starts about 3 s after it, and lasts longer than that)
+LEAD_S = 0.5  # silence before the question
+TAIL_S = 1.5  # silence after it: the file loops, so the question comes again 2 s after it ends, while the
+# reply plays (its first audio comes about 0.7 s after the question ends; the embedded Gemma's shortest
+# answers, "It's the capital of France.", last about 1.8 s: with 4 s here they ended before it came)
 
 
 # -- a service that takes no voice, and a microphone that is refused --------------------------------
