@@ -1,4 +1,4 @@
-"""The bridge's side of a ``Converse`` call."""
+"""The bridge's side of a ``Converse`` call, and of the socket it serves."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 
 import grpc
+from websockets.asyncio.server import ServerConnection
 
 from parley.v1 import voice_pb2 as pb
 
-__all__ = ["ANSWER_WAIT_S", "accepted_write", "answered"]
+__all__ = ["ANSWER_WAIT_S", "accepted_write", "answered", "close"]
+
+_REASON_BYTES = 123  # the most a WebSocket close reason may hold
 
 ANSWER_WAIT_S = 2.0
 """How long a new call waits for the service's response headers before writing all the same (a
@@ -32,3 +35,11 @@ async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRe
         return
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         await call.write(request)
+
+
+async def close(websocket: ServerConnection, code: int, reason: str) -> None:
+    """Close ``websocket`` with ``code`` and ``reason``, cut (with "...") to what a close frame holds."""
+    encoded = reason.encode()
+    if len(encoded) > _REASON_BYTES:
+        reason = encoded[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
+    await websocket.close(code, reason)

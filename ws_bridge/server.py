@@ -33,7 +33,7 @@ from websockets.typing import Subprotocol
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from ws_bridge.calls import accepted_write, answered
+from ws_bridge.calls import accepted_write, answered, close
 from ws_bridge.config import default
 from ws_bridge.metrics import BridgeMetrics, close_label
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 WS_PATH = "/ws"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
-_REASON_BYTES = 123  # the most a WebSocket close reason may hold
 _CALL_ENDED = object()
 _CONNECT_WAIT_S = 3.0
 # The service is usually next door: reconnect quickly after it restarts.
@@ -270,7 +269,7 @@ class Bridge:
             message = f"the voice service at {self.options.grpc_target} is unavailable; try again later"
             with contextlib.suppress(ConnectionClosed):
                 await websocket.send(error_frame("UNAVAILABLE", message))
-            await _close(websocket, 1013, message)
+            await close(websocket, 1013, message)
             return
         token = _subprotocol_token(websocket)
         first: str | bytes | None = None
@@ -279,7 +278,7 @@ class Bridge:
                 async with asyncio.timeout(_FIRST_FRAME_S):
                     first = await websocket.recv()
             except TimeoutError:
-                await _close(websocket, 1008, "no message: send start (or auth, then start) first")
+                await close(websocket, 1008, "no message: send start (or auth, then start) first")
                 return
             except ConnectionClosed:
                 return
@@ -336,7 +335,7 @@ class Bridge:
         self.metrics.refused.labels("bad frame").inc()
         with contextlib.suppress(ConnectionClosed):
             await websocket.send(error_frame(code, why))
-        await _close(websocket, 1008, why)
+        await close(websocket, 1008, why)
 
     async def _service_to_client(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> None:
         """Forward server messages until the call ends, then close the socket saying why."""
@@ -349,11 +348,11 @@ class Bridge:
                 details = f"the voice service is unavailable: {details}"
             with contextlib.suppress(ConnectionClosed):
                 await websocket.send(error_frame(code.name, details, _retry_after(error)))
-            await _close(websocket, CLOSE_CODE_FOR.get(code, 1011), f"{code.name}: {details}")
+            await close(websocket, CLOSE_CODE_FOR.get(code, 1011), f"{code.name}: {details}")
             return
         except ConnectionClosed:
             return
-        await _close(websocket, 1000, "the conversation ended")
+        await close(websocket, 1000, "the conversation ended")
 
 
 _FIRST_FRAME_S = 30.0
@@ -460,13 +459,6 @@ def _is_ip_address(name: str | None) -> bool:
     except ValueError:
         return False
     return True
-
-
-async def _close(websocket: ServerConnection, code: int, reason: str) -> None:
-    encoded = reason.encode()
-    if len(encoded) > _REASON_BYTES:
-        reason = encoded[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
-    await websocket.close(code, reason)
 
 
 def _response(status: http.HTTPStatus, content_type: str, body: bytes, cache: str = "no-store") -> Response:

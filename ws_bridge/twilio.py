@@ -36,7 +36,7 @@ from websockets.http11 import Request
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.logs import shorten_session_ids
-from ws_bridge.calls import accepted_write, answered
+from ws_bridge.calls import accepted_write, answered, close
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -136,10 +136,10 @@ class TwilioCall:
             async with asyncio.timeout(START_WAIT_S):
                 start = await self._wait_for_start()
         except TimeoutError:
-            await self.websocket.close(1008, "no start message: this endpoint speaks Twilio Media Streams")
+            await close(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
             return
         except CallError as error:
-            await self.websocket.close(1008, str(error)[:120])
+            await close(self.websocket, 1008, str(error))
             return
         except ConnectionClosed:
             return
@@ -152,7 +152,7 @@ class TwilioCall:
             from_twilio.cancel()
             await asyncio.gather(from_twilio, return_exceptions=True)
         with contextlib.suppress(ConnectionClosed):
-            await self.websocket.close(code, _close_reason(shorten_session_ids(reason)))
+            await close(self.websocket, code, shorten_session_ids(reason))
 
     async def _converse(self, start: dict[str, Any], greeting: str, from_twilio: asyncio.Task[None]) -> tuple[int, str]:
         """Hold the phone call's conversation until it ends; the socket's close code and reason.
@@ -409,8 +409,7 @@ class TwilioCall:
     async def _write(self, call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> None:
         """Write on ``call``, unless it is over: its reader then reports why (the service's status)."""
         async with self._writing:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await call.write(request)
+            await accepted_write(call, request)
 
     async def _barge_in(self, call: grpc.aio.StreamStreamCall) -> None:
         """The caller spoke over the reply: Twilio drops what it holds; the service keeps what was heard."""
@@ -425,11 +424,6 @@ class TwilioCall:
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self.websocket.send(json.dumps({**message, "streamSid": self.stream_sid}))
-
-
-def _close_reason(text: str) -> str:
-    """``text`` cut to what a close frame's reason holds (123 bytes of UTF-8; 120 kept)."""
-    return text.encode()[:120].decode(errors="ignore")
 
 
 def _message(frame: str | bytes) -> dict[str, Any]:
