@@ -161,7 +161,13 @@ class Settings(BaseSettings):
         description="MP3 audio: the default bitrate in bit/s (a session may choose its own).",
     )
     audio_chunk_ms: int = Field(
-        _OUTBOX.max_message_ms, ge=10, le=2000, description="Longest audio message, in milliseconds."
+        _OUTBOX.max_message_ms,
+        ge=10,
+        le=2000,
+        description=(
+            "Longest audio message, in milliseconds (a turn's first message leaves at once, and the next "
+            "ones grow with what the client holds up to this)."
+        ),
     )
     max_text_chars: int = Field(
         _SESSION.max_text_chars, ge=1, description="Longest user_text or speak turn, in characters."

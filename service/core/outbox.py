@@ -6,9 +6,11 @@ messages out with :meth:`Outbox.next`. The outbox alone
 - bounds what waits per stream, in seconds of audio as well as in items (a turn's :meth:`Outlet.put`
   waits while it is full: that is the backpressure from a slow client to the TTS engine);
 - merges: caption deltas of a turn waiting together leave as one message, and audio pieces of one
-  segment as one message of at most ``max_message_ms``; once the client holds more than
-  ``fill_lead_ms`` of audio, a message waits until it is full, but never so long that the client
-  would hold less (the turn gathers a message's worth before handing it over, by the same rule);
+  segment as one message of at most ``max_message_ms``; once a turn's first audio has left, a
+  message waits until it is full while the client holds audio to spare, but never so long that it
+  would hold less than ``fill_lead_ms``, or than half of what it holds (the turn gathers a message's
+  worth before handing it over, by the same rule): the first message leaves at once and the next
+  ones grow with the client's lead, so a turn's audio takes a few messages, not one per engine chunk;
 - numbers each turn's audio messages, gap-free, once, as they leave;
 - records what of each turn left (:class:`Outlet`: first audio, audio sent), which the session reads
   to know what the client can have heard;
@@ -49,16 +51,22 @@ __all__ = ["Outbox", "OutboxLimits", "Outlet"]
 class OutboxLimits:
     """How much a stream buffers and how its messages are sized."""
 
-    max_message_ms: int = 200
-    """Longest audio message."""
+    max_message_ms: int = 1000
+    """Longest audio message. Each message costs the event loop and gRPC about as much whatever its
+    length, so long messages let a process hold more streams; the first of a turn leaves at once
+    whatever this is."""
     max_buffered_ms: int = 6000
     """Audio that may wait in the outbox before a turn's put waits."""
     max_buffered_items: int = 64
     """Items that may wait before a turn's put waits (captions and segment starts count too)."""
     fill_lead_ms: int = 500
     """Audio the client keeps in hand (counting from when the turn's first audio left) while messages
-    wait to fill: beyond it, an audio message waits until it is full, or until the client would hold
-    only this much. Fewer, larger messages, with no effect on the first audio or on playback."""
+    wait to fill: an audio message waits until it is full, or until the client would hold only this
+    much (or only half of what it holds, while that is less; never less than ``min_fill_lead_ms``).
+    Fewer, larger messages, with no effect on the first audio or on playback."""
+    min_fill_lead_ms: int = 100
+    """While the client holds no more than this (or than ``fill_lead_ms``, if that is less), audio
+    leaves as it comes."""
 
     def __post_init__(self) -> None:
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
@@ -98,15 +106,23 @@ class Outlet:
         await self._outbox.put(self, item)
 
     def fill_until(self) -> float | None:
-        """Until when (``time.monotonic``) the turn's audio may wait to fill a message: while the client
-        still holds more than ``fill_lead_ms`` of audio. None while it holds no more (audio then
-        leaves as it comes)."""
+        """Until when (``time.monotonic``) the turn's audio may wait to fill a message: until the client
+        would hold only ``fill_lead_ms``, or only half of what it holds now while that is less, but
+        never less than ``min_fill_lead_ms``. None before the turn's first audio has left, and while
+        the client holds no more than that floor (audio then leaves as it comes).
+
+        So the messages of a turn grow with the client's lead: the first leaves at once, and each
+        next one may gather for up to half of what the client holds, which (while the engine makes
+        audio faster than it plays) soon fills it to ``max_message_ms``."""
+        if self.first_audio_at is None:
+            return None
         limits = self._outbox.limits
         now = time.monotonic()
         lead_ms = self.client_lead_ms(now)
-        if self.first_audio_at is None or lead_ms <= limits.fill_lead_ms:
+        floor_ms = min(limits.fill_lead_ms, max(lead_ms / 2, limits.min_fill_lead_ms))
+        if lead_ms <= floor_ms:
             return None
-        return now + (lead_ms - limits.fill_lead_ms) / 1000
+        return now + (lead_ms - floor_ms) / 1000
 
     def client_lead_ms(self, now: float) -> float:
         """Audio the client holds beyond what it can have played, if it started at the first audio."""

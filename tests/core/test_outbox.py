@@ -168,32 +168,45 @@ async def test_a_message_waiting_to_fill_is_put_back_when_the_reader_is_cancelle
     assert isinstance(message, AudioChunk) and message.duration_ms == 40 and message.sequence == 10
 
 
-async def test_a_message_waits_to_fill_only_while_the_client_keeps_the_fill_lead() -> None:
-    # 400 ms sent at once: the client holds 400 ms, more than the 300 ms lead (though less than the
-    # lead plus a message's worth); a new piece waits for company, but only until the client would
-    # hold 300 ms (about 100 ms); at or below the lead, a piece leaves at once.
+@pytest.mark.parametrize(
+    ("sent_ms", "wait_ms"),
+    [
+        (800, 500),  # half the lead is more than the fill lead: it waits until the client holds 300 ms
+        (400, 200),  # half the lead is less: until the client holds half of what it holds
+        (160, 60),  # never below the floor: until the client holds 100 ms
+        (90, 0),  # at or below the floor, a piece leaves at once
+    ],
+)
+async def test_a_message_waits_to_fill_while_the_client_keeps_its_lead(sent_ms: int, wait_ms: int) -> None:
+    # ``sent_ms`` sent at once: the client holds that much. A new piece waits for company until the
+    # client would hold only the fill lead (300 ms), or only half of what it held, whichever is
+    # more, but never less than 100 ms.
+    outbox = Outbox(OutboxLimits(max_message_ms=1000, fill_lead_ms=300, min_fill_lead_ms=100))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(piece(0, sent_ms))
+    await outbox.next()
+    await outlet.put(piece(0, 20))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    message = await outbox.next()
+    waited_ms = (loop.time() - began) * 1000
+    assert isinstance(message, AudioChunk) and message.duration_ms == 20
+    assert wait_ms - 30 <= waited_ms <= wait_ms + 100
+
+
+async def test_a_waiting_message_takes_what_comes_meanwhile() -> None:
     outbox = Outbox(OutboxLimits(max_message_ms=200, fill_lead_ms=300))
     outlet = outbox.open_turn("t1")
-    for _ in range(2):
-        await outlet.put(piece(0, 200))
-    for _ in range(2):
-        await outbox.next()
+    await outlet.put(piece(0, 400))
+    await outbox.next()
     await outlet.put(piece(0, 20))
-    began = asyncio.get_running_loop().time()
     reading = asyncio.create_task(outbox.next())
     await asyncio.sleep(0.03)
     assert not reading.done()
     await outlet.put(piece(0, 20))
-    message = await reading
-    waited = asyncio.get_running_loop().time() - began
-    assert isinstance(message, AudioChunk) and message.duration_ms == 40
-    assert 0.08 <= waited < 0.3
-    # The client held about 340 ms then; 150 ms of playing later it holds less than the lead, and a
-    # piece leaves at once.
-    await asyncio.sleep(0.15)
-    await outlet.put(piece(0, 20))
-    message = await asyncio.wait_for(outbox.next(), 0.02)
-    assert isinstance(message, AudioChunk) and message.duration_ms == 20
+    await outlet.put(piece(0, 160))  # the message is full: it leaves without waiting for the deadline
+    message = await asyncio.wait_for(reading, 0.05)
+    assert isinstance(message, AudioChunk) and message.duration_ms == 200
 
 
 def test_limits_are_checked() -> None:

@@ -39,12 +39,13 @@ async def run_turn(
     rate: int = 16000,
     encoding: Encoding = Encoding.PCM16,
     fill_lead_ms: int = 500,
+    message_ms: int = 100,
     language: str = "en_US",
     puts: list[Item] | None = None,
 ) -> tuple[Turn, list[tuple[float, Message]]]:
     """Run a turn into an outbox that a client reads as fast as messages come; what it read, when
     (and, in ``puts``, what the turn put into the outbox)."""
-    outbox = Outbox(OutboxLimits(max_message_ms=100, fill_lead_ms=fill_lead_ms))
+    outbox = Outbox(OutboxLimits(max_message_ms=message_ms, fill_lead_ms=fill_lead_ms))
     outlet = outbox.open_turn("t1")
     messages: list[tuple[float, Message]] = []
 
@@ -67,7 +68,7 @@ async def run_turn(
         audio_format=AudioFormat(encoding, rate),
         emit=emit,
         options=TurnOptions(lookahead=lookahead),
-        piece_ms=100,
+        piece_ms=message_ms,
         stats=TurnStats(),
         from_llm=True,
         fill_until=outlet.fill_until,
@@ -152,6 +153,21 @@ async def test_messages_fill_up_once_the_client_is_well_ahead() -> None:
     second = [c.duration_ms for c in chunks if c.segment_index == 1]
     assert len(second) < 100 / 2  # far fewer messages than the engine's pieces...
     assert min(second[:-1]) > 80  # ... each as full as the pieces allow
+
+
+async def test_messages_grow_with_the_clients_lead_from_the_first_one() -> None:
+    # One segment, 1.2 s of audio made about three times faster than real time in 30 pieces of 40 ms
+    # (a cloud engine's pace): the first piece leaves at once; from 100 ms in the client's hands, each
+    # message may wait for up to half of what it holds, so they grow, and the segment takes about eight
+    # messages (one per piece until the client held the 500 ms fill lead: about twenty before).
+    tts = FakeTTS(ms_per_char=80, chunks=30, chunk_s=0.012)
+    _, events = await run_turn(tts, text="Here we go now.", message_ms=1000)
+    sizes = [c.duration_ms for c in audio_of(events)]
+    assert len(tts.texts) == 1
+    assert sizes[0] < 50
+    assert len(sizes) <= 12
+    assert max(sizes) > 300
+    assert sum(sizes) == pytest.approx(tts.duration_ms(tts.texts[0]), abs=1)
 
 
 async def test_a_message_is_gathered_before_it_reaches_the_outbox() -> None:
