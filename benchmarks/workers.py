@@ -82,6 +82,11 @@ class Row:
     rss_idle_mb: float
     rss_peak_mb: float
     cpu_per_turn_ms: float
+    turns_per_s: float = 0.0
+    """Turns ended per second of the run: the load the clients asked for (they start a turn when the
+    one before has ended, so a service that ends turns later is asked for less)."""
+    audio_messages: float = 0.0
+    """Audio messages per turn."""
 
     @property
     def meets(self) -> bool:
@@ -136,6 +141,8 @@ async def _run(
         result.rss_idle_mb,
         result.rss_peak_mb,
         result.cpu_s * 1000 / max(1, len(result.turns)),
+        len(result.turns) / wall,
+        sum(t.audio_messages for t in result.turns) / max(1, len(result.turns)),
     )
 
 
@@ -253,7 +260,7 @@ async def compare(
                     rows.append(
                         f"| {round_ + 1} | {count} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
                         f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
-                        f"| {row.cpu_per_turn_ms:.1f} ms |"
+                        f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} |"
                     )
                 order.reverse()  # neither always goes first
     return "\n".join(
@@ -262,8 +269,8 @@ async def compare(
             f"`{revision}`, {rounds} rounds, alternating which goes first.",
             "",
             "| round | streams | service | overhead p50 | p99 | meets the target | failed | service's share "
-            "| service CPU per turn |",
-            "|---:|---:|---|---:|---:|---|---:|---:|---:|",
+            "| service CPU per turn | turns per second | audio messages per turn |",
+            "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
