@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 _CODEC_POOL = WorkPool("codec", min(32, (os.cpu_count() or 1) + 4))  # (asyncio's default executor's size)
 """Where Opus and MP3 are encoded (FFmpeg releases the GIL): off the event loop, shared by every stream."""
 
+READ_ROUND_MS = 200
+"""Audio read from a TTS engine between two pauses, at least, while the client is well ahead (or a
+message's worth, if that is less): see :meth:`Turn._read_pause`."""
+
 SEGMENTER_SLICE_CHARS = 256
 """A delta is given to the segmenter this many characters at a time, letting other work run between:
 its cost is linear in the text, but a few thousand characters of an unusual text (a one-line numbered
@@ -301,9 +305,9 @@ class Turn:
                     for piece in encoder.feed(pcm):
                         item.audio.append(piece)
                     unpaused_ms += len(chunk.pcm) * 500 / chunk.sample_rate_hz
-                    if unpaused_ms >= self._piece_ms:  # a message's worth read since the last pause
+                    if unpaused_ms >= min(self._piece_ms, READ_ROUND_MS):  # a round's worth read
+                        await self._read_pause(unpaused_ms)
                         unpaused_ms = 0.0
-                        await self._read_pause()
             if encoder is not None:
                 for piece in encoder.finish():
                     item.audio.append(piece)
@@ -317,16 +321,19 @@ class Turn:
             if item.trim_lead:
                 self._first_spoken.set()
 
-    async def _read_pause(self) -> None:
-        """After a message's worth read from a TTS engine: while the client is well ahead (the outbox
-        lets audio wait to fill a message), wait half a message's time, so that the next read takes
-        what the engine made meanwhile at once (a network stream's buffered bytes, a merged chunk)
-        instead of costing the event loop a task switch per small chunk. Never past the moment the
-        client would hold only the fill lead, so playback cannot notice (an engine that made nothing
-        meanwhile is read more slowly, down to keeping that lead, and no further)."""
+    async def _read_pause(self, read_ms: float) -> None:
+        """After ``read_ms`` of audio read from a TTS engine since the last pause (a round: at least
+        ``READ_ROUND_MS``, or a message's worth if that is less): while the client is well ahead (the
+        outbox lets audio wait to fill a message), wait half that time, at most half a message's,
+        so that the next read takes what the engine made meanwhile at once (a network stream's
+        buffered bytes, a merged chunk) instead of costing the event loop a task switch per small
+        chunk; rounds grow as the engine gets ahead, and an engine that hands over only small chunks
+        is still read at twice real time. Never past the moment the client would hold only the fill
+        lead, so playback cannot notice (an engine that made nothing meanwhile is read more slowly,
+        down to keeping that lead, and no further)."""
         fill_until = self._fill_until()
         if fill_until is not None:
-            await asyncio.sleep(min(fill_until - time.monotonic(), self._piece_ms / 2000))
+            await asyncio.sleep(min(fill_until - time.monotonic(), read_ms / 2000, self._piece_ms / 2000))
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
         """Emit each segment and its audio strictly in order: what exists of it at once, or, while the

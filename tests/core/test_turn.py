@@ -253,14 +253,17 @@ async def test_a_read_pause_ends_before_the_client_would_hold_less_than_the_fill
         )
 
     began = time.monotonic()
-    await turn(lambda: time.monotonic() + 0.02)._read_pause()
+    await turn(lambda: time.monotonic() + 0.02)._read_pause(2000)
     assert time.monotonic() - began < 0.5
     began = time.monotonic()
-    await turn(lambda: None)._read_pause()  # the client holds no more than the fill lead: no pause
+    await turn(lambda: None)._read_pause(2000)  # the client holds no more than the fill lead: no pause
     assert time.monotonic() - began < 0.1
     began = time.monotonic()
-    await turn(lambda: time.monotonic() + 10)._read_pause()
+    await turn(lambda: time.monotonic() + 10)._read_pause(2000)
     assert time.monotonic() - began >= 0.99
+    began = time.monotonic()
+    await turn(lambda: time.monotonic() + 10)._read_pause(400)  # half of what was read
+    assert 0.19 <= time.monotonic() - began < 0.5
 
 
 async def test_segment_audio_wakes_its_reader_for_what_it_waits_for() -> None:
