@@ -64,11 +64,15 @@ class OutboxLimits:
     wait to fill: an audio message waits until it is full, or until the client would hold only this
     much (or only half of what it holds, while that is less; never less than ``min_fill_lead_ms``).
     Fewer, larger messages, with no effect on the first audio or on playback."""
+    first_message_ms: int = 200
+    """Longest first audio message of a turn (or ``max_message_ms``, if that is less): it leaves at
+    once, and a short one is encoded and carried sooner."""
     min_fill_lead_ms: int = 100
     """While the client holds no more than this (or than ``fill_lead_ms``, if that is less), audio
     leaves as it comes."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "first_message_ms", min(self.first_message_ms, self.max_message_ms))
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
             raise ValueError("need max_message_ms >= 1, max_buffered_ms >= max_message_ms, max_buffered_items >= 1")
 
@@ -87,6 +91,7 @@ class Outlet:
         """Held (a tentative turn): what it put so far, waiting for its release. None once released."""
         self.first_audio_at: float | None = None
         """When its first audio message was handed to the transport."""
+        self._fill_deadline: float | None = None  # the message being gathered's, once worked out
         self.audio_ms_sent = 0.0
         """Audio of it handed to the transport."""
         self.next_sequence = 0
@@ -113,7 +118,12 @@ class Outlet:
 
         So the messages of a turn grow with the client's lead: the first leaves at once, and each
         next one may gather for up to half of what the client holds, which (while the engine makes
-        audio faster than it plays) soon fills it to ``max_message_ms``."""
+        audio faster than it plays) soon fills it to ``max_message_ms``.
+
+        Worked out once per message (the turn gathering it and the outbox filling it share it, so
+        that the half is not taken twice), until that message leaves."""
+        if self._fill_deadline is not None:
+            return self._fill_deadline
         if self.first_audio_at is None:
             return None
         limits = self._outbox.limits
@@ -122,7 +132,15 @@ class Outlet:
         floor_ms = min(limits.fill_lead_ms, max(lead_ms / 2, limits.min_fill_lead_ms))
         if lead_ms <= floor_ms:
             return None
-        return now + (lead_ms - floor_ms) / 1000
+        self._fill_deadline = now + (lead_ms - floor_ms) / 1000
+        return self._fill_deadline
+
+    def sent_audio(self, duration_ms: float, now: float) -> None:
+        """An audio message of the turn was handed to the transport."""
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        self.audio_ms_sent += duration_ms
+        self._fill_deadline = None
 
     def client_lead_ms(self, now: float) -> float:
         """Audio the client holds beyond what it can have played, if it started at the first audio."""
@@ -273,7 +291,7 @@ class Outbox:
         """``first`` and the pieces of its segment that follow it, up to one message's worth."""
         pieces = [first]
         duration = first.duration_ms
-        limit = self._limits.max_message_ms
+        limit = self._limits.max_message_ms if outlet.first_audio_at is not None else self._limits.first_message_ms
         fill_until = outlet.fill_until()
         while True:
             head = self._entries[0] if self._entries else None
@@ -306,9 +324,7 @@ class Outbox:
             return None
         data = pieces[0].data if len(pieces) == 1 else b"".join(p.data for p in pieces)
         now = time.monotonic()
-        if outlet.first_audio_at is None:
-            outlet.first_audio_at = now
-        outlet.audio_ms_sent += duration
+        outlet.sent_audio(duration, now)
         sequence, outlet.next_sequence = outlet.next_sequence, outlet.next_sequence + 1
         return AudioChunk(first.turn_id, first.segment_index, sequence, data, duration)
 

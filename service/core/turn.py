@@ -177,6 +177,7 @@ class Turn:
         stats: TurnStats,
         from_llm: bool,
         fill_until: Callable[[], float | None] = lambda: None,
+        first_piece_ms: int = 200,
     ) -> None:
         self.turn_id = turn_id
         self.text = ""
@@ -192,6 +193,7 @@ class Turn:
         self._options = options
         self._piece_ms = piece_ms
         self._piece_bytes = max(2, audio_format.sample_rate_hz * piece_ms // 1000 * 2)
+        self._first_piece_bytes = max(2, audio_format.sample_rate_hz * min(piece_ms, first_piece_ms) // 1000 * 2)
         self._fill_until = fill_until
         self._stats = stats
         self._from_llm = from_llm
@@ -328,12 +330,12 @@ class Turn:
         so that the next read takes what the engine made meanwhile at once (a network stream's
         buffered bytes, a merged chunk) instead of costing the event loop a task switch per small
         chunk; rounds grow as the engine gets ahead, and an engine that hands over only small chunks
-        is still read at twice real time. Never past the moment the client would hold only the fill
-        lead, so playback cannot notice (an engine that made nothing meanwhile is read more slowly,
-        down to keeping that lead, and no further)."""
+        is still read at twice real time. Never past half the time left before the message being
+        gathered must leave (the client would then hold only the fill lead), so that what the engine
+        made meanwhile is read in time to go with it."""
         fill_until = self._fill_until()
         if fill_until is not None:
-            await asyncio.sleep(min(fill_until - time.monotonic(), read_ms / 2000, self._piece_ms / 2000))
+            await asyncio.sleep(min((fill_until - time.monotonic()) / 2, read_ms / 2000, self._piece_ms / 2000))
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
         """Emit each segment and its audio strictly in order: what exists of it at once, or, while the
@@ -343,11 +345,18 @@ class Turn:
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            while (piece := await item.audio.take(self._piece_bytes, self._fill_until())) is not None:
+            while (piece := await item.audio.take(self._take_limit(), self._fill_until())) is not None:
                 await self._emit_audio(item.index, piece)
                 spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
             spoken.complete = True
             slots.release()
+
+    def _take_limit(self) -> int:
+        """The most audio to take at once, in bytes: a message's worth; for the turn's first message,
+        ``first_message_ms``'s worth (an engine's first chunk may be a whole sentence)."""
+        if self._timeline_samples:
+            return self._piece_bytes
+        return self._first_piece_bytes
 
     @staticmethod
     async def _finish_encoding(encoder: StreamEncoder) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -179,8 +180,8 @@ async def test_a_message_waiting_to_fill_is_put_back_when_the_reader_is_cancelle
 )
 async def test_a_message_waits_to_fill_while_the_client_keeps_its_lead(sent_ms: int, wait_ms: int) -> None:
     # ``sent_ms`` sent at once: the client holds that much. A new piece waits for company until the
-    # client would hold only the fill lead (300 ms), or only half of what it held, whichever is
-    # more, but never less than 100 ms.
+    # client would hold only the fill lead (300 ms), or only half of what it held while that is
+    # less, but never less than 100 ms.
     outbox = Outbox(OutboxLimits(max_message_ms=1000, fill_lead_ms=300, min_fill_lead_ms=100))
     outlet = outbox.open_turn("t1")
     await outlet.put(piece(0, sent_ms))
@@ -192,6 +193,24 @@ async def test_a_message_waits_to_fill_while_the_client_keeps_its_lead(sent_ms: 
     waited_ms = (loop.time() - began) * 1000
     assert isinstance(message, AudioChunk) and message.duration_ms == 20
     assert wait_ms - 30 <= waited_ms <= wait_ms + 100
+
+
+async def test_a_message_has_one_deadline_however_often_it_is_asked() -> None:
+    # The turn gathering a message and the outbox filling it both ask until when it may wait: the
+    # answer is worked out once (the client holding 400 ms: until it holds 200), not again from the
+    # lead already halved (which would let the client fall to 100).
+    outbox = Outbox(OutboxLimits(max_message_ms=1000, fill_lead_ms=300, min_fill_lead_ms=50))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(piece(0, 400))
+    await outbox.next()
+    first = outlet.fill_until()
+    assert first is not None
+    await asyncio.sleep(first - time.monotonic())
+    assert outlet.fill_until() == first
+    await outlet.put(piece(0, 20))
+    message = await asyncio.wait_for(outbox.next(), 0.05)  # its deadline has passed: it leaves at once
+    assert isinstance(message, AudioChunk) and message.duration_ms == 20
+    assert outlet.fill_until() != first  # the next message's own
 
 
 async def test_a_waiting_message_takes_what_comes_meanwhile() -> None:

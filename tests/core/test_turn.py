@@ -155,21 +155,6 @@ async def test_messages_fill_up_once_the_client_is_well_ahead() -> None:
     assert min(second[:-1]) > 80  # ... each as full as the pieces allow
 
 
-async def test_messages_grow_with_the_clients_lead_from_the_first_one() -> None:
-    # One segment, 1.2 s of audio made about three times faster than real time in 30 pieces of 40 ms
-    # (a cloud engine's pace): the first piece leaves at once; from 100 ms in the client's hands, each
-    # message may wait for up to half of what it holds, so they grow, and the segment takes about eight
-    # messages (one per piece until the client held the 500 ms fill lead: about twenty before).
-    tts = FakeTTS(ms_per_char=80, chunks=30, chunk_s=0.012)
-    _, events = await run_turn(tts, text="Here we go now.", message_ms=1000)
-    sizes = [c.duration_ms for c in audio_of(events)]
-    assert len(tts.texts) == 1
-    assert sizes[0] < 50
-    assert len(sizes) <= 12
-    assert max(sizes) > 300
-    assert sum(sizes) == pytest.approx(tts.duration_ms(tts.texts[0]), abs=1)
-
-
 async def test_a_message_is_gathered_before_it_reaches_the_outbox() -> None:
     # As above: once the client is well ahead, the turn hands the outbox a message's worth at a time,
     # not each of the engine's pieces (each would cost the event loop a task switch or two).
@@ -215,6 +200,31 @@ class BufferedTTS(FakeTTS):
             self.reads[text] = self.reads.get(text, 0) + 1
             yield Audio(tone(start, made - start, rate), rate)
             start = made
+
+
+async def test_messages_grow_with_the_clients_lead_from_the_first_one() -> None:
+    # An engine making audio four times faster than real time in 10 ms chunks on its own clock (2.16 s
+    # in two segments): the first chunks leave one by one until the client holds 100 ms; then each
+    # message may wait for up to half of what the client holds, so they grow, to 1 s: about 20
+    # messages, where one per chunk until the client held the 500 ms fill lead made about 90.
+    tts = BufferedTTS()
+    _, events = await run_turn(tts, text="Here we go now with every one of us.", message_ms=1000)
+    sizes = [c.duration_ms for c in audio_of(events)]
+    assert sizes[0] <= 200
+    assert len(sizes) <= 35
+    assert max(sizes) >= 400
+    assert sum(sizes) == pytest.approx(sum(tts.duration_ms(t) for t in tts.texts), abs=1)
+
+
+async def test_a_turns_first_message_is_short_whatever_the_engine_hands_over() -> None:
+    # An engine whose first chunk is a whole sentence (as Piper's is): the first message still holds
+    # at most 200 ms, so that it is encoded and carried at once; the rest follows in full messages.
+    tts = FakeTTS(chunks=1)
+    _, events = await run_turn(tts, text="Here we go now with every one of us.", message_ms=1000)
+    sizes = [c.duration_ms for c in audio_of(events)]
+    assert sizes[0] == pytest.approx(200)
+    assert max(sizes) > 200
+    assert sum(sizes) == pytest.approx(sum(tts.duration_ms(t) for t in tts.texts), abs=1)
 
 
 async def test_the_engine_is_read_in_rounds_once_the_client_is_well_ahead() -> None:
