@@ -55,6 +55,9 @@ READ_ROUND_MS = 200
 """Audio read from a TTS engine between two pauses, at least, while the client is well ahead (or a
 message's worth, if that is less): see :meth:`Turn._read_pause`."""
 
+READ_BEFORE_DEADLINE_S = 0.02
+"""A read pause ends this long before the message being gathered must leave."""
+
 SEGMENTER_SLICE_CHARS = 256
 """A delta is given to the segmenter this many characters at a time, letting other work run between:
 its cost is linear in the text, but a few thousand characters of an unusual text (a one-line numbered
@@ -330,12 +333,13 @@ class Turn:
         so that the next read takes what the engine made meanwhile at once (a network stream's
         buffered bytes, a merged chunk) instead of costing the event loop a task switch per small
         chunk; rounds grow as the engine gets ahead, and an engine that hands over only small chunks
-        is still read at twice real time. Never past half the time left before the message being
+        is still read at twice real time. It ends ``READ_BEFORE_DEADLINE_S`` before the message being
         gathered must leave (the client would then hold only the fill lead), so that what the engine
         made meanwhile is read in time to go with it."""
         fill_until = self._fill_until()
         if fill_until is not None:
-            await asyncio.sleep(min((fill_until - time.monotonic()) / 2, read_ms / 2000, self._piece_ms / 2000))
+            left = fill_until - time.monotonic() - READ_BEFORE_DEADLINE_S
+            await asyncio.sleep(min(left, read_ms / 2000, self._piece_ms / 2000))
 
     async def _send_in_order(self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore) -> None:
         """Emit each segment and its audio strictly in order: what exists of it at once, or, while the
