@@ -122,6 +122,12 @@ class Outlet:
 
         Worked out once per message (the turn gathering it and the outbox filling it share it, so
         that the half is not taken twice), until that message leaves."""
+        if self._fill_deadline is None:
+            self._fill_deadline = self.fill_deadline()
+        return self._fill_deadline
+
+    def fill_deadline(self) -> float | None:
+        """What :meth:`fill_until` would be for a message that began to gather now (kept nowhere)."""
         if self._fill_deadline is not None:
             return self._fill_deadline
         if self.first_audio_at is None:
@@ -132,8 +138,7 @@ class Outlet:
         floor_ms = min(limits.fill_lead_ms, max(lead_ms / 2, limits.min_fill_lead_ms))
         if lead_ms <= floor_ms:
             return None
-        self._fill_deadline = now + (lead_ms - floor_ms) / 1000
-        return self._fill_deadline
+        return now + (lead_ms - floor_ms) / 1000
 
     def sent_audio(self, duration_ms: float, now: float) -> None:
         """An audio message of the turn was handed to the transport."""

@@ -181,6 +181,7 @@ class Turn:
         from_llm: bool,
         fill_until: Callable[[], float | None] = lambda: None,
         first_piece_ms: int = 200,
+        pause_until: Callable[[], float | None] | None = None,
     ) -> None:
         self.turn_id = turn_id
         self.text = ""
@@ -198,6 +199,7 @@ class Turn:
         self._piece_bytes = max(2, audio_format.sample_rate_hz * piece_ms // 1000 * 2)
         self._first_piece_bytes = max(2, audio_format.sample_rate_hz * min(piece_ms, first_piece_ms) // 1000 * 2)
         self._fill_until = fill_until
+        self._pause_until = pause_until or fill_until  # (asks without fixing the deadline of a message)
         self._stats = stats
         self._from_llm = from_llm
         self._timeline_samples = 0
@@ -336,7 +338,7 @@ class Turn:
         is still read at twice real time. It ends ``READ_BEFORE_DEADLINE_S`` before the message being
         gathered must leave (the client would then hold only the fill lead), so that what the engine
         made meanwhile is read in time to go with it."""
-        fill_until = self._fill_until()
+        fill_until = self._pause_until()
         if fill_until is not None:
             left = fill_until - time.monotonic() - READ_BEFORE_DEADLINE_S
             await asyncio.sleep(min(left, read_ms / 2000, self._piece_ms / 2000))
