@@ -53,8 +53,8 @@ class OutboxLimits:
 
     max_message_ms: int = 1000
     """Longest audio message. Each message costs the event loop and gRPC about as much whatever its
-    length, so long messages let a process hold more streams; the first of a turn leaves at once
-    whatever this is."""
+    length, so long messages let a process hold more streams; the first of a turn leaves at once,
+    holding at most ``first_message_ms``."""
     max_buffered_ms: int = 6000
     """Audio that may wait in the outbox before a turn's put waits."""
     max_buffered_items: int = 64
@@ -63,7 +63,8 @@ class OutboxLimits:
     """Audio the client keeps in hand (counting from when the turn's first audio left) while messages
     wait to fill: an audio message waits until it is full, or until the client would hold only this
     much (or only half of what it holds, while that is less; never less than ``min_fill_lead_ms``).
-    Fewer, larger messages, with no effect on the first audio or on playback."""
+    Fewer, larger messages, with no effect on the first audio; early in a reply the client's margin
+    against a late message is thinner than if audio left at once."""
     first_message_ms: int = 200
     """Longest first audio message of a turn (or ``max_message_ms``, if that is less): it leaves at
     once, and a short one is encoded and carried sooner."""
@@ -72,7 +73,6 @@ class OutboxLimits:
     leaves as it comes."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "first_message_ms", min(self.first_message_ms, self.max_message_ms))
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
             raise ValueError("need max_message_ms >= 1, max_buffered_ms >= max_message_ms, max_buffered_items >= 1")
 
@@ -123,10 +123,10 @@ class Outlet:
         Worked out once per message (the turn gathering it and the outbox filling it share it, so
         that the half is not taken twice), until that message leaves."""
         if self._fill_deadline is None:
-            self._fill_deadline = self.fill_deadline()
+            self._fill_deadline = self.peek_fill_until()
         return self._fill_deadline
 
-    def fill_deadline(self) -> float | None:
+    def peek_fill_until(self) -> float | None:
         """What :meth:`fill_until` would be for a message that began to gather now (kept nowhere)."""
         if self._fill_deadline is not None:
             return self._fill_deadline
@@ -296,7 +296,9 @@ class Outbox:
         """``first`` and the pieces of its segment that follow it, up to one message's worth."""
         pieces = [first]
         duration = first.duration_ms
-        limit = self._limits.max_message_ms if outlet.first_audio_at is not None else self._limits.first_message_ms
+        limit = self._limits.max_message_ms
+        if outlet.first_audio_at is None:
+            limit = min(limit, self._limits.first_message_ms)
         fill_until = outlet.fill_until()
         while True:
             head = self._entries[0] if self._entries else None

@@ -571,7 +571,7 @@ class Session:
             from_llm=user_text is not None,
             fill_until=outlet.fill_until,
             first_piece_ms=self._defaults.outbox.first_message_ms,
-            pause_until=outlet.fill_deadline,
+            pause_until=outlet.peek_fill_until,
         )
         turn = TurnRecord(pipeline, outlet, stats, user_text, speak_input, tentative=tentative)
         turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn {turn_id}")

@@ -72,7 +72,7 @@ async def run_turn(
         stats=TurnStats(),
         from_llm=True,
         fill_until=outlet.fill_until,
-        pause_until=outlet.fill_deadline,
+        pause_until=outlet.peek_fill_until,
     )
     try:
         await turn.run()
