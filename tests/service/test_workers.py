@@ -4,6 +4,7 @@ a worker that dies is restarted, SIGTERM drains them all; the memory store refus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -292,6 +293,46 @@ def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
         scanned = {id(o) for generation in range(3) for o in gc.get_objects(generation=generation)}
         assert all(gc.is_tracked(o) and id(o) not in scanned for o in loaded)
     finally:
+        gc.unfreeze()
+
+
+def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cycles() -> None:
+    import gc
+    import weakref
+
+    from service.__main__ import YOUNG_COLLECTION_GROWTH, settle_memory
+
+    class Node:
+        pass
+
+    threshold = gc.get_threshold()
+    ran: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            ran.append(info["generation"])
+
+    try:
+        settle_memory()
+        gc.callbacks.append(count)
+        alive = [[n] for n in range(YOUNG_COLLECTION_GROWTH // 4)]  # (turns' objects, alive for a while)
+        for _ in range(20):
+            made = [{} for _ in range(YOUNG_COLLECTION_GROWTH // 4)]  # (made and freed: no growth)
+            del made
+        assert ran == []  # (at CPython's 700, every 700 of `alive` set one off)
+        refs = []
+        for _ in range(2 * YOUNG_COLLECTION_GROWTH):
+            node = Node()
+            node.me = node  # type: ignore[attr-defined]
+            refs.append(weakref.ref(node))
+            del node
+        assert ran, "garbage in cycles never set off a collection"
+        assert sum(ref() is not None for ref in refs) <= YOUNG_COLLECTION_GROWTH
+        del alive
+    finally:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
         gc.unfreeze()
 
 
