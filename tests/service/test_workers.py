@@ -317,7 +317,9 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
         gc.callbacks.append(count)
         alive = [[n] for n in range(YOUNG_COLLECTION_GROWTH // 4)]  # (turns' objects, alive for a while)
         for _ in range(20):
-            made = [{} for _ in range(YOUNG_COLLECTION_GROWTH // 4)]  # (made and freed: no growth)
+            made: list[dict[str, int]] = [
+                {} for _ in range(YOUNG_COLLECTION_GROWTH // 4)
+            ]  # (made and freed: no growth)
             del made
         assert ran == []  # (at CPython's 700, every 700 of `alive` set one off)
         refs = []
