@@ -145,7 +145,18 @@ async def test_the_workers_comparison_measures_both_commits_side_by_side() -> No
     from benchmarks import workers
 
     table = await workers.compare(
-        "quick", "What is the capital of France?", 1, time.monotonic() + 120, ROOT, "HEAD", counts=(2,), rounds=2
+        "quick",
+        "What is the capital of France?",
+        1,
+        time.monotonic() + 120,
+        ROOT,
+        "HEAD",
+        counts=(2,),
+        rounds=2,
+        sustained_turns=2,
     )
-    rows = re.findall(r"^\| (\d) \| 2 \| (before|after) \| [\d.]+ ms \| [\d.]+ ms \| (?:yes|no) \| 0 \|", table, re.M)
+    row = r"^\| ({}) \| 2 \| (before|after) \| [\d.]+ ms \| [\d.]+ ms \| (?:yes|no) \| 0 \|"
+    rows = re.findall(row.format(r"\d"), table, re.M)
     assert rows == [("1", "before"), ("1", "after"), ("2", "after"), ("2", "before")]
+    sustained = re.findall(row.format("sustained, 2 turns"), table, re.M)
+    assert sustained == [("sustained, 2 turns", "before"), ("sustained, 2 turns", "after")]
