@@ -136,7 +136,7 @@ def settle_memory() -> None:
       and queues) live for seconds and are freed by their reference counts as it ends; at 700, every
       burst of turns starting set off a young collection that found them alive and moved them on to
       the older generations, whose collections then scanned them: at 200 streams on two workers
-      (2-core AMD EPYC), 100 s of load gave each worker about 20 middle collections of 6 to 21 ms,
+      (2-core AMD EPYC), 100 s of load gave each worker about 20 middle collections of up to 21 ms,
       young ones up to 13 ms and a full one of 36 to 40 ms, and those pauses made the first audio's
       p99 overhead. With 10,000, the same load gave no middle or full collection and at most two
       young ones over 5 ms. Garbage in reference cycles still counts toward that growth, so it is

@@ -316,10 +316,8 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
         settle_memory()
         gc.callbacks.append(count)
         alive = [[n] for n in range(YOUNG_COLLECTION_GROWTH // 4)]  # (turns' objects, alive for a while)
-        for _ in range(20):
-            made: list[dict[str, int]] = [
-                {} for _ in range(YOUNG_COLLECTION_GROWTH // 4)
-            ]  # (made and freed: no growth)
+        for _ in range(20):  # (made and freed: no growth)
+            made: list[dict[str, int]] = [{} for _ in range(YOUNG_COLLECTION_GROWTH // 4)]
             del made
         assert len(ran) <= 2  # (at CPython's 700: about 64; a thread of an earlier test may allocate meanwhile)
         refs = []
