@@ -264,11 +264,7 @@ async def compare(
                         break
                     await asyncio.sleep(SETTLE_S)
                     row = await _run(services[label], cores, count, turns, message, ideal, deadline, compiled)
-                    rows.append(
-                        f"| {round_ + 1} | {count} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
-                        f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
-                        f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} |"
-                    )
+                    rows.append(_side_by_side(str(round_ + 1), label, row))
                 order.reverse()  # neither always goes first
         if sustained_turns:
             for label in order:
@@ -277,12 +273,7 @@ async def compare(
                 await asyncio.sleep(SETTLE_S)
                 count = max(counts)
                 row = await _run(services[label], cores, count, sustained_turns, message, ideal, deadline, compiled)
-                rows.append(
-                    f"| sustained, {sustained_turns} turns | {count} | {label} | {row.p50_ms:.1f} ms "
-                    f"| {row.p99_ms:.1f} ms | {'yes' if row.meets else 'no'} | {row.failed} "
-                    f"| {row.service_share:.0%} | {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} "
-                    f"| {row.audio_messages:.1f} |"
-                )
+                rows.append(_side_by_side(f"sustained, {sustained_turns} turns", label, row))
     return "\n".join(
         [
             f"Before and after, side by side: {cores} workers each, the same Redis, this commit against "
@@ -294,4 +285,13 @@ async def compare(
             "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
             *rows,
         ]
+    )
+
+
+def _side_by_side(round_: str, label: str, row: Row) -> str:
+    """One row of :func:`compare`'s table."""
+    return (
+        f"| {round_} | {row.streams} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
+        f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
+        f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} |"
     )

@@ -29,7 +29,7 @@ from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
-from service.core.outbox import Outlet
+from service.core.outbox import OutboxLimits, Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.core.tracing import span
 from service.core.workpool import WorkPool
@@ -180,7 +180,7 @@ class Turn:
         stats: TurnStats,
         from_llm: bool,
         fill_until: Callable[[], float | None] = lambda: None,
-        first_piece_ms: int = 200,
+        first_piece_ms: int = OutboxLimits.first_message_ms,
         pause_until: Callable[[], float | None] | None = None,
     ) -> None:
         self.turn_id = turn_id
