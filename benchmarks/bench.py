@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import embedded, encodings, load, replica, voice, workers
-from benchmarks.report import Report
+from benchmarks.report import Report, reference_ms
 
 MESSAGES = {"medium": "What is the capital of France?", "short": "A short one, please.", "long": "A long one, please."}
 
@@ -197,7 +197,8 @@ def commit() -> str:
 async def main_async(args: argparse.Namespace) -> Report:
     deadline = time.monotonic() + args.duration
     report = Report(
-        machine=machine(),
+        # (The machine's speed drifts on a shared host: the reference says how fast it ran at the start.)
+        machine=f"{machine()}, reference workload {reference_ms():.1f} ms at the start (`reference_ms`)",
         date=datetime.date.today().isoformat(),
         commit=commit(),
         command=" ".join(["python -m benchmarks.bench", *sys.argv[1:]]),

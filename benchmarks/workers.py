@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import load
-from benchmarks.report import percentile
+from benchmarks.report import percentile, reference_ms
 
 __all__ = ["TARGET_P50_MS", "TARGET_P99_MS", "compare", "measure"]
 
@@ -89,6 +89,8 @@ class Row:
     one before has ended, so a service that ends turns later is asked for less)."""
     audio_messages: float = 0.0
     """Audio messages per turn."""
+    reference_ms: float = 0.0
+    """The machine's speed just before the run (:func:`benchmarks.report.reference_ms`; lower is faster)."""
 
     @property
     def meets(self) -> bool:
@@ -100,7 +102,8 @@ class Row:
             f"| {self.workers} | {self.streams} | {self.turns} | {self.p50_ms:.1f} ms | {self.p99_ms:.1f} ms "
             f"| {'yes' if self.meets else 'no'} | {self.failed} | {self.service_share:.0%} "
             f"| {self.generator_share:.0%} | {self.cpu_per_turn_ms:.1f} ms "
-            f"| {self.rss_idle_mb:.0f} MB | {self.rss_peak_mb:.0f} MB | {per_stream_kb:.0f} KB |"
+            f"| {self.rss_idle_mb:.0f} MB | {self.rss_peak_mb:.0f} MB | {per_stream_kb:.0f} KB "
+            f"| {self.reference_ms:.1f} ms |"
         )
 
 
@@ -127,6 +130,7 @@ async def _run(
     compiled: bool,
 ) -> Row:
     cores = os.cpu_count() or 1
+    reference = await asyncio.to_thread(reference_ms)  # (the machine is quiet: the last run is over)
     result = await load.run_load(service, count, turns, message, deadline, compiled=compiled)
     overhead = [t.first_audio_ms - ideal for t in result.turns]
     failed = len(result.errors) + sum(t.reason != "TURN_END_REASON_COMPLETED" for t in result.turns)
@@ -145,6 +149,7 @@ async def _run(
         result.cpu_s * 1000 / max(1, len(result.turns)),
         len(result.turns) / wall,
         sum(t.audio_messages for t in result.turns) / max(1, len(result.turns)),
+        reference,
     )
 
 
@@ -210,11 +215,13 @@ async def measure(
         f"p50 ≤ {TARGET_P50_MS:g} ms and p99 ≤ {TARGET_P99_MS:g} ms with no failed turn. Machine share: CPU time "
         "over wall time over cores, for the service (its processes together) and for the load generator. "
         "Memory: the service's processes together (the supervisor's included with workers), resident at rest "
-        "and at the run's peak, and the peak above rest per stream.",
+        "and at the run's peak, and the peak above rest per stream. Reference: the machine's speed just before "
+        "the run, the median time of a fixed pure-Python workload (lower is faster; `benchmarks/report.py`, "
+        "`reference_ms`): a shared host's speed drifts, and the overhead follows it.",
         "",
         "| workers | streams | turns | overhead p50 | p99 | meets the target | failed | service's share "
-        "| load generator's share | service CPU per turn | RSS at rest | RSS peak | per stream |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| load generator's share | service CPU per turn | RSS at rest | RSS peak | per stream | reference |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.markdown() for row in rows),
         "",
         *(f"With {workers} worker(s): {summary}" for workers, summary in largest.items()),
@@ -278,11 +285,12 @@ async def compare(
         [
             f"Before and after, side by side: {cores} workers each, the same Redis, this commit against "
             f"`{revision}`, {rounds} rounds, alternating which goes first, then one sustained run each "
-            f"({sustained_turns} turns per stream, over a minute of load).",
+            f"({sustained_turns} turns per stream, over a minute of load). Reference: the machine's speed just "
+            "before each run, as above.",
             "",
             "| round | streams | service | overhead p50 | p99 | meets the target | failed | service's share "
-            "| service CPU per turn | turns per second | audio messages per turn |",
-            "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+            "| service CPU per turn | turns per second | audio messages per turn | reference |",
+            "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
@@ -293,5 +301,6 @@ def _side_by_side(round_: str, label: str, row: Row) -> str:
     return (
         f"| {round_} | {row.streams} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
         f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
-        f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} |"
+        f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} "
+        f"| {row.reference_ms:.1f} ms |"
     )

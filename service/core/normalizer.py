@@ -88,6 +88,9 @@ _EMPTY_BRACKETS = re.compile(r"[(\[{「『“\"'‘]\s*[)\]}」』”\"'’]")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?…])")
 _ENDS_SENTENCE = re.compile(r"[.!?…:;,。！？]$")
 _SPACES = re.compile(r"[ \t\u00a0]+")
+# Every emoji sequence begins with one of these: text holding none has no emoji to look for (the
+# emoji library's scan costs most of a segment's normalization; plain prose has none).
+_EMOJI_FIRST = frozenset(sequence[0] for sequence in emoji.EMOJI_DATA)
 
 
 def _host_of(match: re.Match[str]) -> str:
@@ -132,7 +135,8 @@ def speakable(text: str, language: str = "") -> str:
     text = _TIMES.sub(" times ", text)
     text = _EMPHASIS.sub(lambda m: m.group(2) or m.group(4), text)
     text = _STRAY_MARKERS.sub("", text)
-    text = emoji.replace_emoji(text, replace="")
+    if not text.isascii() and not _EMOJI_FIRST.isdisjoint(text):
+        text = _SPACE_BEFORE_PUNCT.sub("", emoji.replace_emoji(text, replace=""))  # ("Hi 👋, you" → "Hi, you")
     if language:
         text = speak_numbers(text, language)
     foreign = readable_scripts(language) if language else None

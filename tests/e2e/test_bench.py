@@ -160,3 +160,15 @@ async def test_the_workers_comparison_measures_both_commits_side_by_side() -> No
     assert rows == [("1", "before"), ("1", "after"), ("2", "after"), ("2", "before")]
     sustained = re.findall(row.format("sustained, 2 turns"), table, re.M)
     assert sustained == [("sustained, 2 turns", "before"), ("sustained, 2 turns", "after")]
+    # Every run carries the machine's speed just before it (a shared host's drifts between runs).
+    references = [float(r) for r in re.findall(r"\| ([\d.]+) ms \|$", table, re.M)]
+    assert len(references) == 6 and all(r > 0 for r in references)
+
+
+def test_the_reference_workload_times_the_same_work_every_time() -> None:
+    from benchmarks import report
+
+    assert report._reference_workload() == report._reference_workload()
+    began = time.perf_counter()
+    measured = report.reference_ms(rounds=3)
+    assert 0 < measured <= (time.perf_counter() - began) * 1000
