@@ -101,8 +101,10 @@ async def drive(
     result: LoadResult,
     *,
     grace_s: float = 120.0,
+    captions: str = "deltas",
 ) -> None:
     """Run the generator against ``target`` and put its turns, errors, CPU and peak into ``result``.
+    ``captions``: ``segments`` to open the streams with ``start.captions`` = CAPTION_MODE_SEGMENTS.
     No turn starts after ``deadline``; a call still open ``grace_s`` later is cut (an error). Cancelled,
     it kills the generator."""
     binary = await asyncio.to_thread(build)
@@ -120,6 +122,8 @@ async def drive(
         f"{max(0.0, deadline - time.monotonic()):.3f}",
         "--grace-s",
         f"{grace_s:g}",
+        "--captions",
+        captions,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         limit=1 << 20,
@@ -156,6 +160,7 @@ async def _read(stdout: asyncio.StreamReader, message: str, result: LoadResult) 
                     turn["audio_messages"],
                     turn["in_order"],
                     turn["reason"],
+                    turn["caption_messages"],
                 )
             )
         elif "error" in line:

@@ -148,6 +148,8 @@ class Turn:
     audio_messages: int
     in_order: bool
     reason: str
+    caption_messages: int = 0
+    """``text_delta`` messages of the turn (none when the stream asked for segment captions)."""
 
 
 @dataclass
@@ -164,13 +166,21 @@ class LoadResult:
 
 
 async def _stream(
-    target: str, message: str, turns: int, ready: asyncio.Barrier, result: LoadResult, live: list[int], deadline: float
+    target: str,
+    message: str,
+    turns: int,
+    ready: asyncio.Barrier,
+    result: LoadResult,
+    live: list[int],
+    deadline: float,
+    captions: str,
 ) -> None:
     # One connection per stream, as separate users have: gRPC otherwise shares one connection between
     # channels to the same target, and every stream would reach the same worker.
     async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
-        await call.write(pb.ConverseRequest(start=pb.Start()))
+        mode = pb.CAPTION_MODE_SEGMENTS if captions == "segments" else pb.CAPTION_MODE_DELTAS
+        await call.write(pb.ConverseRequest(start=pb.Start(captions=mode)))
         await call.read()
         await ready.wait()
         # Arrivals spread over a ramp (10 ms per stream, at most 2 s), as users do not press Enter in
@@ -195,7 +205,7 @@ async def _turn(call: grpc.aio.StreamStreamCall, message: str) -> Turn:
     sent = time.perf_counter()
     await call.write(pb.ConverseRequest(user_text=pb.UserText(text=message)))
     first_audio = None
-    expected_sequence, last_segment, count, in_order = 0, 0, 0, True
+    expected_sequence, last_segment, count, in_order, captions = 0, 0, 0, True, 0
     while True:
         response = await call.read()
         kind = response.WhichOneof("kind")
@@ -205,6 +215,8 @@ async def _turn(call: grpc.aio.StreamStreamCall, message: str) -> Turn:
             audio = response.audio
             in_order &= audio.sequence == expected_sequence and audio.segment_index >= last_segment
             expected_sequence, last_segment, count = audio.sequence + 1, audio.segment_index, count + 1
+        elif kind == "text_delta":
+            captions += 1
         elif kind == "turn_ended":
             ended = response.turn_ended
             return Turn(
@@ -214,15 +226,24 @@ async def _turn(call: grpc.aio.StreamStreamCall, message: str) -> Turn:
                 count,
                 in_order,
                 pb.TurnEndReason.Name(ended.reason),
+                captions,
             )
 
 
 async def run_load(
-    service: ServiceProcess, concurrency: int, turns: int, message: str, deadline: float, *, compiled: bool = False
+    service: ServiceProcess,
+    concurrency: int,
+    turns: int,
+    message: str,
+    deadline: float,
+    *,
+    compiled: bool = False,
+    captions: str = "deltas",
 ) -> LoadResult:
     """``concurrency`` streams, each doing ``turns`` turns, started together; driven by this process
     (``compiled=False``) or by the compiled load generator (:mod:`benchmarks.compiled`), which costs a
-    fraction of the CPU. Either way the service's memory and CPU, and the generator's CPU, are measured."""
+    fraction of the CPU. Either way the service's memory and CPU, and the generator's CPU, are measured.
+    ``captions``: ``segments`` opens the streams with no caption deltas (as the phone bridge does)."""
     result = LoadResult(concurrency)
     pids = service.pids()  # (read once: scanning /proc at every sample cost the generator 7% of its time)
     result.rss_idle_mb = service.rss_mb(pids)
@@ -239,9 +260,11 @@ async def run_load(
         if compiled:
             from benchmarks import compiled as compiled_generator
 
-            await compiled_generator.drive(service.target, concurrency, turns, message, deadline, result)
+            await compiled_generator.drive(
+                service.target, concurrency, turns, message, deadline, result, captions=captions
+            )
         else:
-            await _drive(service.target, concurrency, turns, message, deadline, result)
+            await _drive(service.target, concurrency, turns, message, deadline, result, captions)
             result.client_cpu_s = time.process_time() - client_before
     finally:
         sampling = False
@@ -251,11 +274,13 @@ async def run_load(
     return result
 
 
-async def _drive(target: str, concurrency: int, turns: int, message: str, deadline: float, result: LoadResult) -> None:
+async def _drive(
+    target: str, concurrency: int, turns: int, message: str, deadline: float, result: LoadResult, captions: str
+) -> None:
     ready = asyncio.Barrier(concurrency)
     live = [0]
     outcomes = await asyncio.gather(
-        *(_stream(target, message, turns, ready, result, live, deadline) for _ in range(concurrency)),
+        *(_stream(target, message, turns, ready, result, live, deadline, captions) for _ in range(concurrency)),
         return_exceptions=True,
     )
     result.errors = [f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)]

@@ -69,7 +69,16 @@ def start_from_proto(start: pb.Start) -> StartRequest:
         temperature=start.llm.temperature if start.llm.HasField("temperature") else None,
         max_tokens=start.llm.max_tokens if start.llm.HasField("max_tokens") else None,
         input_audio=_input_audio(start.input_audio) if start.HasField("input_audio") else None,
+        text_deltas=_text_deltas(start.captions),
     )
+
+
+def _text_deltas(mode: int) -> bool:
+    if mode in (pb.CAPTION_MODE_UNSPECIFIED, pb.CAPTION_MODE_DELTAS):
+        return True
+    if mode == pb.CAPTION_MODE_SEGMENTS:
+        return False
+    raise InvalidRequest(f"unknown start.captions {mode}; use CAPTION_MODE_DELTAS or CAPTION_MODE_SEGMENTS")
 
 
 _MODES = {

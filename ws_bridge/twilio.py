@@ -307,6 +307,7 @@ class TwilioCall:
             system_prompt=parameters.get("system_prompt", ""),
             audio=pb.AudioFormat(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=RATE),
             input_audio=pb.InputAudio(encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=RATE),
+            captions=pb.CAPTION_MODE_SEGMENTS,  # (a call shows no text: no caption deltas, half the messages)
         )
 
     async def _from_twilio(self) -> None:

@@ -11,7 +11,7 @@
 //
 // Output, on stdout, one JSON object per line: {"turn": {...}} per turn (its first audio at the client,
 // the server's own first_audio_ms, its audio messages, whether they came in order, how it ended, its
-// index in its stream and when it was sent, from the start), {"error": "..."} per stream
+// index in its stream, when it was sent from the start, and its caption messages), {"error": "..."} per stream
 // that failed, and last {"done": {...}} with this process's CPU time and the wall time.
 
 #include <grpcpp/alarm.h>
@@ -43,6 +43,7 @@ struct Options {
   std::string message = "What is the capital of France?";
   double deadline_s = 600;
   double grace_s = 120;
+  bool segment_captions = false;  // --captions segments: the start asks for no caption deltas
 };
 
 std::string quoted(const std::string& text) {
@@ -126,6 +127,7 @@ class Stream {
   Clock::time_point sent_;
   double first_audio_ms_ = -1;
   long audio_messages_ = 0;
+  long caption_messages_ = 0;
   long expected_sequence_ = 0;
   long last_segment_ = 0;
   bool in_order_ = true;
@@ -218,7 +220,7 @@ void Stream::BeginTurn() {
   request_.Clear();
   request_.mutable_user_text()->set_text(run_.options.message);
   first_audio_ms_ = -1;
-  audio_messages_ = expected_sequence_ = last_segment_ = 0;
+  audio_messages_ = caption_messages_ = expected_sequence_ = last_segment_ = 0;
   in_order_ = true;
   sent_ = Clock::now();
   call_->Write(request_, TagFor(Step::kTurnWritten));
@@ -251,6 +253,7 @@ void Stream::Proceed(Step step, bool ok) {
         return Fail("the call did not start");
       }
       request_.mutable_start();
+      if (run_.options.segment_captions) request_.mutable_start()->set_captions(parley::v1::CAPTION_MODE_SEGMENTS);
       call_->Write(request_, TagFor(Step::kStartWritten));
       return;
     case Step::kStartWritten:
@@ -291,14 +294,16 @@ void Stream::Proceed(Step step, bool ok) {
         expected_sequence_ = static_cast<long>(audio.sequence()) + 1;
         last_segment_ = static_cast<long>(audio.segment_index());
         ++audio_messages_;
+      } else if (response_.has_text_delta()) {
+        ++caption_messages_;
       } else if (response_.has_turn_ended()) {
         const auto& ended = response_.turn_ended();
         std::printf(
             "{\"turn\": {\"first_audio_ms\": %.3f, \"server_first_audio_ms\": %lld, \"audio_messages\": %ld, "
-            "\"in_order\": %s, \"reason\": \"%s\", \"index\": %d, \"sent_s\": %.3f}}\n",
+            "\"in_order\": %s, \"reason\": \"%s\", \"index\": %d, \"sent_s\": %.3f, \"caption_messages\": %ld}}\n",
             first_audio_ms_, static_cast<long long>(ended.timings().first_audio_ms()), audio_messages_,
             in_order_ ? "true" : "false", parley::v1::TurnEndReason_Name(ended.reason()).c_str(), turns_done_,
-            std::chrono::duration<double>(sent_ - run_.began).count());
+            std::chrono::duration<double>(sent_ - run_.began).count(), caption_messages_);
         ++turns_done_;
         alarm_.Set(&run_.queue, alarm_after(std::uniform_real_distribution<>(0, 0.3)(random_)), TagFor(Step::kPaused));
         return;
@@ -348,6 +353,8 @@ int main(int argc, char** argv) {
       options.deadline_s = std::atof(value.c_str());
     } else if (name == "--grace-s") {
       options.grace_s = std::atof(value.c_str());
+    } else if (name == "--captions" && (value == "deltas" || value == "segments")) {
+      options.segment_captions = value == "segments";
     } else {
       std::fprintf(stderr, "loadgen: unknown option %s\n", name.c_str());
       return 2;
@@ -356,7 +363,7 @@ int main(int argc, char** argv) {
   if (options.target.empty() || options.streams < 1 || options.turns < 1) {
     std::fprintf(stderr,
                  "usage: loadgen --target HOST:PORT --streams N --turns N [--message TEXT] [--deadline-s S] "
-                 "[--grace-s S]\n");
+                 "[--grace-s S] [--captions deltas|segments]\n");
     return 2;
   }
   auto began = Clock::now();

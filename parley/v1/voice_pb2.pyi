@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CaptionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPTION_MODE_UNSPECIFIED: _ClassVar[CaptionMode]
+    CAPTION_MODE_DELTAS: _ClassVar[CaptionMode]
+    CAPTION_MODE_SEGMENTS: _ClassVar[CaptionMode]
+
 class TurnDetectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TURN_DETECTION_MODE_UNSPECIFIED: _ClassVar[TurnDetectionMode]
@@ -29,6 +35,9 @@ class TurnEndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TURN_END_REASON_COMPLETED: _ClassVar[TurnEndReason]
     TURN_END_REASON_INTERRUPTED: _ClassVar[TurnEndReason]
     TURN_END_REASON_FAILED: _ClassVar[TurnEndReason]
+CAPTION_MODE_UNSPECIFIED: CaptionMode
+CAPTION_MODE_DELTAS: CaptionMode
+CAPTION_MODE_SEGMENTS: CaptionMode
 TURN_DETECTION_MODE_UNSPECIFIED: TurnDetectionMode
 TURN_DETECTION_MODE_SERVER_VAD: TurnDetectionMode
 TURN_DETECTION_MODE_MANUAL: TurnDetectionMode
@@ -87,20 +96,22 @@ class ConverseRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., user_text: _Optional[_Union[UserText, _Mapping]] = ..., speak_text: _Optional[_Union[SpeakText, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ..., user_audio: _Optional[_Union[UserAudio, _Mapping]] = ..., commit_audio: _Optional[_Union[CommitAudio, _Mapping]] = ..., clear_audio: _Optional[_Union[ClearAudio, _Mapping]] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("session_id", "system_prompt", "voice", "audio", "llm", "input_audio")
+    __slots__ = ("session_id", "system_prompt", "voice", "audio", "llm", "input_audio", "captions")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     VOICE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
     INPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     system_prompt: str
     voice: str
     audio: AudioFormat
     llm: LlmOptions
     input_audio: InputAudio
-    def __init__(self, session_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., llm: _Optional[_Union[LlmOptions, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ...) -> None: ...
+    captions: CaptionMode
+    def __init__(self, session_id: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., llm: _Optional[_Union[LlmOptions, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ..., captions: _Optional[_Union[CaptionMode, str]] = ...) -> None: ...
 
 class InputAudio(_message.Message):
     __slots__ = ("encoding", "sample_rate_hz", "language", "turn_detection")

@@ -572,6 +572,7 @@ class Session:
             fill_until=outlet.fill_until,
             first_piece_ms=self._defaults.outbox.first_message_ms,
             pause_until=outlet.peek_fill_until,
+            text_deltas=settings.text_deltas,
         )
         turn = TurnRecord(pipeline, outlet, stats, user_text, speak_input, tentative=tentative)
         turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn {turn_id}")

@@ -84,6 +84,8 @@ class StartRequest:
     input_audio: InputAudioStart | None = None
     """Voice input, when the client asks for it."""
     bitrate_bps: int = 0
+    text_deltas: bool = True
+    """Caption deltas as the LLM writes (the default), or text only with each segment (False)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ class SessionSettings:
     chosen_temperature: float | None
     """The client's own choice (stored with the session), None for the server's default."""
     chosen_max_tokens: int | None
+    text_deltas: bool = True
+    """This stream gets the reply's text as the LLM writes it; False: with each segment only (the
+    stream's own choice, not stored)."""
 
     def stored_fields(self) -> tuple[str, str, float | None, int | None]:
         """What of these settings a stored session keeps."""
@@ -243,4 +248,5 @@ def resolve_settings(
         max_tokens=defaults.max_tokens if max_tokens is None else min(max_tokens, defaults.max_tokens),
         chosen_temperature=temperature,
         chosen_max_tokens=max_tokens,
+        text_deltas=request.text_deltas,
     )

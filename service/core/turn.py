@@ -182,6 +182,7 @@ class Turn:
         fill_until: Callable[[], float | None] = lambda: None,
         first_piece_ms: int = OutboxLimits.first_message_ms,
         pause_until: Callable[[], float | None] | None = None,
+        text_deltas: bool = True,
     ) -> None:
         self.turn_id = turn_id
         self.text = ""
@@ -202,6 +203,7 @@ class Turn:
         self._pause_until = pause_until or fill_until  # (asks without fixing the deadline of a message)
         self._stats = stats
         self._from_llm = from_llm
+        self._text_deltas = text_deltas  # (False: the client takes the text with each segment only)
         self._timeline_samples = 0
         self._encoder: StreamEncoder | None = None  # the turn's audio stream, begun with its first audio
         self._last_segment = 0
@@ -251,7 +253,8 @@ class Turn:
                         if self._from_llm and self._stats.first_llm_token is None:
                             self._stats.first_llm_token = time.monotonic()
                         self.text += delta
-                        await self._emit(TextDelta(self.turn_id, delta))
+                        if self._text_deltas:
+                            await self._emit(TextDelta(self.turn_id, delta))
                         for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
                             if start:
                                 await asyncio.sleep(0)  # a long delta never holds the event loop for long

@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import ws_bridge.twilio
+from parley.v1 import voice_pb2 as pb
 from service.core.audio import AudioFormat, Encoding
 from service.core.codecs import CodecOptions, stream_encoder
 from service.core.outbox import OutboxLimits
@@ -584,3 +585,10 @@ async def test_a_call_that_comes_in_while_the_service_restarts_waits_for_it() ->
         await bridge.aclose()
         if harness is not None:
             await stop_harness(harness)
+
+
+def test_a_call_takes_its_captions_with_the_segments() -> None:
+    # A call shows no text: the bridge asks for no caption deltas, about half of a reply's messages.
+    call = ws_bridge.twilio.TwilioCall(None, None, TwilioOptions())  # type: ignore[arg-type]
+    start = call._start_request({"customParameters": {"voice": "v"}})
+    assert start.captions == pb.CAPTION_MODE_SEGMENTS and start.voice == "v"

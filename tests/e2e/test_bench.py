@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -172,3 +173,31 @@ def test_the_reference_workload_times_the_same_work_every_time() -> None:
     began = time.perf_counter()
     measured = report.reference_ms(rounds=3)
     assert 0 < measured <= (time.perf_counter() - began) * 1000
+
+
+async def test_the_workers_measure_runs_the_target_count_again_without_caption_deltas() -> None:
+    from benchmarks import workers
+
+    table = await workers.measure(
+        "quick", "What is the capital of France?", 1, time.monotonic() + 120, counts=(2,), search=(2,)
+    )
+    # For one process and for one per core: the search, then the target's count with segment captions.
+    cells = r" \| 2 \| [\d.]+ ms \| [\d.]+ ms \| (?:yes|no) \| 0 \|"  # 2 turns, no failed one
+    plain = re.findall(r"^\| (\d) \| 2" + cells, table, re.M)
+    segments = re.findall(r"^\| (\d) \| 2, no caption deltas" + cells, table, re.M)
+    assert plain == segments and len(plain) == len({1, os.cpu_count() or 1})
+
+
+async def test_both_load_generators_can_ask_for_no_caption_deltas() -> None:
+    from benchmarks import load
+
+    with load.ServiceProcess("quick", 10) as service:
+        await service.wait_ready()
+        for compiled in (False, True):
+            for captions in ("segments", "deltas"):
+                result = await load.run_load(
+                    service, 2, 1, "Hi", time.monotonic() + 60, compiled=compiled, captions=captions
+                )
+                assert result.errors == [] and [t.reason for t in result.turns] == ["TURN_END_REASON_COMPLETED"] * 2
+                captioned = [t.caption_messages > 0 for t in result.turns]
+                assert captioned == [captions == "deltas"] * 2, (compiled, captions)

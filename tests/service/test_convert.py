@@ -37,6 +37,11 @@ from service.core.settings import StartRequest
             Start(StartRequest("s", "p", "v", Encoding.WAV, 8000, 0.5, 9)),
         ),
         (pb.ConverseRequest(start=pb.Start()), Start(StartRequest())),
+        (pb.ConverseRequest(start=pb.Start(captions=pb.CAPTION_MODE_DELTAS)), Start(StartRequest())),
+        (
+            pb.ConverseRequest(start=pb.Start(captions=pb.CAPTION_MODE_SEGMENTS)),
+            Start(StartRequest(text_deltas=False)),
+        ),
         (pb.ConverseRequest(user_text=pb.UserText(text="Hi", turn_id="a")), UserText("Hi", "a")),
         (pb.ConverseRequest(speak_text=pb.SpeakText(text="Hi", flush=True)), SpeakText("Hi", True, "")),
         (pb.ConverseRequest(interrupt=pb.Interrupt()), Interrupt(None)),
@@ -53,6 +58,7 @@ def test_requests_become_commands(request_: pb.ConverseRequest, command: object)
         (pb.ConverseRequest(), "sets none of start, user_text, speak_text, interrupt"),
         (pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=-5)), "played_ms is -5"),
         (pb.ConverseRequest(start=pb.Start(audio=pb.AudioFormat(encoding=77))), "unknown audio encoding 77"),
+        (pb.ConverseRequest(start=pb.Start(captions=9)), "unknown start.captions 9"),
     ],
 )
 def test_requests_that_cannot_be_commands_become_bad_messages(request_: pb.ConverseRequest, message: str) -> None:

@@ -73,6 +73,35 @@ async def test_full_turn(harness: Harness) -> None:
     assert request.messages[-1].content == "What is up?"
 
 
+async def test_a_stream_that_takes_its_captions_with_the_segments_gets_no_text_deltas(harness: Harness) -> None:
+    deltas = await converse_all(harness.stub, [start(), user("What is up?")])
+    segments_only = await converse_all(harness.stub, [start(captions=pb.CAPTION_MODE_SEGMENTS), user("What is up?")])
+    assert "text_delta" not in kinds(segments_only)
+    assert kinds(deltas).count("text_delta") > 1
+    # The same reply otherwise: its segments (with their text) and its audio, message for message.
+    assert kinds(segments_only) == [k for k in kinds(deltas) if k != "text_delta"]
+    segments = [r.segment.text for r in segments_only if r.WhichOneof("kind") == "segment"]
+    assert segments == [r.segment.text for r in deltas if r.WhichOneof("kind") == "segment"]
+    assert " ".join(segments) == harness.llm.reply.strip()
+    (ended,) = turn_ends(segments_only)
+    assert ended.spoken_text == harness.llm.reply
+    audio = b"".join(r.audio.data for r in segments_only if r.WhichOneof("kind") == "audio")
+    assert audio == b"".join(r.audio.data for r in deltas if r.WhichOneof("kind") == "audio")
+    # Text read verbatim too; and the choice is the stream's: a resumed session's stream makes its own.
+    spoken = await converse_all(
+        harness.stub,
+        [
+            start(session_id=deltas[0].session_started.session_id, captions=pb.CAPTION_MODE_SEGMENTS),
+            speak("Read this.", flush=True),
+        ],
+    )
+    assert "text_delta" not in kinds(spoken) and turn_ends(spoken)[0].spoken_text == "Read this."
+    again = await converse_all(
+        harness.stub, [start(session_id=segments_only[0].session_started.session_id), user("Hi")]
+    )
+    assert "text_delta" in kinds(again)
+
+
 async def test_speak_mode_reads_text_verbatim_without_llm(harness: Harness) -> None:
     responses = await converse_all(
         harness.stub,
