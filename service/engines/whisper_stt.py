@@ -13,7 +13,10 @@ earlier utterances (``condition_on_previous_text=False``: a mistake is not carri
 one), faster-whisper's own voice activity filter is off (Parley has its own), and a 30-second window
 that Whisper itself judges silent is dropped (faster-whisper's ``no_speech_threshold`` with
 ``log_prob_threshold``); the :class:`Transcription` carries Whisper's no-speech probability, so the
-caller can also drop text that Whisper made up from noise.
+caller can also drop text that Whisper made up from noise. Audio with no signal at all (RMS below
+:data:`SILENCE_RMS`, -60 dBFS: a muted microphone, a phone line's silence) is not decoded: on one
+machine Whisper base heard digital silence as Welsh ("...dais, aft, aft, aft, aft,") with a no-speech
+probability of 0.59, under the 0.6 that drops it.
 
 Whisper reads audio in 30-second windows, padded when shorter, and its encoder costs the same for
 any utterance: on 2 cores, 0.6 s of the 0.8 s a 2-second question took. The encoder is run on only
@@ -63,6 +66,8 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE_HZ = 16000
 """The rate of the audio Whisper takes."""
 
+SILENCE_RMS = 0.001
+"""Audio quieter than this (RMS of samples in [-1, 1]: -60 dBFS) is silence, and is not decoded."""
 MIN_WINDOW_FRAMES = 1000
 """The shortest window the encoder reads, in feature frames (10 ms each): 10 s."""
 PAD_FRAMES = 300
@@ -233,6 +238,8 @@ class WhisperSTT:
         if not pcm:
             return Transcription("", language or "", 1.0)
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        if float(np.sqrt(np.mean(np.square(audio)))) < SILENCE_RMS:
+            return Transcription("", language or "", 1.0)  # no signal: nothing to hear, nothing to make up
         seconds = len(audio) / SAMPLE_RATE_HZ
         try:
             self._model.no_speech_probabilities.clear()

@@ -306,3 +306,25 @@ def test_the_assembled_model_is_the_two_halves(tmp_path: Path) -> None:
     ]
     joined = hashlib.sha256(b"".join(p.read_bytes() for p in halves)).hexdigest()
     assert hashlib.sha256((default_model_dir(tmp_path) / "model.bin").read_bytes()).hexdigest() == joined
+
+
+async def test_audio_with_no_signal_is_not_decoded(whisper: WhisperSTT, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Digital silence is what a muted microphone or a quiet phone line sends; on one machine Whisper
+    # base made up Welsh from it, with a no-speech probability just under the 0.6 that drops text.
+    from faster_whisper import WhisperModel
+
+    encoded = 0
+    encode = WhisperModel.encode
+
+    def counting(self: WhisperModel, features: np.ndarray) -> object:
+        nonlocal encoded
+        encoded += 1
+        return encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", counting)
+    for audio in (np.zeros(32000), np.random.default_rng(1).normal(0.0, 0.0005, 32000)):  # -66 dBFS
+        heard = await whisper.transcribe(pcm16(audio))
+        assert (heard.text, heard.no_speech_probability) == ("", 1.0)
+    assert encoded == 0
+    await whisper.transcribe(pcm16(np.random.default_rng(1).normal(0.0, 0.01, 32000)))  # -40 dBFS: decoded
+    assert encoded == 1
