@@ -33,6 +33,21 @@ SENTENCES = (
 )
 
 
+def count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the runs of Whisper's encoder from now on: one item, the count, in the list returned."""
+    from faster_whisper import WhisperModel
+
+    encoded = [0]
+    encode = WhisperModel.encode
+
+    def counting(self: WhisperModel, features: np.ndarray) -> object:
+        encoded[0] += 1
+        return encode(self, features)
+
+    monkeypatch.setattr(WhisperModel, "encode", counting)
+    return encoded
+
+
 @pytest.fixture(scope="module")
 def whisper() -> Iterator[WhisperSTT]:
     engine = WhisperSTT(WhisperOptions(default_model_dir()))
@@ -107,21 +122,13 @@ async def test_what_it_adds_to_faster_whisper_changes_nothing_it_decodes(
     stock = WhisperModel(str(default_model_dir()), device="cpu", compute_type="int8", cpu_threads=2)
     audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
     options = {"beam_size": 1, "condition_on_previous_text": False, "vad_filter": False, "without_timestamps": True}
-    encoded = 0
-    encode = WhisperModel.encode
-
-    def counting(self: WhisperModel, features: np.ndarray) -> object:
-        nonlocal encoded
-        encoded += 1
-        return encode(self, features)
-
-    monkeypatch.setattr(WhisperModel, "encode", counting)
+    encoded = count_encodes(monkeypatch)
     segments, info = stock.transcribe(audio, **options)
     expected = list(segments)
-    assert encoded == 3  # faster-whisper alone encodes the first window twice
-    encoded = 0
+    assert encoded == [3]  # faster-whisper alone encodes the first window twice
+    encoded[0] = 0
     heard = await whisper.transcribe(pcm)
-    assert encoded == 2  # once per window
+    assert encoded == [1 + 1]  # once per window
     assert heard.text == "".join(s.text for s in expected).strip() and heard.language == info.language == "en"
     windows = whisper._model.no_speech_probabilities
     assert len(windows) == 2 and windows[0] == expected[0].no_speech_prob
@@ -311,20 +318,10 @@ def test_the_assembled_model_is_the_two_halves(tmp_path: Path) -> None:
 async def test_audio_with_no_signal_is_not_decoded(whisper: WhisperSTT, monkeypatch: pytest.MonkeyPatch) -> None:
     # Digital silence is what a muted microphone or a quiet phone line sends; on one machine Whisper
     # base made up Welsh from it, with a no-speech probability just under the 0.6 that drops text.
-    from faster_whisper import WhisperModel
-
-    encoded = 0
-    encode = WhisperModel.encode
-
-    def counting(self: WhisperModel, features: np.ndarray) -> object:
-        nonlocal encoded
-        encoded += 1
-        return encode(self, features)
-
-    monkeypatch.setattr(WhisperModel, "encode", counting)
+    encoded = count_encodes(monkeypatch)
     for audio in (np.zeros(32000), np.random.default_rng(1).normal(0.0, 0.0005, 32000)):  # -66 dBFS
         heard = await whisper.transcribe(pcm16(audio))
         assert (heard.text, heard.no_speech_probability) == ("", 1.0)
-    assert encoded == 0
+    assert encoded == [0]
     await whisper.transcribe(pcm16(np.random.default_rng(1).normal(0.0, 0.01, 32000)))  # -40 dBFS: decoded
-    assert encoded == 1
+    assert encoded == [1]
