@@ -292,15 +292,13 @@ def _split(number: str) -> tuple[str, str | None]:
 _ASCII_DIGIT = re.compile("[0-9]")
 
 
-def _any_digit(text: str) -> bool:
-    return any(c.isdigit() for c in text)
-
-
 def speak_numbers(text: str, language: str) -> str:
     """``text`` with its numbers in words, for a voice of ``language`` (``en_US``, ``en_GB``); text
     for any other language comes back unchanged."""
     code = language.replace("-", "_").lower()
-    if not code.startswith("en") or not (_ASCII_DIGIT.search(text) if text.isascii() else _any_digit(text)):
+    if not code.startswith("en"):
+        return text
+    if not (_ASCII_DIGIT.search(text) if text.isascii() else any(c.isdigit() for c in text)):
         return text
     us = code in ("en", "en_us")
     replace: Callable[[re.Match[str]], str] = lambda m: _spoken(m, us)  # noqa: E731
