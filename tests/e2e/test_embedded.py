@@ -255,6 +255,26 @@ async def test_money_a_date_a_time_and_a_percentage_are_said_as_a_person_says_th
     assert "point five zero" not in heard and "dollar three" not in heard, heard
 
 
+async def test_a_reply_stopped_before_its_first_audio_leaves_the_next_replies_whole(real: Harness) -> None:
+    """A reply stopped before the user heard any of it was shown to Gemma 3 270M as a bare "…", and
+    it answered "…" to every later question of the session (found by a QA pass)."""
+    call = real.stub.Converse()
+    await call.write(start(llm=pb.LlmOptions(temperature=0.0)))
+    await call.read()
+    await call.write(user("Describe the ocean."))
+    await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=0)))
+    while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+        pass
+    assert response.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+    for question in ("Tell me about mountains.", "What is the capital of France?"):
+        await call.write(user(question))
+        while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        assert response.turn_ended.reason == pb.TURN_END_REASON_COMPLETED, response.turn_ended.error
+        assert sum(c.isalpha() for c in response.turn_ended.spoken_text) >= 3, response.turn_ended.spoken_text
+    call.cancel()
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 0.7, 1.0])
 async def test_the_interrupted_marker_is_never_said_or_shown(real: Harness, temperature: float) -> None:
     """Gemma 3 270M once continued the history's "[interrupted: …]" note and said it aloud. Several

@@ -47,9 +47,25 @@ def test_an_interrupted_reply_trails_off_without_a_note() -> None:
             Message("user", "Go on."),
         )
     )
-    assert "Assistant: Once upon a…" in prompt.splitlines()
-    assert "Assistant: …" in prompt.splitlines()
+    lines = prompt.splitlines()
+    assert "Assistant: Once upon a…" in lines
+    assert lines[-4:] == ["", "User: Hello?", "User: Go on.", "Assistant:"]  # (the reply heard not at all: left out)
     assert "[" not in prompt
+
+
+def test_a_reply_heard_not_at_all_leaves_the_examples_in() -> None:
+    # Shown "Assistant: …" for a reply stopped before its first audio, and no example, Gemma 3 270M
+    # answered "…" to every later question of the session.
+    prompt = transcript_prompt(
+        (
+            Message("user", "Describe the ocean."),
+            Message("assistant", "", interrupted=True),
+            Message("user", "Tell me about mountains."),
+        )
+    )
+    assert "User: What is the capital of France?" in prompt.splitlines()  # the built-in example exchange
+    assert "…" not in prompt
+    assert prompt.endswith("User: Describe the ocean.\nUser: Tell me about mountains.\nAssistant:")
 
 
 def test_transcript_without_system_prompt_still_frames_the_conversation() -> None:
