@@ -73,11 +73,12 @@ def transcript_prompt(messages: tuple[Message, ...]) -> str:
     The examples show the model what a reply looks like until the conversation has a reply of its
     own; then they go, so that the model cannot recall them as what the user asked. A reply the
     listener cut short ends with "…", a form the model reads as trailing off and does not repeat (a
-    bracketed note was continued and spoken aloud by Gemma 3 270M). A reply the listener heard
-    nothing of is left out: shown as a bare "…", it was all the model saw of the assistant once the
-    examples had gone, and Gemma 3 270M answered "…" from then on."""
+    bracketed note was continued and spoken aloud by Gemma 3 270M). A reply without a word in it
+    (the listener heard nothing of it, or the model said only "…") is left out: shown as a bare "…",
+    it was all the model saw of the assistant once the examples had gone, and Gemma 3 270M answered
+    "…" from then on."""
     system = " ".join(m.content for m in messages if m.role == "system").strip()
-    conversation = [m for m in messages if m.role == "user" or (m.role == "assistant" and m.content.strip())]
+    conversation = [m for m in messages if m.role == "user" or (m.role == "assistant" and _has_word(m.content))]
     examples = () if any(m.role == "assistant" for m in conversation) else _EXAMPLES
     lines = [system or "A conversation with a helpful voice assistant.", ""]
     for message in (*examples, *conversation):
@@ -89,6 +90,10 @@ def transcript_prompt(messages: tuple[Message, ...]) -> str:
             lines.append("")
     lines.append("Assistant:")
     return "\n".join(lines)
+
+
+def _has_word(text: str) -> bool:
+    return any(character.isalnum() for character in text)
 
 
 def alternating(messages: tuple[Message, ...]) -> tuple[Message, ...]:

@@ -61,11 +61,13 @@ def test_a_reply_heard_not_at_all_leaves_the_examples_in() -> None:
             Message("user", "Describe the ocean."),
             Message("assistant", "", interrupted=True),
             Message("user", "Tell me about mountains."),
+            Message("assistant", "…"),  # (a reply of no word: left out too)
+            Message("user", "And rivers?"),
         )
     )
     assert "User: What is the capital of France?" in prompt.splitlines()  # the built-in example exchange
     assert "…" not in prompt
-    assert prompt.endswith("User: Describe the ocean.\nUser: Tell me about mountains.\nAssistant:")
+    assert prompt.endswith("User: Describe the ocean.\nUser: Tell me about mountains.\nUser: And rivers?\nAssistant:")
 
 
 def test_transcript_without_system_prompt_still_frames_the_conversation() -> None:
