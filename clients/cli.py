@@ -298,6 +298,12 @@ async def http_server_at(target: str) -> tuple[str, bool] | None:
     return name, b"\r\nserver: parley-bridge" in headers
 
 
+def prompt() -> None:
+    """The interactive prompt, on stderr with the other lines for the person at the terminal (stdout
+    stays the captions or the JSON)."""
+    print("you> ", end="", file=sys.stderr, flush=True)
+
+
 async def interactive(conversation: Conversation) -> None:
     """Read lines until Ctrl-D; Ctrl-C interrupts the reply in progress."""
     loop = asyncio.get_running_loop()
@@ -308,14 +314,17 @@ async def interactive(conversation: Conversation) -> None:
             conversation.interrupt()
         else:
             status("\n[press Ctrl-D to quit]")
+            prompt()  # (the line being typed goes on after it)
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
     await conversation.started.wait()
     status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
     while True:
+        prompt()
         try:
-            line = await loop.run_in_executor(None, input, "you> ")
+            line = await loop.run_in_executor(None, input)
         except EOFError:
+            status("")  # (the shell's prompt on a line of its own)
             break
         if line.strip():
             await conversation.ask(line.strip())

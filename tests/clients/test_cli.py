@@ -161,6 +161,25 @@ async def test_json_mode_prints_every_message_as_a_line(harness: Harness, tmp_pa
     assert messages[-1]["turnEnded"]["historyUnsaved"] is False
 
 
+async def test_json_mode_in_interactive_mode_keeps_stdout_json(harness: Harness) -> None:
+    # The "you> " prompt went to stdout, before the first message's JSON on the same line (a QA pass).
+    import json
+
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{harness.running.port}", "--json"),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"Hi?\nAnd again?\n"), 60)
+    assert process.returncode == 0, err.decode()
+    messages = [json.loads(line) for line in out.decode().splitlines()]
+    assert [m["turnEnded"]["turnId"] for m in messages if "turnEnded" in m] == ["turn-1", "turn-2"]
+    assert err.decode().count("you> ") == 3  # before each question, and before the end of the input
+    assert err.decode().endswith("\n")
+
+
 def shape(value: object) -> object:
     """The field names of a JSON message, all the way down, without the values."""
     return {key: shape(item) for key, item in value.items()} if isinstance(value, dict) else None
