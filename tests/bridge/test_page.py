@@ -228,6 +228,31 @@ async def test_a_lost_session_is_said_plainly_and_a_new_one_starts(make_site: Ma
     assert ("user", "My name is Ada.") not in messages
 
 
+async def test_a_message_typed_while_the_session_was_lost_goes_below_the_new_conversation_mark(
+    make_site: MakeSite, page: Any
+) -> None:
+    # The mark went at the end of the log, below the message waiting to be sent, which the new
+    # conversation answers (a QA pass).
+    site = await make_site(FakeLLM(reply=SHORT), FakeTTS(ms_per_char=5))
+    await page.goto(site.url)
+    await ask(page, "My name is Ada.")
+    await wait_done(page, 1)
+    await site.stop_service()
+    site.store = type(site.store)()  # the service comes back without its sessions
+    await page.wait_for_function("!document.querySelector('#status').hidden")
+    await ask(page, "Are you still there?")
+    await site.start_service()
+    await wait_done(page, 2)
+    order = """[...document.querySelector('#log').children].map((e) =>
+        e.classList.contains('divider') ? 'mark' : e.innerText.includes('Ada') ? 'first' : 'waiting')"""
+    assert await page.evaluate(order) == ["first", "mark", "waiting"]
+    messages = [(m.role, m.content) for m in site.llm.requests[-1].messages]
+    assert messages[-1] == ("user", "Are you still there?") and ("user", "My name is Ada.") not in messages
+    await page.reload()  # the saved log keeps the order
+    await page.wait_for_selector(".divider")
+    assert await page.evaluate(order) == ["first", "mark", "waiting"]
+
+
 # -- 5. a message sent while the bridge is down ----------------------------------------------------
 
 

@@ -257,7 +257,8 @@ function closed(event, info) {
     state.sessionId = "";
     state.lost = null;
     saved.remove("session");
-    addNote("New conversation: the assistant does not remember what was said above.");
+    // (Before the messages still waiting: they go to the new conversation.)
+    addNote("New conversation: the assistant does not remember what was said above.", true, state.queue[0]);
     showStatus("Your earlier conversation could not be continued: the voice service no longer has it "
       + "(it expired, or was lost when the service restarted). A new conversation has started.", {
       kind: "warn", detail, topic: "session",
@@ -654,12 +655,18 @@ function details(text) {
   return node;
 }
 
-function addNote(text, save = true) {
+// A note goes at the end of the log, or just before the turn `before` (one still waiting to be sent,
+// which belongs after it).
+function addNote(text, save = true, before = null) {
   $(".hint")?.remove();
   const note = { note: text };
-  $("#log").append(element("p", "divider", text));
+  const divider = element("p", "divider", text);
+  const at = before ? state.log.indexOf(before) : -1;
+  if (at >= 0 && before.dom) before.dom.box.before(divider);
+  else $("#log").append(divider);
   if (save) {
-    state.log.push(note);
+    if (at >= 0) state.log.splice(at, 0, note);
+    else state.log.push(note);
     saveLog();
   }
   scrollToEnd();
