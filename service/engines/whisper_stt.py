@@ -68,6 +68,8 @@ SAMPLE_RATE_HZ = 16000
 
 SILENCE_RMS = 0.001
 """Audio quieter than this (RMS of samples in [-1, 1]: -60 dBFS) is silence, and is not decoded."""
+_WARM_UP = (np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE_HZ // 2) / SAMPLE_RATE_HZ) * 330).astype("<i2").tobytes()
+"""The first transcription's audio: half a second of a quiet tone (-43 dBFS; silence is not decoded)."""
 MIN_WINDOW_FRAMES = 1000
 """The shortest window the encoder reads, in feature frames (10 ms each): 10 s."""
 PAD_FRAMES = 300
@@ -195,7 +197,7 @@ class WhisperSTT:
         self._executor: WorkPool | None = WorkPool("whisper", 1)
         began = time.perf_counter()
         try:
-            self._decode(bytes(SAMPLE_RATE_HZ // 2 * 2), None, threading.Event())  # half a second of silence
+            self._decode(_WARM_UP, None, threading.Event())
         except STTError as error:
             raise STTError(f"the Whisper model {path} failed its first transcription: {error}") from error
         log.info("Whisper %s: first transcription in %.2f s (%d threads)", path, time.perf_counter() - began, threads)

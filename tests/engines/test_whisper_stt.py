@@ -325,3 +325,12 @@ async def test_audio_with_no_signal_is_not_decoded(whisper: WhisperSTT, monkeypa
     assert encoded == [0]
     await whisper.transcribe(pcm16(np.random.default_rng(1).normal(0.0, 0.01, 32000)))  # -40 dBFS: decoded
     assert encoded == [1]
+
+
+def test_the_first_transcription_at_construction_runs_whisper(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The warm-up's half second of digital silence stopped being decoded when silence was (a QA pass
+    # saw "first transcription in 0.00 s"): the first question paid for the model's first run.
+    encoded = count_encodes(monkeypatch)
+    engine = WhisperSTT(WhisperOptions(default_model_dir()))
+    asyncio.run(engine.aclose())
+    assert encoded == [1]
