@@ -351,6 +351,10 @@ async def test_read_aloud_is_a_mode_for_one_message_and_looks_like_one(make_site
     assert await page.inner_text("#send") == "Read aloud"
     await page.fill("#text", "Please read this sentence aloud.")
     await screenshots(page, "page-read-aloud-mode")
+    # The longer label leaves the bar as it was on a phone: Stop did wrap onto a row of its own.
+    await page.set_viewport_size(PHONE)
+    rows = "['#mic', '#text', '#send', '#stop'].map((s) => document.querySelector(s).getBoundingClientRect().top)"
+    assert len(set(await page.evaluate(rows))) == 1
     await page.click("#send")
     assert not await page.is_checked("#read-aloud")  # the next message is a question again
     assert await page.inner_text("#send") == "Send"
