@@ -212,10 +212,13 @@ async def test_a_lost_session_is_said_plainly_and_a_new_one_starts(make_site: Ma
 
     await site.stop_service()
     site.store = type(site.store)()  # the service comes back without its sessions
+    site.tts.voice_ids = (*site.tts.voice_ids, "fake-voice-new")  # and with a voice more
     await site.start_service()
     await page.wait_for_function(
         "document.querySelector('#status-text').textContent.includes('could not be continued')", timeout=30_000
     )
+    # The picker lists the voices of the service that came back (it kept the old list).
+    await page.wait_for_selector("#voice option[value='fake-voice-new']", state="attached")
     assert "new conversation has started" in (await page.inner_text("#status-text")).lower()
     assert "does not remember" in await page.inner_text(".divider")
     await wait_for(lambda: len(site.store.created) == 1, timeout_s=10)

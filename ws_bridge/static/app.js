@@ -264,6 +264,7 @@ function closed(event, info) {
       kind: "warn", detail, topic: "session",
     });
     state.attempt = 0;
+    if (reconnecting) loadVoices(); // the service is back: so are its voices (maybe others)
     if (state.queue.length || reconnecting) connect();
     else state.wanted = false;
     return;
