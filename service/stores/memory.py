@@ -8,8 +8,10 @@ zlib-compressed), not as live objects: a few hundred bytes, decoded again when a
 sessions sit in least-recently-used order: a session is created, resumed and saved while a stream
 holds it, so its last use is its release, which puts it at the recent end. The expired ones are thus
 found at the old end, and when the store is full the least recently used idle session makes room for
-a new one. A session a stream holds is never evicted nor expired; when every
-stored session is held, :meth:`MemoryStore.create` raises :class:`service.errors.Overloaded`.
+a new one, taken first from the sessions without history (streams that took no turn: only their
+settings are lost), so that a run of streams that only start cannot push out the conversations. A
+session a stream holds is never evicted nor expired; when every stored session is held,
+:meth:`MemoryStore.create` raises :class:`service.errors.Overloaded`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ class _Record:
     """A session a stream holds: its encoded bytes and the stream's claim (a held session does not
     expire). An idle session is only bytes: its expiry, then its encoded form (:func:`_idle`)."""
 
-    __slots__ = ("data", "owner")
+    __slots__ = ("data", "empty", "owner")
 
-    def __init__(self, data: bytes, owner: Claim | None = None) -> None:
+    def __init__(self, data: bytes, *, empty: bool) -> None:
         self.data = data
-        self.owner = owner
+        self.empty = empty
+        """No history: evicted before the sessions that have some."""
+        self.owner: Claim | None = None
 
 
 _EXPIRY = struct.Struct("<d")
@@ -73,48 +77,58 @@ class MemoryStore:
         self._ttl_s = ttl_s
         self._max_sessions = max_sessions
         self._clock = clock
-        # Idle sessions (expiry + encoded form), least recently used first; held sessions apart (never
-        # evicted or expired).
+        # Idle sessions (expiry + encoded form), least recently used first, those without history
+        # apart (evicted first); held sessions apart (never evicted or expired).
         self._idle: OrderedDict[str, bytes] = OrderedDict()
+        self._idle_empty: OrderedDict[str, bytes] = OrderedDict()
         self._held: dict[str, _Record] = {}
 
     async def create(self, session: StoredSession) -> Claim:
         """Store a new session and claim it. When the store is full, the least recently used idle
-        session is forgotten; raises :class:`Overloaded` when every stored session is held."""
+        session without history is forgotten, or if there is none the least recently used idle
+        session; raises :class:`Overloaded` when every stored session is held."""
         now = self._clock()
         self._sweep(now)
         session_id = session.session_id
         self._idle.pop(session_id, None)
+        self._idle_empty.pop(session_id, None)
         previous = self._held.pop(session_id, None)
         if previous is not None and previous.owner is not None:
             previous.owner.lose()
-        if len(self._idle) + len(self._held) >= self._max_sessions:
-            if not self._idle:
+        if len(self._idle) + len(self._idle_empty) + len(self._held) >= self._max_sessions:
+            if self._idle_empty:
+                self._idle_empty.popitem(last=False)
+            elif self._idle:
+                self._idle.popitem(last=False)
+            else:
                 raise Overloaded(
                     f"the server holds its maximum number of sessions ({self._max_sessions}), all in use by "
                     "open streams; retry later"
                 )
-            self._idle.popitem(last=False)
-        record = _Record(_encode(session))
+        record = _Record(_encode(session), empty=not session.entries)
         self._held[session_id] = record
         return self._claim(session_id, record)
 
     async def resume(self, session_id: str, principal: str = "") -> tuple[StoredSession, Claim] | None:
         held = self._held.get(session_id)
-        idle_now = self._idle.get(session_id)
-        found = _Record(idle_now[_EXPIRY.size :]) if idle_now is not None else held
-        if found is None or _decode(found.data).principal != principal:
+        idle_now = self._idle_entry(session_id)
+        found = idle_now[_EXPIRY.size :] if idle_now is not None else held.data if held is not None else None
+        if found is None or _decode(found).principal != principal:
             return None  # (not there, or not theirs: nothing happens to it)
         if held is not None and held.owner is not None:
             await hand_over(held.owner)  # (it writes what it has, then lets go)
         now = self._clock()
         self._sweep(now)
-        idle = self._idle.pop(session_id, None)
-        record = _Record(idle[_EXPIRY.size :]) if idle is not None else self._held.get(session_id)
-        if record is None:
+        idle = self._idle.pop(session_id, None) or self._idle_empty.pop(session_id, None)
+        if idle is not None:
+            stored = _decode(idle[_EXPIRY.size :])
+            record = _Record(idle[_EXPIRY.size :], empty=not stored.entries)
+        elif (kept := self._held.get(session_id)) is not None:
+            stored, record = _decode(kept.data), kept
+        else:
             return None
         self._held[session_id] = record
-        return _decode(record.data), self._claim(session_id, record)
+        return stored, self._claim(session_id, record)
 
     async def save(self, session: StoredSession, claim: Claim) -> bool:
         record = self._held.get(session.session_id)
@@ -122,6 +136,7 @@ class MemoryStore:
             claim.lose(vanished=record is None)
             return False
         record.data = _encode(session)
+        record.empty = not session.entries
         return True
 
     async def release(self, claim: Claim) -> None:
@@ -130,15 +145,17 @@ class MemoryStore:
         if record is not None and record.owner is claim:
             del self._held[claim.session_id]
             record.owner = None
-            self._idle[claim.session_id] = _idle(record.data, self._clock() + self._ttl_s)  # most recent end
+            idle = self._idle_empty if record.empty else self._idle
+            idle[claim.session_id] = _idle(record.data, self._clock() + self._ttl_s)  # most recent end
         claim.released.set()
 
     def counts(self) -> tuple[int, int | None]:
         held = len(self._held)
-        return held, held + len(self._idle)
+        return held, held + len(self._idle) + len(self._idle_empty)
 
     async def aclose(self) -> None:
         self._idle.clear()
+        self._idle_empty.clear()
         self._held.clear()
 
     # -- internals ---------------------------------------------------------------------------------
@@ -150,15 +167,20 @@ class MemoryStore:
         record.owner = Claim(session_id, secrets.token_hex(8))
         return record.owner
 
+    def _idle_entry(self, session_id: str) -> bytes | None:
+        idle = self._idle.get(session_id)
+        return idle if idle is not None else self._idle_empty.get(session_id)
+
     def _sweep(self, now: float) -> None:
-        """Forget idle sessions past their expiry, from the least recently used end: a session
-        becomes idle (and most recently used) when it is released, its expiry then set to the same
-        TTL ahead, so the expired ones are all at that end."""
-        while self._idle:
-            session_id, idle = next(iter(self._idle.items()))
-            if _EXPIRY.unpack_from(idle)[0] > now:
-                break
-            del self._idle[session_id]
+        """Forget idle sessions past their expiry, from the least recently used end of each order: a
+        session becomes idle (and most recently used) when it is released, its expiry then set to the
+        same TTL ahead, so the expired ones are all at that end."""
+        for idle_sessions in (self._idle, self._idle_empty):
+            while idle_sessions:
+                session_id, idle = next(iter(idle_sessions.items()))
+                if _EXPIRY.unpack_from(idle)[0] > now:
+                    break
+                del idle_sessions[session_id]
 
 
 def _encode(session: StoredSession) -> bytes:

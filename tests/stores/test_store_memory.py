@@ -83,6 +83,31 @@ async def test_a_full_store_forgets_the_least_recently_used_idle_session(uses: s
     assert await stored_ids(store, "abcd") == "".join(sorted(set("abcd") - {evicted}))
 
 
+TALK = [Entry("user", "Hi"), Entry("assistant", "Hello.")]
+
+
+async def test_sessions_without_history_are_forgotten_before_conversations() -> None:
+    # Streams that only started (each stored a session, none took a turn) pushed the conversations
+    # out, however recently those were used (an attack pass).
+    store = new_store(max_sessions=3)
+    await store.release(await store.create(session("a", entries=TALK)))  # the least recently used
+    claim = await store.create(session("b"))
+    assert await store.save(session("b", entries=TALK), claim)  # a turn since: a conversation too
+    await store.release(claim)
+    for session_id in "cdefg":
+        await store.release(await store.create(session(session_id)))
+    assert await stored_ids(store, "abcdefg") == "abg"
+
+    # A resumed session without history is still the first to go; among conversations alone, the
+    # least recently used.
+    resumed = await store.resume("g")
+    assert resumed is not None
+    await store.release(resumed[1])
+    await store.release(await store.create(session("h", entries=TALK)))  # evicts g
+    await store.release(await store.create(session("i", entries=TALK)))  # evicts a
+    assert await stored_ids(store, "abghi") == "bhi"
+
+
 async def test_held_sessions_are_never_evicted() -> None:
     store = new_store(max_sessions=3)
     held = await store.create(session("a"))  # the oldest, but a stream holds it
