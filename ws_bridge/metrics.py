@@ -1,6 +1,7 @@
 """The bridge's Prometheus metrics (``PARLEY_BRIDGE_METRICS_PORT``, off by default): sockets open,
 sockets closed by close code, and what it refused (by reason: an origin, the socket limit, credentials
-in a URL, a bad frame, a frame too large, a bad Twilio signature)."""
+in a URL, a malformed HTTP request, a bad frame, a frame too large, a client that does not read what
+it is sent, a bad Twilio signature)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 __all__ = ["REFUSALS", "BridgeMetrics", "close_label"]
 
-REFUSALS = ("origin", "socket limit", "credentials in URL", "bad frame", "frame too large", "twilio signature")
+REFUSALS = (
+    "origin",
+    "socket limit",
+    "credentials in URL",
+    "bad request",
+    "bad frame",
+    "frame too large",
+    "not reading",
+    "twilio signature",
+)
 """The reasons of ``parley_bridge_refused_total``: each series exists, at 0, from the start."""
 
 _STANDARD_CLOSE_CODES = frozenset(range(1000, 1016)) - {1004}

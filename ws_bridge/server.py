@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import ipaddress
 import json
@@ -19,14 +20,15 @@ import logging
 import mimetypes
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -67,6 +69,59 @@ CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.CANCELLED: 1001,
 }
 """How an ended ``Converse`` call closes its socket; other codes close with 1011."""
+
+
+MAX_UNREAD_BYTES = 1 << 20
+"""What may wait for a client to read before its socket is cut: far above what the bridge's own
+writes leave waiting (websockets' write limit, 32 KiB, plus one message: a second of 48 kHz audio is
+96 KB), reached only by the answers to pings a client sends and never reads."""
+
+
+class _ReadingConnection(ServerConnection):
+    """A socket whose client must read what it is sent. Cut (the transport aborted: a close frame
+    would never be read, so the client sees 1006) when writes have waited ``stall_s`` without the
+    client taking what was written, or when what waits for it passes :data:`MAX_UNREAD_BYTES`.
+
+    websockets waits in ``send`` while the client does not read, and its keepalive ping waits behind
+    the same writes, so without this a client that stopped reading held its socket (and the service
+    stream behind it) for ever; and answers to pings go out without waiting, so a client that sent
+    pings and never read grew the bridge's memory without bound."""
+
+    def __init__(self, *args: Any, stall_s: float, on_cut: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stall_s = stall_s
+        self._on_cut = on_cut
+        self._stall: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stall = self.loop.call_later(self._stall_s, self._cut, f"it read nothing for {self._stall_s:g} s")
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            self._cut(f"over {MAX_UNREAD_BYTES >> 20} MiB it did not read waited for it")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch()
+        super().connection_lost(exc)
+
+    def _unwatch(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _cut(self, why: str) -> None:
+        self._unwatch()
+        if self.transport.is_closing():
+            return
+        log.warning("cut a socket whose client does not read: %s", why)
+        self._on_cut(why)
+        self.transport.abort()
 
 
 @dataclass(frozen=True)
@@ -150,6 +205,15 @@ class Bridge:
             ping_timeout=self.options.ping_timeout_s,
             server_header="parley-bridge",
             ssl=self._tls.context if self._tls else None,
+            # A client that reads nothing for as long as it may leave a ping unanswered is cut.
+            create_connection=cast(
+                "type[ServerConnection]",
+                functools.partial(
+                    _ReadingConnection,
+                    stall_s=self.options.ping_interval_s + self.options.ping_timeout_s,
+                    on_cut=lambda why: self.metrics.refused.labels("not reading").inc(),
+                ),
+            ),
         )
         return self
 
@@ -164,6 +228,14 @@ class Bridge:
     # -- HTTP --------------------------------------------------------------------------------------
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            return await self._route(request)
+        except (MultipleValuesError, ValueError) as error:  # a header twice, a URL that does not parse
+            self.metrics.refused.labels("bad request").inc()
+            log.info("refused a malformed request: %s", error)
+            return _text(http.HTTPStatus.BAD_REQUEST, f"a malformed request: {error}")
+
+    async def _route(self, request: Request) -> Response | None:
         if self._tls is not None:
             self._tls.reload_if_changed()  # (for the next connection: this one's handshake is done)
         path = urlsplit(request.path).path
@@ -224,6 +296,8 @@ class Bridge:
 
     async def _voices(self, authorization: str) -> Response:
         """The service's voices; an ``Authorization: Bearer`` header is passed on (with API keys on)."""
+        if authorization and not _HEADER_VALUE.fullmatch(authorization):
+            raise ValueError("the Authorization header must be printable ASCII")
         metadata = (("authorization", authorization),) if authorization else None
         try:
             voices = await self._stub.ListVoices(
@@ -271,34 +345,31 @@ class Bridge:
                 await websocket.send(error_frame("UNAVAILABLE", message))
             await close(websocket, 1013, message)
             return
+        # The service's stream is opened with the first frame to forward (start), which must come
+        # within _FIRST_FRAME_S, after the auth frame if the token comes in one.
         token = _subprotocol_token(websocket)
-        first: str | bytes | None = None
+        first = await self._first_frame(websocket)
+        if first is None:
+            return
         if token is None:  # the token may come in a first frame {"auth": {"token": "..."}}
-            try:
-                async with asyncio.timeout(_FIRST_FRAME_S):
-                    first = await websocket.recv()
-            except TimeoutError:
-                await close(websocket, 1008, "no message: send start (or auth, then start) first")
-                return
-            except ConnectionClosed:
-                return
-            token, first = _auth_frame(first)
+            token, forward = _auth_frame(first)
             if token is not None and not _TOKEN.fullmatch(token):
                 token = ""
             if token == "":
                 await self._refuse_frame(websocket, "auth.token must be a token (printable ASCII)", "UNAUTHENTICATED")
                 return
-        metadata = (("authorization", f"Bearer {token}"),) if token else None
-        if first is not None:
-            try:
-                request = _request_of(first)
-            except BadFrame as error:
-                await self._refuse_frame(websocket, str(error))
+            if forward is None and (forward := await self._first_frame(websocket)) is None:
                 return
+            first = forward
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        try:
+            request = _request_of(first)
+        except BadFrame as error:
+            await self._refuse_frame(websocket, str(error))
+            return
         call = self._stub.Converse(metadata=metadata)
         await answered(call)  # accepted, or refused (see accepted_write)
-        if first is not None:
-            await accepted_write(call, request)
+        await accepted_write(call, request)
         to_service = asyncio.create_task(self._client_to_service(websocket, call))
         to_client = asyncio.create_task(self._service_to_client(websocket, call))
         try:
@@ -310,6 +381,22 @@ class Bridge:
             for task in (to_service, to_client):
                 task.cancel()
             await asyncio.gather(to_service, to_client, return_exceptions=True)
+
+    @staticmethod
+    async def _first_frame(websocket: ServerConnection) -> str | bytes | None:
+        """The socket's next frame, or None once it is closed: by the client, or here when nothing
+        came within ``_FIRST_FRAME_S`` (saying so in an error frame first)."""
+        try:
+            async with asyncio.timeout(_FIRST_FRAME_S):
+                return await websocket.recv()
+        except TimeoutError:
+            why = f"no message for {_FIRST_FRAME_S:g} s: send start (or auth, then start) first"
+            with contextlib.suppress(ConnectionClosed):
+                await websocket.send(error_frame("INVALID_ARGUMENT", why))
+            await close(websocket, 1008, why)
+        except ConnectionClosed:
+            pass
+        return None
 
     async def _client_to_service(self, websocket: ServerConnection, call: grpc.aio.StreamStreamCall) -> object:
         """Forward client frames until the socket closes, a frame is bad, or the call ends
@@ -357,6 +444,7 @@ class Bridge:
 
 _FIRST_FRAME_S = 30.0
 _TOKEN = re.compile(r"[!-~]{1,8192}")  # printable ASCII: what gRPC metadata can carry
+_HEADER_VALUE = re.compile(r"[ -~]{1,8192}")
 _CREDENTIAL_NAMES = frozenset({"token", "access_token", "key", "api_key", "apikey", "authorization", "auth"})
 SUBPROTOCOL = "parley"
 _BEARER_PREFIX = "bearer."
@@ -431,7 +519,7 @@ def _auth_frame(frame: str | bytes) -> tuple[str | None, str | bytes | None]:
         return None, frame
     try:
         message = json.loads(frame)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # (forwarded as it is: refused as a bad frame)
         return None, frame
     if not isinstance(message, dict) or set(message) != {"auth"}:
         return None, frame

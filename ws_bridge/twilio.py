@@ -50,6 +50,9 @@ MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
 MARK_EVERY_MS = 200
 MARK_EVERY_BYTES = RATE * MARK_EVERY_MS // 1000  # (μ-law: a byte a sample)
 MAX_PARAMETER_CHARS = 8000
+MAX_SID_CHARS = 64
+"""Longest streamSid or callSid taken (Twilio's are 34 characters): the stream's id goes back with every
+message sent to the call, and both into the log."""
 HANG_UP_GRACE_S = 0.25
 """After a hang-up, how long the service has to apply the interrupt before the call is cancelled."""
 RESUME_WITHIN_S = 15.0
@@ -139,6 +142,7 @@ class TwilioCall:
             await close(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
             return
         except CallError as error:
+            log.warning("refused a /twilio call: %s", error)
             await close(self.websocket, 1008, str(error))
             return
         except ConnectionClosed:
@@ -290,6 +294,9 @@ class TwilioCall:
             start = message.get("start")
             if not isinstance(start, dict) or not isinstance(message.get("streamSid"), str):
                 raise CallError("start without a streamSid or its start object")
+            for name, value in (("streamSid", message["streamSid"]), ("callSid", start.get("callSid", ""))):
+                if not isinstance(value, str) or len(value) > MAX_SID_CHARS:  # (Twilio's are 34 characters)
+                    raise CallError(f"{name} must be text of at most {MAX_SID_CHARS} characters")
             media = _object(start, "mediaFormat")
             if (media.get("encoding"), media.get("sampleRate"), media.get("channels")) != ("audio/x-mulaw", RATE, 1):
                 raise CallError(f"unsupported mediaFormat {media!r}: expected audio/x-mulaw, 8000 Hz, 1 channel")
@@ -434,6 +441,8 @@ def _message(frame: str | bytes) -> dict[str, Any]:
         message = json.loads(frame)
     except json.JSONDecodeError as error:
         raise CallError(f"a frame that is not JSON: {error}") from error
+    except RecursionError:
+        raise CallError("a frame nested too deeply") from None
     if not isinstance(message, dict):
         raise CallError("a frame that is not a JSON object")
     return message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 import urllib.error
 import urllib.request
@@ -516,3 +517,137 @@ async def test_a_service_that_does_not_answer_at_once_is_written_to_after_a_whil
             await asyncio.Event().wait()
 
     await asyncio.wait_for(calls.answered(Silent()), 5)  # type: ignore[arg-type]
+
+
+# -- clients that do not read, or send what the bridge cannot take ---------------------------------
+
+
+def small_window_socket() -> socket.socket:
+    """A client socket that takes little before the bridge's writes to it wait: a small receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def test_a_client_that_stops_reading_is_cut_and_its_call_ended() -> None:
+    # It held its socket, and the service stream behind it, for ever: websockets waited in send, and
+    # its keepalive ping waited behind the same writes (an attack pass).
+    from tests.service.test_metrics import scrape
+
+    harness = await start_harness(FakeLLM(reply="It goes on and on. " * 200), FakeTTS())
+    port = free_port()
+    stack = await start_stack(harness, metrics_port=port, ping_interval_s=1.0, ping_timeout_s=1.0)
+    try:
+        sock = small_window_socket()
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.bridge.port))
+        async with connect(stack.url, sock=sock, max_queue=1) as ws:  # (never reads: the queue stops it)
+            await ws.send(json.dumps({"start": {"audio": {"sampleRateHz": 48000}}}))
+            await ws.send(json.dumps({"userText": {"text": "Talk."}}))
+            await wait_for(lambda: stack.bridge.sockets == 0, 20)
+        await wait_for(lambda: harness.running.servicer.active_streams == 0, 10)
+        samples = await asyncio.to_thread(scrape, port)
+        assert samples["parley_bridge_refused_total{reason=not reading}"] == 1
+        async with connect(stack.url) as ws:  # everyone else is served
+            await ws.send(json.dumps({"start": {}}))
+            await ws.send(json.dumps({"userText": {"text": "Hello?"}}))
+            texts, _ = await until_turn_ended(ws)
+            assert texts[-1]["turnEnded"]["reason"] == "TURN_END_REASON_COMPLETED"
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_pings_from_a_client_that_does_not_read_cannot_grow_the_bridges_memory() -> None:
+    # Each ping is answered with a pong, which waits for the client without going through the writes
+    # that wait: 172 MB of pings grew the bridge by as much (an attack pass).
+    from ws_bridge.server import MAX_UNREAD_BYTES
+
+    harness = await start_harness()
+    stack = await start_stack(harness)  # (the default keepalive: only the bound can cut it in time)
+    try:
+        sock = small_window_socket()
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.bridge.port))
+        async with connect(stack.url, sock=sock) as ws:
+            await ws.send(json.dumps({"start": {}}))
+            await ws.recv()
+            ws.transport.pause_reading()
+            (connection,) = stack.bridge._server.connections  # type: ignore[union-attr]
+            largest = 0
+            with pytest.raises(ConnectionClosed):
+                for count in range(200_000):  # 24 MB of pings, if nothing cut it
+                    await ws.ping(count.to_bytes(8, "big") * 15)  # (each different: one pong awaited each)
+                    largest = max(largest, connection.transport.get_write_buffer_size())
+            assert largest <= MAX_UNREAD_BYTES + 65536
+        await wait_for(lambda: stack.bridge.sockets == 0, 10)
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_a_first_frame_nested_too_deeply_is_a_bad_frame(stack: Stack) -> None:
+    # It raised RecursionError: 1011 with no reason, and a traceback (an attack pass).
+    async with connect(stack.url) as ws:
+        await ws.send('{"auth": ' + "[" * 5000 + "]" * 5000 + "}")
+        error = json.loads(await ws.recv())["error"]
+        assert error["code"] == "INVALID_ARGUMENT"
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Origin: http://localhost\r\nOrigin: http://localhost\r\n",
+        "Origin: http://[::1\r\n",
+    ],
+    ids=["two origins", "origin not a URL"],
+)
+async def test_a_malformed_upgrade_request_is_a_bad_request(stack: Stack, headers: str) -> None:
+    # They were HTTP 500 and a traceback in the bridge's log (an attack pass).
+    status = await raw_request(
+        stack,
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n",
+    )
+    assert status.startswith("HTTP/1.1 400"), status
+    await test_full_turn_through_the_bridge(stack)
+
+
+async def test_voices_with_an_authorization_that_is_not_ascii_is_a_bad_request(stack: Stack) -> None:
+    status = await raw_request(
+        stack, "GET /voices HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xe9t\xe9\r\n\r\n", "latin-1"
+    )
+    assert status.startswith("HTTP/1.1 400"), status
+
+
+async def raw_request(stack: Stack, request: str, encoding: str = "ascii") -> str:
+    """The status line of the bridge's answer to ``request``, sent as it is."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.bridge.port)
+    try:
+        writer.write(request.encode(encoding))
+        return (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace").strip()
+    finally:
+        writer.close()
+
+
+async def test_a_socket_that_sends_nothing_is_told_and_closed_even_with_its_token(
+    guarded: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the token as a subprotocol the service's stream was opened at once and the socket kept
+    # until the service's idle timeout (10 minutes); without one it was closed with no error frame.
+    import ws_bridge.server
+
+    monkeypatch.setattr(ws_bridge.server, "_FIRST_FRAME_S", 0.5)
+    token = await client_token(guarded)
+    for subprotocols, first in (([f"bearer.{token}"], None), ([], json.dumps({"auth": {"token": token}}))):
+        async with connect(guarded.url, subprotocols=["parley", *subprotocols]) as ws:  # type: ignore[list-item]
+            if first is not None:
+                await ws.send(first)  # (then no start)
+            error = json.loads(await asyncio.wait_for(ws.recv(), 5))["error"]
+            assert error["code"] == "INVALID_ARGUMENT" and "send start" in error["message"]
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+    assert guarded.harness.running.servicer.active_streams == 0

@@ -227,9 +227,14 @@ async def test_a_caller_hanging_up_mid_reply_ends_the_call_and_the_work(phone: S
             "unsupported mediaFormat",
         ),
         ([b"\x00\x01"], "binary frame"),
+        (["[" * 5000 + "]" * 5000], "nested too deeply"),  # (was a RecursionError: 1011 and a traceback)
+        ([json.dumps({"event": "start", "streamSid": "MZ" * 40, "start": {}})], "streamSid must be text"),
+        ([json.dumps({"event": "start", "streamSid": "MZ1", "start": {"callSid": 5}})], "callSid must be text"),
     ],
 )
-async def test_what_is_not_twilio_is_refused(phone: Stack, frames: list[str | bytes], reason: str) -> None:
+async def test_what_is_not_twilio_is_refused(
+    phone: Stack, frames: list[str | bytes], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with connect(twilio_url(phone)) as socket:
         for frame in frames:
             await socket.send(frame)
@@ -237,6 +242,7 @@ async def test_what_is_not_twilio_is_refused(phone: Stack, frames: list[str | by
             await asyncio.wait_for(socket.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     assert reason in closed.value.rcvd.reason
+    assert f"refused a /twilio call: {closed.value.rcvd.reason}" in caplog.text  # (said in the log too)
 
 
 async def test_a_bad_media_payload_ends_the_call(phone: Stack) -> None:
