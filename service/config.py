@@ -22,6 +22,7 @@ from service.core.store import DEFAULT_SESSION_TTL_S
 from service.core.turn import TurnOptions
 from service.engines.openai_voices import OPENAI_VOICES
 from service.servicer import StreamLimits
+from service.setting_errors import without_credentials as _shown
 from service.stores.memory import DEFAULT_MAX_SESSIONS
 
 _SESSION = SessionDefaults()
@@ -301,6 +302,14 @@ class Settings(BaseSettings):
 
         return core_count()
 
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys_parse(cls, value: str) -> str:
+        from service.auth import parse_keys
+
+        parse_keys(value, "PARLEY_API_KEYS")  # (a ValueError saying which entry is wrong, never the key)
+        return value
+
     @model_validator(mode="after")
     def _token_secret_is_usable(self) -> Settings:
         if self.token_secret and len(self.token_secret) < 32:
@@ -334,21 +343,23 @@ class Settings(BaseSettings):
     def _reply_fits_the_context(self) -> Settings:
         if self.llm_max_tokens >= self.llm_context_size:
             raise ValueError(
-                f"llm_max_tokens ({self.llm_max_tokens}) must be smaller than llm_context_size "
+                f"PARLEY_LLM_MAX_TOKENS ({self.llm_max_tokens}) must be smaller than PARLEY_LLM_CONTEXT_SIZE "
                 f"({self.llm_context_size}), or no prompt fits"
             )
         if self.session_ttl_s < self.idle_timeout_s:
             raise ValueError(
-                f"session_ttl_s ({self.session_ttl_s:g}) must be at least idle_timeout_s ({self.idle_timeout_s:g}), "
-                "or a session could expire under a stream that is still open"
+                f"PARLEY_SESSION_TTL_S ({self.session_ttl_s:g}) must be at least PARLEY_IDLE_TIMEOUT_S "
+                f"({self.idle_timeout_s:g}), or a session could expire under a stream that is still open"
             )
         if self.openai_extra_headers:
             try:
                 headers = json.loads(self.openai_extra_headers)
             except ValueError as error:
-                raise ValueError(f"openai_extra_headers is not JSON: {error}") from error
+                raise ValueError(f"PARLEY_OPENAI_EXTRA_HEADERS is not JSON: {error}") from error
             if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-                raise ValueError('openai_extra_headers must be a JSON object of strings, like {"X-Team": "voice"}')
+                raise ValueError(
+                    'PARLEY_OPENAI_EXTRA_HEADERS must be a JSON object of strings, like {"X-Team": "voice"}'
+                )
         return self
 
     def extra_headers(self) -> dict[str, str]:
@@ -393,15 +404,6 @@ def _host_and_port_problem(url: str, example: str) -> str | None:
     except ValueError:
         return f"is {_shown(url)!r}, whose port is not a number up to 65535: {example}"
     return None
-
-
-def _shown(url: str) -> str:
-    """The URL as an error may show it: without its user and password."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if not sep or "@" not in netloc:
-        return url
-    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
 
 
 def _is_loopback(host: str) -> bool:

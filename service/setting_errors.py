@@ -6,7 +6,10 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-__all__ = ["describe_errors"]
+__all__ = ["describe_errors", "without_credentials"]
+
+_SECRET_WORDS = ("key", "token", "secret", "password")
+"""A setting whose name holds one of these is never shown back (``api_keys``, ``token_secret``, …)."""
 
 
 def describe_errors(error: ValidationError, where: Callable[[str], str | None]) -> str:
@@ -22,6 +25,24 @@ def describe_errors(error: ValidationError, where: Callable[[str], str | None]) 
     lines = []
     for name, (messages, given) in wrong.items():
         place = where(name) if name else None
-        got = f" (got {given!r})" if place is not None else ""
+        got = f" (got {_shown(name, given)})" if place is not None else ""
         lines.append(f"  {place or 'settings'}: {'; or '.join(messages)}{got}")
     return "\n".join(lines)
+
+
+def _shown(name: str, given: object) -> str:
+    """What a setting got, as an error may show it: never a secret, nor a URL's user and password."""
+    if any(word in name for word in _SECRET_WORDS) and not name.endswith("_file"):
+        return "a value not shown"
+    if isinstance(given, str):
+        return repr(without_credentials(given))
+    return repr(given)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without its user and password (``redis://***@host:6379/0``): as an error may show it."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"

@@ -100,5 +100,5 @@ def test_settings_reject_a_reply_longer_than_the_context() -> None:
 
     from service.config import Settings
 
-    with pytest.raises(ValidationError, match="must be smaller than llm_context_size"):
+    with pytest.raises(ValidationError, match="must be smaller than PARLEY_LLM_CONTEXT_SIZE"):
         Settings(llm_max_tokens=4096, llm_context_size=2048)

@@ -353,6 +353,17 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
             ["--metrics-port", "50051", "--port", "50051"],
             "  settings: PARLEY_METRICS_PORT (50051) must not be the gRPC port (PARLEY_PORT, 50051)",
         ),
+        (  # (a password in a URL, and a key, were shown back: "got 'redis://:s3cret@...'" (a QA pass))
+            ["--session-store", "redis", "--redis-url", "redis://:s3cret@127.0.0.1:99999/0"],
+            "  --redis-url / PARLEY_REDIS_URL: PARLEY_REDIS_URL (--redis-url) is 'redis://***@127.0.0.1:99999/0', "
+            "whose port is not a number up to 65535: e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS, or unix:// "
+            "and the socket's path) (got 'redis://***@127.0.0.1:99999/0')",
+        ),
+        (
+            ["--api-keys", "alice:tooShortASecret"],
+            "  --api-keys / PARLEY_API_KEYS: PARLEY_API_KEYS, entry 1: a key must have at least 24 characters "
+            "(python -m service.auth prints a good one) (got a value not shown)",
+        ),
         (
             ["--workers", "2", "--session-store", "redis", "--port", "50099", "--metrics-port", "0"],
             "  settings: worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
