@@ -26,7 +26,7 @@ from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
 from service.setting_errors import describe_errors
 from service.stores.memory import MemoryStore
-from service.telemetry import configure_tracing
+from service.telemetry import configure_tracing, tracing_settings_problem
 from service.tls import ServerCertificates, TLSError
 from service.workers import WORKER_INDEX, tell_ready
 
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
         print(f"python -m service: invalid setting:\n{describe_errors(error, setting_names)}", file=sys.stderr)
+        return 2
+    if (problem := tracing_settings_problem()) is not None:
+        print(f"python -m service: invalid setting:\n  {problem}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
     if settings.worker_count > 1:

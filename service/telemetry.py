@@ -6,11 +6,17 @@ spans of :mod:`service.core.tracing` cost nothing."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+from urllib.parse import urlsplit
 
 from service.core import tracing
+from service.setting_errors import without_credentials
 
-__all__ = ["configure_tracing"]
+__all__ = ["configure_tracing", "tracing_settings_problem"]
+
+_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_TIMEOUTS = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +24,38 @@ EXPORT_TIMEOUT_S = 5.0
 """How long an export waits for the collector unless ``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` says."""
 
 
+def tracing_settings_problem() -> str | None:
+    """What is wrong with OpenTelemetry's exporter variables the service reads, or None. Checked at
+    start-up: an endpoint that is not a URL was accepted, and every export then failed."""
+    for name in _ENDPOINTS:
+        if not (value := os.environ.get(name)):
+            continue
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            return f"{name} is {without_credentials(value)!r}, whose port is not a number up to 65535"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return (
+                f"{name} is {without_credentials(value)!r}, not an http:// or https:// URL of the collector "
+                "(OTLP over HTTP), e.g. http://otel-collector:4318"
+            )
+    for name in _TIMEOUTS:
+        if not (value := os.environ.get(name)):
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not seconds > 0 or math.isinf(seconds):
+            return f"{name} is {value!r}, not a number of seconds above 0"
+    return None
+
+
 def configure_tracing(service_name: str = "parley") -> bool:
     """Install a tracer provider exporting over OTLP/HTTP when an endpoint is configured; whether it did."""
-    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+    endpoint = next((os.environ[name] for name in _ENDPOINTS if os.environ.get(name)), None)
+    if endpoint is None:
         return False
     try:
         from opentelemetry import trace
@@ -35,9 +70,9 @@ def configure_tracing(service_name: str = "parley") -> bool:
     # An export waits at most this long for the collector (OpenTelemetry's variables win), so that a
     # collector that is down delays the process's exit by no more than that (OpenTelemetry's own
     # default is 10 s, which a pod's grace period would not allow for: see deploy/kubernetes.yaml).
-    told = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    told = any(os.environ.get(name) for name in _TIMEOUTS)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=None if told else EXPORT_TIMEOUT_S)))
     trace.set_tracer_provider(provider)
     tracing.enable()
-    log.info("traces: exported over OTLP")
+    log.info("traces: exported over OTLP/HTTP to %s", without_credentials(endpoint))
     return True

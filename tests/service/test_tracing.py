@@ -133,3 +133,35 @@ async def test_an_interrupted_llm_stream_is_cancelled_not_failed() -> None:
     (llm,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.llm"]
     assert llm.status.status_code is not trace.StatusCode.ERROR
     assert llm.attributes["parley.cancelled"] is True
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "::not a url::"}, "not an http:// or https:// URL of the collector"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://u:s3cret@collector:4318"}, "'ftp://***@collector:4318'"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "whose port is not a number up to 65535"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TIMEOUT is 'abc', not a number of seconds"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "not a number of seconds above 0"),
+    ],
+)
+def test_an_exporter_variable_that_cannot_work_stops_the_service_at_start_up(
+    variables: dict[str, str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An endpoint that was not a URL was accepted, and every export failed from then on (a QA pass).
+    from service.__main__ import main
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m service: invalid setting:\n  ") and said in error
+    assert "s3cret" not in error
+
+
+def test_good_exporter_variables_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.telemetry import tracing_settings_problem
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2.5")
+    assert tracing_settings_problem() is None
