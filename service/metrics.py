@@ -25,7 +25,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -61,6 +69,10 @@ class Metrics:
 
     def __init__(self, llm_engine: str, tts_engine: str, stream_limit: int, store: SessionStore | None = None) -> None:
         self.registry = CollectorRegistry()
+        # The process's own (process_resident_memory_bytes, process_cpu_seconds_total,
+        # process_start_time_seconds: a worker restarted shows a new start; python_gc_*).
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(GC_COLLECTOR)
         names = ("llm", "tts", "encoding")
         self._llm, self._tts = llm_engine, tts_engine
         self.first_llm_token = Histogram(

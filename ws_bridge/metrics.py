@@ -5,7 +5,7 @@ it is sent, a bad Twilio signature)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, start_http_server
 
 __all__ = ["REFUSALS", "BridgeMetrics", "close_label"]
 
@@ -45,6 +45,8 @@ def close_label(sent: int | None, received: int | None, received_first: bool | N
 class BridgeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(PROCESS_COLLECTOR)  # (process_resident_memory_bytes, process_cpu_seconds_total, ...)
+        self.registry.register(GC_COLLECTOR)
         self.sockets = Gauge(
             "parley_bridge_sockets", "WebSockets open (the page's and phone calls).", registry=self.registry
         )

@@ -226,6 +226,9 @@ async def test_every_outcome_series_exists_from_the_start_at_zero() -> None:
     assert set(REJECTION_STATUSES) == ended_with
     for status in REJECTION_STATUSES:
         assert samples[f"parley_rejected_streams_total{{status={status}}}"] == 0
+    # The process's own: its memory, CPU and start (a restarted worker shows a new start; a QA pass).
+    assert samples["process_resident_memory_bytes"] > 10e6
+    assert samples["process_start_time_seconds"] > 0 and "process_cpu_seconds_total" in samples
 
 
 async def test_a_stream_without_credentials_is_counted_unauthenticated() -> None:
