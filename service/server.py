@@ -124,14 +124,19 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # (grpc's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...")
+        bound = 0
     if metrics_port is not None and servicer.metrics is not None:
         try:
             metrics_port = servicer.metrics.serve(host, metrics_port)
         except OSError as error:
             raise RuntimeError(f"cannot serve metrics on {host}:{metrics_port}: {error.strerror or error}") from None
     if bound == 0:
-        raise RuntimeError(f"cannot listen on {host}:{port}")
+        from service.workers import port_taken
+
+        raise RuntimeError(port_taken(host, port) or f"cannot listen on {host}:{port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -30,7 +30,15 @@ import socket
 import sys
 import time
 
-__all__ = ["CONFIGURATION_ERROR", "MAX_RESTART_DELAY_S", "WORKER_INDEX", "core_count", "supervise", "tell_ready"]
+__all__ = [
+    "CONFIGURATION_ERROR",
+    "MAX_RESTART_DELAY_S",
+    "WORKER_INDEX",
+    "core_count",
+    "port_taken",
+    "supervise",
+    "tell_ready",
+]
 
 log = logging.getLogger("service.workers")
 
@@ -50,7 +58,7 @@ async def supervise(
 ) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status. With ``host`` and ``port``, first
     refuse (exit 1) a port something already listens on."""
-    if host is not None and port is not None and (taken := _port_taken(host, port)) is not None:
+    if host is not None and port is not None and (taken := port_taken(host, port)) is not None:
         log.error("cannot start: %s", taken)
         return 1
     argv = _worker_argv(argv)  # (each worker is one service)
@@ -189,7 +197,7 @@ def core_count() -> int:
     return max(1, cores)
 
 
-def _port_taken(host: str, port: int) -> str | None:
+def port_taken(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be the workers' (something listens there), or None. The probe binds
     without ``SO_REUSEPORT``, which the kernel refuses while any socket listens on the port."""
     try:

@@ -239,7 +239,9 @@ def test_a_lone_service_does_not_share_its_port() -> None:
             [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
         )
         assert second.returncode == 1
-        assert "cannot start" in second.stderr and f"bind to address 127.0.0.1:{port}" in second.stderr
+        # (It said gRPC's "Failed to bind ...; set GRPC_VERBOSITY=debug ..." without the cause: a QA pass.)
+        assert f"cannot start: cannot bind to address 127.0.0.1:{port}: Address already in use" in second.stderr
+        assert "(is another service on it?)" in second.stderr
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
