@@ -40,10 +40,15 @@ def shorten_session_ids(text: str) -> str:
 class TextFormatter(logging.Formatter):
     """Text lines whose message stays on its line: control characters and line breaks in it (a
     client's turn id, say) are escaped, so that no client can write a line of its own, a forged
-    ERROR say. (A traceback still takes the lines it needs.)"""
+    ERROR say. (A traceback still takes the lines it needs.) A line of a session starts its message
+    with the session (shortened) and the turn, in brackets, as the JSON lines carry them: turn ids
+    repeat in every session."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # (logging's name)
         record.message = record.message.translate(_ONE_LINE)
+        if session := LOG_SESSION.get():
+            turn = LOG_TURN.get()
+            record.message = f"[{session}{f' {turn}'.translate(_ONE_LINE) if turn else ''}] {record.message}"
         return super().formatMessage(record)
 
 

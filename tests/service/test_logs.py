@@ -17,10 +17,12 @@ from tests.conftest import converse_all, rejection, start, start_harness, stop_h
 from tests.fakes import FakeLLM, FakeTTS
 
 
-async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
+@pytest.mark.parametrize("text", [False, True], ids=["json", "text"])
+async def test_a_turns_log_lines_name_its_session_and_turn(text: bool) -> None:
+    # In text, "turn turn-1 failed" said no session, and every session has a turn-1 (a QA pass).
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter(TEXT_FORMAT) if text else JsonFormatter())
     logger = logging.getLogger("service")
     logger.addHandler(handler)
     level = logger.level
@@ -34,6 +36,10 @@ async def test_a_turns_log_lines_name_its_session_and_turn() -> None:
         logger.removeHandler(handler)
         logger.setLevel(level)
         await stop_harness(h)
+    if text:
+        failed_line = next(line for line in stream.getvalue().splitlines() if "WARNING" in line and "failed" in line)
+        assert f"service.core.session: [{session_id[:8]} turn-1] turn turn-1 failed" in failed_line
+        return
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     failed = next(line for line in lines if "failed" in line["message"] and line["level"] == "WARNING")
     assert failed["session"] == session_id[:8] and failed["turn"] == "turn-1"
