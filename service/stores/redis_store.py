@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
@@ -67,6 +68,9 @@ return 1
 
 MAX_CONNECTIONS = 100
 """Connections to Redis one process opens at most (redis-py's default)."""
+RECONNECTING_SAID_EVERY_S = 60.0
+"""While Redis is unreachable, how often the takeover listener says it is still reconnecting (it
+tries every second)."""
 TIMEOUT_S = 5.0
 """How long an operation waits for Redis: to connect, for a reply, and for a free connection."""
 
@@ -104,7 +108,7 @@ class RedisStore:
         """Check the connection and start listening for takeovers. Raises StoreUnavailable."""
         try:
             await self._redis.ping()
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()  # (the subscription's confirmation says when it is back)
             await pubsub.psubscribe(f"{self._prefix}:takeover:*")
         except RedisError as error:
             await self._redis.aclose()
@@ -215,10 +219,20 @@ class RedisStore:
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Tell local streams when another stream (on any replica) took their session over."""
         channel_prefix = f"{self._prefix}:takeover:"
+        down_since: float | None = None  # (while Redis is unreachable: said once, then once a minute)
+        said_at = 0.0
         try:
             while True:
                 try:
                     async for message in pubsub.listen():
+                        if message["type"] != "pmessage":
+                            if message["type"] == "psubscribe" and down_since is not None:
+                                log.info(
+                                    "the Redis takeover subscription is back after %.0f s",
+                                    time.monotonic() - down_since,
+                                )
+                                down_since = None
+                            continue
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
                         claim = self._claims.get(session_id)
                         if claim is None or claim.token == message["data"]:
@@ -230,7 +244,17 @@ class RedisStore:
                             if self._claims.get(session_id) is claim:
                                 del self._claims[session_id]
                 except RedisError as error:
-                    log.warning("lost the Redis takeover subscription (%s); reconnecting", error)
+                    now = time.monotonic()
+                    if down_since is None:
+                        down_since = said_at = now
+                        log.warning("lost the Redis takeover subscription (%s); reconnecting every second", error)
+                    elif now - said_at >= RECONNECTING_SAID_EVERY_S:
+                        said_at = now
+                        log.warning(
+                            "the Redis takeover subscription is still down after %.0f s (%s); reconnecting",
+                            now - down_since,
+                            error,
+                        )
                     await asyncio.sleep(1)
         finally:
             with contextlib.suppress(RedisError):

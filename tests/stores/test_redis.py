@@ -4,6 +4,7 @@ session started on the first continues on the second after the first is killed w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import signal
@@ -325,3 +326,40 @@ async def test_a_replica_counts_the_sessions_its_streams_hold_not_the_stored_one
     assert two.counts() == (1, None)
     await two.release(resumed[1])
     assert two.counts() == (0, None)
+
+
+async def test_a_redis_outage_is_said_once_and_its_end_too(caplog: pytest.LogCaptureFixture) -> None:
+    # The takeover listener said "lost the Redis takeover subscription" every second for as long as
+    # Redis was down (3,600 lines an hour per process), and never that it was back (a QA pass).
+    import logging
+    import shutil
+
+    port = free_port()
+    command = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no"]
+
+    async def up() -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return process
+            await asyncio.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    server = await up()
+    store = await RedisStore(f"redis://127.0.0.1:{port}/0", prefix="outage", ttl_s=60).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="service.stores.redis_store"):
+            server.terminate()
+            await server.wait()
+            await wait_for(lambda: "lost the Redis takeover subscription" in caplog.text, 10)
+            await asyncio.sleep(3)  # (three more reconnections fail meanwhile)
+            server = await up()
+            await wait_for(lambda: "the Redis takeover subscription is back after" in caplog.text, 15)
+        assert caplog.text.count("takeover subscription") == 2, caplog.text
+    finally:
+        await store.aclose()
+        server.terminate()
+        await server.wait()
