@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from pydantic import ValidationError
 
 __all__ = ["describe_errors", "without_credentials"]
 
-_SECRET_WORDS = ("key", "token", "secret", "password")
-"""A setting whose name holds one of these is never shown back (``api_keys``, ``token_secret``, …)."""
+_SECRET_WORDS = frozenset({"key", "keys", "token", "secret", "password"})
+"""A setting one of whose ``_``-separated words is one of these (``api_keys``, ``token_secret``, but not
+``llm_max_tokens``) is never shown back."""
 
 
 def describe_errors(error: ValidationError, where: Callable[[str], str | None]) -> str:
@@ -32,7 +34,8 @@ def describe_errors(error: ValidationError, where: Callable[[str], str | None]) 
 
 def _shown(name: str, given: object) -> str:
     """What a setting got, as an error may show it: never a secret, nor a URL's user and password."""
-    if any(word in name for word in _SECRET_WORDS) and not name.endswith("_file"):
+    words = name.split("_")
+    if _SECRET_WORDS.intersection(words) and words[-1] != "file":
         return "a value not shown"
     if isinstance(given, str):
         return repr(without_credentials(given))
@@ -40,9 +43,18 @@ def _shown(name: str, given: object) -> str:
 
 
 def without_credentials(url: str) -> str:
-    """``url`` without its user and password (``redis://***@host:6379/0``): as an error may show it."""
+    """``url`` without its user and password (``redis://***@host:6379/0``), and with the value of a
+    ``password`` query parameter hidden: as an error or a log line may show it. Everything before the
+    last ``@`` ahead of the query counts as the user and password, even with a ``/`` in it (generated
+    passwords hold them)."""
     scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    if not sep or "@" not in netloc:
+    if not sep:
         return url
-    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+    head, mark, query = rest.partition("?")
+    if "@" in head:
+        head = "***@" + head.rsplit("@", 1)[1]
+    query = _PASSWORD_PARAMETER.sub(r"\1***", query)
+    return f"{scheme}://{head}{mark}{query}"
+
+
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&#]*", re.IGNORECASE)

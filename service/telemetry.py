@@ -30,11 +30,11 @@ def tracing_settings_problem() -> str | None:
     for name in _ENDPOINTS:
         if not (value := os.environ.get(name)):
             continue
-        parts = urlsplit(value)
         try:
+            parts = urlsplit(value)  # (raises ValueError for a bracketed host that does not close)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
-        except ValueError:
-            return f"{name} is {without_credentials(value)!r}, whose port is not a number up to 65535"
+        except ValueError as error:
+            return f"{name} is {without_credentials(value)!r}, which is not a URL ({error})"
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return (
                 f"{name} is {without_credentials(value)!r}, not an http:// or https:// URL of the collector "

@@ -19,7 +19,6 @@ import json
 import logging
 import secrets
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -27,8 +26,9 @@ from redis.exceptions import RedisError
 from service.core.aio import stopped
 from service.core.store import Claim, StoredSession, hand_over
 from service.errors import StoreUnavailable
+from service.setting_errors import without_credentials
 
-__all__ = ["MAX_CONNECTIONS", "TIMEOUT_S", "RedisStore", "url_without_password"]
+__all__ = ["MAX_CONNECTIONS", "TIMEOUT_S", "RedisStore"]
 
 log = logging.getLogger(__name__)
 
@@ -219,46 +219,38 @@ class RedisStore:
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Tell local streams when another stream (on any replica) took their session over."""
         channel_prefix = f"{self._prefix}:takeover:"
-        down_since: float | None = None  # (while Redis is unreachable: said once, then once a minute)
-        said_at = 0.0
+        outage = _Outage()
         try:
             while True:
                 try:
                     async for message in pubsub.listen():
+                        if message["type"] == "psubscribe":  # (subscribed: at the start, or again)
+                            outage.over()
                         if message["type"] != "pmessage":
-                            if message["type"] == "psubscribe" and down_since is not None:
-                                log.info(
-                                    "the Redis takeover subscription is back after %.0f s",
-                                    time.monotonic() - down_since,
-                                )
-                                down_since = None
                             continue
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
                         claim = self._claims.get(session_id)
-                        if claim is None or claim.token == message["data"]:
-                            continue
-                        # The announcement may be older than this claim (two resumes close together,
-                        # the other one first): the owner key says who holds the session now.
-                        if await self._redis.get(self._owner(session_id)) != claim.token:
-                            claim.lose()
-                            if self._claims.get(session_id) is claim:
-                                del self._claims[session_id]
+                        if claim is not None and claim.token != message["data"]:
+                            await self._check_takeover(session_id, claim)
                 except RedisError as error:
-                    now = time.monotonic()
-                    if down_since is None:
-                        down_since = said_at = now
-                        log.warning("lost the Redis takeover subscription (%s); reconnecting every second", error)
-                    elif now - said_at >= RECONNECTING_SAID_EVERY_S:
-                        said_at = now
-                        log.warning(
-                            "the Redis takeover subscription is still down after %.0f s (%s); reconnecting",
-                            now - down_since,
-                            error,
-                        )
+                    outage.failed(error)
                     await asyncio.sleep(1)
         finally:
             with contextlib.suppress(RedisError):
                 await pubsub.aclose()
+
+    async def _check_takeover(self, session_id: str, claim: Claim) -> None:
+        """The announcement may be older than this claim (two resumes close together, the other one
+        first): the owner key says who holds the session now. A claim lost is told so."""
+        try:
+            owner = await self._redis.get(self._owner(session_id))
+        except RedisError as error:  # (not the subscription's outage: its own writes will meet the error)
+            log.warning("could not check a takeover of session %s… (%s)", session_id[:8], error)
+            return
+        if owner != claim.token:
+            claim.lose()
+            if self._claims.get(session_id) is claim:
+                del self._claims[session_id]
 
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}:session:{session_id}"
@@ -271,13 +263,32 @@ class RedisStore:
 
     def _unavailable(self, error: Exception) -> StoreUnavailable:
         return StoreUnavailable(
-            f"the session store (Redis at {url_without_password(self._url)}) is unavailable: {error}"
+            f"the session store (Redis at {without_credentials(self._url)}) is unavailable: {error}"
         )
 
 
-def url_without_password(url: str) -> str:
-    """The URL without its user and password."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+class _Outage:
+    """The takeover subscription's outage: said when it begins, once a minute while it lasts (the
+    listener tries again every second), and when it is over."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._said_at = 0.0
+
+    def failed(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = self._said_at = now
+            log.warning("lost the Redis takeover subscription (%s); reconnecting every second", error)
+        elif now - self._said_at >= RECONNECTING_SAID_EVERY_S:
+            self._said_at = now
+            log.warning(
+                "the Redis takeover subscription is still down after %.0f s (%s); reconnecting",
+                now - self._since,
+                error,
+            )
+
+    def over(self) -> None:
+        if self._since is not None:
+            log.info("the Redis takeover subscription is back after %.0f s", time.monotonic() - self._since)
+            self._since = None

@@ -140,7 +140,9 @@ async def test_an_interrupted_llm_stream_is_cancelled_not_failed() -> None:
     [
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "::not a url::"}, "not an http:// or https:// URL of the collector"),
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://u:s3cret@collector:4318"}, "'ftp://***@collector:4318'"),
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "whose port is not a number up to 65535"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "which is not a URL (Port out of range"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://[::1:4318"}, "which is not a URL (Invalid IPv6 URL)"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:ab/s3cret@collector:4318"}, "'http://***@collector:4318'"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TIMEOUT is 'abc', not a number of seconds"),
         ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "not a number of seconds above 0"),
     ],

@@ -366,6 +366,11 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
             "  --api-keys / PARLEY_API_KEYS: PARLEY_API_KEYS, entry 1: a key must have at least 24 characters "
             "(python -m service.auth prints a good one) (got a value not shown)",
         ),
+        (  # (a setting named for tokens, not for a secret: shown)
+            ["--llm-max-tokens", "abc"],
+            "  --llm-max-tokens / PARLEY_LLM_MAX_TOKENS: Input should be a valid integer, unable to parse string as "
+            "an integer (got 'abc')",
+        ),
         (
             ["--workers", "2", "--session-store", "redis", "--port", "50099", "--metrics-port", "0"],
             "  settings: worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
