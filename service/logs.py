@@ -26,6 +26,8 @@ _ONE_LINE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85) if co
 _ONE_LINE |= {0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+_PLAIN_TURN_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+
 # "session <id>" or "session '<id>'" as the service's messages name one (an id is 24 URL-safe characters).
 _SESSION_ID = re.compile(r"(\bsession '?)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]{4,}")
 
@@ -48,7 +50,9 @@ class TextFormatter(logging.Formatter):
         record.message = record.message.translate(_ONE_LINE)
         if session := LOG_SESSION.get():
             turn = LOG_TURN.get()
-            record.message = f"[{session}{f' {turn}'.translate(_ONE_LINE) if turn else ''}] {record.message}"
+            if turn and not _PLAIN_TURN_ID.fullmatch(turn):
+                turn = repr(turn)  # (a client's id, quoted: "] [" in it cannot pass for another session's)
+            record.message = f"[{session}{f' {turn}' if turn else ''}] {record.message}"
         return super().formatMessage(record)
 
 

@@ -23,6 +23,7 @@ from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
 from service.tls import ServerCertificates
+from service.workers import port_taken
 
 __all__ = ["DRAIN_S", "RunningServer", "serve_until_signal", "start_server"]
 
@@ -124,19 +125,18 @@ async def start_server(
         server,
     )
     address = f"{host}:{port}"
+    failure = f"cannot listen on {host}:{port}"
     try:
         bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-    except RuntimeError:  # (grpc's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...")
-        bound = 0
+    except RuntimeError as error:  # (grpc's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...")
+        bound, failure = 0, str(error)
     if metrics_port is not None and servicer.metrics is not None:
         try:
             metrics_port = servicer.metrics.serve(host, metrics_port)
         except OSError as error:
             raise RuntimeError(f"cannot serve metrics on {host}:{metrics_port}: {error.strerror or error}") from None
     if bound == 0:
-        from service.workers import port_taken
-
-        raise RuntimeError(port_taken(host, port) or f"cannot listen on {host}:{port}")
+        raise RuntimeError(port_taken(host, port) or failure)  # (the cause, when a probe finds one)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

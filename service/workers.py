@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -210,7 +211,8 @@ def port_taken(host: str, port: int) -> str | None:
         try:
             probe.bind(address)
         except OSError as error:
-            return f"cannot bind to address {host}:{port}: {error.strerror or error} (is another service on it?)"
+            hint = " (is another service on it?)" if error.errno == errno.EADDRINUSE else ""
+            return f"cannot bind to address {host}:{port}: {error.strerror or error}{hint}"
     return None
 
 
