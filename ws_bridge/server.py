@@ -20,15 +20,15 @@ import logging
 import mimetypes
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers, MultipleValuesError
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -38,6 +38,7 @@ from parley.v1 import voice_pb2_grpc
 from ws_bridge.calls import accepted_write, answered, close
 from ws_bridge.config import default
 from ws_bridge.metrics import BridgeMetrics, close_label
+from ws_bridge.reading import ReadingConnection
 from ws_bridge.translate import BadFrame, error_frame, frame_from_response, request_from_text, to_json
 from ws_bridge.twilio import TWILIO_PATH, TwilioCall, TwilioOptions, signature_valid
 
@@ -69,59 +70,6 @@ CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.CANCELLED: 1001,
 }
 """How an ended ``Converse`` call closes its socket; other codes close with 1011."""
-
-
-MAX_UNREAD_BYTES = 1 << 20
-"""What may wait for a client to read before its socket is cut: far above what the bridge's own
-writes leave waiting (websockets' write limit, 32 KiB, plus one message: a second of 48 kHz audio is
-96 KB), reached only by the answers to pings a client sends and never reads."""
-
-
-class _ReadingConnection(ServerConnection):
-    """A socket whose client must read what it is sent. Cut (the transport aborted: a close frame
-    would never be read, so the client sees 1006) when writes have waited ``stall_s`` without the
-    client taking what was written, or when what waits for it passes :data:`MAX_UNREAD_BYTES`.
-
-    websockets waits in ``send`` while the client does not read, and its keepalive ping waits behind
-    the same writes, so without this a client that stopped reading held its socket (and the service
-    stream behind it) for ever; and answers to pings go out without waiting, so a client that sent
-    pings and never read grew the bridge's memory without bound."""
-
-    def __init__(self, *args: Any, stall_s: float, on_cut: Callable[[str], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._stall_s = stall_s
-        self._on_cut = on_cut
-        self._stall: asyncio.TimerHandle | None = None
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._stall = self.loop.call_later(self._stall_s, self._cut, f"it read nothing for {self._stall_s:g} s")
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._unwatch()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
-            self._cut(f"over {MAX_UNREAD_BYTES >> 20} MiB it did not read waited for it")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._unwatch()
-        super().connection_lost(exc)
-
-    def _unwatch(self) -> None:
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _cut(self, why: str) -> None:
-        self._unwatch()
-        if self.transport.is_closing():
-            return
-        log.warning("cut a socket whose client does not read: %s", why)
-        self._on_cut(why)
-        self.transport.abort()
 
 
 @dataclass(frozen=True)
@@ -209,7 +157,7 @@ class Bridge:
             create_connection=cast(
                 "type[ServerConnection]",
                 functools.partial(
-                    _ReadingConnection,
+                    ReadingConnection,
                     stall_s=self.options.ping_interval_s + self.options.ping_timeout_s,
                     on_cut=lambda why: self.metrics.refused.labels("not reading").inc(),
                 ),
@@ -228,12 +176,11 @@ class Bridge:
     # -- HTTP --------------------------------------------------------------------------------------
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        try:
-            return await self._route(request)
-        except (MultipleValuesError, ValueError) as error:  # a header twice, a URL that does not parse
+        if (problem := _malformed(request)) is not None:
             self.metrics.refused.labels("bad request").inc()
-            log.info("refused a malformed request: %s", error)
-            return _text(http.HTTPStatus.BAD_REQUEST, f"a malformed request: {error}")
+            log.info("refused a malformed request: %s", problem)
+            return _text(http.HTTPStatus.BAD_REQUEST, f"a malformed request: {problem}")
+        return await self._route(request)
 
     async def _route(self, request: Request) -> Response | None:
         if self._tls is not None:
@@ -296,8 +243,6 @@ class Bridge:
 
     async def _voices(self, authorization: str) -> Response:
         """The service's voices; an ``Authorization: Bearer`` header is passed on (with API keys on)."""
-        if authorization and not _HEADER_VALUE.fullmatch(authorization):
-            raise ValueError("the Authorization header must be printable ASCII")
         metadata = (("authorization", authorization),) if authorization else None
         try:
             voices = await self._stub.ListVoices(
@@ -348,7 +293,8 @@ class Bridge:
         # The service's stream is opened with the first frame to forward (start), which must come
         # within _FIRST_FRAME_S, after the auth frame if the token comes in one.
         token = _subprotocol_token(websocket)
-        first = await self._first_frame(websocket)
+        deadline = asyncio.get_running_loop().time() + _FIRST_FRAME_S
+        first = await self._first_frame(websocket, deadline)
         if first is None:
             return
         if token is None:  # the token may come in a first frame {"auth": {"token": "..."}}
@@ -358,7 +304,7 @@ class Bridge:
             if token == "":
                 await self._refuse_frame(websocket, "auth.token must be a token (printable ASCII)", "UNAUTHENTICATED")
                 return
-            if forward is None and (forward := await self._first_frame(websocket)) is None:
+            if forward is None and (forward := await self._first_frame(websocket, deadline)) is None:
                 return
             first = forward
         metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -383,11 +329,11 @@ class Bridge:
             await asyncio.gather(to_service, to_client, return_exceptions=True)
 
     @staticmethod
-    async def _first_frame(websocket: ServerConnection) -> str | bytes | None:
-        """The socket's next frame, or None once it is closed: by the client, or here when nothing
-        came within ``_FIRST_FRAME_S`` (saying so in an error frame first)."""
+    async def _first_frame(websocket: ServerConnection, deadline: float) -> str | bytes | None:
+        """The socket's next frame, or None once it is closed: by the client, or here when it did not
+        come by ``deadline`` (the loop's time; saying so in an error frame first)."""
         try:
-            async with asyncio.timeout(_FIRST_FRAME_S):
+            async with asyncio.timeout_at(deadline):
                 return await websocket.recv()
         except TimeoutError:
             why = f"no message for {_FIRST_FRAME_S:g} s: send start (or auth, then start) first"
@@ -525,6 +471,29 @@ def _auth_frame(frame: str | bytes) -> tuple[str | None, str | bytes | None]:
         return None, frame
     token = message["auth"].get("token") if isinstance(message["auth"], dict) else None
     return (token if isinstance(token, str) and token else ""), None
+
+
+_READ_HEADERS = ("Host", "Upgrade", "Origin", "Authorization", "X-Twilio-Signature")
+
+
+def _malformed(request: Request) -> str | None:
+    """What makes ``request`` one the bridge cannot read, or None: a header it reads given more than
+    once, a URL (the path, ``Host``, ``Origin``) that does not parse, an ``Authorization`` that gRPC
+    metadata cannot carry. (Each was an HTTP 500 and a traceback.)"""
+    for name in _READ_HEADERS:
+        if len(request.headers.get_all(name)) > 1:
+            return f"the {name} header is given more than once"
+    host, origin = request.headers.get("Host", ""), request.headers.get("Origin")
+    for what, url in (("the path", request.path), ("Host", f"//{host}"), ("Origin", origin)):
+        try:
+            if url is not None:
+                urlsplit(url).port  # noqa: B018 - raises ValueError for an address that does not parse
+        except ValueError as error:
+            return f"{what} is not a URL ({error})"
+    authorization = request.headers.get("Authorization")
+    if authorization is not None and not _HEADER_VALUE.fullmatch(authorization):
+        return "the Authorization header must be printable ASCII"
+    return None
 
 
 def _credential_in_query(path: str) -> bool:

@@ -537,7 +537,8 @@ async def test_a_client_that_stops_reading_is_cut_and_its_call_ended() -> None:
 
     harness = await start_harness(FakeLLM(reply="It goes on and on. " * 200), FakeTTS())
     port = free_port()
-    stack = await start_stack(harness, metrics_port=port, ping_interval_s=1.0, ping_timeout_s=1.0)
+    # (A stall of 5 s: the reply's audio fills the socket well before the first keepalive ping.)
+    stack = await start_stack(harness, metrics_port=port, ping_interval_s=2.5, ping_timeout_s=2.5)
     try:
         sock = small_window_socket()
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.bridge.port))
@@ -558,11 +559,21 @@ async def test_a_client_that_stops_reading_is_cut_and_its_call_ended() -> None:
         await stop_harness(harness)
 
 
-async def test_pings_from_a_client_that_does_not_read_cannot_grow_the_bridges_memory() -> None:
+async def test_pings_from_a_client_that_does_not_read_cannot_grow_the_bridges_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Each ping is answered with a pong, which waits for the client without going through the writes
     # that wait: 172 MB of pings grew the bridge by as much (an attack pass).
-    from ws_bridge.server import MAX_UNREAD_BYTES
+    from ws_bridge.reading import MAX_UNREAD_BYTES, ReadingConnection
 
+    cut_at: list[int] = []  # what waited for the client when it was cut
+    cut = ReadingConnection._cut
+
+    def recording(self: ReadingConnection, why: str) -> None:
+        cut_at.append(self.transport.get_write_buffer_size())
+        cut(self, why)
+
+    monkeypatch.setattr(ReadingConnection, "_cut", recording)
     harness = await start_harness()
     stack = await start_stack(harness)  # (the default keepalive: only the bound can cut it in time)
     try:
@@ -572,13 +583,11 @@ async def test_pings_from_a_client_that_does_not_read_cannot_grow_the_bridges_me
             await ws.send(json.dumps({"start": {}}))
             await ws.recv()
             ws.transport.pause_reading()
-            (connection,) = stack.bridge._server.connections  # type: ignore[union-attr]
-            largest = 0
             with pytest.raises(ConnectionClosed):
                 for count in range(200_000):  # 24 MB of pings, if nothing cut it
                     await ws.ping(count.to_bytes(8, "big") * 15)  # (each different: one pong awaited each)
-                    largest = max(largest, connection.transport.get_write_buffer_size())
-            assert largest <= MAX_UNREAD_BYTES + 65536
+            # Cut at the bound, give or take the pongs of one read (at most 256 KiB of pings).
+            assert len(cut_at) == 1 and MAX_UNREAD_BYTES < cut_at[0] <= MAX_UNREAD_BYTES + (256 << 10)
         await wait_for(lambda: stack.bridge.sockets == 0, 10)
     finally:
         await stack.bridge.aclose()
@@ -601,8 +610,9 @@ async def test_a_first_frame_nested_too_deeply_is_a_bad_frame(stack: Stack) -> N
     [
         "Origin: http://localhost\r\nOrigin: http://localhost\r\n",
         "Origin: http://[::1\r\n",
+        "Host: [::1\r\n",
     ],
-    ids=["two origins", "origin not a URL"],
+    ids=["two origins", "origin not a URL", "two hosts"],
 )
 async def test_a_malformed_upgrade_request_is_a_bad_request(stack: Stack, headers: str) -> None:
     # They were HTTP 500 and a traceback in the bridge's log (an attack pass).

@@ -98,14 +98,17 @@ async def test_sessions_without_history_are_forgotten_before_conversations() -> 
         await store.release(await store.create(session(session_id)))
     assert await stored_ids(store, "abcdefg") == "abg"
 
-    # A resumed session without history is still the first to go; among conversations alone, the
-    # least recently used.
-    resumed = await store.resume("g")
+
+async def test_a_resumed_session_without_history_is_still_the_first_to_go() -> None:
+    store = new_store(max_sessions=3)
+    for session_id, entries in (("a", TALK), ("b", TALK), ("c", [])):
+        await store.release(await store.create(session(session_id, entries=entries)))
+    resumed = await store.resume("c")  # (now the most recently used)
     assert resumed is not None
     await store.release(resumed[1])
-    await store.release(await store.create(session("h", entries=TALK)))  # evicts g
-    await store.release(await store.create(session("i", entries=TALK)))  # evicts a
-    assert await stored_ids(store, "abghi") == "bhi"
+    await store.release(await store.create(session("d", entries=TALK)))  # evicts c
+    await store.release(await store.create(session("e", entries=TALK)))  # evicts a, the least recently used
+    assert await stored_ids(store, "abcde") == "bde"
 
 
 async def test_held_sessions_are_never_evicted() -> None:
