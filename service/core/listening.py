@@ -162,7 +162,12 @@ class Listener:
         return utterance
 
     def clear(self) -> None:
-        """Forget the audio so far, and any utterance in progress."""
+        """Forget the audio so far, and any utterance in progress. The detector forgets what it has not
+        scored yet too (its part of a frame): the next frame it scores begins with the next audio, so
+        the frames are counted from what was received. (They were counted on from the last frame
+        scored, and each clear moved every later utterance earlier by up to a frame: 200 clears put
+        an utterance's end before its start.)"""
+        self._scored = self._received
         self._reset(self._received)
 
     # -- per frame ---------------------------------------------------------------------------------

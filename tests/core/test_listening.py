@@ -89,6 +89,26 @@ def test_clear_discards_the_utterance_in_progress() -> None:
     assert not listener.speaking
 
 
+def test_clears_between_parts_of_frames_leave_the_timeline_true() -> None:
+    # The detector drops its part of a frame at a clear; the listener went on counting frames from the
+    # last one scored, so each clear shifted later utterances earlier (an attack pass: after 200 clears
+    # speech_stopped came before speech_started, and the utterance's audio was the wrong part).
+    policy = ListenPolicy(min_speech_ms=64, silence_ms=320)
+    listener = Listener(policy, RATE, FRAME_MS)
+    part = b"\x00\x00" * (FRAME - 12)  # less than a frame: the detector scores nothing of it
+    for _ in range(200):
+        assert listener.push(part, []) == []
+        listener.clear()  # (with the detector's reset, which drops the part)
+    received = 200 * (FRAME - 12)
+    pcm, scores = frames([0.0] * 5 + [0.9] * 10 + [0.0] * 12)
+    began, utterance = [e for e in listener.push(pcm, scores) if not isinstance(e, Paused | Resumed)]
+    assert isinstance(began, SpeechBegan) and isinstance(utterance, Utterance)
+    padding = round(policy.prefix_padding_ms * RATE / 1000)  # (the audio before the speech, as far as there is)
+    assert began.audio_start_ms == pytest.approx(max(received, received + 5 * FRAME - padding) * 1000 / RATE)
+    assert utterance.audio_end_ms == pytest.approx((received + 15 * FRAME) * 1000 / RATE)
+    assert frames_in(utterance) == list(range(19))  # its own audio, to 0.1 s after the speech (into frame 18)
+
+
 def test_memory_stays_bounded_while_idle() -> None:
     listener = Listener(ListenPolicy(), RATE, FRAME_MS)
     pcm, scores = frames([0.0] * 100)
