@@ -15,8 +15,11 @@ transcription is cancelled and :class:`~service.core.command.SpeechResumed` tell
 discard what it prepared.
 
 Bounded: at most ``MAX_QUEUED_CHUNKS`` chunks wait to be scored (the session, and so the client's
-reader, waits while they do), an utterance is at most the listener's ``max_utterance_ms``, and one
-transcription runs at a time (the next utterance waits for it).
+reader, waits while they do), an utterance is at most the listener's ``max_utterance_ms``, one
+transcription runs at a time (the next utterance waits for it), and while
+``MAX_UNHEARD_UTTERANCES`` utterances wait for their transcripts no more audio is scored: audio sent
+faster than it is transcribed waits with the client instead of piling up utterances (up to about
+1 MB each) without bound.
 """
 
 from __future__ import annotations
@@ -45,11 +48,14 @@ from service.core.settings import InputAudioRequest
 from service.core.tracing import span
 from service.errors import EngineError, STTError
 
-__all__ = ["MAX_QUEUED_CHUNKS", "Ears", "VoiceInput", "is_hallucination"]
+__all__ = ["MAX_QUEUED_CHUNKS", "MAX_UNHEARD_UTTERANCES", "Ears", "VoiceInput", "is_hallucination"]
 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_CHUNKS = 16
+MAX_UNHEARD_UTTERANCES = 2
+"""Utterances of a stream that may wait for their transcripts (the one being transcribed counted)
+before its audio waits too."""
 
 # What Whisper writes for silence or noise (it was trained on subtitles): never a turn on its own,
 # unless the utterance had real speech in it and the engine is sure it heard some.
@@ -124,6 +130,8 @@ class Ears:
         self._task: asyncio.Task[None] | None = None
         self._transcribing: asyncio.Task[None] | None = None
         """The last utterance's final transcription and its posting (each waits for the one before)."""
+        self._unheard: collections.deque[asyncio.Task[None]] = collections.deque()
+        """The final transcriptions not done yet, oldest first."""
         self._paused: tuple[Utterance, asyncio.Task[_Result], asyncio.Task[None]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         """The utterance as it was when the user paused, its transcription, and the tentative post."""
@@ -169,6 +177,7 @@ class Ears:
         while True:
             item = await self._queue.get()
             if isinstance(item, bytes):
+                await self._room_to_hear()
                 try:
                     await self._hear(item)
                     failing = False
@@ -197,6 +206,16 @@ class Ears:
                 self._listener.clear()
                 self._frames.reset()
                 self._unpause()
+
+    async def _room_to_hear(self) -> None:
+        """Wait while ``MAX_UNHEARD_UTTERANCES`` utterances wait for their transcripts."""
+        while self._unheard:
+            if self._unheard[0].done():
+                self._unheard.popleft()
+            elif len(self._unheard) >= MAX_UNHEARD_UTTERANCES:
+                await asyncio.wait({self._unheard[0]})
+            else:
+                return
 
     async def _hear(self, pcm: bytes) -> None:
         now = time.monotonic()
@@ -244,6 +263,7 @@ class Ears:
             recognition = self._spawn(self._recognize(utterance, self._transcribing), "transcription")
         spoken = self._spoken(utterance)  # now: the arrival of its end is still remembered
         self._transcribing = self._spawn(self._post_final(utterance, turn_id, spoken, recognition), "final transcript")
+        self._unheard.append(self._transcribing)
 
     def _spawn(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         """A task of this stream's voice input, cancelled by :meth:`aclose` if still running."""
