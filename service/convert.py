@@ -66,7 +66,7 @@ def start_from_proto(start: pb.Start) -> StartRequest:
         encoding=_ENCODINGS[start.audio.encoding],
         sample_rate_hz=start.audio.sample_rate_hz,
         bitrate_bps=start.audio.bitrate_bps,
-        temperature=start.llm.temperature if start.llm.HasField("temperature") else None,
+        temperature=_decimal(start.llm.temperature) if start.llm.HasField("temperature") else None,
         max_tokens=start.llm.max_tokens if start.llm.HasField("max_tokens") else None,
         input_audio=_input_audio(start.input_audio) if start.HasField("input_audio") else None,
         text_deltas=_text_deltas(start.captions),
@@ -103,7 +103,7 @@ def _input_audio(audio: pb.InputAudio) -> InputAudioStart:
         mode=_MODES[detection.mode],
         silence_ms=detection.silence_ms if detection.HasField("silence_ms") else None,
         prefix_padding_ms=detection.prefix_padding_ms if detection.HasField("prefix_padding_ms") else None,
-        threshold=detection.threshold if detection.HasField("threshold") else None,
+        threshold=_decimal(detection.threshold) if detection.HasField("threshold") else None,
         min_speech_ms=detection.min_speech_ms if detection.HasField("min_speech_ms") else None,
         tentative_silence_ms=(detection.tentative_silence_ms if detection.HasField("tentative_silence_ms") else None),
     )
@@ -145,6 +145,12 @@ def _command(request: pb.ConverseRequest) -> ClientCommand:
 
 def voice_to_proto(voice: Voice) -> pb.Voice:
     return pb.Voice(id=voice.id, language=voice.language, sample_rate_hz=voice.sample_rate_hz, engine=voice.engine)
+
+
+def _decimal(value: float) -> float:
+    """A proto ``float`` as the decimal the client wrote: 0.99 arrives as 0.9900000095 (a float32), just
+    over a limit of 0.99; seven significant digits are what a float32 holds."""
+    return float(f"{value:.7g}")
 
 
 def message_to_proto(event: Message) -> pb.ConverseResponse:

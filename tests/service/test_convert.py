@@ -66,6 +66,19 @@ def test_requests_that_cannot_be_commands_become_bad_messages(request_: pb.Conve
     assert isinstance(command, BadMessage) and message in str(command.error)
 
 
+def test_a_float_is_the_decimal_the_client_wrote() -> None:
+    # turn_detection.threshold 0.99 (the top of its documented range) arrived as 0.9900000095, a
+    # float32, and was refused as over 0.99 (an attack pass).
+    start = pb.Start(
+        llm=pb.LlmOptions(temperature=0.7),
+        input_audio=pb.InputAudio(sample_rate_hz=16000, turn_detection=pb.TurnDetection(threshold=0.99)),
+    )
+    command = command_from_proto(pb.ConverseRequest(start=start))
+    assert isinstance(command, Start)
+    assert command.request.temperature == 0.7
+    assert command.request.input_audio is not None and command.request.input_audio.threshold == 0.99
+
+
 def test_messages_become_protos() -> None:
     started = message_to_proto(SessionStarted("s", AudioFormat(Encoding.WAV, 24000), "v", "l", "t"))
     assert started.session_started.audio.encoding == pb.AUDIO_ENCODING_WAV
