@@ -190,7 +190,8 @@ class SpeechFrames(Protocol):
         ...
 
     def reset(self) -> None:
-        """Forget the audio so far (the client cleared its input)."""
+        """Forget the audio so far (the client cleared its input), the part of a frame not scored yet
+        included: the next frame begins with the next audio fed (the listener counts on it)."""
         ...
 
 

@@ -17,9 +17,12 @@ discard what it prepared.
 Bounded: at most ``MAX_QUEUED_CHUNKS`` chunks wait to be scored (the session, and so the client's
 reader, waits while they do), an utterance is at most the listener's ``max_utterance_ms``, one
 transcription runs at a time (the next utterance waits for it), and while
-``MAX_UNHEARD_UTTERANCES`` utterances wait for their transcripts no more audio is scored: audio sent
-faster than it is transcribed waits with the client instead of piling up utterances (up to about
-1 MB each) without bound.
+``MAX_UNHEARD_UTTERANCES`` utterances wait for their transcripts (checked before each chunk: one
+chunk may end a few more) no more audio is scored: audio sent faster than it is transcribed waits
+with the client instead of piling up utterances (up to about 1 MB each) without bound. That wait
+holds the session's loop too (it waits to hand the ears a chunk), so the bound is far above what a
+client speaking in real time reaches: only audio sent much faster than real time, or a replica
+whose Whisper is far behind, meets it.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ __all__ = ["MAX_QUEUED_CHUNKS", "MAX_UNHEARD_UTTERANCES", "Ears", "VoiceInput", 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_CHUNKS = 16
-MAX_UNHEARD_UTTERANCES = 2
+MAX_UNHEARD_UTTERANCES = 8
 """Utterances of a stream that may wait for their transcripts (the one being transcribed counted)
 before its audio waits too."""
 
@@ -126,7 +129,8 @@ class Ears:
         self._decoder = (
             None if request.encoding is Encoding.PCM16 else G711Decoder(request.encoding, request.sample_rate_hz)
         )
-        self._queue: asyncio.Queue[bytes | tuple[str, str]] = asyncio.Queue(MAX_QUEUED_CHUNKS)
+        self._queue: asyncio.Queue[tuple[bytes, float] | tuple[str, str]] = asyncio.Queue(MAX_QUEUED_CHUNKS)
+        """Chunks with when they arrived, and the client's commit, clear and finish, in order."""
         self._task: asyncio.Task[None] | None = None
         self._transcribing: asyncio.Task[None] | None = None
         """The last utterance's final transcription and its posting (each waits for the one before)."""
@@ -149,7 +153,7 @@ class Ears:
 
     async def feed(self, pcm: bytes) -> None:
         """Queue a chunk of the client's audio (waits while ``MAX_QUEUED_CHUNKS`` wait)."""
-        await self._queue.put(pcm)
+        await self._queue.put((pcm, time.monotonic()))  # (when it arrived, not when it is scored)
 
     async def commit(self, turn_id: str) -> None:
         """The client says the utterance is over (MANUAL); its transcript opens ``turn_id``."""
@@ -176,10 +180,11 @@ class Ears:
         failing = False  # the detector failed on the last chunk: said once, until a chunk succeeds
         while True:
             item = await self._queue.get()
-            if isinstance(item, bytes):
+            if isinstance(item[0], bytes):
+                pcm, arrived = item
                 await self._room_to_hear()
                 try:
-                    await self._hear(item)
+                    await self._hear(pcm, arrived)
                     failing = False
                 except EngineError as error:  # the task goes on: a stopped task would block the session's feed
                     log.warning("voice input failed: %s", error)
@@ -217,11 +222,10 @@ class Ears:
             else:
                 return
 
-    async def _hear(self, pcm: bytes) -> None:
-        now = time.monotonic()
+    async def _hear(self, pcm: bytes, arrived: float) -> None:
         pcm = self._to_detector_rate(pcm)
         self._samples += len(pcm) // 2
-        self._arrivals.append((self._samples, now))
+        self._arrivals.append((self._samples, arrived))
         probabilities = await self._frames.feed(pcm)
         for event in self._listener.push(pcm, probabilities):
             if isinstance(event, Began):

@@ -95,7 +95,7 @@ def test_clears_between_parts_of_frames_leave_the_timeline_true() -> None:
     # speech_stopped came before speech_started, and the utterance's audio was the wrong part).
     policy = ListenPolicy(min_speech_ms=64, silence_ms=320)
     listener = Listener(policy, RATE, FRAME_MS)
-    part = b"\x00\x00" * (FRAME - 12)  # less than a frame: the detector scores nothing of it
+    part = (-1).to_bytes(2, "little", signed=True) * (FRAME - 12)  # less than a frame: never scored
     for _ in range(200):
         assert listener.push(part, []) == []
         listener.clear()  # (with the detector's reset, which drops the part)
