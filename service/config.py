@@ -22,7 +22,7 @@ from service.core.store import DEFAULT_SESSION_TTL_S
 from service.core.turn import TurnOptions
 from service.engines.openai_voices import OPENAI_VOICES
 from service.servicer import StreamLimits
-from service.setting_errors import without_credentials as _shown
+from service.setting_errors import without_credentials
 from service.stores.memory import DEFAULT_MAX_SESSIONS
 
 _SESSION = SessionDefaults()
@@ -370,39 +370,41 @@ class Settings(BaseSettings):
 def _http_url_problem(url: str) -> str | None:
     """What is wrong with an OpenAI-compatible server's base URL, or None."""
     example = "write the server's base URL with its scheme, e.g. http://localhost:11434/v1"
+    shown = without_credentials(url)
     if any(c.isspace() for c in url):
-        return f"is {_shown(url)!r}, which holds a space: {example}"
+        return f"is {shown!r}, which holds a space: {example}"
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
-        return f"is {_shown(url)!r}, not an http:// or https:// URL: {example}"
+        return f"is {shown!r}, not an http:// or https:// URL: {example}"
     return _host_and_port_problem(url, example)
 
 
 def _redis_url_problem(url: str) -> str | None:
     """What is wrong with a Redis URL, or None (the schemes and parts redis-py reads)."""
     example = "e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS, or unix:// and the socket's path)"
+    shown = without_credentials(url)
     if any(c.isspace() for c in url):
-        return f"is {_shown(url)!r}, which holds a space: {example}"
+        return f"is {shown!r}, which holds a space: {example}"
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "unix":
-        return None if parts.path else f"is {_shown(url)!r}, which names no socket: write unix:// and the socket's path"
+        return None if parts.path else f"is {shown!r}, which names no socket: write unix:// and the socket's path"
     if scheme not in ("redis", "rediss"):
-        return f"is {_shown(url)!r}, not a redis://, rediss:// or unix:// URL: {example}"
+        return f"is {shown!r}, not a redis://, rediss:// or unix:// URL: {example}"
     database = parts.path.strip("/")
     if database and not database.isdigit():
-        return f"is {_shown(url)!r}: the database after the host must be a number ({database!r} is not): {example}"
+        return f"is {shown!r}: the database after the host must be a number ({database!r} is not): {example}"
     return _host_and_port_problem(url, example)
 
 
 def _host_and_port_problem(url: str, example: str) -> str | None:
-    parts = urlsplit(url)
+    parts, shown = urlsplit(url), without_credentials(url)
     if not parts.hostname:
-        return f"is {_shown(url)!r}, which names no host: {example}"
+        return f"is {shown!r}, which names no host: {example}"
     try:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
     except ValueError:
-        return f"is {_shown(url)!r}, whose port is not a number up to 65535: {example}"
+        return f"is {shown!r}, whose port is not a number up to 65535: {example}"
     return None
 
 
