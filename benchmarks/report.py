@@ -133,7 +133,8 @@ class Report:
             "minus the same ideal. Streams open together, start their first turn spread over a ramp of "
             "10 ms per stream (at most 2 s), and pause 0 to 300 ms between turns, each on its own connection; "
             + (
-                "the load generator is compiled (`benchmarks/loadgen/`, gRPC C++, one thread for every stream)"
+                "the load generator is compiled (`benchmarks/loadgen/`, gRPC C++, one thread driving every "
+                "stream through one completion queue)"
                 if self.generator == "compiled"
                 else "the load generator is this Python process (grpc.aio)"
             )

@@ -218,7 +218,8 @@ async def measure(
                         )
     rows.sort(key=lambda r: (r.workers, r.streams, r.captions))
     generator = (
-        "the compiled load generator (`benchmarks/loadgen/`, gRPC C++, one thread for every stream)"
+        "the compiled load generator (`benchmarks/loadgen/`, gRPC C++, one thread driving every stream "
+        "through one completion queue)"
         if compiled
         else "the Python load generator (grpc.aio)"
     )
