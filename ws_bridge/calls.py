@@ -7,12 +7,27 @@ import contextlib
 
 import grpc
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from parley.v1 import voice_pb2 as pb
 
-__all__ = ["ANSWER_WAIT_S", "accepted_write", "answered", "close"]
+__all__ = ["ANSWER_WAIT_S", "CLOSE_CODE_FOR", "accepted_write", "answered", "close", "close_reading"]
 
 _REASON_BYTES = 123  # the most a WebSocket close reason may hold
+
+CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 1000,
+    grpc.StatusCode.INVALID_ARGUMENT: 1008,
+    grpc.StatusCode.NOT_FOUND: 1008,
+    grpc.StatusCode.UNAUTHENTICATED: 1008,
+    grpc.StatusCode.PERMISSION_DENIED: 1008,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
+    grpc.StatusCode.UNAVAILABLE: 1013,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 1001,
+    grpc.StatusCode.CANCELLED: 1001,
+}
+"""How an ended ``Converse`` call closes its socket (the page's and a phone call's alike); other codes
+close with 1011."""
 
 ANSWER_WAIT_S = 2.0
 """How long a new call waits for the service's response headers before writing all the same (a
@@ -43,3 +58,22 @@ async def close(websocket: ServerConnection, code: int, reason: str) -> None:
     if len(encoded) > _REASON_BYTES:
         reason = encoded[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
     await websocket.close(code, reason)
+
+
+async def close_reading(websocket: ServerConnection, code: int, reason: str) -> None:
+    """:func:`close`, reading (and dropping) what the client still sends meanwhile: a client that keeps
+    sending would otherwise fill the socket's queue of unread frames, and its answer to the close would
+    wait behind them, unread, until the close timed out (the socket held for seconds). Only while
+    nothing else reads ``websocket``."""
+
+    async def drain() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in websocket:
+                pass
+
+    draining = asyncio.create_task(drain())
+    try:
+        await close(websocket, code, reason)
+    finally:
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)

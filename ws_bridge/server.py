@@ -35,7 +35,7 @@ from websockets.typing import Subprotocol
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from ws_bridge.calls import accepted_write, answered, close
+from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close
 from ws_bridge.config import default
 from ws_bridge.metrics import BridgeMetrics, close_label
 from ws_bridge.reading import ReadingConnection
@@ -57,19 +57,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),  # (a phone call waits at most 15 s for the service)
 ]
-
-CLOSE_CODE_FOR: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 1000,
-    grpc.StatusCode.INVALID_ARGUMENT: 1008,
-    grpc.StatusCode.NOT_FOUND: 1008,
-    grpc.StatusCode.UNAUTHENTICATED: 1008,
-    grpc.StatusCode.PERMISSION_DENIED: 1008,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 1013,
-    grpc.StatusCode.UNAVAILABLE: 1013,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 1001,
-    grpc.StatusCode.CANCELLED: 1001,
-}
-"""How an ended ``Converse`` call closes its socket; other codes close with 1011."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +252,13 @@ class Bridge:
         self.metrics.sockets.set(self.sockets)
         try:
             if urlsplit(websocket.request.path).path == TWILIO_PATH if websocket.request else False:
-                await TwilioCall(websocket, self._stub, self.options.twilio, api_key=self.options.api_key).run()
+                await TwilioCall(
+                    websocket,
+                    self._stub,
+                    self.options.twilio,
+                    api_key=self.options.api_key,
+                    on_bad_frame=lambda: self.metrics.refused.labels("bad frame").inc(),
+                ).run()
             else:
                 await self._converse(websocket)
         finally:

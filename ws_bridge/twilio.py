@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,7 @@ from websockets.http11 import Request
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.logs import shorten_session_ids
-from ws_bridge.calls import accepted_write, answered, close
+from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close_reading
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -47,6 +49,9 @@ RATE = 8000
 START_WAIT_S = 10.0
 """How long a socket may take to send ``start``."""
 MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
+MAX_HELD_BYTES = RATE
+"""The caller's audio held while no ``Converse`` call is current (before the first has opened, or
+between two): the newest second, sent first when the next opens."""
 MARK_EVERY_MS = 200
 MARK_EVERY_BYTES = RATE * MARK_EVERY_MS // 1000  # (μ-law: a byte a sample)
 MAX_PARAMETER_CHARS = 8000
@@ -116,6 +121,8 @@ class TwilioCall:
     options: TwilioOptions
     api_key: str = ""
     """The bridge's API key for the service (Twilio is checked by its signature, not by a key)."""
+    on_bad_frame: Callable[[], None] | None = None
+    """Told when the socket sent what is not Twilio's protocol (the call is refused or ends: 1008)."""
     stream_sid: str = ""
     _turns: dict[str, _Turn] = field(default_factory=dict)
     _marks: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -127,7 +134,10 @@ class TwilioCall:
     session_id: str = ""
     """The call's session, once the service has started it: what a call resumed elsewhere asks for."""
     _call: grpc.aio.StreamStreamCall | None = None
-    """The ``Converse`` call the caller's audio goes to; None between two (the audio is dropped)."""
+    """The ``Converse`` call the caller's audio goes to; None before the first and between two (the
+    audio is then held: :data:`MAX_HELD_BYTES`)."""
+    _held: collections.deque[bytes] = field(default_factory=collections.deque)
+    _held_bytes: int = 0
     _call_turns: set[str] = field(default_factory=set)
     """The turns of the current ``Converse`` call (an interrupt names only those)."""
     _started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,11 +149,12 @@ class TwilioCall:
             async with asyncio.timeout(START_WAIT_S):
                 start = await self._wait_for_start()
         except TimeoutError:
-            await close(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
+            await close_reading(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
             return
         except CallError as error:
             log.warning("refused a /twilio call: %s", error)
-            await close(self.websocket, 1008, str(error))
+            self._bad_frame()
+            await close_reading(self.websocket, 1008, str(error))
             return
         except ConnectionClosed:
             return
@@ -155,8 +166,9 @@ class TwilioCall:
         finally:
             from_twilio.cancel()
             await asyncio.gather(from_twilio, return_exceptions=True)
+        # (nothing reads the socket now: a caller that sends on after stop must not hold it open)
         with contextlib.suppress(ConnectionClosed):
-            await close(self.websocket, code, shorten_session_ids(reason))
+            await close_reading(self.websocket, code, shorten_session_ids(reason))
 
     async def _converse(self, start: dict[str, Any], greeting: str, from_twilio: asyncio.Task[None]) -> tuple[int, str]:
         """Hold the phone call's conversation until it ends; the socket's close code and reason.
@@ -178,7 +190,7 @@ class TwilioCall:
                 if not await self._started_in_time(from_twilio, to_twilio, waiting_since + RESUME_WITHIN_S):
                     log.warning("twilio stream %s: no replica of the service took the call", self.stream_sid)
                     return (
-                        1011,
+                        CLOSE_CODE_FOR[grpc.StatusCode.UNAVAILABLE],
                         f"UNAVAILABLE: no replica of the voice service took the call within {RESUME_WITHIN_S:g} s",
                     )
                 await asyncio.wait({from_twilio, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
@@ -225,8 +237,7 @@ class TwilioCall:
                     request.session_id = self.session_id or request.session_id
                     continue
             log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
-            code = 1008 if ended.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) else 1011
-            return code, f"{ended.code().name}: {ended.details() or ''}"
+            return CLOSE_CODE_FOR.get(ended.code(), 1011), f"{ended.code().name}: {ended.details() or ''}"
 
     async def _open(self, start: pb.Start, greeting: str) -> grpc.aio.StreamStreamCall:
         """A ``Converse`` call for this phone call, started (and the greeting asked for): the current one."""
@@ -237,6 +248,10 @@ class TwilioCall:
         await accepted_write(call, pb.ConverseRequest(start=start))
         if greeting:
             await accepted_write(call, pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
+        while self._held:  # (what the caller said meanwhile goes first; more may come while it goes)
+            audio = self._held.popleft()
+            self._held_bytes -= len(audio)
+            await accepted_write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
         self._call = call
         return call
 
@@ -272,6 +287,7 @@ class TwilioCall:
         error = None if from_twilio.cancelled() else from_twilio.exception()
         if isinstance(error, CallError):
             log.warning("twilio call %s: %s", self.stream_sid, error)
+            self._bad_frame()
             return 1008, str(error)
         if error is not None:
             log.error("twilio call %s failed", self.stream_sid, exc_info=error)
@@ -332,8 +348,14 @@ class TwilioCall:
                         audio = base64.b64decode(payload, validate=True)
                     except binascii.Error as error:
                         raise CallError(f"a media payload that is not base64: {error}") from error
-                    if audio and (call := self._call) is not None:
+                    if len(audio) > MAX_PAYLOAD_BYTES:
+                        raise CallError("a media message without a payload, or over a second of audio")
+                    if not audio:
+                        continue
+                    if (call := self._call) is not None:
                         await self._write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
+                    else:
+                        self._hold(audio)
                 elif event == "mark":
                     name = _object(message, "mark").get("name")
                     if not isinstance(name, str):
@@ -348,6 +370,23 @@ class TwilioCall:
                     raise CallError(f"unknown event {event!r}")
         except ConnectionClosed:
             log.info("twilio stream %s: the socket closed without stop", self.stream_sid)
+
+    def _hold(self, audio: bytes) -> None:
+        """Keep the caller's audio for the next ``Converse`` call: the newest :data:`MAX_HELD_BYTES`."""
+        self._held.append(audio)
+        self._held_bytes += len(audio)
+        while self._held_bytes > MAX_HELD_BYTES:
+            excess, oldest = self._held_bytes - MAX_HELD_BYTES, self._held[0]
+            if len(oldest) <= excess:
+                self._held.popleft()
+                self._held_bytes -= len(oldest)
+            else:
+                self._held[0] = oldest[excess:]
+                self._held_bytes -= excess
+
+    def _bad_frame(self) -> None:
+        if self.on_bad_frame is not None:
+            self.on_bad_frame()
 
     async def _to_twilio(self, call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError | None:
         """Play the service's replies until the call ends; the error it ended with, if any."""

@@ -243,6 +243,7 @@ async def test_what_is_not_twilio_is_refused(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     assert reason in closed.value.rcvd.reason
     assert f"refused a /twilio call: {closed.value.rcvd.reason}" in caplog.text  # (said in the log too)
+    assert phone.bridge.metrics.refused.labels("bad frame")._value.get() == 1  # (and counted, as on /ws)
 
 
 async def test_a_bad_media_payload_ends_the_call(phone: Stack) -> None:
@@ -254,6 +255,38 @@ async def test_a_bad_media_payload_ends_the_call(phone: Stack) -> None:
         )
         await wait_for(lambda: caller.ended, 5)
         assert caller.socket.close_code == 1008 and "base64" in (caller.socket.close_reason or "")
+        assert phone.bridge.metrics.refused.labels("bad frame")._value.get() == 1  # (found in QA: not counted)
+        await caller.aclose()
+
+
+async def test_media_over_a_second_ends_the_call_even_before_its_stream_opens(phone: Stack) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()  # (found in QA: 8001 bytes passed the check on the base64 and were dropped)
+        payload = base64.b64encode(b"\xff" * (RATE + 1)).decode()
+        await caller.send({"event": "media", "media": {"payload": payload}, "streamSid": caller.stream_sid})
+        await wait_for(lambda: caller.ended, 5)
+        assert caller.socket.close_code == 1008 and "over a second" in (caller.socket.close_reason or "")
+        await caller.aclose()
+
+
+async def test_a_caller_that_sends_on_after_stop_is_let_go_at_once(phone: Stack) -> None:
+    """Found in QA: after stop nothing read the socket, so more than websockets' queue of frames sent
+    after it hid the caller's answer to the close, and the socket stayed open for the close timeout
+    (10 s)."""
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await caller.say(quiet(200, RATE))
+        began = time.monotonic()
+        await caller.hang_up()
+        silence = base64.b64encode(mulaw(quiet(20, RATE))).decode()
+        for _ in range(100):  # (a caller that is not Twilio: Twilio sends nothing after stop)
+            await caller.send({"event": "media", "media": {"payload": silence}, "streamSid": caller.stream_sid})
+        await wait_for(lambda: caller.ended, 10)
+        assert caller.socket.close_code == 1000
+        await wait_for(lambda: phone.bridge.sockets == 0, 10)
+        assert time.monotonic() - began < 3
         await caller.aclose()
 
 
@@ -519,7 +552,7 @@ async def test_a_call_whose_service_stays_away_ends_after_the_resume_window(monk
         await harness.running.stop(grace_s=0)  # the only replica, gone for good
         await wait_for(lambda: caller.ended, 10)
         assert 1.5 <= time.monotonic() - began < 6  # retried for the window, then given up
-        assert socket.close_code == 1011 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
+        assert socket.close_code == 1013 and (socket.close_reason or "").startswith("UNAVAILABLE: ")
 
 
 async def test_a_caller_who_hangs_up_while_the_call_is_being_resumed_is_let_go_at_once(
@@ -562,7 +595,7 @@ async def test_a_replica_that_takes_the_call_back_but_never_starts_it_is_given_u
             await harness.running.stop(grace_s=0)  # the call goes to the replica that never answers
             await wait_for(lambda: caller.ended, 10)
             assert 1.5 <= time.monotonic() - began < 4
-            assert socket.close_code == 1011 and "no replica of the voice service took the call" in (
+            assert socket.close_code == 1013 and "no replica of the voice service took the call" in (
                 socket.close_reason or ""
             )
     finally:
@@ -591,6 +624,50 @@ async def test_a_call_that_comes_in_while_the_service_restarts_waits_for_it() ->
         await bridge.aclose()
         if harness is not None:
             await stop_harness(harness)
+
+
+async def test_what_the_caller_says_before_the_calls_stream_opens_is_heard() -> None:
+    """Found in QA: the caller's audio before the call's stream had opened was dropped (a question said
+    at once after start was lost): now the newest second of it is held, and goes first."""
+    stt = FakeSTT(texts=["Are you there?"])
+    harness = await start_harness(FakeLLM(reply="Yes, I am here."), FakeTTS(chunk_s=0.02), stt=stt)
+    stack = await start_stack(harness)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            question = mulaw(loud(500, RATE) + quiet(300, RATE))
+            for offset in range(0, len(question), 160):  # at once, while the bridge opens the stream
+                payload = base64.b64encode(question[offset : offset + 160]).decode()
+                await caller.send({"event": "media", "media": {"payload": payload}, "streamSid": caller.stream_sid})
+            await caller.say(quiet(1000, RATE))  # then in real time
+            await wait_for(lambda: len(harness.llm.requests) == 1, 10)
+            assert harness.llm.requests[0].messages[-1].content == "Are you there?"
+            heard_ms = len(stt.heard[0]) / 2 / 16  # (at the detector's 16 kHz)
+            assert heard_ms >= 500, heard_ms  # the whole question, from its first word
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_a_call_the_service_ends_as_idle_closes_with_1001() -> None:
+    # Found in QA: every status but INVALID_ARGUMENT and NOT_FOUND closed a call with 1011; a call
+    # closes by the page's rules.
+    harness = await start_harness(
+        FakeLLM(), FakeTTS(chunk_s=0.02), stt=FakeSTT(), defaults=SessionDefaults(idle_timeout_s=0.5)
+    )
+    stack = await start_stack(harness)
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()  # then nothing
+            await wait_for(lambda: caller.ended, 10)
+            assert socket.close_code == 1001 and (socket.close_reason or "").startswith("DEADLINE_EXCEEDED: ")
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
 
 
 def test_a_call_takes_its_captions_with_the_segments() -> None:
