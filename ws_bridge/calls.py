@@ -7,11 +7,11 @@ import contextlib
 
 import grpc
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
 from parley.v1 import voice_pb2 as pb
 
-__all__ = ["ANSWER_WAIT_S", "CLOSE_CODE_FOR", "accepted_write", "answered", "close", "close_reading"]
+__all__ = ["ANSWER_WAIT_S", "CLOSE_CODE_FOR", "accepted_write", "answered", "close"]
 
 _REASON_BYTES = 123  # the most a WebSocket close reason may hold
 
@@ -53,27 +53,22 @@ async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRe
 
 
 async def close(websocket: ServerConnection, code: int, reason: str) -> None:
-    """Close ``websocket`` with ``code`` and ``reason``, cut (with "...") to what a close frame holds."""
+    """Close ``websocket`` with ``code`` and ``reason`` (cut, with "...", to what a close frame holds),
+    reading and dropping what the client still sends meanwhile, unless another task reads it: a client
+    that sends on would otherwise fill the socket's queue of unread frames, its answer to the close
+    would wait unread behind them, and the socket would stay open until the close timed out."""
     encoded = reason.encode()
     if len(encoded) > _REASON_BYTES:
         reason = encoded[: _REASON_BYTES - 3].decode(errors="ignore") + "..."
-    await websocket.close(code, reason)
-
-
-async def close_reading(websocket: ServerConnection, code: int, reason: str) -> None:
-    """:func:`close`, reading (and dropping) what the client still sends meanwhile: a client that keeps
-    sending would otherwise fill the socket's queue of unread frames, and its answer to the close would
-    wait behind them, unread, until the close timed out (the socket held for seconds). Only while
-    nothing else reads ``websocket``."""
-
-    async def drain() -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for _ in websocket:
-                pass
-
-    draining = asyncio.create_task(drain())
+    draining = asyncio.create_task(_drain(websocket))
     try:
-        await close(websocket, code, reason)
+        await websocket.close(code, reason)
     finally:
         draining.cancel()
         await asyncio.gather(draining, return_exceptions=True)
+
+
+async def _drain(websocket: ServerConnection) -> None:
+    with contextlib.suppress(ConnectionClosed, ConcurrencyError):  # (ConcurrencyError: another task reads it)
+        async for _ in websocket:
+            pass

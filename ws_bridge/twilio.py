@@ -38,7 +38,7 @@ from websockets.http11 import Request
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.logs import shorten_session_ids
-from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close_reading
+from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -149,12 +149,12 @@ class TwilioCall:
             async with asyncio.timeout(START_WAIT_S):
                 start = await self._wait_for_start()
         except TimeoutError:
-            await close_reading(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
+            await close(self.websocket, 1008, "no start message: this endpoint speaks Twilio Media Streams")
             return
         except CallError as error:
             log.warning("refused a /twilio call: %s", error)
             self._bad_frame()
-            await close_reading(self.websocket, 1008, str(error))
+            await close(self.websocket, 1008, str(error))
             return
         except ConnectionClosed:
             return
@@ -166,9 +166,8 @@ class TwilioCall:
         finally:
             from_twilio.cancel()
             await asyncio.gather(from_twilio, return_exceptions=True)
-        # (nothing reads the socket now: a caller that sends on after stop must not hold it open)
         with contextlib.suppress(ConnectionClosed):
-            await close_reading(self.websocket, code, shorten_session_ids(reason))
+            await close(self.websocket, code, shorten_session_ids(reason))
 
     async def _converse(self, start: dict[str, Any], greeting: str, from_twilio: asyncio.Task[None]) -> tuple[int, str]:
         """Hold the phone call's conversation until it ends; the socket's close code and reason.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -140,6 +142,22 @@ async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, cod
     # Everyone else is still served, and the bad socket's call was cancelled.
     await test_full_turn_through_the_bridge(stack)
     await wait_for(lambda: stack.bridge.sockets == 0 and stack.harness.running.servicer.active_streams == 0)
+
+
+async def test_a_client_that_sends_on_after_a_bad_frame_is_let_go_at_once(stack: Stack) -> None:
+    """Found in QA (on /twilio): once the bridge closes, nothing read the socket, so frames sent after
+    the close filled websockets' queue and hid the client's answer to the close: the socket stayed
+    open for the close timeout (10 s)."""
+    async with connect(stack.url) as ws:
+        await ws.send(json.dumps({"start": {}}))
+        await ws.recv()
+        began = time.monotonic()
+        await ws.send("{not json")
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(100):
+                await ws.send(json.dumps({"userText": {"text": "more"}}))
+        await wait_for(lambda: stack.bridge.sockets == 0, 10)
+        assert time.monotonic() - began < 3
 
 
 async def test_service_rejection_closes_with_its_reason(stack: Stack) -> None:
