@@ -64,6 +64,20 @@ class Plan:
     """Transcription: what was heard. Its answer is sent in chunks of ``answer_chunk`` bytes, paced
     (and stalled or dropped) like the other streams."""
     answer_chunk: int = 1 << 20
+    content_type: str | None = None
+    """Chat, speech: answer with this content type instead of the right one."""
+    body: bytes | None = None
+    """Chat, speech: answer this body (with ``content_type``) instead of a stream."""
+    endless: bytes | None = None
+    """Answer ``endless_prefix``, then this block over and over until the client leaves (a broken
+    server: a line or a JSON answer that never ends)."""
+    endless_prefix: bytes = b""
+    no_answer: bool = False
+    """Send no status line and no headers: wait until the client leaves."""
+    finish: bool = True
+    """Chat: end with a ``finish_reason`` chunk and ``[DONE]`` (False: the body just ends)."""
+    usage_choices: list[Any] | None = field(default_factory=list)
+    """Chat: the usage chunk's ``choices`` (None: sent as null)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,20 @@ class _Handler(BaseHTTPRequestHandler):
         if plan.status != 200:
             record.outcome = "failed"
             return self._error(plan.status, plan.error_message, plan.retry_after)
+        if plan.no_answer:
+            self._wait_for_client_to_leave(30.0)
+            raise _ClientGone
+        if plan.endless is not None:
+            self._start_stream(plan.content_type or "application/json")
+            self._send_chunk(record, plan.endless_prefix)
+            while not self.owner._stopping.is_set():
+                self._send_chunk(record, plan.endless)  # (until the client leaves: a broken pipe)
+            raise _ClientGone
+        if plan.body is not None:
+            self._start_stream(plan.content_type or "text/html")
+            self._send_chunk(record, plan.body)
+            self._end_stream()
+            return None
         if self.path.endswith("/chat/completions"):
             return self._chat(record, plan)
         if self.path.endswith("/audio/speech"):
@@ -260,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, record: Recorded, plan: Plan) -> None:
         model = record.body.get("model", "")
         tokens = plan.tokens if plan.tokens is not None else DEFAULT_REPLY
-        self._start_stream("text/event-stream; charset=utf-8")
+        self._start_stream(plan.content_type or "text/event-stream; charset=utf-8")
         for index, token in enumerate(tokens):
             self._pace(record, plan, index)
             if plan.malformed_after is not None and index >= plan.malformed_after:
@@ -272,10 +300,13 @@ class _Handler(BaseHTTPRequestHandler):
             if index == 0:
                 delta["role"] = "assistant"
             self._send_event(record, _chunk(model, [{"index": 0, "delta": delta, "finish_reason": None}]))
+        if not plan.finish:
+            self._end_stream()
+            return
         self._send_event(record, _chunk(model, [{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         if plan.usage and (record.body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 42, "completion_tokens": len(tokens), "total_tokens": 42 + len(tokens)}
-            self._send_event(record, _chunk(model, [], usage))
+            self._send_event(record, _chunk(model, plan.usage_choices, usage))  # type: ignore[arg-type]
         self._send_chunk(record, b"data: [DONE]\n\n")
         self._end_stream()
 
@@ -285,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _speech(self, record: Recorded, plan: Plan) -> None:
         samples = PCM_RATE * plan.audio_ms // 1000
         per_chunk = PCM_RATE * plan.audio_chunk_ms // 1000
-        self._start_stream("audio/pcm")
+        self._start_stream(plan.content_type or "audio/pcm")
         for index, start in enumerate(range(0, samples, per_chunk)):
             self._pace(record, plan, index)
             self._send_chunk(record, _tone(start, min(per_chunk, samples - start)))

@@ -44,7 +44,11 @@ from service.core.events import (
     TurnTimings,
 )
 
-__all__ = ["Outbox", "OutboxLimits", "Outlet"]
+__all__ = ["MAX_CAPTION_CHARS", "Outbox", "OutboxLimits", "Outlet"]
+
+MAX_CAPTION_CHARS = 16384
+"""Longest caption delta message (merged or not; a turn hands over no longer delta): far below what a
+gRPC client takes in one message (4 MiB by default) in any script."""
 
 
 @dataclass(frozen=True)
@@ -287,9 +291,14 @@ class Outbox:
         self._changed.set()
 
     def _caption_message(self, outlet: Outlet | None, first: TextDelta) -> TextDelta:
-        texts = [first.text]
+        texts, length = [first.text], len(first.text)
         while self._entries and self._entries[0][0] is outlet and isinstance(self._entries[0][1], TextDelta):
-            texts.append(self._entries.popleft()[1].text)  # type: ignore[union-attr]
+            text = self._entries[0][1].text  # type: ignore[union-attr]
+            if length + len(text) > MAX_CAPTION_CHARS:
+                break
+            self._entries.popleft()
+            texts.append(text)
+            length += len(text)
         return first if len(texts) == 1 else TextDelta(first.turn_id, "".join(texts))
 
     async def _audio_message(self, outlet: Outlet, first: AudioPiece) -> AudioChunk | None:

@@ -64,13 +64,18 @@ class SegmentPolicy:
     min_chars: int = 40
     """Later sentences shorter than this are joined with the next one."""
     max_chars: int = 300
-    """Later segments are at most this long (longer only when no break exists, as in a long URL)."""
+    """Later segments are at most this long (longer only when no break exists, as in a long URL, and
+    never more than ``HARD_MAX_FACTOR`` times this: a run without a break is cut inside)."""
 
     def __post_init__(self) -> None:
         if self.first_min_words < 1 or self.min_chars < 0:
             raise ValueError("first_min_words must be at least 1 and min_chars not negative")
         if self.first_max_chars < 20 or self.max_chars < self.first_max_chars:
             raise ValueError("need 20 <= first_max_chars <= max_chars")
+
+
+HARD_MAX_FACTOR = 4
+"""No segment outside a code block is longer than this many times ``max_chars``."""
 
 
 @dataclass(frozen=True)
@@ -551,7 +556,12 @@ class Segmenter:
         else:
             cut = self._later_cut(lead, region_end, closed)
         if cut is None and closed:
-            return region_end
+            cut = region_end
+        # A run with no break to end at (a "word" of thousands of characters, as a model that repeats
+        # a character writes) is cut inside: no segment the TTS gets is unbounded.
+        hard = self._start + self._policy.max_chars * HARD_MAX_FACTOR
+        if (cut is None and region_end > hard) or (cut is not None and cut > hard):
+            return hard
         return cut
 
     def _fence_cut(self, fence: tuple[int, str, int], final: bool) -> int | None:

@@ -29,7 +29,7 @@ from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
 from service.core.events import AudioPiece, SegmentStarted, TextDelta, TurnEndReason, TurnStats
 from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
-from service.core.outbox import OutboxLimits, Outlet
+from service.core.outbox import MAX_CAPTION_CHARS, OutboxLimits, Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
 from service.core.tracing import span
 from service.core.workpool import WorkPool
@@ -253,8 +253,9 @@ class Turn:
                         if self._from_llm and self._stats.first_llm_token is None:
                             self._stats.first_llm_token = time.monotonic()
                         self.text += delta
-                        if self._text_deltas:
-                            await self._emit(TextDelta(self.turn_id, delta))
+                        if self._text_deltas:  # (a delta over a message's worth goes as several)
+                            for start in range(0, len(delta), MAX_CAPTION_CHARS):
+                                await self._emit(TextDelta(self.turn_id, delta[start : start + MAX_CAPTION_CHARS]))
                         for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
                             if start:
                                 await asyncio.sleep(0)  # a long delta never holds the event loop for long

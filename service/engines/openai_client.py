@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,7 +19,11 @@ import openai
 
 from service.errors import EngineError
 
-__all__ = ["OpenAIConnection", "engine_error", "make_client"]
+__all__ = ["MAX_EVENT_LINE_BYTES", "OpenAIConnection", "bound_event_lines", "engine_error", "make_client"]
+
+MAX_EVENT_LINE_BYTES = 1 << 20
+"""Longest line of an event stream read (a chunk of a reply is a few hundred bytes): the client
+library's decoder keeps a line until it ends, however long."""
 
 _DEFAULT_HOST = "api.openai.com"
 _SECRET = re.compile(r"\b(sk-[A-Za-z0-9_*\-]{4})[A-Za-z0-9_*\-]+")
@@ -61,6 +66,34 @@ def make_client(connection: OpenAIConnection) -> openai.AsyncOpenAI:
         max_retries=0,
         default_headers=connection.extra_headers or None,
     )
+
+
+class _BoundedLines(httpx2.AsyncByteStream):
+    """A response body whose lines may be at most ``limit`` bytes long."""
+
+    def __init__(self, body: httpx2.AsyncByteStream, limit: int) -> None:
+        self._body = body
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        run = 0  # bytes since the last line's end
+        async for data in self._body:
+            end = data.rfind(b"\n")
+            run = run + len(data) if end < 0 else len(data) - end - 1
+            if run > self._limit:
+                raise ValueError(f"a line of its event stream is over {self._limit} bytes long")
+            yield data
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+def bound_event_lines(response: httpx2.Response, limit: int = MAX_EVENT_LINE_BYTES) -> None:
+    """Make reading ``response`` (an event stream, not yet read) fail on a line over ``limit`` bytes,
+    instead of keeping all of it: a broken server's endless line would otherwise take memory at the
+    speed of the network until the stall timeout."""
+    assert isinstance(response.stream, httpx2.AsyncByteStream)
+    response.stream = _BoundedLines(response.stream, limit)
 
 
 def engine_error(error: Exception, kind: type[EngineError], connection: OpenAIConnection, model: str) -> EngineError:

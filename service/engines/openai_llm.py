@@ -2,22 +2,37 @@
 
 Uses the official ``openai`` package (async client). Token deltas flow into the pipeline as they
 arrive; usage, when the server reports it, is yielded last. Errors before the first token are retried
-(see :mod:`service.engines.retry`); a stream that sends nothing for ``stall_timeout_s`` is cancelled.
+(see :mod:`service.engines.retry`); a server that sends nothing for ``stall_timeout_s`` (its answer's
+headers, or the next chunk) is given up on. What is not a whole event stream fails the turn: another
+content type (a web page, a JSON answer from a server that does not stream), a line over
+:data:`~service.engines.openai_client.MAX_EVENT_LINE_BYTES`, a stream that ends without a
+``finish_reason``. A server that ignores ``max_tokens`` is cut after that many chunks.
 Closing the stream closes the HTTP response at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from service.core.engine import LLMRequest, LLMUsage, chat_content
-from service.engines.openai_client import OpenAIConnection, engine_error, make_client
+from service.engines.openai_client import OpenAIConnection, bound_event_lines, engine_error, make_client
 from service.engines.retry import RetryPolicy, retrying, stall_guard
 from service.errors import EngineError, LLMError
 
 __all__ = ["OpenAILLM", "OpenAILLMOptions"]
+
+log = logging.getLogger(__name__)
+
+CHUNKS_BEYOND_MAX_TOKENS = 8
+"""A reply is read for at most ``max_tokens`` chunks and these (its role, its end, its usage): a server
+that ignores ``max_tokens`` (or sends chunks without text for ever) is cut there."""
+HOLD_LOOP_S = 0.004
+"""Chunks that arrived together are read without a pause for at most this long: a burst of hundreds
+in one network read would otherwise hold the event loop for tens of milliseconds."""
 
 
 @dataclass(frozen=True)
@@ -60,17 +75,48 @@ class OpenAILLM:
         if options.stream_usage:
             arguments["stream_options"] = {"include_usage": True}
         try:
-            stream = await self._client.chat.completions.create(**arguments)
+            async with asyncio.timeout(options.stall_timeout_s):  # (the answer's headers, too, are awaited so long)
+                stream = await self._client.chat.completions.create(**arguments)
+        except TimeoutError:
+            raise self._stalled() from None
         except Exception as error:
             raise self._error(error) from error
         try:
+            content_type = stream.response.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                raise LLMError(
+                    f"{self._connection.server_name} answered with {content_type or 'no content type'}, not an "
+                    "event stream: is it an OpenAI-compatible server, at its /v1 address?"
+                )
+            bound_event_lines(stream.response)
             usage: LLMUsage | None = None
+            finished = False
+            chunks = 0
+            loop = asyncio.get_running_loop()
+            resumed = loop.time()
             async for chunk in stall_guard(stream, options.stall_timeout_s, self._stalled):
+                chunks += 1
+                if chunks > request.max_tokens + CHUNKS_BEYOND_MAX_TOKENS:
+                    log.warning(
+                        "%s sent more than max_tokens (%d) chunks; the reply was cut there",
+                        self._connection.server_name,
+                        request.max_tokens,
+                    )
+                    return
                 if chunk.usage is not None:
                     usage = LLMUsage(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
-                for choice in chunk.choices:
+                for choice in chunk.choices or ():  # (a usage chunk may have none, or null)
                     if choice.delta is not None and choice.delta.content:
                         yield choice.delta.content
+                    finished = finished or choice.finish_reason is not None
+                if loop.time() - resumed > HOLD_LOOP_S:  # (chunks that came together are read at once)
+                    await asyncio.sleep(0)
+                    resumed = loop.time()
+            if not finished:
+                raise LLMError(
+                    f"{self._connection.server_name}'s reply stream ended before the reply did (no finish_reason)",
+                    retryable=True,
+                )
             if usage is not None:
                 yield usage
         except EngineError:

@@ -4,7 +4,8 @@ Each utterance is one ``POST /v1/audio/transcriptions``: a multipart form with t
 (16 kHz mono PCM16), the model, the language when one is given, and ``response_format=json``; the
 answer is ``{"text": ...}``. A failure (429, 5xx, a lost connection, a stall) is retried as the other
 openai engines retry; a server that sends nothing for ``stall_timeout_s``, before its answer or in
-the middle of it, is given up on. Cancelling closes the HTTP request at once.
+the middle of it, is given up on, as is an answer over :data:`MAX_ANSWER_BYTES` or one that takes
+longer than the connection's timeout to arrive. Cancelling closes the HTTP request at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from service.errors import EngineError, STTError
 __all__ = ["OpenAISTT", "OpenAISTTOptions", "wav"]
 
 _RATE_HZ = 16000
+
+MAX_ANSWER_BYTES = 1 << 20
+"""Longest answer read (a transcription's JSON is a few kilobytes): more fails the utterance."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,24 @@ class OpenAISTT:
                         response = await stack.enter_async_context(request)
                 except TimeoutError:
                     raise self._stalled() from None
-                body = b"".join(
-                    [data async for data in stall_guard(response.iter_bytes(), options.stall_timeout_s, self._stalled)]
-                )
+                parts, size = [], 0
+                try:
+                    async with asyncio.timeout(self._connection.timeout_s):  # (a trickle is not an answer)
+                        async for data in stall_guard(response.iter_bytes(), options.stall_timeout_s, self._stalled):
+                            size += len(data)
+                            if size > MAX_ANSWER_BYTES:
+                                raise STTError(
+                                    f"{self._connection.server_name} answered a transcription with over "
+                                    f"{MAX_ANSWER_BYTES} bytes"
+                                )
+                            parts.append(data)
+                except TimeoutError:
+                    raise STTError(
+                        f"{self._connection.server_name} did not finish its answer within "
+                        f"{self._connection.timeout_s:g} s",
+                        retryable=True,
+                    ) from None
+                body = b"".join(parts)
             answer = json.loads(body)
             text = answer["text"]
             if not isinstance(text, str):

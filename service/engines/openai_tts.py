@@ -2,12 +2,17 @@
 
 Each segment is one ``audio.speech`` request with ``response_format="pcm"`` (mono 16-bit at 24 kHz);
 audio is forwarded chunk by chunk as it arrives, not after the whole segment. Errors before the
-segment's first audio are retried; a response that stalls is cancelled; closing the stream closes the
-HTTP response at once.
+segment's first audio are retried (an answer with no audio too); a server that sends nothing for
+``stall_timeout_s`` (its answer's headers, or the next audio) is given up on; an answer of another
+content type (an error page, MP3 or WAV) fails the segment; closing the stream closes the HTTP
+response at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +26,13 @@ from service.errors import EngineError, TTSError
 __all__ = ["OPENAI_VOICES", "OpenAITTS", "OpenAITTSOptions"]
 
 _PCM_RATE_HZ = 24000
+
+NOT_RAW_PCM = re.compile(
+    r"text/|application/(json|xml|problem)|audio/(mpeg|mp3|wav|x-wav|wave|vnd\.wave|ogg|opus|aac|flac|webm|mp4)"
+)
+"""Content types that are not the raw PCM asked for: an error page or body, or a compressed or
+contained format from a server that ignores ``response_format`` (any other type, or none, is taken
+as raw PCM: servers name it ``audio/pcm``, ``audio/L16``, ``application/octet-stream``...)."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,27 @@ class OpenAITTS:
         if options.instructions and "tts-1" not in options.model:
             arguments["instructions"] = options.instructions
         try:
-            async with self._client.audio.speech.with_streaming_response.create(**arguments) as response:
+            async with contextlib.AsyncExitStack() as stack:
+                request = self._client.audio.speech.with_streaming_response.create(**arguments)
+                try:
+                    async with asyncio.timeout(options.stall_timeout_s):  # (its headers are awaited so long)
+                        response = await stack.enter_async_context(request)
+                except TimeoutError:
+                    raise self._stalled() from None
+                content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if NOT_RAW_PCM.match(content_type):
+                    raise TTSError(
+                        f"{self._connection.server_name} answered with {content_type or 'no content type'}, not raw "
+                        "PCM (response_format pcm): a server that cannot send pcm cannot be Parley's TTS"
+                    )
+                received = 0
                 # iter_bytes() with no size hands over bytes as they arrive.
                 async for data in stall_guard(response.iter_bytes(), options.stall_timeout_s, self._stalled):
                     if data:
+                        received += len(data)
                         yield Audio(data, _PCM_RATE_HZ)
+                if not received:
+                    raise TTSError(f"{self._connection.server_name} sent no audio for {text!r:.60}", retryable=True)
         except EngineError:
             raise
         except Exception as error:

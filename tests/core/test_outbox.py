@@ -19,7 +19,7 @@ from service.core.events import (
     TurnEndReason,
     TurnMoments,
 )
-from service.core.outbox import Outbox, OutboxLimits
+from service.core.outbox import MAX_CAPTION_CHARS, Outbox, OutboxLimits
 
 
 def piece(segment: int, ms: float, turn: str = "t1") -> AudioPiece:
@@ -63,6 +63,18 @@ async def test_captions_waiting_together_leave_as_one_message() -> None:
     await outlet.put(TextDelta("t1", " More"))
     messages = await drain(outbox)
     assert [m.text for m in messages if isinstance(m, TextDelta)] == ["Hello there.", " More"]
+
+
+async def test_captions_merge_up_to_a_bound() -> None:
+    # Found in QA: deltas waiting together merged without a bound, into one message over what a gRPC
+    # client takes (4 MiB by default): its stream died.
+    outbox = Outbox(OutboxLimits())
+    outlet = outbox.open_turn("t1")
+    for _ in range(10):
+        await outlet.put(TextDelta("t1", "é" * 6000))
+    messages = [m.text for m in await drain(outbox) if isinstance(m, TextDelta)]
+    assert "".join(messages) == "é" * 60000 and len(messages) == 5
+    assert all(len(text) <= MAX_CAPTION_CHARS for text in messages)
 
 
 async def test_a_full_outbox_holds_back_puts_by_seconds_of_audio() -> None:

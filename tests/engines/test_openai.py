@@ -13,6 +13,7 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from service.config import Settings
+from service.core.outbox import MAX_CAPTION_CHARS
 from service.core.settings import SessionDefaults
 from service.engines.factory import openai_connection
 from service.engines.openai_client import OpenAIConnection
@@ -345,3 +346,131 @@ def test_base_url_credentials_never_show_in_errors() -> None:
     error = openai.APIConnectionError(message=f"failed to connect to {conn.base_url}", request=request)
     message = str(engine_error(error, LLMError, conn, "m"))
     assert "S3cret" not in message and "cannot reach the server at http://127.0.0.1:9/v1" in message
+
+
+# -- a server that is broken in ways a status code does not say (found in a QA pass) --------------------
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan(body=b"<html><body>Welcome to nginx!</body></html>", content_type="text/html"),
+        Plan(body=b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}', content_type="application/json"),
+    ],
+    ids=["a web page", "an answer that does not stream"],
+)
+async def test_an_answer_that_is_not_an_event_stream_fails_the_turn(
+    both: Harness, fake: FakeOpenAI, plan: Plan
+) -> None:
+    fake.plan_chat(plan)  # (was COMPLETED with no text and no error)
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "not an event stream" in ended.error, ended.error
+    assert len(fake.of("/chat/completions")) == 1  # (not retried: it would answer the same)
+
+
+async def test_a_reply_stream_that_ends_early_fails_the_turn(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(finish=False, tokens=DEFAULT_REPLY[:8]))  # (was COMPLETED, cut mid-sentence)
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "ended before the reply did" in ended.error
+
+
+@pytest.mark.parametrize("choices", [None, []], ids=["null", "empty"])
+async def test_a_usage_chunk_without_choices_ends_the_reply_normally(
+    both: Harness, fake: FakeOpenAI, choices: list[object] | None
+) -> None:
+    fake.plan_chat(Plan(usage_choices=choices))  # (null was "cannot read: TypeError")
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+    assert ended.spoken_text == "Hello there, friend. This is the fake model talking."
+    assert ended.usage.completion_tokens == len(DEFAULT_REPLY)
+
+
+async def test_an_endless_line_fails_at_its_bound_not_at_the_memorys(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(endless=b"x" * 65536, endless_prefix=b"data: ", content_type="text/event-stream"))
+    began = time.monotonic()
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "over 1048576 bytes long" in ended.error, ended.error
+    assert time.monotonic() - began < 5  # (was: read for the stall timeout, at the network's speed)
+    await wait_for(lambda: fake.of("/chat/completions")[0].outcome == "disconnected")
+
+
+async def test_a_server_that_never_answers_is_given_up_on_after_the_stall_timeout(
+    both: Harness, fake: FakeOpenAI
+) -> None:
+    fake.plan_chat(*[Plan(no_answer=True)] * 3)  # (was: the request timeout, 30 s by default, per try)
+    began = time.monotonic()
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "sent nothing for 0.5 s" in ended.error, ended.error
+    assert "gave up after 3 tries" in ended.error and time.monotonic() - began < 4
+
+
+async def test_a_speech_server_that_never_answers_is_given_up_on_after_the_stall_timeout(
+    both: Harness, fake: FakeOpenAI
+) -> None:
+    fake.plan_speech(*[Plan(no_answer=True)] * 3)
+    began = time.monotonic()
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "sent no audio for 0.5 s" in ended.error, ended.error
+    assert time.monotonic() - began < 4
+
+
+async def test_a_server_that_ignores_max_tokens_is_cut_there(fake: FakeOpenAI) -> None:
+    fake.plan_chat(Plan(tokens=["word "] * 400))
+    h = await start_harness(
+        openai_llm(fake),  # type: ignore[arg-type]
+        FakeTTS(chunk_s=0.001),
+        defaults=SessionDefaults(max_tokens=50),
+    )
+    try:
+        (ended,) = turn_ends(await converse_all(h.stub, [start(), user("Hi?")]))
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
+        assert 50 <= ended.spoken_text.count("word") <= 58  # (was all 400)
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_delta_over_a_messages_worth_reaches_the_client_in_pieces(fake: FakeOpenAI) -> None:
+    # Found in QA: one delta of 5 MB was one caption message, over what a gRPC client takes (4 MiB):
+    # the client's stream died. (A line that long is now refused; this one is within the bound.)
+    huge = "a" * 100_000
+    fake.plan_chat(Plan(tokens=[huge, ". Done."]))
+    h = await start_harness(openai_llm(fake), FakeTTS(ms_per_char=0.01))  # type: ignore[arg-type]
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Hi?"))
+        captions = []
+        while (response := await call.read()).WhichOneof("kind") != "turn_ended":
+            if response.WhichOneof("kind") == "text_delta":
+                captions.append(response.text_delta.text)
+        assert response.turn_ended.reason == pb.TURN_END_REASON_COMPLETED, response.turn_ended.error
+        assert "".join(captions) == huge + ". Done." and max(map(len, captions)) <= MAX_CAPTION_CHARS
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"error": {"message": "no such voice"}}'),
+        ("audio/mpeg", b"\xff\xfb\x90\x00" * 2000),
+        ("audio/wav", b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 4000),
+    ],
+    ids=["json", "mp3", "wav"],
+)
+async def test_speech_that_is_not_raw_pcm_fails_instead_of_playing_as_noise(
+    both: Harness, fake: FakeOpenAI, content_type: str, body: bytes
+) -> None:
+    fake.plan_speech(*[Plan(body=body, content_type=content_type)] * 3)  # (was sent to the client as PCM)
+    responses = await converse_all(both.stub, [start(), user("Hi?")])
+    (ended,) = turn_ends(responses)
+    assert ended.reason == pb.TURN_END_REASON_FAILED and f"answered with {content_type}, not raw PCM" in ended.error
+    assert not audio_bytes(responses)
+
+
+async def test_speech_without_audio_is_retried_then_fails(both: Harness, fake: FakeOpenAI) -> None:
+    fake.plan_speech(*[Plan(audio_ms=0)] * 3)  # (was COMPLETED, the text counted as spoken without a sound)
+    (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "sent no audio for 'Hello there, friend.'" in ended.error
+    assert "gave up after 3 tries" in ended.error and ended.spoken_text == ""

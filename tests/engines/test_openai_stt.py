@@ -210,3 +210,25 @@ async def test_load_stt_builds_it_from_the_settings(fake: FakeOpenAI, monkeypatc
         await engine.aclose()
     (request,) = fake.of("/audio/transcriptions")
     assert request.body == {"model": "whisper-1", "language": "en", "response_format": "json"}
+
+
+async def test_an_answer_that_never_ends_fails_at_its_bound(stt: OpenAISTT, fake: FakeOpenAI) -> None:
+    """Found in QA: the answer was read whole, without a bound (2 GB in 45 s for a server that sent
+    an endless JSON string)."""
+    fake.plan_transcription(Plan(endless=b"x" * 65536, endless_prefix=b'{"text": "'))
+    with pytest.raises(STTError, match="answered a transcription with over 1048576 bytes"):
+        await stt.transcribe(SPEECH)
+    assert len(fake.of("/audio/transcriptions")) == 1  # (not retried)
+    await wait_for(lambda: fake.of("/audio/transcriptions")[0].outcome == "disconnected")
+
+
+async def test_an_answer_that_trickles_is_given_up_on(fake: FakeOpenAI) -> None:
+    connection = OpenAIConnection(api_key=API_KEY, base_url=fake.base_url, timeout_s=1.0)
+    stt = OpenAISTT(connection, OpenAISTTOptions(model="whisper-1", stall_timeout_s=0.5, retry=FAST_RETRY))
+    trickle = Plan(text="x" * 200, answer_chunk=1, chunk_delay_s=0.1)  # a byte every 0.1 s: never a stall
+    fake.plan_transcription(trickle, trickle, trickle)
+    began = time.monotonic()
+    with pytest.raises(STTError, match="did not finish its answer within 1 s"):
+        await stt.transcribe(SPEECH)
+    assert time.monotonic() - began < 5
+    await stt.aclose()
