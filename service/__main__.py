@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings.metrics_port,
                 host=settings.host,
                 port=settings.port,
+                reload_on_hup=settings.tls_cert_file is not None,
             )
         )
     if settings.log_level != "DEBUG":

@@ -269,6 +269,15 @@ class Settings(BaseSettings):
     def _workers_share_sessions(self) -> Settings:
         if self.worker_count < 1:
             raise ValueError("PARLEY_WORKERS (--workers) must be at least 1, or auto")
+        if self.workers != "auto" and self.workers > 1:
+            from service.workers import MAX_WORKERS_PER_CORE, core_count
+
+            if self.workers > (most := MAX_WORKERS_PER_CORE * core_count()):
+                raise ValueError(
+                    f"PARLEY_WORKERS (--workers) is {self.workers}, more than {most} ({MAX_WORKERS_PER_CORE} for "
+                    f"each of the {core_count()} cores this process may use): more processes than cores serve no "
+                    "more streams, and each loads its own engines"
+                )
         if self.worker_count > 1 and self.session_store != "redis":
             raise ValueError(
                 "several workers need a session store they share: set PARLEY_SESSION_STORE=redis (a session "

@@ -12,10 +12,11 @@ settings), or that exits before it ever served (its port or a file, the store or
 reach: a worker tells the supervisor through a pipe once it listens). Then it stops them all and
 exits with that status, as a lone service would. On SIGTERM or SIGINT it passes SIGTERM to every
 worker, which drains as a lone service does, and exits once all have (0 when every running worker
-drained). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
-its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
-it, and a supervisor refuses a port something already listens on (another supervisor's workers
-included).
+drained); with TLS on, SIGHUP it passes on (each worker reads its certificates again). More than
+``MAX_WORKERS_PER_CORE`` workers per core are refused (by the settings). A worker gets SIGTERM when
+the supervisor dies, however it dies (Linux). Worker i serves its metrics on ``PARLEY_METRICS_PORT +
+i``. A port is one service's: a lone service does not share it, and a supervisor refuses a port
+something already listens on (another supervisor's workers included).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 __all__ = [
     "CONFIGURATION_ERROR",
     "MAX_RESTART_DELAY_S",
+    "MAX_WORKERS_PER_CORE",
     "WORKER_INDEX",
     "core_count",
     "port_taken",
@@ -44,6 +46,8 @@ __all__ = [
 log = logging.getLogger("service.workers")
 
 MAX_RESTART_DELAY_S = 30.0
+MAX_WORKERS_PER_CORE = 4
+"""More workers than this per core are refused (a typo such as 20 for 2 would load 20 sets of engines)."""
 CONFIGURATION_ERROR = 2
 """A service's exit status for settings it cannot run with: a worker that exits so is not restarted."""
 WORKER_INDEX = "PARLEY_WORKER_INDEX"
@@ -55,10 +59,18 @@ _STABLE_S = 30.0  # a worker that ran this long before dying is restarted after 
 
 
 async def supervise(
-    count: int, argv: list[str], metrics_port: int | None, *, host: str | None = None, port: int | None = None
+    count: int,
+    argv: list[str],
+    metrics_port: int | None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    reload_on_hup: bool = False,
 ) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status. With ``host`` and ``port``, first
-    refuse (exit 1) a port something already listens on."""
+    refuse (exit 1) a port something already listens on. With ``reload_on_hup`` (TLS is on), SIGHUP is
+    passed to the workers, which read their certificates again; without, it ends the supervisor as it
+    ends a lone service (and the workers drain)."""
     if host is not None and port is not None and (taken := port_taken(host, port)) is not None:
         log.error("cannot start: %s", taken)
         return 1
@@ -68,6 +80,15 @@ async def supervise(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     workers: dict[int, asyncio.subprocess.Process] = {}
+
+    def reload() -> None:  # (SIGHUP: each worker reads its TLS certificates again, as a lone service does)
+        running = [p for p in workers.values() if p.returncode is None]
+        log.info("SIGHUP: passed to %d workers", len(running))
+        for process in running:
+            process.send_signal(signal.SIGHUP)
+
+    if reload_on_hup:
+        loop.add_signal_handler(signal.SIGHUP, reload)
     delays = dict.fromkeys(range(count), 1.0)
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)

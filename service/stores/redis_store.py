@@ -21,6 +21,8 @@ import secrets
 import time
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.core.aio import stopped
@@ -92,6 +94,9 @@ class RedisStore:
             decode_responses=True,
             socket_timeout=TIMEOUT_S,
             socket_connect_timeout=TIMEOUT_S,
+            # A pooled connection Redis closed while idle (a restart of Redis) fails once when next
+            # used: each operation is tried once more on a new one (the scripts are idempotent).
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         self._redis = redis.Redis.from_pool(pool)  # (closing the client closes the pool)
         self._url = url
@@ -220,12 +225,16 @@ class RedisStore:
         """Tell local streams when another stream (on any replica) took their session over."""
         channel_prefix = f"{self._prefix}:takeover:"
         outage = _Outage()
+        subscribed = False
         try:
             while True:
                 try:
                     async for message in pubsub.listen():
                         if message["type"] == "psubscribe":  # (subscribed: at the start, or again)
                             outage.over()
+                            if subscribed:  # (takeovers announced while it was down were not heard)
+                                await self._check_claims()
+                            subscribed = True
                         if message["type"] != "pmessage":
                             continue
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
@@ -251,6 +260,23 @@ class RedisStore:
             claim.lose()
             if self._claims.get(session_id) is claim:
                 del self._claims[session_id]
+
+    async def _check_claims(self) -> None:
+        """Every claim of this replica, against the owner keys: a claim another stream took over is told
+        so (one whose owner key is gone is left to its next write, which says what happened)."""
+        claims = list(self._claims.items())
+        if not claims:
+            return
+        try:
+            owners = await self._redis.mget([self._owner(session_id) for session_id, _ in claims])
+        except RedisError as error:
+            log.warning("could not check this replica's %d sessions for takeovers (%s)", len(claims), error)
+            return
+        for (session_id, claim), owner in zip(claims, owners, strict=True):
+            if owner is not None and owner != claim.token:
+                claim.lose()
+                if self._claims.get(session_id) is claim:
+                    del self._claims[session_id]
 
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}:session:{session_id}"

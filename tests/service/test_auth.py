@@ -84,8 +84,11 @@ async def test_the_right_key_works_and_health_needs_none(keyed: Harness) -> None
 async def _list_services(channel: grpc.aio.Channel, metadata: list[tuple[str, str]] | None) -> list[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     call = stub.ServerReflectionInfo(metadata=metadata)
-    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-    await call.done_writing()
+    try:
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # (a write can meet the refusal first, and then says INTERNAL: grpc/grpc#36066; read says why)
     response = await call.read()
     return [s.name for s in response.list_services_response.service]
 

@@ -283,6 +283,59 @@ def test_several_workers_refuse_the_memory_store() -> None:
     assert "several workers need a session store they share: set PARLEY_SESSION_STORE=redis" in result.stderr
 
 
+def test_more_workers_than_four_per_core_are_refused() -> None:
+    # Found in QA: PARLEY_WORKERS=99999 was taken, and the host spent minutes starting workers (each
+    # loading its own engines) with SIGTERM unheard.
+    from service.workers import core_count
+
+    too_many = 4 * core_count() + 1
+    env = {**os.environ, "PARLEY_WORKERS": str(too_many), "PARLEY_SESSION_STORE": "redis", "PARLEY_PORT": "50099"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"PARLEY_WORKERS (--workers) is {too_many}, more than {too_many - 1}" in result.stderr
+
+
+async def test_sighup_reaches_the_workers_with_tls_and_stops_nothing(redis_url: str, tmp_path: Path) -> None:
+    # Found in QA: with workers, SIGHUP (read the TLS certificates again) ended the supervisor, and so
+    # the whole service.
+    from tests.service.test_tls import make_ca, make_cert
+
+    ca = make_ca(tmp_path, "ca")
+    cert, key = make_cert(tmp_path, "server", ca, server=True)
+    port = free_port()
+    parent = start_service_process(
+        workers="2",
+        port=str(port),
+        llm="scripted",
+        tts="scripted",
+        stt="none",
+        session_store="redis",
+        redis_url=redis_url,
+        redis_prefix=f"w{secrets.token_hex(4)}",
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+    )
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        parent.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_lines, parent, "SIGHUP: passed to 2 workers", 1)
+        await asyncio.sleep(1)
+        assert parent.poll() is None and await asyncio.to_thread(children, parent.pid) == workers
+        credentials = grpc.ssl_channel_credentials(ca[0].read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            responses = await converse_all(voice_pb2_grpc.VoiceServiceStub(channel), [start(), user("Hi?")])
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+        parent.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+
+
 def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
     import gc
 

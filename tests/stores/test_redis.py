@@ -373,3 +373,36 @@ async def test_a_redis_outage_is_said_once_and_its_end_too(caplog: pytest.LogCap
         await store.aclose()
         server.terminate()
         await server.wait()
+
+
+async def test_connections_redis_closed_while_idle_are_replaced_not_failed(redis_url: str, prefix: str) -> None:
+    # Found in QA: after a restart of Redis, each pooled connection failed the first operation that took
+    # it ("Connection closed by server"), though Redis was up again: a stream refused, a turn unsaved.
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    admin = redis.from_url(redis_url, decode_responses=True)
+    try:
+        claims = await asyncio.gather(*(store.create(session(f"idle{i}")) for i in range(8)))  # (8 pooled)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # (as a restart does)
+        for i, claim in enumerate(claims):
+            assert await store.save(session(f"idle{i}"), claim)
+        assert all(await asyncio.gather(*(store.resume(f"idle{i}") for i in range(8))))
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
+async def test_a_takeover_announced_while_the_subscription_was_down_is_noticed(redis_url: str, prefix: str) -> None:
+    # Found in QA: an announcement made while the takeover subscription was down was never heard: the
+    # old stream went on, and ran a whole turn before its save found the session taken.
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60).start()
+    admin = redis.from_url(redis_url, decode_responses=True)
+    try:
+        held = await store.create(session("missed"))
+        kept = await store.create(session("kept"))
+        await admin.set(f"{prefix}:session:missed:owner", "another-stream")  # (taken; its announcement lost)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # (the subscription drops, comes back)
+        await asyncio.wait_for(held.lost.wait(), 10)
+        assert not kept.lost.is_set()
+    finally:
+        await admin.aclose()
+        await store.aclose()
