@@ -727,10 +727,13 @@ class Session:
             if owned:
                 end, _ = self._end(turn, TurnEndReason.INTERRUPTED, self._heard_text(turn, None))
                 self._outbox.put_control(end, turn.outlet)
-            else:
+            else:  # (taken over: none of it is this stream's to write; its end still says so, and counts)
                 turn.end(TurnOutcome(TurnEndReason.INTERRUPTED, "", False))
-                turn.outlet.finish(None)
                 self._current = None
+                taken = "the session was taken over by another stream: this turn is not in its history"
+                self._outbox.put_control(
+                    TurnEnd(turn.turn_id, TurnEndReason.INTERRUPTED, "", turn.stats.snapshot(), taken), turn.outlet
+                )
         self.state = SessionState.CLOSED
         self._outbox.close()
         if self._saver is not None:

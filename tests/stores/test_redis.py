@@ -406,3 +406,41 @@ async def test_a_takeover_announced_while_the_subscription_was_down_is_noticed(r
     finally:
         await admin.aclose()
         await store.aclose()
+
+
+async def test_a_turn_cut_by_a_takeover_from_another_replica_still_ends_and_says_why(
+    redis_url: str, prefix: str
+) -> None:
+    # Found in QA: the turn in progress of a stream whose session another replica took over ended with
+    # no turn_ended at all: the client saw only ABORTED, and the turn was in neither log nor metrics.
+    from tests.fakes import FakeLLM, FakeTTS
+
+    stores = [await RedisStore(redis_url, prefix=prefix, ttl_s=60).start() for _ in range(2)]
+    one = await start_harness(
+        FakeLLM(reply="A slow reply. " * 30, token_s=0.02), FakeTTS(chunk_s=0.01), store=stores[0]
+    )
+    two = await start_harness(store=stores[1])
+    try:
+        first = one.stub.Converse()
+        await first.write(start())
+        session_id = (await first.read()).session_started.session_id
+        await first.write(user("Talk."))
+        while (await first.read()).WhichOneof("kind") != "audio":
+            pass
+        second = two.stub.Converse()
+        await second.write(start(session_id=session_id))
+        assert (await second.read()).session_started.session_id == session_id
+        ends = []
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            while (response := await first.read()) is not grpc.aio.EOF:
+                if response.WhichOneof("kind") == "turn_ended":
+                    ends.append(response.turn_ended)
+        assert taken.value.code() == grpc.StatusCode.ABORTED
+        (ended,) = ends
+        assert ended.reason == pb.TURN_END_REASON_INTERRUPTED and "taken over by another stream" in ended.error
+        second.cancel()
+    finally:
+        await stop_harness(one)
+        await stop_harness(two)
+        for store in stores:
+            await store.aclose()
