@@ -9,6 +9,12 @@ Taking a session over sets the owner key and publishes the new token on
 ``{prefix}:takeover:{id}``; every replica listens (one pattern subscription each) and tells its
 stream that lost the session. Writes check the owner in a Lua script, so a stream that lost its
 session can no longer write to it.
+
+Before it takes a session over, a stream asks its holder to let go, as :func:`hand_over` does on one
+replica, so that it finds the reply the holder was giving: on the same channel, ``want:<token>`` (the
+owner key's token) asks; the holder's replica answers ``held:<token>`` and, once its stream has ended
+and written what it had, ``gone:<token>``. A holder that does not answer within
+:data:`HELD_REPLY_S` (its replica died) is not waited for.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.core.aio import stopped
-from service.core.store import Claim, StoredSession, hand_over
+from service.core.aio import first_of, stopped
+from service.core.store import HANDOVER_TIMEOUT_S, Claim, StoredSession, hand_over
 from service.errors import StoreUnavailable
 from service.setting_errors import without_credentials
 
@@ -75,6 +82,18 @@ RECONNECTING_SAID_EVERY_S = 60.0
 tries every second)."""
 TIMEOUT_S = 5.0
 """How long an operation waits for Redis: to connect, for a reply, and for a free connection."""
+HELD_REPLY_S = 0.5
+"""How long a stream resuming a session held on another replica waits for that replica to answer
+that it holds it (then up to HANDOVER_TIMEOUT_S for it to let go)."""
+
+
+@dataclass
+class _HandOver:
+    """A resume waiting for another replica's stream to let go of the session."""
+
+    token: str
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RedisStore:
@@ -103,6 +122,7 @@ class RedisStore:
         self._prefix = prefix
         self._ttl = max(1, round(ttl_s))
         self._claims: dict[str, Claim] = {}
+        self._handovers: dict[str, list[_HandOver]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._save = self._redis.register_script(_SAVE)
@@ -144,6 +164,8 @@ class RedisStore:
         previous = self._claims.get(session_id)
         if previous is not None:
             await hand_over(previous)  # held on this replica: it writes what it has, then lets go
+        else:
+            await self._hand_over_elsewhere(session_id)
         claim = Claim(session_id, secrets.token_hex(16))
         keys = [self._key(session_id), self._owner(session_id), self._channel(session_id)]
         try:
@@ -168,6 +190,30 @@ class RedisStore:
             raise self._unavailable(error) from error
         return StoredSession.from_json(json.loads(data)), claim
 
+    async def _hand_over_elsewhere(self, session_id: str) -> None:
+        """Ask the stream that holds the session on another replica (or worker) to end and let go, and
+        wait until it has (at most :data:`HELD_REPLY_S` for an answer, then :data:`HANDOVER_TIMEOUT_S`)."""
+        try:
+            owner = await self._redis.get(self._owner(session_id))
+            if owner is None:
+                return
+            owner = owner if isinstance(owner, str) else owner.decode()  # (decoded: decode_responses)
+            waiter = _HandOver(owner)
+            self._handovers.setdefault(session_id, []).append(waiter)
+            try:
+                await self._redis.publish(self._channel(session_id), f"want:{owner}")
+                await first_of(waiter.held, waiter.gone, timeout_s=HELD_REPLY_S)
+                if waiter.held.is_set():
+                    await first_of(waiter.gone, timeout_s=HANDOVER_TIMEOUT_S)
+            finally:
+                waiting = self._handovers.get(session_id, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                if not waiting:
+                    self._handovers.pop(session_id, None)
+        except RedisError as error:
+            raise self._unavailable(error) from error
+
     async def save(self, session: StoredSession, claim: Claim) -> bool:
         keys = [self._key(session.session_id), self._owner(session.session_id)]
         try:
@@ -189,6 +235,9 @@ class RedisStore:
                 )
         finally:
             claim.released.set()
+        if claim.wanted.is_set():  # (a resume on another replica waits for this)
+            with contextlib.suppress(RedisError):
+                await self._redis.publish(self._channel(claim.session_id), f"gone:{claim.token}")
 
     def counts(self) -> tuple[int, int | None]:
         return len(self._claims), None  # (the stored ones are Redis's to count, shared by every replica)
@@ -238,6 +287,10 @@ class RedisStore:
                         if message["type"] != "pmessage":
                             continue
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
+                        kind, _, token = str(message["data"]).partition(":")
+                        if token:  # (a hand-over: want, held or gone)
+                            await self._handing_over(session_id, kind, token)
+                            continue
                         claim = self._claims.get(session_id)
                         if claim is not None and claim.token != message["data"]:
                             await self._check_takeover(session_id, claim)
@@ -260,6 +313,20 @@ class RedisStore:
             claim.lose()
             if self._claims.get(session_id) is claim:
                 del self._claims[session_id]
+
+    async def _handing_over(self, session_id: str, kind: str, token: str) -> None:
+        """A hand-over message: another replica wants a session a stream here holds (it is asked to end
+        and let go: it writes what it has first), or a holder elsewhere answers a resume here."""
+        if kind == "want":
+            claim = self._claims.get(session_id)
+            if claim is not None and claim.token == token and not claim.lost.is_set():
+                claim.wanted.set()
+                with contextlib.suppress(RedisError):
+                    await self._redis.publish(self._channel(session_id), f"held:{token}")
+            return
+        for waiter in self._handovers.get(session_id, []):
+            if waiter.token == token:
+                (waiter.held if kind == "held" else waiter.gone).set()
 
     async def _check_claims(self) -> None:
         """Every claim of this replica, against the owner keys: a claim another stream took over is told

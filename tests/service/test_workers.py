@@ -51,9 +51,22 @@ async def one_turn(port: int) -> pb.TurnEnded:
     return responses[-1].turn_ended
 
 
-async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: str) -> None:
-    port = free_port()
-    parent = start_service_process(
+async def drained(parent: subprocess.Popen[str]) -> int:
+    """SIGTERM to the supervisor; its exit status once every worker drained."""
+    parent.send_signal(signal.SIGTERM)
+    return await asyncio.to_thread(parent.wait, 60)
+
+
+def reap(parent: subprocess.Popen[str]) -> None:
+    """However a test ended: the supervisor gone, its output read."""
+    if parent.poll() is None:
+        parent.kill()
+    parent.communicate(timeout=30)
+
+
+def start_workers(port: int, redis_url: str, **settings: str) -> subprocess.Popen[str]:
+    """Two workers on ``port``, scripted engines, sessions in Redis under a prefix of their own."""
+    return start_service_process(
         workers="2",
         port=str(port),
         llm="scripted",
@@ -62,7 +75,13 @@ async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: 
         session_store="redis",
         redis_url=redis_url,
         redis_prefix=f"w{secrets.token_hex(4)}",
+        **settings,
     )
+
+
+async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: str) -> None:
+    port = free_port()
+    parent = start_workers(port, redis_url)
     try:
         log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         assert "[w0] service: Parley listening" in log and "[w1] service: Parley listening" in log  # (which worker)
@@ -117,12 +136,9 @@ async def test_workers_outlive_neither_a_killed_supervisor_nor_a_clean_stop_duri
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         os.kill(min(await asyncio.to_thread(children, parent.pid)), signal.SIGKILL)
         await asyncio.to_thread(wait_for_lines, parent, "restarting it in", 1)
-        parent.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(parent.wait, 60) == 0
+        assert await drained(parent) == 0
     finally:
-        if parent.poll() is None:
-            parent.kill()
-        parent.communicate(timeout=30)
+        reap(parent)
     # The supervisor killed outright: its workers stop too (none keeps serving the port on its own).
     parent = start_service_process(**settings)
     try:
@@ -305,18 +321,7 @@ async def test_sighup_reaches_the_workers_with_tls_and_stops_nothing(redis_url: 
     ca = make_ca(tmp_path, "ca")
     cert, key = make_cert(tmp_path, "server", ca, server=True)
     port = free_port()
-    parent = start_service_process(
-        workers="2",
-        port=str(port),
-        llm="scripted",
-        tts="scripted",
-        stt="none",
-        session_store="redis",
-        redis_url=redis_url,
-        redis_prefix=f"w{secrets.token_hex(4)}",
-        tls_cert_file=str(cert),
-        tls_key_file=str(key),
-    )
+    parent = start_workers(port, redis_url, tls_cert_file=str(cert), tls_key_file=str(key))
     try:
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         workers = await asyncio.to_thread(children, parent.pid)
@@ -328,12 +333,9 @@ async def test_sighup_reaches_the_workers_with_tls_and_stops_nothing(redis_url: 
         async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
             responses = await converse_all(voice_pb2_grpc.VoiceServiceStub(channel), [start(), user("Hi?")])
         assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
-        parent.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(parent.wait, 60) == 0
+        assert await drained(parent) == 0
     finally:
-        if parent.poll() is None:
-            parent.kill()
-        parent.communicate(timeout=30)
+        reap(parent)
 
 
 def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
