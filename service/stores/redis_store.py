@@ -62,6 +62,13 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return data
 """
+# KEYS: session, owner. ARGV: token, ttl. Let go: the owner key goes (if it is still this stream's),
+# so that a later resume knows nobody holds the session; the session's idle time starts now.
+_RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 # KEYS: session, owner. ARGV: token, ttl. Keep a held session alive (0 and -1 as for _SAVE).
 _RENEW = """
 local owner = redis.call('GET', KEYS[2])
@@ -128,6 +135,7 @@ class RedisStore:
         self._save = self._redis.register_script(_SAVE)
         self._resume = self._redis.register_script(_RESUME)
         self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
 
     async def start(self) -> RedisStore:
         """Check the connection and start listening for takeovers. Raises StoreUnavailable."""
@@ -230,7 +238,7 @@ class RedisStore:
             del self._claims[claim.session_id]
         try:
             with contextlib.suppress(RedisError):
-                await self._renew(
+                await self._release(
                     keys=[self._key(claim.session_id), self._owner(claim.session_id)], args=[claim.token, self._ttl]
                 )
         finally:
