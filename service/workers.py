@@ -190,7 +190,9 @@ def _how(code: int | None) -> str:
 
 def _die_with_parent() -> None:
     """In a worker, before it runs: SIGTERM when the supervisor dies, however it dies (Linux), so that
-    no worker is left serving the port on its own."""
+    no worker is left serving the port on its own; SIGHUP ignored until the worker serves (it then
+    reads its TLS certificates on SIGHUP: one still starting reads them fresh anyway)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (kept across exec; the served worker's handler replaces it)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -69,6 +69,17 @@ async def close(websocket: ServerConnection, code: int, reason: str) -> None:
 
 
 async def _drain(websocket: ServerConnection) -> None:
-    with contextlib.suppress(ConnectionClosed, ConcurrencyError):  # (ConcurrencyError: another task reads it)
-        async for _ in websocket:
-            pass
+    """Read and drop frames until the socket closes; while another task reads it, look again soon (it
+    may stop reading before the close is over)."""
+    while True:
+        try:
+            async for _ in websocket:
+                pass
+            return
+        except ConnectionClosed:
+            return
+        except ConcurrencyError:
+            await asyncio.sleep(_DRAIN_RETRY_S)
+
+
+_DRAIN_RETRY_S = 0.05

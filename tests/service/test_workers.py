@@ -323,6 +323,8 @@ async def test_sighup_reaches_the_workers_with_tls_and_stops_nothing(redis_url: 
     port = free_port()
     parent = start_workers(port, redis_url, tls_cert_file=str(cert), tls_key_file=str(key))
     try:
+        await asyncio.to_thread(wait_for_lines, parent, "worker 1 started", 1)
+        parent.send_signal(signal.SIGHUP)  # (from a review: a worker still starting was killed by it)
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         workers = await asyncio.to_thread(children, parent.pid)
         parent.send_signal(signal.SIGHUP)
