@@ -134,8 +134,8 @@ class TwilioCall:
     session_id: str = ""
     """The call's session, once the service has started it: what a call resumed elsewhere asks for."""
     _call: grpc.aio.StreamStreamCall | None = None
-    """The ``Converse`` call the caller's audio goes to; None before the first and between two (the
-    audio is then held: :data:`MAX_HELD_BYTES`)."""
+    """The ``Converse`` call the caller's audio goes to, once it has started its session; None before
+    and between two (the audio is then held: :data:`MAX_HELD_BYTES`)."""
     _held: collections.deque[bytes] = field(default_factory=collections.deque)
     _held_bytes: int = 0
     _call_turns: set[str] = field(default_factory=set)
@@ -192,6 +192,8 @@ class TwilioCall:
                         CLOSE_CODE_FOR[grpc.StatusCode.UNAVAILABLE],
                         f"UNAVAILABLE: no replica of the voice service took the call within {RESUME_WITHIN_S:g} s",
                     )
+                if self._started.is_set():
+                    await self._take_audio(call)
                 await asyncio.wait({from_twilio, to_twilio}, return_when=asyncio.FIRST_COMPLETED)
                 if from_twilio.done():
                     return await self._caller_ended(from_twilio, call, to_twilio)
@@ -247,12 +249,17 @@ class TwilioCall:
         await accepted_write(call, pb.ConverseRequest(start=start))
         if greeting:
             await accepted_write(call, pb.ConverseRequest(speak_text=pb.SpeakText(text=greeting, flush=True)))
-        while self._held:  # (what the caller said meanwhile goes first; more may come while it goes)
+        return call
+
+    async def _take_audio(self, call: grpc.aio.StreamStreamCall) -> None:
+        """``call`` started its session: it gets the caller's audio from now on, what was held first
+        (more may come while that goes: it is held too, and goes next). Held audio is kept for a call
+        that has started: one refused on the way (a replica full or going away) would lose it."""
+        while self._held:
             audio = self._held.popleft()
             self._held_bytes -= len(audio)
             await accepted_write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
         self._call = call
-        return call
 
     async def _started_in_time(
         self, from_twilio: asyncio.Task[None], to_twilio: asyncio.Task[Any], deadline: float

@@ -78,7 +78,7 @@ class _BoundedLines(httpx2.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         run = 0  # bytes since the last line's end
         async for data in self._body:
-            end = data.rfind(b"\n")
+            end = max(data.rfind(b"\n"), data.rfind(b"\r"))  # (a line may end with either)
             run = run + len(data) if end < 0 else len(data) - end - 1
             if run > self._limit:
                 raise ValueError(f"a line of its event stream is over {self._limit} bytes long")

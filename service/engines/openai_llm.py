@@ -27,9 +27,11 @@ __all__ = ["OpenAILLM", "OpenAILLMOptions"]
 
 log = logging.getLogger(__name__)
 
-CHUNKS_BEYOND_MAX_TOKENS = 8
-"""A reply is read for at most ``max_tokens`` chunks and these (its role, its end, its usage): a server
-that ignores ``max_tokens`` (or sends chunks without text for ever) is cut there."""
+CHUNKS_PER_TOKEN = 4
+CHUNKS_BEYOND_MAX_TOKENS = 16
+"""A reply is read for at most ``CHUNKS_PER_TOKEN`` chunks per token of ``max_tokens`` and these (its
+role, its end, its usage; a gateway may stream a token a character at a time): a server that ignores
+``max_tokens`` (or sends chunks without text for ever) is cut there."""
 HOLD_LOOP_S = 0.004
 """Chunks that arrived together are read without a pause for at most this long: a burst of hundreds
 in one network read would otherwise hold the event loop for tens of milliseconds."""
@@ -74,6 +76,8 @@ class OpenAILLM:
         arguments["max_completion_tokens" if self._connection.is_openai else "max_tokens"] = request.max_tokens
         if options.stream_usage:
             arguments["stream_options"] = {"include_usage": True}
+        # Uncompressed: the bound on a line of the event stream counts the bytes received.
+        arguments["extra_headers"] = {"Accept-Encoding": "identity"}
         try:
             async with asyncio.timeout(options.stall_timeout_s):  # (the answer's headers, too, are awaited so long)
                 stream = await self._client.chat.completions.create(**arguments)
@@ -91,12 +95,12 @@ class OpenAILLM:
             bound_event_lines(stream.response)
             usage: LLMUsage | None = None
             finished = False
-            chunks = 0
+            chunks = 0  # (see CHUNKS_PER_TOKEN)
             loop = asyncio.get_running_loop()
             resumed = loop.time()
             async for chunk in stall_guard(stream, options.stall_timeout_s, self._stalled):
                 chunks += 1
-                if chunks > request.max_tokens + CHUNKS_BEYOND_MAX_TOKENS:
+                if chunks > CHUNKS_PER_TOKEN * request.max_tokens + CHUNKS_BEYOND_MAX_TOKENS:
                     log.warning(
                         "%s sent more than max_tokens (%d) chunks; the reply was cut there",
                         self._connection.server_name,

@@ -105,7 +105,7 @@ class OpenAITTS:
                     if data:
                         received += len(data)
                         yield Audio(data, _PCM_RATE_HZ)
-                if not received:
+                if not received and any(c.isalnum() for c in text):  # (a lone "…" may well sound of nothing)
                     raise TTSError(f"{self._connection.server_name} sent no audio for {text!r:.60}", retryable=True)
         except EngineError:
             raise

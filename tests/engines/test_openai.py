@@ -392,6 +392,7 @@ async def test_an_endless_line_fails_at_its_bound_not_at_the_memorys(both: Harne
     assert ended.reason == pb.TURN_END_REASON_FAILED and "over 1048576 bytes long" in ended.error, ended.error
     assert time.monotonic() - began < 5  # (was: read for the stall timeout, at the network's speed)
     await wait_for(lambda: fake.of("/chat/completions")[0].outcome == "disconnected")
+    assert fake.of("/chat/completions")[0].headers["accept-encoding"] == "identity"  # (the bound counts plain bytes)
 
 
 async def test_a_server_that_never_answers_is_given_up_on_after_the_stall_timeout(
@@ -415,7 +416,7 @@ async def test_a_speech_server_that_never_answers_is_given_up_on_after_the_stall
 
 
 async def test_a_server_that_ignores_max_tokens_is_cut_there(fake: FakeOpenAI) -> None:
-    fake.plan_chat(Plan(tokens=["word "] * 400))
+    fake.plan_chat(Plan(tokens=["word "] * 600))
     h = await start_harness(
         openai_llm(fake),  # type: ignore[arg-type]
         FakeTTS(chunk_s=0.001),
@@ -424,7 +425,7 @@ async def test_a_server_that_ignores_max_tokens_is_cut_there(fake: FakeOpenAI) -
     try:
         (ended,) = turn_ends(await converse_all(h.stub, [start(), user("Hi?")]))
         assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended.error
-        assert 50 <= ended.spoken_text.count("word") <= 58  # (was all 400)
+        assert 200 <= ended.spoken_text.count("word") <= 216  # (four chunks a token, and 16: was all 600)
     finally:
         await stop_harness(h)
 
