@@ -417,6 +417,29 @@ async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones() -> None
     await h.channel.close()
 
 
+async def test_a_drain_tells_health_watchers_not_serving_and_refuses_new_calls_on_open_connections() -> None:
+    # What the README says a drain looks like to probes (a QA pass found it said NOT_SERVING for checks
+    # on an open connection, which gRPC refuses as it refuses every new call once the server stops).
+    h = await start_harness(FakeLLM(reply="One sentence to finish speaking. " * 3, token_s=0.02))
+    health = health_pb2_grpc.HealthStub(h.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    call = h.stub.Converse()
+    await call.write(start())
+    await call.read()
+    await call.write(user("Go on."))
+    await call.read()  # (a stream in flight keeps the drain going)
+    stopping = asyncio.create_task(h.running.stop(grace_s=5))
+    assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    call.cancel()
+    watch.cancel()
+    await stopping
+    await h.channel.close()
+
+
 async def test_shutdown_ends_open_streams_after_their_turn_and_says_where_to_go() -> None:
     h = await start_harness(FakeLLM(reply="One sentence to finish speaking. " * 3, token_s=0.02))
     busy, idle = h.stub.Converse(), h.stub.Converse()
