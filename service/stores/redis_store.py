@@ -25,7 +25,9 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -130,6 +132,8 @@ class RedisStore:
         self._ttl = max(1, round(ttl_s))
         self._claims: dict[str, Claim] = {}
         self._handovers: dict[str, list[_HandOver]] = {}
+        self._asides: set[asyncio.Task[None]] = set()
+        """What the listener started and goes on without waiting for (a slow Redis holds no notice)."""
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._save = self._redis.register_script(_SAVE)
@@ -251,7 +255,7 @@ class RedisStore:
         return len(self._claims), None  # (the stored ones are Redis's to count, shared by every replica)
 
     async def aclose(self) -> None:
-        for task in (self._listener, self._renewer):
+        for task in (self._listener, self._renewer, *self._asides):
             if task is not None:
                 await stopped(task)  # (a command in flight can lose a cancellation on Python 3.11)
         await self._redis.aclose()
@@ -290,18 +294,18 @@ class RedisStore:
                         if message["type"] == "psubscribe":  # (subscribed: at the start, or again)
                             outage.over()
                             if subscribed:  # (takeovers announced while it was down were not heard)
-                                await self._check_claims()
+                                self._aside(self._check_claims())
                             subscribed = True
                         if message["type"] != "pmessage":
                             continue
                         session_id = str(message["channel"]).removeprefix(channel_prefix)
                         kind, _, token = str(message["data"]).partition(":")
                         if token:  # (a hand-over: want, held or gone)
-                            await self._handing_over(session_id, kind, token)
+                            self._aside(self._handing_over(session_id, kind, token))
                             continue
                         claim = self._claims.get(session_id)
                         if claim is not None and claim.token != message["data"]:
-                            await self._check_takeover(session_id, claim)
+                            self._aside(self._check_takeover(session_id, claim))
                 except RedisError as error:
                     outage.failed(error)
                     await asyncio.sleep(1)
@@ -321,6 +325,12 @@ class RedisStore:
             claim.lose()
             if self._claims.get(session_id) is claim:
                 del self._claims[session_id]
+
+    def _aside(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the listener, which goes on at once to the next message."""
+        task = asyncio.create_task(work)
+        self._asides.add(task)
+        task.add_done_callback(self._asides.discard)
 
     async def _handing_over(self, session_id: str, kind: str, token: str) -> None:
         """A hand-over message: another replica wants a session a stream here holds (it is asked to end

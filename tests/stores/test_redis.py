@@ -498,3 +498,26 @@ async def test_a_resume_does_not_wait_for_a_holder_that_is_gone(
     began = loop.time()
     assert await store.resume("crashed") is not None
     assert loop.time() - began < 1.5  # (the answer's wait, not the hand-over's 3 s)
+
+
+async def test_a_slow_answer_to_one_hand_over_holds_no_other_notice(
+    replicas: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From a review: the listener answered a hand-over (and checked takeovers) inline, so a Redis slow
+    # to answer one of them held every later notice behind it.
+    one, two = replicas
+    wanted = await one.create(session("wanted"))
+    taken = await one.create(session("taken"))
+    publish = one._redis.publish
+
+    async def slow_publish(channel: str, message: str) -> int:
+        if message.startswith("held:"):
+            await asyncio.sleep(3)
+        return await publish(channel, message)
+
+    monkeypatch.setattr(one._redis, "publish", slow_publish)
+    await two._redis.publish(two._channel("wanted"), f"want:{wanted.token}")  # (its answer will be slow)
+    await asyncio.sleep(0.1)
+    assert wanted.wanted.is_set()
+    await asyncio.wait_for(asyncio.shield(two.resume("taken")), 3)  # (its announcement comes next)
+    await asyncio.wait_for(taken.lost.wait(), 1)
