@@ -475,3 +475,32 @@ async def test_speech_without_audio_is_retried_then_fails(both: Harness, fake: F
     (ended,) = turn_ends(await converse_all(both.stub, [start(), user("Hi?")]))
     assert ended.reason == pb.TURN_END_REASON_FAILED and "sent no audio for 'Hello there, friend.'" in ended.error
     assert "gave up after 3 tries" in ended.error and ended.spoken_text == ""
+
+
+async def test_an_event_stream_whose_lines_end_with_cr_is_not_cut_at_the_line_bound() -> None:
+    # From a review: only LF ended a line for the bound, but an event stream's lines may end with CR.
+    import httpx2
+
+    from service.engines.openai_client import bound_event_lines
+
+    class Body(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b"data: {}\r\r" + b"x" * 400_000 + b"\r\r"
+
+    response = httpx2.Response(200, stream=Body())
+    bound_event_lines(response, limit=500_000)
+    assert len(b"".join([data async for data in response.aiter_raw()])) == 4 * (400_000 + 12)
+
+
+async def test_speech_of_text_with_nothing_to_say_may_come_back_empty(fake: FakeOpenAI) -> None:
+    # From a review: an empty answer fails a segment only when its text has a letter or digit in it.
+    fake.plan_speech(*[Plan(audio_ms=0)] * 4)  # (one for "…", three tries for "Hi.")
+    tts = openai_tts(fake)
+    try:
+        assert [audio async for audio in tts.synthesize("…", "coral")] == []
+        with pytest.raises(EngineError, match="sent no audio"):
+            async for _ in tts.synthesize("Hi.", "coral"):
+                pass
+    finally:
+        await tts.aclose()
