@@ -322,9 +322,7 @@ class RedisStore:
             log.warning("could not check a takeover of session %s… (%s)", session_id[:8], error)
             return
         if owner != claim.token:
-            claim.lose()
-            if self._claims.get(session_id) is claim:
-                del self._claims[session_id]
+            self._taken(claim)
 
     def _aside(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` beside the listener, which goes on at once to the next message."""
@@ -349,19 +347,23 @@ class RedisStore:
     async def _check_claims(self) -> None:
         """Every claim of this replica, against the owner keys: a claim another stream took over is told
         so (one whose owner key is gone is left to its next write, which says what happened)."""
-        claims = list(self._claims.items())
+        claims = list(self._claims.values())
         if not claims:
             return
         try:
-            owners = await self._redis.mget([self._owner(session_id) for session_id, _ in claims])
+            owners = await self._redis.mget([self._owner(claim.session_id) for claim in claims])
         except RedisError as error:
             log.warning("could not check this replica's %d sessions for takeovers (%s)", len(claims), error)
             return
-        for (session_id, claim), owner in zip(claims, owners, strict=True):
+        for claim, owner in zip(claims, owners, strict=True):
             if owner is not None and owner != claim.token:
-                claim.lose()
-                if self._claims.get(session_id) is claim:
-                    del self._claims[session_id]
+                self._taken(claim)
+
+    def _taken(self, claim: Claim) -> None:
+        """Another stream owns ``claim``'s session now: its stream is told, and it is held no more."""
+        claim.lose()
+        if self._claims.get(claim.session_id) is claim:
+            del self._claims[claim.session_id]
 
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}:session:{session_id}"
