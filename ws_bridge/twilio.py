@@ -50,8 +50,8 @@ START_WAIT_S = 10.0
 """How long a socket may take to send ``start``."""
 MAX_PAYLOAD_BYTES = RATE  # one second of μ-law (Twilio sends 20 ms)
 MAX_HELD_BYTES = RATE
-"""The caller's audio held while no ``Converse`` call is current (before the first has opened, or
-between two): the newest second, sent first when the next opens."""
+"""The caller's audio held while no ``Converse`` call is current (before the first has started its
+session, or between two): the newest second, sent first to the next once it has started."""
 MARK_EVERY_MS = 200
 MARK_EVERY_BYTES = RATE * MARK_EVERY_MS // 1000  # (μ-law: a byte a sample)
 MAX_PARAMETER_CHARS = 8000
