@@ -4,6 +4,8 @@ that close upstream connections, and history on the second turn."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -13,8 +15,11 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from service.config import Settings
+from service.core.engine import LLMRequest
+from service.core.engine import Message as EngineMessage
 from service.core.outbox import MAX_CAPTION_CHARS
 from service.core.settings import SessionDefaults
+from service.engines import openai_llm as openai_llm_module
 from service.engines.factory import openai_connection
 from service.engines.openai_client import OpenAIConnection
 from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
@@ -504,3 +509,32 @@ async def test_speech_of_text_with_nothing_to_say_may_come_back_empty(fake: Fake
                 pass
     finally:
         await tts.aclose()
+
+
+async def test_a_burst_of_chunks_lets_other_tasks_run(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found in QA: one read of an event stream (64 KB, about 600 events) was parsed and yielded
+    # without a pause, holding the event loop 30 to 50 ms; the engine now yields to the loop when it
+    # has held it HOLD_LOOP_S. At 0 it yields after every chunk, which a task beside it can see.
+    monkeypatch.setattr(openai_llm_module, "HOLD_LOOP_S", 0.0)
+    fake.plan_chat(Plan(tokens=["word "] * 1500))
+    llm = openai_llm(fake)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    beside = asyncio.create_task(ticker())
+    try:
+        seen: list[int] = []  # the ticker's count at each delta
+        async for item in llm.stream(LLMRequest((EngineMessage("user", "Hi?"),), 0.7, 2000)):
+            if isinstance(item, str):
+                seen.append(ticks)
+    finally:
+        beside.cancel()
+        await llm.aclose()
+    assert len(seen) == 1500
+    held = sum(a == b for a, b in itertools.pairwise(seen))  # deltas with no turn of the ticker between
+    assert held < len(seen) // 10, held
