@@ -651,6 +651,38 @@ async def test_what_the_caller_says_before_the_calls_stream_opens_is_heard() -> 
         await stop_harness(harness)
 
 
+async def test_what_the_caller_says_while_no_replica_takes_the_call_is_heard_by_the_one_that_does() -> None:
+    """Found in a review: the audio held for a call's stream went to the first stream opened, though
+    a stream refused on the way (no replica up yet) never heard it: it now goes to the first stream
+    that has started its session."""
+    port = free_port()
+    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
+    harness: Harness | None = None
+    try:
+        async with connect(f"ws://127.0.0.1:{bridge.port}/twilio") as socket:
+            caller = FakeTwilio(socket)
+            await caller.start({"greeting": "Hello."})
+            question = mulaw(loud(500, RATE) + quiet(300, RATE))
+            for offset in range(0, len(question), 160):  # at once, while no replica takes the call
+                payload = base64.b64encode(question[offset : offset + 160]).decode()
+                await caller.send({"event": "media", "media": {"payload": payload}, "streamSid": caller.stream_sid})
+            await asyncio.sleep(1.0)  # (streams are refused meanwhile: the bridge tries again)
+            assert not caller.ended
+            stt = FakeSTT(texts=["Are you there?"])
+            harness = await start_harness(FakeLLM(reply="Yes, I am here."), FakeTTS(chunk_s=0.02), stt=stt, port=port)
+            await wait_for(lambda: len(caller.of("media")) > 0, 10)  # the greeting: a replica has the call
+            await caller.say(quiet(1000, RATE))
+            await wait_for(lambda: len(harness.llm.requests) == 1, 10)  # type: ignore[union-attr]
+            assert harness.llm.requests[0].messages[-1].content == "Are you there?"
+            heard_ms = len(stt.heard[0]) / 2 / 16  # (at the detector's 16 kHz)
+            assert heard_ms >= 500, heard_ms  # the whole question, from its first word
+            await caller.aclose()
+    finally:
+        await bridge.aclose()
+        if harness is not None:
+            await stop_harness(harness)
+
+
 async def test_a_call_the_service_ends_as_idle_closes_with_1001() -> None:
     # Found in QA: every status but INVALID_ARGUMENT and NOT_FOUND closed a call with 1011; a call
     # closes by the page's rules.
