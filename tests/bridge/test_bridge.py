@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from parley.v1 import voice_pb2 as pb
 from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.server import Bridge, BridgeOptions
@@ -679,3 +681,59 @@ async def test_a_socket_that_sends_nothing_is_told_and_closed_even_with_its_toke
                 await ws.recv()
             assert ws.close_code == 1008
     assert guarded.harness.running.servicer.active_streams == 0
+
+
+async def test_a_call_the_service_ends_closes_soon_though_the_client_sent_on_meanwhile() -> None:
+    """Found in a review: when the service ended a call, the socket's close left reading the client's
+    frames to the task that forwards them, which stops at its next frame: what the client went on
+    sending until it took in the close filled the socket's queue and hid the client's answer to the
+    close, so the socket stayed open for the close timeout (10 s)."""
+
+    async def refuses_after_starting(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield pb.ConverseResponse(session_started=pb.SessionStarted(session_id="s" * 32)).SerializeToString()
+        for _ in range(3):
+            yield pb.ConverseResponse(text_delta=pb.TextDelta(turn_id="t", text="Hm. ")).SerializeToString()
+        await asyncio.sleep(0.3)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this call is refused")
+
+    service = grpc.aio.server()
+    service.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(refuses_after_starting)}
+            )
+        ]
+    )
+    port = service.add_insecure_port("127.0.0.1:0")
+    await service.start()
+    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
+
+    async def send_on(ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(json.dumps({"userText": {"text": "And another thing."}}))
+                await asyncio.sleep(0.02)  # (as a phone sends its audio)
+
+    try:
+        # A client busy elsewhere: it reads nothing for a second (with a message unread it stops
+        # reading the socket, so it takes in the close late) but goes on sending.
+        async with connect(f"ws://127.0.0.1:{bridge.port}/ws", max_queue=1) as ws:
+            await ws.send(json.dumps({"start": {}}))
+            assert "sessionStarted" in json.loads(await ws.recv())
+            sending = asyncio.create_task(send_on(ws))
+            await asyncio.sleep(1.3)
+            began = time.monotonic()
+            frames = []
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in ws:  # until the socket closes
+                    frames.append(frame)
+            assert time.monotonic() - began < 3, time.monotonic() - began
+            # (A write that meets the end may make it INTERNAL instead: grpc/grpc#36066.)
+            assert json.loads(frames[-1])["error"]["code"] in ("INVALID_ARGUMENT", "INTERNAL")
+            assert ws.close_code in (1008, 1011), ws.close_code
+            await sending
+    finally:
+        await bridge.aclose()
+        await service.stop(0)
