@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 host=settings.host,
                 port=settings.port,
                 reload_on_hup=settings.tls_cert_file is not None,
+                timeout_s=settings.worker_timeout_s,
             )
         )
     if settings.log_level != "DEBUG":

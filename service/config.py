@@ -93,6 +93,14 @@ class Settings(BaseSettings):
             "CPU limit); several need the redis session store."
         ),
     )
+    worker_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "With several workers: a worker whose event loop has not answered the supervisor for this long (hung, "
+            "or stopped) is killed and restarted. 0: never."
+        ),
+    )
     metrics_port: int | None = Field(
         None,
         ge=0,

@@ -10,10 +10,14 @@ store refuses to run with several workers). The supervisor restarts a worker tha
 second, longer if it keeps dying), but not one that cannot start: one that exits with status 2 (bad
 settings), or that exits before it ever served (its port or a file, the store or an engine it cannot
 reach: a worker tells the supervisor through a pipe once it listens). Then it stops them all and
-exits with that status, as a lone service would. On SIGTERM or SIGINT it passes SIGTERM to every
-worker, which drains as a lone service does, and exits once all have (0 when every running worker
-drained); with TLS on, SIGHUP it passes on (each worker reads its certificates again). More than
-``MAX_WORKERS_PER_CORE`` workers per core are refused (by the settings). A worker gets SIGTERM when
+exits with that status, as a lone service would. Once it listens, a worker's event loop beats on that
+pipe every :data:`HEARTBEAT_S`; one silent for ``PARLEY_WORKER_TIMEOUT_S`` (its loop stuck, or the
+process stopped) is killed (SIGKILL) and restarted, as gunicorn does with its worker timeout: the
+kernel would otherwise go on giving it its share of new connections, which would hang. On SIGTERM
+or SIGINT it passes SIGTERM to every worker, which drains as a lone service does, and exits once
+all have (0 when every running worker drained); with TLS on, SIGHUP it passes on (each worker reads
+its certificates again). More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
+settings). A worker gets SIGTERM when
 the supervisor dies, however it dies (Linux). Worker i serves its metrics on ``PARLEY_METRICS_PORT +
 i``. A port is one service's: a lone service does not share it, and a supervisor refuses a port
 something already listens on (another supervisor's workers included).
@@ -34,6 +38,7 @@ import time
 
 __all__ = [
     "CONFIGURATION_ERROR",
+    "HEARTBEAT_S",
     "MAX_RESTART_DELAY_S",
     "MAX_WORKERS_PER_CORE",
     "WORKER_INDEX",
@@ -53,7 +58,10 @@ CONFIGURATION_ERROR = 2
 WORKER_INDEX = "PARLEY_WORKER_INDEX"
 """Set in each worker's environment: its index (a lone service has none)."""
 READY_FD = "PARLEY_READY_FD"
-"""Set in each worker's environment: the pipe on which it tells the supervisor that it listens."""
+"""Set in each worker's environment: the pipe on which it tells the supervisor that it listens, then
+beats."""
+HEARTBEAT_S = 1.0
+"""How often a worker that listens tells its supervisor that its event loop runs."""
 _PR_SET_PDEATHSIG = 1
 _STABLE_S = 30.0  # a worker that ran this long before dying is restarted after the shortest delay
 
@@ -66,11 +74,13 @@ async def supervise(
     host: str | None = None,
     port: int | None = None,
     reload_on_hup: bool = False,
+    timeout_s: float = 0.0,
 ) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status. With ``host`` and ``port``, first
     refuse (exit 1) a port something already listens on. With ``reload_on_hup`` (TLS is on), SIGHUP is
     passed to the workers, which read their certificates again; without, it ends the supervisor as it
-    ends a lone service (and the workers drain)."""
+    ends a lone service (and the workers drain). With ``timeout_s``, a worker that served and then sent
+    no heartbeat for so long is killed, then restarted."""
     if host is not None and port is not None and (taken := port_taken(host, port)) is not None:
         log.error("cannot start: %s", taken)
         return 1
@@ -93,8 +103,8 @@ async def supervise(
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)
 
-    async def start(index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool]]:
-        """A worker, and whether it came to serve (known by the time it has exited)."""
+    async def start(index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool], _Beats]:
+        """A worker, whether it came to serve (known by the time it has exited), and its heartbeats."""
         env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index)}
         if metrics_port is not None:
             env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
@@ -109,28 +119,36 @@ async def supervise(
             raise
         finally:
             os.close(writable)
-        served = loop.create_future()
-
-        def told() -> None:  # a byte once it listens; the end of the pipe when it exits without one
-            said = os.read(readable, 1)
-            loop.remove_reader(readable)
-            os.close(readable)
-            if not served.done():
-                served.set_result(said != b"")
-
-        loop.add_reader(readable, told)
+        served: asyncio.Future[bool] = loop.create_future()
+        beats = _Beats(readable, served)
+        loop.add_reader(readable, beats.read)
         log.info("worker %d started (pid %d)", index, process.pid)
-        return process, served
+        return process, served, beats
 
     async def keep(index: int) -> None:
         ever_served = False
         while not stopping.is_set():
-            process, served = await start(index)
+            process, served, beats = await start(index)
             workers[index] = process
             began = time.monotonic()
             waiting = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            check_every = min(1.0, timeout_s / 4) if timeout_s > 0 else None
+            while True:
+                done, _ = await asyncio.wait({waiting, stop}, timeout=check_every, return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    break
+                if (silent := beats.silent_s()) is not None and silent > timeout_s:
+                    log.error(
+                        "worker %d (pid %d) has not answered for %g s (its event loop is stuck, or the process "
+                        "was stopped): killing it",
+                        index,
+                        process.pid,
+                        timeout_s,
+                    )
+                    process.kill()
+                    await waiting
+                    break
             stop.cancel()
             if stopping.is_set():
                 waiting.cancel()
@@ -178,6 +196,41 @@ async def supervise(
     return 0 if all(code == 0 for code in codes) else 1
 
 
+class _Beats:
+    """The supervisor's end of a worker's pipe: the first byte says it listens, each one after that
+    that its event loop runs; the pipe's end, that it exited."""
+
+    def __init__(self, fd: int, served: asyncio.Future[bool]) -> None:
+        os.set_blocking(fd, False)
+        self._fd: int | None = fd
+        self._served = served
+        self._last = 0.0
+
+    def read(self) -> None:
+        """Take what the worker said (called when the pipe is readable, and before judging it)."""
+        if self._fd is None:
+            return
+        try:
+            said = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return
+        if said:
+            self._last = time.monotonic()
+        else:  # (it exited: the pipe is no more use)
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if not self._served.done():
+            self._served.set_result(bool(said))
+
+    def silent_s(self) -> float | None:
+        """How long the worker has said nothing since it came to serve; None before, or once it exited."""
+        self.read()  # (beats that wait unread, after the supervisor itself was held up, count)
+        if self._fd is None or not self._served.done():
+            return None
+        return time.monotonic() - self._last
+
+
 def _how(code: int | None) -> str:
     """How a worker ended: "exited with 1", "killed by SIGKILL"."""
     if code is not None and code < 0:
@@ -199,12 +252,30 @@ def _die_with_parent() -> None:
 
 
 def tell_ready() -> None:
-    """In a worker, once it listens: tell the supervisor (a lone service has no one to tell)."""
-    fd = os.environ.pop(READY_FD, None)
-    if fd is not None:
-        with contextlib.suppress(OSError, ValueError):  # (a supervisor that died meanwhile)
-            os.write(int(fd), b"1")
-            os.close(int(fd))
+    """In a worker, once it listens (call it on the event loop): tell the supervisor, then beat every
+    :data:`HEARTBEAT_S` from the loop for as long as it runs (a lone service has no one to tell)."""
+    setting = os.environ.pop(READY_FD, None)
+    if setting is None:
+        return
+    try:
+        fd = int(setting)
+        os.set_blocking(fd, False)  # (a supervisor that reads late never holds the loop)
+    except (OSError, ValueError):
+        return
+    loop = asyncio.get_running_loop()
+
+    def beat() -> None:
+        try:
+            os.write(fd, b"1")
+        except BlockingIOError:  # (the pipe is full: the supervisor has beats enough to read)
+            pass
+        except OSError:  # (the supervisor is gone)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        loop.call_later(HEARTBEAT_S, beat)
+
+    beat()
 
 
 def core_count() -> int:

@@ -110,6 +110,29 @@ async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: 
         parent.communicate(timeout=30)
 
 
+async def test_a_worker_that_stops_answering_is_killed_and_restarted(redis_url: str) -> None:
+    # Found in an SRE's chaos pass: a stopped worker (SIGSTOP; a loop stuck for good is the same) kept
+    # its share of the port, so the kernel went on giving it new connections, which hung.
+    port = free_port()
+    parent = start_workers(port, redis_url, worker_timeout_s="2")
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        await asyncio.sleep(5)  # (healthy workers beat: none is taken for hung)
+        assert await asyncio.to_thread(children, parent.pid) == workers
+        stopped = min(workers)
+        os.kill(stopped, signal.SIGSTOP)
+        log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 1, 30)  # its replacement
+        assert f"(pid {stopped}) has not answered for 2 s (its event loop is stuck, or the process was stopped)" in log
+        assert f"(pid {stopped}) was killed by SIGKILL; restarting it in 1 s" in log
+        assert stopped not in await asyncio.to_thread(children, parent.pid)
+        ends = await asyncio.gather(*(one_turn(port) for _ in range(6)))  # new connections: either worker
+        assert all(e.reason == pb.TURN_END_REASON_COMPLETED for e in ends)
+        assert await drained(parent) == 0
+    finally:
+        reap(parent)
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
