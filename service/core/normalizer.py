@@ -11,6 +11,7 @@ Captions keep the LLM's text as written; the TTS engine gets :func:`speakable` o
 - text in a script the voice cannot read (Japanese for an English voice) is left out: a voice's
   language (``en_US``, ``ru_RU``) gives the scripts it reads, Latin and its own; an unknown or
   multilingual language reads everything;
+- control characters (a NUL, an escape) become spaces: no engine is fed what no one can say;
 - each line becomes a sentence, and whitespace is collapsed.
 
 Pure functions, no I/O.
@@ -40,6 +41,7 @@ _QUOTE = re.compile(r"^[ \t]*>[ \t]?", re.M)
 _RULE = re.compile(r"^[ \t]*([-*_=])([ \t]*\1){2,}[ \t]*$", re.M)
 _TABLE_SEPARATOR = re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$", re.M)
 _TABLE_BAR = re.compile(r"[ \t]*\|[ \t]*")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # (tab, line feed and carriage return stay)
 _TIMES = re.compile(r"(?<=\d)[ \t]*[*×][ \t]*(?=\d)")
 _EMPHASIS = re.compile(
     r"(?<![\w*])(\*{1,3}|~~)(?=[^\s*])(.+?)(?<=[^\s*])\1(?![\w*])|(?<!\w)(_{1,3})(?=\S)(.+?)(?<=\S)\3(?!\w)"
@@ -120,6 +122,7 @@ def readable_scripts(language: str) -> regex.Pattern[str] | None:
 def speakable(text: str, language: str = "") -> str:
     """Return ``text`` as a voice of ``language`` should read it (empty: every script is read). May
     be empty (a code block, an emoji, text in another script)."""
+    text = _CONTROL.sub(" ", text)
     text = _FENCED_CODE.sub("\n", text)
     text = _IMAGE.sub(r"\1", text)
     text = _LINK.sub(r"\1", text)

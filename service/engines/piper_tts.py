@@ -112,7 +112,9 @@ class PiperTTS:
                 async for audio in stream:
                     yield audio
         except Exception as error:
-            log.exception("Piper failed on %r", text[:80])
+            # (Never the text at ERROR: it may be the user's, and a client may make it fail.)
+            log.exception("the Piper voice %s failed on a segment of %d characters", voice, len(text))
+            log.debug("the segment it failed on: %r", text[:200])
             raise TTSError(f"the Piper voice {voice} failed: {type(error).__name__}") from error
 
     async def aclose(self) -> None:

@@ -84,3 +84,10 @@ def test_every_emoji_is_removed_and_other_non_ascii_text_is_kept() -> None:
     assert missed == []
     assert speakable("Café, naïve, Zoë: “quoted” — 20 °C.") == "Café, naïve, Zoë: “quoted” — 20 °C."
     assert speakable("Hi 👋🏽, and 🏳️‍🌈 too.") == "Hi, and too."
+
+
+def test_control_characters_are_not_fed_to_a_voice() -> None:
+    # Found in QA: a speak_text with a NUL in it failed Piper ("embedded null character"), logged the
+    # text at ERROR and counted as an engine's error: any client could do that at will.
+    assert speakable("x\x00y ZEBRA.\x1b[31m red\x7f\x85 ok\tnow", "en_US") == "x y ZEBRA. [31m red ok now"
+    assert speakable("\x00\x01\x02") == ""

@@ -3,6 +3,7 @@ the answer must be real speech at the requested rate, not just bytes."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -106,6 +107,20 @@ async def test_speak_text_at_a_resampled_rate(real: Harness) -> None:
     data = b"".join(r.audio.data for r in responses if r.WhichOneof("kind") == "audio")
     assert data[:4] == b"RIFF" and int.from_bytes(data[24:28], "little") == 24000
     assert_speech(data[44:], 24000, text)
+
+
+async def test_text_with_control_characters_is_spoken_and_answered(
+    real: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found in QA: a NUL in a speak_text failed Piper ("embedded null character"): the turn FAILED, the
+    # text was logged at ERROR and counted as an engine error, at any client's will.
+    text = "x\x00y, a zebra.\x1b[0m Done."
+    with caplog.at_level(logging.WARNING):
+        ends = turn_ends(await converse_all(real.stub, [start(), speak(text, flush=True)]))
+        ends += turn_ends(await converse_all(real.stub, [start(), user("Hi\x00 there\x07?")]))
+    assert [e.reason for e in ends] == [pb.TURN_END_REASON_COMPLETED] * 2, [e.error for e in ends]
+    assert ends[0].spoken_text == text  # (the captions keep the text as sent)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_voice_list_shows_the_bundled_voice(real: Harness) -> None:
