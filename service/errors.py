@@ -82,13 +82,24 @@ class EngineError(ParleyError):
     ``retryable`` is true when the same request may succeed later (a timeout, an overloaded
     provider), false when it cannot (a bad model file, a rejected request).
     ``retry_after_s`` is the wait the provider asked for, when it named one.
+    ``for_logs`` is the message without what the provider said in its own words (an error body may
+    quote the request, the user's text with it): what logs and traces get; the client gets the whole.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+        for_logs: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         """How long the provider asked us to wait before trying again (its Retry-After), if it said."""
+        self.for_logs = message if for_logs is None else for_logs
+        """The message without the provider's own words: for logs and traces, which never hold user text."""
 
 
 class LLMError(EngineError):

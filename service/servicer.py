@@ -114,7 +114,7 @@ def _log_turn(session: str, ended: TurnEnded) -> None:
         _ms_or_none(timings.first_audio_ms),
         timings.total_ms,
         timings.audio_duration_ms / 1000,
-        f" ({ended.error})" if ended.error else "",
+        f" ({ended.failure.logged if ended.failure is not None else ended.error})" if ended.error else "",
     )
 
 
@@ -218,7 +218,9 @@ class Writer:
         """Turns that ended without their end reaching the client (the stream ended under them, as a
         client that hangs up mid-reply does): logged and counted all the same. Call after :meth:`stop`."""
         for ended in ends:
+            said = LOG_TURN.set(ended.turn_id)  # (its line, as every line of a turn, names it)
             self._account(ended)
+            LOG_TURN.reset(said)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""

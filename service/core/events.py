@@ -57,6 +57,8 @@ class SpokenInput:
     speech_end_at: float
     """When the audio holding the end of the speech arrived (``time.monotonic()``)."""
     transcription_s: float
+    transcription_began: float | None = None
+    """When its transcription began (``time.monotonic()``), once it has run."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ class Failure:
 
     engine: str
     retryable: bool = False
+    logged: str = ""
+    """The error as logs and traces may hold it (never a provider's own words: they may quote the user)."""
 
 
 @dataclass(frozen=True)

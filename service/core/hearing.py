@@ -48,7 +48,6 @@ from service.core.events import SpokenInput
 from service.core.listening import Listener, Paused, Resumed, TurnDetection, Utterance
 from service.core.listening import SpeechBegan as Began
 from service.core.settings import InputAudioRequest
-from service.core.tracing import span
 from service.errors import EngineError, STTError
 
 __all__ = ["MAX_QUEUED_CHUNKS", "MAX_UNHEARD_UTTERANCES", "Ears", "VoiceInput", "is_hallucination"]
@@ -84,7 +83,8 @@ _NOT_WORDS = re.compile(r"[^\w\s]")
 
 
 T = TypeVar("T")
-_Result = tuple[Transcription | STTError, float]
+_Result = tuple[Transcription | STTError, float, float]
+"""A transcription (or the engine's error), when it began (``time.monotonic()``) and how long it took."""
 """A transcription (or the engine's error) and the seconds it took."""
 
 
@@ -278,35 +278,33 @@ class Ears:
 
     async def _recognize(self, utterance: Utterance, previous: asyncio.Task[None] | None) -> _Result:
         """Transcribe ``utterance`` once the one before it is done (transcripts leave in the order the
-        user spoke): the transcription (or the engine's error) and the time it took."""
+        user spoke): the transcription (or the engine's error), when it began and the time it took (the
+        turn it opens records it in its trace)."""
         if previous is not None:
             await asyncio.wait({previous})
         began = time.monotonic()
         language = self._request.language or self._engines.language or None
-        with span(
-            "parley.transcription", {"parley.audio_ms": round(utterance.audio_end_ms - utterance.audio_start_ms)}
-        ):
-            try:
-                result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
-            except STTError as error:
-                result = error
-        return result, time.monotonic() - began
+        try:
+            result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
+        except STTError as error:
+            result = error
+        return result, began, time.monotonic() - began
 
     async def _post_tentative(
         self, utterance: Utterance, spoken: SpokenInput, recognition: asyncio.Task[_Result]
     ) -> None:
-        result, spent = await recognition
+        result, began, spent = await recognition
         if isinstance(result, Transcription) and not is_hallucination(result, utterance.speech_ms):
-            spoken = dataclasses.replace(spoken, transcription_s=spent)
+            spoken = dataclasses.replace(spoken, transcription_s=spent, transcription_began=began)
             self._post(Heard("", result.text.strip(), spoken, tentative=True))
 
     async def _post_final(
         self, utterance: Utterance, turn_id: str, spoken: SpokenInput, recognition: asyncio.Task[_Result]
     ) -> None:
-        result, spent = await recognition
-        if isinstance(result, STTError):
-            log.warning("transcription failed: %s", result)
-            self._post(Heard(turn_id, None, None, result))
+        result, began, spent = await recognition
+        spoken = dataclasses.replace(spoken, transcription_s=spent, transcription_began=began)
+        if isinstance(result, STTError):  # (the turn it fails says so, in the log too)
+            self._post(Heard(turn_id, None, spoken, result))
             return
         if is_hallucination(result, utterance.speech_ms):
             log.debug("ignored an utterance heard as %r (no speech: %.2f)", result.text, result.no_speech_probability)
@@ -315,7 +313,7 @@ class Ears:
                 result.no_speech_probability,
             )
             return
-        self._post(Heard(turn_id, result.text.strip(), dataclasses.replace(spoken, transcription_s=spent)))
+        self._post(Heard(turn_id, result.text.strip(), spoken))
 
     def _spoken(self, utterance: Utterance) -> SpokenInput:
         """Where and when the utterance's speech ended (its transcription time to be filled in)."""

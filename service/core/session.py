@@ -89,7 +89,7 @@ from service.core.settings import (
     resolve_settings,
 )
 from service.core.store import Claim, SessionStore, StoredSession
-from service.core.tracing import as_current, end_span, open_span
+from service.core.tracing import as_current, end_span, open_span, record_span
 from service.core.turn import Turn, TurnOutcome, TurnRecord, TurnState, llm_deltas, queued_deltas
 from service.errors import (
     EngineError,
@@ -447,9 +447,22 @@ class Session:
         if error is not None or not text:
             message = str(error) if error is not None else "nothing was understood"
             failure = _failure(error) if error is not None else None
+            said = LOG_TURN.set(turn_id)  # (for this line: the session's task belongs to no one turn)
+            log.warning("turn %s failed: %s", turn_id, failure.logged if failure is not None else message)
+            LOG_TURN.reset(said)
+            stats = TurnStats()
+            stats.spoken = spoken
             self._outbox.put_control(
-                TurnEnd(turn_id, TurnEndReason.FAILED, "", TurnStats().snapshot(), message, failure=failure)
+                TurnEnd(turn_id, TurnEndReason.FAILED, "", stats.snapshot(), message, failure=failure)
             )
+            # Its trace: a turn span from the end of the speech, with the transcription that failed it.
+            traced = open_span(
+                "parley.turn",
+                {"parley.session": self.session_id[:8], "parley.turn": turn_id},
+                start=spoken.speech_end_at if spoken is not None else None,
+            )
+            _record_transcription(traced, spoken, error)
+            end_span(traced, {"parley.end_reason": TurnEndReason.FAILED.value}, failure.logged if failure else message)
             return
         text = text[: self._defaults.max_text_chars]
         self._outbox.put_control(Transcript(turn_id, text, True))
@@ -485,6 +498,7 @@ class Session:
             self._cut_heard(self._heard, None)  # as a new turn does: what of the last one waits is not sent
         self._outbox.put_control(Transcript(turn.turn_id, turn.user_text, True))
         turn.stats.spoken = spoken
+        _record_transcription(turn.span, spoken)  # (the utterance's last one; the span has the tentative's)
         turn.confirm()
         if self._quotas is not None:
             self._quotas.count_turn(self._quota_principal)
@@ -596,7 +610,14 @@ class Session:
         was stopped)."""
         LOG_TURN.set(turn.turn_id)
         error: BaseException | None = None
-        traced = open_span("parley.turn", {"parley.session": self.session_id[:8], "parley.turn": turn.turn_id})
+        spoken = turn.stats.spoken  # (a voice turn's span begins where the user stopped speaking)
+        traced = open_span(
+            "parley.turn",
+            {"parley.session": self.session_id[:8], "parley.turn": turn.turn_id},
+            start=spoken.speech_end_at if spoken is not None else None,
+        )
+        turn.span = traced
+        _record_transcription(traced, spoken)
         if traced is not None:  # (it ends when the turn's end leaves: the timings are then the client's)
             turn.outlet.on_end = functools.partial(_end_turn_span, traced, turn)
         with as_current(traced):
@@ -605,7 +626,7 @@ class Session:
             except asyncio.CancelledError:
                 raise
             except EngineError as failure:
-                log.warning("turn %s failed: %s", turn.turn_id, failure)
+                log.warning("turn %s failed: %s", turn.turn_id, failure.for_logs)
                 error = failure
             except Exception as failure:
                 log.exception("turn %s failed unexpectedly", turn.turn_id)
@@ -777,7 +798,16 @@ def _failure(error: BaseException) -> Failure:
         if isinstance(error, STTError)
         else "internal"
     )
-    return Failure(engine, bool(getattr(error, "retryable", False)))
+    logged = error.for_logs if isinstance(error, EngineError) else "internal error"
+    return Failure(engine, bool(getattr(error, "retryable", False)), logged)
+
+
+def _record_transcription(traced: Any, spoken: SpokenInput | None, error: BaseException | None = None) -> None:
+    """Record in a voice turn's span (or None) the transcription of its utterance, as it ran."""
+    if traced is None or spoken is None or spoken.transcription_began is None:
+        return
+    began = spoken.transcription_began
+    record_span("parley.transcription", traced, began, began + spoken.transcription_s, {}, error)
 
 
 def _end_turn_span(traced: Any, turn: TurnRecord, ended: TurnEnded | None) -> None:
@@ -807,7 +837,8 @@ def _end_turn_span(traced: Any, turn: TurnRecord, ended: TurnEnded | None) -> No
     if timings.speech_end_to_first_audio_ms:
         attributes["parley.speech_end_to_first_audio_ms"] = timings.speech_end_to_first_audio_ms
     failed = ended.reason is TurnEndReason.FAILED
-    end_span(traced, attributes, (ended.error or "failed") if failed else None)
+    logged = ended.failure.logged if ended.failure is not None else ended.error
+    end_span(traced, attributes, (logged or "failed") if failed else None)
 
 
 def _stored_fields(stored: StoredSession) -> tuple[str, str, float | None, int | None]:

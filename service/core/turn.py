@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from service.core.audio import AudioFormat, LeadingSilence, SegmentEncoder
 from service.core.codecs import CodecOptions, StreamEncoder, stream_encoder
@@ -31,7 +32,7 @@ from service.core.history import SpokenSegment
 from service.core.normalizer import speakable
 from service.core.outbox import MAX_CAPTION_CHARS, OutboxLimits, Outlet
 from service.core.segmenter import Segmenter, SegmentPolicy, TextSegment
-from service.core.tracing import span
+from service.core.tracing import fail_span, span
 from service.core.workpool import WorkPool
 from service.errors import TTSError
 
@@ -102,6 +103,11 @@ class SegmentAudio:
         """The segment's audio is complete, or failed with ``error``."""
         self._ended, self._error = True, error
         self._wake()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What failed the segment's synthesis, once it ended so."""
+        return self._error
 
     async def take(self, limit: int, fill_until: float | None) -> bytes | None:
         """The next message's worth of audio: what waits, joined, at most ``limit`` bytes (an even
@@ -294,8 +300,9 @@ class Turn:
         if not item.trim_lead:
             await self._first_spoken.wait()
         attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
-        with span("parley.tts", attributes):
+        with span("parley.tts", attributes) as traced:
             await self._synthesize_in(item)
+            fail_span(traced, item.audio.error)  # (a failure ends the segment's audio, not the task)
 
     async def _synthesize_in(self, item: _Pending) -> None:
         encoder: SegmentEncoder | None = None
@@ -443,6 +450,8 @@ class TurnRecord:
         """Where a speak turn's text goes (a None after the last piece ends it)."""
         self.speak_chars = 0
         self.task: asyncio.Task[None] | None = None
+        self.span: Any = None
+        """Its ``parley.turn`` span, once its task opened it (None without tracing)."""
 
     @property
     def turn_id(self) -> str:

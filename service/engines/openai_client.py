@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -100,20 +101,25 @@ def engine_error(error: Exception, kind: type[EngineError], connection: OpenAICo
     """Turn an ``openai``/``httpx2`` error into ``kind`` with a message that names the cause and no secret."""
     server = connection.server_name
     if isinstance(error, openai.APIStatusError):
+        # The provider's words go to the client only: an error body may quote the request.
         status = error.status_code
         detail = _redact(_detail(error), connection.api_key)[:300]
         retry_after = _retry_after_s(error.response.headers)
+
+        def said(message: str, **options: Any) -> EngineError:
+            return kind(f"{message}: {detail}" if detail else message, for_logs=message, **options)
+
         if status == 401:
-            return kind(f"{server} rejected the API key (401): check OPENAI_API_KEY. {detail}".strip())
+            return said(f"{server} rejected the API key (401): check OPENAI_API_KEY")
         if status == 403:
-            return kind(f"{server} refused access (403) to model {model!r}: {detail}")
+            return said(f"{server} refused access (403) to model {model!r}")
         if status == 404:
-            return kind(f"{server} does not know model {model!r} (404): {detail}")
+            return said(f"{server} does not know model {model!r} (404)")
         if status == 429:
-            return kind(f"{server} is rate limiting (429): {detail}", retryable=True, retry_after_s=retry_after)
+            return said(f"{server} is rate limiting (429)", retryable=True, retry_after_s=retry_after)
         if status >= 500:
-            return kind(f"{server} failed ({status}): {detail}", retryable=True, retry_after_s=retry_after)
-        return kind(f"{server} rejected the request ({status}): {detail}")
+            return said(f"{server} failed ({status})", retryable=True, retry_after_s=retry_after)
+        return said(f"{server} rejected the request ({status})")
     if isinstance(error, openai.APITimeoutError):
         return kind(f"{server} did not answer within {connection.timeout_s:g} s", retryable=True)
     if isinstance(error, openai.APIConnectionError):
@@ -124,8 +130,9 @@ def engine_error(error: Exception, kind: type[EngineError], connection: OpenAICo
         return kind(f"cannot reach {server}: {type(cause).__name__}: {text}".rstrip(": "), retryable=True)
     if isinstance(error, (httpx2.TransportError, httpx2.StreamError)):
         return kind(f"the connection to {server} broke: {type(error).__name__}", retryable=True)
-    text = _redact(str(error), connection.api_key)[:200]
-    return kind(f"{server} sent data Parley cannot read: {type(error).__name__}: {text}")
+    text = _redact(str(error), connection.api_key)[:200]  # (a parser's message may quote what it read)
+    plain = f"{server} sent data Parley cannot read: {type(error).__name__}"
+    return kind(f"{plain}: {text}", for_logs=plain)
 
 
 def _detail(error: openai.APIStatusError) -> str:

@@ -80,9 +80,12 @@ async def retrying(
                         f"{error} (gave up after {failures} tries)",
                         retryable=True,  # (still: the provider may recover; the client may try later)
                         retry_after_s=error.retry_after_s,
+                        for_logs=f"{error.for_logs} (gave up after {failures} tries)",
                     ) from error
                 raise
-            log.warning("%s failed (%s); try %d of %d in %.2f s", what, error, failures + 1, policy.attempts, delay)
+            log.warning(
+                "%s failed (%s); try %d of %d in %.2f s", what, error.for_logs, failures + 1, policy.attempts, delay
+            )
             await asyncio.sleep(delay)
             _RETRIES[engine] += 1  # (after the wait: a turn cancelled meanwhile retried nothing)
 

@@ -13,7 +13,8 @@ import pytest
 
 from parley.v1 import voice_pb2 as pb
 from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, shorten_session_ids
-from tests.conftest import converse_all, rejection, start, start_harness, stop_harness, user
+from service.servicer import StreamLimits
+from tests.conftest import converse_all, rejection, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 
 
@@ -56,6 +57,36 @@ def test_a_workers_lines_say_which_worker() -> None:
     record = logging.LogRecord("service", logging.INFO, __file__, 1, "Parley listening", None, None)
     assert json.loads(JsonFormatter("1").format(record))["worker"] == "1"
     assert "worker" not in json.loads(JsonFormatter().format(record))  # (a lone service)
+
+
+async def test_the_end_of_a_turn_that_never_reached_the_client_names_its_turn() -> None:
+    # Found in QA: the line of a turn whose end was never sent (the client stopped reading) lacked
+    # the turn's id in JSON: it is written after the stream's writer, outside the turn's context.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("service")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    h = await start_harness(
+        FakeLLM(reply="A long answer. " * 400, token_s=0.0),
+        FakeTTS(chunk_s=0.0),
+        limits=StreamLimits(send_timeout_s=0.5),
+    )
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Hi?", turn_id="unread"))
+        await wait_for(lambda: "turn unread interrupted" in stream.getvalue(), 20)  # (it reads nothing)
+        call.cancel()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        await stop_harness(h)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (ended,) = [line for line in lines if "turn unread interrupted" in line["message"]]
+    assert ended["turn"] == "unread" and ended["session"], ended
 
 
 async def test_a_client_cannot_write_a_text_line_of_its_own() -> None:

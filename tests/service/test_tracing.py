@@ -3,6 +3,8 @@ each synthesis and each transcription as its children, and the timings as attrib
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from opentelemetry import trace
@@ -12,7 +14,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from parley.v1 import voice_pb2 as pb
 from service.core import tracing
+from service.engines.openai_client import OpenAIConnection
+from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
 from tests.conftest import interrupt, start, start_harness, stop_harness, user, wait_for
+from tests.fake_openai import API_KEY, FakeOpenAI, Plan
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
 
@@ -49,7 +54,13 @@ async def test_a_voice_turn_is_one_span_with_its_stages_as_children() -> None:
     (llm,) = by_name["parley.llm"]
     assert llm.parent.span_id == turn.context.span_id
     assert by_name["parley.tts"] and all(s.parent.span_id == turn.context.span_id for s in by_name["parley.tts"])
+    # The transcriptions ran before the turn existed: the turn's span, from the end of the speech,
+    # holds them as they ran (found in QA: they were roots of traces of their own).
     assert by_name["parley.transcription"]
+    for transcription in by_name["parley.transcription"]:
+        assert transcription.parent.span_id == turn.context.span_id
+        assert transcription.context.trace_id == turn.context.trace_id
+        assert turn.start_time <= transcription.start_time < transcription.end_time <= turn.end_time
     assert "What is the weather like?" not in str([dict(s.attributes) for s in spans])  # never what was said
 
 
@@ -94,6 +105,75 @@ async def test_a_failed_turn_span_has_an_error_status() -> None:
     (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
     assert turn.attributes["parley.end_reason"] == "failed"
     assert turn.status.status_code is trace.StatusCode.ERROR
+    # The synthesis that failed says so too (found in QA: its span ended as if it went well).
+    failed = [
+        s for s in EXPORTER.get_finished_spans() if s.name == "parley.tts" and s.status.status_code.name == "ERROR"
+    ]
+    assert failed and failed[0].events[0].name == "exception"
+
+
+async def test_a_voice_turn_whose_transcription_failed_has_a_failed_span_holding_it() -> None:
+    # Found in QA: such a turn ended FAILED with no span of its own, beside a transcription span
+    # without a parent, and without an error.
+    EXPORTER.clear()
+    h = await start_harness(FakeLLM(), stt=FakeSTT(fail=True))
+    try:
+        call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)
+        await say(call, quiet(200) + loud(600) + quiet(500))
+        await reader.until("turn_ended")
+        (ended,) = [r.turn_ended for r in reader.seen if r.HasField("turn_ended")]
+        await reader.stop()
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    assert ended.reason == pb.TURN_END_REASON_FAILED
+    spans = EXPORTER.get_finished_spans()
+    (turn,) = [s for s in spans if s.name == "parley.turn"]
+    assert turn.attributes["parley.turn"] == ended.turn_id and turn.attributes["parley.end_reason"] == "failed"
+    assert turn.status.status_code is trace.StatusCode.ERROR
+    (transcription,) = [s for s in spans if s.name == "parley.transcription"]
+    assert transcription.parent.span_id == turn.context.span_id
+    assert transcription.status.status_code is trace.StatusCode.ERROR
+
+
+async def test_a_providers_own_words_reach_the_client_not_the_logs_or_the_traces(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found in QA: a provider's error body (which may quote the request: the user's text) went into
+    # the logs at WARNING and INFO, and into the turn span's status and its LLM span's event.
+    EXPORTER.clear()
+    fake = FakeOpenAI().start()
+    fake.plan_chat(Plan(status=400, error_message="bad request echo: ZEBRASECRET"))
+    llm = OpenAILLM(
+        OpenAIConnection(api_key=API_KEY, base_url=fake.base_url, timeout_s=5.0),
+        OpenAILLMOptions(model="gpt-test", stall_timeout_s=1.0),
+    )
+    h = await start_harness(llm, FakeTTS())  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.INFO):
+            call = h.stub.Converse()
+            await call.write(start())
+            await call.write(user("ZEBRASECRET"))
+            while (response := await call.read()) is not grpc.aio.EOF:
+                if response.HasField("turn_ended"):
+                    ended = response.turn_ended
+                    break
+            call.cancel()
+    finally:
+        await stop_harness(h)
+        fake.stop()
+    assert ended.reason == pb.TURN_END_REASON_FAILED and "rejected the request (400)" in ended.error
+    assert "ZEBRASECRET" in ended.error  # (the client sees what the provider said)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("rejected the request (400)" in line for line in logged)
+    assert not any("ZEBRASECRET" in line for line in logged)
+    spans = EXPORTER.get_finished_spans()
+    (turn,) = [s for s in spans if s.name == "parley.turn"]
+    assert turn.status.status_code is trace.StatusCode.ERROR and "rejected the request (400)" in (
+        turn.status.description or ""
+    )
+    recorded = str([(s.status.description, [dict(e.attributes or {}) for e in s.events]) for s in spans])
+    assert "rejected the request (400)" in recorded and "ZEBRASECRET" not in recorded
 
 
 async def test_a_discarded_reply_span_ends_as_discarded() -> None:
