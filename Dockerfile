@@ -2,9 +2,10 @@
 # Parley: the gRPC service on the embedded engines (or OpenAI's, with a key), and the bridge.
 #   docker build -t parley .
 #   python -m service.auth me > keys                      # an API key (name:key), kept out of the image
-#   docker run --stop-timeout 35 -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley
+#   docker run --stop-timeout 45 -p 50051:50051 -v "$PWD/keys:/run/secrets/parley-api-keys:ro" parley
 #   docker run -p 8080:8080 -e PARLEY_GRPC_TARGET=host:50051 parley parley-bridge
-# (--stop-timeout: docker stop kills after 10 s by default, before the 20 s drain of PARLEY_SHUTDOWN_GRACE_S.)
+# (--stop-timeout: docker stop kills after 10 s by default, before the 20 s drain of PARLEY_SHUTDOWN_GRACE_S
+# and the time streams cut then take to save their history.)
 FROM python:3.11-slim-bookworm AS build
 # (Not pinned: Debian's point releases replace these versions; the base image's tag pins the release.)
 # hadolint ignore=DL3008
@@ -17,8 +18,9 @@ COPY parley parley
 COPY service service
 COPY clients clients
 COPY ws_bridge ws_bridge
-# Wheels for Parley and everything it needs (llama-cpp-python compiles here, once).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Wheels for Parley and everything it needs (llama-cpp-python compiles here, once), with the
+# OpenTelemetry extra: traces are off until OTEL_EXPORTER_OTLP_ENDPOINT names a collector.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[otel]"
 
 FROM python:3.11-slim-bookworm
 RUN useradd --create-home --uid 10001 parley

@@ -18,7 +18,7 @@ import re
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.workers import WORKER_INDEX
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "shorten_session_ids"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "json_line", "shorten_session_ids"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -79,7 +79,16 @@ class JsonFormatter(logging.Formatter):
             entry["turn"] = turn
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json_line(entry)
+
+
+def json_line(entry: dict[str, str]) -> str:
+    """``entry`` as one line of JSON, whatever its text holds: the characters JSON leaves as they are
+    but that some readers take for a line break (U+0085, U+2028, U+2029) are escaped too."""
+    return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 def configure(level: str, log_format: str) -> None:

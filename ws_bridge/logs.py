@@ -4,10 +4,9 @@ shared with the service, whose lines have the same fields; the bridge has no ses
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 
-from service.logs import TextFormatter
+from service.logs import TextFormatter, json_line
 
 __all__ = ["configure"]
 
@@ -22,7 +21,7 @@ class _Json(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json_line(entry)
 
 
 def configure(level: str, log_format: str) -> None:

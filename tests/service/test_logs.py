@@ -16,6 +16,7 @@ from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, shorten_sess
 from service.servicer import StreamLimits
 from tests.conftest import converse_all, rejection, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeTTS
+from ws_bridge.logs import _Json as BridgeJson
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["json", "text"])
@@ -163,3 +164,13 @@ async def test_a_stage_that_never_happened_is_logged_as_none(caplog: pytest.LogC
     assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
     [line] = [m for r in caplog.records if r.name == "service.servicer" and "turn turn-1" in (m := r.getMessage())]
     assert "first token none, first audio none, total " in line and "0.0 s of audio" in line
+
+
+def test_a_json_line_is_one_line_to_every_reader() -> None:
+    # Found in QA: a message with U+2028 or U+0085 (valid as they are in JSON) was 5 lines to Python's
+    # splitlines, and to readers that split as it does.
+    message = "a\x85b\u2028c\u2029d\x0be\x1cf\nend"
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, message, None, None)
+    for formatter in (JsonFormatter(), BridgeJson()):
+        line = formatter.format(record)
+        assert len(line.splitlines()) == 1 and json.loads(line)["message"] == message
