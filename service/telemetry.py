@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_TIMEOUT_S = 5.0
 """How long an export waits for the collector unless ``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` says."""
+MAX_EXPORT_TIMEOUT_S = 60.0
+"""The longest export timeout taken: a value in milliseconds, as the specification has it, is refused."""
 
 
 def tracing_settings_problem() -> str | None:
@@ -49,6 +51,12 @@ def tracing_settings_problem() -> str | None:
             seconds = math.nan
         if not seconds > 0 or math.isinf(seconds):
             return f"{name} is {value!r}, not a number of seconds above 0"
+        if seconds > MAX_EXPORT_TIMEOUT_S:
+            return (
+                f"{name} is {value!r}: OpenTelemetry's Python exporter reads it in seconds (the specification "
+                f"says milliseconds), and more than {MAX_EXPORT_TIMEOUT_S:g} s would hold the service's exit on a "
+                "collector that hangs"
+            )
     return None
 
 

@@ -225,6 +225,8 @@ async def test_an_interrupted_llm_stream_is_cancelled_not_failed() -> None:
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:ab/s3cret@collector:4318"}, "'http://***@collector:4318'"),
         ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TIMEOUT is 'abc', not a number of seconds"),
         ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0"}, "not a number of seconds above 0"),
+        # (Found in QA: milliseconds, as the specification has it, were taken as 10,000 s.)
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "10000"}, "reads it in seconds (the specification says milliseconds)"),
     ],
 )
 def test_an_exporter_variable_that_cannot_work_stops_the_service_at_start_up(
