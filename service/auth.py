@@ -39,6 +39,7 @@ import grpc
 import jwt
 
 from service.core.settings import TokenScope
+from service.logs import Throttled
 
 __all__ = [
     "CALLER",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_log_refusal = Throttled(log, logging.INFO)  # (anyone may cause it, at will)
 
 MIN_KEY_CHARS = 24
 UNAUTHENTICATED_MESSAGE = (
@@ -331,7 +333,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         caller = self._auth.caller(details.invocation_metadata)  # type: ignore[attr-defined]
         if caller is None:
-            log.info("refused %s: missing or invalid credentials", method)
+            _log_refusal("refused %s: missing or invalid credentials", method)
             if self._refused is not None:
                 self._refused(method)
             return _refusal(handler)

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import re
+import time
 
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.workers import WORKER_INDEX
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure", "json_line", "shorten_session_ids"]
+__all__ = ["JsonFormatter", "TextFormatter", "Throttled", "configure", "json_line", "shorten_session_ids"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -89,6 +90,40 @@ def json_line(entry: dict[str, str]) -> str:
 
 
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class Throttled:
+    """A line that anyone may cause at will (a refused call, a malformed request): written at most once
+    per ``interval_s``, each saying how many like it were left out before it, so that a flood of them
+    costs neither the log nor the event loop more than a line now and then (the metrics count all)."""
+
+    _every: list[Throttled] = []  # (for tests, which start each afresh: reset_all)
+
+    def __init__(self, logger: logging.Logger, level: int, interval_s: float = 10.0) -> None:
+        self._logger = logger
+        self._level = level
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._left_out = 0
+        Throttled._every.append(self)
+
+    @classmethod
+    def reset_all(cls) -> None:
+        """Let every throttled line be written at once again, none left out."""
+        for line in cls._every:
+            line._next, line._left_out = 0.0, 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(self._level):
+            return
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more like it left out of the log before)"
+        self._logger.log(self._level, message, *args)
+        self._next, self._left_out = now + self._interval_s, 0
 
 
 def configure(level: str, log_format: str) -> None:

@@ -33,10 +33,12 @@ from google.protobuf.message import DecodeError, Message
 
 from parley.v1 import voice_pb2 as pb
 from service.errors import InvalidRequest
+from service.logs import Throttled
 
 __all__ = ["Malformed", "add_voice_service", "collect_garbage_soon", "end_call"]
 
 log = logging.getLogger(__name__)
+_log_malformed = Throttled(log, logging.WARNING)  # (anyone may cause it, at will)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VoiceService"].full_name
 
@@ -171,7 +173,7 @@ class _Requests:
             raise StopAsyncIteration
         request = await anext(self._requests)
         if isinstance(request, Malformed):
-            log.warning("Converse from %s: %s", self._peer, request.reason)
+            _log_malformed("Converse from %s: %s", self._peer, request.reason)
             raise InvalidRequest(request.reason)
         return request
 
@@ -218,7 +220,7 @@ def _unary(handler: Callable[[Any, Any], Awaitable[Any]], method: str) -> Callab
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
-            log.warning("%s from %s: %s", method, context.peer(), request.reason)
+            _log_malformed("%s from %s: %s", method, context.peer(), request.reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return await handler(request, context)
 

@@ -21,6 +21,7 @@ from service.core.outbox import OutboxLimits
 from service.core.quotas import QuotaLimits
 from service.core.settings import SessionDefaults
 from service.core.store import SessionStore
+from service.logs import Throttled
 from service.server import RunningServer, start_server
 from service.servicer import StreamLimits
 from tests.fakes import FakeDetector, FakeLLM, FakeSTT, FakeTTS
@@ -87,6 +88,12 @@ async def stop_harness(harness: Harness) -> None:
     await harness.running.stop(0)
     await harness.llm.aclose()
     await harness.tts.aclose()
+
+
+@pytest.fixture(autouse=True)
+def unthrottled_logs() -> None:
+    """Each test sees the lines it causes: lines anyone may cause at will are throttled per process."""
+    Throttled.reset_all()
 
 
 @pytest.fixture

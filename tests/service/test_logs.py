@@ -7,12 +7,13 @@ import io
 import json
 import logging
 import sys
+import time
 
 import grpc
 import pytest
 
 from parley.v1 import voice_pb2 as pb
-from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, shorten_session_ids
+from service.logs import TEXT_FORMAT, JsonFormatter, TextFormatter, Throttled, shorten_session_ids
 from service.servicer import StreamLimits
 from tests.conftest import converse_all, rejection, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeTTS
@@ -174,3 +175,19 @@ def test_a_json_line_is_one_line_to_every_reader() -> None:
     for formatter in (JsonFormatter(), BridgeJson()):
         line = formatter.format(record)
         assert len(line.splitlines()) == 1 and json.loads(line)["message"] == message
+
+
+def test_a_line_anyone_may_cause_is_written_once_in_a_while_and_says_how_many_were_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found in QA: every call without a key wrote a line, so a scanner could fill the log at will.
+    line = Throttled(logging.getLogger("service.test"), logging.INFO, interval_s=0.2)
+    with caplog.at_level(logging.INFO):
+        for attempt in range(1000):
+            line("refused %s", attempt)
+        time.sleep(0.25)
+        line("refused %s", "later")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused 0",
+        "refused later (and 999 more like it left out of the log before)",
+    ]
