@@ -130,7 +130,7 @@ def _command(request: pb.ConverseRequest) -> ClientCommand:
         played = request.interrupt.played_ms if request.interrupt.HasField("played_ms") else None
         if played is not None and played < 0:
             raise InvalidRequest(f"interrupt.played_ms is {played}; it cannot be negative")
-        return Interrupt(played)
+        return Interrupt(played, request.interrupt.turn_id)
     if kind == "user_audio":
         return UserAudio(request.user_audio.data)
     if kind == "commit_audio":

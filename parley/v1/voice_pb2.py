@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"s\n\x18\x43reateClientTokenRequest\x12\r\n\x05ttl_s\x18\x01 \x01(\x05\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06voices\x18\x03 \x03(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x13\n\x0bmax_streams\x18\x05 \x01(\x05\"C\n\x0b\x43lientToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\"\xc7\x02\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x12*\n\nuser_audio\x18\x05 \x01(\x0b\x32\x14.parley.v1.UserAudioH\x00\x12.\n\x0c\x63ommit_audio\x18\x06 \x01(\x0b\x32\x16.parley.v1.CommitAudioH\x00\x12,\n\x0b\x63lear_audio\x18\x07 \x01(\x0b\x32\x15.parley.v1.ClearAudioH\x00\x42\x06\n\x04kind\"\xe2\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\x12*\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.parley.v1.InputAudio\x12(\n\x08\x63\x61ptions\x18\x07 \x01(\x0e\x32\x16.parley.v1.CaptionMode\"\x94\x01\n\nInputAudio\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x30\n\x0eturn_detection\x18\x04 \x01(\x0b\x32\x18.parley.v1.TurnDetection\"\xa9\x02\n\rTurnDetection\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.parley.v1.TurnDetectionMode\x12\x17\n\nsilence_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11prefix_padding_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12!\n\x14tentative_silence_ms\x18\x06 \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_silence_msB\x14\n\x12_prefix_padding_msB\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x17\n\x15_tentative_silence_ms\"\x19\n\tUserAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1e\n\x0b\x43ommitAudio\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x0c\n\nClearAudio\"f\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x13\n\x0b\x62itrate_bps\x18\x03 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"1\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_played_ms\"\x8c\x03\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x12\x32\n\x0espeech_started\x18\x06 \x01(\x0b\x32\x18.parley.v1.SpeechStartedH\x00\x12\x32\n\x0espeech_stopped\x18\x07 \x01(\x0b\x32\x18.parley.v1.SpeechStoppedH\x00\x12+\n\ntranscript\x18\x08 \x01(\x0b\x32\x15.parley.v1.TranscriptH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"i\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\xd0\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\x12\x17\n\x0fhistory_unsaved\x18\x07 \x01(\x08\"\'\n\rSpeechStarted\x12\x16\n\x0e\x61udio_start_ms\x18\x01 \x01(\x03\"%\n\rSpeechStopped\x12\x14\n\x0c\x61udio_end_ms\x18\x01 \x01(\x03\"=\n\nTranscript\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xe5\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\x12\x1b\n\x13speech_end_audio_ms\x18\x06 \x01(\x03\x12\x18\n\x10transcription_ms\x18\x07 \x01(\x03\x12$\n\x1cspeech_end_to_first_audio_ms\x18\x08 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*_\n\x0b\x43\x61ptionMode\x12\x1c\n\x18\x43\x41PTION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTION_MODE_DELTAS\x10\x01\x12\x19\n\x15\x43\x41PTION_MODE_SEGMENTS\x10\x02*|\n\x11TurnDetectionMode\x12#\n\x1fTURN_DETECTION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eTURN_DETECTION_MODE_SERVER_VAD\x10\x01\x12\x1e\n\x1aTURN_DETECTION_MODE_MANUAL\x10\x02*\xc9\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x03\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x04\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x05\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x06*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xf4\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponse\x12P\n\x11\x43reateClientToken\x12#.parley.v1.CreateClientTokenRequest\x1a\x16.parley.v1.ClientTokenb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15parley/v1/voice.proto\x12\tparley.v1\"s\n\x18\x43reateClientTokenRequest\x12\r\n\x05ttl_s\x18\x01 \x01(\x05\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0e\n\x06voices\x18\x03 \x03(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x13\n\x0bmax_streams\x18\x05 \x01(\x05\"C\n\x0b\x43lientToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x11\n\tprincipal\x18\x03 \x01(\t\"\xc7\x02\n\x0f\x43onverseRequest\x12!\n\x05start\x18\x01 \x01(\x0b\x32\x10.parley.v1.StartH\x00\x12(\n\tuser_text\x18\x02 \x01(\x0b\x32\x13.parley.v1.UserTextH\x00\x12*\n\nspeak_text\x18\x03 \x01(\x0b\x32\x14.parley.v1.SpeakTextH\x00\x12)\n\tinterrupt\x18\x04 \x01(\x0b\x32\x14.parley.v1.InterruptH\x00\x12*\n\nuser_audio\x18\x05 \x01(\x0b\x32\x14.parley.v1.UserAudioH\x00\x12.\n\x0c\x63ommit_audio\x18\x06 \x01(\x0b\x32\x16.parley.v1.CommitAudioH\x00\x12,\n\x0b\x63lear_audio\x18\x07 \x01(\x0b\x32\x15.parley.v1.ClearAudioH\x00\x42\x06\n\x04kind\"\xe2\x01\n\x05Start\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\r\n\x05voice\x18\x03 \x01(\t\x12%\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\"\n\x03llm\x18\x05 \x01(\x0b\x32\x15.parley.v1.LlmOptions\x12*\n\x0binput_audio\x18\x06 \x01(\x0b\x32\x15.parley.v1.InputAudio\x12(\n\x08\x63\x61ptions\x18\x07 \x01(\x0e\x32\x16.parley.v1.CaptionMode\"\x94\x01\n\nInputAudio\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x30\n\x0eturn_detection\x18\x04 \x01(\x0b\x32\x18.parley.v1.TurnDetection\"\xa9\x02\n\rTurnDetection\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.parley.v1.TurnDetectionMode\x12\x17\n\nsilence_ms\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11prefix_padding_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rmin_speech_ms\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12!\n\x14tentative_silence_ms\x18\x06 \x01(\x05H\x04\x88\x01\x01\x42\r\n\x0b_silence_msB\x14\n\x12_prefix_padding_msB\x0c\n\n_thresholdB\x10\n\x0e_min_speech_msB\x17\n\x15_tentative_silence_ms\"\x19\n\tUserAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1e\n\x0b\x43ommitAudio\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x0c\n\nClearAudio\"f\n\x0b\x41udioFormat\x12*\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x18.parley.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x13\n\x0b\x62itrate_bps\x18\x03 \x01(\x05\"^\n\nLlmOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\r\n\x0b_max_tokens\")\n\x08UserText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"9\n\tSpeakText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"B\n\tInterrupt\x12\x16\n\tplayed_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07turn_id\x18\x02 \x01(\tB\x0c\n\n_played_ms\"\x8c\x03\n\x10\x43onverseResponse\x12\x34\n\x0fsession_started\x18\x01 \x01(\x0b\x32\x19.parley.v1.SessionStartedH\x00\x12*\n\ntext_delta\x18\x02 \x01(\x0b\x32\x14.parley.v1.TextDeltaH\x00\x12%\n\x07segment\x18\x03 \x01(\x0b\x32\x12.parley.v1.SegmentH\x00\x12&\n\x05\x61udio\x18\x04 \x01(\x0b\x32\x15.parley.v1.AudioChunkH\x00\x12*\n\nturn_ended\x18\x05 \x01(\x0b\x32\x14.parley.v1.TurnEndedH\x00\x12\x32\n\x0espeech_started\x18\x06 \x01(\x0b\x32\x18.parley.v1.SpeechStartedH\x00\x12\x32\n\x0espeech_stopped\x18\x07 \x01(\x0b\x32\x18.parley.v1.SpeechStoppedH\x00\x12+\n\ntranscript\x18\x08 \x01(\x0b\x32\x15.parley.v1.TranscriptH\x00\x42\x06\n\x04kind\"\x82\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x16.parley.v1.AudioFormat\x12\r\n\x05voice\x18\x03 \x01(\t\x12\x12\n\nllm_engine\x18\x04 \x01(\t\x12\x12\n\ntts_engine\x18\x05 \x01(\t\"*\n\tTextDelta\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"^\n\x07Segment\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x13\n\x0bspoken_text\x18\x05 \x01(\t\"i\n\nAudioChunk\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x15\n\rsegment_index\x18\x02 \x01(\x05\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"\xd0\x01\n\tTurnEnded\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.parley.v1.TurnEndReason\x12\x13\n\x0bspoken_text\x18\x03 \x01(\t\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.parley.v1.TurnTimings\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.parley.v1.LlmUsage\x12\x17\n\x0fhistory_unsaved\x18\x07 \x01(\x08\"\'\n\rSpeechStarted\x12\x16\n\x0e\x61udio_start_ms\x18\x01 \x01(\x03\"%\n\rSpeechStopped\x12\x14\n\x0c\x61udio_end_ms\x18\x01 \x01(\x03\"=\n\nTranscript\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_final\x18\x03 \x01(\x08\"<\n\x08LlmUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xe5\x01\n\x0bTurnTimings\x12\x1a\n\x12\x66irst_llm_token_ms\x18\x01 \x01(\x03\x12\x18\n\x10\x66irst_segment_ms\x18\x02 \x01(\x03\x12\x16\n\x0e\x66irst_audio_ms\x18\x03 \x01(\x03\x12\x10\n\x08total_ms\x18\x04 \x01(\x03\x12\x19\n\x11\x61udio_duration_ms\x18\x05 \x01(\x03\x12\x1b\n\x13speech_end_audio_ms\x18\x06 \x01(\x03\x12\x18\n\x10transcription_ms\x18\x07 \x01(\x03\x12$\n\x1cspeech_end_to_first_audio_ms\x18\x08 \x01(\x03\"\x13\n\x11ListVoicesRequest\"M\n\x12ListVoicesResponse\x12 \n\x06voices\x18\x01 \x03(\x0b\x32\x10.parley.v1.Voice\x12\x15\n\rdefault_voice\x18\x02 \x01(\t\"M\n\x05Voice\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t*_\n\x0b\x43\x61ptionMode\x12\x1c\n\x18\x43\x41PTION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PTION_MODE_DELTAS\x10\x01\x12\x19\n\x15\x43\x41PTION_MODE_SEGMENTS\x10\x02*|\n\x11TurnDetectionMode\x12#\n\x1fTURN_DETECTION_MODE_UNSPECIFIED\x10\x00\x12\"\n\x1eTURN_DETECTION_MODE_SERVER_VAD\x10\x01\x12\x1e\n\x1aTURN_DETECTION_MODE_MANUAL\x10\x02*\xc9\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x03\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x04\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x05\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x06*\x8c\x01\n\rTurnEndReason\x12\x1f\n\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19TURN_END_REASON_COMPLETED\x10\x01\x12\x1f\n\x1bTURN_END_REASON_INTERRUPTED\x10\x02\x12\x1a\n\x16TURN_END_REASON_FAILED\x10\x03\x32\xf4\x01\n\x0cVoiceService\x12G\n\x08\x43onverse\x12\x1a.parley.v1.ConverseRequest\x1a\x1b.parley.v1.ConverseResponse(\x01\x30\x01\x12I\n\nListVoices\x12\x1c.parley.v1.ListVoicesRequest\x1a\x1d.parley.v1.ListVoicesResponse\x12P\n\x11\x43reateClientToken\x12#.parley.v1.CreateClientTokenRequest\x1a\x16.parley.v1.ClientTokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.v1.voice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPTIONMODE']._serialized_start=3264
-  _globals['_CAPTIONMODE']._serialized_end=3359
-  _globals['_TURNDETECTIONMODE']._serialized_start=3361
-  _globals['_TURNDETECTIONMODE']._serialized_end=3485
-  _globals['_AUDIOENCODING']._serialized_start=3488
-  _globals['_AUDIOENCODING']._serialized_end=3689
-  _globals['_TURNENDREASON']._serialized_start=3692
-  _globals['_TURNENDREASON']._serialized_end=3832
+  _globals['_CAPTIONMODE']._serialized_start=3281
+  _globals['_CAPTIONMODE']._serialized_end=3376
+  _globals['_TURNDETECTIONMODE']._serialized_start=3378
+  _globals['_TURNDETECTIONMODE']._serialized_end=3502
+  _globals['_AUDIOENCODING']._serialized_start=3505
+  _globals['_AUDIOENCODING']._serialized_end=3706
+  _globals['_TURNENDREASON']._serialized_start=3709
+  _globals['_TURNENDREASON']._serialized_end=3849
   _globals['_CREATECLIENTTOKENREQUEST']._serialized_start=36
   _globals['_CREATECLIENTTOKENREQUEST']._serialized_end=151
   _globals['_CLIENTTOKEN']._serialized_start=153
@@ -66,35 +66,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPEAKTEXT']._serialized_start=1548
   _globals['_SPEAKTEXT']._serialized_end=1605
   _globals['_INTERRUPT']._serialized_start=1607
-  _globals['_INTERRUPT']._serialized_end=1656
-  _globals['_CONVERSERESPONSE']._serialized_start=1659
-  _globals['_CONVERSERESPONSE']._serialized_end=2055
-  _globals['_SESSIONSTARTED']._serialized_start=2058
-  _globals['_SESSIONSTARTED']._serialized_end=2188
-  _globals['_TEXTDELTA']._serialized_start=2190
-  _globals['_TEXTDELTA']._serialized_end=2232
-  _globals['_SEGMENT']._serialized_start=2234
-  _globals['_SEGMENT']._serialized_end=2328
-  _globals['_AUDIOCHUNK']._serialized_start=2330
-  _globals['_AUDIOCHUNK']._serialized_end=2435
-  _globals['_TURNENDED']._serialized_start=2438
-  _globals['_TURNENDED']._serialized_end=2646
-  _globals['_SPEECHSTARTED']._serialized_start=2648
-  _globals['_SPEECHSTARTED']._serialized_end=2687
-  _globals['_SPEECHSTOPPED']._serialized_start=2689
-  _globals['_SPEECHSTOPPED']._serialized_end=2726
-  _globals['_TRANSCRIPT']._serialized_start=2728
-  _globals['_TRANSCRIPT']._serialized_end=2789
-  _globals['_LLMUSAGE']._serialized_start=2791
-  _globals['_LLMUSAGE']._serialized_end=2851
-  _globals['_TURNTIMINGS']._serialized_start=2854
-  _globals['_TURNTIMINGS']._serialized_end=3083
-  _globals['_LISTVOICESREQUEST']._serialized_start=3085
-  _globals['_LISTVOICESREQUEST']._serialized_end=3104
-  _globals['_LISTVOICESRESPONSE']._serialized_start=3106
-  _globals['_LISTVOICESRESPONSE']._serialized_end=3183
-  _globals['_VOICE']._serialized_start=3185
-  _globals['_VOICE']._serialized_end=3262
-  _globals['_VOICESERVICE']._serialized_start=3835
-  _globals['_VOICESERVICE']._serialized_end=4079
+  _globals['_INTERRUPT']._serialized_end=1673
+  _globals['_CONVERSERESPONSE']._serialized_start=1676
+  _globals['_CONVERSERESPONSE']._serialized_end=2072
+  _globals['_SESSIONSTARTED']._serialized_start=2075
+  _globals['_SESSIONSTARTED']._serialized_end=2205
+  _globals['_TEXTDELTA']._serialized_start=2207
+  _globals['_TEXTDELTA']._serialized_end=2249
+  _globals['_SEGMENT']._serialized_start=2251
+  _globals['_SEGMENT']._serialized_end=2345
+  _globals['_AUDIOCHUNK']._serialized_start=2347
+  _globals['_AUDIOCHUNK']._serialized_end=2452
+  _globals['_TURNENDED']._serialized_start=2455
+  _globals['_TURNENDED']._serialized_end=2663
+  _globals['_SPEECHSTARTED']._serialized_start=2665
+  _globals['_SPEECHSTARTED']._serialized_end=2704
+  _globals['_SPEECHSTOPPED']._serialized_start=2706
+  _globals['_SPEECHSTOPPED']._serialized_end=2743
+  _globals['_TRANSCRIPT']._serialized_start=2745
+  _globals['_TRANSCRIPT']._serialized_end=2806
+  _globals['_LLMUSAGE']._serialized_start=2808
+  _globals['_LLMUSAGE']._serialized_end=2868
+  _globals['_TURNTIMINGS']._serialized_start=2871
+  _globals['_TURNTIMINGS']._serialized_end=3100
+  _globals['_LISTVOICESREQUEST']._serialized_start=3102
+  _globals['_LISTVOICESREQUEST']._serialized_end=3121
+  _globals['_LISTVOICESRESPONSE']._serialized_start=3123
+  _globals['_LISTVOICESRESPONSE']._serialized_end=3200
+  _globals['_VOICE']._serialized_start=3202
+  _globals['_VOICE']._serialized_end=3279
+  _globals['_VOICESERVICE']._serialized_start=3852
+  _globals['_VOICESERVICE']._serialized_end=4096
 # @@protoc_insertion_point(module_scope)

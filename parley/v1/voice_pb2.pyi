@@ -194,10 +194,12 @@ class SpeakText(_message.Message):
     def __init__(self, text: _Optional[str] = ..., flush: _Optional[bool] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class Interrupt(_message.Message):
-    __slots__ = ("played_ms",)
+    __slots__ = ("played_ms", "turn_id")
     PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
     played_ms: int
-    def __init__(self, played_ms: _Optional[int] = ...) -> None: ...
+    turn_id: str
+    def __init__(self, played_ms: _Optional[int] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
     __slots__ = ("session_started", "text_delta", "segment", "audio", "turn_ended", "speech_started", "speech_stopped", "transcript")

@@ -70,6 +70,8 @@ class SpeakText:
 @dataclass(frozen=True)
 class Interrupt:
     played_ms: int | None = None
+    turn_id: str = ""
+    """The turn the client means; empty: the one in progress (or the last one, still heard)."""
 
 
 @dataclass(frozen=True)

@@ -236,14 +236,18 @@ class Session:
                 await self._user_text(text, turn_id)
             case SpeakText(text, flush, turn_id):
                 await self._speak_text(text, flush, turn_id)
-            case Interrupt(played_ms):
+            case Interrupt(played_ms, turn_id):
                 self._require_started("interrupt")
-                await self._interrupt(played_ms)
+                self._check_turn_id_length(turn_id, "interrupt.turn_id")
+                await self._client_interrupt(played_ms, turn_id)
             case UserAudio(data):
                 await self._require_ears("user_audio").feed(self._checked_audio(data))
             case CommitAudio(turn_id):
                 self._check_turn_id(turn_id, "commit_audio.turn_id")
-                await self._require_ears("commit_audio").commit(turn_id)
+                ears = self._require_ears("commit_audio")
+                if turn_id:  # (used from now: its transcript comes later, and a second commit may come first)
+                    self._new_turn_id(turn_id)
+                await ears.commit(turn_id)
             case ClearAudio():
                 await self._require_ears("clear_audio").clear()
             case SpeechBegan(audio_start_ms):
@@ -383,6 +387,16 @@ class Session:
             turn.speak_input.put_nowait(text)
         if flush:
             turn.close_input()
+
+    async def _client_interrupt(self, played_ms: int | None, turn_id: str) -> None:
+        """The client's ``interrupt``: of the turn in progress; or, naming a turn, of that one only, if
+        it is the turn in progress or the last one (cut while a newer turn goes on: the client
+        stopped it as a transcript opened the newer one). Naming any other stops nothing."""
+        current = self._current if self._tentative() is None else None
+        if not turn_id or (current is not None and current.turn_id == turn_id):
+            await self._interrupt(played_ms)
+        elif self._heard is not None and self._heard.turn_id == turn_id:
+            self._cut_heard(self._heard, played_ms)
 
     async def _interrupt(self, played_ms: int | None, *, estimated: bool = False) -> None:
         """Stop the turn in progress at once; with none, cut the turn the client may still be hearing.
@@ -780,9 +794,13 @@ class Session:
         if self.state is SessionState.NEW:
             raise InvalidRequest(f"send `start` before `{what}`: the first message of a stream must be `start`")
 
-    def _check_turn_id(self, turn_id: str, field: str) -> None:
+    @staticmethod
+    def _check_turn_id_length(turn_id: str, field: str) -> None:
         if len(turn_id) > 128:
             raise InvalidRequest(f"{field} is {len(turn_id)} characters; use at most 128")
+
+    def _check_turn_id(self, turn_id: str, field: str) -> None:
+        self._check_turn_id_length(turn_id, field)
         if turn_id in self._used_turn_ids:
             raise InvalidRequest(f"{field} {turn_id!r} was already used in this session; turn ids must be unique")
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from parley.v1 import voice_pb2 as pb
-from tests.conftest import Harness, start, start_harness, stop_harness, wait_for
+from tests.conftest import Harness, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 
 RATE = 16000
@@ -416,5 +416,62 @@ async def test_end_of_speech_to_first_audio_counts_from_when_the_speech_ended(te
         assert ended.timings.speech_end_to_first_audio_ms >= ended.timings.transcription_ms
         await reader.stop()
         call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_an_interrupt_naming_a_reply_a_transcript_replaced_leaves_the_new_turn_alone() -> None:
+    # Found in QA on the page: the user typed while speaking; the typed reply was playing when the
+    # transcript opened the spoken question's turn, and the page's interrupt of the typed reply (with
+    # what it played) stopped the new turn instead, which ended before it said a word.
+    llm = FakeLLM(reply="One. Two. Three. Four. Five. Six. Seven. Eight.", token_s=0.05)
+    h = await start_harness(llm, stt=FakeSTT(texts=["Spoken question?"]))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        await call.write(user("Typed question?", turn_id="typed"))
+        await read_until(call, "audio", seen)  # the typed reply plays
+        await say(call, loud(400))
+        await call.write(pb.ConverseRequest(commit_audio=pb.CommitAudio(turn_id="spoken")))
+        await read_until(call, "transcript", seen)  # the spoken question's turn has begun
+        await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(played_ms=0, turn_id="typed")))
+        while (ended := (await read_until(call, "turn_ended", seen)).turn_ended).turn_id != "spoken":
+            assert ended.turn_id == "typed" and ended.reason == pb.TURN_END_REASON_INTERRUPTED
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED, ended
+        # The typed reply's history is cut at what the client played (nothing), not at what was sent.
+        await call.write(user("And now?"))
+        await read_until(call, "turn_ended", seen)
+        typed_reply = llm.requests[-1].messages[2]
+        assert typed_reply.role == "assistant" and typed_reply.content == "" and typed_reply.interrupted
+        # An interrupt naming a turn that is neither in progress nor the last one stops nothing.
+        await call.write(user("Once more?", turn_id="last"))
+        await read_until(call, "audio", seen)
+        await call.write(pb.ConverseRequest(interrupt=pb.Interrupt(turn_id="typed")))
+        ended = (await read_until(call, "turn_ended", seen)).turn_ended
+        assert (ended.turn_id, ended.reason) == ("last", pb.TURN_END_REASON_COMPLETED)
+        call.cancel()
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_commit_cannot_reuse_the_turn_id_of_one_before_it() -> None:
+    # Found in QA: two commits naming "x" made two turns "x" (a client could not tell them apart),
+    # because a commit's id was taken only when its transcript came.
+    h = await start_harness(stt=FakeSTT(latency_s=0.5))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        for _ in range(2):
+            await say(call, loud(300))
+            await call.write(pb.ConverseRequest(commit_audio=pb.CommitAudio(turn_id="x")))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            while await asyncio.wait_for(call.read(), 10) is not grpc.aio.EOF:
+                pass
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "commit_audio.turn_id 'x' was already used" in (refused.value.details() or "")
     finally:
         await stop_harness(h)

@@ -801,7 +801,8 @@ function interrupt() {
     updateButtons();
     return;
   }
-  send({ interrupt: { playedMs: played } });
+  // Naming the turn: one a transcript opened meanwhile (the user spoke as this reply played) goes on.
+  send({ interrupt: { playedMs: played, turnId: turn.id } });
   if (turn.outcome === "completed") {
     // The service had sent all of it; it cuts the history at what we played, and so does the page.
     const kept = heardText(turn, played);
