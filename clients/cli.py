@@ -103,9 +103,14 @@ class Conversation:
             self.send(pb.ConverseRequest(user_text=pb.UserText(text=text)))
         await self._turn_ended.wait()
 
+    @property
+    def turns_ended(self) -> int:
+        return self._turn_count
+
     async def say(self, pcm: bytes, rate: int) -> None:
         """Stream a spoken question in real time (20 ms at a time), then a second of silence so the
-        service hears it end; wait for the reply turn to end."""
+        service hears it end, then half-close: the service answers what it heard, then ends the stream
+        (at once when it heard no speech: silence and noise are not answered)."""
         self._turn_ended.clear()
         self._pcm.clear()
         if self.player is not None:
@@ -119,7 +124,7 @@ class Conversation:
             delay = began + (index + 1) * 0.02 - asyncio.get_running_loop().time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await self._turn_ended.wait()
+        self.close_sending()
 
     async def talk(self, microphone: Microphone) -> None:
         """Stream the microphone until it is closed (Ctrl-C); each utterance is answered as it ends."""
@@ -375,6 +380,10 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
         await unless_ended(receiver, conversation.ask(args.speak, speak=True))
     elif args.audio is not None:
         await unless_ended(receiver, conversation.say(*args.audio))
+        await receiver  # (the reply, then the stream's end)
+        if not conversation.turns_ended:
+            raise SystemExit("error: the service heard no speech in the WAV (silence and noise are not answered)")
+        return
     elif args.mic:
         await unless_ended(receiver, talk(conversation))
     else:

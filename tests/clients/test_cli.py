@@ -493,3 +493,24 @@ async def test_a_token_is_sent_and_a_missing_one_explained(tmp_path: Path) -> No
         assert code == 0 and stdout.strip() == h.llm.reply, stderr
     finally:
         await stop_harness(h)
+
+
+async def test_an_audio_file_is_answered_and_one_without_speech_is_said_to_hold_none(tmp_path: Path) -> None:
+    # Found in QA: a WAV of silence or noise (which the service rightly leaves unanswered) left the CLI
+    # waiting for a reply for ever; it half-closes after the file now, and says so when none comes.
+    from tests.fakes import FakeSTT, loud, quiet
+
+    h = await start_harness(FakeLLM(reply="It is sunny."), stt=FakeSTT(texts=["What is the weather like?"]))
+    try:
+        server = f"127.0.0.1:{h.running.port}"
+        spoken = write_mic_wav(tmp_path / "q.wav", quiet(300) + loud(700) + quiet(300))
+        code, stdout, stderr = await run_cli("--server", server, "--audio-file", str(spoken), "--no-play")
+        assert code == 0, stderr
+        assert "[you said: What is the weather like?]" in stderr and stdout.split() == ["It", "is", "sunny."]
+        silent = write_mic_wav(tmp_path / "silence.wav", quiet(2000))
+        began = time.monotonic()
+        code, _, stderr = await run_cli("--server", server, "--audio-file", str(silent), "--no-play")
+        assert code == 1 and "the service heard no speech in the WAV" in stderr, stderr
+        assert time.monotonic() - began < 15
+    finally:
+        await stop_harness(h)
