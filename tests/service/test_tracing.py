@@ -16,7 +16,7 @@ from parley.v1 import voice_pb2 as pb
 from service.core import tracing
 from service.engines.openai_client import OpenAIConnection
 from service.engines.openai_llm import OpenAILLM, OpenAILLMOptions
-from tests.conftest import interrupt, start, start_harness, stop_harness, user, wait_for
+from tests.conftest import Harness, interrupt, start, start_harness, stop_harness, user, wait_for
 from tests.fake_openai import API_KEY, FakeOpenAI, Plan
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
@@ -30,6 +30,20 @@ def in_memory_traces() -> None:
     provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
     trace.set_tracer_provider(provider)  # (once per process: OpenTelemetry refuses to replace it)
     tracing.enable()
+
+
+async def first_turn_end(h: Harness, text: str) -> pb.TurnEnded:
+    """Ask ``text`` on a new stream of ``h``; the end of its turn."""
+    call = h.stub.Converse()
+    try:
+        await call.write(start())
+        await call.write(user(text))
+        while (response := await call.read()) is not grpc.aio.EOF:
+            if response.HasField("turn_ended"):
+                return response.turn_ended
+        raise AssertionError("the stream ended before its turn did")
+    finally:
+        call.cancel()
 
 
 async def test_a_voice_turn_is_one_span_with_its_stages_as_children() -> None:
@@ -70,18 +84,9 @@ async def test_a_turn_span_ends_as_its_end_leaves_with_the_timings_the_client_go
     EXPORTER.clear()
     h = await start_harness(FakeLLM(), FakeTTS())
     try:
-        call = h.stub.Converse()
-        await call.write(start())
-        await call.write(user("Hello there."))
-        ended = None
-        while (response := await call.read()) is not grpc.aio.EOF:
-            if response.HasField("turn_ended"):
-                ended = response.turn_ended
-                break
-        call.cancel()
+        ended = await first_turn_end(h, "Hello there.")
     finally:
         await stop_harness(h)
-    assert ended is not None
     (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
     assert turn.attributes["parley.first_audio_ms"] == ended.timings.first_audio_ms > 0
     assert turn.attributes["parley.audio_ms"] == ended.timings.audio_duration_ms > 0
@@ -92,14 +97,7 @@ async def test_a_failed_turn_span_has_an_error_status() -> None:
     EXPORTER.clear()
     h = await start_harness(FakeLLM(), FakeTTS(fail_on="answer"))
     try:
-        call = h.stub.Converse()
-        await call.write(start())
-        await call.write(user("Hello there."))
-        while (response := await call.read()) is not grpc.aio.EOF:
-            if response.HasField("turn_ended"):
-                assert response.turn_ended.reason == pb.TURN_END_REASON_FAILED
-                break
-        call.cancel()
+        assert (await first_turn_end(h, "Hello there.")).reason == pb.TURN_END_REASON_FAILED
     finally:
         await stop_harness(h)
     (turn,) = [s for s in EXPORTER.get_finished_spans() if s.name == "parley.turn"]
@@ -151,14 +149,7 @@ async def test_a_providers_own_words_reach_the_client_not_the_logs_or_the_traces
     h = await start_harness(llm, FakeTTS())  # type: ignore[arg-type]
     try:
         with caplog.at_level(logging.INFO):
-            call = h.stub.Converse()
-            await call.write(start())
-            await call.write(user("ZEBRASECRET"))
-            while (response := await call.read()) is not grpc.aio.EOF:
-                if response.HasField("turn_ended"):
-                    ended = response.turn_ended
-                    break
-            call.cancel()
+            ended = await first_turn_end(h, "ZEBRASECRET")
     finally:
         await stop_harness(h)
         fake.stop()
