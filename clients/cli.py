@@ -511,7 +511,11 @@ def read_question_wav(parser: argparse.ArgumentParser, path: str) -> tuple[bytes
                 parser.error(f"--audio-file {path}: {8 * wav.getsampwidth()}-bit samples; give 16-bit PCM")
             rate, channels = wav.getframerate(), wav.getnchannels()
             frames = wav.readframes(wav.getnframes())
-    except (OSError, EOFError, wave.Error) as error:
+    except wave.Error as error:
+        if str(error) == "unknown format: 3":  # (the WAVE format tag of IEEE floats)
+            parser.error(f"--audio-file {path}: floating-point samples; give 16-bit PCM")
+        parser.error(f"--audio-file {path}: {error}")
+    except (OSError, EOFError) as error:
         parser.error(f"--audio-file {path}: {error}")
     if not 8000 <= rate <= 48000:
         parser.error(f"--audio-file {path}: {rate} Hz; give 8000 to 48000 Hz")

@@ -7,6 +7,7 @@ import asyncio
 import os
 import pty
 import select
+import struct
 import sys
 import time
 import wave
@@ -379,7 +380,12 @@ async def test_an_unquoted_question_is_one_question(harness: Harness, tmp_path: 
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(None, "No such file"), (b"not a wav", "file does not start with RIFF id"), ("8bit", "8-bit samples")],
+    [
+        (None, "No such file"),
+        (b"not a wav", "file does not start with RIFF id"),
+        ("8bit", "8-bit samples"),
+        ("float", "floating-point samples; give 16-bit PCM"),  # (QA: said "unknown format: 3")
+    ],
 )
 async def test_a_bad_audio_file_is_refused_before_anything_is_sent(
     tmp_path: Path, content: bytes | str | None, words: str
@@ -393,6 +399,11 @@ async def test_a_bad_audio_file_is_refused_before_anything_is_sent(
             wav.setsampwidth(1)
             wav.setframerate(16000)
             wav.writeframes(b"\x80" * 1600)
+    elif content == "float":  # a WAVE_FORMAT_IEEE_FLOAT header, as sox and numpy tools write
+        fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+        data = b"\x00" * 6400
+        chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+        path.write_bytes(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     code, _, stderr = await run_cli("--server", "127.0.0.1:9", "--audio-file", str(path))
