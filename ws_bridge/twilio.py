@@ -258,7 +258,9 @@ class TwilioCall:
         while self._held:
             audio = self._held.popleft()
             self._held_bytes -= len(audio)
-            await accepted_write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
+            # (Through the lock: the reply's reader may write an interrupt meanwhile, and two writes at
+            # once fail the call with INTERNAL, "Internal error from Core".)
+            await self._write(call, pb.ConverseRequest(user_audio=pb.UserAudio(data=audio)))
         self._call = call
 
     async def _started_in_time(

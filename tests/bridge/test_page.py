@@ -109,7 +109,9 @@ async def test_stop_right_at_a_segments_end_keeps_the_segment(make_site: MakeSit
     assert await page.is_enabled("#stop")
     await page.click("#stop")
     await page.wait_for_selector(".meta")
-    assert [m["interrupt"] for m in sent if "interrupt" in m] == [{"playedMs": math.ceil(scheduled)}]
+    (asked,) = [m["userText"] for m in sent if "userText" in m]
+    interrupts = [m["interrupt"] for m in sent if "interrupt" in m]
+    assert interrupts == [{"playedMs": math.ceil(scheduled), "turnId": asked["turnId"]}]  # (the turn it stops)
     assert (await page.inner_text(".assistant")).strip() == "He lived in a castle,"
     await ask(page, "And then?")
     await wait_for(lambda: len(site.llm.requests) == 2)
