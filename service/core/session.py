@@ -511,8 +511,9 @@ class Session:
         if self._heard is not None:
             self._cut_heard(self._heard, None)  # as a new turn does: what of the last one waits is not sent
         self._outbox.put_control(Transcript(turn.turn_id, turn.user_text, True))
-        turn.stats.spoken = spoken
-        _record_transcription(turn.span, spoken)  # (the utterance's last one; the span has the tentative's)
+        earlier, turn.stats.spoken = turn.stats.spoken, spoken
+        if spoken is not None and (earlier is None or earlier.transcription_began != spoken.transcription_began):
+            _record_transcription(turn.span, spoken)  # (one of its own; the same as the tentative's is in the span)
         turn.confirm()
         if self._quotas is not None:
             self._quotas.count_turn(self._quota_principal)
