@@ -29,7 +29,7 @@ from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import SessionStarted, SpeechStarted, TurnEnded
 from service.core.hearing import VoiceInput
-from service.core.logcontext import LOG_SESSION, LOG_TURN
+from service.core.logcontext import LOG_SESSION, LOG_TURN, lines_of_turn
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
 from service.core.session import Ending, Session
@@ -218,9 +218,8 @@ class Writer:
         """Turns that ended without their end reaching the client (the stream ended under them, as a
         client that hangs up mid-reply does): logged and counted all the same. Call after :meth:`stop`."""
         for ended in ends:
-            said = LOG_TURN.set(ended.turn_id)  # (its line, as every line of a turn, names it)
-            self._account(ended)
-            LOG_TURN.reset(said)
+            with lines_of_turn(ended.turn_id):  # (its line, as every line of a turn, names it)
+                self._account(ended)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""

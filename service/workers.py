@@ -17,10 +17,10 @@ kernel would otherwise go on giving it its share of new connections, which would
 or SIGINT it passes SIGTERM to every worker, which drains as a lone service does, and exits once
 all have (0 when every running worker drained); with TLS on, SIGHUP it passes on (each worker reads
 its certificates again). More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
-settings). A worker gets SIGTERM when
-the supervisor dies, however it dies (Linux). Worker i serves its metrics on ``PARLEY_METRICS_PORT +
-i``. A port is one service's: a lone service does not share it, and a supervisor refuses a port
-something already listens on (another supervisor's workers included).
+settings). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
+its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
+it, and a supervisor refuses a port something already listens on (another supervisor's workers
+included).
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ async def supervise(
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)
 
-    async def start(index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool], _Beats]:
-        """A worker, whether it came to serve (known by the time it has exited), and its heartbeats."""
+    async def start(index: int) -> tuple[asyncio.subprocess.Process, _Beats]:
+        """A worker, and its end of the pipe (whether it came to serve, its heartbeats)."""
         env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index)}
         if metrics_port is not None:
             env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
@@ -119,21 +119,20 @@ async def supervise(
             raise
         finally:
             os.close(writable)
-        served: asyncio.Future[bool] = loop.create_future()
-        beats = _Beats(readable, served)
-        loop.add_reader(readable, beats.read)
+        beats = _Beats(readable)
         log.info("worker %d started (pid %d)", index, process.pid)
-        return process, served, beats
+        return process, beats
+
+    check_every = min(1.0, timeout_s / 4) if timeout_s > 0 else None  # (how often a silence is looked for)
 
     async def keep(index: int) -> None:
         ever_served = False
         while not stopping.is_set():
-            process, served, beats = await start(index)
+            process, beats = await start(index)
             workers[index] = process
             began = time.monotonic()
             waiting = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
-            check_every = min(1.0, timeout_s / 4) if timeout_s > 0 else None
             while True:
                 done, _ = await asyncio.wait({waiting, stop}, timeout=check_every, return_when=asyncio.FIRST_COMPLETED)
                 if done:
@@ -154,7 +153,7 @@ async def supervise(
                 waiting.cancel()
                 return
             code = process.returncode
-            ever_served |= await served  # (its end of the pipe closed when it exited)
+            ever_served |= await beats.served  # (its end of the pipe closed when it exited)
             if code == CONFIGURATION_ERROR or not ever_served:  # (it said why; again would say it again)
                 log.error("worker %d (pid %d) cannot start (%s): stopping every worker", index, process.pid, _how(code))
                 failed.append(code if code is not None and code > 0 else 1)
@@ -200,11 +199,14 @@ class _Beats:
     """The supervisor's end of a worker's pipe: the first byte says it listens, each one after that
     that its event loop runs; the pipe's end, that it exited."""
 
-    def __init__(self, fd: int, served: asyncio.Future[bool]) -> None:
+    def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
         self._fd: int | None = fd
-        self._served = served
+        loop = asyncio.get_running_loop()
+        self.served: asyncio.Future[bool] = loop.create_future()
+        """Whether the worker came to serve: known by its first byte, or by the pipe's end."""
         self._last = 0.0
+        loop.add_reader(fd, self.read)
 
     def read(self) -> None:
         """Take what the worker said (called when the pipe is readable, and before judging it)."""
@@ -220,13 +222,13 @@ class _Beats:
             asyncio.get_running_loop().remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
-        if not self._served.done():
-            self._served.set_result(bool(said))
+        if not self.served.done():
+            self.served.set_result(bool(said))
 
     def silent_s(self) -> float | None:
         """How long the worker has said nothing since it came to serve; None before, or once it exited."""
         self.read()  # (beats that wait unread, after the supervisor itself was held up, count)
-        if self._fd is None or not self._served.done():
+        if self._fd is None or not self.served.done():
             return None
         return time.monotonic() - self._last
 

@@ -85,7 +85,6 @@ _NOT_WORDS = re.compile(r"[^\w\s]")
 T = TypeVar("T")
 _Result = tuple[Transcription | STTError, float, float]
 """A transcription (or the engine's error), when it began (``time.monotonic()``) and how long it took."""
-"""A transcription (or the engine's error) and the seconds it took."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ from service.core.events import (
 )
 from service.core.hearing import Ears, VoiceInput
 from service.core.history import Conversation, heard_text
-from service.core.logcontext import LOG_SESSION, LOG_TURN
+from service.core.logcontext import LOG_SESSION, LOG_TURN, lines_of_turn
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
 from service.core.saver import HistorySaver
@@ -461,9 +461,8 @@ class Session:
         if error is not None or not text:
             message = str(error) if error is not None else "nothing was understood"
             failure = _failure(error) if error is not None else None
-            said = LOG_TURN.set(turn_id)  # (for this line: the session's task belongs to no one turn)
-            log.warning("turn %s failed: %s", turn_id, failure.logged if failure is not None else message)
-            LOG_TURN.reset(said)
+            with lines_of_turn(turn_id):  # (the session's task belongs to no one turn)
+                log.warning("turn %s failed: %s", turn_id, failure.logged if failure is not None else message)
             stats = TurnStats()
             stats.spoken = spoken
             self._outbox.put_control(
