@@ -60,7 +60,7 @@ async def run(settings: Settings) -> None:
             lookahead=settings.lookahead_segments,
             codecs=CodecOptions(settings.opus_bitrate, settings.opus_application, settings.mp3_bitrate),
         ),
-        outbox=OutboxLimits(max_message_ms=settings.audio_chunk_ms),
+        outbox=OutboxLimits(max_message_ms=settings.audio_chunk_ms, caption_gather_ms=settings.caption_gather_ms),
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
     limits = StreamLimits(settings.max_streams, settings.send_timeout_s)

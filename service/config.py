@@ -178,6 +178,16 @@ class Settings(BaseSettings):
             "ones grow with what the client holds up to this)."
         ),
     )
+    caption_gather_ms: int = Field(
+        _OUTBOX.caption_gather_ms,
+        ge=0,
+        le=1000,
+        description=(
+            "How long a turn's caption text gathers into one text_delta message, in milliseconds (a "
+            "turn's first caption leaves at once, and its audio never waits for text; 0: one message "
+            "per LLM delta)."
+        ),
+    )
     max_text_chars: int = Field(
         _SESSION.max_text_chars, ge=1, description="Longest user_text or speak turn, in characters."
     )

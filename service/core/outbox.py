@@ -5,8 +5,13 @@ messages out with :meth:`Outbox.next`. The outbox alone
 
 - bounds what waits per stream, in seconds of audio as well as in items (a turn's :meth:`Outlet.put`
   waits while it is full: that is the backpressure from a slow client to the TTS engine);
-- merges: caption deltas of a turn waiting together leave as one message, and audio pieces of one
-  segment as one message of at most ``max_message_ms``; once a turn's first audio has left, a
+- merges: a turn's caption text waits in the queue as one entry that the deltas coming meanwhile
+  join; the turn's first leaves at once, later ones gather for up to ``caption_gather_ms`` (a
+  stream in flight then carries a few caption messages a second, not one per LLM token). The turn's
+  audio may go ahead of its gathering text (so a reply's first audio never queues behind a caption);
+  anything else behind the text waits for it (a segment start, whose text it holds, first of all),
+  so the order of everything but a turn's text and its audio is kept. Audio pieces of one
+  segment leave as one message of at most ``max_message_ms``; once a turn's first audio has left, a
   message waits until it is full while the client holds audio to spare, but never so long that it
   would hold less than ``fill_lead_ms``, or than half of what it holds (the turn gathers a message's
   worth before handing it over, by the same rule): the first message leaves at once and the next
@@ -75,10 +80,17 @@ class OutboxLimits:
     min_fill_lead_ms: int = 100
     """While the client holds no more than this (or than ``fill_lead_ms``, if that is less), audio
     leaves as it comes."""
+    caption_gather_ms: int = 100
+    """How long a turn's caption text gathers before it leaves as one message, counting from the first
+    delta of the gathering (a turn's first caption leaves at once; 0: every delta as it comes). The
+    turn's audio never waits for text that gathers: fewer messages, and a reply's first audio does
+    not queue behind a caption."""
 
     def __post_init__(self) -> None:
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
             raise ValueError("need max_message_ms >= 1, max_buffered_ms >= max_message_ms, max_buffered_items >= 1")
+        if self.caption_gather_ms < 0:
+            raise ValueError("need caption_gather_ms >= 0")
 
 
 class Outlet:
@@ -99,6 +111,10 @@ class Outlet:
         self.audio_ms_sent = 0.0
         """Audio of it handed to the transport."""
         self.next_sequence = 0
+        self.gathering: _Caption | None = None
+        """Its caption text waiting in the queue that more text may still join."""
+        self.captioned = False
+        """Some caption text of it was queued (its first leaves at once, later text gathers)."""
         self.on_end: Callable[[TurnEnded | None], None] | None = None
         """Told once of the turn's end as it leaves (sent, or let go unsent as the stream ended), or of
         None, by :meth:`finish`, for a turn whose end is never made (a discarded tentative reply)."""
@@ -158,7 +174,33 @@ class Outlet:
         return self.audio_ms_sent - (now - self.first_audio_at) * 1000
 
 
-_Entry = tuple[Outlet | None, Item]
+_GATHER_CHARS = 1024
+"""Most text a waiting caption entry takes in: beyond it, text starts a new entry, which counts toward
+``max_buffered_items`` (so a client that stops reading stops the turn's text as before)."""
+
+
+class _Caption:
+    """A turn's caption text waiting in the queue as one entry: deltas that come while it waits join
+    it, up to ``_GATHER_CHARS``; it leaves as one message."""
+
+    __slots__ = ("due", "length", "texts", "turn_id")
+
+    def __init__(self, turn_id: str, due: float, text: str) -> None:
+        self.turn_id = turn_id
+        self.due = due
+        """Until when it may wait for more text while nothing but its turn's audio is behind it."""
+        self.texts = [text]
+        self.length = len(text)
+
+    def add(self, text: str) -> None:
+        self.texts.append(text)
+        self.length += len(text)
+
+    def message(self) -> TextDelta:
+        return TextDelta(self.turn_id, self.texts[0] if len(self.texts) == 1 else "".join(self.texts))
+
+
+_Entry = tuple[Outlet | None, "Item | _Caption"]
 
 
 class Outbox:
@@ -200,8 +242,10 @@ class Outbox:
         if held is None or outlet.dropped:
             return
         self._held_items -= len(held)
-        self._entries.extend((outlet, item) for item in held)
-        self._changed.set()
+        for item in held:
+            if isinstance(item, AudioPiece):
+                self._buffered_ms -= item.duration_ms  # (counted again as it is queued)
+            self._append(outlet, item)
 
     def put_control(self, item: Control, outlet: Outlet | None = None) -> None:
         """Queue a session start, a turn's end or news of the user's voice without waiting for room
@@ -213,6 +257,7 @@ class Outbox:
         """Drop a turn: remove what of it waits, discard what it still puts. Returns its end if that
         was waiting (removed too), so that the caller can replace it."""
         outlet.dropped = True
+        outlet.gathering = None
         if outlet.held is not None:
             self._held_items -= len(outlet.held)
             self._buffered_ms -= sum(item.duration_ms for item in outlet.held if isinstance(item, AudioPiece))
@@ -241,12 +286,15 @@ class Outbox:
 
     def waiting(self) -> list[Item]:
         """A copy of what waits to leave, oldest first (for monitoring and tests)."""
-        return [item for _, item in self._entries]
+        return [item.message() if isinstance(item, _Caption) else item for _, item in self._entries]
 
     def unsent_ends(self) -> list[TurnEnded]:
         """The ends of turns that never left (the stream ended under them), as they would have been
         sent, timings fixed now; everything waiting is let go. Call once the stream's writer is done."""
         ends = [_ended(item, outlet) for outlet, item in self._entries if isinstance(item, TurnEnd)]
+        for outlet, _ in self._entries:
+            if outlet is not None:
+                outlet.gathering = None
         self._entries.clear()
         self._buffered_ms = 0.0
         return ends
@@ -261,22 +309,55 @@ class Outbox:
                     return None
                 self._changed.clear()
                 await self._changed.wait()
-            outlet, item = self._entries.popleft()
+            outlet, item = self._entries[0]
+            at = 0
+            if isinstance(item, _Caption):
+                # Gathering caption text lets its turn's audio behind it go first; anything else
+                # behind it waits: a segment start (whose text is in it: clients find a segment's
+                # text in the captions), its turn's end, another turn's item, news of the voice.
+                at = self._speech_behind(outlet, item)
+                if at < 0:
+                    self._changed.clear()
+                    try:
+                        async with asyncio.timeout_at(item.due):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                if at == 0:
+                    self._entries.popleft()
+                    self._changed.set()
+                    assert outlet is not None
+                    if outlet.gathering is item:
+                        outlet.gathering = None
+                    return item.message()
+                outlet, item = self._entries[at]
+            del self._entries[at]
             self._changed.set()
             if isinstance(item, AudioPiece):
                 assert outlet is not None
                 self._buffered_ms -= item.duration_ms
-                message = await self._audio_message(outlet, item)
+                message = await self._audio_message(outlet, item, at)
                 if message is not None:
                     return message
                 continue
-            if isinstance(item, TextDelta):
-                return self._caption_message(outlet, item)
             if isinstance(item, TurnEnd):
                 return _ended(item, outlet)
+            assert not isinstance(item, (_Caption, TextDelta))
             return item
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _speech_behind(self, outlet: Outlet | None, caption: _Caption) -> int:
+        """For a caption at the head: 0 if it leaves now (it is due, or something other than its
+        turn's audio is behind it), 1 if its turn's audio behind it goes first, or -1 if it waits
+        (for more text, or until it is due)."""
+        if self._closed or caption.due <= time.monotonic():
+            return 0
+        if len(self._entries) == 1:
+            return -1
+        owner, item = self._entries[1]
+        return 1 if owner is outlet and isinstance(item, AudioPiece) else 0
 
     def _full(self) -> bool:
         return (
@@ -285,24 +366,25 @@ class Outbox:
         )
 
     def _append(self, outlet: Outlet | None, item: Item) -> None:
-        self._entries.append((outlet, item))
-        if isinstance(item, AudioPiece):
-            self._buffered_ms += item.duration_ms
+        if isinstance(item, TextDelta) and outlet is not None:
+            caption = outlet.gathering
+            if caption is not None and caption.length + len(item.text) <= _GATHER_CHARS:
+                caption.add(item.text)  # (changes nothing the writer waits for: it is not woken)
+                return
+            now = time.monotonic()
+            due = now + self._limits.caption_gather_ms / 1000 if outlet.captioned else now
+            outlet.captioned = True
+            outlet.gathering = _Caption(outlet.turn_id, due, item.text)
+            self._entries.append((outlet, outlet.gathering))
+        else:
+            self._entries.append((outlet, item))
+            if isinstance(item, AudioPiece):
+                self._buffered_ms += item.duration_ms
         self._changed.set()
 
-    def _caption_message(self, outlet: Outlet | None, first: TextDelta) -> TextDelta:
-        texts, length = [first.text], len(first.text)
-        while self._entries and self._entries[0][0] is outlet and isinstance(self._entries[0][1], TextDelta):
-            text = self._entries[0][1].text  # type: ignore[union-attr]
-            if length + len(text) > MAX_CAPTION_CHARS:
-                break
-            self._entries.popleft()
-            texts.append(text)
-            length += len(text)
-        return first if len(texts) == 1 else TextDelta(first.turn_id, "".join(texts))
-
-    async def _audio_message(self, outlet: Outlet, first: AudioPiece) -> AudioChunk | None:
-        """``first`` and the pieces of its segment that follow it, up to one message's worth."""
+    async def _audio_message(self, outlet: Outlet, first: AudioPiece, at: int) -> AudioChunk | None:
+        """``first`` (taken from index ``at``) and the pieces of its segment that follow it, up to one
+        message's worth."""
         pieces = [first]
         duration = first.duration_ms
         limit = self._limits.max_message_ms
@@ -310,11 +392,11 @@ class Outbox:
             limit = min(limit, self._limits.first_message_ms)
         fill_until = outlet.fill_until()
         while True:
-            head = self._entries[0] if self._entries else None
+            head = self._entries[at] if len(self._entries) > at else None
             if head is not None:
                 if not _continues(head, outlet, first) or duration + head[1].duration_ms > limit + 1e-6:  # type: ignore[union-attr]
                     break
-                self._entries.popleft()
+                del self._entries[at]
                 self._changed.set()
                 piece = head[1]
                 assert isinstance(piece, AudioPiece)
@@ -325,14 +407,21 @@ class Outbox:
             # Nothing more yet: wait only while the client is well ahead and another piece would fit.
             if fill_until is None or self._closed or duration + pieces[-1].duration_ms > limit + 1e-6:
                 break
+            until = fill_until
+            caption = self._entries[0][1] if at else None
+            if isinstance(caption, _Caption) and caption.due < until:
+                until = caption.due  # (the text before it is due first: it goes, and this fills on after)
             self._changed.clear()
             try:
-                async with asyncio.timeout_at(fill_until):
+                async with asyncio.timeout_at(until):
                     await self._changed.wait()
             except TimeoutError:
-                break
+                if until == fill_until:
+                    break
+                self._put_back(outlet, pieces, at)
+                return None
             except asyncio.CancelledError:
-                self._put_back(outlet, pieces)
+                self._put_back(outlet, pieces, at)
                 raise
             if outlet.dropped:
                 return None
@@ -344,9 +433,9 @@ class Outbox:
         sequence, outlet.next_sequence = outlet.next_sequence, outlet.next_sequence + 1
         return AudioChunk(first.turn_id, first.segment_index, sequence, data, duration)
 
-    def _put_back(self, outlet: Outlet, pieces: list[AudioPiece]) -> None:
+    def _put_back(self, outlet: Outlet, pieces: list[AudioPiece], at: int) -> None:
         for piece in reversed(pieces):
-            self._entries.appendleft((outlet, piece))
+            self._entries.insert(at, (outlet, piece))
             self._buffered_ms += piece.duration_ms
         self._changed.set()
 

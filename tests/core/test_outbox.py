@@ -60,9 +60,10 @@ async def test_captions_waiting_together_leave_as_one_message() -> None:
     for text in ["Hel", "lo ", "there."]:
         await outlet.put(TextDelta("t1", text))
     await outlet.put(piece(0, 10))
-    await outlet.put(TextDelta("t1", " More"))
+    await outlet.put(TextDelta("t1", " More"))  # (joins the text still waiting, ahead of the audio)
     messages = await drain(outbox)
-    assert [m.text for m in messages if isinstance(m, TextDelta)] == ["Hello there.", " More"]
+    assert [type(m).__name__ for m in messages] == ["TextDelta", "AudioChunk"]
+    assert messages[0].text == "Hello there. More"  # type: ignore[attr-defined]
 
 
 async def test_captions_merge_up_to_a_bound() -> None:
@@ -72,9 +73,108 @@ async def test_captions_merge_up_to_a_bound() -> None:
     outlet = outbox.open_turn("t1")
     for _ in range(10):
         await outlet.put(TextDelta("t1", "é" * 6000))
+    for _ in range(3000):
+        await outlet.put(TextDelta("t1", "ab "))
     messages = [m.text for m in await drain(outbox) if isinstance(m, TextDelta)]
-    assert "".join(messages) == "é" * 60000 and len(messages) == 5
+    assert "".join(messages) == "é" * 60000 + "ab " * 3000
     assert all(len(text) <= MAX_CAPTION_CHARS for text in messages)
+    assert 10 < len(messages) < 30  # (small deltas joined, up to about a kilobyte each)
+
+
+async def test_a_turns_first_caption_leaves_at_once_and_later_text_gathers() -> None:
+    outbox = Outbox(OutboxLimits(caption_gather_ms=300))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(TextDelta("t1", "Sure, "))
+    began = time.monotonic()
+    assert (await asyncio.wait_for(outbox.next(), 1)).text == "Sure, "  # type: ignore[union-attr]
+    assert time.monotonic() - began < 0.1
+    await outlet.put(TextDelta("t1", "the "))
+    later = asyncio.create_task(outbox.next())
+    for text in ["capital ", "is ", "Paris."]:
+        await asyncio.sleep(0.05)
+        await outlet.put(TextDelta("t1", text))
+    message = await asyncio.wait_for(later, 1)
+    assert message.text == "the capital is Paris."  # type: ignore[union-attr]
+    assert 0.25 < time.monotonic() - began < 0.6  # gathered until due, not longer
+    # Another turn's first caption leaves at once too.
+    other = outbox.open_turn("t2")
+    await other.put(TextDelta("t2", "Hi"))
+    began = time.monotonic()
+    assert (await asyncio.wait_for(outbox.next(), 1)).text == "Hi"  # type: ignore[union-attr]
+    assert time.monotonic() - began < 0.1
+
+
+async def test_a_turns_audio_goes_ahead_of_its_gathering_text() -> None:
+    outbox = Outbox(OutboxLimits(caption_gather_ms=10_000))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(TextDelta("t1", "Sure, "))
+    await outbox.next()
+    await outlet.put(SegmentStarted("t1", 0, "Sure,", "Sure,", 0))
+    await outbox.next()
+    await outlet.put(TextDelta("t1", "here "))  # gathers (for up to 10 s)
+    await outlet.put(piece(0, 40))
+    await outlet.put(piece(0, 40))
+    await outlet.put(TextDelta("t1", "it is. And "))
+    began = time.monotonic()
+    audio = await asyncio.wait_for(outbox.next(), 1)
+    assert time.monotonic() - began < 0.5
+    assert isinstance(audio, AudioChunk) and audio.duration_ms == 80  # (the pieces behind the text merge)
+    # A segment start waits for the text before it (clients find a segment's text in the captions).
+    await outlet.put(SegmentStarted("t1", 1, "here it is.", "here it is.", 80))
+    caption = await asyncio.wait_for(outbox.next(), 1)
+    assert isinstance(caption, TextDelta) and caption.text == "here it is. And "
+    assert isinstance(await asyncio.wait_for(outbox.next(), 1), SegmentStarted)
+    # So does the turn's end.
+    await outlet.put(TextDelta("t1", "more."))
+    outbox.put_control(end(), outlet)
+    caption = await asyncio.wait_for(outbox.next(), 1)
+    assert isinstance(caption, TextDelta) and caption.text == "more."
+    assert isinstance(await asyncio.wait_for(outbox.next(), 1), TurnEnded)
+    assert time.monotonic() - began < 0.5
+
+
+async def test_gathering_text_keeps_its_place_before_anything_but_its_turns_speech() -> None:
+    outbox = Outbox(OutboxLimits(caption_gather_ms=10_000))
+    first = outbox.open_turn("t1")
+    await first.put(TextDelta("t1", "A"))
+    await outbox.next()
+    await first.put(TextDelta("t1", "B"))
+    second = outbox.open_turn("t2")
+    await second.put(piece(0, 40, "t2"))  # another turn's audio: not ahead of t1's text
+    await first.put(TextDelta("t1", "b"))
+    messages = [await asyncio.wait_for(outbox.next(), 1) for _ in range(2)]
+    assert isinstance(messages[0], TextDelta) and messages[0].text == "Bb"
+    assert isinstance(messages[1], AudioChunk) and messages[1].turn_id == "t2"
+
+
+async def test_captions_leave_one_by_one_without_gathering() -> None:
+    outbox = Outbox(OutboxLimits(caption_gather_ms=0))
+    outlet = outbox.open_turn("t1")
+    texts = []
+    for text in ["One ", "two ", "three."]:
+        await outlet.put(TextDelta("t1", text))
+        texts.append((await asyncio.wait_for(outbox.next(), 0.5)).text)  # type: ignore[union-attr]
+    assert texts == ["One ", "two ", "three."]
+
+
+async def test_text_due_while_audio_fills_behind_it_leaves_and_the_audio_fills_on() -> None:
+    outbox = Outbox(OutboxLimits(caption_gather_ms=100, max_message_ms=1000))
+    outlet = outbox.open_turn("t1")
+    await outlet.put(TextDelta("t1", "A"))
+    await outbox.next()
+    await outlet.put(piece(0, 40))
+    await outbox.next()  # the first audio: the client now holds 40 ms
+    outlet.sent_audio(3000, time.monotonic())  # ... and then 3 s more: messages wait to fill
+    await outlet.put(TextDelta("t1", "B"))
+    await outlet.put(piece(0, 40))
+    began = time.monotonic()
+    caption = await asyncio.wait_for(outbox.next(), 2)
+    assert isinstance(caption, TextDelta) and caption.text == "B"
+    assert time.monotonic() - began < 0.5  # when due, not when the audio message is full
+    await outlet.put(piece(0, 40))
+    outbox.close()
+    audio = await asyncio.wait_for(outbox.next(), 2)
+    assert isinstance(audio, AudioChunk) and audio.duration_ms == 80
 
 
 async def test_a_full_outbox_holds_back_puts_by_seconds_of_audio() -> None:
@@ -93,13 +193,16 @@ async def test_a_full_outbox_holds_back_puts_by_seconds_of_audio() -> None:
 async def test_a_full_outbox_holds_back_puts_by_count_of_items() -> None:
     outbox = Outbox(OutboxLimits(max_buffered_items=3))
     outlet = outbox.open_turn("t1")
-    for text in "abc":
-        await outlet.put(TextDelta("t1", text))
+    for text in "abc":  # (text too long to join the text waiting: each is an item)
+        await outlet.put(TextDelta("t1", text * 1000))
     blocked = asyncio.create_task(outlet.put(TextDelta("t1", "d")))
     await asyncio.sleep(0.05)
     assert not blocked.done()
     outbox.put_control(end(), outlet)  # a turn's end never waits for room
     assert len(outbox.waiting()) == 4
+    await outbox.next()
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # (three items still wait)
     await outbox.next()
     await asyncio.wait_for(blocked, 1)
 

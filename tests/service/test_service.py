@@ -612,7 +612,7 @@ async def test_the_send_timeout_counts_from_the_write_in_flight_only() -> None:
             self.sent.append(message.text_delta.text)
 
     context = Context()
-    outbox = Outbox(OutboxLimits())
+    outbox = Outbox(OutboxLimits(caption_gather_ms=0))  # (each delta its own message)
     outlet = outbox.open_turn("t1")
     writer = Writer(outbox, context, 0.2, lambda: "s")  # type: ignore[arg-type]
     running = asyncio.create_task(writer.run())
