@@ -184,8 +184,8 @@ class Settings(BaseSettings):
         le=1000,
         description=(
             "How long a turn's caption text gathers into one text_delta message, in milliseconds (a "
-            "turn's first caption leaves at once, and its audio never waits for text; 0: one message "
-            "per LLM delta)."
+            "turn's first caption leaves at once, and its audio never waits for text; 0: text leaves as it "
+            "comes, though deltas that wait together while the stream's writer is busy leave as one)."
         ),
     )
     max_text_chars: int = Field(

@@ -82,9 +82,10 @@ class OutboxLimits:
     leaves as it comes."""
     caption_gather_ms: int = 100
     """How long a turn's caption text gathers before it leaves as one message, counting from the first
-    delta of the gathering (a turn's first caption leaves at once; 0: every delta as it comes). The
-    turn's audio never waits for text that gathers: fewer messages, and a reply's first audio does
-    not queue behind a caption."""
+    delta of the gathering (a turn's first caption leaves at once; 0: text leaves as it comes, deltas
+    waiting together while the writer is busy still as one message). The turn's audio never waits
+    for text that gathers: fewer messages, and a reply's first audio does not queue behind a
+    caption."""
 
     def __post_init__(self) -> None:
         if self.max_message_ms < 1 or self.max_buffered_ms < self.max_message_ms or self.max_buffered_items < 1:
