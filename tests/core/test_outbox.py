@@ -133,7 +133,7 @@ async def test_a_turns_audio_goes_ahead_of_its_gathering_text() -> None:
     assert time.monotonic() - began < 0.5
 
 
-async def test_gathering_text_keeps_its_place_before_anything_but_its_turns_speech() -> None:
+async def test_gathering_text_keeps_its_place_before_anything_but_its_turns_audio() -> None:
     outbox = Outbox(OutboxLimits(caption_gather_ms=10_000))
     first = outbox.open_turn("t1")
     await first.put(TextDelta("t1", "A"))
