@@ -316,7 +316,7 @@ class Outbox:
                 # Gathering caption text lets its turn's audio behind it go first; anything else
                 # behind it waits: a segment start (whose text is in it: clients find a segment's
                 # text in the captions), its turn's end, another turn's item, news of the voice.
-                at = self._speech_behind(outlet, item)
+                at = self._audio_behind(outlet, item)
                 if at < 0:
                     self._changed.clear()
                     try:
@@ -349,7 +349,7 @@ class Outbox:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _speech_behind(self, outlet: Outlet | None, caption: _Caption) -> int:
+    def _audio_behind(self, outlet: Outlet | None, caption: _Caption) -> int:
         """For a caption at the head: 0 if it leaves now (it is due, or something other than its
         turn's audio is behind it), 1 if its turn's audio behind it goes first, or -1 if it waits
         (for more text, or until it is due)."""
