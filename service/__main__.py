@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -87,7 +88,13 @@ async def run(settings: Settings) -> None:
         )
         stt = voice_input.stt.name if voice_input else "none"
         log.info(
-            "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s)", settings.host, running.port, llm.name, tts.name, stt
+            "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s, event loop=%s)",
+            settings.host,
+            running.port,
+            llm.name,
+            tts.name,
+            stt,
+            settings.event_loop,
         )
         if running.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
@@ -175,6 +182,21 @@ async def open_store(settings: Settings) -> SessionStore:
     return MemoryStore(settings.session_ttl_s, max_sessions=settings.memory_max_sessions)
 
 
+def event_loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the service's event loop: uvloop's (the default) or asyncio's. Raises RuntimeError
+    when uvloop is asked for and not installed."""
+    if kind == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError as error:
+        raise RuntimeError(
+            f"PARLEY_EVENT_LOOP=uvloop, but uvloop cannot be imported ({error}); install it, or set "
+            "PARLEY_EVENT_LOOP=asyncio"
+        ) from None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
@@ -202,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings.log_level != "DEBUG":
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:
-        asyncio.run(run(settings))
+        loop_factory = event_loop_factory(settings.event_loop)
+    except RuntimeError as error:
+        log.error("cannot start: %s", error)
+        return 1
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run(settings))
     except (EngineError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
         return 1

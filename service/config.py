@@ -203,6 +203,11 @@ class Settings(BaseSettings):
         description="Close a stream whose client reads nothing for this long while replies wait.",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="The event loop: uvloop (libuv's; less CPU per message, timers to the millisecond) or asyncio "
+        "(Python's own, for debugging).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field(
         "text", description="text (for a terminal) or json (one object per line, with session and turn)."

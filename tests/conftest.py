@@ -261,3 +261,12 @@ async def rejection(stub: object, requests: list[pb.ConverseRequest]) -> grpc.ai
         while await call.read() is not grpc.aio.EOF:
             pass
     return caught.value
+
+
+if os.environ.get("PARLEY_TEST_EVENT_LOOP") == "uvloop":
+    # The in-process tests run on asyncio's loop; PARLEY_TEST_EVENT_LOOP=uvloop runs them on the service's
+    # default loop instead (the tests that start ``python -m service`` run on it anyway).
+    import uvloop
+
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+        return {"uvloop": uvloop.new_event_loop}

@@ -10,7 +10,7 @@ Implementations live in ``service.stores``.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.core.aio import first_of
@@ -39,7 +39,18 @@ class StoredSession:
     resume it."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """What ``dataclasses.asdict`` gives, built directly: written at every turn's end, and asdict's
+        deep copy of each entry cost more than the JSON encoding."""
+        return {
+            "session_id": self.session_id,
+            "system_prompt": self.system_prompt,
+            "voice": self.voice,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "entries": [{"role": e.role, "content": e.content, "interrupted": e.interrupted} for e in self.entries],
+            "turns_started": self.turns_started,
+            "principal": self.principal,
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> StoredSession:

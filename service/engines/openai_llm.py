@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +97,7 @@ class OpenAILLM:
             usage: LLMUsage | None = None
             finished = False
             chunks = 0  # (see CHUNKS_PER_TOKEN)
-            loop = asyncio.get_running_loop()
-            resumed = loop.time()
+            resumed = time.monotonic()
             async for chunk in stall_guard(stream, options.stall_timeout_s, self._stalled):
                 chunks += 1
                 if chunks > CHUNKS_PER_TOKEN * request.max_tokens + CHUNKS_BEYOND_MAX_TOKENS:
@@ -113,9 +113,9 @@ class OpenAILLM:
                     if choice.delta is not None and choice.delta.content:
                         yield choice.delta.content
                     finished = finished or choice.finish_reason is not None
-                if loop.time() - resumed > HOLD_LOOP_S:  # (chunks that came together are read at once)
+                if time.monotonic() - resumed > HOLD_LOOP_S:  # (chunks that came together are read at once)
                     await asyncio.sleep(0)
-                    resumed = loop.time()
+                    resumed = time.monotonic()
             if not finished:
                 raise LLMError(
                     f"{self._connection.server_name}'s reply stream ended before the reply did (no finish_reason)",

@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 
 from service.core.aio import first_of, stopped
@@ -125,6 +126,10 @@ class RedisStore:
             # A pooled connection Redis closed while idle (a restart of Redis) fails once when next
             # used: each operation is tried once more on a new one (the scripts are idempotent).
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            # Made once: redis-py otherwise reads its own package metadata from disk for every new
+            # connection (a millisecond or more, on the event loop), and the pool grows by up to
+            # max_connections in a replica's first busy second.
+            driver_info=DriverInfo(),
         )
         self._redis = redis.Redis.from_pool(pool)  # (closing the client closes the pool)
         self._url = url

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import signal
@@ -75,6 +76,36 @@ async def test_more_operations_at_once_than_connections_wait_for_one(redis_url: 
         ]
     finally:
         await store.aclose()
+
+
+async def test_new_connections_do_not_read_package_metadata(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found profiling 200 streams: redis-py read its package's metadata from disk for every connection
+    # it opened (about a millisecond each, on the event loop), while the pool grew in the first turns.
+    import redis.utils
+
+    reads: list[None] = []
+    version = redis.utils.get_lib_version
+    monkeypatch.setattr(redis.utils, "get_lib_version", lambda: (reads.append(None), version())[1])
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=60, max_connections=20).start()
+    try:
+        sessions = [session(f"s{index}") for index in range(40)]
+        claims = await asyncio.gather(*(store.create(each) for each in sessions))
+        saves = (store.save(each, claim) for each, claim in zip(sessions, claims, strict=True))
+        assert all(await asyncio.gather(*saves))
+        pool = store._redis.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) > 10  # (many were opened)
+    finally:
+        await store.aclose()
+    assert len(reads) <= 1
+
+
+def test_a_stored_session_is_written_as_its_fields() -> None:
+    stored = session()
+    stored.turns_started, stored.principal = 7, "key:ops"
+    assert stored.to_json() == dataclasses.asdict(stored)
+    assert StoredSession.from_json(json.loads(json.dumps(stored.to_json()))) == stored
 
 
 async def test_every_replica_sees_every_session(replicas: tuple[RedisStore, RedisStore]) -> None:
