@@ -286,15 +286,22 @@ async def compare(
             for count in counts:
                 for label in order:
                     if time.monotonic() > deadline:
-                        break
+                        rows.append(
+                            f"| {round_ + 1} | {count} | {label} | not run: --duration reached | | | | | | | | |"
+                        )
+                        continue
                     await asyncio.sleep(SETTLE_S)
                     row = await _run(services[label], cores, count, turns, message, ideal, deadline, compiled)
                     rows.append(_side_by_side(str(round_ + 1), label, row))
                 order.reverse()  # neither always goes first
         if sustained_turns:
             for label in order:
-                if time.monotonic() > deadline:
-                    break
+                if time.monotonic() > deadline:  # (said, so that a missing row is not read as a lost one)
+                    rows.append(
+                        f"| sustained, {sustained_turns} turns | {max(counts)} | {label} | not run: --duration "
+                        "reached | | | | | | | | |"
+                    )
+                    continue
                 await asyncio.sleep(SETTLE_S)
                 count = max(counts)
                 row = await _run(services[label], cores, count, sustained_turns, message, ideal, deadline, compiled)

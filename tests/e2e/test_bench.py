@@ -171,6 +171,27 @@ async def test_the_workers_comparison_measures_both_commits_side_by_side() -> No
     assert len(references) == 6 and all(r > 0 for r in references)
 
 
+async def test_the_workers_comparison_says_which_runs_the_duration_left_out() -> None:
+    # A run that --duration left out is said in its row (a sustained run was once missing without a word).
+    from benchmarks import workers
+
+    table = await workers.compare(
+        "quick",
+        "What is the capital of France?",
+        1,
+        time.monotonic() - 1,
+        ROOT,
+        "HEAD",
+        counts=(2,),
+        rounds=1,
+        sustained_turns=2,
+    )
+    said = re.findall(
+        r"^\| (1|sustained, 2 turns) \| 2 \| (before|after) \| not run: --duration reached \|", table, re.M
+    )
+    assert said == [("1", "before"), ("1", "after"), ("sustained, 2 turns", "after"), ("sustained, 2 turns", "before")]
+
+
 def test_the_reference_workload_times_the_same_work_every_time() -> None:
     from benchmarks import report
 
