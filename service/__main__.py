@@ -224,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.log_level != "DEBUG":
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request otherwise
     try:
-        loop_factory = event_loop_factory(settings.event_loop)
-    except RuntimeError as error:
-        log.error("cannot start: %s", error)
-        return 1
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
             runner.run(run(settings))
     except (EngineError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
