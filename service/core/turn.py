@@ -227,18 +227,24 @@ class Turn:
         ready: asyncio.Queue[_Pending | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._options.lookahead + 1)
         pending: list[_Pending] = []
-        produce = asyncio.create_task(self._produce(ready, slots, pending), name=f"produce {self.turn_id}")
         try:
-            await self._send_in_order(ready, slots)
-            await produce
+            # The text is read in this task, so that the LLM's request leaves in the turn's first step
+            # (a task of its own would start it one round of the event loop later, on the way to the
+            # first audio); the sender waits for the first segment anyway. Either failing stops the
+            # other: the group cancels this task's reading when the sender fails, and the sender when
+            # the reading does.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._send_in_order(ready, slots), name=f"send {self.turn_id}")
+                await self._produce(ready, slots, pending)
             if self._encoder is not None and (tail := await self._finish_encoding(self._encoder)):
                 await self._emit(AudioPiece(self.turn_id, self._last_segment, tail, 0.0))  # the stream's end
+        except BaseExceptionGroup as failed:
+            raise _first_error(failed) from None
         finally:
-            produce.cancel()
             tasks = [item.task for item in pending if item.task is not None]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(produce, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _produce(
         self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore, pending: list[_Pending]
@@ -396,6 +402,24 @@ class Turn:
         # (A codec may hold part of a frame: the piece then carries fewer bytes than its duration,
         # and the next piece or the stream's end the rest; the timeline is the PCM's.)
         await self._emit(AudioPiece(self.turn_id, segment_index, data, self._format.duration_ms(count)))
+
+
+def _first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What failed a turn's reading or sending (the other was then cancelled, so there is one error
+    but for a race; a second is logged, not lost)."""
+    leaves: list[BaseException] = []
+
+    def collect(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                collect(inner)
+        else:
+            leaves.append(error)
+
+    collect(failed)
+    for other in leaves[1:]:
+        log.warning("a turn's second error, as it failed", exc_info=other)
+    return leaves[0]
 
 
 class TurnState(enum.Enum):

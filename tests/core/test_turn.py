@@ -13,7 +13,7 @@ from service.core.engine import Audio
 from service.core.events import AudioChunk, AudioPiece, Item, Message, SegmentStarted, TextDelta, TurnStats
 from service.core.outbox import Outbox, OutboxLimits
 from service.core.turn import NoteFilter, SegmentAudio, Turn, TurnOptions
-from service.errors import TTSError
+from service.errors import LLMError, TTSError
 from tests.conftest import wait_for
 from tests.fakes import FakeTTS, tone
 
@@ -42,6 +42,7 @@ async def run_turn(
     message_ms: int = 100,
     language: str = "en_US",
     puts: list[Item] | None = None,
+    source: AsyncGenerator[str, None] | None = None,
 ) -> tuple[Turn, list[tuple[float, Message]]]:
     """Run a turn into an outbox that a client reads as fast as messages come; what it read, when
     (and, in ``puts``, what the turn put into the outbox)."""
@@ -61,7 +62,7 @@ async def run_turn(
     reading = asyncio.create_task(client())
     turn = Turn(
         "t1",
-        words(text),
+        words(text) if source is None else source,
         tts=tts,
         voice="fake-voice",
         language=language,
@@ -369,6 +370,56 @@ async def test_cancel_stops_source_and_synthesis() -> None:
         await task
     assert tts.open_streams == 0
     assert tts.cancelled >= 1
+
+
+async def test_the_llm_request_leaves_in_the_turns_first_step() -> None:
+    # On the way to the first audio: the text source is opened by the turn's own task as it starts,
+    # not by a task it creates (which would run one round of the event loop later).
+    opened_at: list[str] = []
+    marks: list[str] = []
+
+    async def source() -> AsyncGenerator[str, None]:
+        opened_at.append("opened" if not marks else "late")
+        yield "Hello there. "
+
+    task = asyncio.create_task(run_turn(FakeTTS(), source=source()))
+    asyncio.get_running_loop().call_soon(marks.append, "a round passed")
+    await task
+    assert opened_at == ["opened"]
+
+
+async def test_a_tts_failure_stops_the_text_source_at_once() -> None:
+    closed = asyncio.Event()
+    yielded = 0
+
+    async def slow_llm() -> AsyncGenerator[str, None]:
+        nonlocal yielded
+        try:
+            yield "The second sentence breaks the voice. "
+            for _ in range(1000):
+                await asyncio.sleep(0.05)
+                yielded += 1
+                yield "more "
+        finally:
+            closed.set()
+
+    with pytest.raises(TTSError, match="voice broke"):  # the engine's error itself, not a group of them
+        await run_turn(FakeTTS(fail_on="second"), source=slow_llm())
+    assert closed.is_set()
+    assert yielded < 100  # stopped long before the LLM's text ran out
+
+
+async def test_an_llm_failure_stops_the_syntheses_and_raises_its_own_error() -> None:
+    tts = FakeTTS(latency_s=5.0)
+
+    async def failing_llm() -> AsyncGenerator[str, None]:
+        yield "A first sentence to say. "
+        await wait_for(lambda: tts.open_streams > 0)
+        raise LLMError("the model went away")
+
+    with pytest.raises(LLMError, match="went away"):
+        await run_turn(tts, source=failing_llm())
+    assert tts.open_streams == 0
 
 
 async def test_filling_never_holds_back_audio_through_an_engine_stall() -> None:
