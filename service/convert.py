@@ -155,28 +155,33 @@ def _decimal(value: float) -> float:
 
 def message_to_proto(event: Message) -> pb.ConverseResponse:
     """The server message for one outgoing message."""
+    # The messages of every turn (audio above all) are filled in place: a sub-message given to the
+    # constructor is copied into it (serialized and parsed again, audio bytes and all), which took
+    # half of an audio message's conversion.
     if isinstance(event, AudioChunk):
-        return pb.ConverseResponse(
-            audio=pb.AudioChunk(
-                turn_id=event.turn_id,
-                segment_index=event.segment_index,
-                sequence=event.sequence,
-                data=event.data,
-                duration_ms=event.duration_ms,
-            )
-        )
+        response = pb.ConverseResponse()
+        audio = response.audio
+        audio.turn_id = event.turn_id
+        audio.segment_index = event.segment_index
+        audio.sequence = event.sequence
+        audio.data = event.data
+        audio.duration_ms = event.duration_ms
+        return response
     if isinstance(event, TextDelta):
-        return pb.ConverseResponse(text_delta=pb.TextDelta(turn_id=event.turn_id, text=event.text))
+        response = pb.ConverseResponse()
+        delta = response.text_delta
+        delta.turn_id = event.turn_id
+        delta.text = event.text
+        return response
     if isinstance(event, SegmentStarted):
-        return pb.ConverseResponse(
-            segment=pb.Segment(
-                turn_id=event.turn_id,
-                index=event.index,
-                text=event.text,
-                start_ms=event.start_ms,
-                spoken_text=event.spoken_text,
-            )
-        )
+        response = pb.ConverseResponse()
+        segment = response.segment
+        segment.turn_id = event.turn_id
+        segment.index = event.index
+        segment.text = event.text
+        segment.start_ms = event.start_ms
+        segment.spoken_text = event.spoken_text
+        return response
     if isinstance(event, TurnEnded):
         usage = event.usage
         timings = event.timings

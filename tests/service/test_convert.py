@@ -87,7 +87,20 @@ def test_messages_become_protos() -> None:
     segment = message_to_proto(SegmentStarted("t1", 2, "Dr. X", "Doctor X", 1500)).segment
     assert (segment.index, segment.text, segment.spoken_text, segment.start_ms) == (2, "Dr. X", "Doctor X", 1500)
     audio = message_to_proto(AudioChunk("t1", 1, 7, b"\x01\x02", 0.0625)).audio
-    assert (audio.segment_index, audio.sequence, audio.data) == (1, 7, b"\x01\x02")
+    assert (audio.turn_id, audio.segment_index, audio.sequence, audio.data) == ("t1", 1, 7, b"\x01\x02")
+    assert audio.duration_ms == 0.0625
+
+
+def test_messages_filled_in_place_are_sent_even_when_every_field_is_empty() -> None:
+    # (Filled field by field, not built from a sub-message: the kind must be set all the same.)
+    assert message_to_proto(TextDelta("", "")).WhichOneof("kind") == "text_delta"
+    assert message_to_proto(AudioChunk("", 0, 0, b"", 0.0)).WhichOneof("kind") == "audio"
+    assert message_to_proto(SegmentStarted("", 0, "", "", 0)).WhichOneof("kind") == "segment"
+    wire = message_to_proto(AudioChunk("t1", 1, 7, b"\x01\x02", 20.0)).SerializeToString()
+    expected = pb.ConverseResponse(
+        audio=pb.AudioChunk(turn_id="t1", segment_index=1, sequence=7, data=b"\x01\x02", duration_ms=20.0)
+    )
+    assert wire == expected.SerializeToString()
     ended = message_to_proto(
         TurnEnded(
             "t1",
