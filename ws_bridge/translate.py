@@ -13,6 +13,8 @@ The bridge's own errors (not the service's messages) are text frames ``{"error":
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from typing import Any
@@ -31,9 +33,28 @@ class BadFrame(Exception):
 def request_from_text(text: str) -> pb.ConverseRequest:
     """Parse a text frame. Raises :class:`BadFrame` for invalid JSON, unknown fields or wrong types."""
     try:
-        return json_format.Parse(text, pb.ConverseRequest())
+        request = json_format.Parse(text, pb.ConverseRequest())
     except json_format.ParseError as error:
         raise BadFrame(f"not a ConverseRequest in proto3 JSON: {error}") from error
+    if request.WhichOneof("kind") == "user_audio":
+        _check_base64(text)
+    return request
+
+
+def _check_base64(text: str) -> None:
+    """``userAudio.data`` is base64, standard or URL-safe, with or without padding, as proto3 JSON
+    says; protobuf's parser skips any other character (``"!!!"`` became no audio at all). Raises
+    :class:`BadFrame`. (Binary frames are the usual way to send the voice: this path is rare.)"""
+    message = json.loads(text)  # (valid: it was just parsed)
+    audio = message.get("userAudio", message.get("user_audio"))
+    data = audio.get("data") if isinstance(audio, dict) else None
+    if not isinstance(data, str):
+        return
+    try:
+        altchars = b"-_" if "-" in data or "_" in data else None
+        base64.b64decode(data + "=" * (-len(data) % 4), altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise BadFrame(f"userAudio.data is not base64 (standard or URL-safe): {error}") from error
 
 
 def to_json(message: Any) -> dict[str, Any]:

@@ -124,8 +124,18 @@ async def test_interrupt_through_the_bridge(stack: Stack) -> None:
         ('{"userText": {"text": 5}}', 1008, "not a ConverseRequest"),
         (b"\x00\x01binary", 1008, "start.input_audio"),  # voice, on a session opened without voice input
         ('{"speakText": {"text": "' + "x" * 140_000 + '"}}', 1009, ""),
+        ('{"userAudio": {"data": "!!!"}}', 1008, "not base64"),  # (protobuf's parser made it no audio)
+        ('{"user_audio": {"data": "AQI=AQI="}}', 1008, "not base64"),  # (it kept the first half)
     ],
-    ids=["invalid-json", "unknown-field", "wrong-type", "voice without input_audio", "oversize"],
+    ids=[
+        "invalid-json",
+        "unknown-field",
+        "wrong-type",
+        "voice without input_audio",
+        "oversize",
+        "voice not base64",
+        "voice after padding",
+    ],
 )
 async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, code: int, reason: str) -> None:
     async with connect(stack.url, max_size=None) as ws:
