@@ -194,22 +194,27 @@ class Ears:
                         self._post(Heard("", None, None, error))
                     failing = True
             elif item[0] == "commit":
+                speaking = self._listener.speaking
                 utterance = self._listener.commit()
                 if utterance is not None:
-                    self._ended(utterance, item[1])
+                    self._ended(utterance, item[1], stopped=speaking)
             elif item[0] == "finish":
                 if self._listener.speaking or self._request.policy.mode is TurnDetection.MANUAL:
+                    speaking = self._listener.speaking
                     utterance = self._listener.commit()
                     if utterance is not None and utterance.speech_ms > 0:
-                        self._ended(utterance, "")
+                        self._ended(utterance, "", stopped=speaking)
                 self._unpause()
                 if self._transcribing is not None:
                     await asyncio.wait({self._transcribing})
                 self._post(HeardAll())
             else:
+                speaking = self._listener.speaking
                 self._listener.clear()
                 self._frames.reset()
                 self._unpause()
+                if speaking:  # (the client heard speech_started: the utterance it cleared ends here)
+                    self._post(SpeechEnded(round(self._samples * 1000 / self._rate)))
 
     async def _room_to_hear(self) -> None:
         """Wait while ``MAX_UNHEARD_UTTERANCES`` utterances wait for their transcripts."""
@@ -254,14 +259,18 @@ class Ears:
         post.cancel()
         self._post(SpeechResumed())
 
-    def _ended(self, utterance: Utterance, turn_id: str) -> None:
+    def _ended(self, utterance: Utterance, turn_id: str, *, stopped: bool = True) -> None:
+        """The utterance is over: it is transcribed, and its transcript opens ``turn_id``. ``stopped``:
+        the client heard its speech begin (speech_started), so it hears it stop; a commit of audio in
+        which no speech was found is transcribed all the same, without a speech_stopped of its own."""
         recognition: asyncio.Task[_Result] | None = None
         if self._paused is not None and self._paused[0].pcm == utterance.pcm:
             recognition = self._paused[1]  # the silence lasted: the tentative transcript is the one
             self._paused = None
         else:
             self._unpause()
-        self._post(SpeechEnded(round(utterance.audio_end_ms)))
+        if stopped:
+            self._post(SpeechEnded(round(utterance.audio_end_ms)))
         if recognition is None:
             recognition = self._spawn(self._recognize(utterance, self._transcribing), "transcription")
         spoken = self._spoken(utterance)  # now: the arrival of its end is still remembered
