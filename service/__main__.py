@@ -29,7 +29,7 @@ from service.setting_errors import describe_errors
 from service.stores.memory import MemoryStore
 from service.telemetry import configure_tracing, tracing_settings_problem
 from service.tls import ServerCertificates, TLSError
-from service.workers import WORKER_INDEX, tell_ready
+from service.workers import WORKER_INDEX, become_worker, tell_ready
 
 log = logging.getLogger("service")
 
@@ -198,6 +198,7 @@ def event_loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    become_worker()  # (a supervisor's worker: first of all, it goes when its supervisor goes)
     try:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=settings.port,
                 reload_on_hup=settings.tls_cert_file is not None,
                 timeout_s=settings.worker_timeout_s,
+                grace_s=settings.shutdown_grace_s,
             )
         )
     if settings.log_level != "DEBUG":

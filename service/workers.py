@@ -42,6 +42,7 @@ __all__ = [
     "MAX_RESTART_DELAY_S",
     "MAX_WORKERS_PER_CORE",
     "WORKER_INDEX",
+    "become_worker",
     "core_count",
     "port_taken",
     "supervise",
@@ -57,12 +58,17 @@ CONFIGURATION_ERROR = 2
 """A service's exit status for settings it cannot run with: a worker that exits so is not restarted."""
 WORKER_INDEX = "PARLEY_WORKER_INDEX"
 """Set in each worker's environment: its index (a lone service has none)."""
+_SUPERVISOR = "PARLEY_SUPERVISOR_PID"
+"""Set in each worker's environment: its supervisor's pid (see :func:`become_worker`)."""
 READY_FD = "PARLEY_READY_FD"
 """Set in each worker's environment: the pipe on which it tells the supervisor that it listens, then
 beats."""
 HEARTBEAT_S = 1.0
 """How often a worker that listens tells its supervisor that its event loop runs."""
 _PR_SET_PDEATHSIG = 1
+STOP_MARGIN_S = 5.0
+"""After SIGTERM, how long past its drain's grace a worker has to exit (its last history is written,
+its session let go) before it is killed."""
 _STABLE_S = 30.0  # a worker that ran this long before dying is restarted after the shortest delay
 
 
@@ -75,12 +81,15 @@ async def supervise(
     port: int | None = None,
     reload_on_hup: bool = False,
     timeout_s: float = 0.0,
+    grace_s: float = 10.0,
 ) -> int:
     """Run ``count`` workers until SIGTERM or SIGINT; the exit status. With ``host`` and ``port``, first
     refuse (exit 1) a port something already listens on. With ``reload_on_hup`` (TLS is on), SIGHUP is
     passed to the workers, which read their certificates again; without, it ends the supervisor as it
     ends a lone service (and the workers drain). With ``timeout_s``, a worker that served and then sent
-    no heartbeat for so long is killed, then restarted."""
+    no heartbeat for so long is killed, then restarted. On SIGTERM or SIGINT each worker drains its
+    streams for up to ``grace_s``; one still running :data:`STOP_MARGIN_S` after that (stopped, or
+    stuck) is killed, and the exit status is 1."""
     if host is not None and port is not None and (taken := port_taken(host, port)) is not None:
         log.error("cannot start: %s", taken)
         return 1
@@ -90,11 +99,16 @@ async def supervise(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     workers: dict[int, asyncio.subprocess.Process] = {}
+    heard: dict[int, _Beats] = {}  # (each worker's pipe: whether it serves)
 
     def reload() -> None:  # (SIGHUP: each worker reads its TLS certificates again, as a lone service does)
-        running = [p for p in workers.values() if p.returncode is None]
-        log.info("SIGHUP: passed to %d workers", len(running))
-        for process in running:
+        serving = [
+            process
+            for index, process in workers.items()
+            if process.returncode is None and (said := heard[index].served).done() and said.result()
+        ]
+        log.info("SIGHUP: passed to %d workers (one still starting reads its certificates as it starts)", len(serving))
+        for process in serving:
             process.send_signal(signal.SIGHUP)
 
     if reload_on_hup:
@@ -105,14 +119,17 @@ async def supervise(
 
     async def start(index: int) -> tuple[asyncio.subprocess.Process, _Beats]:
         """A worker, and its end of the pipe (whether it came to serve, its heartbeats)."""
-        env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index)}
+        env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index), _SUPERVISOR: str(os.getpid())}
         if metrics_port is not None:
             env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
         readable, writable = os.pipe()
         env[READY_FD] = str(writable)
         try:
+            # (No preexec_fn: Python run between fork and exec, in a process with other threads, can
+            # deadlock or abort the child, and it keeps the fork from being a vfork. The worker sets
+            # itself up as it starts: become_worker.)
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service", *argv, env=env, preexec_fn=_die_with_parent, pass_fds=(writable,)
+                sys.executable, "-m", "service", *argv, env=env, pass_fds=(writable,)
             )
         except BaseException:
             os.close(readable)
@@ -129,7 +146,7 @@ async def supervise(
         ever_served = False
         while not stopping.is_set():
             process, beats = await start(index)
-            workers[index] = process
+            workers[index], heard[index] = process, beats
             began = time.monotonic()
             waiting = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
@@ -185,7 +202,20 @@ async def supervise(
     log.info("stopping %d workers (SIGTERM: each drains its streams)", len(running))
     for process in running:
         process.send_signal(signal.SIGTERM)
-    codes = await asyncio.gather(*(p.wait() for p in running))
+    waits = [asyncio.ensure_future(p.wait()) for p in running]
+    _, late = await asyncio.wait(waits, timeout=grace_s + STOP_MARGIN_S) if waits else (set(), set())
+    if late:
+        for process in running:
+            if process.returncode is None:
+                log.error(
+                    "worker pid %d had not stopped %g s after its %g s to drain (stopped, or stuck): killing it",
+                    process.pid,
+                    STOP_MARGIN_S,
+                    grace_s,
+                )
+                process.kill()
+        await asyncio.wait(late)
+    codes = [p.returncode for p in running]
     for process, code in zip(running, codes, strict=True):
         if code != 0:  # (one still starting, say: it did not drain, it was stopped)
             log.warning("worker pid %d %s as it stopped", process.pid, _how(code))
@@ -243,14 +273,21 @@ def _how(code: int | None) -> str:
     return f"exited with {code}"
 
 
-def _die_with_parent() -> None:
-    """In a worker, before it runs: SIGTERM when the supervisor dies, however it dies (Linux), so that
-    no worker is left serving the port on its own; SIGHUP ignored until the worker serves (it then
-    reads its TLS certificates on SIGHUP: one still starting reads them fresh anyway)."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (kept across exec; the served worker's handler replaces it)
+def become_worker() -> None:
+    """In a worker, first thing: SIGTERM when the supervisor dies, however it dies (Linux), so that
+    no worker is left serving the port on its own (and at once if it died before this ran); SIGHUP
+    ignored until the worker serves (it then reads its TLS certificates on SIGHUP; the supervisor
+    passes SIGHUP only to workers that serve: one still starting reads them fresh anyway). Nothing in
+    a lone service."""
+    supervisor = os.environ.pop(_SUPERVISOR, None)
+    if supervisor is None:
+        return
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the served worker's handler replaces it)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != supervisor:  # (it died before the line above: no signal will come)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def tell_ready() -> None:

@@ -133,6 +133,25 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted(redis_url: 
         reap(parent)
 
 
+async def test_a_worker_that_does_not_stop_is_killed_after_the_grace_and_the_rest(redis_url: str) -> None:
+    # Found in an SRE's chaos pass: a worker stopped (SIGSTOP) when the supervisor was told to stop
+    # kept it waiting for good, and the supervisor never exited.
+    port = free_port()
+    parent = start_workers(port, redis_url, shutdown_grace_s="1")
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        stopped = min(workers)
+        os.kill(stopped, signal.SIGSTOP)
+        assert await drained(parent) == 1  # (in 1 s of grace and 5 more, not never)
+        out, _ = parent.communicate(timeout=30)
+        assert f"worker pid {stopped} had not stopped 5 s after its 1 s to drain (stopped, or stuck): killing it" in out
+        assert f"worker pid {stopped} was killed by SIGKILL as it stopped" in out
+        assert all(_gone(pid) for pid in workers)
+    finally:
+        reap(parent)
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,6 +185,21 @@ async def test_workers_outlive_neither_a_killed_supervisor_nor_a_clean_stop_duri
     parent = start_service_process(**settings)
     try:
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        parent.kill()
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            await asyncio.sleep(0.1)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.communicate(timeout=30)
+    # Killed while its workers still load (each sets itself to go with its supervisor as it starts,
+    # and one that finds it gone already goes at once).
+    parent = start_service_process(**settings)
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "worker 1 started", 1)
         workers = await asyncio.to_thread(children, parent.pid)
         parent.kill()
         deadline = time.monotonic() + 30
