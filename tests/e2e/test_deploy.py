@@ -57,6 +57,18 @@ def test_ports_probes_and_grace_period_match_the_service() -> None:
     assert deployment["spec"]["replicas"] > 1
 
 
+def test_the_replicas_metrics_port_is_open_to_monitoring_only_and_grpc_to_all() -> None:
+    # Found in an SRE's review: every pod of the cluster could read each replica's metrics.
+    container = parley_deployment()["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    policy = next(d for d in manifest() if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "parley")
+    assert policy["spec"]["podSelector"]["matchLabels"] == parley_deployment()["spec"]["selector"]["matchLabels"]
+    rules = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["spec"]["ingress"]}
+    assert rules[int(env["PARLEY_PORT"])] is None  # (no "from": anyone)
+    (source,) = rules[int(env["PARLEY_METRICS_PORT"])]
+    assert source == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
 def test_redis_url_points_at_the_redis_service() -> None:
     env = {e["name"]: e["value"] for e in parley_deployment()["spec"]["template"]["spec"]["containers"][0]["env"]}
     host, port = re.match(r"redis://([^:/]+):(\d+)/", env["PARLEY_REDIS_URL"]).groups()  # type: ignore[union-attr]
