@@ -15,7 +15,8 @@ pipe every :data:`HEARTBEAT_S`; one silent for ``PARLEY_WORKER_TIMEOUT_S`` (its 
 process stopped) is killed (SIGKILL) and restarted, as gunicorn does with its worker timeout: the
 kernel would otherwise go on giving it its share of new connections, which would hang. On SIGTERM
 or SIGINT it passes SIGTERM to every worker, which drains as a lone service does, and exits once
-all have (0 when every running worker drained); with TLS on, SIGHUP it passes on (each worker reads
+all have (0 when every running worker drained; one still running :data:`STOP_MARGIN_S` past the
+drain's grace is killed, and the status is 1); with TLS on, SIGHUP it passes on (each worker reads
 its certificates again). More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
 settings). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
 its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
