@@ -155,11 +155,7 @@ async def test_manual_mode_waits_for_commit_and_clear_discards(voiced: Harness) 
 
 async def test_a_clear_during_speech_ends_it_with_speech_stopped_and_nothing_is_transcribed(voiced: Harness) -> None:
     # Found in QA: the client saw speech_started, cleared, and never saw the speech stop.
-    voiced.stt.texts = ["After the clear."]  # type: ignore[union-attr]
-    call = voiced.stub.Converse()
-    await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
-    seen: list[pb.ConverseResponse] = []
-    await read_until(call, "session_started", seen)
+    call, seen = await open_manual(voiced, "After the clear.")
     await say(call, loud(400))
     await read_until(call, "speech_started", seen)
     await call.write(pb.ConverseRequest(clear_audio=pb.ClearAudio()))
@@ -177,17 +173,24 @@ async def test_a_clear_during_speech_ends_it_with_speech_stopped_and_nothing_is_
 
 async def test_a_commit_without_speech_is_transcribed_with_no_lone_speech_stopped(voiced: Harness) -> None:
     # Found in QA: a commit of audio in which no speech was found sent speech_stopped with no start.
-    voiced.stt.texts = ["Something soft."]  # type: ignore[union-attr]
-    call = voiced.stub.Converse()
-    await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
-    seen: list[pb.ConverseResponse] = []
-    await read_until(call, "session_started", seen)
+    call, seen = await open_manual(voiced, "Something soft.")
     await say(call, quiet(600))
     await call.write(pb.ConverseRequest(commit_audio=pb.CommitAudio(turn_id="soft")))
     ended = await read_until(call, "turn_ended", seen)
     assert ended.turn_ended.turn_id == "soft"  # the client said it was an utterance: it is answered
     assert "speech_started" not in kinds(seen) and "speech_stopped" not in kinds(seen)
     call.cancel()
+
+
+async def open_manual(h: Harness, *texts: str) -> tuple[grpc.aio.StreamStreamCall, list[pb.ConverseResponse]]:
+    """A MANUAL voice stream whose utterances the fake STT hears as ``texts``, once its session began;
+    what it read so far."""
+    h.stt.texts = list(texts)  # type: ignore[union-attr]
+    call = h.stub.Converse()
+    await call.write(voice_start(mode=pb.TURN_DETECTION_MODE_MANUAL, min_speech_ms=100))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    return call, seen
 
 
 async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_on() -> None:

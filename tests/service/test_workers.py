@@ -182,24 +182,16 @@ async def test_workers_outlive_neither_a_killed_supervisor_nor_a_clean_stop_duri
     finally:
         reap(parent)
     # The supervisor killed outright: its workers stop too (none keeps serving the port on its own).
-    parent = start_service_process(**settings)
-    try:
-        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
-        workers = await asyncio.to_thread(children, parent.pid)
-        parent.kill()
-        deadline = time.monotonic() + 30
-        while not all(_gone(pid) for pid in workers):
-            assert time.monotonic() < deadline, "a worker outlived its supervisor"
-            await asyncio.sleep(0.1)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-        parent.communicate(timeout=30)
+    await kill_the_supervisor_once(start_service_process(**settings), "Parley listening", 2)
     # Killed while its workers still load (each sets itself to go with its supervisor as it starts,
     # and one that finds it gone already goes at once).
-    parent = start_service_process(**settings)
+    await kill_the_supervisor_once(start_service_process(**settings), "worker 1 started", 1)
+
+
+async def kill_the_supervisor_once(parent: subprocess.Popen[str], marker: str, count: int) -> None:
+    """SIGKILL to the supervisor once its log says ``marker`` ``count`` times: every worker must go."""
     try:
-        await asyncio.to_thread(wait_for_lines, parent, "worker 1 started", 1)
+        await asyncio.to_thread(wait_for_lines, parent, marker, count)
         workers = await asyncio.to_thread(children, parent.pid)
         parent.kill()
         deadline = time.monotonic() + 30
