@@ -50,9 +50,11 @@ def _check_base64(text: str) -> None:
     data = audio.get("data") if isinstance(audio, dict) else None
     if not isinstance(data, str):
         return
+    url_safe = "-" in data or "_" in data
+    if url_safe and ("+" in data or "/" in data):  # (decoding maps - and _ to + and /: it would pass)
+        raise BadFrame("userAudio.data is not base64 (standard or URL-safe): it mixes the two alphabets")
     try:
-        altchars = b"-_" if "-" in data or "_" in data else None
-        base64.b64decode(data + "=" * (-len(data) % 4), altchars=altchars, validate=True)
+        base64.b64decode(data + "=" * (-len(data) % 4), altchars=b"-_" if url_safe else None, validate=True)
     except (binascii.Error, ValueError) as error:
         raise BadFrame(f"userAudio.data is not base64 (standard or URL-safe): {error}") from error
 

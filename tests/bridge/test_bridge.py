@@ -126,6 +126,7 @@ async def test_interrupt_through_the_bridge(stack: Stack) -> None:
         ('{"speakText": {"text": "' + "x" * 140_000 + '"}}', 1009, ""),
         ('{"userAudio": {"data": "!!!"}}', 1008, "not base64"),  # (protobuf's parser made it no audio)
         ('{"user_audio": {"data": "AQI=AQI="}}', 1008, "not base64"),  # (it kept the first half)
+        ('{"userAudio": {"data": "AAAA+/-_"}}', 1008, "mixes the two alphabets"),  # (found in QA)
     ],
     ids=[
         "invalid-json",
@@ -135,6 +136,7 @@ async def test_interrupt_through_the_bridge(stack: Stack) -> None:
         "oversize",
         "voice not base64",
         "voice after padding",
+        "voice in two alphabets",
     ],
 )
 async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, code: int, reason: str) -> None:
