@@ -286,9 +286,7 @@ async def compare(
             for count in counts:
                 for label in order:
                     if time.monotonic() > deadline:
-                        rows.append(
-                            f"| {round_ + 1} | {count} | {label} | not run: --duration reached | | | | | | | | |"
-                        )
+                        rows.append(_not_run(str(round_ + 1), count, label))
                         continue
                     await asyncio.sleep(SETTLE_S)
                     row = await _run(services[label], cores, count, turns, message, ideal, deadline, compiled)
@@ -297,10 +295,7 @@ async def compare(
         if sustained_turns:
             for label in order:
                 if time.monotonic() > deadline:  # (said, so that a missing row is not read as a lost one)
-                    rows.append(
-                        f"| sustained, {sustained_turns} turns | {max(counts)} | {label} | not run: --duration "
-                        "reached | | | | | | | | |"
-                    )
+                    rows.append(_not_run(f"sustained, {sustained_turns} turns", max(counts), label))
                     continue
                 await asyncio.sleep(SETTLE_S)
                 count = max(counts)
@@ -319,6 +314,11 @@ async def compare(
             *rows,
         ]
     )
+
+
+def _not_run(round_: str, streams: int, label: str) -> str:
+    """A row of :func:`compare`'s table for a run that ``--duration`` left out."""
+    return f"| {round_} | {streams} | {label} | not run: --duration reached | | | | | | | | |"
 
 
 def _side_by_side(round_: str, label: str, row: Row) -> str:

@@ -406,20 +406,11 @@ class Turn:
 
 def _first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:
     """What failed a turn's reading or sending (the other was then cancelled, so there is one error
-    but for a race; a second is logged, not lost)."""
-    leaves: list[BaseException] = []
-
-    def collect(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                collect(inner)
-        else:
-            leaves.append(error)
-
-    collect(failed)
-    for other in leaves[1:]:
+    but for a race; a second is logged, not lost). The group holds their own errors, never a group."""
+    first, *others = failed.exceptions
+    for other in others:
         log.warning("a turn's second error, as it failed", exc_info=other)
-    return leaves[0]
+    return first
 
 
 class TurnState(enum.Enum):
