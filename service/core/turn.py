@@ -227,15 +227,21 @@ class Turn:
         ready: asyncio.Queue[_Pending | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._options.lookahead + 1)
         pending: list[_Pending] = []
+        reading_failed: Exception | None = None
         try:
             # The text is read in this task, so that the LLM's request leaves in the turn's first step
             # (a task of its own would start it one round of the event loop later, on the way to the
-            # first audio); the sender waits for the first segment anyway. Either failing stops the
-            # other: the group cancels this task's reading when the sender fails, and the sender when
-            # the reading does.
+            # first audio); the sender waits for the first segment anyway. The sender failing stops
+            # the reading at once (the group cancels this task); the reading failing lets the sender
+            # say what was already cut into segments, and then fails the turn.
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._send_in_order(ready, slots), name=f"send {self.turn_id}")
-                await self._produce(ready, slots, pending)
+                try:
+                    await self._produce(ready, slots, pending)
+                except Exception as error:  # (its end was queued: the sender ends after what it has)
+                    reading_failed = error
+            if reading_failed is not None:
+                raise reading_failed
             if self._encoder is not None and (tail := await self._finish_encoding(self._encoder)):
                 await self._emit(AudioPiece(self.turn_id, self._last_segment, tail, 0.0))  # the stream's end
         except BaseExceptionGroup as failed:

@@ -409,16 +409,21 @@ async def test_a_tts_failure_stops_the_text_source_at_once() -> None:
     assert yielded < 100  # stopped long before the LLM's text ran out
 
 
-async def test_an_llm_failure_stops_the_syntheses_and_raises_its_own_error() -> None:
-    tts = FakeTTS(latency_s=5.0)
+async def test_an_llm_failure_lets_what_was_cut_be_said_then_raises_its_own_error() -> None:
+    # Found by CI: the sender was cancelled with the reading, so a segment whose audio was still being
+    # made when the LLM stalled was cut short ("what was spoken before the stall stays").
+    tts = FakeTTS(latency_s=0.3)
+    puts: list[Item] = []
 
     async def failing_llm() -> AsyncGenerator[str, None]:
-        yield "A first sentence to say. "
+        yield "A first sentence to say. And a second one. "
         await wait_for(lambda: tts.open_streams > 0)
         raise LLMError("the model went away")
 
-    with pytest.raises(LLMError, match="went away"):
-        await run_turn(tts, source=failing_llm())
+    with pytest.raises(LLMError, match="went away"):  # the engine's error itself, not a group of them
+        await run_turn(tts, source=failing_llm(), puts=puts)
+    said = {p.segment_index for p in puts if isinstance(p, AudioPiece)}
+    assert said == {0, 1}
     assert tts.open_streams == 0
 
 
