@@ -271,40 +271,66 @@ class Turn:
                         if self._from_llm and self._stats.first_llm_token is None:
                             self._stats.first_llm_token = time.monotonic()
                         self.text += delta
-                        if self._text_deltas:  # (a delta over a message's worth goes as several)
-                            for start in range(0, len(delta), MAX_CAPTION_CHARS):
-                                await self._emit(TextDelta(self.turn_id, delta[start : start + MAX_CAPTION_CHARS]))
+                        captioned = not self._text_deltas
                         for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
                             if start:
                                 await asyncio.sleep(0)  # a long delta never holds the event loop for long
-                            for segment in segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS]):
-                                await self._schedule(segment, ready, slots, pending)
-            for segment in segmenter.flush():
-                await self._schedule(segment, ready, slots, pending)
+                            cut = segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS])
+                            # The synthesis of what the delta completes starts before the delta's caption
+                            # is handed on: the caption wakes the stream's writer, which would otherwise
+                            # send it before the synthesis task's first step sends the TTS request.
+                            items = await self._schedule(cut, slots, pending, wait=False)
+                            if not captioned:
+                                captioned = True
+                                for at in range(0, len(delta), MAX_CAPTION_CHARS):  # (a long delta goes as several)
+                                    await self._emit(TextDelta(self.turn_id, delta[at : at + MAX_CAPTION_CHARS]))
+                            await self._hand_over(items, cut[len(items) :], ready, slots, pending)
+            cut = segmenter.flush()
+            items = await self._schedule(cut, slots, pending, wait=False)
+            await self._hand_over(items, cut[len(items) :], ready, slots, pending)
         finally:
             ready.put_nowait(None)
 
     async def _schedule(
+        self, segments: list[TextSegment], slots: asyncio.Semaphore, pending: list[_Pending], *, wait: bool
+    ) -> list[_Pending]:
+        """Start the synthesis of ``segments`` in order, each in a look-ahead slot: waiting for one to
+        free (``wait``), or up to the first that finds none free. The segments started."""
+        started: list[_Pending] = []
+        for segment in segments:
+            if slots.locked() and not wait:
+                break
+            await slots.acquire()
+            if self._stats.first_segment is None:
+                self._stats.first_segment = time.monotonic()
+            spoken = speakable(segment.text, self._language)
+            if segment.open_end and spoken[-1:].isalnum():
+                spoken += ","  # a head of a sentence: read as going on, not as a finished statement
+            item = _Pending(len(pending), segment, spoken, SegmentAudio(), trim_lead=not self._spoke)
+            self._spoke = self._spoke or bool(spoken)
+            if item.spoken:
+                item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
+            else:
+                item.audio.end()
+            pending.append(item)
+            started.append(item)
+        return started
+
+    async def _hand_over(
         self,
-        segment: TextSegment,
+        started: list[_Pending],
+        rest: list[TextSegment],
         ready: asyncio.Queue[_Pending | None],
         slots: asyncio.Semaphore,
         pending: list[_Pending],
     ) -> None:
-        if self._stats.first_segment is None:
-            self._stats.first_segment = time.monotonic()
-        await slots.acquire()
-        spoken = speakable(segment.text, self._language)
-        if segment.open_end and spoken[-1:].isalnum():
-            spoken += ","  # a head of a sentence: read as going on, not as a finished statement
-        item = _Pending(len(pending), segment, spoken, SegmentAudio(), trim_lead=not self._spoke)
-        self._spoke = self._spoke or bool(spoken)
-        if item.spoken:
-            item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
-        else:
-            item.audio.end()
-        pending.append(item)
-        ready.put_nowait(item)
+        """Give the sender the segments ``started`` (their caption text has left), then start and give
+        it the ``rest`` one by one as look-ahead slots free (the sender frees them as it goes)."""
+        for item in started:
+            ready.put_nowait(item)
+        for segment in rest:
+            (item,) = await self._schedule([segment], slots, pending, wait=True)
+            ready.put_nowait(item)
 
     async def _synthesize(self, item: _Pending) -> None:
         """Synthesize one segment into its audio (in a ``parley.tts`` span), which always ends, with or

@@ -43,9 +43,11 @@ async def run_turn(
     language: str = "en_US",
     puts: list[Item] | None = None,
     source: AsyncGenerator[str, None] | None = None,
+    order: list[str] | None = None,
 ) -> tuple[Turn, list[tuple[float, Message]]]:
     """Run a turn into an outbox that a client reads as fast as messages come; what it read, when
-    (and, in ``puts``, what the turn put into the outbox)."""
+    (and, in ``puts``, what the turn put into the outbox; in ``order``, the kind of each message as
+    the client read it)."""
     outbox = Outbox(OutboxLimits(max_message_ms=message_ms, fill_lead_ms=fill_lead_ms))
     outlet = outbox.open_turn("t1")
     messages: list[tuple[float, Message]] = []
@@ -58,6 +60,8 @@ async def run_turn(
     async def client() -> None:
         while (message := await outbox.next()) is not None:
             messages.append((time.monotonic(), message))
+            if order is not None:
+                order.append(type(message).__name__)
 
     reading = asyncio.create_task(client())
     turn = Turn(
@@ -386,6 +390,28 @@ async def test_the_llm_request_leaves_in_the_turns_first_step() -> None:
     asyncio.get_running_loop().call_soon(marks.append, "a round passed")
     await task
     assert opened_at == ["opened"]
+
+
+async def test_a_segments_synthesis_starts_before_its_caption_is_read() -> None:
+    # On the way to the first audio: the caption of the delta that completes a segment wakes the
+    # stream's writer; the segment's synthesis task must have its first step (which sends the TTS
+    # request) before the writer's, not wait behind the caption's sending.
+    order: list[str] = []
+
+    class RecordingTTS(FakeTTS):
+        def synthesize(self, text: str, voice: str, *, urgent: bool = False) -> AsyncGenerator[Audio, None]:
+            order.append(f"tts request: {text}")
+            return super().synthesize(text, voice, urgent=urgent)
+
+    async def source() -> AsyncGenerator[str, None]:
+        await asyncio.sleep(0.01)  # (the client waits for messages)
+        yield "Sure, "  # (a first segment the segmenter cuts at once)
+        await asyncio.sleep(0.05)
+        yield "that is fine."
+
+    await run_turn(RecordingTTS(), source=source(), order=order)
+    assert order[:2] == ["tts request: Sure,", "TextDelta"]
+    assert order.index("TextDelta") < order.index("SegmentStarted")  # (a segment's text comes first)
 
 
 async def test_a_tts_failure_stops_the_text_source_at_once() -> None:
