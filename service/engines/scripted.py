@@ -16,11 +16,19 @@ their following space. Audio is a 220 Hz tone, 65 ms per character (about 15 cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import heapq
+import itertools
 import math
+import os
 import re
+import sys
 import time
+import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -78,14 +86,18 @@ _RATE = 24000
 
 async def _until(loop: asyncio.AbstractEventLoop, due: float) -> None:
     """Return at ``due`` (``time.monotonic``), never before, or, once it has passed, after letting the
-    other tasks run. What ``asyncio.sleep`` does, without its bookkeeping: a chunk of a benchmark engine
-    must cost the event loop as little as it can. (uvloop's timers count whole milliseconds, and may
-    come a fraction of one early: the benchmark's ideal must never be beaten by an engine that is.)"""
-    left = due - time.monotonic()
-    if left <= 0:
+    other tasks run. What ``asyncio.sleep`` does, without its bookkeeping (a chunk of a benchmark engine
+    must cost the event loop as little as it can), and to the microsecond where :class:`_Clock` can."""
+    if due <= time.monotonic():
         await asyncio.sleep(0)
         return
-    while left > 0:
+    clock = _clock(loop)
+    if clock is not None:
+        await clock.at(due)
+        return
+    # (uvloop's timers count whole milliseconds, and may come a fraction of one early: the benchmark's
+    # ideal must never be beaten by an engine that is.)
+    while (left := due - time.monotonic()) > 0:
         future = loop.create_future()
         timer = loop.call_later(left, _wake, future)
         try:
@@ -93,12 +105,105 @@ async def _until(loop: asyncio.AbstractEventLoop, due: float) -> None:
         except asyncio.CancelledError:
             timer.cancel()
             raise
-        left = due - time.monotonic()
 
 
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
+
+
+def _timerfd_calls() -> tuple[Any, Any] | None:
+    """libc's ``timerfd_create`` and ``timerfd_settime`` (Linux; Python has them only from 3.13)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+    create.argtypes, create.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p)
+    settime.restype = ctypes.c_int
+    return create, settime
+
+
+_TIMERFD = _timerfd_calls() if sys.platform == "linux" else None
+_CLOCK_MONOTONIC, _TFD_TIMER_ABSTIME = 1, 1
+
+
+class _Clock:
+    """Wakes the scripted engines' waits at their due times to the microsecond, through one timerfd
+    the event loop watches: as a network engine's bytes wake it the moment they arrive. The event
+    loop's own timers count whole milliseconds (uvloop's; and the kernel's poll timeout), so an engine
+    event waiting on one came up to a millisecond late, twice on the way to a turn's first audio,
+    and the benchmark counted that as the service's overhead. One per event loop (see :func:`_clock`)."""
+
+    def __init__(self, fd: int, settime: Any) -> None:
+        self._fd = fd
+        self._settime = settime
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._count = itertools.count()
+        self._armed = math.inf
+        self._spec = _Itimerspec()
+
+    def at(self, due: float) -> asyncio.Future[None]:
+        """A future done at ``due`` (``time.monotonic``, the kernel's CLOCK_MONOTONIC), never before.
+        Cancel it to stop waiting."""
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (due, next(self._count), future))
+        if due < self._armed:
+            self._arm(due)
+        return future
+
+    def fire(self) -> None:
+        """The timerfd expired: wake what is due, and arm it for the next."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 8)
+        now = time.monotonic()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            future = heapq.heappop(heap)[2]
+            if not future.done():  # (a cancelled wait is dropped as it comes due)
+                future.set_result(None)
+        self._armed = math.inf
+        if heap:
+            self._arm(heap[0][0])
+
+    def _arm(self, due: float) -> None:
+        self._armed = due
+        seconds = int(due)
+        self._spec.it_value.tv_sec = seconds
+        self._spec.it_value.tv_nsec = max(1, int((due - seconds) * 1e9))  # (all zeros would disarm it)
+        if self._settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+
+_CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clock | None] = weakref.WeakKeyDictionary()
+
+
+def _clock(loop: asyncio.AbstractEventLoop) -> _Clock | None:
+    """The loop's :class:`_Clock` (its timerfd is closed as the loop goes), or None where there is no
+    timerfd (the loop's own timers are used)."""
+    try:
+        return _CLOCKS[loop]
+    except KeyError:
+        pass
+    clock = None
+    if _TIMERFD is not None:
+        create, settime = _TIMERFD
+        fd = create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)  # (TFD_NONBLOCK, TFD_CLOEXEC)
+        if fd >= 0:
+            clock = _Clock(fd, settime)
+            loop.add_reader(fd, clock.fire)
+            weakref.finalize(loop, os.close, fd)
+    _CLOCKS[loop] = clock
+    return clock
 
 
 def reply_for(request_text: str) -> str:
