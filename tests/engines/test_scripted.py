@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
+import os
 import time
+import weakref
+from collections.abc import Callable, Coroutine
 
 import pytest
+import uvloop
 
 from service.core.engine import LLMRequest, Message
 from service.engines import scripted
@@ -64,8 +69,20 @@ async def test_a_late_reader_gets_the_chunks_made_meanwhile_at_once() -> None:
     assert all(len(pcm) % chunk_bytes == 0 for pcm in late[:-1])  # whole chunks only
 
 
+@pytest.fixture(params=["timerfd", "loop timers"])
+def clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the scripted engines wait: the timerfd clock, and the event loop's timers where
+    there is no timerfd."""
+    if request.param == "loop timers":
+        monkeypatch.setattr(scripted, "_TIMERFD", None)
+    monkeypatch.setattr(scripted, "_CLOCKS", weakref.WeakKeyDictionary())
+    return str(request.param)
+
+
 @pytest.mark.parametrize("engine", ["llm", "tts"])
-async def test_a_cancelled_stream_leaves_no_timer_behind(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_cancelled_stream_leaves_no_timer_behind(
+    engine: str, clock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def consume() -> None:
         if engine == "llm":
             request = LLMRequest((Message("user", "hi"),), 0.7, 1000)
@@ -85,3 +102,52 @@ async def test_a_cancelled_stream_leaves_no_timer_behind(engine: str, monkeypatc
         await task
     await asyncio.sleep(0.4)  # past the first token's or chunk's time: its timer would have gone off
     assert woken == []  # (on any event loop: asyncio's or uvloop's)
+    timerfd = scripted._clock(asyncio.get_running_loop())
+    assert (timerfd is not None) == (clock == "timerfd")
+    if timerfd is not None:
+        assert timerfd._heap == []  # (dropped as it came due)
+
+
+async def test_waits_end_in_the_order_they_are_due_and_never_early(clock: str) -> None:
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    dues = [start + 0.002 + 0.0017 * ((index * 7) % 30) for index in range(30)]  # (out of order)
+    woken: list[tuple[float, float]] = []
+
+    async def wait(due: float) -> None:
+        await scripted._until(loop, due)
+        woken.append((due, time.monotonic()))
+
+    cancelled = asyncio.create_task(scripted._until(loop, start + 0.01))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # (a cancelled wait leaves the others alone, and ends cancelled)
+    await asyncio.gather(*(wait(due) for due in dues))
+    assert [due for due, _ in woken] == sorted(dues)
+    assert all(at >= due for due, at in woken)
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the process's open files in /proc")
+@pytest.mark.parametrize("make_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_loops_timerfd_is_closed_as_the_loop_goes(make_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def waits() -> None:
+        loop = asyncio.get_running_loop()
+        await scripted._until(loop, time.monotonic() + 0.002)
+        assert scripted._clock(loop) is not None
+
+    def run_loops(count: int, main: Callable[[], Coroutine[None, None, None]]) -> None:
+        for _ in range(count):
+            loop = make_loop()
+            loop.run_until_complete(main())
+            loop.close()
+            del loop
+        gc.collect()
+
+    run_loops(1, lambda: asyncio.sleep(0))  # (uvloop's first loop opens two files for the process)
+    before = open_fds()
+    run_loops(20, waits)
+    assert open_fds() == before
