@@ -154,9 +154,28 @@ class SegmentAudio:
             self._waiter.set_result(None)
 
 
+class _Mark:
+    """How far the turn's text has been captioned (handed to the outbox), for the sender to wait on:
+    None, once no more caption will come (or none is sent), is as far as any segment goes."""
+
+    def __init__(self, chars: int | None) -> None:
+        self._chars = chars
+        self._moved = asyncio.Event()
+
+    def set_to(self, chars: int | None) -> None:
+        self._chars = chars
+        self._moved.set()
+
+    async def reaches(self, chars: int) -> None:
+        while self._chars is not None and self._chars < chars:
+            self._moved.clear()
+            await self._moved.wait()
+
+
 @dataclass
 class _Pending:
-    """A segment on its way out: its synthesis task and the audio it produced so far."""
+    """A segment on its way out: its synthesis task and the audio it produced so far (the turn's first
+    spoken segment has neither: the sender synthesizes it and emits its audio as it comes)."""
 
     index: int
     segment: TextSegment
@@ -165,7 +184,7 @@ class _Pending:
     task: asyncio.Task[None] | None = None
     trim_lead: bool = False
     """The turn's first spoken segment: the listener waits for it in silence, so its synthesis is
-    urgent and the engine's silence before the speech is dropped."""
+    urgent, the sender runs it itself, and the engine's silence before the speech is dropped."""
 
 
 class Turn:
@@ -217,6 +236,7 @@ class Turn:
         # Look-ahead syntheses start once the first spoken segment has audio: before, they would take
         # cores (or a cloud engine's bandwidth) from the one the listener is waiting for.
         self._first_spoken = asyncio.Event()
+        self._captioned = _Mark(0 if text_deltas else None)
 
     async def run(self) -> None:
         """Run the turn to its end.
@@ -276,19 +296,22 @@ class Turn:
                             if start:
                                 await asyncio.sleep(0)  # a long delta never holds the event loop for long
                             cut = segmenter.push(delta[start : start + SEGMENTER_SLICE_CHARS])
-                            # The synthesis of what the delta completes starts before the delta's caption
-                            # is handed on: the caption wakes the stream's writer, which would otherwise
-                            # send it before the synthesis task's first step sends the TTS request.
+                            # What the delta completes is started and handed to the sender before the
+                            # delta's caption is handed on: the caption wakes the stream's writer, whose
+                            # write would otherwise run before the TTS request is sent. (The sender
+                            # starts a segment only once its caption has been handed on.)
                             items = await self._schedule(cut, slots, pending, wait=False)
+                            for item in items:
+                                ready.put_nowait(item)
                             if not captioned:
                                 captioned = True
                                 for at in range(0, len(delta), MAX_CAPTION_CHARS):  # (a long delta goes as several)
                                     await self._emit(TextDelta(self.turn_id, delta[at : at + MAX_CAPTION_CHARS]))
-                            await self._hand_over(items, cut[len(items) :], ready, slots, pending)
-            cut = segmenter.flush()
-            items = await self._schedule(cut, slots, pending, wait=False)
-            await self._hand_over(items, cut[len(items) :], ready, slots, pending)
+                                self._captioned.set_to(len(self.text))
+                            await self._hand_over(cut[len(items) :], ready, slots, pending)
+            await self._hand_over(segmenter.flush(), ready, slots, pending)
         finally:
+            self._captioned.set_to(None)  # (no more caption: whatever comes of the text is what there is)
             ready.put_nowait(None)
 
     async def _schedule(
@@ -308,41 +331,66 @@ class Turn:
                 spoken += ","  # a head of a sentence: read as going on, not as a finished statement
             item = _Pending(len(pending), segment, spoken, SegmentAudio(), trim_lead=not self._spoke)
             self._spoke = self._spoke or bool(spoken)
-            if item.spoken:
-                item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
-            else:
+            if not item.spoken:
                 item.audio.end()
+            elif not item.trim_lead:  # (the first spoken segment is synthesized by the sender itself)
+                item.task = asyncio.create_task(self._synthesize(item), name=f"tts {self.turn_id}/{item.index}")
             pending.append(item)
             started.append(item)
         return started
 
     async def _hand_over(
         self,
-        started: list[_Pending],
-        rest: list[TextSegment],
+        segments: list[TextSegment],
         ready: asyncio.Queue[_Pending | None],
         slots: asyncio.Semaphore,
         pending: list[_Pending],
     ) -> None:
-        """Give the sender the segments ``started`` (their caption text has left), then start and give
-        it the ``rest`` one by one as look-ahead slots free (the sender frees them as it goes)."""
-        for item in started:
-            ready.put_nowait(item)
-        for segment in rest:
+        """Start ``segments`` and give them to the sender one by one, as look-ahead slots free (the
+        sender frees them as it goes)."""
+        for segment in segments:
             (item,) = await self._schedule([segment], slots, pending, wait=True)
             ready.put_nowait(item)
 
     async def _synthesize(self, item: _Pending) -> None:
-        """Synthesize one segment into its audio (in a ``parley.tts`` span), which always ends, with or
-        without an error."""
-        if not item.trim_lead:
-            await self._first_spoken.wait()
+        """A look-ahead segment's task: synthesize it into its audio (in a ``parley.tts`` span), which
+        always ends, with or without an error. It waits for the first spoken segment to have audio."""
+        await self._first_spoken.wait()
         attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
         with span("parley.tts", attributes) as traced:
-            await self._synthesize_in(item)
+            try:
+                async with contextlib.aclosing(self._spoken_pieces(item)) as pieces:
+                    async for piece in pieces:
+                        item.audio.append(piece)
+                item.audio.end()
+            except TTSError as error:
+                item.audio.end(error)
             fail_span(traced, item.audio.error)  # (a failure ends the segment's audio, not the task)
 
-    async def _synthesize_in(self, item: _Pending) -> None:
+    async def _speak_head(self, item: _Pending, spoken: SpokenSegment) -> None:
+        """The first spoken segment, synthesized by the sender itself (in a ``parley.tts`` span), its
+        pieces emitted as they come: the listener waits for them in silence, and handing them over
+        from a task of their own would cost a task switch on the way to the first audio. (The outbox
+        still gathers them into messages while the client is well ahead.) Raises the engine's
+        :class:`TTSError` after what it made before it."""
+        attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
+        with span("parley.tts", attributes) as traced:
+            try:
+                async with contextlib.aclosing(self._spoken_pieces(item)) as pieces:
+                    async for piece in pieces:
+                        while piece:  # (the turn's first message holds at most ``first_piece_ms``)
+                            limit = self._take_limit()
+                            await self._emit_audio(item.index, piece[:limit])
+                            piece = piece[limit:]
+                            spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - spoken.start_ms
+            except TTSError as error:
+                fail_span(traced, error)
+                raise
+
+    async def _spoken_pieces(self, item: _Pending) -> AsyncGenerator[bytes, None]:
+        """A segment's audio from the engine, resampled to the client's rate, in pieces of at most a
+        message's worth (PCM16; the first spoken segment without the engine's silence before its
+        speech). Raises :class:`TTSError` (an engine's bug too, logged). Close it (``aclosing``)."""
         encoder: SegmentEncoder | None = None
         silence: LeadingSilence | None = None
         unpaused_ms = 0.0
@@ -359,20 +407,19 @@ class Turn:
                         self._first_spoken.set()
                     pcm = chunk.pcm if silence is None else silence.feed(chunk.pcm)
                     for piece in encoder.feed(pcm):
-                        item.audio.append(piece)
+                        yield piece
                     unpaused_ms += len(chunk.pcm) * 500 / chunk.sample_rate_hz
                     if unpaused_ms >= min(self._piece_ms, READ_ROUND_MS):  # a round's worth read
                         await self._read_pause(unpaused_ms)
                         unpaused_ms = 0.0
             if encoder is not None:
                 for piece in encoder.finish():
-                    item.audio.append(piece)
-            item.audio.end()
-        except TTSError as error:
-            item.audio.end(error)
+                    yield piece
+        except TTSError:
+            raise
         except Exception as error:  # an engine bug must still end the turn cleanly
             log.exception("TTS engine failed on segment %d of turn %s", item.index, self.turn_id)
-            item.audio.end(TTSError(f"the TTS engine failed: {type(error).__name__}"))
+            raise TTSError(f"the TTS engine failed: {type(error).__name__}") from None
         finally:
             if item.trim_lead:
                 self._first_spoken.set()
@@ -396,13 +443,17 @@ class Turn:
         """Emit each segment and its audio strictly in order: what exists of it at once, or, while the
         outbox lets audio wait to fill a message (the client is well ahead), a message's worth at a time."""
         while (item := await ready.get()) is not None:
+            await self._captioned.reaches(item.segment.end)  # (clients find a segment's text in the captions)
             start_ms = round(self._format.duration_ms(self._timeline_samples))
             spoken = SpokenSegment(item.segment.start, item.segment.end, float(start_ms))
             self.segments.append(spoken)
             await self._emit(SegmentStarted(self.turn_id, item.index, item.segment.text, item.spoken, start_ms))
-            while (piece := await item.audio.take(self._take_limit(), self._fill_until())) is not None:
-                await self._emit_audio(item.index, piece)
-                spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
+            if item.spoken and item.task is None:
+                await self._speak_head(item, spoken)
+            else:
+                while (piece := await item.audio.take(self._take_limit(), self._fill_until())) is not None:
+                    await self._emit_audio(item.index, piece)
+                    spoken.duration_ms = self._format.duration_ms(self._timeline_samples) - start_ms
             spoken.complete = True
             slots.release()
 

@@ -44,11 +44,13 @@ async def run_turn(
     puts: list[Item] | None = None,
     source: AsyncGenerator[str, None] | None = None,
     order: list[str] | None = None,
+    max_items: int = 64,
+    read_pause_s: float = 0.0,
 ) -> tuple[Turn, list[tuple[float, Message]]]:
     """Run a turn into an outbox that a client reads as fast as messages come; what it read, when
     (and, in ``puts``, what the turn put into the outbox; in ``order``, the kind of each message as
-    the client read it)."""
-    outbox = Outbox(OutboxLimits(max_message_ms=message_ms, fill_lead_ms=fill_lead_ms))
+    the client read it). The client may pause ``read_pause_s`` after each message."""
+    outbox = Outbox(OutboxLimits(max_message_ms=message_ms, fill_lead_ms=fill_lead_ms, max_buffered_items=max_items))
     outlet = outbox.open_turn("t1")
     messages: list[tuple[float, Message]] = []
 
@@ -62,6 +64,8 @@ async def run_turn(
             messages.append((time.monotonic(), message))
             if order is not None:
                 order.append(type(message).__name__)
+            if read_pause_s:
+                await asyncio.sleep(read_pause_s)
 
     reading = asyncio.create_task(client())
     turn = Turn(
@@ -412,6 +416,89 @@ async def test_a_segments_synthesis_starts_before_its_caption_is_read() -> None:
     await run_turn(RecordingTTS(), source=source(), order=order)
     assert order[:2] == ["tts request: Sure,", "TextDelta"]
     assert order.index("TextDelta") < order.index("SegmentStarted")  # (a segment's text comes first)
+
+
+async def test_the_first_audio_goes_to_the_outbox_as_the_engine_yields_it() -> None:
+    # On the way to the first audio: the first spoken segment is synthesized by the turn's sender
+    # itself, so its audio reaches the outbox in the step the engine yields it, not one task switch
+    # later (a look-ahead segment's task hands its audio to the sender).
+    order: list[str] = []
+
+    class MarkingTTS(FakeTTS):
+        async def _synthesize(self, text: str) -> AsyncGenerator[Audio, None]:
+            async for audio in super()._synthesize(text):
+                if not order:
+                    asyncio.get_running_loop().call_soon(order.append, "a round passed")
+                yield audio
+
+    async def emit_marks() -> AsyncGenerator[str, None]:
+        yield "Sure, "
+        await asyncio.sleep(0.05)
+        yield "that is fine. And more."
+
+    class Puts(list[Item]):
+        def append(self, item: Item) -> None:
+            if isinstance(item, AudioPiece) and "first audio put" not in order:
+                order.append("first audio put")
+            super().append(item)
+
+    _, events = await run_turn(MarkingTTS(latency_s=0.01), source=emit_marks(), puts=Puts())
+    assert order[:2] == ["first audio put", "a round passed"]
+    assert [c.segment_index for c in audio_of(events)] == sorted(c.segment_index for c in audio_of(events))
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+async def test_a_segment_starts_after_its_caption_even_while_the_outbox_is_full(lookahead: int) -> None:
+    # A segment is handed to the sender before its delta's caption is put (so that its synthesis
+    # starts first); while the outbox is full, the caption's put waits, and the segment's start must
+    # still come after it: clients find a segment's text in the captions before the segment.
+    text = "Sure, here we go. " + " ".join(f"Sentence number {n} is here, and it goes on." for n in range(12))
+
+    async def deltas() -> AsyncGenerator[str, None]:
+        for at in range(0, len(text), 23):
+            yield text[at : at + 23]
+            await asyncio.sleep(0)
+
+    _, events = await run_turn(FakeTTS(chunks=5), source=deltas(), max_items=2, read_pause_s=0.002, lookahead=lookahead)
+    captioned = ""
+    for _, message in events:
+        if isinstance(message, TextDelta):
+            captioned += message.text
+        elif isinstance(message, SegmentStarted):
+            assert message.text in captioned, (message.text, captioned[-80:])
+    assert captioned == text
+    assert sum(isinstance(m, SegmentStarted) for _, m in events) >= 12
+
+
+async def test_a_segment_starts_only_once_its_caption_was_put() -> None:
+    # The segment is handed to the sender before the caption of its delta is put; a put that waits
+    # (the outbox full) must not let the segment's start overtake its caption.
+    emitted: list[str] = []
+
+    async def emit(item: TextDelta | SegmentStarted | AudioPiece) -> None:
+        if isinstance(item, TextDelta) and not emitted:
+            await asyncio.sleep(0.05)  # (waiting for room)
+        emitted.append(type(item).__name__)
+
+    async def source() -> AsyncGenerator[str, None]:
+        yield "Sure, "
+        yield "that is fine."
+
+    turn = Turn(
+        "t1",
+        source(),
+        tts=FakeTTS(),
+        voice="fake-voice",
+        language="en_US",
+        audio_format=AudioFormat(Encoding.PCM16, 16000),
+        emit=emit,
+        options=TurnOptions(),
+        piece_ms=100,
+        stats=TurnStats(),
+        from_llm=True,
+    )
+    await turn.run()
+    assert emitted.index("TextDelta") < emitted.index("SegmentStarted")
 
 
 async def test_a_tts_failure_stops_the_text_source_at_once() -> None:
