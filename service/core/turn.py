@@ -291,7 +291,7 @@ class Turn:
                         if self._from_llm and self._stats.first_llm_token is None:
                             self._stats.first_llm_token = time.monotonic()
                         self.text += delta
-                        captioned = not self._text_deltas
+                        caption_put = not self._text_deltas  # (this delta's)
                         for start in range(0, len(delta), SEGMENTER_SLICE_CHARS):
                             if start:
                                 await asyncio.sleep(0)  # a long delta never holds the event loop for long
@@ -303,8 +303,8 @@ class Turn:
                             items = await self._schedule(cut, slots, pending, wait=False)
                             for item in items:
                                 ready.put_nowait(item)
-                            if not captioned:
-                                captioned = True
+                            if not caption_put:
+                                caption_put = True
                                 for at in range(0, len(delta), MAX_CAPTION_CHARS):  # (a long delta goes as several)
                                     await self._emit(TextDelta(self.turn_id, delta[at : at + MAX_CAPTION_CHARS]))
                                 self._captioned.set_to(len(self.text))
@@ -356,8 +356,7 @@ class Turn:
         """A look-ahead segment's task: synthesize it into its audio (in a ``parley.tts`` span), which
         always ends, with or without an error. It waits for the first spoken segment to have audio."""
         await self._first_spoken.wait()
-        attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
-        with span("parley.tts", attributes) as traced:
+        with self._tts_span(item) as traced:
             try:
                 async with contextlib.aclosing(self._spoken_pieces(item)) as pieces:
                     async for piece in pieces:
@@ -373,8 +372,7 @@ class Turn:
         from a task of their own would cost a task switch on the way to the first audio. (The outbox
         still gathers them into messages while the client is well ahead.) Raises the engine's
         :class:`TTSError` after what it made before it."""
-        attributes = {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
-        with span("parley.tts", attributes) as traced:
+        with self._tts_span(item) as traced:
             try:
                 async with contextlib.aclosing(self._spoken_pieces(item)) as pieces:
                     async for piece in pieces:
@@ -386,6 +384,12 @@ class Turn:
             except TTSError as error:
                 fail_span(traced, error)
                 raise
+
+    def _tts_span(self, item: _Pending) -> contextlib.AbstractContextManager[Any]:
+        """The ``parley.tts`` span of a segment's synthesis."""
+        return span(
+            "parley.tts", {"parley.turn": self.turn_id, "parley.segment": item.index, "parley.chars": len(item.spoken)}
+        )
 
     async def _spoken_pieces(self, item: _Pending) -> AsyncGenerator[bytes, None]:
         """A segment's audio from the engine, resampled to the client's rate, in pieces of at most a
