@@ -2,9 +2,9 @@
 
 # The interpreter .venv is made from (`make PYTHON=... setup` chooses another): the system's own
 # python3 when it is 3.11 or newer and can make a venv, else python3 on PATH. Distributions build
-# their python3 with profile-guided and link-time optimization; a plain source build (pyenv's, by
-# default) ran the service's Python code a quarter slower on this project's machine, and its first
-# audio under load with it (README, "Benchmarks").
+# their python3 with profile-guided and link-time optimization; on this project's machine a plain
+# source build (pyenv's default) took 1.25 to 1.44 times as long on the service's Python code, and
+# its first audio under load was later (README, "Benchmarks").
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell p=$$(command -p -v python3) && "$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo "$$p" || echo python3)
 endif
