@@ -3,10 +3,10 @@
 # The interpreter .venv is made from (`make PYTHON=... setup` chooses another): the system's own
 # python3 when it is 3.11 or newer and can make a venv, else python3 on PATH. Distributions build
 # their python3 with profile-guided and link-time optimization; on this project's machine a plain
-# source build (pyenv's default) took 1.25 to 1.44 times as long on the service's Python code, and
-# its first audio under load was later (README, "Benchmarks").
-ifeq ($(origin PYTHON),undefined)
-PYTHON := $(shell p=$$(command -p -v python3) && "$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo "$$p" || echo python3)
+# source build (pyenv's default) took 1.25 to 1.44 times as long to cut and normalize a reply, and
+# the service's first audio under load was later on it (README, "Benchmarks").
+ifeq ($(strip $(PYTHON)),)
+override PYTHON := $(shell p=$$(command -p -v python3) && "$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo "$$p" || echo python3)
 endif
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,8 +18,10 @@ PROTO_OUT := parley/v1/voice_pb2.py parley/v1/voice_pb2.pyi parley/v1/voice_pb2_
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@echo "==> creating $(VENV) and installing Parley with its embedded models"
+	@echo "==> creating $(VENV) (from $(PYTHON), unless it exists) and installing Parley with its embedded models"
 	@echo "    (the first install compiles llama-cpp-python: about 6 minutes on 2 cores; pip then caches it)"
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Parley needs Python 3.11 or newer, which $(PYTHON) is not (make PYTHON=python3.11 setup)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install --progress-bar on -e '.[dev]'

@@ -178,7 +178,7 @@ def machine() -> str:
         pass
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     # (Which build of Python matters as much as its version: a source build without optimizations
-    # took 1.25 to 1.44 times as long on the service's Python code here. Its build date and compiler
+    # took 1.25 to 1.44 times as long to cut and normalize a reply here. Its build date and compiler
     # tell builds apart.)
     built = " ".join(platform.python_build()[1].split()[:3])
     python = f"Python {platform.python_version()} (built {built}, {platform.python_compiler()})"
