@@ -87,6 +87,9 @@ async def run(settings: Settings) -> None:
             ),
         )
         stt = voice_input.stt.name if voice_input else "none"
+        # A worker tells its supervisor it serves before it says so in the log: one killed right after
+        # its "listening" line is then restarted, not taken for a worker that cannot start.
+        tell_ready()
         log.info(
             "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s, event loop=%s)",
             settings.host,
@@ -115,7 +118,6 @@ async def run(settings: Settings) -> None:
             )
         else:
             log.info("authentication: none; listening on loopback only")
-        tell_ready()  # (a worker's supervisor: it serves)
         await serve_until_signal(running, settings.shutdown_grace_s)
     finally:
         await llm.aclose()
