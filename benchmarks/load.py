@@ -4,6 +4,7 @@ running the scripted engines (known latency), so that the ideal first-audio time
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import signal
@@ -163,6 +164,40 @@ class LoadResult:
     cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     wall_s: float = 0.0
+    stolen: float = math.nan
+    """The share of the machine's CPU time that the hypervisor gave to others during the run (steal
+    time: the virtual cores were ready to run and did not), NaN where the system does not say."""
+
+
+@dataclass(frozen=True)
+class MachineCPU:
+    """The whole machine's CPU time since boot, in clock ticks (Linux's ``/proc/stat``)."""
+
+    total: int
+    stolen: int
+    """Steal: time the virtual cores were ready to run while the hypervisor ran something else."""
+
+
+def machine_cpu(stat: Path = Path("/proc/stat")) -> MachineCPU | None:
+    """The machine's CPU time now, or None where ``/proc/stat`` is missing or says no steal (not Linux,
+    or a kernel before 2.6.11)."""
+    try:
+        with stat.open() as file:
+            fields = file.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    ticks = [int(value) for value in fields[1:9]]
+    return MachineCPU(sum(ticks), ticks[7])
+
+
+def stolen_share(before: MachineCPU | None, after: MachineCPU | None) -> float:
+    """The share of the CPU time between two readings that the hypervisor took (NaN if unknown)."""
+    if before is None or after is None or after.total <= before.total:
+        return math.nan
+    return (after.stolen - before.stolen) / (after.total - before.total)
 
 
 async def _stream(
@@ -248,6 +283,7 @@ async def run_load(
     pids = service.pids()  # (read once: scanning /proc at every sample cost the generator 7% of its time)
     result.rss_idle_mb = service.rss_mb(pids)
     cpu_before, client_before, began = service.cpu_s(pids), time.process_time(), time.perf_counter()
+    machine_before = machine_cpu()
     sampling = True
 
     async def sample_rss() -> None:
@@ -271,6 +307,7 @@ async def run_load(
         await sampler
     result.cpu_s = service.cpu_s(pids) - cpu_before
     result.wall_s = time.perf_counter() - began
+    result.stolen = stolen_share(machine_before, machine_cpu())
     return result
 
 

@@ -138,10 +138,12 @@ class Report:
                 if self.generator == "compiled"
                 else "the load generator is this Python process (grpc.aio)"
             )
-            + ", on the same cores (its share of the machine is in section 4).",
+            + ", on the same cores (its share of the machine is in section 4). Stolen: the share of the machine's "
+            "CPU time the hypervisor gave to other guests during the run (steal time, `/proc/stat`).",
             "",
-            "| streams | turns | overhead p50 | p95 | p99 | server-side p50 | p99 | first audio p50 | failed |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| streams | turns | overhead p50 | p95 | p99 | server-side p50 | p99 | first audio p50 | failed "
+            "| stolen |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for result, ideal in self.loads:
             client = [t.first_audio_ms - ideal for t in result.turns]
@@ -151,7 +153,8 @@ class Report:
                 f"| {result.concurrency} | {len(result.turns)} | {percentile(client, 50):.1f} ms "
                 f"| {percentile(client, 95):.1f} ms | {percentile(client, 99):.1f} ms "
                 f"| {percentile(server, 50):.1f} ms | {percentile(server, 99):.1f} ms "
-                f"| {percentile([t.first_audio_ms for t in result.turns], 50):.0f} ms | {failed} |"
+                f"| {percentile([t.first_audio_ms for t in result.turns], 50):.0f} ms | {failed} "
+                f"| {'n/a' if math.isnan(result.stolen) else f'{result.stolen:.1%}'} |"
             )
         return [*rows, ""]
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import math
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,12 @@ SEGMENTS_NOTE = ", no caption deltas"
 """Marks a run whose clients asked for their captions with the segments (``start.captions``)."""
 SETTLE_S = 2.0
 """Between runs: the last run's streams are closed and collected before the next begins."""
+RERUN_STOLEN = 0.05
+"""A run of the search that missed the target while the hypervisor took more than this share of the
+machine's CPU (steal time) is run once more, and the second run decides. On this project's virtual
+machine, runs of the same service at 200 streams with two workers met the target at a few percent
+stolen and missed it at 6 to 15%: the search measures the service, not the host's other guests, and
+the table shows both runs."""
 
 
 @contextlib.contextmanager
@@ -95,10 +103,17 @@ class Row:
     """The machine's speed just before the run (:func:`benchmarks.report.reference_ms`; lower is faster)."""
     captions: str = "deltas"
     """``segments``: the clients asked for no caption deltas (``start.captions``), as the phone bridge does."""
+    stolen: float = math.nan
+    """The share of the machine's CPU time the hypervisor took during the run (steal; NaN: not known)."""
 
     @property
     def meets(self) -> bool:
         return self.failed == 0 and self.p50_ms <= TARGET_P50_MS and self.p99_ms <= TARGET_P99_MS
+
+    @property
+    def disturbed(self) -> bool:
+        """Missed the target while the host took more than :data:`RERUN_STOLEN` of the CPU."""
+        return not self.meets and self.stolen > RERUN_STOLEN
 
     def markdown(self) -> str:
         per_stream_kb = max(0.0, self.rss_peak_mb - self.rss_idle_mb) * 1024 / self.streams
@@ -108,13 +123,21 @@ class Row:
             f"| {'yes' if self.meets else 'no'} | {self.failed} | {self.service_share:.0%} "
             f"| {self.generator_share:.0%} | {self.cpu_per_turn_ms:.1f} ms "
             f"| {self.rss_idle_mb:.0f} MB | {self.rss_peak_mb:.0f} MB | {per_stream_kb:.0f} KB "
-            f"| {self.reference_ms:.1f} ms |"
+            f"| {self.reference_ms:.1f} ms | {_share(self.stolen)} |"
         )
 
 
-def _largest(met: list[int], missed: list[int], stop: str, search: tuple[int, ...]) -> str:
+def _share(stolen: float) -> str:
+    return "n/a" if math.isnan(stolen) else f"{stolen:.1%}"
+
+
+def _largest(met: list[int], missed: list[int], stop: str, search: tuple[int, ...], rerun: tuple[str, ...] = ()) -> str:
     """What the search found, in words that claim no more than it saw."""
     tried = f"met at {', '.join(map(str, met)) or 'none'}; missed at {', '.join(map(str, missed)) or 'none'} ({stop})"
+    if rerun:
+        tried += (
+            f"; run again, having missed while the host took over {RERUN_STOLEN:.0%} of the CPU: {', '.join(rerun)}"
+        )
     if not met and not missed:
         return f"the largest stream count meeting the target was not measured ({stop})."
     if not met:
@@ -157,7 +180,53 @@ async def _run(
         sum(t.audio_messages for t in result.turns) / max(1, len(result.turns)),
         reference,
         captions,
+        result.stolen,
     )
+
+
+async def _settled_run(
+    service: load.ServiceProcess,
+    workers: int,
+    turns: int,
+    message: str,
+    ideal: float,
+    deadline: float,
+    compiled: bool,
+    count: int,
+) -> Row:
+    """One run of the search, once the last run's streams have settled."""
+    await asyncio.sleep(SETTLE_S)
+    return await _run(service, workers, count, turns, message, ideal, deadline, compiled)
+
+
+async def _search(
+    run: Callable[[int], Awaitable[Row]], search: tuple[int, ...], deadline: float
+) -> tuple[list[Row], str]:
+    """The rows of the search for the largest count that meets the target, and what it found. Counts
+    rise until two in a row miss (one noisy p99 does not end it); a count that missed while the host
+    stole the CPU (:attr:`Row.disturbed`) is run once more, and the second run decides."""
+    rows: list[Row] = []
+    met: list[int] = []
+    missed: list[int] = []
+    rerun: list[str] = []
+    stop, in_a_row = "stopped after two misses in a row", 0
+    for count in search:
+        if time.monotonic() > deadline:
+            stop = f"cut short by --duration before {count} streams"
+            break
+        row = await run(count)
+        rows.append(row)
+        if row.disturbed and time.monotonic() <= deadline:
+            rerun.append(f"{count} ({row.stolen:.0%} stolen)")
+            row = await run(count)
+            rows.append(row)
+        (met if row.meets else missed).append(count)
+        in_a_row = 0 if row.meets else in_a_row + 1
+        if in_a_row == 2:
+            break
+    else:
+        stop = "every count tried"
+    return rows, _largest(met, missed, stop, search, tuple(rerun))
 
 
 async def measure(
@@ -182,25 +251,10 @@ async def measure(
             with load.ServiceProcess(profile, limit, env=env) as service:
                 await service.wait_ready()
                 await load.run_load(service, 10, 1, message, deadline, compiled=compiled)  # warm-up
-                # The search first (rising counts, until two in a row miss: one noisy p99 does not end
-                # it), then the fixed counts not measured yet.
-                met: list[int] = []
-                missed: list[int] = []
-                stop, in_a_row = "stopped after two misses in a row", 0
-                for count in search:
-                    if time.monotonic() > deadline:
-                        stop = f"cut short by --duration before {count} streams"
-                        break
-                    await asyncio.sleep(SETTLE_S)
-                    row = await _run(service, workers, count, turns, message, ideal, deadline, compiled)
-                    rows.append(row)
-                    (met if row.meets else missed).append(count)
-                    in_a_row = 0 if row.meets else in_a_row + 1
-                    if in_a_row == 2:
-                        break
-                else:
-                    stop = "every count tried"
-                largest[workers] = _largest(met, missed, stop, search)
+                # The search first, then the fixed counts not measured yet.
+                run = functools.partial(_settled_run, service, workers, turns, message, ideal, deadline, compiled)
+                searched, largest[workers] = await _search(run, search, deadline)
+                rows += searched
                 for count in counts:
                     # The target's count (the first) is run again with clients that take their captions
                     # with the segments: a reply in about half as many messages (what a phone call
@@ -232,14 +286,17 @@ async def measure(
         "Memory: the service's processes together (the supervisor's included with workers), resident at rest "
         "and at the run's peak, and the peak above rest per stream. Reference: the machine's speed just before "
         "the run, the median time of a fixed pure-Python workload (lower is faster; `benchmarks/report.py`, "
-        "`reference_ms`): a shared host's speed drifts, and the overhead follows it. Rows marked "
+        "`reference_ms`): a shared host's speed drifts, and the overhead follows it. Stolen: the share of the "
+        "machine's CPU time the hypervisor gave to other guests during the run (steal time, `/proc/stat`); a "
+        f"run of the search that missed the target with more than {RERUN_STOLEN:.0%} stolen is run once more "
+        "and the second run decides (both are in the table). Rows marked "
         f'"{SEGMENTS_NOTE.lstrip(", ")}": the clients opened their streams with `start.captions` = '
         "`CAPTION_MODE_SEGMENTS` (the text comes with each segment only, as the phone bridge asks), the same "
         "replies in about half as many messages; the search and the target are for the default captions.",
         "",
         "| workers | streams | turns | overhead p50 | p99 | meets the target | failed | service's share "
-        "| load generator's share | service CPU per turn | RSS at rest | RSS peak | per stream | reference |",
-        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load generator's share | service CPU per turn | RSS at rest | RSS peak | per stream | reference | stolen |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(row.markdown() for row in rows),
         "",
         *(f"With {workers} worker(s): {summary}" for workers, summary in largest.items()),
@@ -306,11 +363,11 @@ async def compare(
             f"Before and after, side by side: {cores} workers each, the same Redis, this commit against "
             f"`{revision}`, {rounds} rounds, alternating which goes first, then one sustained run each "
             f"({sustained_turns} turns per stream, over a minute of load). Reference: the machine's speed just "
-            "before each run, as above.",
+            "before each run, and stolen, the share of the CPU the hypervisor took during it, as above.",
             "",
             "| round | streams | service | overhead p50 | p99 | meets the target | failed | service's share "
-            "| service CPU per turn | turns per second | audio messages per turn | reference |",
-            "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| service CPU per turn | turns per second | audio messages per turn | reference | stolen |",
+            "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
@@ -318,7 +375,7 @@ async def compare(
 
 def _not_run(round_: str, streams: int, label: str) -> str:
     """A row of :func:`compare`'s table for a run that ``--duration`` left out."""
-    return f"| {round_} | {streams} | {label} | not run: --duration reached | | | | | | | | |"
+    return f"| {round_} | {streams} | {label} | not run: --duration reached | | | | | | | | | |"
 
 
 def _side_by_side(round_: str, label: str, row: Row) -> str:
@@ -327,5 +384,5 @@ def _side_by_side(round_: str, label: str, row: Row) -> str:
         f"| {round_} | {row.streams} | {label} | {row.p50_ms:.1f} ms | {row.p99_ms:.1f} ms "
         f"| {'yes' if row.meets else 'no'} | {row.failed} | {row.service_share:.0%} "
         f"| {row.cpu_per_turn_ms:.1f} ms | {row.turns_per_s:.1f} | {row.audio_messages:.1f} "
-        f"| {row.reference_ms:.1f} ms |"
+        f"| {row.reference_ms:.1f} ms | {_share(row.stolen)} |"
     )
