@@ -194,10 +194,17 @@ def machine_cpu(stat: Path = Path("/proc/stat")) -> MachineCPU | None:
 
 
 def stolen_share(before: MachineCPU | None, after: MachineCPU | None) -> float:
-    """The share of the CPU time between two readings that the hypervisor took (NaN if unknown)."""
+    """The share of the machine's CPU time between two readings (idle time included) that the
+    hypervisor took (NaN if unknown). Steal builds up only while the virtual cores want to run, so
+    the same contention on the host shows as a larger share under a heavier load."""
     if before is None or after is None or after.total <= before.total:
         return math.nan
     return (after.stolen - before.stolen) / (after.total - before.total)
+
+
+def stolen_text(stolen: float) -> str:
+    """A table's cell for :func:`stolen_share`'s value."""
+    return "n/a" if math.isnan(stolen) else f"{stolen:.1%}"
 
 
 async def _stream(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.embedded import EmbeddedTurn
-from benchmarks.load import LoadResult
+from benchmarks.load import LoadResult, stolen_text
 from benchmarks.voice import VoiceResult
 
 TARGETS = "overhead p50 ≤ 5 ms and p99 ≤ 30 ms at 200 streams; streaming ≥ 8× sooner on the long reply; "
@@ -154,7 +154,7 @@ class Report:
                 f"| {percentile(client, 95):.1f} ms | {percentile(client, 99):.1f} ms "
                 f"| {percentile(server, 50):.1f} ms | {percentile(server, 99):.1f} ms "
                 f"| {percentile([t.first_audio_ms for t in result.turns], 50):.0f} ms | {failed} "
-                f"| {'n/a' if math.isnan(result.stolen) else f'{result.stolen:.1%}'} |"
+                f"| {stolen_text(result.stolen)} |"
             )
         return [*rows, ""]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import socket
@@ -171,7 +172,7 @@ async def test_the_workers_comparison_measures_both_commits_side_by_side() -> No
     # the share of the CPU the hypervisor took during it.
     ends = re.findall(r"\| ([\d.]+) ms \| ([\d.]+%|n/a) \|$", table, re.M)
     assert len(ends) == 6 and all(float(reference) > 0 for reference, _ in ends)
-    if os.path.exists("/proc/stat"):  # noqa: ASYNC240 (before anything runs: the test's own check)
+    if os.path.exists("/proc/stat"):  # noqa: ASYNC240 (a quick check of the test's own, after the runs)
         assert all(stolen.endswith("%") for _, stolen in ends)
 
 
@@ -246,7 +247,7 @@ def test_the_machine_cpu_reading_finds_the_stolen_time(tmp_path: Path) -> None:
     assert load.stolen_share(before, load.machine_cpu(stat)) == 50 / 700
     # Unknown, not zero: no /proc/stat, a line without steal, no time passed.
     assert load.machine_cpu(tmp_path / "missing") is None
-    stat.write_text("cpu  100 0 50 800\n")
+    stat.write_text("cpu  1 2 3 4 5 6 7\n")  # (a kernel before 2.6.11: no steal field)
     assert load.machine_cpu(stat) is None
     assert math.isnan(load.stolen_share(None, before)) and math.isnan(load.stolen_share(before, before))
 
@@ -276,6 +277,37 @@ async def test_the_search_runs_a_count_again_that_missed_while_the_host_stole_th
     assert runs == [50, 150, 150, 175, 200, 200]  # (two misses in a row that count: 175 and 200's second)
     assert [r.stolen for r in rows] == [0.01, 0.12, 0.01, 0.02, 0.08, 0.03]
     assert "**150**" in found and "met at 50, 150; missed at 175, 200" in found
-    assert "run again, having missed while the host took over 5% of the CPU: 150 (12% stolen), 200 (8% stolen)" in found
+    assert (
+        "missed while the host took over 5% of the CPU, so run again: 150 (12.0%, then 1.0% stolen), "
+        "200 (8.0%, then 3.0% stolen)" in found
+    )
+    assert [r.again for r in rows] == [False, False, True, False, False, True]
+    assert "| 150, run again | 450 |" in rows[2].markdown()
     # A miss whose steal is not known is not run again; a run that met never is, however much was stolen.
     assert not row(100, 9.0, float("nan")).disturbed and not row(100, 3.0, 0.5).disturbed
+
+
+async def test_the_search_says_when_it_could_not_run_a_disturbed_count_again() -> None:
+    from benchmarks import workers
+
+    def row(count: int, turns: int, stolen: float) -> workers.Row:
+        return workers.Row(2, count, turns, 9.0, 20.0, 0, 0.4, 0.1, 100, 110, 20.0, stolen=stolen)
+
+    # --duration reached during the first run: it stands, and the summary says why.
+    async def late(count: int) -> workers.Row:
+        await asyncio.sleep(0.2)
+        return row(count, 300, 0.12)
+
+    deadline = time.monotonic() + 0.1
+    rows, found = await workers._search(late, (100, 150), deadline)
+    assert len(rows) == 1 and "100 (not run again: --duration reached)" in found and "missed at 100" in found
+    assert "cut short by --duration before 150 streams" in found
+
+    # A second run that --duration cut short (fewer turns) does not decide; the first does.
+    outcomes = [row(100, 300, 0.12), dataclasses.replace(row(100, 120, 0.01), p50_ms=3.0)]
+
+    async def short(count: int) -> workers.Row:
+        return outcomes.pop(0)
+
+    rows, found = await workers._search(short, (100,), time.monotonic() + 60)
+    assert len(rows) == 2 and "missed at 100" in found and "its second run cut short by --duration" in found
