@@ -177,12 +177,15 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    # (Which build of Python matters as much as its version: a source build without optimizations
-    # took 1.25 to 1.44 times as long to cut and normalize a reply here. Its build date and compiler
-    # tell builds apart.)
+    return f"{os.cpu_count()} cores, {model}, {memory_gb:.0f} GiB, Python {python_build()}"
+
+
+def python_build() -> str:
+    """This interpreter's version and build: which build of Python matters as much as its version
+    (a source build without optimizations took 1.25 to 1.44 times as long to cut and normalize a
+    reply on this project's machine); its build date and compiler tell builds apart."""
     built = " ".join(platform.python_build()[1].split()[:3])
-    python = f"Python {platform.python_version()} (built {built}, {platform.python_compiler()})"
-    return f"{os.cpu_count()} cores, {model}, {memory_gb:.0f} GiB, {python}"
+    return f"{platform.python_version()} (built {built}, {platform.python_compiler()})"
 
 
 OUTPUTS = ("benchmarks/RESULTS.md", "benchmarks/first_audio.png")

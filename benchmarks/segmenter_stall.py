@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import platform
 import random
 import re
 import subprocess
@@ -207,24 +205,14 @@ def run(quick: bool = False, budget: float | None = None, progress: bool = False
     return "\n".join(rows) + "\n"
 
 
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a shorter time budget for the old segmenter")
     parser.add_argument("--budget", type=float, help="seconds a run may take before it is stopped")
     args = parser.parse_args()
-    print(f"Segmenter stalls before ({OLD_COMMIT}) and after, on {_machine()}.\n")
+    from benchmarks.bench import machine  # the same machine line as the benchmark report
+
+    print(f"Segmenter stalls before ({OLD_COMMIT}) and after, on {machine()}.\n")
     print(run(args.quick, args.budget, progress=True))
 
 
