@@ -170,14 +170,20 @@ async def voice_stage(report: Report) -> None:
 
 
 def machine() -> str:
-    model = platform.machine()
+    return f"{os.cpu_count()} cores, {cpu_model()}, {memory_gib():.0f} GiB, Python {python_build()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the machine's architecture where it is not said."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {model}, {memory_gb:.0f} GiB, Python {python_build()}"
+        return platform.machine()
+
+
+def memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def python_build() -> str:

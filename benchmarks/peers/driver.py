@@ -138,16 +138,12 @@ def checkout(revision: str) -> Iterator[tuple[Path, str]]:
 
 
 def machine() -> dict[str, str]:
-    from benchmarks.bench import python_build  # (the build, as the benchmark report names it)
+    from benchmarks.bench import cpu_model, memory_gib, python_build  # (as the benchmark report names them)
 
-    model = platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo", encoding="utf-8") as info:
-        model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
-        "ram": f"{memory_gib:.0f} GiB",
+        "ram": f"{memory_gib():.0f} GiB",
         "python": python_build(),
         "os": f"{platform.system()} {platform.release()}",
     }
