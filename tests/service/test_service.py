@@ -77,7 +77,9 @@ async def test_a_stream_that_takes_its_captions_with_the_segments_gets_no_text_d
     deltas = await converse_all(harness.stub, [start(), user("What is up?")])
     segments_only = await converse_all(harness.stub, [start(captions=pb.CAPTION_MODE_SEGMENTS), user("What is up?")])
     assert "text_delta" not in kinds(segments_only)
-    assert kinds(deltas).count("text_delta") > 1
+    # (How many: one or more, as the writer was free or busy while the fake LLM's deltas came; they
+    # gather into the waiting caption. Once failed in CI with all of them in one.)
+    assert "text_delta" in kinds(deltas)
     # The same reply otherwise: its segments (with their text) and its audio, message for message.
     assert kinds(segments_only) == [k for k in kinds(deltas) if k != "text_delta"]
     segments = [r.segment.text for r in segments_only if r.WhichOneof("kind") == "segment"]
