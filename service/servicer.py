@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -24,7 +24,7 @@ from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.auth import CALLER, UNAUTHENTICATED_MESSAGE, Authenticator, Caller, TokenError
 from service.convert import command_from_proto, message_to_proto, voice_to_proto
-from service.core.aio import to_the_end
+from service.core.aio import drop_tracebacks, to_the_end
 from service.core.command import BadMessage, CommandQueue, HalfClose, Shutdown
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.events import SessionStarted, SpeechStarted, TurnEnded
@@ -155,8 +155,8 @@ class Writer:
         :class:`ClientGone` when a write fails because the call is over (the client cancelled or went
         away, or the server stopped)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
+        # (No local holds this task: a failure's traceback keeps this frame, and the task keeps the
+        # failure, a reference cycle that only the garbage collector would free.)
         try:
             while (message := await self._outbox.next()) is not None:
                 if isinstance(message, TurnEnded):  # (counted as it leaves the outbox: sent or not, it ended)
@@ -167,7 +167,9 @@ class Writer:
                 self._written.clear()
                 self._writing_since = loop.time()
                 if self._watchdog is None:
-                    self._watchdog = loop.call_at(self._writing_since + self._send_timeout_s, self._watch, task)
+                    self._watchdog = loop.call_at(
+                        self._writing_since + self._send_timeout_s, self._watch, asyncio.current_task()
+                    )
                 try:
                     await self._context.write(message_to_proto(message))
                 except asyncio.CancelledError:
@@ -185,7 +187,7 @@ class Writer:
         except asyncio.CancelledError:
             if not self._timed_out:
                 raise
-            task.uncancel()
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             raise ClientNotReading(
                 f"the client read nothing for {self._send_timeout_s:g} s while replies waited; the stream was closed"
             ) from None
@@ -194,11 +196,11 @@ class Writer:
                 self._watchdog.cancel()
                 self._watchdog = None
 
-    def _watch(self, task: asyncio.Task[None]) -> None:
+    def _watch(self, task: asyncio.Task[Any] | None) -> None:
         """The watchdog's round: cancel the writer whose write has taken the send timeout, or come back
         when the write in flight would reach it (not at all while none is: the next write re-arms it)."""
         self._watchdog = None
-        if self._writing_since is None or task.done():
+        if self._writing_since is None or task is None or task.done():
             return
         loop = asyncio.get_running_loop()
         due = self._writing_since + self._send_timeout_s
@@ -388,7 +390,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         try:
             try:
                 failure = await self._converse(request_iterator, context, caller)
-            except asyncio.CancelledError:  # the client hung up
+            except asyncio.CancelledError as cancelled:  # the client hung up
+                drop_tracebacks(cancelled)
                 collect_garbage_soon()
                 raise
             if failure is not None:

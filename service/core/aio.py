@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["first_of", "stopped", "to_the_end"]
+__all__ = ["discard_outcome", "drop_tracebacks", "first_of", "stopped", "to_the_end"]
 
 CANCEL_AGAIN_S = 0.1
 """How long a cancelled task may take to end before it is cancelled again (see :func:`stopped`)."""
@@ -48,3 +48,36 @@ async def stopped(task: asyncio.Future[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)
+
+
+def drop_tracebacks(error: BaseException) -> None:
+    """Drop the traceback of ``error`` and of the exceptions it came from (its cause, its context, a
+    group's members), once it has been logged and only what it says is still needed.
+
+    A traceback keeps its frames and their local variables, and one of them often holds the exception
+    (``except ... as error``), or a task that holds it: a reference cycle, with everything those frames
+    held (a turn, its session), that only the garbage collector frees, in collections of its older
+    generations that hold the event loop for tens of milliseconds once hundreds of streams leave such
+    cycles."""
+    seen: set[int] = set()
+    waiting: list[BaseException | None] = [error]
+    while waiting:
+        exception = waiting.pop()
+        if exception is None or id(exception) in seen:
+            continue
+        seen.add(id(exception))
+        exception.__traceback__ = None
+        waiting += [exception.__cause__, exception.__context__]
+        if isinstance(exception, BaseExceptionGroup):
+            waiting += exception.exceptions
+
+
+def discard_outcome(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's outcome and drop it, when nothing needs it (it was cancelled, or its error
+    was dealt with elsewhere). A cancelled or failed task keeps its exception, whose traceback's frames
+    often hold the task or what holds it: see :func:`drop_tracebacks`. (Taking a cancelled task's
+    outcome also makes it let go of its cancellation.)"""
+    try:
+        task.result()
+    except BaseException as error:  # (dropped on purpose: that is what this is for)
+        drop_tracebacks(error)

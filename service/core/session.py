@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from service.core.aio import first_of, to_the_end
+from service.core.aio import drop_tracebacks, first_of, to_the_end
 from service.core.command import (
     BadMessage,
     ClaimLost,
@@ -645,6 +645,8 @@ class Session:
             except Exception as failure:
                 log.exception("turn %s failed unexpectedly", turn.turn_id)
                 error = failure
+        if error is not None:  # (logged: what is left to do with it needs none of the frames it kept)
+            drop_tracebacks(error)
         assert self._commands is not None
         self._commands.put_nowait(TurnFinished(turn, error))
 
@@ -735,10 +737,13 @@ class Session:
         return self._saver.submit(self._snapshot())
 
     def _watch(self, claim: Claim) -> None:
-        async def watch() -> None:
+        """Put :class:`ClaimLost` on the queue when the claim is lost or another stream wants it."""
+        commands = self._commands
+        assert commands is not None
+
+        async def watch() -> None:  # (holds the queue, not the session: see _close)
             await first_of(claim.lost, claim.wanted)
-            assert self._commands is not None
-            self._commands.put_nowait(ClaimLost(claim.vanished))
+            commands.put_nowait(ClaimLost(claim.vanished))
 
         self._watchers.append(asyncio.create_task(watch(), name=f"takeover watch {self.session_id[:8]}"))
 
@@ -747,7 +752,12 @@ class Session:
         go, close the outbox. A stream ``cut_short`` (a failure, a dropped connection) is a barge-in
         whose cut the client could not report: the turn in progress, or the last turn if its audio
         had not all been sent, is kept in the history as far as its audio was sent."""
-        for watcher in self._watchers:
+        # A cancelled task keeps its traceback, whose frames keep their locals: a task the session held
+        # that held the session would make the whole session (its history, its last turn) a reference
+        # cycle, left to the garbage collector's older generations, whose collections then hold the
+        # event loop for tens of milliseconds under load. So the session lets go of its watchers.
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
             watcher.cancel()
         if self._ears is not None:
             await self._ears.aclose()

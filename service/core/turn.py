@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service.core.aio import discard_outcome
 from service.core.audio import AudioFormat, LeadingSilence, SegmentEncoder
 from service.core.codecs import CodecOptions, StreamEncoder, stream_encoder
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
@@ -270,7 +271,10 @@ class Turn:
             tasks = [item.task for item in pending if item.task is not None]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:
+                await asyncio.wait(tasks)
+            for task in tasks:  # (a cancelled synthesis's frames hold its segment, which holds the task)
+                discard_outcome(task)
 
     async def _produce(
         self, ready: asyncio.Queue[_Pending | None], slots: asyncio.Semaphore, pending: list[_Pending]
@@ -581,10 +585,18 @@ class TurnRecord:
         self.state, self.outcome = TurnState.ENDED, outcome
 
     async def stop(self) -> None:
-        """Cancel the pipeline and wait until it has stopped (its engine streams are closed)."""
+        """Cancel the pipeline and wait until it has stopped (its engine streams are closed). Call once.
+
+        A cancelled task keeps its cancellation, whose traceback's frames hold the task (through the
+        pipeline's task group) and this record: reference cycles that only the garbage collector
+        would free, with the turn's text, segments and audio state, in collections of its older
+        generations that hold the event loop for tens of milliseconds once hundreds of streams leave
+        such cycles. So the outcome is dropped and the task let go."""
         assert self.task is not None
         self.task.cancel()
         await asyncio.wait({self.task})
+        task, self.task = self.task, None
+        discard_outcome(task)
 
 
 class NoteFilter:
