@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -35,7 +34,7 @@ from parley.v1 import voice_pb2 as pb
 from service.errors import InvalidRequest
 from service.logs import Throttled
 
-__all__ = ["Malformed", "add_voice_service", "collect_garbage_soon", "end_call"]
+__all__ = ["Malformed", "add_voice_service", "end_call"]
 
 log = logging.getLogger(__name__)
 _log_malformed = Throttled(log, logging.WARNING)  # (anyone may cause it, at will)
@@ -60,7 +59,6 @@ async def end_call(
     except (TimeoutError, grpc.aio.InternalError):  # not out in time; refused; or the client went away
         pass
     _cancel_call()
-    _collector.soon()
     raise asyncio.CancelledError
 
 
@@ -94,43 +92,6 @@ def _cancel_call() -> None:
         elif waiting is not None and any(ref is handler for ref in gc.get_referents(waiting)):
             return  # it awaits the handler itself: the call has already finished (the client went away)
     log.warning("cannot cancel the gRPC call of %s; it stays open until the client goes away", handler)
-
-
-class _Collector:
-    """Full garbage collections on demand, at most one every ``interval_s``.
-
-    A stream's objects (its session, turn, queued audio) sit in reference cycles, through the
-    tracebacks of the exceptions that ended its tasks, so only a full collection frees them; a stream
-    cancelled for not reading has the most queued (a few hundred KB), and a client that keeps doing it
-    could grow the process faster than Python's own full collections come.
-    """
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last = -interval_s
-        self._pending: tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle] | None = None
-
-    def soon(self) -> None:
-        """Collect once the current handler has returned (its task let go), or the interval has passed."""
-        loop = asyncio.get_running_loop()
-        if self._pending is not None and self._pending[0] is loop:
-            return  # one is coming
-        delay = max(0.1, self._last + self._interval_s - time.monotonic())
-        self._pending = (loop, loop.call_later(delay, self._collect))
-
-    def _collect(self) -> None:
-        self._pending = None
-        self._last = time.monotonic()
-        gc.collect()
-
-
-_collector = _Collector(interval_s=1.0)
-
-
-def collect_garbage_soon() -> None:
-    """A stream ended abnormally (cancelled): free its objects with a full collection soon (at most
-    one a second), rather than when Python's own full collection comes."""
-    _collector.soon()
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from service.errors import (
 )
 from service.logs import shorten_session_ids
 from service.metrics import Metrics
-from service.rpc import collect_garbage_soon, end_call
+from service.rpc import end_call
 
 __all__ = ["STATUS_FOR", "StreamLimits", "VoiceServicer", "Writer", "status_for"]
 
@@ -391,8 +391,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             try:
                 failure = await self._converse(request_iterator, context, caller)
             except asyncio.CancelledError as cancelled:  # the client hung up
-                drop_tracebacks(cancelled)
-                collect_garbage_soon()
+                drop_tracebacks(cancelled)  # (its frames held the stream's objects: freed now, not by the collector)
                 raise
             if failure is not None:
                 code, message = status_for(failure)

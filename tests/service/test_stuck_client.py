@@ -202,11 +202,12 @@ async def test_the_memory_of_streams_whose_clients_grant_no_window_is_freed() ->
             start_kb = rss_kb(service.pid)
             for window in (16, 1000, 16):  # 150 more
                 await stuck_batch(window)
-            # Each held a few hundred KB (its queued audio); left to Python's own full collections, 150 of
-            # them keep the process some 40 MB larger for a while. Freed, it is back to its size, give or
-            # take the allocator's noise: up to 23 MB on this project's machine (seen at the code of
-            # 042b003 too, 2 runs in 5 over 20 MB), so the bound is 30 MB, still well under a leak.
-            for _ in range(20):  # (the collection comes within a second or two)
+            # Each held a few hundred KB (its queued audio); left to Python's own full collections (in
+            # reference cycles, as they were once), 150 of them keep the process some 40 MB larger for a
+            # while. Freed as they end, it is back to its size, give or take the allocator's noise: up to
+            # 23 MB on this project's machine (seen at the code of 042b003 too, 2 runs in 5 over 20 MB),
+            # so the bound is 30 MB, still well under a leak.
+            for _ in range(20):  # (the last calls are let go within a second or two)
                 if (end_kb := rss_kb(service.pid)) <= start_kb + 30_000:
                     break
                 await asyncio.sleep(0.5)
