@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -395,6 +396,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 raise
             if failure is not None:
                 code, message = status_for(failure)
+                drop_tracebacks(failure)  # (logged: its frames hold the stream's objects, and tasks that hold it)
                 if self.metrics is not None and not isinstance(failure, ClientGone):  # (a hang-up is no refusal)
                     self.metrics.rejected.labels(code.name).inc()
                 # A client that reads nothing never gets the status: the call is then cancelled.
@@ -445,6 +447,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             # (The group's end waited for the writer too: the outbox is closed, so it sent what was left.)
         except* Exception as errors:
             failure = errors.exceptions[0]
+            # (asyncio's TaskGroup keeps the group it raised in a local of its finished frame: a cycle)
+            traceback.clear_frames(errors.__traceback__)
         finally:
             await to_the_end(writer.stop(writing))
             writer.account_unsent(outbox.unsent_ends())

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import soxr
 
+from service.core.aio import discard_outcome
 from service.core.audio import Encoding
 from service.core.codecs import G711Decoder
 from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded, SpeechResumed
@@ -169,9 +170,13 @@ class Ears:
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._task, *self._tasks) if t is not None]
+        self._task = None
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:  # (a cancelled task's frames hold these ears, which held it)
+            discard_outcome(task)
 
     # -- the task ----------------------------------------------------------------------------------
 

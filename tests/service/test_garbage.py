@@ -22,7 +22,7 @@ import pytest
 import service
 from parley.v1 import voice_pb2 as pb
 from tests.conftest import Harness, converse_all, interrupt, speak, start, start_harness, stop_harness, user, wait_for
-from tests.fakes import FakeLLM
+from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 
 SERVICE_DIR = str(Path(service.__file__).parent)
 
@@ -188,4 +188,30 @@ async def test_a_client_that_hangs_up_mid_turn_leaves_nothing_to_the_collector(s
         assert await call.code() == grpc.StatusCode.CANCELLED
         await wait_for(lambda: not harness.running.servicer.active_streams)
         await _settle()
+    assert not found, "left to the collector:\n" + "\n".join(found)
+
+
+async def test_a_voice_stream_with_a_barge_in_leaves_nothing_to_the_collector() -> None:
+    harness = await start_harness(FakeLLM(token_s=0.05), stt=FakeSTT())
+    try:
+        voice = start(input_audio=pb.InputAudio(sample_rate_hz=16000, turn_detection=pb.TurnDetection(silence_ms=300)))
+        await converse_all(harness.stub, [voice, user("Warm up?")])
+        with left_to_the_collector() as found:
+            call = harness.stub.Converse()
+            await call.write(voice)
+            await call.read()
+            for pcm in (quiet(300) + loud(800) + quiet(600), loud(600) + quiet(600)):  # a question; a barge-in
+                for at in range(0, len(pcm), 3200):
+                    await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=pcm[at : at + 3200])))
+                while (await call.read()).WhichOneof("kind") != "audio":
+                    pass
+            await call.done_writing()
+            ends = []
+            while (response := await call.read()) is not grpc.aio.EOF:
+                if response.WhichOneof("kind") == "turn_ended":
+                    ends.append(response.turn_ended.reason)
+            assert ends == [pb.TURN_END_REASON_INTERRUPTED, pb.TURN_END_REASON_COMPLETED]
+            await _settle()
+    finally:
+        await stop_harness(harness)
     assert not found, "left to the collector:\n" + "\n".join(found)
