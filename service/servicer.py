@@ -447,8 +447,11 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             # (The group's end waited for the writer too: the outbox is closed, so it sent what was left.)
         except* Exception as errors:
             failure = errors.exceptions[0]
-            # (asyncio's TaskGroup keeps the group it raised in a local of its finished frame: a cycle)
+            # (asyncio's TaskGroup keeps the group it raised in a local of its finished frame: a cycle;
+            # the errors after the first are not reported, and their frames may hold their tasks)
             traceback.clear_frames(errors.__traceback__)
+            for other in errors.exceptions[1:]:
+                drop_tracebacks(other)
         finally:
             await to_the_end(writer.stop(writing))
             writer.account_unsent(outbox.unsent_ends())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
 
 __all__ = ["discard_outcome", "drop_tracebacks", "first_of", "stopped", "to_the_end"]
+
+log = logging.getLogger(__name__)
 
 CANCEL_AGAIN_S = 0.1
 """How long a cancelled task may take to end before it is cancelled again (see :func:`stopped`)."""
@@ -68,16 +71,23 @@ def drop_tracebacks(error: BaseException) -> None:
         seen.add(id(exception))
         exception.__traceback__ = None
         waiting += [exception.__cause__, exception.__context__]
+        if exception.__suppress_context__:  # (``raise ... from``: never shown; it may hold this one, in a group)
+            exception.__context__ = None
         if isinstance(exception, BaseExceptionGroup):
             waiting += exception.exceptions
 
 
-def discard_outcome(task: asyncio.Future[Any]) -> None:
-    """Take a finished task's outcome and drop it, when nothing needs it (it was cancelled, or its error
-    was dealt with elsewhere). A cancelled or failed task keeps its exception, whose traceback's frames
-    often hold the task or what holds it: see :func:`drop_tracebacks`. (Taking a cancelled task's
-    outcome also makes it let go of its cancellation.)"""
+def discard_outcome(task: asyncio.Task[Any]) -> None:
+    """Take a finished task's outcome and drop it, when nothing needs it: it was cancelled, or it
+    failed in a way its owner does not handle (logged here, as asyncio would have once the task was
+    freed). A cancelled or failed task keeps its exception, whose traceback's frames often hold the
+    task or what holds it: see :func:`drop_tracebacks`. (Taking a cancelled task's outcome also makes
+    it let go of its cancellation.)"""
+    assert task.done(), f"{task.get_name()} is still running"
     try:
         task.result()
-    except BaseException as error:  # (dropped on purpose: that is what this is for)
+    except asyncio.CancelledError as cancelled:
+        drop_tracebacks(cancelled)
+    except BaseException as error:
+        log.error("task %s failed", task.get_name(), exc_info=error)
         drop_tracebacks(error)

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import soxr
 
-from service.core.aio import discard_outcome
+from service.core.aio import discard_outcome, drop_tracebacks
 from service.core.audio import Encoding
 from service.core.codecs import G711Decoder
 from service.core.command import Command, Heard, HeardAll, SpeechBegan, SpeechEnded, SpeechResumed
@@ -300,6 +300,7 @@ class Ears:
         try:
             result: Transcription | STTError = await self._engines.stt.transcribe(utterance.pcm, language)
         except STTError as error:
+            drop_tracebacks(error)  # (said by its text alone; its frames hold it)
             result = error
         return result, began, time.monotonic() - began
 

@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.core.aio import discard_outcome
+from service.core.aio import discard_outcome, drop_tracebacks
 from service.core.audio import AudioFormat, LeadingSilence, SegmentEncoder
 from service.core.codecs import CodecOptions, StreamEncoder, stream_encoder
 from service.core.engine import LLMEngine, LLMRequest, LLMUsage, TTSEngine
@@ -268,11 +268,12 @@ class Turn:
         except BaseExceptionGroup as failed:
             raise _first_error(failed) from None
         finally:
+            reading_failed = None  # (the error's traceback holds this frame: a cycle, if the turn is stopped)
             tasks = [item.task for item in pending if item.task is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            if running := [task for task in tasks if not task.done()]:  # (none, for a turn that ran to its end)
+                for task in running:
+                    task.cancel()
+                await asyncio.wait(running)
             for task in tasks:  # (a cancelled synthesis's frames hold its segment, which holds the task)
                 discard_outcome(task)
 
@@ -367,6 +368,7 @@ class Turn:
                         item.audio.append(piece)
                 item.audio.end()
             except TTSError as error:
+                drop_tracebacks(error)  # (said by its text alone; its frames hold this segment, which holds it)
                 item.audio.end(error)
             fail_span(traced, item.audio.error)  # (a failure ends the segment's audio, not the task)
 
@@ -585,14 +587,15 @@ class TurnRecord:
         self.state, self.outcome = TurnState.ENDED, outcome
 
     async def stop(self) -> None:
-        """Cancel the pipeline and wait until it has stopped (its engine streams are closed). Call once.
+        """Cancel the pipeline and wait until it has stopped (its engine streams are closed).
 
         A cancelled task keeps its cancellation, whose traceback's frames hold the task (through the
         pipeline's task group) and this record: reference cycles that only the garbage collector
         would free, with the turn's text, segments and audio state, in collections of its older
         generations that hold the event loop for tens of milliseconds once hundreds of streams leave
         such cycles. So the outcome is dropped and the task let go."""
-        assert self.task is not None
+        if self.task is None:
+            return  # (stopped already)
         self.task.cancel()
         await asyncio.wait({self.task})
         task, self.task = self.task, None

@@ -22,7 +22,7 @@ import pytest
 import service
 from parley.v1 import voice_pb2 as pb
 from tests.conftest import Harness, converse_all, interrupt, speak, start, start_harness, stop_harness, user, wait_for
-from tests.fakes import FakeLLM, FakeSTT, loud, quiet
+from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 
 SERVICE_DIR = str(Path(service.__file__).parent)
 
@@ -126,9 +126,35 @@ async def _settle() -> None:
         await asyncio.sleep(0.01)
 
 
+async def read_until(call: grpc.aio.StreamStreamCall, kind: str) -> pb.ConverseResponse:
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.WhichOneof("kind") == kind:
+            return response
+    raise AssertionError(f"the stream ended before {kind}")
+
+
+async def ends_of(call: grpc.aio.StreamStreamCall) -> list[int]:
+    """Half-close, then the end reasons of the turns that end before the stream does."""
+    await call.done_writing()
+    ends = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        if response.WhichOneof("kind") == "turn_ended":
+            ends.append(response.turn_ended.reason)
+    return ends
+
+
+async def opened(harness: Harness, first: pb.ConverseRequest | None = None) -> grpc.aio.StreamStreamCall:
+    call = harness.stub.Converse()
+    await call.write(first or start())
+    await read_until(call, "session_started")
+    return call
+
+
 @pytest.fixture
 async def slow_harness() -> AsyncIterator[Harness]:
-    h = await start_harness(FakeLLM(token_s=0.05))
+    """Replies that take a while: the model's words 50 ms apart, each segment's audio in six chunks
+    400 ms apart (syntheses are still running when a turn is stopped)."""
+    h = await start_harness(FakeLLM(token_s=0.05), FakeTTS(chunk_s=0.4, chunks=6))
     yield h
     await stop_harness(h)
 
@@ -144,74 +170,103 @@ async def test_streams_with_whole_turns_leave_nothing_to_the_collector(harness: 
     assert not found, "left to the collector:\n" + "\n".join(found)
 
 
-async def test_an_interrupted_turn_and_a_failed_one_leave_nothing_to_the_collector(slow_harness: Harness) -> None:
+async def test_interrupted_turns_leave_nothing_to_the_collector(slow_harness: Harness) -> None:
     harness = slow_harness
-    await converse_all(harness.stub, [start(), user("Warm up?")])
+    await converse_all(harness.stub, [start(), speak("Warm up.", flush=True)])
     with left_to_the_collector() as found:
-        call = harness.stub.Converse()
-        await call.write(start())
-        await call.read()
+        call = await opened(harness)
         await call.write(user("Talk for a while?"))
-        while (await call.read()).WhichOneof("kind") != "audio":
-            pass
+        await read_until(call, "audio")  # (the look-ahead syntheses are running)
         await call.write(interrupt())  # (the turn's task is cancelled)
-        while (await call.read()).WhichOneof("kind") != "turn_ended":
-            pass
+        await read_until(call, "turn_ended")
         await call.write(user("Again?"))
-        while (await call.read()).WhichOneof("kind") != "audio":
-            pass
-        await call.write(user("Something else?"))  # (a new question interrupts the turn in progress)
-        await call.done_writing()
-        ends = []
-        while (response := await call.read()) is not grpc.aio.EOF:
-            if response.WhichOneof("kind") == "turn_ended":
-                ends.append(response.turn_ended.reason)
-        assert ends == [pb.TURN_END_REASON_INTERRUPTED, pb.TURN_END_REASON_COMPLETED]
+        await read_until(call, "audio")
+        await call.write(speak("Something else.", flush=True))  # (a new turn interrupts the one in progress)
+        assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED, pb.TURN_END_REASON_COMPLETED]
+        await _settle()
+    assert not found, "left to the collector:\n" + "\n".join(found)
+
+
+async def test_turns_whose_engines_fail_leave_nothing_to_the_collector(slow_harness: Harness) -> None:
+    harness = slow_harness
+    await converse_all(harness.stub, [start(), speak("Warm up.", flush=True)])
+    with left_to_the_collector() as found:
+        # The model fails after what was cut into segments, which are still being spoken when the turn
+        # is interrupted; then a turn whose last segment's synthesis fails ahead of the sender,
+        # interrupted before the sender reaches it; then a failed turn that runs to its end.
         harness.llm.fail_after_tokens = 3
-        failed = await converse_all(harness.stub, [start(), user("Fail?")])
+        call = await opened(harness)
+        await call.write(user("Fail?"))
+        await read_until(call, "audio")
+        await asyncio.sleep(0.3)  # (the model has failed; the first segment is still being spoken)
+        await call.write(interrupt())
+        assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED]
+        harness.llm.fail_after_tokens = None
+        harness.tts.fail_on = "second"
+        call = await opened(harness)
+        await call.write(user("Fail later?"))
+        await read_until(call, "audio")
+        await asyncio.sleep(0.3)
+        await call.write(interrupt())
+        assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED]
+        harness.tts.fail_on = "Sure"
+        failed = await converse_all(harness.stub, [start(), user("Fail at once?")])
         assert failed[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
         await _settle()
     assert not found, "left to the collector:\n" + "\n".join(found)
 
 
-async def test_a_client_that_hangs_up_mid_turn_leaves_nothing_to_the_collector(slow_harness: Harness) -> None:
-    harness = slow_harness
-    await converse_all(harness.stub, [start(), user("Warm up?")])
-    with left_to_the_collector() as found:
-        call = harness.stub.Converse()
-        await call.write(start())
-        await call.read()
-        await call.write(user("Talk for a while?"))
-        while (await call.read()).WhichOneof("kind") != "audio":
-            pass
-        call.cancel()
-        assert await call.code() == grpc.StatusCode.CANCELLED
-        await wait_for(lambda: not harness.running.servicer.active_streams)
-        await _settle()
+async def test_streams_that_end_in_an_error_or_a_hang_up_leave_nothing_to_the_collector() -> None:
+    harness = await start_harness(FakeLLM(first_token_s=5))  # (the writer has nothing to write)
+    try:
+        await converse_all(harness.stub, [start(), speak("Warm up.", flush=True)])
+        with left_to_the_collector() as found:
+            # A hang-up mid-turn: the handler is cancelled.
+            call = await opened(harness)
+            await call.write(user("Talk?"))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            assert await call.code() == grpc.StatusCode.CANCELLED
+            await wait_for(lambda: not harness.running.servicer.active_streams)
+            # A stream that ends with an error mid-turn: its session is taken over by another stream.
+            session_id = (await converse_all(harness.stub, [start()]))[0].session_started.session_id
+            first = await opened(harness, start(session_id=session_id))
+            await first.write(user("Talk?"))
+            await asyncio.sleep(0.1)
+            second = await opened(harness, start(session_id=session_id))
+            with pytest.raises(grpc.aio.AioRpcError) as ended:  # (read: the interrupted turn's end, then the status)
+                while await first.read() is not grpc.aio.EOF:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.ABORTED
+            second.cancel()
+            await wait_for(lambda: not harness.running.servicer.active_streams)
+            await _settle()
+    finally:
+        await stop_harness(harness)
     assert not found, "left to the collector:\n" + "\n".join(found)
 
 
-async def test_a_voice_stream_with_a_barge_in_leaves_nothing_to_the_collector() -> None:
+async def test_a_voice_stream_with_a_barge_in_and_a_failed_transcription_leaves_nothing_to_the_collector() -> None:
     harness = await start_harness(FakeLLM(token_s=0.05), stt=FakeSTT())
     try:
         voice = start(input_audio=pb.InputAudio(sample_rate_hz=16000, turn_detection=pb.TurnDetection(silence_ms=300)))
         await converse_all(harness.stub, [voice, user("Warm up?")])
         with left_to_the_collector() as found:
-            call = harness.stub.Converse()
-            await call.write(voice)
-            await call.read()
+            call = await opened(harness, voice)
             for pcm in (quiet(300) + loud(800) + quiet(600), loud(600) + quiet(600)):  # a question; a barge-in
-                for at in range(0, len(pcm), 3200):
-                    await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=pcm[at : at + 3200])))
-                while (await call.read()).WhichOneof("kind") != "audio":
-                    pass
-            await call.done_writing()
-            ends = []
-            while (response := await call.read()) is not grpc.aio.EOF:
-                if response.WhichOneof("kind") == "turn_ended":
-                    ends.append(response.turn_ended.reason)
-            assert ends == [pb.TURN_END_REASON_INTERRUPTED, pb.TURN_END_REASON_COMPLETED]
+                await say(call, pcm)
+                await read_until(call, "audio")
+            assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED, pb.TURN_END_REASON_COMPLETED]
+            harness.stt.fail = True  # type: ignore[union-attr]
+            call = await opened(harness, voice)
+            await say(call, quiet(300) + loud(800) + quiet(600))
+            assert await ends_of(call) == [pb.TURN_END_REASON_FAILED]
             await _settle()
     finally:
         await stop_harness(harness)
     assert not found, "left to the collector:\n" + "\n".join(found)
+
+
+async def say(call: grpc.aio.StreamStreamCall, pcm: bytes) -> None:
+    for at in range(0, len(pcm), 3200):  # (100 ms at a time, faster than real time)
+        await call.write(pb.ConverseRequest(user_audio=pb.UserAudio(data=pcm[at : at + 3200])))
