@@ -10,6 +10,8 @@ a turn or a principal.
   ``parley_engine_retries_total{engine}`` (provider requests tried again, before anything of them was
   used), ``parley_barge_ins_total`` (a reply interrupted by the user's voice),
   ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
+- ``parley_gc_pause_seconds{generation}``: how long each of Python's garbage collections held the
+  process (its event loop with it), by generation (0 young, 2 full).
 - Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit),
   ``parley_held_sessions`` (sessions this process's streams hold) and ``parley_stored_sessions``
   (sessions kept in this process, held or idle: the memory store only), and
@@ -22,8 +24,12 @@ Retries and the pools are counted per process, and read at each scrape.
 
 from __future__ import annotations
 
+import bisect
+import gc
+import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -34,7 +40,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.core.events import TurnEnded
@@ -62,6 +68,43 @@ a client's hang-up, does not)."""
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _TURN_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+_PAUSE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+
+
+class _CollectorPauses:
+    """How long each garbage collection took, by generation, counted from ``gc.callbacks`` (once per
+    process: every server's metrics read the same counts)."""
+
+    def __init__(self) -> None:
+        self.counts = [[0] * (len(_PAUSE_BUCKETS) + 1) for _ in range(3)]  # per bucket, the last +Inf
+        self.sums = [0.0, 0.0, 0.0]
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        took = time.perf_counter() - self._began
+        generation = info["generation"]
+        self.sums[generation] += took
+        self.counts[generation][bisect.bisect_left(_PAUSE_BUCKETS, took)] += 1
+
+    def metric(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "parley_gc_pause_seconds",
+            "Python's garbage collections, by generation (0 young, 2 full): how long each held the process.",
+            labels=("generation",),
+        )
+        for generation, counts in enumerate(self.counts):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, _PAUSE_BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric((str(generation),), buckets, self.sums[generation])
+        return family
+
+
+_PAUSES = _CollectorPauses()
 
 
 class Metrics:
@@ -143,6 +186,8 @@ class Metrics:
                     registry=self.registry,
                 ).set_function(lambda: store.counts()[1] or 0)
         self.registry.register(_ProcessCollector())
+        if _PAUSES not in gc.callbacks:
+            gc.callbacks.append(_PAUSES)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (a thread of prometheus-client's); the port."""
@@ -168,7 +213,8 @@ class Metrics:
 
 
 class _ProcessCollector(Collector):
-    """What the process counts outside any one server: engine retries and its thread pools."""
+    """What the process counts outside any one server: engine retries, its thread pools, and the
+    garbage collector's pauses."""
 
     def collect(self) -> Iterator[Metric]:
         retried = CounterMetricFamily(
@@ -199,6 +245,7 @@ class _ProcessCollector(Collector):
         yield busy
         yield size
         yield busy_seconds
+        yield _PAUSES.metric()
 
     def describe(self) -> Iterator[Metric]:
         # (Names only: the values are read at each scrape, the pools come and go.)
@@ -206,3 +253,4 @@ class _ProcessCollector(Collector):
         yield GaugeMetricFamily("parley_worker_threads_busy", "", labels=("pool",))
         yield GaugeMetricFamily("parley_worker_threads_limit", "", labels=("pool",))
         yield CounterMetricFamily("parley_worker_busy_seconds", "", labels=("pool",))
+        yield HistogramMetricFamily("parley_gc_pause_seconds", "", labels=("generation",))

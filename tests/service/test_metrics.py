@@ -25,7 +25,7 @@ def scrape(port: int) -> dict[str, float]:
             labels = ",".join(
                 f"{k}={v}"
                 for k, v in sorted(sample.labels.items())
-                if k in ("reason", "status", "engine", "kind", "pool", "code")
+                if k in ("reason", "status", "engine", "kind", "pool", "code", "generation", "le")
             )
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
@@ -245,3 +245,24 @@ async def test_a_stream_without_credentials_is_counted_unauthenticated() -> None
     finally:
         await stop_harness(h)
     assert samples["parley_rejected_streams_total{status=UNAUTHENTICATED}"] == 2
+
+
+async def test_the_garbage_collectors_pauses_are_measured_by_generation() -> None:
+    import gc
+
+    port = free_port()
+    h = await start_harness(FakeLLM(), metrics_port=port)
+    try:
+        before = await asyncio.to_thread(scrape, port)
+        gc.collect()  # (a full collection: generation 2)
+        after = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    full = "parley_gc_pause_seconds_count{generation=2}"
+    assert after[full] >= before[full] + 1
+    assert after["parley_gc_pause_seconds_sum{generation=2}"] > before["parley_gc_pause_seconds_sum{generation=2}"]
+    assert after["parley_gc_pause_seconds_bucket{generation=2,le=+Inf}"] == after[full]
+    bounds = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
+    cumulative = [after[f"parley_gc_pause_seconds_bucket{{generation=2,le={b}}}"] for b in bounds]
+    assert cumulative == sorted(cumulative) and cumulative[-1] <= after[full]
+    assert gc.callbacks.count(next(c for c in gc.callbacks if type(c).__name__ == "_CollectorPauses")) == 1
