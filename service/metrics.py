@@ -73,7 +73,10 @@ _PAUSE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 
 class _CollectorPauses:
     """How long each garbage collection took, by generation, counted from ``gc.callbacks`` (once per
-    process: every server's metrics read the same counts)."""
+    process: every server's metrics read the same counts). Not prometheus-client's ``Histogram``: its
+    ``observe`` takes a lock, and a collection that starts inside another ``observe`` on the same thread
+    (any allocation may start one) would call back into it and wait on that lock for ever; here the
+    callback only adds to lists, under the GIL the collector holds."""
 
     def __init__(self) -> None:
         self.counts = [[0] * (len(_PAUSE_BUCKETS) + 1) for _ in range(3)]  # per bucket, the last +Inf

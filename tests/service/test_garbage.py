@@ -150,6 +150,17 @@ async def opened(harness: Harness, first: pb.ConverseRequest | None = None) -> g
     return call
 
 
+async def interrupted_mid_reply(harness: Harness, question: str) -> list[int]:
+    """A stream that asks ``question``, interrupts 0.3 s into its first audio (the engines have had time
+    to fail; the first segment is still being spoken), and half-closes: its turns' end reasons."""
+    call = await opened(harness)
+    await call.write(user(question))
+    await read_until(call, "audio")
+    await asyncio.sleep(0.3)
+    await call.write(interrupt())
+    return await ends_of(call)
+
+
 @pytest.fixture
 async def slow_harness() -> AsyncIterator[Harness]:
     """Replies that take a while: the model's words 50 ms apart, each segment's audio in six chunks
@@ -195,20 +206,10 @@ async def test_turns_whose_engines_fail_leave_nothing_to_the_collector(slow_harn
         # is interrupted; then a turn whose last segment's synthesis fails ahead of the sender,
         # interrupted before the sender reaches it; then a failed turn that runs to its end.
         harness.llm.fail_after_tokens = 3
-        call = await opened(harness)
-        await call.write(user("Fail?"))
-        await read_until(call, "audio")
-        await asyncio.sleep(0.3)  # (the model has failed; the first segment is still being spoken)
-        await call.write(interrupt())
-        assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED]
+        assert await interrupted_mid_reply(harness, "Fail?") == [pb.TURN_END_REASON_INTERRUPTED]
         harness.llm.fail_after_tokens = None
         harness.tts.fail_on = "second"
-        call = await opened(harness)
-        await call.write(user("Fail later?"))
-        await read_until(call, "audio")
-        await asyncio.sleep(0.3)
-        await call.write(interrupt())
-        assert await ends_of(call) == [pb.TURN_END_REASON_INTERRUPTED]
+        assert await interrupted_mid_reply(harness, "Fail later?") == [pb.TURN_END_REASON_INTERRUPTED]
         harness.tts.fail_on = "Sure"
         failed = await converse_all(harness.stub, [start(), user("Fail at once?")])
         assert failed[-1].turn_ended.reason == pb.TURN_END_REASON_FAILED
