@@ -118,7 +118,8 @@ class SessionState(enum.Enum):
     OPEN = "open"
     """Taking messages and running turns."""
     DRAINING = "draining"
-    """Half-closed, or the server is shutting down: the turn in progress ends, no new one begins."""
+    """Half-closed, or the server is shutting down: the turn in progress ends, no new one begins (after
+    a half-close, what the client said before it is still answered)."""
     CLOSED = "closed"
     """Done: the loop returns."""
 
@@ -264,8 +265,15 @@ class Session:
             case HeardAll():
                 self._hearing_out = False
             case HalfClose():
-                if self._ears is not None and self.state is SessionState.OPEN:
-                    self._hearing_out = True  # what the client said before it half-closed is answered
+                if self._ending is Ending.SHUTDOWN and self.state is SessionState.DRAINING and not self.unanswered:
+                    # The client has said all it will, and the shutdown cost it nothing yet: as if it had
+                    # half-closed first (its half-close may have crossed the shutdown on the way), what it
+                    # said is answered and its stream gets its normal end.
+                    self._ending = Ending.HALF_CLOSED
+                if self._ears is not None:
+                    # What the client said before it half-closed is transcribed: answered, or, when the
+                    # shutdown has already left a message unanswered, counted as such.
+                    self._hearing_out = True
                     await self._ears.finish()
                 self._drain(Ending.HALF_CLOSED)
             case Shutdown(now):

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from service.core.command import Command, CommandQueue, HalfClose, Interrupt, SpeakText, Start, UserText
+from service.core.command import Command, CommandQueue, HalfClose, Interrupt, Shutdown, SpeakText, Start, UserText
 from service.core.engine import LLMRequest
 from service.core.events import AudioChunk, AudioPiece, Message, TurnEnd, TurnEnded, TurnEndReason
 from service.core.history import Entry
@@ -196,3 +196,29 @@ async def test_a_stream_cut_short_keeps_the_last_turn_only_as_far_as_its_audio_w
         await stream.loop
     last = (await stream.history())[-1]
     assert last.interrupted and last.content and len(last.content) < len(llm.reply)
+
+
+async def read_all(stream: Stream) -> list[Message]:
+    read = []
+    while (message := await stream.read()) is not None:
+        read.append(message)
+    return read
+
+
+async def test_a_half_close_that_comes_after_the_shutdown_still_gets_the_normal_end() -> None:
+    # A client half-closes as the server begins shutting down: which reaches the session first is a
+    # race of the transport's. The client sent all it would and lost nothing: its end is the normal one
+    # (a clean-clone CI run failed once on the order).
+    stream = await started(FakeLLM(reply="One sentence to finish. And another one. ", token_s=0.01))
+    await stream.send(UserText("Go on."), Shutdown(), HalfClose())
+    (ended,) = [m for m in await read_all(stream) if isinstance(m, TurnEnded)]
+    assert ended.reason is TurnEndReason.COMPLETED
+    assert await stream.loop is Ending.HALF_CLOSED
+
+
+async def test_a_half_close_after_the_shutdown_left_a_message_unanswered_still_says_where_to_resume() -> None:
+    stream = await started(FakeLLM(reply="One sentence to finish. And another one. ", token_s=0.01))
+    await stream.send(UserText("Go on."), Shutdown(), UserText("And then?"), HalfClose())
+    (ended,) = [m for m in await read_all(stream) if isinstance(m, TurnEnded)]
+    assert ended.reason is TurnEndReason.COMPLETED
+    assert await stream.loop is Ending.SHUTDOWN and stream.session.unanswered == 1

@@ -400,14 +400,22 @@ async def test_health_and_reflection(harness: Harness) -> None:
     assert "parley.v1.VoiceService" in names and "grpc.health.v1.Health" in names
 
 
-async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones() -> None:
+@pytest.mark.parametrize("half_close", ["before the shutdown", "after the shutdown began"])
+async def test_graceful_shutdown_finishes_streams_and_refuses_new_ones(half_close: str) -> None:
+    # A client that half-closes gets its normal end whichever reaches the server first (a CI run once
+    # had the half-close sent first arrive after the shutdown, and the stream ended UNAVAILABLE).
     h = await start_harness(FakeLLM(reply="One sentence to finish speaking. " * 3, token_s=0.02))
     call = h.stub.Converse()
     await call.write(start())
     await call.read()
     await call.write(user("Go on."))
-    await call.done_writing()
+    if half_close == "before the shutdown":
+        await call.done_writing()
     responses = [await call.read()]  # the turn has begun
+    if half_close == "after the shutdown began":
+        h.running.servicer.shut_down()  # (what stopping does first)
+        await asyncio.sleep(0.05)  # the stream's shutdown watch has told its session
+        await call.done_writing()
     stopping = asyncio.create_task(h.running.stop(grace_s=5))
     while (response := await call.read()) is not grpc.aio.EOF:
         responses.append(response)
