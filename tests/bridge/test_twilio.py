@@ -501,8 +501,9 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             second = await replica(first.running.port, "And then what happened?")  # (the call stays on the first)
             # The caller goes on sending audio (Twilio sends 50 messages a second) while the reply is cut
             # half way through the grace period and the call moves: writes meet the call that ended.
-            talking = asyncio.create_task(caller.say(quiet(2500, RATE)))
-            await first.running.stop(grace_s=1)
+            # (A grace of 4 s cuts the reply at 2 s, leaving the cut stream 2 s to end on a busy machine.)
+            talking = asyncio.create_task(caller.say(quiet(3500, RATE)))
+            await first.running.stop(grace_s=4)
             await talking
             await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
             assert not caller.ended

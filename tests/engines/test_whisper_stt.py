@@ -201,11 +201,13 @@ async def test_cancelling_a_transcription_leaves_the_next_one_whole(
     task = asyncio.create_task(whisper.transcribe(long))
     await asyncio.sleep(0.2)  # encoding the first window
     assert not task.done()
-    began = time.perf_counter()
+    began, waited = time.perf_counter(), run_queue_wait_s()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - began < 0.05  # the caller does not wait for the decoding
+    # The caller does not wait for the decoding (the time this thread waited for a core, with Whisper's
+    # threads and the machine's other work on both, is the scheduler's: not counted).
+    assert time.perf_counter() - began - (run_queue_wait_s() - waited) < 0.05
     heard = await whisper.transcribe(speech)
     assert word_error_rate(SENTENCES, heard.text) <= 0.2, heard.text
     assert windows <= 2  # the cancelled decoding stopped before its later windows (else 3, then 1)

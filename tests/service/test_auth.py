@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from parley.v1 import voice_pb2 as pb
 from service.auth import UNAUTHENTICATED_MESSAGE, KeyRing, parse_keys
 from service.config import Settings
-from tests.conftest import Harness, start, start_harness, stop_harness, user
+from tests.conftest import Harness, start, start_harness, stop_harness, user, wait_for
 
 ALICE = "alice-0123456789abcdefghijklmn"
 BOB = "bob-0123456789abcdefghijklmnopq"
@@ -244,7 +244,7 @@ async def test_a_token_scope_limits_session_voice_and_streams(minting: Harness) 
         await one_turn(minting, bearer(one_stream))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     first.cancel()
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: minting.running.servicer.active_streams == 0)  # (its slot is free with it)
     assert (await one_turn(minting, bearer(one_stream)))[-1].turn_ended.reason  # its slot is free again
 
 
@@ -288,7 +288,7 @@ async def test_a_stream_quota_per_key(minting: Harness) -> None:
         assert "streams are already open" in (raised.value.details() or "")
         assert (await one_turn(h, bearer(BOB)))[-1].turn_ended.reason  # another key has its own quota
         held[0].cancel()
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: h.running.servicer.active_streams == 1)  # (its slot is free with it)
         assert (await one_turn(h, bearer(ALICE)))[-1].turn_ended.reason  # room again
     finally:
         await stop_harness(h)
@@ -446,7 +446,7 @@ async def test_a_token_refused_by_its_own_limit_leaks_no_quota() -> None:
             with pytest.raises(grpc.aio.AioRpcError):
                 await one_turn(h, bearer(token))  # refused by the token's limit
         held.cancel()
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: h.running.servicer.active_streams == 0)  # (its slot is free with it)
         other = (await mint(h, subject="web")).token
         streams = []
         for _ in range(2):  # the key's two streams are both free again

@@ -248,7 +248,8 @@ async def test_streams_that_end_in_an_error_or_a_hang_up_leave_nothing_to_the_co
 
 
 async def test_a_voice_stream_with_a_barge_in_and_a_failed_transcription_leaves_nothing_to_the_collector() -> None:
-    harness = await start_harness(FakeLLM(token_s=0.05), stt=FakeSTT())
+    # (Replies of about 2 s: still running when the user's voice comes over it, however busy the machine.)
+    harness = await start_harness(FakeLLM(reply=FakeLLM.reply * 3, token_s=0.05), stt=FakeSTT())
     try:
         voice = start(input_audio=pb.InputAudio(sample_rate_hz=16000, turn_detection=pb.TurnDetection(silence_ms=300)))
         await converse_all(harness.stub, [voice, user("Warm up?")])

@@ -33,7 +33,9 @@ def scrape(port: int) -> dict[str, float]:
 
 async def test_turns_latencies_barge_ins_and_rejections_are_counted() -> None:
     port = free_port()
-    h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), stt=FakeSTT(), metrics_port=port)
+    # (Replies of about 2 s: still running when the user's voice comes over it, however busy the machine.)
+    llm = FakeLLM(reply=FakeLLM.reply * 3, first_token_s=0.02, token_s=0.05)
+    h = await start_harness(llm, stt=FakeSTT(), metrics_port=port)
     try:
         await converse_all(h.stub, [start(), user("Hi?")])  # a completed turn
         call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)  # a reply interrupted by the user's voice
@@ -151,7 +153,8 @@ async def test_a_spoken_question_stopped_by_an_interrupt_is_no_barge_in() -> Non
     # The question's own speech starts before its reply: stopping that reply with a message is no
     # barge-in; the user's voice over the reply is one.
     port = free_port()
-    h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), stt=FakeSTT(), metrics_port=port)
+    llm = FakeLLM(reply=FakeLLM.reply * 3, first_token_s=0.02, token_s=0.05)  # (still running at the interrupt)
+    h = await start_harness(llm, stt=FakeSTT(), metrics_port=port)
     try:
         call, reader = await open_voice(h, silence_ms=300, min_speech_ms=100)
         await say(call, loud(300) + quiet(600))

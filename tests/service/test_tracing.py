@@ -191,7 +191,8 @@ async def test_a_discarded_reply_span_ends_as_discarded() -> None:
 async def test_an_interrupted_llm_stream_is_cancelled_not_failed() -> None:
     # A barge-in stops the reply's LLM stream: its span said ERROR (CancelledError) beside an OK turn.
     EXPORTER.clear()
-    h = await start_harness(FakeLLM(token_s=0.05), FakeTTS())
+    # (A reply of about 2 s: still running when the interrupt comes, however busy the machine.)
+    h = await start_harness(FakeLLM(reply=FakeLLM.reply * 3, token_s=0.05), FakeTTS())
     try:
         call = h.stub.Converse()
         await call.write(start())

@@ -82,7 +82,8 @@ async def test_an_utterance_is_transcribed_and_answered(voiced: Harness) -> None
 
 
 async def test_speech_during_a_reply_interrupts_it_at_once(voiced: Harness) -> None:
-    voiced.llm.token_s = 0.05  # a reply that takes a while
+    voiced.llm.token_s = 0.05  # a reply that takes a while (about 3 s: running when the user speaks)
+    voiced.llm.reply *= 4
     call = voiced.stub.Converse()
     await call.write(voice_start(silence_ms=300, min_speech_ms=100))
     seen: list[pb.ConverseResponse] = []
@@ -464,7 +465,7 @@ async def test_an_interrupt_naming_a_reply_a_transcript_replaced_leaves_the_new_
     # Found in QA on the page: the user typed while speaking; the typed reply was playing when the
     # transcript opened the spoken question's turn, and the page's interrupt of the typed reply (with
     # what it played) stopped the new turn instead, which ended before it said a word.
-    llm = FakeLLM(reply="One. Two. Three. Four. Five. Six. Seven. Eight.", token_s=0.05)
+    llm = FakeLLM(reply="One. Two. Three. Four. Five. Six. Seven. Eight. " * 2, token_s=0.05)  # (0.8 s: still running)
     h = await start_harness(llm, stt=FakeSTT(texts=["Spoken question?"]))
     try:
         call = h.stub.Converse()

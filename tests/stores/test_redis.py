@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import secrets
 import signal
@@ -21,7 +22,7 @@ import service.stores.redis_store
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.core.history import Entry
-from service.core.store import StoredSession
+from service.core.store import Claim, StoredSession
 from service.stores.redis_store import RedisStore
 from tests.conftest import (
     Harness,
@@ -135,6 +136,10 @@ async def test_takeover_reaches_the_other_replica_and_fences_its_writes(
     assert again is not None and again[0].entries[-1].content == "from the new stream"
 
 
+def at_most_one_held(claims: list[Claim]) -> bool:
+    return sum(not claim.lost.is_set() for claim in claims) <= 1
+
+
 async def test_resumes_close_together_leave_exactly_the_owner_holding(
     replicas: tuple[RedisStore, RedisStore], redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,28 +154,31 @@ async def test_resumes_close_together_leave_exactly_the_owner_holding(
             session_id = f"race{trial}"
             await one.create(session(session_id))
             claims = await asyncio.gather(one.resume(session_id), one.resume(session_id), two.resume(session_id))
-            await asyncio.sleep(0.05)  # every announcement delivered
+            made = [claim for _, claim in filter(None, claims)]
+            await wait_for(functools.partial(at_most_one_held, made))  # (the announcements delivered)
+            await asyncio.sleep(0.05)  # (and one more, late, would have come by now)
             owner = await client.get(f"{prefix}:session:{session_id}:owner")
-            held = [claim for _, claim in filter(None, claims) if not claim.lost.is_set()]
+            held = [claim for claim in made if not claim.lost.is_set()]
             assert [claim.token for claim in held] == [owner], f"trial {trial}"
     finally:
         await client.aclose()
 
 
 async def test_keys_are_namespaced_and_expire(redis_url: str, prefix: str) -> None:
-    store = await RedisStore(redis_url, prefix=prefix, ttl_s=1).start()
+    # (2 s: renewed every 0.67 s, so only a stall of over 1.3 s could lose it on a busy machine)
+    store = await RedisStore(redis_url, prefix=prefix, ttl_s=2).start()
     client = redis.from_url(redis_url, decode_responses=True)
     try:
         claim = await store.create(session("s2"))
         keys = sorted(await client.keys(f"{prefix}:*"))
         assert keys == [f"{prefix}:session:s2", f"{prefix}:session:s2:owner"]
         ttls = [await client.ttl(k) for k in keys]
-        assert all(0 < ttl <= 1 for ttl in ttls)
+        assert all(0 < ttl <= 2 for ttl in ttls)
         assert json.loads(await client.get(f"{prefix}:session:s2"))["entries"][1]["content"] == "Yo"
-        await asyncio.sleep(2.2)  # held by a stream: not idle, so renewed, not expired
+        await asyncio.sleep(4.3)  # held by a stream: not idle, so renewed, not expired
         assert not claim.lost.is_set() and await client.exists(f"{prefix}:session:s2")
         await store.release(claim)
-        await asyncio.sleep(1.3)  # let go: now it expires
+        await asyncio.sleep(2.3)  # let go: now it expires
         assert await store.resume("s2") is None
         assert await client.keys(f"{prefix}:*") == []
     finally:
@@ -515,20 +523,24 @@ async def test_a_turn_cut_by_a_takeover_that_could_not_wait_still_ends_and_says_
 
 
 async def test_a_resume_does_not_wait_for_a_holder_that_is_gone(
-    store_and_admin: tuple[RedisStore, redis.Redis], prefix: str
+    store_and_admin: tuple[RedisStore, redis.Redis], prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (The waits made long, so that the bounds tell them apart on a busy machine too.)
+    monkeypatch.setattr(service.stores.redis_store, "HANDOVER_TIMEOUT_S", 20.0)
     store, admin = store_and_admin
     claim = await store.create(session("orphan"))
     await store.release(claim)
     loop = asyncio.get_running_loop()
-    began = loop.time()
-    assert await store.resume("let-go") is None and await store.resume("orphan") is not None
-    assert loop.time() - began < 0.3  # (a session let go has no owner: nobody to ask; a review found 0.5 s)
+    with monkeypatch.context() as longer:
+        longer.setattr(service.stores.redis_store, "HELD_REPLY_S", 10.0)
+        began = loop.time()
+        assert await store.resume("let-go") is None and await store.resume("orphan") is not None
+        assert loop.time() - began < 5  # (a session let go has no owner: nobody to ask; a review found a wait)
     await store.release(await store.create(session("crashed")))
     await admin.set(f"{prefix}:session:crashed:owner", "a-replica-that-died")  # (its owner key outlived it)
     began = loop.time()
     assert await store.resume("crashed") is not None
-    assert loop.time() - began < 1.5  # (the answer's wait, not the hand-over's 3 s)
+    assert loop.time() - began < 10  # (the answer's wait, 0.5 s, not the hand-over's)
 
 
 async def test_a_slow_answer_to_one_hand_over_holds_no_other_notice(
@@ -548,7 +560,6 @@ async def test_a_slow_answer_to_one_hand_over_holds_no_other_notice(
 
     monkeypatch.setattr(one._redis, "publish", slow_publish)
     await two._redis.publish(two._channel("wanted"), f"want:{wanted.token}")  # (its answer will be slow)
-    await asyncio.sleep(0.1)
-    assert wanted.wanted.is_set()
+    await wait_for(wanted.wanted.is_set)
     await asyncio.wait_for(asyncio.shield(two.resume("taken")), 3)  # (its announcement comes next)
     await asyncio.wait_for(taken.lost.wait(), 1)
