@@ -516,3 +516,44 @@ async def test_a_commit_cannot_reuse_the_turn_id_of_one_before_it() -> None:
         assert "commit_audio.turn_id 'x' was already used" in (refused.value.details() or "")
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize("unanswered", [False, True])
+async def test_a_half_close_during_a_shutdown_hears_out_what_was_said(unanswered: bool) -> None:
+    """The user speaks, types a question while still speaking, and the server begins shutting down
+    while its reply plays; then the client half-closes. With nothing left unanswered by the shutdown,
+    it goes as without one: the speech is transcribed and answered (its turn stops the typed reply),
+    and the stream ends with OK; with a message already left unanswered, the speech is counted with
+    it, the typed reply finishes, and the stream says where to resume."""
+    h = await start_harness(FakeLLM(reply=FakeLLM.reply * 2, token_s=0.05), stt=FakeSTT(texts=["Spoken?"]))
+    try:
+        call = h.stub.Converse()
+        await call.write(voice_start(silence_ms=3000, min_speech_ms=100))
+        seen: list[pb.ConverseResponse] = []
+        await read_until(call, "session_started", seen)
+        await say(call, loud(600))  # speech in progress: its end is not heard yet
+        await read_until(call, "speech_started", seen)
+        await call.write(user("Typed?"))
+        await read_until(call, "audio", seen)  # the typed question's reply plays (about 1.5 s)
+        h.running.servicer.shut_down()
+        await asyncio.sleep(0.05)  # (the stream's shutdown watch has told its session)
+        if unanswered:
+            await call.write(user("And this?"))
+        await call.done_writing()
+        ended = None
+        try:
+            while (response := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+                seen.append(response)
+        except grpc.aio.AioRpcError as error:
+            ended = error
+        ends = [(r.turn_ended.reason, r.turn_ended.error) for r in seen if r.WhichOneof("kind") == "turn_ended"]
+        if unanswered:
+            assert ends == [(pb.TURN_END_REASON_COMPLETED, "")]
+            assert ended is not None and ended.code() == grpc.StatusCode.UNAVAILABLE
+            assert "2 message(s) sent after the shutdown began were not answered" in (ended.details() or "")
+        else:
+            assert ended is None, ended
+            assert ends == [(pb.TURN_END_REASON_INTERRUPTED, ""), (pb.TURN_END_REASON_COMPLETED, "")]
+            assert [m.content for m in h.llm.requests[-1].messages if m.role == "user"] == ["Typed?", "Spoken?"]
+    finally:
+        await stop_harness(h)
