@@ -383,18 +383,23 @@ async def test_hanging_up_mid_sentence_answers_nothing(phone: Stack, how: str) -
     await caller.aclose()
 
 
+async def story_harness(store: MemoryStore) -> Harness:
+    """A replica that tells a story (``REPLY``) and hears "Tell me a story.", then "And then?"."""
+    return await start_harness(
+        FakeLLM(reply=REPLY, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+        stt=FakeSTT(texts=["Tell me a story.", "And then?"]),
+        store=store,
+    )
+
+
 async def test_a_line_dropped_mid_reply_keeps_only_what_was_heard() -> None:
     """The socket closes without stop: the history keeps what the marks say was heard (found in
     review: the whole reply was kept)."""
     from service.stores.memory import MemoryStore
 
     store = MemoryStore(ttl_s=600)
-    harness = await start_harness(
-        FakeLLM(reply=REPLY, token_s=0.01),
-        FakeTTS(chunk_s=0.02),
-        stt=FakeSTT(texts=["Tell me a story.", "And then?"]),
-        store=store,
-    )
+    harness = await story_harness(store)
     stack = await start_stack(harness)
     try:
         socket = await connect(twilio_url(stack))
@@ -551,12 +556,7 @@ class _LosesItsStatus:
 
 async def test_a_call_whose_status_a_write_lost_goes_on_with_its_session() -> None:
     store = MemoryStore(ttl_s=60)
-    harness = await start_harness(
-        FakeLLM(reply=REPLY, token_s=0.01),
-        FakeTTS(chunk_s=0.02),
-        stt=FakeSTT(texts=["Tell me a story.", "And then?"]),
-        store=store,
-    )
+    harness = await story_harness(store)
     stack = await start_stack(harness)
     converse = stack.bridge._stub.Converse
     calls: list[Any] = []
