@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -24,7 +25,7 @@ import re
 import signal
 import sys
 import wave
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from clients.audio_in import MicError, Microphone
 from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from ws_bridge.calls import accepted_write, answered, half_close
 from ws_bridge.translate import to_json
 
 EXTENSIONS = {"pcm16": "wav", "wav": "wav", "ogg_opus": "ogg", "mp3": "mp3", "mulaw": "ulaw", "alaw": "alaw"}
@@ -61,9 +63,8 @@ class Conversation:
         self._requests: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
         self._requests.put_nowait(pb.ConverseRequest(start=start))
         token = args.token
-        self._call = stub.Converse(
-            self._request_stream(), metadata=[("authorization", f"Bearer {token}")] if token else None
-        )
+        self._call = stub.Converse(metadata=[("authorization", f"Bearer {token}")] if token else None)
+        self._sending = asyncio.create_task(self._send_requests())
         self._args = args
         self._pcm = bytearray()
         self._turn_ended = asyncio.Event()
@@ -71,18 +72,25 @@ class Conversation:
         self.started = asyncio.Event()
         self.current_turn: str | None = None
         self.sample_rate = 0
+        self.session_id = ""
+        """The session's id, once the service started it."""
         self.player: LivePlayer | None = None
         self.failed = False
 
-    async def _request_stream(self) -> AsyncIterator[pb.ConverseRequest]:
-        # Nothing is written before the service has accepted the stream (or refused it): a write that
-        # finds the call over hides the service's status behind INTERNAL in grpc aio (grpc/grpc#36066).
-        # (A service from before it answered at once does so only after a request: then 2 s, and on.)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                await self._call.initial_metadata()
+    async def _send_requests(self) -> None:
+        """Write what :meth:`send` queued, in order, until :meth:`close_sending` (then half-close) or
+        the stream's end. Nothing is written before the service has accepted the stream (or refused
+        it), and no write hides the service's status (see ``accepted_write``): a refusal or a
+        shutdown is reported as the service said it."""
+        await answered(self._call)
         while (request := await self._requests.get()) is not None:
-            yield request
+            if not await accepted_write(self._call, request):
+                return
+        await half_close(self._call)
+
+    def close(self) -> None:
+        """Stop writing (the stream is over, or the program ends)."""
+        self._sending.cancel()
 
     def send(self, request: pb.ConverseRequest) -> None:
         self._requests.put_nowait(request)
@@ -181,6 +189,7 @@ class Conversation:
                     status("[hearing you]")
 
     def _started(self, started: pb.SessionStarted) -> None:
+        self.session_id = started.session_id
         self.sample_rate = started.audio.sample_rate_hz
         if not self._args.no_play and not self._args.json and self._args.encoding in ("pcm16", "wav"):
             self.player = LivePlayer.open(self.sample_rate)
@@ -235,9 +244,16 @@ class Conversation:
         return f", audio in {path}"
 
 
-async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace) -> str:
-    """A message a person can act on."""
+async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace, session_id: str = "") -> str:
+    """A message a person can act on; ``session_id``: the session the stream had started, if it had."""
     code, target = error.code(), args.server
+    if code == grpc.StatusCode.UNAVAILABLE and session_id:
+        # The service itself ended the stream (shutting down, its session store unreachable), or the
+        # connection to it was lost: the conversation is kept where the service keeps its sessions.
+        return (
+            f"the service ended the stream: {error.details()}\n"
+            f"To go on with this conversation once the service is back, run again with --session {session_id}"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         if (http := await http_server_at(target)) is not None:
             host = http[0]
@@ -309,6 +325,55 @@ def prompt() -> None:
     print("you> ", end="", file=sys.stderr, flush=True)
 
 
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class TerminalLines:
+    """The lines typed at the terminal (or piped in), read as the event loop finds them ready, with
+    no thread: the stream may end while the program waits for a line (the service shutting down, an
+    idle stream closed), and the program then ends at once, where a thread blocked in ``input()``
+    kept it alive until the user next pressed Enter."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self._lines: collections.deque[str] = collections.deque()
+        self._ended = False
+
+    async def next(self) -> str:
+        """The next line, without its end. Raises EOFError at the end of input (Ctrl-D)."""
+        while not self._lines and not self._ended:
+            self._take(await self._read())
+        if self._lines:
+            return self._lines.popleft()
+        raise EOFError
+
+    async def _read(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        try:
+            loop.add_reader(self._fd, _settle, ready)
+        except (OSError, ValueError, NotImplementedError):  # a regular file: reading it never waits
+            return os.read(self._fd, 65536)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self._fd)
+        return os.read(self._fd, 65536)  # (ready: this does not block)
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            self._ended = True
+            data, self._buffer = self._buffer, b""
+            if data:
+                self._lines.append(data.decode(errors="replace"))
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        self._lines.extend(line.decode(errors="replace").removesuffix("\r") for line in lines)
+
+
 async def interactive(conversation: Conversation) -> None:
     """Read lines until Ctrl-D; Ctrl-C interrupts the reply in progress."""
     loop = asyncio.get_running_loop()
@@ -322,12 +387,13 @@ async def interactive(conversation: Conversation) -> None:
             prompt()  # (the line being typed goes on after it)
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+    terminal = TerminalLines()
     await conversation.started.wait()
     status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
     while True:
         prompt()
         try:
-            line = await loop.run_in_executor(None, input)
+            line = await terminal.next()
         except EOFError:
             status("")  # (the shell's prompt on a line of its own)
             break
@@ -416,10 +482,11 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await converse(conversation, receiver, args)
         except grpc.aio.AioRpcError as error:
-            status(f"error: {await explain(error, args)}")
+            status(f"error: {await explain(error, args, conversation.session_id)}")
             return 1
         finally:
             receiver.cancel()
+            conversation.close()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await receiver
             if conversation.player is not None:

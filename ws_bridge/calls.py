@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import grpc
+from grpc._cython import cygrpc
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
 from parley.v1 import voice_pb2 as pb
 
-__all__ = ["ANSWER_WAIT_S", "CLOSE_CODE_FOR", "accepted_write", "answered", "close", "status_lost"]
+__all__ = ["ANSWER_WAIT_S", "CLOSE_CODE_FOR", "accepted_write", "answered", "close", "half_close"]
 
 _REASON_BYTES = 123  # the most a WebSocket close reason may hold
 
@@ -42,27 +44,50 @@ async def answered(call: grpc.aio.StreamStreamCall) -> None:
             await call.initial_metadata()
 
 
-async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> None:
-    """Write ``request`` unless the call is over: a write that finds it over (the service refused the
-    stream, say) would hide the service's status behind INTERNAL in grpc aio (grpc/grpc#36066); the
-    reader reports that status. Call after :func:`answered`."""
+async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> bool:
+    """Write ``request`` unless the call is over; False when it is (then nothing more should be
+    written: the call's read reports how it ended). Call after :func:`answered`.
+
+    A write that meets the call as it ends leaves the service's status to the read, as the service
+    sent it. grpc aio's own ``write`` puts INTERNAL, "Internal error from Core", in its place for good
+    when Core refuses the write of a call that is over (grpc/grpc#36066; a script writing back to back
+    while the service ended its streams with UNAVAILABLE got that in 190 of 200 calls, and none through
+    this): so a bridge would hang up a phone call whose replica went away, and a page would take back a
+    session another tab had taken over. The check of ``call.done()`` first cannot catch it: the end is
+    known here a moment after the service sent it, and a phone's audio goes on, 50 messages a second."""
     if call.done():
-        return
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        await call.write(request)
+        return False
+    send = _core_send(call)
+    if send is None:  # (not grpc aio's own call object: its write, and the status it may lose)
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return False
+        return True
+    try:
+        await call.wait_for_connection()  # (the call's headers went out: what grpc aio's write waits for)
+        await send(request.SerializeToString())
+    except (cygrpc.InternalError, grpc.aio.AioRpcError):
+        return False  # Core refused it, or the call ended meanwhile: the read says how
+    except asyncio.CancelledError:
+        call.cancel()  # (as grpc aio's write does: a write cut off leaves the call unusable)
+        raise
+    return True
 
 
-_LOST_STATUS_DETAILS = "Internal error from Core"
+async def half_close(call: grpc.aio.StreamStreamCall) -> None:
+    """Tell the service nothing more comes on ``call`` (a call already over is left as it ended)."""
+    if not call.done():
+        with contextlib.suppress(cygrpc.BaseError, asyncio.InvalidStateError):  # (it ended meanwhile)
+            await call.done_writing()
 
 
-def status_lost(error: grpc.aio.AioRpcError) -> bool:
-    """The call ended as a write met it ending, and grpc aio reported INTERNAL, "Internal error from
-    Core", in place of the service's own status, which is lost (grpc/grpc#36066; a script writing
-    while the service ended its streams got it in 190 of 200). :func:`accepted_write` cannot always
-    come first: the end is known on the bridge's side a moment after the service sent it, and a phone
-    call's audio goes on, 50 messages a second. Nothing of the service's says this (its errors have
-    details of their own)."""
-    return error.code() == grpc.StatusCode.INTERNAL and error.details() == _LOST_STATUS_DETAILS
+def _core_send(call: grpc.aio.StreamStreamCall) -> Callable[[bytes], Awaitable[None]] | None:
+    """The send of ``call``'s Core call, under grpc aio's write (which, when it fails, replaces the
+    call's status); None if ``call`` has none (a stand-in, or a grpc release that moved it)."""
+    core = getattr(call, "_cython_call", None)
+    send = getattr(core, "send_serialized_message", None)
+    return send if callable(send) else None
 
 
 async def close(websocket: ServerConnection, code: int, reason: str) -> None:

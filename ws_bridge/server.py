@@ -347,11 +347,7 @@ class Bridge:
                 except BadFrame as error:
                     await self._refuse_frame(websocket, str(error))
                     return None
-                if call.done():
-                    return _CALL_ENDED
-                try:
-                    await call.write(request)
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                if not await accepted_write(call, request):
                     return _CALL_ENDED
         return None
 

@@ -38,7 +38,7 @@ from websockets.http11 import Request
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
 from service.logs import shorten_session_ids
-from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close, status_lost
+from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close
 
 __all__ = ["TWILIO_PATH", "TwilioCall", "TwilioOptions", "signature", "signature_valid"]
 
@@ -207,11 +207,7 @@ class TwilioCall:
                     return 1000, "the call ended"
                 log.error("twilio call %s failed", self.stream_sid, exc_info=ended)
                 return 1011, "internal error; see the bridge's log"
-            said = (
-                "its status lost to audio written as it ended (grpc/grpc#36066)"
-                if status_lost(ended)
-                else shorten_session_ids(ended.details() or "")
-            )
+            said = shorten_session_ids(ended.details() or "")
             now = loop.time()
             if self._retryable(ended):
                 # A stream that had started makes this a new outage, with a wait of its own; but streams
@@ -283,13 +279,8 @@ class TwilioCall:
     def _retryable(self, error: grpc.aio.AioRpcError) -> bool:
         """The service ended the stream as a replica does that goes away, or is not there yet:
         UNAVAILABLE (shutting down, the connection lost or refused); or, before the stream started its
-        session, RESOURCE_EXHAUSTED (the replica reached is full: another may not be). Or its status
-        was lost to the caller's audio written as it ended (:func:`status_lost`): most often that end
-        is a replica going away (a rolling update), and most else it could be (a refusal, an idle
-        stream closed) comes back as itself on the next stream, which starts with no write racing its
-        end; a takeover by another stream would be undone by the resume, but a phone call's session
-        is the bridge's own."""
-        if error.code() == grpc.StatusCode.UNAVAILABLE or status_lost(error):
+        session, RESOURCE_EXHAUSTED (the replica reached is full: another may not be)."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
             return True
         return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._started.is_set()
 

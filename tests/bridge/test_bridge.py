@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
@@ -21,8 +22,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc
 from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
+from ws_bridge.calls import accepted_write, answered
 from ws_bridge.server import Bridge, BridgeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -742,10 +745,102 @@ async def test_a_call_the_service_ends_closes_soon_though_the_client_sent_on_mea
                 async for frame in ws:  # until the socket closes
                     frames.append(frame)
             assert time.monotonic() - began < 3, time.monotonic() - began
-            # (A write that meets the end may make it INTERNAL instead: grpc/grpc#36066.)
-            assert json.loads(frames[-1])["error"]["code"] in ("INVALID_ARGUMENT", "INTERNAL")
-            assert ws.close_code in (1008, 1011), ws.close_code
+            assert json.loads(frames[-1])["error"] == {"code": "INVALID_ARGUMENT", "message": "this call is refused"}
+            assert ws.close_code == 1008, ws.close_code
             await sending
     finally:
         await bridge.aclose()
         await service.stop(0)
+
+
+async def test_a_write_that_meets_the_end_of_a_call_leaves_the_service_its_status() -> None:
+    """grpc aio's own write, refused by Core for a call that is over, puts INTERNAL "Internal error
+    from Core" in place of the service's status for good (grpc/grpc#36066): a script writing back to
+    back while the service ended its streams got it in 190 of 200 calls. The bridges' writes leave the
+    status to the call's read, so that a replica going away (UNAVAILABLE) is told from a failure."""
+
+    async def ends_while_the_client_writes(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        await context.send_initial_metadata(())  # (accepted at once, as the service does)
+        read = 0
+        async for _ in requests:
+            read += 1
+            if read == 20:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        yield b""  # (never reached: a generator, as a streaming handler is)
+
+    service = grpc.aio.server()
+    service.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "parley.v1.VoiceService",
+                {"Converse": grpc.stream_stream_rpc_method_handler(ends_while_the_client_writes)},
+            )
+        ]
+    )
+    port = service.add_insecure_port("127.0.0.1:0")
+    await service.start()
+    audio = pb.ConverseRequest(user_audio=pb.UserAudio(data=bytes(320)))
+    ends: collections.Counter[tuple[grpc.StatusCode, str]] = collections.Counter()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = voice_pb2_grpc.VoiceServiceStub(channel)
+            for _ in range(50):
+                call = stub.Converse()
+                await answered(call)
+                written = 0
+                while await accepted_write(call, audio):  # back to back until the call is over
+                    written += 1
+                assert written >= 20
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                ends[(caught.value.code(), caught.value.details() or "")] += 1
+    finally:
+        await service.stop(0)
+    assert ends == {(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"): 50}
+
+
+async def test_pages_sending_their_voice_as_the_service_shuts_down_are_told_it_is_restarting() -> None:
+    # Pages whose microphones send on (here as fast as the socket takes it, as a page catching up)
+    # are told the service is going away, with the session to resume, whatever their writes meet
+    # (a write that meets the call's end is the test above).
+    from tests.fakes import FakeSTT
+
+    harness = await start_harness(FakeLLM(reply="Hello."), FakeTTS(), stt=FakeSTT(texts=["Hi."]))
+    stack = await start_stack(harness)
+    silence = bytes(320)  # 10 ms at 16 kHz
+
+    async def page() -> tuple[dict[str, str], int | None]:
+        async with connect(stack.url) as ws:
+            await ws.send(json.dumps({"start": {"inputAudio": {"sampleRateHz": 16000}}}))
+            assert "sessionStarted" in json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+            async def microphone() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await ws.send(silence)  # (as fast as the socket takes it: a page catching up)
+                        await asyncio.sleep(0)
+
+            speaking = asyncio.create_task(microphone())
+            frames = []
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in ws:  # until the socket closes
+                    frames.append(frame)
+            await speaking
+            return json.loads(frames[-1])["error"], ws.close_code
+
+    try:
+        pages = [asyncio.create_task(page()) for _ in range(8)]
+        await wait_for(lambda: harness.running.servicer.active_streams == 8, 10)
+        await asyncio.sleep(0.5)
+        await harness.running.stop(grace_s=10)
+        ends = await asyncio.wait_for(asyncio.gather(*pages), 20)
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(harness)
+    for error, close_code in ends:
+        assert error["code"] == "UNAVAILABLE", error
+        assert "the server is shutting down; resume session" in error["message"], error
+        assert close_code == 1013

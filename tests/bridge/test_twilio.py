@@ -530,62 +530,6 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             await stop_harness(second)
 
 
-class _LosesItsStatus:
-    """A ``Converse`` call that ends, after its first audio, as grpc aio ends a call whose end a write
-    met: INTERNAL, "Internal error from Core", the service's own status lost (grpc/grpc#36066; a
-    clean-clone CI run met it in the rolling-update test above, and a script writing while the service
-    ended its streams, in 190 of 200)."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._call = call
-        self._audio_read = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-    async def read(self) -> Any:
-        if self._audio_read:
-            self._call.cancel()  # (the service's side of it ends too)
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), details="Internal error from Core"
-            )
-        response = await self._call.read()
-        self._audio_read = response is not grpc.aio.EOF and response.WhichOneof("kind") == "audio"
-        return response
-
-
-async def test_a_call_whose_status_a_write_lost_goes_on_with_its_session() -> None:
-    store = MemoryStore(ttl_s=60)
-    harness = await story_harness(store)
-    stack = await start_stack(harness)
-    converse = stack.bridge._stub.Converse
-    calls: list[Any] = []
-
-    def first_loses_its_status(*args: Any, **kwargs: Any) -> Any:
-        call = converse(*args, **kwargs)
-        calls.append(call)
-        return _LosesItsStatus(call) if len(calls) == 1 else call
-
-    stack.bridge._stub.Converse = first_loses_its_status  # type: ignore[method-assign]
-    try:
-        async with connect(twilio_url(stack)) as socket:
-            caller = FakeTwilio(socket)
-            await caller.start()
-            await caller.ask()  # its reply's first audio ends the first stream
-            await wait_for(lambda: len(calls) == 2 and harness.running.servicer.active_streams == 1, 10)
-            assert not caller.ended
-            await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(harness.llm.requests) == 2, 10)
-            history = [m.content for m in harness.llm.requests[1].messages]
-            assert history[1] == "Tell me a story." and history[-1] == "And then?"  # the same conversation
-            await caller.hang_up()
-            await wait_for(lambda: stack.bridge.sockets == 0, 10)
-            await caller.aclose()
-    finally:
-        await stack.bridge.aclose()
-        await stop_harness(harness)
-
-
 @contextlib.asynccontextmanager
 async def a_call_on_one_replica(
     *, share_port: bool = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import select
 import struct
 import sys
@@ -525,3 +526,45 @@ async def test_an_audio_file_is_answered_and_one_without_speech_is_said_to_hold_
         assert time.monotonic() - began < 15
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize("mode", ["interactive", "audio file"])
+async def test_a_service_shutting_down_mid_stream_is_said_with_how_to_go_on(mode: str, tmp_path: Path) -> None:
+    # Found using it: a stream the service ended as it shut down was explained as "cannot reach
+    # Parley: is the service running?", without the session to go on with; and a WAV being streamed
+    # as it ended got INTERNAL "Internal error from Core" (grpc aio's write hid the service's status).
+    from tests.conftest import wait_for
+    from tests.fakes import FakeSTT, loud, quiet
+
+    h = await start_harness(FakeLLM(reply="Hello there."), stt=FakeSTT(texts=["Hi."]))
+    argv = [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{h.running.port}", "--no-play"]
+    if mode == "audio file":  # (speech after 4 s: the shutdown comes in the silence before it)
+        argv += ["--audio-file", str(write_mic_wav(tmp_path / "q.wav", quiet(4000) + loud(700) + quiet(300)))]
+    else:
+        argv += ["--out", str(tmp_path / "reply.wav")]
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdin is not None
+        if mode == "interactive":
+            process.stdin.write(b"Hi?\n")  # (and the terminal stays open: no Ctrl-D)
+            await process.stdin.drain()
+            await wait_for(lambda: len(h.llm.requests) == 1, 20)
+        await wait_for(lambda: h.running.servicer.active_streams == 1, 20)
+        await asyncio.sleep(1.0)  # (a WAV's audio flows meanwhile, 50 messages a second)
+        await h.running.stop(grace_s=10)
+        await asyncio.wait_for(process.wait(), 30)  # it ends by itself
+        _, err = await process.communicate()
+        stderr = err.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+        await stop_harness(h)
+    assert process.returncode == 1, stderr
+    session = re.search(r"\[session ([A-Za-z0-9_-]+):", stderr)
+    assert session is not None, stderr
+    assert "error: the service ended the stream: the server is shutting down" in stderr, stderr
+    assert f"run again with --session {session[1]}" in stderr, stderr
+    assert "INTERNAL" not in stderr and "cannot reach" not in stderr, stderr
