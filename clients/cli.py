@@ -278,7 +278,11 @@ async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace, session
     if code == grpc.StatusCode.UNAUTHENTICATED:
         given = "the key given was not accepted" if args.token else "it needs an API key"
         return f"the service at {target} refused the call: {given}; pass --token KEY (or set PARLEY_TOKEN)"
-    return f"the service ended the stream with {code.name}: {error.details()}"
+    said = f"the service ended the stream with {code.name}: {error.details()}"
+    if session_id and code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+        # (An idle stream closed, a session taken over elsewhere, a failure: the session is kept.)
+        said += f"\nTo go on with this conversation, run again with --session {session_id}"
+    return said
 
 
 SERVICE_PORT = 50051  # where `make run` and `python -m service` listen unless told otherwise

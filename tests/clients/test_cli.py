@@ -4,6 +4,7 @@ through a pseudo-terminal: ask, Ctrl-C mid-reply, ask again, Ctrl-D."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import re
@@ -568,3 +569,38 @@ async def test_a_service_shutting_down_mid_stream_is_said_with_how_to_go_on(mode
     assert "error: the service ended the stream: the server is shutting down" in stderr, stderr
     assert f"run again with --session {session[1]}" in stderr, stderr
     assert "INTERNAL" not in stderr and "cannot reach" not in stderr, stderr
+
+
+async def test_an_interactive_stream_closed_as_idle_ends_the_program_at_once_naming_the_session() -> None:
+    # Found using it: the program went on waiting for a line the user would never send to a stream
+    # that was over (until they pressed Enter), and said nothing of the session to go on with.
+    from service.core.outbox import OutboxLimits
+    from service.core.settings import SessionDefaults
+
+    h = await start_harness(
+        FakeLLM(reply="Hello there."),
+        defaults=SessionDefaults(idle_timeout_s=1.5, outbox=OutboxLimits(max_message_ms=100)),
+    )
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{h.running.port}", "--no-play", "--json"],
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"Hi?\n")  # (and the terminal stays open)
+        await process.stdin.drain()
+        await asyncio.wait_for(process.wait(), 30)  # closed as idle 1.5 s after the reply
+        out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+        await stop_harness(h)
+    stderr = err.decode()
+    session = json.loads(out.decode().splitlines()[0])["sessionStarted"]["sessionId"]
+    assert process.returncode == 1, stderr
+    assert "error: the service ended the stream with DEADLINE_EXCEEDED: no message for 1.5 s" in stderr, stderr
+    assert f"run again with --session {session}" in stderr, stderr
