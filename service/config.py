@@ -47,6 +47,7 @@ class Settings(BaseSettings):
         frozen=True,
         # Errors do not echo what was given: a URL may hold a password (each message says what is wrong).
         hide_input_in_errors=True,
+        allow_inf_nan=False,  # (an infinite grace or timeout is a typo, not a setting: 0 says never)
     )
 
     host: str = Field(
@@ -305,6 +306,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "several workers need a session store they share: set PARLEY_SESSION_STORE=redis (a session "
                 "resumed on another connection may reach another worker, which the memory store cannot serve)"
+            )
+        from service.workers import HEARTBEAT_S, MIN_WORKER_TIMEOUT_S
+
+        if 0 < self.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
+            raise ValueError(
+                "PARLEY_WORKER_TIMEOUT_S (--worker-timeout-s) must be 0 (never) or at least "
+                f"{MIN_WORKER_TIMEOUT_S:g} s: a worker tells the supervisor it is alive every {HEARTBEAT_S:g} s, "
+                "so a shorter timeout would kill healthy workers again and again"
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")

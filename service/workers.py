@@ -40,6 +40,7 @@ import time
 __all__ = [
     "CONFIGURATION_ERROR",
     "HEARTBEAT_S",
+    "MIN_WORKER_TIMEOUT_S",
     "MAX_RESTART_DELAY_S",
     "MAX_WORKERS_PER_CORE",
     "WORKER_INDEX",
@@ -66,6 +67,9 @@ READY_FD = "PARLEY_READY_FD"
 beats."""
 HEARTBEAT_S = 1.0
 """How often a worker that listens tells its supervisor that its event loop runs."""
+MIN_WORKER_TIMEOUT_S = 3 * HEARTBEAT_S
+"""The shortest ``PARLEY_WORKER_TIMEOUT_S`` (but 0, never): three heartbeats, so that one late on a busy
+machine does not get a healthy worker killed."""
 _PR_SET_PDEATHSIG = 1
 STOP_MARGIN_S = 5.0
 """After SIGTERM, how long past its drain's grace a worker has to exit (its last history is written,

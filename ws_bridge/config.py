@@ -40,6 +40,7 @@ class BridgeSettings(BaseSettings):
         cli_kebab_case=True,
         cli_prog_name="python -m ws_bridge",
         frozen=True,
+        allow_inf_nan=False,  # (an infinite interval is a typo, not a setting)
     )
 
     host: str = _setting(

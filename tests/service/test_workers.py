@@ -114,7 +114,7 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted(redis_url: 
     # Found in an SRE's chaos pass: a stopped worker (SIGSTOP; a loop stuck for good is the same) kept
     # its share of the port, so the kernel went on giving it new connections, which hung.
     port = free_port()
-    parent = start_workers(port, redis_url, worker_timeout_s="2")
+    parent = start_workers(port, redis_url, worker_timeout_s="3")
     try:
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         workers = await asyncio.to_thread(children, parent.pid)
@@ -123,7 +123,7 @@ async def test_a_worker_that_stops_answering_is_killed_and_restarted(redis_url: 
         stopped = min(workers)
         os.kill(stopped, signal.SIGSTOP)
         log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 1, 30)  # its replacement
-        assert f"(pid {stopped}) has not answered for 2 s (its event loop is stuck, or the process was stopped)" in log
+        assert f"(pid {stopped}) has not answered for 3 s (its event loop is stuck, or the process was stopped)" in log
         assert f"(pid {stopped}) was killed by SIGKILL; restarting it in 1 s" in log
         assert stopped not in await asyncio.to_thread(children, parent.pid)
         ends = await asyncio.gather(*(one_turn(port) for _ in range(6)))  # new connections: either worker
@@ -476,6 +476,16 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
             ["--llm-max-tokens", "abc"],
             "  --llm-max-tokens / PARLEY_LLM_MAX_TOKENS: Input should be a valid integer, unable to parse string as "
             "an integer (got 'abc')",
+        ),
+        (  # (a QA pass: 0.5 s killed healthy workers, which beat once a second, again and again)
+            ["--worker-timeout-s", "0.5"],
+            "  settings: PARLEY_WORKER_TIMEOUT_S (--worker-timeout-s) must be 0 (never) or at least 3 s: a worker "
+            "tells the supervisor it is alive every 1 s, so a shorter timeout would kill healthy workers again and "
+            "again",
+        ),
+        (  # (a QA pass: accepted, and logged as "get inf s to finish")
+            ["--shutdown-grace-s", "inf"],
+            "  --shutdown-grace-s / PARLEY_SHUTDOWN_GRACE_S: Input should be a finite number (got 'inf')",
         ),
         (
             ["--workers", "2", "--session-store", "redis", "--port", "50099", "--metrics-port", "0"],
