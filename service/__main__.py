@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.auth import KeyRing
-from service.config import Settings, setting_names
+from service.config import Settings, address, setting_names
 from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
@@ -91,16 +91,15 @@ async def run(settings: Settings) -> None:
         # its "listening" line is then restarted, not taken for a worker that cannot start.
         tell_ready()
         log.info(
-            "Parley listening on %s:%d (llm=%s, tts=%s, stt=%s, event loop=%s)",
-            settings.host,
-            running.port,
+            "Parley listening on %s (llm=%s, tts=%s, stt=%s, event loop=%s)",
+            address(settings.host, running.port),
             llm.name,
             tts.name,
             stt,
             settings.event_loop,
         )
         if running.metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
+            log.info("metrics on http://%s/metrics", address(settings.host, running.metrics_port))
         log.info(
             "transport: %s",
             "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",

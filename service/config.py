@@ -273,6 +273,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"PARLEY_OPENAI_BASE_URL (--openai-base-url) {problem}")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host_bare(cls, value: str) -> str:
+        """An IPv6 address with or without its brackets (``::1``, ``[::1]``): kept bare, bracketed
+        where it is joined to a port (:func:`address`)."""
+        value = value.strip()
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_is_a_url(cls, value: str) -> str:
@@ -447,6 +455,11 @@ def _host_and_port_problem(url: str, example: str) -> str | None:
     except ValueError:
         return f"is {shown!r}, whose port is not a number up to 65535: {example}"
     return None
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:50051``), as gRPC and URLs take it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback(host: str) -> bool:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from parley.v1 import voice_pb2
 from service.auth import Authenticator, AuthInterceptor, KeyRing
+from service.config import address
 from service.core.engine import LLMEngine, TTSEngine
 from service.core.hearing import VoiceInput
 from service.core.quotas import QuotaLimits, Quotas
@@ -124,17 +125,18 @@ async def start_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{host}:{port}"
-    failure = f"cannot listen on {host}:{port}"
+    listen = address(host, port)
+    failure = f"cannot listen on {listen}"
     try:
-        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        bound = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as error:  # (grpc's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...")
         bound, failure = 0, str(error)
     if metrics_port is not None and servicer.metrics is not None:
         try:
             metrics_port = servicer.metrics.serve(host, metrics_port)
         except OSError as error:
-            raise RuntimeError(f"cannot serve metrics on {host}:{metrics_port}: {error.strerror or error}") from None
+            said = error.strerror or error
+            raise RuntimeError(f"cannot serve metrics on {address(host, metrics_port)}: {said}") from None
     if bound == 0:
         raise RuntimeError(port_taken(host, port) or failure)  # (the cause, when a probe finds one)
     await server.start()

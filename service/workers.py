@@ -339,18 +339,20 @@ def core_count() -> int:
 def port_taken(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be the workers' (something listens there), or None. The probe binds
     without ``SO_REUSEPORT``, which the kernel refuses while any socket listens on the port."""
+    from service.config import address  # (the settings import this module)
+
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as error:
-        return f"cannot bind to address {host}:{port}: {error}"
-    family, kind, proto, _, address = infos[0]
+        return f"cannot bind to address {address(host, port)}: {error}"
+    family, kind, proto, _, socket_address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind(socket_address)
         except OSError as error:
             hint = " (is another service on it?)" if error.errno == errno.EADDRINUSE else ""
-            return f"cannot bind to address {host}:{port}: {error.strerror or error}{hint}"
+            return f"cannot bind to address {address(host, port)}: {error.strerror or error}{hint}"
     return None
 
 

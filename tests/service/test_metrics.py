@@ -269,3 +269,38 @@ async def test_the_garbage_collectors_pauses_are_measured_by_generation() -> Non
     cumulative = [after[f"parley_gc_pause_seconds_bucket{{generation=2,le={b}}}"] for b in bounds]
     assert cumulative == sorted(cumulative) and cumulative[-1] <= after[full]
     assert gc.callbacks.count(next(c for c in gc.callbacks if type(c).__name__ == "_CollectorPauses")) == 1
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+async def test_an_ipv6_address_serves_the_service_and_its_metrics(host: str) -> None:
+    # Found in a QA pass: PARLEY_HOST=::1 failed to start ("Misformatted domain name": gRPC took
+    # "::1:PORT"), and [::1] served gRPC but not the metrics ("Name or service not known").
+    from parley.v1 import voice_pb2_grpc
+    from service.config import Settings
+    from service.core.settings import SessionDefaults
+    from service.server import start_server
+    from service.servicer import StreamLimits
+    from tests.fakes import FakeTTS
+
+    settings = Settings(host=host)
+    assert settings.host == "::1"
+    metrics_port = free_port()
+    running = await start_server(
+        FakeLLM(reply="Hi."),
+        FakeTTS(),
+        host=settings.host,
+        port=0,
+        defaults=SessionDefaults(),
+        limits=StreamLimits(),
+        metrics_port=metrics_port,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"[::1]:{running.port}") as channel:
+            responses = await converse_all(voice_pb2_grpc.VoiceServiceStub(channel), [start(), user("Hello?")])
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=10).read()
+        )
+        assert b"parley_turns_total" in text
+    finally:
+        await running.stop(0)
