@@ -147,16 +147,25 @@ async def start_server(
 
 async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. SIGHUP reads the TLS certificates
-    again (at the next connection)."""
+    again (at the next connection); without TLS there is nothing to read again, and SIGHUP (a closed
+    terminal's, most often) shuts down gracefully too, where Python's default ended the process at
+    once (streams cut, turns unsaved, sessions left claimed)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if running.tls is not None:
         loop.add_signal_handler(signal.SIGHUP, running.tls.reload_now)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     await stop.wait()
     log.info(
         "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish", running.servicer.active_streams, grace_s
     )
     await running.stop(grace_s)
     log.info("stopped")
+
+
+def _hung_up(stop: asyncio.Event) -> None:
+    log.info("SIGHUP, and no TLS certificates to read again: shutting down as on SIGTERM")
+    stop.set()

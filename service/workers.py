@@ -1,23 +1,24 @@
 """Several service processes on one port, so that every core of a host serves streams.
 
 ``PARLEY_WORKERS=N`` (``--workers N``; ``auto``: one per core) makes ``python -m service`` a
-supervisor: it starts N workers, each a whole service (``python -m service`` with ``PARLEY_WORKERS=1``)
-with its own engines, all listening on the same port (gRPC sets ``SO_REUSEPORT``, and the kernel
-spreads new connections over them, as gRPC's Python multiprocessing example does). A connection, and
-every stream on it, stays with one worker; a session resumed on another connection may land on
-another worker, so several workers need a session store they share: the Redis store (the memory
-store refuses to run with several workers). The supervisor restarts a worker that dies (after a
-second, longer if it keeps dying), but not one that cannot start: one that exits with status 2 (bad
-settings), or that exits before it ever served (its port or a file, the store or an engine it cannot
-reach: a worker tells the supervisor through a pipe once it listens). Then it stops them all and
-exits with that status, as a lone service would. Once it listens, a worker's event loop beats on that
-pipe every :data:`HEARTBEAT_S`; one silent for ``PARLEY_WORKER_TIMEOUT_S`` (its loop stuck, or the
-process stopped) is killed (SIGKILL) and restarted, as gunicorn does with its worker timeout: the
-kernel would otherwise go on giving it its share of new connections, which would hang. On SIGTERM
-or SIGINT it passes SIGTERM to every worker, which drains as a lone service does, and exits once
-all have (0 when every running worker drained; one still running :data:`STOP_MARGIN_S` past the
-drain's grace is killed, and the status is 1); with TLS on, SIGHUP it passes on (each worker reads
-its certificates again). More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
+supervisor: it starts N workers, each a whole service (``python -m service`` with
+``PARLEY_WORKERS=1``) with its own engines, all listening on the same port (gRPC sets
+``SO_REUSEPORT``, and the kernel spreads new connections over them, as gRPC's Python multiprocessing
+example does). A connection, and every stream on it, stays with one worker; a session resumed on
+another connection may land on another worker, so several workers need a session store they share:
+the Redis store (the memory store refuses to run with several workers). The supervisor restarts a
+worker that dies (after a second, longer if it keeps dying), but not one that cannot start: one that
+exits with status 2 (bad settings), or that exits before it ever served (its port or a file, the
+store or an engine it cannot reach: a worker tells the supervisor through a pipe once it listens).
+Then it stops them all and exits with that status, as a lone service would. Once it listens, a
+worker's event loop beats on that pipe every :data:`HEARTBEAT_S`; one silent for
+``PARLEY_WORKER_TIMEOUT_S`` (its loop stuck, or the process stopped) is killed (SIGKILL) and
+restarted, as gunicorn does with its worker timeout: the kernel would otherwise go on giving it its
+share of new connections, which would hang. On SIGTERM or SIGINT it passes SIGTERM to every worker,
+which drains as a lone service does, and exits once all have (0 when every running worker drained;
+one still running :data:`STOP_MARGIN_S` past the drain's grace is killed, and the status is 1); with
+TLS on, SIGHUP it passes on (each worker reads its certificates again), and without, SIGHUP stops
+them as SIGTERM does. More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
 settings). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
 its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
 it, and a supervisor refuses a port something already listens on (another supervisor's workers
@@ -116,8 +117,11 @@ async def supervise(
         for process in serving:
             process.send_signal(signal.SIGHUP)
 
-    if reload_on_hup:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    def hung_up() -> None:  # (SIGHUP without TLS: nothing to read again; a closed terminal's, most often)
+        log.info("SIGHUP, and no TLS certificates to read again: stopping the workers as on SIGTERM")
+        stopping.set()
+
+    loop.add_signal_handler(signal.SIGHUP, reload if reload_on_hup else hung_up)
     delays = dict.fromkeys(range(count), 1.0)
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)

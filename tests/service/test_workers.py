@@ -389,6 +389,47 @@ async def test_sighup_reaches_the_workers_with_tls_and_stops_nothing(redis_url: 
         reap(parent)
 
 
+async def test_sighup_without_tls_drains_a_lone_service_and_workers_as_sigterm_does(redis_url: str) -> None:
+    # Found in a QA pass: without TLS, SIGHUP (a closed terminal's) ended a lone service at once (exit
+    # 129, nothing logged): its stream was cut, its turn unsaved, its session left claimed in Redis;
+    # with workers the supervisor exited 129 at once and left its workers draining without it.
+    port = free_port()
+    lone = start_service_process(
+        port=str(port), llm="scripted", tts="scripted", stt="none", session_store="redis", redis_url=redis_url,
+        redis_prefix=f"h{secrets.token_hex(4)}",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_for_lines, lone, "Parley listening", 1)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
+            await call.write(start())
+            await call.write(user("Tell me about the sky."))
+            while (await call.read()).WhichOneof("kind") != "audio":  # the turn is under way
+                pass
+            lone.send_signal(signal.SIGHUP)
+            await call.done_writing()
+            kinds = []
+            while (response := await call.read()) is not grpc.aio.EOF:
+                kinds.append(response)
+            assert kinds[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
+        assert await asyncio.to_thread(lone.wait, 60) == 0
+        out, _ = lone.communicate(timeout=30)
+        assert "SIGHUP, and no TLS certificates to read again: shutting down as on SIGTERM" in out
+    finally:
+        reap(lone)
+    parent = start_workers(free_port(), redis_url)
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        workers = await asyncio.to_thread(children, parent.pid)
+        parent.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(parent.wait, 60) == 0  # once both drained
+        out, _ = parent.communicate(timeout=30)
+        assert "SIGHUP, and no TLS certificates to read again: stopping the workers as on SIGTERM" in out
+        assert all(_gone(pid) for pid in workers)
+    finally:
+        reap(parent)
+
+
 def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
     import gc
 
