@@ -50,7 +50,7 @@ from service.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from service.logs import shorten_session_ids
+from service.logs import Throttled, shorten_session_ids
 from service.metrics import Metrics
 from service.rpc import end_call
 
@@ -82,12 +82,31 @@ class StreamLimits:
     """A client that reads nothing for this long while messages wait is disconnected."""
 
 
+_ENDED_LINES: dict[type[ParleyError], Throttled] = {}
+"""Per kind of end a client may cause at will (a bad request, a stream over the limit, an idle close):
+its "stream ended" line, written at most once per 10 s (the metrics count every one)."""
+
+
+def _log_ended(error: ParleyError) -> None:
+    said = shorten_session_ids(str(error))
+    if isinstance(error, ClientGone):
+        log.debug("stream ended: %s", said)
+    elif isinstance(error, (StoreUnavailable, SessionLost)):  # (the service's store failing, not a client)
+        log.warning("stream ended: %s", said)
+    elif isinstance(error, ShuttingDown):  # (once per stream, as the operator stops the service)
+        log.info("stream ended: %s", said)
+    else:
+        kind = type(error)
+        if (line := _ENDED_LINES.get(kind)) is None:
+            line = _ENDED_LINES[kind] = Throttled(log, logging.INFO)
+        line("stream ended: %s", said)
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a stream that failed with ``error`` ends with."""
     for kind, code in STATUS_FOR.items():
         if isinstance(error, kind):
-            said = shorten_session_ids(str(error))
-            log.log(logging.DEBUG if isinstance(error, ClientGone) else logging.INFO, "stream ended: %s", said)
+            _log_ended(error)
             return code, str(error)
     log.error("stream failed", exc_info=error)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"

@@ -191,3 +191,33 @@ def test_a_line_anyone_may_cause_is_written_once_in_a_while_and_says_how_many_we
         "refused 0",
         "refused later (and 999 more like it left out of the log before)",
     ]
+
+
+async def test_ends_a_client_causes_at_will_are_logged_once_in_a_while_and_a_failing_store_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found in a QA pass: each stream ended for a bad request (or over the stream limit) wrote its
+    # "stream ended" line, so a client could fill the log at will though the README says such lines
+    # are written at most once per 10 s; and the session store out of reach was logged at INFO.
+    from service.errors import StoreUnavailable
+    from service.stores.memory import MemoryStore
+
+    class Unreachable(MemoryStore):
+        async def create(self, session: object) -> object:  # type: ignore[override]
+            raise StoreUnavailable("the session store is unavailable: Timeout reading from redis")
+
+    h = await start_harness(FakeLLM(), FakeTTS(), store=Unreachable(ttl_s=60))
+    try:
+        with caplog.at_level(logging.INFO, logger="service"):
+            for _ in range(20):
+                error = await rejection(h.stub, [user("Hi?")])  # (no start first)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            error = await rejection(h.stub, [start()])
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await stop_harness(h)
+    ended = [r for r in caplog.records if r.getMessage().startswith("stream ended")]
+    assert [(r.levelno, r.getMessage()) for r in ended] == [
+        (logging.INFO, "stream ended: send `start` before `user_text`: the first message of a stream must be `start`"),
+        (logging.WARNING, "stream ended: the session store is unavailable: Timeout reading from redis"),
+    ]
