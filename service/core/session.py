@@ -471,7 +471,9 @@ class Session:
             failure = _failure(error) if error is not None else None
             with lines_of_turn(turn_id):  # (the session's task belongs to no one turn)
                 log.warning("turn %s failed: %s", turn_id, failure.logged if failure is not None else message)
-            stats = TurnStats()
+            # (It took from the end of the speech, as its trace's span: its length is the transcription's,
+            # not the 0 s of a turn begun only now.)
+            stats = TurnStats(started=spoken.speech_end_at) if spoken is not None else TurnStats()
             stats.spoken = spoken
             self._outbox.put_control(
                 TurnEnd(turn_id, TurnEndReason.FAILED, "", stats.snapshot(), message, failure=failure)

@@ -195,7 +195,7 @@ async def open_manual(h: Harness, *texts: str) -> tuple[grpc.aio.StreamStreamCal
 
 
 async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_on() -> None:
-    h = await start_harness(stt=FakeSTT(fail=True))
+    h = await start_harness(stt=FakeSTT(fail=True, latency_s=0.05))
     try:
         call = h.stub.Converse()
         await call.write(voice_start(silence_ms=200, min_speech_ms=100))
@@ -204,6 +204,9 @@ async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_
         await say(call, loud(300) + quiet(400))
         ended = await read_until(call, "turn_ended", seen)
         assert ended.turn_ended.reason == pb.TURN_END_REASON_FAILED and "STT" in ended.turn_ended.error
+        # (Found in a QA pass: it was 0 ms, and the turn-length histogram took a 0 s turn.)
+        timings = ended.turn_ended.timings
+        assert timings.transcription_ms >= 40 and timings.total_ms >= timings.transcription_ms, timings
         await call.write(pb.ConverseRequest(user_text=pb.UserText(text="Still there?")))
         ended = await read_until(call, "turn_ended", seen)
         assert ended.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
