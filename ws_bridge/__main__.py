@@ -50,6 +50,8 @@ async def run(options: BridgeOptions) -> None:
     bridge = await Bridge(options).start()
     page = f"{'https' if options.tls_cert_file else 'http'}://localhost:{bridge.port}/"
     log.info("bridge listening on %s:%d for the service at %s", options.host, bridge.port, options.grpc_target)
+    if options.metrics_port is not None:
+        log.info("bridge metrics on http://%s:%d/metrics", options.host, bridge.metrics_port)
     if not options.twilio.auth_token:
         log.info("phone calls on /twilio are not checked (no PARLEY_TWILIO_AUTH_TOKEN): for development only")
     stop = asyncio.Event()

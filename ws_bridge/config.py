@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -111,6 +111,15 @@ class BridgeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
+
+    @model_validator(mode="after")
+    def _metrics_on_a_port_of_their_own(self) -> BridgeSettings:
+        if self.metrics_port and self.metrics_port == self.port:  # (found in a QA pass: a bind error said it)
+            raise ValueError(
+                f"PARLEY_BRIDGE_METRICS_PORT ({self.metrics_port}) must not be the bridge's own port "
+                f"(PARLEY_BRIDGE_PORT, {self.port})"
+            )
+        return self
 
     @field_validator("allowed_origins")
     @classmethod

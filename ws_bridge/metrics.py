@@ -59,5 +59,7 @@ class BridgeMetrics:
         for reason in REFUSALS:
             self.refused.labels(reason)
 
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> int:
+        """Serve the metrics on ``host:port`` (0: a free port); the port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

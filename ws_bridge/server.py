@@ -98,6 +98,8 @@ class Bridge:
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _tls: _ServerTLS | None = None
     metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
+    metrics_port: int | None = None
+    """The port its metrics are served on (once started, if they are)."""
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -123,7 +125,7 @@ class Bridge:
         self._stub = voice_pb2_grpc.VoiceServiceStub(self._channel)
         if self.options.metrics_port is not None:  # (first: a port taken stops it before it says it listens)
             try:
-                self.metrics.serve(self.options.host, self.options.metrics_port)
+                self.metrics_port = self.metrics.serve(self.options.host, self.options.metrics_port)
             except OSError as error:
                 await self._channel.close()
                 where = f"{self.options.host}:{self.options.metrics_port}"
@@ -281,7 +283,7 @@ class Bridge:
             message = f"the voice service at {self.options.grpc_target} is unavailable; try again later"
             with contextlib.suppress(ConnectionClosed):
                 await websocket.send(error_frame("UNAVAILABLE", message))
-            await close(websocket, 1013, message)
+            await close(websocket, 1013, f"UNAVAILABLE: {message}")  # (as every close for a call's end says)
             return
         # The service's stream is opened with the first frame to forward (start), which must come
         # within _FIRST_FRAME_S, after the auth frame if the token comes in one.

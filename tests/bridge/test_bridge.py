@@ -270,6 +270,7 @@ async def test_service_down() -> None:
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1013
+            assert ws.close_reason is not None and ws.close_reason.startswith("UNAVAILABLE: the voice service at")
         voices = await asyncio.to_thread(http_get, f"http://127.0.0.1:{bridge.port}/voices")
         assert (
             voices[0] == 503 and json.loads(voices[1])["error"]["code"] == "UNAVAILABLE" and "unavailable" in voices[1]

@@ -150,6 +150,11 @@ def test_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) ->
         (["--allowed-origins", "https://a.example.com/"], "'https://a.example.com/' is not an origin"),
         (["--allowed-origins", "a.example.com"], "'a.example.com' is not an origin"),
         (["--allowed-origins", "https://A.example.com"], "in lower case"),
+        (  # (a QA pass: a bind error on the port, which did not name the metrics)
+            ["--port", "18093", "--metrics-port", "18093"],
+            "PARLEY_BRIDGE_METRICS_PORT (18093) must not be the bridge's own port (PARLEY_BRIDGE_PORT, 18093)",
+        ),
+        (["--ping-interval-s", "inf"], "--ping-interval-s / PARLEY_BRIDGE_PING_INTERVAL_S: Input should be a finite"),
         (
             ["--twilio-public-url", "https://voice.example.com/twilio"],
             "--twilio-public-url / PARLEY_TWILIO_PUBLIC_URL: 'https://voice.example.com/twilio' is not a WebSocket URL",
