@@ -178,6 +178,13 @@ class Metrics:
                 self.engine_errors.labels(engine, kind)
         for status in REJECTION_STATUSES:
             self.rejected.labels(status)
+        self.store_up = Gauge(
+            "parley_session_store_up",
+            "1 while the session store answers (checked every few seconds), 0 while it does not: then no "
+            "stream can start, and the replica reports NOT_SERVING to readiness checks.",
+            registry=self.registry,
+        )
+        self.store_up.set(1)
         if store is not None:
             Gauge(
                 "parley_held_sessions", "Sessions held by this process's streams.", registry=self.registry

@@ -19,6 +19,7 @@ from service.core.hearing import VoiceInput
 from service.core.quotas import QuotaLimits, Quotas
 from service.core.settings import SessionDefaults
 from service.core.store import DEFAULT_SESSION_TTL_S, SessionStore
+from service.errors import StoreUnavailable
 from service.metrics import Metrics
 from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
@@ -47,6 +48,8 @@ class RunningServer:
     tls: ServerCertificates | None = None
     metrics_port: int | None = None
     """Where ``/metrics`` is served (on the same host), if it is."""
+    store_watch: asyncio.Task[None] | None = None
+    """Checks the session store, and says in the health service whether streams can start."""
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new streams, give streams in flight ``grace_s`` to finish, then
@@ -55,6 +58,8 @@ class RunningServer:
         A turn still running :data:`CUT_LEAD_S` before the grace period ends (half way through a
         shorter one) is stopped then, so that its stream ends with Parley's UNAVAILABLE, which says
         where to resume the session, rather than with gRPC's cancellation of every call left."""
+        if self.store_watch is not None:
+            self.store_watch.cancel()
         await self.health.enter_graceful_shutdown()
         self.servicer.shut_down()
         cutting = asyncio.get_running_loop().call_later(
@@ -142,7 +147,39 @@ async def start_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, servicer, tls, metrics_port)
+    watch = asyncio.create_task(watch_store(store, health_servicer, metrics), name="session store watch")
+    return RunningServer(server, bound, health_servicer, servicer, tls, metrics_port, watch)
+
+
+STORE_CHECK_S = 2.0
+"""How often the session store is checked (a Redis PING), and how long it has to answer."""
+
+
+async def watch_store(store: SessionStore, health_servicer: health.aio.HealthServicer, metrics: Metrics) -> None:
+    """While the session store does not answer, no stream can start (each would fail after the
+    store's timeout): the voice service reports NOT_SERVING, so that readiness checks (Kubernetes's
+    probe names it) send new streams elsewhere, until it answers again. The process's own health
+    (the empty service name: liveness) stays SERVING: restarting it would not bring the store back."""
+    down_since: float | None = None
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(STORE_CHECK_S)
+        try:
+            async with asyncio.timeout(STORE_CHECK_S):
+                await store.check()
+        except (StoreUnavailable, TimeoutError) as error:
+            if down_since is None:
+                down_since = loop.time()
+                said = str(error) or f"no answer in {STORE_CHECK_S:g} s"
+                log.warning("the session store does not answer (%s): NOT_SERVING until it does", said)
+                metrics.store_up.set(0)
+                await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            continue
+        if down_since is not None:
+            log.warning("the session store answers again, after %.0f s: SERVING", loop.time() - down_since)
+            down_since = None
+            metrics.store_up.set(1)
+            await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def serve_until_signal(running: RunningServer, grace_s: float) -> None:

@@ -125,6 +125,12 @@ class SessionStore(Protocol):
         """The stream is done with the session (it stays stored until it expires)."""
         ...
 
+    async def check(self) -> None:
+        """Return once the store answers (at once for one in this process); raise
+        :class:`service.errors.StoreUnavailable` when it does not. For readiness: a replica whose
+        store is out of reach can start no stream."""
+        ...
+
     async def aclose(self) -> None:
         """Release the store's connections."""
         ...

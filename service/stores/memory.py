@@ -149,6 +149,9 @@ class MemoryStore:
             idle[claim.session_id] = _idle(record.data, self._clock() + self._ttl_s)  # most recent end
         claim.released.set()
 
+    async def check(self) -> None:
+        pass  # (in this process: always there)
+
     def counts(self) -> tuple[int, int | None]:
         held = len(self._held)
         return held, held + len(self._idle) + len(self._idle_empty)

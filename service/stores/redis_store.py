@@ -259,6 +259,12 @@ class RedisStore:
     def counts(self) -> tuple[int, int | None]:
         return len(self._claims), None  # (the stored ones are Redis's to count, shared by every replica)
 
+    async def check(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as error:
+            raise self._unavailable(error) from error
+
     async def aclose(self) -> None:
         for task in (self._listener, self._renewer, *self._asides):
             if task is not None:

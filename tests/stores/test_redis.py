@@ -563,3 +563,68 @@ async def test_a_slow_answer_to_one_hand_over_holds_no_other_notice(
     await wait_for(wanted.wanted.is_set)
     await asyncio.wait_for(asyncio.shield(two.resume("taken")), 3)  # (its announcement comes next)
     await asyncio.wait_for(taken.lost.wait(), 1)
+
+
+async def test_a_replica_is_not_ready_while_its_session_store_does_not_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found in a QA pass: with Redis stopped, the health service said SERVING while every new stream
+    # failed after the store's 5 s timeout, and the failures were logged at INFO.
+    import logging
+    import shutil
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.server import SERVICE_NAME
+    from tests.service.test_metrics import scrape
+
+    server_path = shutil.which("redis-server")
+    if server_path is None:
+        pytest.skip("redis-server is not installed (make test installs Debian's redis-server as root)")
+    port = free_port()
+    redis_server = await asyncio.create_subprocess_exec(
+        *[server_path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            await asyncio.sleep(0.05)
+        store = await RedisStore(f"redis://127.0.0.1:{port}/0", prefix="ready", ttl_s=60).start()
+        h = await start_harness(store=store, metrics_port=free_port())
+        checks = health_pb2_grpc.HealthStub(h.channel)
+
+        async def status(name: str) -> int:
+            return (await checks.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+        async def ready_is(expected: int) -> None:
+            for _ in range(100):
+                if await status(SERVICE_NAME) == expected:
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"readiness did not become {expected}")
+
+        try:
+            with caplog.at_level(logging.INFO, logger="service"):
+                assert await status(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+                redis_server.send_signal(signal.SIGSTOP)  # (it answers nothing, as a hung or cut-off Redis)
+                await ready_is(health_pb2.HealthCheckResponse.NOT_SERVING)
+                assert await status("") == health_pb2.HealthCheckResponse.SERVING  # (liveness: not restarted)
+                assert scrape(h.running.metrics_port)["parley_session_store_up"] == 0
+                redis_server.send_signal(signal.SIGCONT)
+                await ready_is(health_pb2.HealthCheckResponse.SERVING)
+                assert scrape(h.running.metrics_port)["parley_session_store_up"] == 1
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(w.startswith("the session store does not answer") for w in warnings), warnings
+            assert any(w.startswith("the session store answers again, after") for w in warnings), warnings
+        finally:
+            await stop_harness(h)
+            await store.aclose()
+    finally:
+        redis_server.send_signal(signal.SIGCONT)
+        redis_server.terminate()
+        await redis_server.wait()
