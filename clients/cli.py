@@ -360,12 +360,18 @@ class TerminalLines:
         try:
             loop.add_reader(self._fd, _settle, ready)
         except (OSError, ValueError, NotImplementedError):  # a regular file: reading it never waits
-            return os.read(self._fd, 65536)
+            return self._read_now()
         try:
             await ready
         finally:
             loop.remove_reader(self._fd)
-        return os.read(self._fd, 65536)  # (ready: this does not block)
+        return self._read_now()  # (ready: this does not block)
+
+    def _read_now(self) -> bytes:
+        try:
+            return os.read(self._fd, 65536)
+        except OSError:  # (no input at all: stdin closed, say) as its end
+            return b""
 
     def _take(self, data: bytes) -> None:
         if not data:

@@ -52,9 +52,10 @@ async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRe
     sent it. grpc aio's own ``write`` puts INTERNAL, "Internal error from Core", in its place for good
     when Core refuses the write of a call that is over (grpc/grpc#36066; a script writing back to back
     while the service ended its streams with UNAVAILABLE got that in 190 of 200 calls, and none through
-    this): so a bridge would hang up a phone call whose replica went away, and a page would take back a
-    session another tab had taken over. The check of ``call.done()`` first cannot catch it: the end is
-    known here a moment after the service sent it, and a phone's audio goes on, 50 messages a second."""
+    this): so a bridge would hang up a phone call whose replica went away, and a page whose microphone
+    was on would take back a session another tab had taken over (it resumes after an INTERNAL end).
+    The check of ``call.done()`` first cannot catch it: the end is known here a moment after the
+    service sent it, and a phone's audio goes on, 50 messages a second."""
     if call.done():
         return False
     send = _core_send(call)
