@@ -186,14 +186,15 @@ async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. SIGHUP reads the TLS certificates
     again (at the next connection); without TLS there is nothing to read again, and SIGHUP (a closed
     terminal's, most often) shuts down gracefully too, where Python's default ended the process at
-    once (streams cut, turns unsaved, sessions left claimed)."""
+    once (streams cut, turns unsaved, sessions left claimed), unless it was ignored when the process
+    started (``nohup``: it stays ignored)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if running.tls is not None:
         loop.add_signal_handler(signal.SIGHUP, running.tls.reload_now)
-    else:
+    elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's, or a worker's: its supervisor's call)
         loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     await stop.wait()
     log.info(

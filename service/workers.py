@@ -18,11 +18,11 @@ share of new connections, which would hang. On SIGTERM or SIGINT it passes SIGTE
 which drains as a lone service does, and exits once all have (0 when every running worker drained;
 one still running :data:`STOP_MARGIN_S` past the drain's grace is killed, and the status is 1); with
 TLS on, SIGHUP it passes on (each worker reads its certificates again), and without, SIGHUP stops
-them as SIGTERM does. More than ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the
-settings). A worker gets SIGTERM when the supervisor dies, however it dies (Linux). Worker i serves
-its metrics on ``PARLEY_METRICS_PORT + i``. A port is one service's: a lone service does not share
-it, and a supervisor refuses a port something already listens on (another supervisor's workers
-included).
+them as SIGTERM does (unless it was ignored when the supervisor started: ``nohup``). More than
+``MAX_WORKERS_PER_CORE`` workers per core are refused (by the settings). A worker gets SIGTERM when
+the supervisor dies, however it dies (Linux). Worker i serves its metrics on ``PARLEY_METRICS_PORT +
+i``. A port is one service's: a lone service does not share it, and a supervisor refuses a port
+something already listens on (another supervisor's workers included).
 """
 
 from __future__ import annotations
@@ -121,7 +121,10 @@ async def supervise(
         log.info("SIGHUP, and no TLS certificates to read again: stopping the workers as on SIGTERM")
         stopping.set()
 
-    loop.add_signal_handler(signal.SIGHUP, reload if reload_on_hup else hung_up)
+    if reload_on_hup:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's: it stays ignored)
+        loop.add_signal_handler(signal.SIGHUP, hung_up)
     delays = dict.fromkeys(range(count), 1.0)
 
     failed: list[int] = []  # exit statuses that stop the supervisor (a worker that cannot start)
@@ -291,7 +294,7 @@ def become_worker() -> None:
     supervisor = os.environ.pop(_SUPERVISOR, None)
     if supervisor is None:
         return
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the served worker's handler replaces it)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (with TLS, the served worker's handler replaces it)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

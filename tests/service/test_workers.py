@@ -430,6 +430,36 @@ async def test_sighup_without_tls_drains_a_lone_service_and_workers_as_sigterm_d
         reap(parent)
 
 
+def start_under_nohup(**settings: str) -> subprocess.Popen[str]:
+    """``nohup python -m service``: SIGHUP ignored from the start, as a service meant to outlive its
+    terminal is started."""
+    env = {**os.environ, **{f"PARLEY_{name.upper()}": value for name, value in settings.items()}}
+    command = ["nohup", sys.executable, "-m", "service"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def test_sighup_is_still_ignored_under_nohup(redis_url: str) -> None:
+    # Found in a QA pass of the change above: a service started with nohup (SIGHUP ignored, so that it
+    # outlives its terminal) drained when the terminal closed, its handler put in place of nohup's.
+    for workers in ("1", "2"):
+        port = free_port()
+        process = start_under_nohup(
+            workers=workers, port=str(port), llm="scripted", tts="scripted", stt="none", session_store="redis",
+            redis_url=redis_url, redis_prefix=f"n{secrets.token_hex(4)}",
+        )  # fmt: skip
+        try:
+            await asyncio.to_thread(wait_for_lines, process, "Parley listening", int(workers))
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(1)
+            assert process.poll() is None
+            assert (await one_turn(port)).reason == pb.TURN_END_REASON_COMPLETED
+            assert await drained(process) == 0
+            out, _ = process.communicate(timeout=30)
+            assert "SIGHUP" not in out, out
+        finally:
+            reap(process)
+
+
 def test_what_is_loaded_before_serving_is_out_of_the_collectors_sight() -> None:
     import gc
 
