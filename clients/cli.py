@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import termios
 import wave
 from collections.abc import Coroutine
 from pathlib import Path
@@ -74,6 +75,8 @@ class Conversation:
         self.sample_rate = 0
         self.session_id = ""
         """The session's id, once the service started it."""
+        self.accepted = False
+        """The service accepted the stream (its end is the service's word, not a connection's failure)."""
         self.player: LivePlayer | None = None
         self.failed = False
 
@@ -82,7 +85,7 @@ class Conversation:
         the stream's end. Nothing is written before the service has accepted the stream (or refused
         it), and no write hides the service's status (see ``accepted_write``): a refusal or a
         shutdown is reported as the service said it."""
-        await answered(self._call)
+        self.accepted = await answered(self._call)
         while (request := await self._requests.get()) is not None:
             if not await accepted_write(self._call, request):
                 return
@@ -244,17 +247,14 @@ class Conversation:
         return f", audio in {path}"
 
 
-async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace, session_id: str = "") -> str:
-    """A message a person can act on; ``session_id``: the session the stream had started, if it had."""
-    code, target = error.code(), args.server
-    if code == grpc.StatusCode.UNAVAILABLE and session_id:
-        # The service itself ended the stream (shutting down, its session store unreachable), or the
-        # connection to it was lost: the conversation is kept where the service keeps its sessions.
-        return (
-            f"the service ended the stream: {error.details()}\n"
-            f"To go on with this conversation once the service is back, run again with --session {session_id}"
-        )
-    if code == grpc.StatusCode.UNAVAILABLE:
+async def explain(
+    error: grpc.aio.AioRpcError, args: argparse.Namespace, session_id: str = "", accepted: bool = False
+) -> str:
+    """A message a person can act on; ``session_id``: the session the stream had started, if it had;
+    ``accepted``: the service had accepted the stream (so an UNAVAILABLE is its word, not a failure
+    to reach it)."""
+    code, target, details = error.code(), args.server, error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and not (session_id or accepted):
         if (http := await http_server_at(target)) is not None:
             host = http[0]
             if http[1]:
@@ -273,15 +273,23 @@ async def explain(error: grpc.aio.AioRpcError, args: argparse.Namespace, session
             f"the service at {target} has no session {args.session!r}: it never existed, it expired, or it was "
             "lost when the service restarted; run without --session to start a new conversation"
         )
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return f"the service rejected the request: {error.details()}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         given = "the key given was not accepted" if args.token else "it needs an API key"
         return f"the service at {target} refused the call: {given}; pass --token KEY (or set PARLEY_TOKEN)"
-    said = f"the service ended the stream with {code.name}: {error.details()}"
-    if session_id and code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-        # (An idle stream closed, a session taken over elsewhere, a failure: the session is kept.)
-        said += f"\nTo go on with this conversation, run again with --session {session_id}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        said = f"the service rejected the request: {details}"
+    elif code == grpc.StatusCode.UNAVAILABLE:  # (shutting down, its session store out of reach, ...)
+        said = f"the service ended the stream: {details}"
+    else:
+        said = f"the service ended the stream with {code.name}: {details}"
+    # The session is kept (a stream closed as idle, taken over elsewhere, refused a message, cut by a
+    # shutdown), unless the service said it is gone.
+    kept = code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED) and (
+        "start a new session" not in details
+    )
+    if session_id and kept:
+        when = " once the service is back" if code == grpc.StatusCode.UNAVAILABLE else ""
+        said += f"\nTo go on with this conversation{when}, run again with --session {session_id}"
     return said
 
 
@@ -400,16 +408,29 @@ async def interactive(conversation: Conversation) -> None:
     terminal = TerminalLines()
     await conversation.started.wait()
     status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
-    while True:
-        prompt()
-        try:
-            line = await terminal.next()
-        except EOFError:
-            status("")  # (the shell's prompt on a line of its own)
-            break
-        if line.strip():
-            await conversation.ask(line.strip())
+    try:
+        while True:
+            prompt()
+            try:
+                line = await terminal.next()
+            except EOFError:
+                status("")  # (the shell's prompt on a line of its own)
+                break
+            if line.strip():
+                await conversation.ask(line.strip())
+    except asyncio.CancelledError:  # the stream ended (said next), maybe as the user typed
+        _drop_typed_input()
+        status("")  # (what is said next on a line of its own)
+        raise
     conversation.close_sending()
+
+
+def _drop_typed_input() -> None:
+    """Discard what was typed at the terminal and not read: the shell would otherwise take it as a
+    command once the program ends (a line the user meant for the conversation)."""
+    if os.isatty(0):
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcflush(0, termios.TCIFLUSH)
 
 
 async def talk(conversation: Conversation) -> None:
@@ -447,6 +468,7 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
             await receiver
         else:
             waiter.cancel()
+            await asyncio.wait({waiter})  # (it leaves the terminal as it should before the end is said)
             receiver.result()
         return
     # One step at a time, so that a rejected request is reported as the server said it
@@ -492,7 +514,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await converse(conversation, receiver, args)
         except grpc.aio.AioRpcError as error:
-            status(f"error: {await explain(error, args, conversation.session_id)}")
+            status(f"error: {await explain(error, args, conversation.session_id, conversation.accepted)}")
             return 1
         finally:
             receiver.cancel()

@@ -36,12 +36,16 @@ ANSWER_WAIT_S = 2.0
 service from before it sent them at once answers only after the first request)."""
 
 
-async def answered(call: grpc.aio.StreamStreamCall) -> None:
+async def answered(call: grpc.aio.StreamStreamCall) -> bool:
     """Return once the service has answered the call (accepted it, or refused it: then the call is
-    over), or after :data:`ANSWER_WAIT_S`."""
-    with contextlib.suppress(TimeoutError):
+    over), or after :data:`ANSWER_WAIT_S`; True when it accepted it (a service, not a connection that
+    failed, says how the call ends from now on)."""
+    try:
         async with asyncio.timeout(ANSWER_WAIT_S):
             await call.initial_metadata()
+    except TimeoutError:
+        return False
+    return not call.done()
 
 
 async def accepted_write(call: grpc.aio.StreamStreamCall, request: pb.ConverseRequest) -> bool:

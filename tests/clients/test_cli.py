@@ -604,3 +604,61 @@ async def test_an_interactive_stream_closed_as_idle_ends_the_program_at_once_nam
     assert process.returncode == 1, stderr
     assert "error: the service ended the stream with DEADLINE_EXCEEDED: no message for 1.5 s" in stderr, stderr
     assert f"run again with --session {session}" in stderr, stderr
+
+
+async def test_a_service_that_accepted_the_stream_is_quoted_not_taken_for_unreachable(tmp_path: Path) -> None:
+    # Found in a QA pass: with the session store out of reach, the service accepted the stream and
+    # ended it UNAVAILABLE, saying why; the CLI said "cannot reach Parley: is the service running?".
+    from service.errors import StoreUnavailable
+    from service.stores.memory import MemoryStore
+
+    class Unreachable(MemoryStore):
+        async def create(self, session: object) -> object:  # type: ignore[override]
+            raise StoreUnavailable("the session store (Redis at redis://db:6379/0) is unavailable: Timeout")
+
+    h = await start_harness(FakeLLM(), store=Unreachable(ttl_s=60))
+    try:
+        code, _, stderr = await run_cli("--server", f"127.0.0.1:{h.running.port}", "--no-play", "Hi?")
+    finally:
+        await stop_harness(h)
+    assert code == 1
+    assert stderr.strip() == (
+        "error: the service ended the stream: the session store (Redis at redis://db:6379/0) is unavailable: Timeout"
+    )
+
+
+async def test_a_refused_message_names_the_session_to_go_on_with_and_a_lost_session_does_not(
+    harness: Harness,
+) -> None:
+    # Found in a QA pass: a line over the service's limit ended an interactive conversation without
+    # naming its session (which the service keeps); and after "the session store lost session ...;
+    # start a new session" the CLI told the user to run again with that session, which is gone.
+    import argparse
+
+    import grpc
+
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{harness.running.port}", "--no-play"],
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"Hi?\n" + b"x" * 5000 + b"\n"), 30)
+    stderr = err.decode()
+    session = re.search(r"\[session ([A-Za-z0-9_-]+):", stderr)
+    assert process.returncode == 1 and session is not None, stderr
+    assert "error: the service rejected the request: user_text.text is 5000 characters" in stderr, stderr
+    assert f"run again with --session {session[1]}" in stderr, stderr
+
+    from clients.cli import explain
+
+    lost = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="the session store lost session abc (it expired there, or the store restarted); start a new session",
+    )
+    said = await explain(lost, argparse.Namespace(server="x:1", session="", token=""), "abc", accepted=True)
+    assert said.startswith("the service ended the stream: the session store lost session abc")
+    assert "--session" not in said
