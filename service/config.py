@@ -279,7 +279,13 @@ class Settings(BaseSettings):
         """An IPv6 address with or without its brackets (``::1``, ``[::1]``): kept bare, bracketed
         where it is joined to a port (:func:`address`)."""
         value = value.strip()
-        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        if "[" in bare or "]" in bare or (":" in bare and not _is_ipv6(bare)):  # (a name has no colon)
+            raise ValueError(
+                f"PARLEY_HOST (--host) is {value!r}: give an address or a name without a port (the port is "
+                "PARLEY_PORT), an IPv6 address with or without its brackets (::1 or [::1])"
+            )
+        return bare
 
     @field_validator("redis_url")
     @classmethod
@@ -466,9 +472,19 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # (::ffff:127.0.0.1)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def setting_names(name: str) -> str | None:

@@ -284,6 +284,7 @@ async def test_an_ipv6_address_serves_the_service_and_its_metrics(host: str) -> 
 
     settings = Settings(host=host)
     assert settings.host == "::1"
+    assert Settings(host="::ffff:127.0.0.1").host == "::ffff:127.0.0.1"  # (loopback too: no keys needed)
     metrics_port = free_port()
     running = await start_server(
         FakeLLM(reply="Hi."),

@@ -554,6 +554,12 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
             "tells the supervisor it is alive every 1 s, so a shorter timeout would kill healthy workers again and "
             "again",
         ),
+        (  # (a QA pass: gRPC's own error, exit 1; and "[::1]:5000" was told it is not loopback)
+            ["--host", "[::1]:5000"],
+            "  --host / PARLEY_HOST: PARLEY_HOST (--host) is '[::1]:5000': give an address or a name without a "
+            "port (the port is PARLEY_PORT), an IPv6 address with or without its brackets (::1 or [::1]) (got "
+            "'[::1]:5000')",
+        ),
         (  # (a QA pass: accepted, and logged as "get inf s to finish")
             ["--shutdown-grace-s", "inf"],
             "  --shutdown-grace-s / PARLEY_SHUTDOWN_GRACE_S: Input should be a finite number (got 'inf')",
