@@ -58,10 +58,18 @@ async def run(options: BridgeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's: it stays ignored)
+        # (A closed terminal's: the sockets are closed going away, as on SIGTERM, not cut.)
+        loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     asyncio.create_task(_announce_when_ready(bridge, options, page))
     await stop.wait()
     log.info("shutting down the bridge (%d socket(s) open)", bridge.sockets)
     await bridge.aclose()
+
+
+def _hung_up(stop: asyncio.Event) -> None:
+    log.info("SIGHUP: shutting down as on SIGTERM")
+    stop.set()
 
 
 async def _announce_when_ready(bridge: Bridge, options: BridgeOptions, page: str) -> None:

@@ -310,8 +310,10 @@ async def test_bridge_shutdown_closes_sockets_going_away(stack: Stack) -> None:
         assert ws.close_code == 1001
 
 
-async def test_bridge_process_from_the_environment(harness: Harness) -> None:
-    """`python -m ws_bridge` as `make run` starts it: settings from the environment, SIGTERM stops it."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+async def test_bridge_process_from_the_environment(harness: Harness, stop: str) -> None:
+    """`python -m ws_bridge` as `make run` starts it: settings from the environment, SIGTERM stops it;
+    so does SIGHUP (a closed terminal's), the sockets closed going away (a QA pass: it cut them)."""
     import os
     import signal
     import sys
@@ -338,10 +340,19 @@ async def test_bridge_process_from_the_environment(harness: Harness) -> None:
         assert f"http://localhost:{port}/" in log
         status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/voices")
         assert status == 200 and "fake-voice" in body
+        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send(json.dumps({"start": {}}))
+            assert "sessionStarted" in json.loads(await asyncio.wait_for(ws.recv(), 10))
+            process.send_signal(getattr(signal, stop))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 20)
+            assert ws.close_code == 1001
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 0, rest.decode()
+    assert ("SIGHUP: shutting down as on SIGTERM" in rest.decode()) == (stop == "SIGHUP")
 
 
 ALICE_KEY = "alice-0123456789abcdefghijklmn"
