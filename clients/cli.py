@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import sys
-import termios
 import wave
 from collections.abc import Coroutine
 from pathlib import Path
@@ -392,12 +391,16 @@ class TerminalLines:
         self._lines.extend(line.decode(errors="replace").removesuffix("\r") for line in lines)
 
 
-async def interactive(conversation: Conversation) -> None:
-    """Read lines until Ctrl-D; Ctrl-C interrupts the reply in progress."""
+async def interactive(conversation: Conversation) -> bool:
+    """Read lines until Ctrl-D; Ctrl-C interrupts the reply in progress. False when the user gave up
+    (Ctrl-C) before the service started the session (a service that does not answer)."""
     loop = asyncio.get_running_loop()
+    gave_up = asyncio.Event()
 
     def on_ctrl_c() -> None:
-        if conversation.current_turn is not None:
+        if not conversation.started.is_set():
+            gave_up.set()
+        elif conversation.current_turn is not None:
             status("\n[interrupting]")
             conversation.interrupt()
         else:
@@ -406,7 +409,9 @@ async def interactive(conversation: Conversation) -> None:
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
     terminal = TerminalLines()
-    await conversation.started.wait()
+    await first_of_events(conversation.started, gave_up)
+    if gave_up.is_set():
+        return False
     status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
     try:
         while True:
@@ -423,11 +428,24 @@ async def interactive(conversation: Conversation) -> None:
         status("")  # (what is said next on a line of its own)
         raise
     conversation.close_sending()
+    return True
+
+
+async def first_of_events(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _drop_typed_input() -> None:
     """Discard what was typed at the terminal and not read: the shell would otherwise take it as a
     command once the program ends (a line the user meant for the conversation)."""
+    import termios  # (here: the rest of the program runs where there is no termios too)
+
     if os.isatty(0):
         with contextlib.suppress(OSError, termios.error):
             termios.tcflush(0, termios.TCIFLUSH)
@@ -465,6 +483,8 @@ async def converse(conversation: Conversation, receiver: asyncio.Task[None], arg
         waiter = asyncio.create_task(interactive(conversation))
         done, _ = await asyncio.wait({receiver, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
+            if not waiter.result():
+                raise SystemExit(f"\nerror: gave up: the service at {args.server} has not started the session")
             await receiver
         else:
             waiter.cancel()

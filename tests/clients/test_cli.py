@@ -662,3 +662,46 @@ async def test_a_refused_message_names_the_session_to_go_on_with_and_a_lost_sess
     said = await explain(lost, argparse.Namespace(server="x:1", session="", token=""), "abc", accepted=True)
     assert said.startswith("the service ended the stream: the session store lost session abc")
     assert "--session" not in said
+
+
+async def test_ctrl_c_before_a_silent_service_starts_the_session_ends_the_program() -> None:
+    # Found in a QA pass: against a service that never answered (a stopped process), Ctrl-C said
+    # "press Ctrl-D to quit", and Ctrl-D did nothing: lines are read only once the session started.
+    import signal
+
+    import grpc
+
+    async def never_answers(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await asyncio.sleep(3600)
+        yield b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(never_answers)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{port}", "--no-play"],
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(3)  # (it waits for the session)
+        assert process.returncode is None
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 10)
+        _, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+        await server.stop(0)
+    assert process.returncode == 1
+    assert "error: gave up: the service at 127.0.0.1" in err.decode() and "has not started the session" in err.decode()
