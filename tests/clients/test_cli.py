@@ -39,6 +39,18 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     return await run_process(sys.executable, "-m", "clients.cli", *args)
 
 
+async def open_cli(*args: str) -> asyncio.subprocess.Process:
+    """The CLI running, its stdin a pipe the test writes to (and keeps open, as a terminal is, until it
+    closes it), its stdout and stderr pipes."""
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "clients.cli", *args),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def test_one_question_writes_wav_and_timings(harness: Harness, tmp_path: Path) -> None:
     out = tmp_path / "a.wav"
     code, stdout, stderr = await run_cli("--server", f"127.0.0.1:{harness.running.port}", "--out", str(out), "Hi?")
@@ -168,13 +180,7 @@ async def test_json_mode_in_interactive_mode_keeps_stdout_json(harness: Harness)
     # The "you> " prompt went to stdout, before the first message's JSON on the same line (a QA pass).
     import json
 
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{harness.running.port}", "--json"),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await open_cli("--server", f"127.0.0.1:{harness.running.port}", "--json")
     out, err = await asyncio.wait_for(process.communicate(b"Hi?\nAnd again?\n"), 60)
     assert process.returncode == 0, err.decode()
     messages = [json.loads(line) for line in out.decode().splitlines()]
@@ -538,14 +544,12 @@ async def test_a_service_shutting_down_mid_stream_is_said_with_how_to_go_on(mode
     from tests.fakes import FakeSTT, loud, quiet
 
     h = await start_harness(FakeLLM(reply="Hello there."), stt=FakeSTT(texts=["Hi."]))
-    argv = [sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{h.running.port}", "--no-play"]
+    argv = ["--server", f"127.0.0.1:{h.running.port}", "--no-play"]
     if mode == "audio file":  # (speech after 4 s: the shutdown comes in the silence before it)
         argv += ["--audio-file", str(write_mic_wav(tmp_path / "q.wav", quiet(4000) + loud(700) + quiet(300)))]
     else:
         argv += ["--out", str(tmp_path / "reply.wav")]
-    process = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+    process = await open_cli(*argv)
     try:
         assert process.stdin is not None
         if mode == "interactive":
@@ -581,13 +585,7 @@ async def test_an_interactive_stream_closed_as_idle_ends_the_program_at_once_nam
         FakeLLM(reply="Hello there."),
         defaults=SessionDefaults(idle_timeout_s=1.5, outbox=OutboxLimits(max_message_ms=100)),
     )
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{h.running.port}", "--no-play", "--json"],
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await open_cli("--server", f"127.0.0.1:{h.running.port}", "--no-play", "--json")
     try:
         assert process.stdin is not None
         process.stdin.write(b"Hi?\n")  # (and the terminal stays open)
@@ -637,13 +635,7 @@ async def test_a_refused_message_names_the_session_to_go_on_with_and_a_lost_sess
 
     import grpc
 
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{harness.running.port}", "--no-play"],
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await open_cli("--server", f"127.0.0.1:{harness.running.port}", "--no-play")
     out, err = await asyncio.wait_for(process.communicate(b"Hi?\n" + b"x" * 5000 + b"\n"), 30)
     stderr = err.decode()
     session = re.search(r"\[session ([A-Za-z0-9_-]+):", stderr)
@@ -685,13 +677,7 @@ async def test_ctrl_c_before_a_silent_service_starts_the_session_ends_the_progra
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "clients.cli", "--server", f"127.0.0.1:{port}", "--no-play"],
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await open_cli("--server", f"127.0.0.1:{port}", "--no-play")
     try:
         await asyncio.sleep(3)  # (it waits for the session)
         assert process.returncode is None
