@@ -35,6 +35,7 @@ from clients.audio_in import MicError, Microphone
 from clients.audio_out import LivePlayer, write_wav
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.core.aio import first_of
 from ws_bridge.calls import accepted_write, answered, half_close
 from ws_bridge.translate import to_json
 
@@ -409,7 +410,7 @@ async def interactive(conversation: Conversation) -> bool:
 
     loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
     terminal = TerminalLines()
-    await first_of_events(conversation.started, gave_up)
+    await first_of(conversation.started, gave_up)
     if gave_up.is_set():
         return False
     status("Type a message and press Enter. Ctrl-C interrupts a reply, Ctrl-D quits.")
@@ -429,16 +430,6 @@ async def interactive(conversation: Conversation) -> bool:
         raise
     conversation.close_sending()
     return True
-
-
-async def first_of_events(*events: asyncio.Event) -> None:
-    """Return once any of ``events`` is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _drop_typed_input() -> None:

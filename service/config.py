@@ -472,7 +472,7 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(host)  # (bare: see _host_bare)
     except ValueError:
         return False
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # (::ffff:127.0.0.1)

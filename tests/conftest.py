@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -190,6 +191,22 @@ def redis_url() -> Iterator[str]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def serve_converse(handler: Any) -> tuple[grpc.aio.Server, int]:
+    """A bare gRPC server on loopback whose ``Converse`` is ``handler`` (raw bytes in and out: a
+    stand-in service that misbehaves as a test needs), started; it and its port."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(handler)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
 
 
 def free_port() -> int:

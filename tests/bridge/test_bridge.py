@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
-from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
+from tests.conftest import Harness, free_port, serve_converse, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeTTS
 from ws_bridge.calls import accepted_write, answered
 from ws_bridge.server import Bridge, BridgeOptions
@@ -725,16 +725,7 @@ async def test_a_call_the_service_ends_closes_soon_though_the_client_sent_on_mea
         await asyncio.sleep(0.3)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this call is refused")
 
-    service = grpc.aio.server()
-    service.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(refuses_after_starting)}
-            )
-        ]
-    )
-    port = service.add_insecure_port("127.0.0.1:0")
-    await service.start()
+    service, port = await serve_converse(refuses_after_starting)
     bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
 
     async def send_on(ws: ClientConnection) -> None:
@@ -782,17 +773,7 @@ async def test_a_write_that_meets_the_end_of_a_call_leaves_the_service_its_statu
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         yield b""  # (never reached: a generator, as a streaming handler is)
 
-    service = grpc.aio.server()
-    service.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "parley.v1.VoiceService",
-                {"Converse": grpc.stream_stream_rpc_method_handler(ends_while_the_client_writes)},
-            )
-        ]
-    )
-    port = service.add_insecure_port("127.0.0.1:0")
-    await service.start()
+    service, port = await serve_converse(ends_while_the_client_writes)
     audio = pb.ConverseRequest(user_audio=pb.UserAudio(data=bytes(320)))
     ends: collections.Counter[tuple[grpc.StatusCode, str]] = collections.Counter()
     try:

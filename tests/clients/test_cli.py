@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Harness, run_process, start_harness, stop_harness
+from tests.conftest import Harness, run_process, serve_converse, start_harness, stop_harness
 from tests.fakes import FakeLLM, FakeTTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -667,16 +667,7 @@ async def test_ctrl_c_before_a_silent_service_starts_the_session_ends_the_progra
         await asyncio.sleep(3600)
         yield b""
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "parley.v1.VoiceService", {"Converse": grpc.stream_stream_rpc_method_handler(never_answers)}
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve_converse(never_answers)
     process = await open_cli("--server", f"127.0.0.1:{port}", "--no-play")
     try:
         await asyncio.sleep(3)  # (it waits for the session)
