@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from service.auth import KeyRing
-from service.config import Settings, address, setting_names
+from service.config import Settings, address, setting_names, unknown_variables
 from service.core.codecs import CodecOptions, check_codecs
 from service.core.history import HistoryLimits
 from service.core.outbox import OutboxLimits
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: invalid setting:\n  {problem}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
+    if WORKER_INDEX not in os.environ:  # (a worker's environment is its supervisor's, which said so)
+        for line in unknown_variables(os.environ):
+            log.warning("%s", line)
     if settings.worker_count > 1:
         from service.workers import supervise
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -22,7 +23,8 @@ from service.core.store import DEFAULT_SESSION_TTL_S
 from service.core.turn import TurnOptions
 from service.engines.openai_voices import OPENAI_VOICES
 from service.servicer import StreamLimits
-from service.setting_errors import without_credentials
+from service.setting_errors import BRIDGE_PREFIXES, without_credentials
+from service.setting_errors import unknown_variables as describe_unknown
 from service.stores.memory import DEFAULT_MAX_SESSIONS
 
 _SESSION = SessionDefaults()
@@ -31,7 +33,7 @@ _OUTBOX = OutboxLimits()
 _HISTORY = HistoryLimits()
 _STREAMS = StreamLimits()
 
-__all__ = ["Settings", "setting_names"]
+__all__ = ["Settings", "setting_names", "unknown_variables"]
 
 
 class Settings(BaseSettings):
@@ -490,3 +492,24 @@ def _is_ipv6(host: str) -> bool:
 def setting_names(name: str) -> str | None:
     """A setting's flag and variable (for :func:`service.setting_errors.describe_errors`), or None."""
     return f"--{name.replace('_', '-')} / PARLEY_{name.upper()}" if name in Settings.model_fields else None
+
+
+OTHER_VARIABLES = frozenset(
+    {
+        "PARLEY_OPENAI_API_KEY",  # the OpenAI engines' key (never a flag)
+        "PARLEY_SERVER",  # the CLI's service address
+        "PARLEY_TOKEN",  # the CLI's API key
+        "PARLEY_WORKER_INDEX",  # what a supervisor tells its workers (service.workers)
+        "PARLEY_SUPERVISOR_PID",
+        "PARLEY_READY_FD",
+        "PARLEY_TEST_EVENT_LOOP",  # the test suite's
+    }
+)
+"""The ``PARLEY_`` variables read elsewhere than in :class:`Settings`."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``PARLEY_`` variable that neither the service nor the CLI reads, leaving out the
+    bridge's (``BRIDGE_PREFIXES``), which the bridge checks."""
+    known = {f"PARLEY_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    return describe_unknown(environ, known, case_sensitive=False, others=BRIDGE_PREFIXES)

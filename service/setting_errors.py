@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 from pydantic import ValidationError
 
-__all__ = ["describe_errors", "without_credentials"]
+__all__ = ["BRIDGE_PREFIXES", "describe_errors", "unknown_variables", "without_credentials"]
 
 _SECRET_WORDS = frozenset({"key", "keys", "token", "secret", "password"})
 """A setting one of whose ``_``-separated words is one of these (``api_keys``, ``token_secret``, but not
@@ -30,6 +31,35 @@ def describe_errors(error: ValidationError, where: Callable[[str], str | None]) 
         got = f" (got {_shown(name, given)})" if place is not None else ""
         lines.append(f"  {place or 'settings'}: {'; or '.join(messages)}{got}")
     return "\n".join(lines)
+
+
+BRIDGE_PREFIXES = ("PARLEY_BRIDGE_", "PARLEY_GRPC_", "PARLEY_TWILIO_")
+"""The bridge's own variables begin so; the service's never do (each program checks its own names)."""
+
+
+def unknown_variables(
+    environ: Mapping[str, str],
+    known: Collection[str],
+    *,
+    case_sensitive: bool,
+    mine: tuple[str, ...] = ("PARLEY_",),
+    others: tuple[str, ...] = (),
+) -> list[str]:
+    """One line for each variable whose name begins with one of ``mine`` (in any case), not with one of
+    ``others`` (another program's, which checks them itself), and that is not in ``known``: a
+    misspelled setting is otherwise ignored without a word. ``case_sensitive``: whether the program
+    reads a variable only by its exact name (``parley_port`` is then not ``PARLEY_PORT``)."""
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(mine) or upper.startswith(others):
+            continue
+        if (name if case_sensitive else upper) in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a variable Parley reads; it is ignored{hint}")
+    return lines
 
 
 def _shown(name: str, given: object) -> str:

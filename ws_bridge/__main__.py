@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -17,7 +18,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from ws_bridge.config import BridgeSettings, describe_errors
+from ws_bridge.config import BridgeSettings, describe_errors, unknown_variables
 from ws_bridge.logs import configure as configure_logs
 from ws_bridge.server import Bridge, BridgeOptions
 from ws_bridge.twilio import TwilioOptions
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m ws_bridge: invalid setting:\n{describe_errors(error)}", file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
     # websockets logs handshake headers at DEBUG, and a client token rides in one: never below INFO.
     logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
     try:

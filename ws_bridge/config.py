@@ -8,6 +8,7 @@ over the defaults; the defaults live here and nowhere else.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -15,9 +16,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from service.setting_errors import BRIDGE_PREFIXES
 from service.setting_errors import describe_errors as describe_setting_errors
+from service.setting_errors import unknown_variables as describe_unknown
 
-__all__ = ["BridgeSettings", "default", "describe_errors", "env_name"]
+__all__ = ["BridgeSettings", "default", "describe_errors", "env_name", "unknown_variables"]
 
 
 def _setting(default: Any, env: str, description: str, **constraints: Any) -> Any:
@@ -203,3 +206,11 @@ def describe_errors(error: ValidationError) -> str:
         return f"--{name.replace('_', '-')} / {env_name(field)}" if field is not None else None
 
     return describe_setting_errors(error, where)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each variable named as the bridge's are (``BRIDGE_PREFIXES``, and ``PARLEY_LOG_``,
+    shared with the service) that the bridge does not read (it reads its own by their exact names).
+    The service checks the rest."""
+    known = {env_name(field) for field in BridgeSettings.model_fields.values()}
+    return describe_unknown(environ, known, case_sensitive=True, mine=(*BRIDGE_PREFIXES, "PARLEY_LOG_"))

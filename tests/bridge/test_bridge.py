@@ -319,7 +319,12 @@ async def test_bridge_process_from_the_environment(harness: Harness, stop: str) 
     import sys
 
     port = free_port()
-    env = {**os.environ, "PARLEY_BRIDGE_PORT": str(port), "PARLEY_GRPC_TARGET": f"127.0.0.1:{harness.running.port}"}
+    env = {
+        **os.environ,
+        "PARLEY_BRIDGE_PORT": str(port),
+        "PARLEY_GRPC_TARGET": f"127.0.0.1:{harness.running.port}",
+        "PARLEY_BRIDGE_MAX_SOCKET": "10",  # misspelled: said, not a silent default
+    }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -338,6 +343,7 @@ async def test_bridge_process_from_the_environment(harness: Harness, stop: str) 
                 assert line, log
                 log += line.decode()
         assert f"http://localhost:{port}/" in log
+        assert "PARLEY_BRIDGE_MAX_SOCKET is not a variable Parley reads; it is ignored (did you mean " in log
         status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/voices")
         assert status == 200 and "fake-voice" in body
         async with connect(f"ws://127.0.0.1:{port}/ws") as ws:

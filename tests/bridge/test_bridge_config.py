@@ -213,3 +213,21 @@ def test_the_readme_documents_each_setting_with_its_default(name: str) -> None:
     row = re.search(rf"^\| `{ENV[name]}` \| `{flag}` \| ([^|]+) \|", README, re.MULTILINE)
     assert row is not None, f"README has no row for {ENV[name]} / {flag}"
     assert row.group(1).strip().strip("`") == _readme_default(BridgeSettings.model_fields[name].default)
+
+
+def test_a_variable_named_as_the_bridges_that_it_does_not_read_is_said() -> None:
+    from ws_bridge.config import unknown_variables
+
+    environ = {
+        "PARLEY_BRIDGE_PROT": "8080",
+        "parley_bridge_port": "8080",  # (the bridge reads its variables by their exact names)
+        "PARLEY_GRPC_TARGET": "localhost:50051",
+        "PARLEY_LOG_LEVL": "DEBUG",
+        "PARLEY_WORKRES": "2",  # the service's to check
+        "PARLEY_TWILIO_AUTH_TOKEN": "x",
+    }
+    assert unknown_variables(environ) == [
+        "PARLEY_BRIDGE_PROT is not a variable Parley reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
+        "PARLEY_LOG_LEVL is not a variable Parley reads; it is ignored (did you mean PARLEY_LOG_LEVEL?)",
+        "parley_bridge_port is not a variable Parley reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
+    ]

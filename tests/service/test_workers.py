@@ -81,10 +81,12 @@ def start_workers(port: int, redis_url: str, **settings: str) -> subprocess.Pope
 
 async def test_workers_share_a_port_are_restarted_and_drain_together(redis_url: str) -> None:
     port = free_port()
-    parent = start_workers(port, redis_url)
+    parent = start_workers(port, redis_url, shutdown_grace="5")  # (misspelled: said once, by the supervisor)
     try:
         log = await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
         assert "[w0] service: Parley listening" in log and "[w1] service: Parley listening" in log  # (which worker)
+        said = "WARNING service: PARLEY_SHUTDOWN_GRACE is not a variable Parley reads; it is ignored (did you mean "
+        assert log.count(said) == 1 and f"{said}PARLEY_SHUTDOWN_GRACE_S?)" in log
         workers = await asyncio.to_thread(children, parent.pid)
         assert len(workers) == 2
         ends = await asyncio.gather(*(one_turn(port) for _ in range(6)))  # new connections: either worker
@@ -586,3 +588,36 @@ def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch: pytest.M
     for name in Settings.model_fields:  # every setting at once: PARLEY_X= is PARLEY_X unset
         monkeypatch.setenv(f"PARLEY_{name.upper()}", "")
     assert Settings() == Settings.model_construct()
+
+
+def test_a_variable_no_setting_reads_is_named_with_the_closest_setting() -> None:
+    from service.config import unknown_variables
+
+    environ = {
+        "PARLEY_WORKRES": "2",  # misspelled
+        "parley_port": "50099",  # (the service reads its variables in any case)
+        "PARLEY_LLM": "scripted",
+        "PARLEY_OPENAI_API_KEY": "sk-1",  # read by the engines, not a setting
+        "PARLEY_SERVER": "localhost:50051",  # the CLI's
+        "PARLEY_BRIDGE_PROT": "8080",  # the bridge's to check
+        "PARLEY_TWILIO_AUTH_TOKEN": "x",
+        "PARLEY_SOMETHING_ELSE": "1",
+        "OPENAI_API_KEY": "sk-1",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_variables(environ) == [
+        "PARLEY_SOMETHING_ELSE is not a variable Parley reads; it is ignored",
+        "PARLEY_WORKRES is not a variable Parley reads; it is ignored (did you mean PARLEY_WORKERS?)",
+    ]
+
+
+def test_the_service_and_the_bridge_check_apart_the_variables_each_reads() -> None:
+    from service.config import OTHER_VARIABLES, Settings
+    from service.setting_errors import BRIDGE_PREFIXES
+    from ws_bridge.config import BridgeSettings, env_name
+
+    service = {f"PARLEY_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    assert not {name for name in service if name.startswith(BRIDGE_PREFIXES)}
+    for field in BridgeSettings.model_fields.values():  # the bridge's: its prefixes, or the service's log settings
+        name = env_name(field)
+        assert name.startswith(BRIDGE_PREFIXES) or (name.startswith("PARLEY_LOG_") and name in service), name
