@@ -23,6 +23,7 @@ from service.core.store import SessionStore
 from service.core.turn import TurnOptions
 from service.errors import EngineError, StoreUnavailable
 from service.logs import configure as configure_logs
+from service.logs import refusal
 from service.server import serve_until_signal, start_server
 from service.servicer import StreamLimits
 from service.setting_errors import describe_errors
@@ -203,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
-        print(f"python -m service: invalid setting:\n{describe_errors(error, setting_names)}", file=sys.stderr)
+        print(refusal("service", f"invalid setting:\n{describe_errors(error, setting_names)}", argv), file=sys.stderr)
         return 2
     if (problem := tracing_settings_problem()) is not None:
-        print(f"python -m service: invalid setting:\n  {problem}", file=sys.stderr)
+        print(refusal("service", f"invalid setting:\n  {problem}", argv), file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
     if WORKER_INDEX not in os.environ:  # (a worker's environment is its supervisor's, which said so)

@@ -14,12 +14,22 @@ import json
 import logging
 import os
 import re
+import sys
 import time
+from collections.abc import Mapping, Sequence
 
 from service.core.logcontext import LOG_SESSION, LOG_TURN
 from service.workers import WORKER_INDEX
 
-__all__ = ["JsonFormatter", "TextFormatter", "Throttled", "configure", "json_line", "shorten_session_ids"]
+__all__ = [
+    "JsonFormatter",
+    "TextFormatter",
+    "Throttled",
+    "configure",
+    "json_line",
+    "refusal",
+    "shorten_session_ids",
+]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -138,3 +148,30 @@ def configure(level: str, log_format: str) -> None:
             TextFormatter(TEXT_FORMAT.replace("%(name)s", f"[w{worker}] %(name)s", 1) if worker else TEXT_FORMAT)
         )
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def refusal(
+    logger: str, message: str, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> str:
+    """What a program prints of settings it cannot run with, before its log is set up (its settings
+    did not parse): ``logger: message`` as text, or the JSON line its log would have written when the
+    flags (``--log-format json``, the last one given) or ``PARLEY_LOG_FORMAT`` ask for JSON, so that a
+    log pipeline reads a pod's last words too."""
+    argv = sys.argv[1:] if argv is None else argv
+    log_format = environ.get("PARLEY_LOG_FORMAT", "")
+    for i, arg in enumerate(argv):
+        if arg in ("--log-format", "--log_format") and i + 1 < len(argv):
+            log_format = argv[i + 1]
+        elif arg.startswith(("--log-format=", "--log_format=")):
+            log_format = arg.partition("=")[2]
+    if log_format != "json":
+        return f"python -m {logger}: {message}"
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "level": "ERROR",
+        "logger": logger,
+        "message": message,
+    }
+    if worker := environ.get(WORKER_INDEX, ""):
+        entry["worker"] = worker
+    return json_line(entry)

@@ -18,6 +18,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from service.logs import refusal
 from ws_bridge.config import BridgeSettings, describe_errors, unknown_variables
 from ws_bridge.logs import configure as configure_logs
 from ws_bridge.server import Bridge, BridgeOptions
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(BridgeSettings, cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
-        print(f"python -m ws_bridge: invalid setting:\n{describe_errors(error)}", file=sys.stderr)
+        print(refusal("ws_bridge", f"invalid setting:\n{describe_errors(error)}", argv), file=sys.stderr)
         return 2
     configure_logs(settings.log_level, settings.log_format)
     for line in unknown_variables(os.environ):

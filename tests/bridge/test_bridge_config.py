@@ -170,6 +170,20 @@ def test_invalid_settings_exit_2_naming_flag_and_variable(
     assert message in error
 
 
+def test_an_invalid_setting_is_one_json_line_when_the_log_is_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    monkeypatch.setenv("PARLEY_LOG_FORMAT", "json")
+    assert main(["--port", "70000"]) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("ERROR", "ws_bridge")
+    assert "--port / PARLEY_BRIDGE_PORT: Input should be less than or equal to 65535" in entry["message"]
+
+
 def test_an_invalid_variable_is_named_too(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PARLEY_BRIDGE_MAX_SOCKETS", "many")
     assert main([]) == 2

@@ -582,6 +582,32 @@ def test_a_bad_setting_is_said_in_one_line_naming_its_flag_and_variable(
     assert capsys.readouterr().err == f"python -m service: invalid setting:\n{said}\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        (["--workers", "abc", "--log-format", "json"], {}),
+        (["--workers=abc", "--log-format=json"], {}),
+        (["--workers", "abc"], {"PARLEY_LOG_FORMAT": "json"}),
+        (["--workers", "abc", "--log-format", "json"], {"PARLEY_LOG_FORMAT": "text"}),  # (flags win)
+    ],
+)
+def test_a_bad_setting_is_one_json_line_when_the_log_is_json(
+    argv: list[str], environ: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from service.__main__ import main
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("ERROR", "service")
+    assert entry["message"].startswith("invalid setting:\n  --workers / PARLEY_WORKERS: Input should be a valid")
+
+
 def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     from service.config import Settings
 
