@@ -1,7 +1,7 @@
 """The bridge's Prometheus metrics (``PARLEY_BRIDGE_METRICS_PORT``, off by default): sockets open,
 sockets closed by close code, and what it refused (by reason: an origin, the socket limit, credentials
 in a URL, a malformed HTTP request, a bad frame, a frame too large, a client that does not read what
-it is sent, a bad Twilio signature)."""
+it is sent, a bad Twilio signature, a phone call no signature can check on a bridge beyond loopback)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ REFUSALS = (
     "frame too large",
     "not reading",
     "twilio signature",
+    "twilio unchecked",
 )
 """The reasons of ``parley_bridge_refused_total``: each series exists, at 0, from the start."""
 

@@ -35,6 +35,7 @@ from websockets.typing import Subprotocol
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
+from service.logs import Throttled
 from ws_bridge.calls import CLOSE_CODE_FOR, accepted_write, answered, close
 from ws_bridge.config import default
 from ws_bridge.metrics import BridgeMetrics, close_label
@@ -51,6 +52,7 @@ WS_PATH = "/ws"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _CALL_ENDED = object()
 _CONNECT_WAIT_S = 3.0
+_READY_WAIT_S = 1.0  # (a readiness probe's own timeout is 1 s by default in Kubernetes)
 # The service is usually next door: reconnect quickly after it restarts.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
@@ -100,6 +102,9 @@ class Bridge:
     metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
     metrics_port: int | None = None
     """The port its metrics are served on (once started, if they are)."""
+    _origin_refused: Throttled = field(default_factory=lambda: Throttled(log, logging.INFO))
+    _call_refused: Throttled = field(default_factory=lambda: Throttled(log, logging.WARNING))
+    """(Lines anyone may cause at will: written once in a while; the metrics count every refusal.)"""
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -155,9 +160,10 @@ class Bridge:
         return self
 
     async def aclose(self) -> None:
-        """Close every socket (1001, going away) and the gRPC channel."""
+        """Close every socket (1001, going away, saying why: a page connects again, and resumes its
+        session, through another bridge or this one restarted) and the gRPC channel."""
         if self._server is not None:
-            self._server.close()
+            self._server.close(reason="the bridge is shutting down")
             await self._server.wait_closed()
         if self._channel is not None:
             await self._channel.close()
@@ -177,11 +183,13 @@ class Bridge:
         path = urlsplit(request.path).path
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return await self._http(path, request.headers.get("Authorization", ""))
-        if path == TWILIO_PATH:  # Twilio sends no Origin; its signature says it is Twilio
+        if path == TWILIO_PATH:  # Twilio's signature says it is Twilio (it sends no Origin)
             if not signature_valid(self.options.twilio, request):
                 self.metrics.refused.labels("twilio signature").inc()
                 log.warning("refused a /twilio socket without a valid X-Twilio-Signature")
                 return _text(http.HTTPStatus.FORBIDDEN, "invalid or missing X-Twilio-Signature")
+            if refused := self._unchecked_call_refused(request):
+                return refused
             if self.sockets >= self.options.max_sockets:
                 self.metrics.refused.labels("socket limit").inc()
                 return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
@@ -199,11 +207,34 @@ class Bridge:
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
             self.metrics.refused.labels("origin").inc()
-            log.info("refused a socket from origin %s", origin)
+            self._origin_refused("refused a socket from origin %s", origin)
             return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
         if self.sockets >= self.options.max_sockets:
             self.metrics.refused.labels("socket limit").inc()
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
+        return None
+
+    def _unchecked_call_refused(self, request: Request) -> Response | None:
+        """Without a Twilio auth token nothing proves a call is Twilio's, and the call reaches the service
+        with the bridge's own API key: so unchecked calls are taken on a loopback address only (a
+        developer's tunnel), and not from another site's page in a browser (which sends its Origin)."""
+        if self.options.twilio.auth_token:
+            return None
+        if not is_loopback(self.options.host):
+            self.metrics.refused.labels("twilio unchecked").inc()
+            self._call_refused(
+                "refused a /twilio socket: without PARLEY_TWILIO_AUTH_TOKEN, phone calls are taken on a loopback "
+                "address only"
+            )
+            return _text(
+                http.HTTPStatus.FORBIDDEN,
+                "this bridge takes phone calls only with Twilio's signature: set PARLEY_TWILIO_AUTH_TOKEN",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            self.metrics.refused.labels("origin").inc()
+            self._call_refused("refused a /twilio socket from origin %s", origin)
+            return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
         return None
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
@@ -217,8 +248,10 @@ class Bridge:
         return bool(host) and parts.netloc == host and _is_ip_address(urlsplit(f"//{host}").hostname)
 
     async def _http(self, path: str, authorization: str = "") -> Response:
-        if path == "/healthz":
+        if path == "/healthz":  # (liveness: the bridge answers, whatever the service does)
             return _text(http.HTTPStatus.OK, "ok")
+        if path == "/readyz":
+            return await self._ready()
         if path == "/voices":
             return await self._voices(authorization)
         name = "index.html" if path == "/" else path.removeprefix("/")
@@ -229,6 +262,22 @@ class Bridge:
         if content_type.startswith("text/") or content_type.endswith("javascript"):
             content_type += "; charset=utf-8"
         return _response(http.HTTPStatus.OK, content_type, file.read_bytes(), cache="no-cache")
+
+    async def _ready(self) -> Response:
+        """Readiness: 200 while the bridge's channel reaches the service (waiting up to
+        :data:`_READY_WAIT_S` for it to connect), else 503 saying so: a load balancer then sends pages
+        and calls to a bridge that can serve them."""
+        channel = self.channel
+        if channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            try:
+                async with asyncio.timeout(_READY_WAIT_S):
+                    await channel.channel_ready()
+            except TimeoutError:
+                return _text(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"the voice service at {self.options.grpc_target} is not reachable",
+                )
+        return _text(http.HTTPStatus.OK, "ready")
 
     async def _voices(self, authorization: str) -> Response:
         """The service's voices; an ``Authorization: Bearer`` header is passed on (with API keys on)."""
@@ -427,8 +476,24 @@ class _ServerTLS:
 def _request_of(message: str | bytes) -> pb.ConverseRequest:
     """A binary frame is the user's voice (user_audio); JSON text frames are the rest. Raises BadFrame."""
     if isinstance(message, bytes):
+        if _is_json_object(message):  # (a client's slip, a Buffer or bytes sent for text: it was taken for voice)
+            raise BadFrame("a JSON message came in a binary frame: send messages as text frames (binary is voice)")
         return pb.ConverseRequest(user_audio=pb.UserAudio(data=message))
     return request_from_text(message)
+
+
+def _is_json_object(frame: bytes) -> bool:
+    """Whether a binary frame is a JSON object: never voice (PCM16 that happens to begin with ``{`` and
+    end with ``}`` is not UTF-8 JSON between them), and checked only for a frame so shaped."""
+    if frame[:1] not in (b"{", b" ", b"\t", b"\n", b"\r"):
+        return False
+    stripped = frame.strip()
+    if stripped[:1] != b"{" or stripped[-1:] != b"}":
+        return False
+    try:
+        return isinstance(json.loads(frame), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -499,6 +564,14 @@ def _retry_after(error: grpc.aio.AioRpcError) -> int | None:
             with contextlib.suppress(ValueError):
                 return max(int(value), 0)
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the bridge listening on ``host`` is reached from this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ip_address(name: str | None) -> bool:

@@ -32,6 +32,8 @@ class BadFrame(Exception):
 
 def request_from_text(text: str) -> pb.ConverseRequest:
     """Parse a text frame. Raises :class:`BadFrame` for invalid JSON, unknown fields or wrong types."""
+    if text.lstrip()[:1] != "{":  # ([1, 2] or null: protobuf's words for them were Python's)
+        raise BadFrame('a message is a JSON object, such as {"userText": {"text": "Hello"}}')
     try:
         request = json_format.Parse(text, pb.ConverseRequest())
     except json_format.ParseError as error:

@@ -143,6 +143,8 @@ class TwilioCall:
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     """The current ``Converse`` call has started its session (a resumption may fail before it does)."""
     _started_at: float = 0.0
+    _keys_pressed: int = 0
+    """``dtmf`` events of the call (a line each would let a caller flood the log)."""
 
     async def run(self) -> None:
         try:
@@ -166,6 +168,8 @@ class TwilioCall:
         finally:
             from_twilio.cancel()
             await asyncio.gather(from_twilio, return_exceptions=True)
+            if self._keys_pressed:
+                log.info("twilio stream %s: %d key press(es) during the call", self.stream_sid, self._keys_pressed)
         with contextlib.suppress(ConnectionClosed):
             await close(self.websocket, code, shorten_session_ids(reason))
 
@@ -373,7 +377,7 @@ class TwilioCall:
                     log.info("twilio stream %s stopped (the call ended)", self.stream_sid)
                     return
                 elif event == "dtmf":
-                    log.info("twilio stream %s: a key was pressed", self.stream_sid)  # (never which: a PIN?)
+                    self._keys_pressed += 1  # (never which: a PIN?; counted, and logged as the call ends)
                 elif event not in ("connected", "start"):
                     raise CallError(f"unknown event {event!r}")
         except ConnectionClosed:

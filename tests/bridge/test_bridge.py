@@ -130,6 +130,9 @@ async def test_interrupt_through_the_bridge(stack: Stack) -> None:
         ('{"userAudio": {"data": "!!!"}}', 1008, "not base64"),  # (protobuf's parser made it no audio)
         ('{"user_audio": {"data": "AQI=AQI="}}', 1008, "not base64"),  # (it kept the first half)
         ('{"userAudio": {"data": "AAAA+/-_"}}', 1008, "mixes the two alphabets"),  # (found in QA)
+        ("[1, 2]", 1008, "a message is a JSON object"),  # (protobuf's words were Python's: "got 'int'")
+        ("null", 1008, "a message is a JSON object"),  # ("TypeError: 'NoneType' object is not iterable")
+        (b'{"userText": {"text": "Hi"}}', 1008, "came in a binary frame"),  # (it was taken for voice)
     ],
     ids=[
         "invalid-json",
@@ -140,6 +143,9 @@ async def test_interrupt_through_the_bridge(stack: Stack) -> None:
         "voice not base64",
         "voice after padding",
         "voice in two alphabets",
+        "a JSON array",
+        "JSON null",
+        "JSON in a binary frame",
     ],
 )
 async def test_bad_frames_close_the_socket(stack: Stack, frame: str | bytes, code: int, reason: str) -> None:
@@ -300,6 +306,19 @@ async def test_page_voices_and_health_over_http(stack: Stack) -> None:
     assert (await asyncio.to_thread(http_get, stack.http + "/nothing.js"))[0] == 404
 
 
+async def test_readiness_follows_the_service_and_liveness_does_not() -> None:
+    harness = await start_harness()
+    stack = await start_stack(harness)
+    try:
+        assert await asyncio.to_thread(http_get, stack.http + "/readyz") == (200, "ready\n")
+        await stop_harness(harness)  # (the service goes away: a load balancer should send pages elsewhere)
+        status, said = await asyncio.to_thread(http_get, stack.http + "/readyz")
+        assert status == 503 and said == f"the voice service at {stack.bridge.options.grpc_target} is not reachable\n"
+        assert await asyncio.to_thread(http_get, stack.http + "/healthz") == (200, "ok\n")
+    finally:
+        await stack.bridge.aclose()
+
+
 async def test_bridge_shutdown_closes_sockets_going_away(stack: Stack) -> None:
     async with connect(stack.url) as ws:
         await ws.send(json.dumps({"start": {}}))
@@ -352,7 +371,7 @@ async def test_bridge_process_from_the_environment(harness: Harness, stop: str) 
             process.send_signal(getattr(signal, stop))
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 20)
-            assert ws.close_code == 1001
+            assert (ws.close_code, ws.close_reason) == (1001, "the bridge is shutting down")
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -645,6 +664,24 @@ async def test_pings_from_a_client_that_does_not_read_cannot_grow_the_bridges_me
     finally:
         await stack.bridge.aclose()
         await stop_harness(harness)
+
+
+async def test_a_first_message_in_a_binary_frame_is_said_to_be_one(stack: Stack) -> None:
+    # It was taken for voice: "send `start` before `user_audio`", to a client that had (a QA pass).
+    async with connect(stack.url) as ws:
+        await ws.send(b' {"start": {}}\n')
+        error = json.loads(await ws.recv())["error"]
+        assert error["code"] == "INVALID_ARGUMENT" and "came in a binary frame" in error["message"]
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008
+
+
+def test_voice_is_never_taken_for_a_json_message() -> None:
+    from ws_bridge.server import _request_of
+
+    for frame in (b"{", b"{}}", b"{\x00\xff}", b"{" + bytes(range(256)) * 4 + b"}", b'{"a": 1}x'):
+        assert _request_of(frame).user_audio.data == frame
 
 
 async def test_a_first_frame_nested_too_deeply_is_a_bad_frame(stack: Stack) -> None:

@@ -463,6 +463,78 @@ def test_the_public_url_is_signed_as_given() -> None:
     assert not signature_valid(base, request("/twilio", "wss://internal:8080/twilio"))
 
 
+async def test_unchecked_calls_come_only_to_a_loopback_bridge_and_not_from_another_sites_page() -> None:
+    """Without an auth token nothing proves a call is Twilio's, and it reaches the service with the
+    bridge's own API key (a QA pass: any page, and anyone who reached a bridge on 0.0.0.0, used it)."""
+    harness = await start_harness(stt=FakeSTT())
+    loopback = await start_stack(harness)
+    exposed = Stack(
+        harness,
+        await Bridge(BridgeOptions(grpc_target=loopback.bridge.options.grpc_target, host="0.0.0.0", port=0)).start(),
+    )
+    signed = Stack(
+        harness,
+        await Bridge(
+            BridgeOptions(
+                grpc_target=loopback.bridge.options.grpc_target,
+                host="0.0.0.0",
+                port=0,
+                twilio=TwilioOptions(auth_token="0123456789abcdef0123456789abcdef"),
+            )
+        ).start(),
+    )
+    try:
+        for stack, headers, said in (
+            (exposed, {}, "set PARLEY_TWILIO_AUTH_TOKEN"),
+            (loopback, {"Origin": "https://evil.example"}, "origin https://evil.example is not allowed"),
+        ):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(twilio_url(stack), additional_headers=headers):
+                    pass
+            assert refused.value.response.status_code == 403
+            assert said in refused.value.response.body.decode()
+        assert exposed.bridge.metrics.refused.labels("twilio unchecked")._value.get() == 1
+        assert loopback.bridge.metrics.refused.labels("origin")._value.get() == 1
+        async with connect(twilio_url(loopback), additional_headers={"Origin": "http://localhost:3000"}) as socket:
+            caller = FakeTwilio(socket)  # (a page of this machine's, and a tunnel, which sends none: taken)
+            await caller.start()
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 5)
+            await caller.aclose()
+        url = f"ws://127.0.0.1:{signed.bridge.port}/twilio"
+        good = signature("0123456789abcdef0123456789abcdef", f"wss://127.0.0.1:{signed.bridge.port}/twilio")
+        async with connect(
+            url, additional_headers={"X-Twilio-Signature": good, "Origin": "https://x.example"}
+        ) as socket:
+            caller = FakeTwilio(socket)  # (signed: Twilio's, whatever else its request says)
+            await caller.start()
+            await caller.hang_up()
+            await wait_for(lambda: caller.ended, 5)
+            await caller.aclose()
+    finally:
+        for stack in (loopback, exposed, signed):
+            await stack.bridge.aclose()
+        await stop_harness(harness)
+
+
+async def test_key_presses_are_counted_and_said_once_as_the_call_ends(
+    phone: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", "ws_bridge.twilio")
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        for digit in "1234" * 500:  # (a QA pass: a line each flooded the log, 400,000 lines in 33 s)
+            await caller.send(
+                {"event": "dtmf", "streamSid": caller.stream_sid, "dtmf": {"track": "inbound_track", "digit": digit}}
+            )
+        await caller.hang_up()
+        await wait_for(lambda: caller.ended, 10)
+        await caller.aclose()
+    lines = [r.getMessage() for r in caplog.records if "key press" in r.getMessage()]
+    assert lines == ["twilio stream MZ0123456789abcdef: 2000 key press(es) during the call"]
+
+
 async def test_phone_calls_reach_a_service_with_api_keys_with_the_bridges_key() -> None:
     from service.auth import KeyRing
 
