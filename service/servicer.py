@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from grpc._cython import cygrpc
 
 from parley.v1 import voice_pb2 as pb
 from parley.v1 import voice_pb2_grpc
@@ -346,7 +347,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             # may wait for it before it writes. A refusal above is said the same way, as the call's end:
             # grpc aio's Python client reports a write that finds the call already over as INTERNAL,
             # hiding the server's status (grpc/grpc#36066), which a client that waits never meets.
-            await context.send_initial_metadata(())
+            try:
+                await context.send_initial_metadata(())
+            except cygrpc.BaseError:  # (the call is over already: a deadline of a few ms, a client gone)
+                return  # (as a client's hang-up: said by no traceback, which anyone could cause at will)
             await self._serve(request_iterator, context, caller)
         finally:
             if self._quotas is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -641,6 +642,28 @@ async def test_the_send_timeout_counts_from_the_write_in_flight_only() -> None:
         await asyncio.wait_for(running, 10)
     assert 0.95 <= time.monotonic() - began < 5.0
     assert context.sent == [str(index) for index in range(24)]
+
+
+async def test_a_stream_over_before_it_is_accepted_ends_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    # A client whose deadline (a few ms) ends the call before the service's response headers leave:
+    # grpc logged the servicer's ExecuteBatchError as an ERROR with its traceback, at a client's will.
+    from grpc._cython import cygrpc
+
+    class Over:
+        async def send_initial_metadata(self, metadata: object) -> None:
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch"')
+
+    async def nothing() -> AsyncIterator[pb.ConverseRequest]:
+        return
+        yield
+
+    h = await start_harness()
+    try:
+        await h.running.servicer.Converse(nothing(), Over())  # type: ignore[arg-type]
+        assert h.running.servicer.active_streams == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        await stop_harness(h)
 
 
 async def test_a_hang_up_while_a_failed_stream_waits_for_its_writer_still_closes_the_session() -> None:
