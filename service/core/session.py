@@ -180,6 +180,10 @@ class Session:
         turn cannot grow it for ever)."""
         self._current: TurnRecord | None = None
         self._heard: TurnRecord | None = None
+        self._unflushed: str | None = None
+        """The id of a speak turn that ended before its flush (the user spoke over it, the client
+        interrupted it, an engine failed): its later pieces, already on their way, are dropped, and its
+        flush closes it, rather than opening a new speak turn that talks over the user (a QA pass)."""
         self._watchers: list[asyncio.Task[None]] = []
         self._last_activity = time.monotonic()
 
@@ -376,6 +380,10 @@ class Session:
         check_length(text, "speak_text.text", self._defaults.max_text_chars)
         turn = self._current
         if turn is None or turn.state is not TurnState.OPEN:
+            if self._unflushed is not None and turn_id in ("", self._unflushed):
+                if flush:  # (the rest of the speak turn that ended early: dropped, as it was)
+                    self._unflushed = None
+                return
             if not text:
                 raise InvalidRequest(
                     "speak_text.text is empty and no speak turn is open to flush; send the text to read aloud"
@@ -385,6 +393,7 @@ class Session:
                 return
             await self._interrupt(None)
             turn = self._begin(turn_id, None, user_text=None)
+            self._unflushed = None  # (a new speak turn, named otherwise: the old one's pieces are not coming)
         if turn.speak_chars + len(text) > self._defaults.max_text_chars:
             raise InvalidRequest(
                 f"the speak turn's text would be over {self._defaults.max_text_chars} characters; "
@@ -689,6 +698,8 @@ class Session:
             in_history = True
         else:
             in_history = self._conversation.add_spoken(spoken, interrupted=interrupted)
+        if turn.state is TurnState.OPEN:  # (a speak turn whose client had not flushed it: more may come)
+            self._unflushed = turn.turn_id
         turn.end(TurnOutcome(reason, spoken, in_history))
         if self._quotas is not None:
             self._quotas.synthesized(self._quota_principal, sum(s.end - s.start for s in turn.pipeline.segments))
