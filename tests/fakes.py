@@ -224,6 +224,9 @@ class FakeSTT:
     sample_rate_hz: int = 16000
     heard: list[bytes] = field(default_factory=list)
 
+    def language_problem(self, language: str) -> str | None:
+        return None if language in ("en", "fr", "de") else f"the fake STT does not know {language!r}"
+
     async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
         self.heard.append(pcm)
         await asyncio.sleep(self.latency_s)

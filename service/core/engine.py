@@ -167,6 +167,11 @@ class STTEngine(Protocol):
         """The rate of the mono PCM16 audio it takes (16,000 for Whisper)."""
         ...
 
+    def language_problem(self, language: str) -> str | None:
+        """What is wrong with ``language`` (not empty) for this engine, said to a client that asks for
+        it at ``start``, or None when it may be asked for."""
+        ...
+
     async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
         """Transcribe mono PCM16 at :attr:`sample_rate_hz`; ``language`` None or empty: detect it.
 

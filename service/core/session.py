@@ -321,6 +321,9 @@ class Session:
             if self._voice_input is None:
                 raise InvalidRequest("this server takes no voice input (it has no speech-to-text engine); send text")
             listen = request.input_audio.resolve(self._defaults.listen)  # its errors before anything is created
+            language = request.input_audio.language
+            if language and (problem := self._voice_input.stt.language_problem(language)) is not None:
+                raise InvalidRequest(f"start.input_audio.language: {problem}")  # (each utterance would fail)
         stored: StoredSession | None = None
         if request.session_id:
             resumed = await self._store.resume(request.session_id, self._principal)

@@ -68,6 +68,11 @@ class OpenAISTT:
     def sample_rate_hz(self) -> int:
         return _RATE_HZ
 
+    def language_problem(self, language: str) -> str | None:
+        if 2 <= len(language) <= 3 and language.isascii() and language.isalpha():
+            return None  # (ISO-639-1, as OpenAI asks; some compatible servers take ISO-639-3 too)
+        return f"the language {language!r} is not an ISO-639-1 code; use one such as 'en' or 'fr' (not 'en-US')"
+
     async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
         """Transcribe mono PCM16 at 16 kHz. Safe to cancel: the request is closed."""
         if len(pcm) % 2:

@@ -227,6 +227,13 @@ class WhisperSTT:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
             self._model.model.unload_model()  # the weights' memory goes now, not when the engine does
 
+    def language_problem(self, language: str) -> str | None:
+        if language.strip().lower() in self._languages:
+            return None
+        return (
+            f"the Whisper model does not know the language {language!r}; use a code such as 'en' or 'fr' (not 'en-US')"
+        )
+
     def _checked(self, language: str | None) -> str | None:
         if not language:
             return None

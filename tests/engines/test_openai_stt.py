@@ -80,6 +80,12 @@ async def test_the_language_is_sent_only_when_known(fake: FakeOpenAI) -> None:
     assert [s.get("language") for s in sent[1:]] == ["de", "fr"]
 
 
+def test_a_language_asked_for_at_start_is_an_iso_639_code(stt: OpenAISTT) -> None:
+    assert stt.language_problem("en") is None and stt.language_problem("yue") is None
+    for wrong in ("en-US", "e", "en\n", "\u00e9n"):
+        assert "is not an ISO-639-1 code" in (stt.language_problem(wrong) or ""), wrong
+
+
 async def test_nothing_to_send(stt: OpenAISTT, fake: FakeOpenAI) -> None:
     heard = await stt.transcribe(b"", "en")
     assert (heard.text, heard.language, heard.no_speech_probability) == ("", "en", 1.0)

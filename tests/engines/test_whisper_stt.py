@@ -166,6 +166,9 @@ async def test_a_given_language_is_honoured(whisper: WhisperSTT, speech: bytes) 
     assert german.language == "de", german
     with pytest.raises(STTError, match="does not know the language 'xx'"):
         await whisper.transcribe(speech, "xx")
+    # What start checks: a code Whisper knows, in either case; not a region's tag.
+    assert whisper.language_problem("en") is None and whisper.language_problem("DE") is None
+    assert "use a code such as 'en'" in (whisper.language_problem("en-US") or "")
 
 
 async def test_the_configured_language_applies_when_a_call_names_none(speech: bytes) -> None:

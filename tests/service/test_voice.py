@@ -225,8 +225,19 @@ async def test_a_failed_transcription_ends_its_turn_failed_and_the_session_goes_
         ([voice_start(silence_ms=10)], "silence_ms"),
         ([voice_start(threshold=2.0)], "threshold"),
         ([start(input_audio=pb.InputAudio(sample_rate_hz=RATE, encoding=pb.AUDIO_ENCODING_WAV))], "PCM16"),
+        # (Taken, then every utterance failed, counted as the engine's error: a QA pass.)
+        ([start(input_audio=pb.InputAudio(sample_rate_hz=RATE, language="en-US"))], "language: the fake STT"),
     ],
-    ids=["audio without input_audio", "commit without", "chunk over a second", "rate", "silence", "threshold", "wav"],
+    ids=[
+        "audio without input_audio",
+        "commit without",
+        "chunk over a second",
+        "rate",
+        "silence",
+        "threshold",
+        "wav",
+        "a language the engine does not know",
+    ],
 )
 async def test_bad_voice_input_is_invalid_argument(
     voiced: Harness, requests: list[pb.ConverseRequest], words: str
