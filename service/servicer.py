@@ -35,7 +35,7 @@ from service.core.logcontext import LOG_SESSION, LOG_TURN, lines_of_turn
 from service.core.outbox import Outbox
 from service.core.quotas import QuotaExceeded, Quotas
 from service.core.session import Ending, Session
-from service.core.settings import SessionDefaults
+from service.core.settings import SessionDefaults, is_session_id
 from service.core.store import SessionStore
 from service.errors import (
     ClientGone,
@@ -386,6 +386,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         if caller is None:  # (never: the interceptor lets only callers through)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         assert caller is not None
+        if caller.token is None and (problem := self._scope_problem(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)  # (a token is refused below as it is)
         try:
             token, expires_at, principal = self._auth.mint(
                 caller,
@@ -400,6 +402,18 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             await context.abort(code, str(error))
         log.info("client token for %s, valid until %d", principal, expires_at)
         return pb.ClientToken(token=token, expires_at=expires_at, principal=principal)
+
+    def _scope_problem(self, request: pb.CreateClientTokenRequest) -> str | None:
+        """What makes a token's scope one no stream could use (a voice this server lacks, a session id
+        that is none), said to whoever asks for it rather than later, in an end user's browser."""
+        known = {voice.id for voice in self._tts.voices()}
+        if unknown := [voice for voice in request.voices if voice not in known]:
+            return (
+                f"voices: unknown voice {unknown[0][:128]!r}; ListVoices gives the choices: {', '.join(sorted(known))}"
+            )
+        if request.session_id and not is_session_id(request.session_id):
+            return "session_id is not a session id (letters, digits, '-' and '_', at most 64): give a stream's"
+        return None
 
     async def _serve(
         self,

@@ -165,6 +165,11 @@ class SessionSettings:
         return self.system_prompt, self.voice, self.chosen_temperature, self.chosen_max_tokens
 
 
+def is_session_id(text: str) -> bool:
+    """Whether ``text`` is shaped as a session id (letters, digits, ``-`` and ``_``, at most 64)."""
+    return _SESSION_ID.fullmatch(text) is not None
+
+
 def new_session_id() -> str:
     """An unguessable id (144 random bits, URL-safe) that does not start with ``-``, so that it can
     follow a command-line option (``parley --session ID``) without being taken for one."""
