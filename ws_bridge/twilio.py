@@ -186,6 +186,7 @@ class TwilioCall:
         waiting_since = loop.time()  # the wait for a replica to take the call began then
         attempt = 0
         quick_drops = 0  # streams in a row that ended within RESUME_WITHIN_S of starting
+        asked_session = True  # the call's own session_id parameter may be resumed (until its session is lost)
         while True:
             call = await self._open(request, "" if self.session_id else greeting)
             to_twilio = asyncio.create_task(self._to_twilio(call))
@@ -213,6 +214,19 @@ class TwilioCall:
                 return 1011, "internal error; see the bridge's log"
             said = shorten_session_ids(ended.details() or "")
             now = loop.time()
+            if ended.code() == grpc.StatusCode.NOT_FOUND and self.session_id:
+                # The session this call was in is gone (a service restarted with sessions in its memory):
+                # the caller is still on the line; the call goes on in a new conversation (greeted again).
+                log.warning(
+                    "twilio stream %s: session %s… is gone (%s); the call goes on in a new conversation",
+                    self.stream_sid,
+                    self.session_id[:8],
+                    said,
+                )
+                asked_session, self.session_id = False, ""
+                request = self._start_request(start)
+                request.session_id = ""
+                continue
             if self._retryable(ended):
                 # A stream that had started makes this a new outage, with a wait of its own; but streams
                 # that keep being dropped soon after they start (a flapping replica) get no more.
@@ -239,7 +253,7 @@ class TwilioCall:
                         return await self._caller_ended(from_twilio)
                     attempt += 1
                     request = self._start_request(start)
-                    request.session_id = self.session_id or request.session_id
+                    request.session_id = self.session_id or (request.session_id if asked_session else "")
                     continue
             log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
             return CLOSE_CODE_FOR.get(ended.code(), 1011), f"{ended.code().name}: {ended.details() or ''}"

@@ -602,6 +602,49 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             await stop_harness(second)
 
 
+async def test_a_call_whose_session_is_lost_with_its_replica_goes_on_in_a_new_conversation() -> None:
+    """Sessions in each replica's memory (the default store): the call's replica goes away, and the one
+    that takes the call back has never heard of its session. The call ended there (1008, NOT_FOUND)
+    while the caller was still on the line (a QA pass); it goes on, greeted again, without the history."""
+
+    def replica(port: int, heard: str) -> Awaitable[Harness]:
+        return start_harness(
+            FakeLLM(reply=REPLY, token_s=0.01),
+            FakeTTS(chunk_s=0.02),
+            stt=FakeSTT(texts=[heard]),
+            store=MemoryStore(ttl_s=60),  # (its own)
+            port=port,
+            share_port=True,
+        )
+
+    first = await replica(0, "Tell me a story.")
+    stack = await start_stack(first, twilio=TwilioOptions(greeting="Hello, this is Parley."))
+    second: Harness | None = None
+    try:
+        async with connect(twilio_url(stack)) as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await caller.ask()
+            second = await replica(first.running.port, "Are you still there?")
+            await first.running.stop(grace_s=1)
+            await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
+            played = len(caller.of("media"))
+            await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
+            await wait_for(lambda: len(second.llm.requests) == 1 and len(caller.of("media")) > played, 10)
+            assert not caller.ended
+            said = [m.content for m in second.llm.requests[0].messages]
+            assert said[-1] == "Are you still there?" and "Tell me a story." not in said  # (a new conversation)
+            assert second.tts.texts[0].startswith("Hello,")  # (greeted again: it is a new one)
+            await caller.hang_up()
+            await wait_for(lambda: stack.bridge.sockets == 0, 10)
+            await caller.aclose()
+    finally:
+        await stack.bridge.aclose()
+        await stop_harness(first)
+        if second is not None:
+            await stop_harness(second)
+
+
 @contextlib.asynccontextmanager
 async def a_call_on_one_replica(
     *, share_port: bool = False
