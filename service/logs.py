@@ -158,7 +158,7 @@ def refusal(
     flags (``--log-format json``, the last one given) or ``PARLEY_LOG_FORMAT`` ask for JSON, so that a
     log pipeline reads a pod's last words too."""
     argv = sys.argv[1:] if argv is None else argv
-    log_format = environ.get("PARLEY_LOG_FORMAT", "")
+    log_format = next((value for name, value in environ.items() if name.upper() == "PARLEY_LOG_FORMAT"), "")
     for i, arg in enumerate(argv):
         if arg in ("--log-format", "--log_format") and i + 1 < len(argv):
             log_format = argv[i + 1]

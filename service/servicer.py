@@ -349,7 +349,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             # hiding the server's status (grpc/grpc#36066), which a client that waits never meets.
             try:
                 await context.send_initial_metadata(())
-            except cygrpc.BaseError:  # (the call is over already: a deadline of a few ms, a client gone)
+            except cygrpc.InternalError:  # (the call is over already: a deadline of a few ms, a client gone)
                 return  # (as a client's hang-up: said by no traceback, which anyone could cause at will)
             await self._serve(request_iterator, context, caller)
         finally:

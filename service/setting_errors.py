@@ -44,11 +44,13 @@ def unknown_variables(
     case_sensitive: bool,
     mine: tuple[str, ...] = ("PARLEY_",),
     others: tuple[str, ...] = (),
+    reader: str = "Parley",
 ) -> list[str]:
     """One line for each variable whose name begins with one of ``mine`` (in any case), not with one of
     ``others`` (another program's, which checks them itself), and that is not in ``known``: a
     misspelled setting is otherwise ignored without a word. ``case_sensitive``: whether the program
-    reads a variable only by its exact name (``parley_port`` is then not ``PARLEY_PORT``)."""
+    reads a variable only by its exact name (``parley_port`` is then not ``PARLEY_PORT``); ``reader``: who
+    does not read it, as the line says."""
     lines = []
     for name in sorted(environ):
         upper = name.upper()
@@ -58,7 +60,7 @@ def unknown_variables(
             continue
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        lines.append(f"{name} is not a variable Parley reads; it is ignored{hint}")
+        lines.append(f"{name} is not a variable {reader} reads; it is ignored{hint}")
     return lines
 
 

@@ -37,7 +37,9 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         max_sockets=settings.max_sockets,
         ping_interval_s=settings.ping_interval_s,
         ping_timeout_s=settings.ping_interval_s,
-        twilio=TwilioOptions(settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting),
+        twilio=TwilioOptions(
+            settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting, settings.twilio_unchecked
+        ),
         grpc_tls=settings.grpc_tls,
         api_key=settings.api_key,
         metrics_port=settings.metrics_port,
@@ -53,13 +55,14 @@ async def run(options: BridgeOptions) -> None:
     log.info("bridge listening on %s:%d for the service at %s", options.host, bridge.port, options.grpc_target)
     if options.metrics_port is not None:
         log.info("bridge metrics on http://%s:%d/metrics", options.host, bridge.metrics_port)
-    if not options.twilio.auth_token and is_loopback(options.host):
-        log.info("phone calls on /twilio are not checked (no PARLEY_TWILIO_AUTH_TOKEN): for development only")
-    elif not options.twilio.auth_token:
+    if not options.twilio.auth_token and options.twilio.unchecked:
         log.warning(
-            "phone calls on /twilio are refused: set PARLEY_TWILIO_AUTH_TOKEN (without it, only a bridge on a "
-            "loopback address takes them, unchecked)"
+            "phone calls on /twilio are not checked (PARLEY_TWILIO_UNCHECKED, no PARLEY_TWILIO_AUTH_TOKEN): anyone who "
+            "reaches the bridge may call%s; for development only",
+            ", with its API key" if options.api_key else "",
         )
+    elif not options.twilio.auth_token:
+        log.info("phone calls on /twilio are refused until PARLEY_TWILIO_AUTH_TOKEN is set")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

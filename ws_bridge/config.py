@@ -75,7 +75,13 @@ class BridgeSettings(BaseSettings):
         "",
         "PARLEY_TWILIO_AUTH_TOKEN",
         "Twilio's auth token: /twilio then refuses upgrade requests without a valid X-Twilio-Signature. "
-        "Empty: any caller may connect (development only).",
+        "Empty: /twilio refuses every call, unless twilio_unchecked is set.",
+    )
+    twilio_unchecked: bool = _setting(
+        False,
+        "PARLEY_TWILIO_UNCHECKED",
+        "Without an auth token, take calls on /twilio unchecked, from anyone who reaches the bridge (a tunnel "
+        "or a proxy too), with the bridge's API key: for development only.",
     )
     twilio_public_url: str = _setting(
         "",
@@ -213,4 +219,6 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     shared with the service) that the bridge does not read (it reads its own by their exact names).
     The service checks the rest."""
     known = {env_name(field) for field in BridgeSettings.model_fields.values()}
-    return describe_unknown(environ, known, case_sensitive=True, mine=(*BRIDGE_PREFIXES, "PARLEY_LOG_"))
+    return describe_unknown(
+        environ, known, case_sensitive=True, mine=(*BRIDGE_PREFIXES, "PARLEY_LOG_"), reader="the bridge"
+    )

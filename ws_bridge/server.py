@@ -52,7 +52,7 @@ WS_PATH = "/ws"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _CALL_ENDED = object()
 _CONNECT_WAIT_S = 3.0
-_READY_WAIT_S = 1.0  # (a readiness probe's own timeout is 1 s by default in Kubernetes)
+_READY_WAIT_S = 0.8  # (within a readiness probe's own timeout, 1 s by default in Kubernetes)
 # The service is usually next door: reconnect quickly after it restarts.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
@@ -204,11 +204,8 @@ class Bridge:
                 "credentials in a URL end up in access logs: send the token as the subprotocol bearer.<token> "
                 'or in a first frame {"auth": {"token": "..."}}, never in the query string',
             )
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
-            self.metrics.refused.labels("origin").inc()
-            self._origin_refused("refused a socket from origin %s", origin)
-            return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
+        if refused := self._foreign_origin(request, WS_PATH):
+            return refused
         if self.sockets >= self.options.max_sockets:
             self.metrics.refused.labels("socket limit").inc()
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the bridge is at its socket limit; try again later")
@@ -216,26 +213,28 @@ class Bridge:
 
     def _unchecked_call_refused(self, request: Request) -> Response | None:
         """Without a Twilio auth token nothing proves a call is Twilio's, and the call reaches the service
-        with the bridge's own API key: so unchecked calls are taken on a loopback address only (a
-        developer's tunnel), and not from another site's page in a browser (which sends its Origin)."""
+        with the bridge's own API key: such calls are refused unless the bridge is told to take them
+        (development), and even then not from another site's page in a browser (which sends its Origin)."""
         if self.options.twilio.auth_token:
             return None
-        if not is_loopback(self.options.host):
+        if not self.options.twilio.unchecked:
             self.metrics.refused.labels("twilio unchecked").inc()
-            self._call_refused(
-                "refused a /twilio socket: without PARLEY_TWILIO_AUTH_TOKEN, phone calls are taken on a loopback "
-                "address only"
-            )
+            self._call_refused("refused a /twilio socket: no PARLEY_TWILIO_AUTH_TOKEN to check it with")
             return _text(
                 http.HTTPStatus.FORBIDDEN,
-                "this bridge takes phone calls only with Twilio's signature: set PARLEY_TWILIO_AUTH_TOKEN",
+                "this bridge takes phone calls only with Twilio's signature: set PARLEY_TWILIO_AUTH_TOKEN "
+                "(or, for development, PARLEY_TWILIO_UNCHECKED=true)",
             )
+        return self._foreign_origin(request, TWILIO_PATH)
+
+    def _foreign_origin(self, request: Request, path: str) -> Response | None:
+        """HTTP 403 for a socket on ``path`` that a page of an origin not allowed opens, else None."""
         origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
-            self.metrics.refused.labels("origin").inc()
-            self._call_refused("refused a /twilio socket from origin %s", origin)
-            return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
-        return None
+        if origin is None or self._origin_allowed(origin, request.headers.get("Host", "")):
+            return None
+        self.metrics.refused.labels("origin").inc()
+        self._origin_refused("refused a %s socket from origin %s", path, origin)
+        return _text(http.HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed")
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
         if origin in self.options.allowed_origins:
@@ -273,10 +272,7 @@ class Bridge:
                 async with asyncio.timeout(_READY_WAIT_S):
                     await channel.channel_ready()
             except TimeoutError:
-                return _text(
-                    http.HTTPStatus.SERVICE_UNAVAILABLE,
-                    f"the voice service at {self.options.grpc_target} is not reachable",
-                )
+                return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "the voice service is not reachable")
         return _text(http.HTTPStatus.OK, "ready")
 
     async def _voices(self, authorization: str) -> Response:

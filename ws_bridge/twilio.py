@@ -79,6 +79,9 @@ class TwilioOptions:
     upgrade request's ``Host`` with ``wss://``."""
     greeting: str = ""
     """Said when a call starts, unless the call's parameters give their own."""
+    unchecked: bool = False
+    """Without an auth token, take calls that nothing proves are Twilio's (development only); else
+    refuse them."""
 
 
 def signature(auth_token: str, url: str) -> str:
@@ -143,6 +146,8 @@ class TwilioCall:
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     """The current ``Converse`` call has started its session (a resumption may fail before it does)."""
     _started_at: float = 0.0
+    _conversations: int = 0
+    """Conversations this call went on in after the first (a session lost: see :meth:`_converse`)."""
     _keys_pressed: int = 0
     """``dtmf`` events of the call (a line each would let a caller flood the log)."""
 
@@ -223,7 +228,9 @@ class TwilioCall:
                     self.session_id[:8],
                     said,
                 )
-                asked_session, self.session_id = False, ""
+                asked_session = False
+                self._new_conversation()
+                waiting_since, attempt = now, 0  # (its own wait for a replica to start it)
                 request = self._start_request(start)
                 request.session_id = ""
                 continue
@@ -257,6 +264,14 @@ class TwilioCall:
                     continue
             log.warning("twilio stream %s: the service ended the call: %s", self.stream_sid, said)
             return CLOSE_CODE_FOR.get(ended.code(), 1011), f"{ended.code().name}: {ended.details() or ''}"
+
+    def _new_conversation(self) -> None:
+        """The call's session is gone: the next stream starts a new one, which numbers its turns from
+        turn-1 again; what was played of the old ones, and their marks (which Twilio may still echo),
+        are not taken for the new ones'."""
+        self.session_id = ""
+        self._turns, self._marks, self._playing = {}, {}, None
+        self._conversations += 1
 
     async def _open(self, start: pb.Start, greeting: str) -> grpc.aio.StreamStreamCall:
         """A ``Converse`` call for this phone call, started (and the greeting asked for): the current one."""
@@ -450,6 +465,8 @@ class TwilioCall:
         for part, offset in enumerate(pieces):
             piece = data[offset : offset + MARK_EVERY_BYTES]
             name = f"{audio.turn_id}/{audio.sequence}" + (f".{part}" if len(pieces) > 1 else "")
+            if self._conversations:
+                name = f"{self._conversations}:{name}"
             heard_ms = (
                 ended_ms - audio.duration_ms * (len(data) - offset - len(piece)) / len(data) if data else ended_ms
             )

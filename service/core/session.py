@@ -181,9 +181,10 @@ class Session:
         self._current: TurnRecord | None = None
         self._heard: TurnRecord | None = None
         self._unflushed: str | None = None
-        """The id of a speak turn that ended before its flush (the user spoke over it, the client
-        interrupted it, an engine failed): its later pieces, already on their way, are dropped, and its
-        flush closes it, rather than opening a new speak turn that talks over the user (a QA pass)."""
+        """The id of a speak turn the server ended before its flush (the user spoke over it, an engine
+        failed): its later pieces, already on their way when the client could not yet know, are
+        dropped, and its flush closes it, rather than opening a new speak turn that talks over the user
+        (a QA pass). A turn the client itself stopped (an interrupt, other input) is not one."""
         self._watchers: list[asyncio.Task[None]] = []
         self._last_activity = time.monotonic()
 
@@ -230,6 +231,8 @@ class Session:
     async def _handle(self, command: Command) -> None:
         if isinstance(command, ClientCommand):
             self._last_activity = time.monotonic()
+        if isinstance(command, SpeakText) and self._late_piece(command):
+            return  # (before the tentative reply is let go: it answers the user this piece would talk over)
         if isinstance(command, UserText | SpeakText | CommitAudio | Interrupt):
             # Each of these ends a tentative turn anyway; first, so that the id it held (never shown to
             # the client) is free for the client's own.
@@ -370,7 +373,7 @@ class Session:
         self._check_turn_id(turn_id, "user_text.turn_id")
         if self._unanswerable():
             return
-        await self._interrupt(None)
+        await self._interrupt(None, by_client=True)
         settings = self._settings
         assert settings is not None
         request = LLMRequest(self._conversation.request_messages(text), settings.temperature, settings.max_tokens)
@@ -383,10 +386,6 @@ class Session:
         check_length(text, "speak_text.text", self._defaults.max_text_chars)
         turn = self._current
         if turn is None or turn.state is not TurnState.OPEN:
-            if self._unflushed is not None and turn_id in ("", self._unflushed):
-                if flush:  # (the rest of the speak turn that ended early: dropped, as it was)
-                    self._unflushed = None
-                return
             if not text:
                 raise InvalidRequest(
                     "speak_text.text is empty and no speak turn is open to flush; send the text to read aloud"
@@ -394,7 +393,7 @@ class Session:
             self._check_turn_id(turn_id, "speak_text.turn_id")
             if self._unanswerable():
                 return
-            await self._interrupt(None)
+            await self._interrupt(None, by_client=True)
             turn = self._begin(turn_id, None, user_text=None)
             self._unflushed = None  # (a new speak turn, named otherwise: the old one's pieces are not coming)
         if turn.speak_chars + len(text) > self._defaults.max_text_chars:
@@ -408,30 +407,44 @@ class Session:
         if flush:
             turn.close_input()
 
+    def _late_piece(self, piece: SpeakText) -> bool:
+        """Whether ``piece`` belongs to a speak turn the server ended before its flush (see
+        ``_unflushed``): then it is dropped, and if it is the flush, the turn's input is closed."""
+        current = self._current
+        if self._unflushed is None or (current is not None and current.state is TurnState.OPEN):
+            return False
+        if piece.turn_id not in ("", self._unflushed):
+            return False  # (a new speak turn, named otherwise)
+        if piece.flush:
+            self._unflushed = None
+        return True
+
     async def _client_interrupt(self, played_ms: int | None, turn_id: str) -> None:
         """The client's ``interrupt``: of the turn in progress; or, naming a turn, of that one only, if
         it is the turn in progress or the last one (cut while a newer turn goes on: the client
         stopped it as a transcript opened the newer one). Naming any other stops nothing."""
         current = self._current if self._tentative() is None else None
         if not turn_id or (current is not None and current.turn_id == turn_id):
-            await self._interrupt(played_ms)
+            await self._interrupt(played_ms, by_client=True)
         elif self._heard is not None and self._heard.turn_id == turn_id:
             self._cut_heard(self._heard, played_ms)
 
-    async def _interrupt(self, played_ms: int | None, *, estimated: bool = False) -> None:
+    async def _interrupt(self, played_ms: int | None, *, estimated: bool = False, by_client: bool = False) -> None:
         """Stop the turn in progress at once; with none, cut the turn the client may still be hearing.
 
         Nothing more of the stopped turn leaves. The history keeps what the client heard: up to
         ``played_ms`` when it says, else all the audio that was sent. A tentative turn is discarded
         (the client never had any of it), and the turn before it cut. An ``estimated`` cut (a barge-in
         by voice, before the client has said what it played) stays open to the client's own report.
+        ``by_client``: the client's own message stops it (it knows: a speak turn it had not flushed
+        takes no more pieces as late ones).
         """
         await self._discard_tentative()
         turn = self._current
         if turn is not None:
             self._outbox.drop(turn.outlet)
             await turn.stop()
-            end, _ = self._end(turn, TurnEndReason.INTERRUPTED, self._heard_text(turn, played_ms))
+            end, _ = self._end(turn, TurnEndReason.INTERRUPTED, self._heard_text(turn, played_ms), by_client=by_client)
             self._outbox.put_control(end, turn.outlet)  # at once: a barge-in's next turn never waits for the store
             return
         if self._heard is not None:
@@ -692,7 +705,9 @@ class Session:
             end = dataclasses.replace(end, history_unsaved=True)
         self._outbox.put_control(end, turn.outlet)
 
-    def _end(self, turn: TurnRecord, reason: TurnEndReason, spoken: str, error: str = "") -> tuple[TurnEnd, int]:
+    def _end(
+        self, turn: TurnRecord, reason: TurnEndReason, spoken: str, error: str = "", *, by_client: bool = False
+    ) -> tuple[TurnEnd, int]:
         """Record the turn's end in the history and hand the history to the saver; the end to send, and
         the version of the history that holds it."""
         interrupted = reason is TurnEndReason.INTERRUPTED
@@ -701,7 +716,7 @@ class Session:
             in_history = True
         else:
             in_history = self._conversation.add_spoken(spoken, interrupted=interrupted)
-        if turn.state is TurnState.OPEN:  # (a speak turn whose client had not flushed it: more may come)
+        if turn.state is TurnState.OPEN and not by_client:  # (a speak turn not flushed: more may be on the way)
             self._unflushed = turn.turn_id
         turn.end(TurnOutcome(reason, spoken, in_history))
         if self._quotas is not None:

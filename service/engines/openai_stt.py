@@ -59,6 +59,8 @@ class OpenAISTT:
     """Transcribes utterances through the transcriptions API."""
 
     def __init__(self, connection: OpenAIConnection, options: OpenAISTTOptions) -> None:
+        if options.language and (problem := self.language_problem(options.language)) is not None:
+            raise STTError(f"PARLEY_STT_LANGUAGE: {problem}")  # (said at start, as Whisper's is)
         self._connection = connection
         self._options = options
         self._client = make_client(connection)
@@ -69,15 +71,17 @@ class OpenAISTT:
         return _RATE_HZ
 
     def language_problem(self, language: str) -> str | None:
+        # (Only its shape: which codes the server knows, it alone says. OpenAI asks for ISO-639-1; some
+        # compatible servers take ISO-639-3 too.)
         if 2 <= len(language) <= 3 and language.isascii() and language.isalpha():
-            return None  # (ISO-639-1, as OpenAI asks; some compatible servers take ISO-639-3 too)
-        return f"the language {language!r} is not an ISO-639-1 code; use one such as 'en' or 'fr' (not 'en-US')"
+            return None
+        return f"{language!r} is not a language code; use one such as 'en' or 'fr' (ISO-639-1; not 'en-US')"
 
     async def transcribe(self, pcm: bytes, language: str | None = None) -> Transcription:
         """Transcribe mono PCM16 at 16 kHz. Safe to cancel: the request is closed."""
         if len(pcm) % 2:
             raise STTError(f"PCM16 audio has an even number of bytes, not {len(pcm)}")
-        language = language or self._options.language or None
+        language = (language or self._options.language or "").lower() or None  # (as Whisper takes "EN")
         if not pcm:
             return Transcription("", language or "", 1.0)  # nothing to send: no speech, surely
         attempts = retrying(

@@ -44,6 +44,7 @@ DOCUMENTED = [
         "wss://voice.example.com/twilio",
     ),
     ("PARLEY_TWILIO_GREETING", "--twilio-greeting", "Hello there.", "twilio_greeting", "Hello there."),
+    ("PARLEY_TWILIO_UNCHECKED", "--twilio-unchecked", "true", "twilio_unchecked", True),
     (
         "PARLEY_BRIDGE_API_KEY",
         "--api-key",
@@ -241,7 +242,7 @@ def test_a_variable_named_as_the_bridges_that_it_does_not_read_is_said() -> None
         "PARLEY_TWILIO_AUTH_TOKEN": "x",
     }
     assert unknown_variables(environ) == [
-        "PARLEY_BRIDGE_PROT is not a variable Parley reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
-        "PARLEY_LOG_LEVL is not a variable Parley reads; it is ignored (did you mean PARLEY_LOG_LEVEL?)",
-        "parley_bridge_port is not a variable Parley reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
+        "PARLEY_BRIDGE_PROT is not a variable the bridge reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
+        "PARLEY_LOG_LEVL is not a variable the bridge reads; it is ignored (did you mean PARLEY_LOG_LEVEL?)",
+        "parley_bridge_port is not a variable the bridge reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
     ]

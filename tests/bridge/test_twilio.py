@@ -24,7 +24,8 @@ from service.core.codecs import CodecOptions, stream_encoder
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
 from service.stores.memory import MemoryStore
-from tests.bridge.test_bridge import Stack, start_stack
+from tests.bridge.test_bridge import Stack
+from tests.bridge.test_bridge import start_stack as start_bridge
 from tests.conftest import Harness, free_port, start_harness, stop_harness, wait_for
 from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from ws_bridge.server import Bridge, BridgeOptions
@@ -143,6 +144,12 @@ class FakeTwilio:
             await self.send(with_name)
         except ConnectionClosed:
             pass
+
+
+async def start_stack(harness: Harness, **options: Any) -> Stack:
+    """A bridge before ``harness`` that takes calls unchecked (these tests' fake Twilio signs nothing),
+    unless ``twilio`` options say otherwise."""
+    return await start_bridge(harness, **{"twilio": TwilioOptions(unchecked=True), **options})
 
 
 @pytest.fixture
@@ -463,56 +470,42 @@ def test_the_public_url_is_signed_as_given() -> None:
     assert not signature_valid(base, request("/twilio", "wss://internal:8080/twilio"))
 
 
-async def test_unchecked_calls_come_only_to_a_loopback_bridge_and_not_from_another_sites_page() -> None:
+async def test_calls_nothing_can_check_are_refused_unless_the_bridge_is_told_to_take_them() -> None:
     """Without an auth token nothing proves a call is Twilio's, and it reaches the service with the
-    bridge's own API key (a QA pass: any page, and anyone who reached a bridge on 0.0.0.0, used it)."""
+    bridge's own API key (a QA pass: any page, and anyone who reached the bridge, used it)."""
     harness = await start_harness(stt=FakeSTT())
-    loopback = await start_stack(harness)
-    exposed = Stack(
-        harness,
-        await Bridge(BridgeOptions(grpc_target=loopback.bridge.options.grpc_target, host="0.0.0.0", port=0)).start(),
-    )
-    signed = Stack(
-        harness,
-        await Bridge(
-            BridgeOptions(
-                grpc_target=loopback.bridge.options.grpc_target,
-                host="0.0.0.0",
-                port=0,
-                twilio=TwilioOptions(auth_token="0123456789abcdef0123456789abcdef"),
-            )
-        ).start(),
-    )
+    refusing = await start_bridge(harness)  # (no token, and not told to take calls unchecked)
+    unchecked = await start_stack(harness)
+    signed = await start_bridge(harness, twilio=TwilioOptions(auth_token="0123456789abcdef0123456789abcdef"))
     try:
         for stack, headers, said in (
-            (exposed, {}, "set PARLEY_TWILIO_AUTH_TOKEN"),
-            (loopback, {"Origin": "https://evil.example"}, "origin https://evil.example is not allowed"),
+            (refusing, {}, "set PARLEY_TWILIO_AUTH_TOKEN (or, for development, PARLEY_TWILIO_UNCHECKED=true)"),
+            (unchecked, {"Origin": "https://evil.example"}, "origin https://evil.example is not allowed"),
         ):
             with pytest.raises(InvalidStatus) as refused:
                 async with connect(twilio_url(stack), additional_headers=headers):
                     pass
             assert refused.value.response.status_code == 403
             assert said in refused.value.response.body.decode()
-        assert exposed.bridge.metrics.refused.labels("twilio unchecked")._value.get() == 1
-        assert loopback.bridge.metrics.refused.labels("origin")._value.get() == 1
-        async with connect(twilio_url(loopback), additional_headers={"Origin": "http://localhost:3000"}) as socket:
+        assert refusing.bridge.metrics.refused.labels("twilio unchecked")._value.get() == 1
+        assert unchecked.bridge.metrics.refused.labels("origin")._value.get() == 1
+        async with connect(twilio_url(unchecked), additional_headers={"Origin": "http://localhost:3000"}) as socket:
             caller = FakeTwilio(socket)  # (a page of this machine's, and a tunnel, which sends none: taken)
             await caller.start()
             await caller.hang_up()
             await wait_for(lambda: caller.ended, 5)
             await caller.aclose()
-        url = f"ws://127.0.0.1:{signed.bridge.port}/twilio"
-        good = signature("0123456789abcdef0123456789abcdef", f"wss://127.0.0.1:{signed.bridge.port}/twilio")
-        async with connect(
-            url, additional_headers={"X-Twilio-Signature": good, "Origin": "https://x.example"}
-        ) as socket:
+        port = signed.bridge.port
+        good = signature("0123456789abcdef0123456789abcdef", f"wss://127.0.0.1:{port}/twilio")
+        headers = {"X-Twilio-Signature": good, "Origin": "https://x.example"}
+        async with connect(twilio_url(signed), additional_headers=headers) as socket:
             caller = FakeTwilio(socket)  # (signed: Twilio's, whatever else its request says)
             await caller.start()
             await caller.hang_up()
             await wait_for(lambda: caller.ended, 5)
             await caller.aclose()
     finally:
-        for stack in (loopback, exposed, signed):
+        for stack in (refusing, unchecked, signed):
             await stack.bridge.aclose()
         await stop_harness(harness)
 
@@ -552,20 +545,33 @@ async def test_phone_calls_reach_a_service_with_api_keys_with_the_bridges_key() 
         await stop_harness(harness)
 
 
+def a_replica(port: int, heard: str, store: MemoryStore, reply: str) -> Awaitable[Harness]:
+    """A replica of the service on ``port`` (0: a new one; or shared with another), hearing ``heard``."""
+    return start_harness(
+        FakeLLM(reply=reply, token_s=0.01),
+        FakeTTS(chunk_s=0.02),
+        stt=FakeSTT(texts=[heard]),
+        store=store,
+        port=port,
+        share_port=True,
+    )
+
+
+async def asked_again(caller: FakeTwilio, replica: Harness) -> list[str]:
+    """The caller speaks again and is answered: what the replica's LLM was asked (history, question)."""
+    played = len(caller.of("media"))
+    await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
+    await wait_for(lambda: len(replica.llm.requests) == 1 and len(caller.of("media")) > played, 10)
+    return [m.content for m in replica.llm.requests[0].messages]
+
+
 async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -> None:
     """A rolling update: the call's replica shuts down mid-reply; the bridge resumes the session on the
     replica still running, and the caller, still on the line, is answered there with the history."""
     store = MemoryStore(ttl_s=60)
 
     def replica(port: int, heard: str) -> Awaitable[Harness]:
-        return start_harness(
-            FakeLLM(reply=REPLY * 3, token_s=0.01),
-            FakeTTS(chunk_s=0.02),
-            stt=FakeSTT(texts=[heard]),
-            store=store,
-            port=port,
-            share_port=True,
-        )
+        return a_replica(port, heard, store, REPLY * 3)
 
     first = await replica(0, "Tell me a story.")
     stack = await start_stack(first)
@@ -584,14 +590,9 @@ async def test_a_call_goes_on_on_another_replica_when_its_replica_shuts_down() -
             await talking
             await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
             assert not caller.ended
-            played = len(caller.of("media"))
-            await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(second.llm.requests) == 1 and len(caller.of("media")) > played, 10)
-            history = second.llm.requests[0].messages
-            assert [m.content for m in history[-3:-1]][0] == "Tell me a story." and history[-1].content == (
-                "And then what happened?"
-            )
-            assert REPLY.startswith(history[-2].content.rstrip(".… ")[:40])  # what was sent of the cut reply
+            history = await asked_again(caller, second)
+            assert history[-3] == "Tell me a story." and history[-1] == "And then what happened?"
+            assert REPLY.startswith(history[-2].rstrip(".… ")[:40])  # what was sent of the cut reply
             await caller.hang_up()
             await wait_for(lambda: stack.bridge.sockets == 0, 10)
             await caller.aclose()
@@ -608,17 +609,10 @@ async def test_a_call_whose_session_is_lost_with_its_replica_goes_on_in_a_new_co
     while the caller was still on the line (a QA pass); it goes on, greeted again, without the history."""
 
     def replica(port: int, heard: str) -> Awaitable[Harness]:
-        return start_harness(
-            FakeLLM(reply=REPLY, token_s=0.01),
-            FakeTTS(chunk_s=0.02),
-            stt=FakeSTT(texts=[heard]),
-            store=MemoryStore(ttl_s=60),  # (its own)
-            port=port,
-            share_port=True,
-        )
+        return a_replica(port, heard, MemoryStore(ttl_s=60), REPLY)  # (each its own store)
 
     first = await replica(0, "Tell me a story.")
-    stack = await start_stack(first, twilio=TwilioOptions(greeting="Hello, this is Parley."))
+    stack = await start_stack(first, twilio=TwilioOptions(greeting="Hello, this is Parley.", unchecked=True))
     second: Harness | None = None
     try:
         async with connect(twilio_url(stack)) as socket:
@@ -628,11 +622,8 @@ async def test_a_call_whose_session_is_lost_with_its_replica_goes_on_in_a_new_co
             second = await replica(first.running.port, "Are you still there?")
             await first.running.stop(grace_s=1)
             await wait_for(lambda: second is not None and second.running.servicer.active_streams == 1, 10)
-            played = len(caller.of("media"))
-            await caller.say(quiet(300, RATE) + loud(700, RATE) + quiet(700, RATE))
-            await wait_for(lambda: len(second.llm.requests) == 1 and len(caller.of("media")) > played, 10)
+            said = await asked_again(caller, second)
             assert not caller.ended
-            said = [m.content for m in second.llm.requests[0].messages]
             assert said[-1] == "Are you still there?" and "Tell me a story." not in said  # (a new conversation)
             assert second.tts.texts[0].startswith("Hello,")  # (greeted again: it is a new one)
             await caller.hang_up()
@@ -727,7 +718,9 @@ async def test_a_call_that_comes_in_while_the_service_restarts_waits_for_it() ->
     """Found in QA: a call placed while the bridge's channel waited to reconnect was hung up at once
     (UNAVAILABLE, connection refused), though the service was back a moment later."""
     port = free_port()
-    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
+    bridge = await Bridge(
+        BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0, twilio=TwilioOptions(unchecked=True))
+    ).start()
     harness: Harness | None = None
     try:
         async with connect(f"ws://127.0.0.1:{bridge.port}/twilio") as socket:
@@ -777,7 +770,9 @@ async def test_what_the_caller_says_while_no_replica_takes_the_call_is_heard_by_
     a stream refused on the way (no replica up yet) never heard it: it now goes to the first stream
     that has started its session."""
     port = free_port()
-    bridge = await Bridge(BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0)).start()
+    bridge = await Bridge(
+        BridgeOptions(grpc_target=f"127.0.0.1:{port}", host="127.0.0.1", port=0, twilio=TwilioOptions(unchecked=True))
+    ).start()
     harness: Harness | None = None
     try:
         async with connect(f"ws://127.0.0.1:{bridge.port}/twilio") as socket:
@@ -821,6 +816,28 @@ async def test_a_call_the_service_ends_as_idle_closes_with_1001() -> None:
     finally:
         await stack.bridge.aclose()
         await stop_harness(harness)
+
+
+async def test_a_new_conversation_plays_its_turn_1_whatever_the_lost_one_did() -> None:
+    # A call's session lost, its new one numbers turns from turn-1 again: a turn-1 the caller had
+    # barged in over (cleared) silenced the new greeting, and old marks counted for the new turn.
+    sent: list[dict[str, Any]] = []
+
+    class Socket:
+        async def send(self, frame: str) -> None:
+            sent.append(json.loads(frame))
+
+    call = ws_bridge.twilio.TwilioCall(Socket(), None, TwilioOptions())  # type: ignore[arg-type]
+    chunk = pb.AudioChunk(turn_id="turn-1", sequence=0, data=b"\xff" * 160, duration_ms=20)
+    await call._play(chunk)
+    call._turns["turn-1"].cleared = True  # (the caller spoke over it)
+    old_mark = sent[-1]["mark"]["name"]
+    call._new_conversation()
+    sent.clear()
+    await call._play(chunk)
+    assert [m["event"] for m in sent] == ["media", "mark"] and sent[1]["mark"]["name"] != old_mark
+    call._heard(old_mark)  # (Twilio echoes the old mark late: not the new turn's)
+    assert call._turns["turn-1"].heard_ms == 0
 
 
 def test_a_call_takes_its_captions_with_the_segments() -> None:

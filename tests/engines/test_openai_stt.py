@@ -72,18 +72,24 @@ async def test_the_language_is_sent_only_when_known(fake: FakeOpenAI) -> None:
         assert (heard.text, heard.language) == ("Hello from the fake transcriber.", "")  # json says no language
         assert (await german.transcribe(SPEECH)).language == "de"  # the engine's default
         assert (await german.transcribe(SPEECH, "fr")).language == "fr"  # the call's own
+        assert (await german.transcribe(SPEECH, "EN")).language == "en"  # (as Whisper takes it)
     finally:
         await detect.aclose()
         await german.aclose()
     sent = [r.body for r in fake.of("/audio/transcriptions")]
     assert sent[0] == {"model": "gpt-4o-mini-transcribe", "response_format": "json"}
-    assert [s.get("language") for s in sent[1:]] == ["de", "fr"]
+    assert [s.get("language") for s in sent[1:]] == ["de", "fr", "en"]
 
 
 def test_a_language_asked_for_at_start_is_an_iso_639_code(stt: OpenAISTT) -> None:
     assert stt.language_problem("en") is None and stt.language_problem("yue") is None
     for wrong in ("en-US", "e", "en\n", "\u00e9n"):
-        assert "is not an ISO-639-1 code" in (stt.language_problem(wrong) or ""), wrong
+        assert "is not a language code" in (stt.language_problem(wrong) or ""), wrong
+
+
+def test_a_default_language_that_is_no_code_stops_the_engine_at_start(fake: FakeOpenAI) -> None:
+    with pytest.raises(STTError, match="PARLEY_STT_LANGUAGE: 'en-US' is not a language code"):
+        openai_stt(fake, language="en-US")
 
 
 async def test_nothing_to_send(stt: OpenAISTT, fake: FakeOpenAI) -> None:

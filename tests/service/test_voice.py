@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from parley.v1 import voice_pb2 as pb
-from tests.conftest import Harness, start, start_harness, stop_harness, user, wait_for
+from tests.conftest import Harness, speak, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 
 RATE = 16000
@@ -95,6 +95,36 @@ async def test_speech_during_a_reply_interrupts_it_at_once(voiced: Harness) -> N
     after_speech = kinds(seen)[kinds(seen).index("speech_started") :]
     assert "audio" not in after_speech  # nothing more of the reply once the user spoke
     assert ended.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+    call.cancel()
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed pieces", "every piece named"])
+async def test_the_rest_of_a_speak_turn_the_user_spoke_over_is_dropped_not_spoken(voiced: Harness, named: bool) -> None:
+    # The client streams a text to read; the user speaks over it while more pieces are on their way
+    # (the client cannot know in time). They opened a new speak turn that talked over the user and cut
+    # off the answer to them; named as the first, they ended the stream (a turn id used), and so did
+    # the flush (no speak turn open): a QA pass.
+    def piece(text: str, flush: bool = False) -> pb.ConverseRequest:
+        return pb.ConverseRequest(speak_text=pb.SpeakText(text=text, flush=flush, turn_id="story" if named else ""))
+
+    call = voiced.stub.Converse()
+    await call.write(voice_start(silence_ms=300, min_speech_ms=100))
+    seen: list[pb.ConverseResponse] = []
+    await read_until(call, "session_started", seen)
+    await call.write(piece("Once upon a time there was a castle. It stood on a hill, "))
+    await read_until(call, "audio", seen)
+    await say(call, loud(300))
+    stopped = await read_until(call, "turn_ended", seen)
+    assert stopped.turn_ended.reason == pb.TURN_END_REASON_INTERRUPTED
+    await call.write(piece("In the castle lived a king. "))
+    await call.write(piece("", flush=True))
+    await say(call, quiet(600))  # (the user stops speaking: their words are answered)
+    answered = await read_until(call, "turn_ended", seen)
+    assert answered.turn_ended.reason == pb.TURN_END_REASON_COMPLETED
+    assert "transcript" in kinds(seen) and not any("king" in text for text in voiced.tts.texts)  # type: ignore[union-attr]
+    await call.write(speak("Read this next.", flush=True))  # (a new speak turn, once the old one was flushed)
+    ended = await read_until(call, "turn_ended", seen)
+    assert (ended.turn_ended.reason, ended.turn_ended.spoken_text) == (pb.TURN_END_REASON_COMPLETED, "Read this next.")
     call.cancel()
 
 

@@ -588,6 +588,7 @@ def test_a_bad_setting_is_said_in_one_line_naming_its_flag_and_variable(
         (["--workers", "abc", "--log-format", "json"], {}),
         (["--workers=abc", "--log-format=json"], {}),
         (["--workers", "abc"], {"PARLEY_LOG_FORMAT": "json"}),
+        (["--workers", "abc"], {"parley_log_format": "json"}),  # (the service reads its variables in any case)
         (["--workers", "abc", "--log-format", "json"], {"PARLEY_LOG_FORMAT": "text"}),  # (flags win)
     ],
 )
