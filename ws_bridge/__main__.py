@@ -37,6 +37,7 @@ def bridge_options(settings: BridgeSettings) -> BridgeOptions:
         max_sockets=settings.max_sockets,
         ping_interval_s=settings.ping_interval_s,
         ping_timeout_s=settings.ping_interval_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
         twilio=TwilioOptions(
             settings.twilio_auth_token, settings.twilio_public_url, settings.twilio_greeting, settings.twilio_unchecked
         ),
@@ -73,7 +74,8 @@ async def run(options: BridgeOptions) -> None:
     asyncio.create_task(_announce_when_ready(bridge, options, page))
     await stop.wait()
     log.info("shutting down the bridge (%d socket(s) open)", bridge.sockets)
-    await bridge.aclose()
+    stop.clear()  # (a second signal: the phone calls still going on end at once)
+    await bridge.aclose(options.shutdown_grace_s, hurry=stop)
 
 
 def _hung_up(stop: asyncio.Event) -> None:

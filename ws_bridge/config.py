@@ -71,6 +71,13 @@ class BridgeSettings(BaseSettings):
     ping_interval_s: float = _setting(
         20.0, "PARLEY_BRIDGE_PING_INTERVAL_S", "Keepalive ping interval, and how long a pong may take.", gt=0
     )
+    shutdown_grace_s: float = _setting(
+        10.0,
+        "PARLEY_BRIDGE_SHUTDOWN_GRACE_S",
+        "On SIGTERM, how long phone calls in progress may go on (no new socket is taken; pages are closed at "
+        "once, and resume elsewhere); a second signal ends them at once. 0: close everything at once.",
+        ge=0,
+    )
     twilio_auth_token: str = _setting(
         "",
         "PARLEY_TWILIO_AUTH_TOKEN",

@@ -52,6 +52,7 @@ WS_PATH = "/ws"
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _CALL_ENDED = object()
 _CONNECT_WAIT_S = 3.0
+_SHUTTING_DOWN = "the bridge is shutting down"
 _READY_WAIT_S = 0.8  # (within a readiness probe's own timeout, 1 s by default in Kubernetes)
 # The service is usually next door: reconnect quickly after it restarts.
 CHANNEL_OPTIONS = [
@@ -74,6 +75,7 @@ class BridgeOptions:
     max_sockets: int = default("max_sockets")
     ping_interval_s: float = default("ping_interval_s")
     ping_timeout_s: float = default("ping_interval_s")
+    shutdown_grace_s: float = default("shutdown_grace_s")
     twilio: TwilioOptions = TwilioOptions()
     """Phone calls on ``/twilio``."""
     grpc_tls: bool = False
@@ -98,6 +100,10 @@ class Bridge:
     _server: Server | None = None
     _channel: grpc.aio.Channel | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    _calls: set[ServerConnection] = field(default_factory=set)
+    """The sockets of phone calls in progress (a call cannot move to another bridge: a shutdown lets
+    them end, for a while)."""
+    _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
     _tls: _ServerTLS | None = None
     metrics: BridgeMetrics = field(default_factory=BridgeMetrics)
     metrics_port: int | None = None
@@ -159,11 +165,28 @@ class Bridge:
         )
         return self
 
-    async def aclose(self) -> None:
+    async def aclose(self, call_grace_s: float = 0.0, hurry: asyncio.Event | None = None) -> None:
         """Close every socket (1001, going away, saying why: a page connects again, and resumes its
-        session, through another bridge or this one restarted) and the gRPC channel."""
+        session, through another bridge or this one restarted) and the gRPC channel. Phone calls in
+        progress, which cannot move, may first go on for up to ``call_grace_s`` (or until ``hurry`` is
+        set), while the bridge takes no new socket and the pages are closed."""
         if self._server is not None:
-            self._server.close(reason="the bridge is shutting down")
+            if call_grace_s > 0 and self._calls:
+                self._server.server.close()  # (no new socket: a balancer sends it to another bridge)
+                pages = [c for c in self._server.connections if c not in self._calls]
+                await asyncio.gather(*(c.close(1001, _SHUTTING_DOWN) for c in pages), return_exceptions=True)
+                log.info("shutting down: %d phone call(s) get %g s to end", len(self._calls), call_grace_s)
+                waits = {asyncio.ensure_future(self._no_calls.wait())}
+                if hurry is not None:
+                    waits.add(asyncio.ensure_future(hurry.wait()))
+                try:
+                    await asyncio.wait(waits, timeout=call_grace_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for wait in waits:
+                        wait.cancel()
+                if self._calls:
+                    log.info("shutting down: %d phone call(s) still going on end now", len(self._calls))
+            self._server.close(reason=_SHUTTING_DOWN)
             await self._server.wait_closed()
         if self._channel is not None:
             await self._channel.close()
@@ -299,13 +322,20 @@ class Bridge:
         self.metrics.sockets.set(self.sockets)
         try:
             if urlsplit(websocket.request.path).path == TWILIO_PATH if websocket.request else False:
-                await TwilioCall(
-                    websocket,
-                    self._stub,
-                    self.options.twilio,
-                    api_key=self.options.api_key,
-                    on_bad_frame=lambda: self.metrics.refused.labels("bad frame").inc(),
-                ).run()
+                self._calls.add(websocket)
+                self._no_calls.clear()
+                try:
+                    await TwilioCall(
+                        websocket,
+                        self._stub,
+                        self.options.twilio,
+                        api_key=self.options.api_key,
+                        on_bad_frame=lambda: self.metrics.refused.labels("bad frame").inc(),
+                    ).run()
+                finally:
+                    self._calls.discard(websocket)
+                    if not self._calls:
+                        self._no_calls.set()
             else:
                 await self._converse(websocket)
         finally:

@@ -35,6 +35,7 @@ DOCUMENTED = [
     ("PARLEY_BRIDGE_MAX_FRAME_BYTES", "--max-frame-bytes", "1024", "max_frame_bytes", 1024),
     ("PARLEY_BRIDGE_MAX_SOCKETS", "--max-sockets", "3", "max_sockets", 3),
     ("PARLEY_BRIDGE_PING_INTERVAL_S", "--ping-interval-s", "2.5", "ping_interval_s", 2.5),
+    ("PARLEY_BRIDGE_SHUTDOWN_GRACE_S", "--shutdown-grace-s", "30", "shutdown_grace_s", 30.0),
     ("PARLEY_TWILIO_AUTH_TOKEN", "--twilio-auth-token", "abc123", "twilio_auth_token", "abc123"),
     (
         "PARLEY_TWILIO_PUBLIC_URL",

@@ -253,6 +253,91 @@ async def test_what_is_not_twilio_is_refused(
     assert phone.bridge.metrics.refused.labels("bad frame")._value.get() == 1  # (and counted, as on /ws)
 
 
+async def test_a_bridge_shutting_down_lets_its_phone_calls_end_and_closes_its_pages_at_once(phone: Stack) -> None:
+    # A call cannot move to another bridge: a rolling update hung up on every caller mid-sentence.
+    call_url, page_url = twilio_url(phone), phone.url
+    async with connect(call_url) as socket, connect(page_url) as page:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await page.send(json.dumps({"start": {}}))
+        await page.recv()
+        closing = asyncio.create_task(phone.bridge.aclose(call_grace_s=30))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(page.recv(), 10)
+        assert (page.close_code, page.close_reason) == (1001, "the bridge is shutting down")
+        with pytest.raises(OSError):  # (no new socket: a balancer sends it to another bridge)
+            async with connect(page_url, open_timeout=2):
+                pass
+        await caller.ask()  # (the call goes on, answered)
+        assert not closing.done()
+        await caller.hang_up()
+        await asyncio.wait_for(closing, 10)  # (done once the last call ended, not at the grace's end)
+        await caller.aclose()
+
+
+async def test_a_phone_call_still_going_when_the_grace_ends_is_closed_going_away(phone: Stack) -> None:
+    async with connect(twilio_url(phone)) as socket:
+        caller = FakeTwilio(socket)
+        await caller.start()
+        await wait_for(lambda: phone.harness.running.servicer.active_streams == 1, 10)
+        began = time.monotonic()
+        await phone.bridge.aclose(call_grace_s=0.5)
+        assert time.monotonic() - began >= 0.5
+        await wait_for(lambda: caller.ended, 10)
+        assert (socket.close_code, socket.close_reason) == (1001, "the bridge is shutting down")
+        await caller.aclose()
+
+
+async def test_the_bridge_process_waits_for_its_calls_on_sigterm_and_not_after_a_second(phone: Stack) -> None:
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PARLEY_BRIDGE_PORT": str(port),
+        "PARLEY_GRPC_TARGET": f"127.0.0.1:{phone.harness.running.port}",
+        "PARLEY_TWILIO_UNCHECKED": "true",
+        "PARLEY_BRIDGE_SHUTDOWN_GRACE_S": "60",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ws_bridge", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    log = ""
+
+    async def read_until(marker: str) -> None:
+        nonlocal log
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while marker not in log:
+                line = await process.stderr.readline()
+                assert line, log
+                log += line.decode()
+
+    try:
+        await read_until("ready: open")
+        async with connect(f"ws://127.0.0.1:{port}/twilio") as socket:
+            caller = FakeTwilio(socket)
+            await caller.start()
+            await wait_for(lambda: phone.harness.running.servicer.active_streams == 1, 10)
+            process.send_signal(signal.SIGTERM)
+            await read_until("1 phone call(s) get 60 s to end")
+            assert not caller.ended
+            process.send_signal(signal.SIGTERM)  # (a second: no more waiting)
+            await read_until("1 phone call(s) still going on end now")
+            await wait_for(lambda: caller.ended, 10)
+            await caller.aclose()
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def test_a_bad_media_payload_ends_the_call(phone: Stack) -> None:
     async with connect(twilio_url(phone)) as socket:
         caller = FakeTwilio(socket)
