@@ -6,6 +6,7 @@ Every option is also an environment variable (shown in ``--help``; see :mod:`ws_
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from pydantic_settings import CliApp
 from service.logs import refusal
 from ws_bridge.config import BridgeSettings, describe_errors, unknown_variables
 from ws_bridge.logs import configure as configure_logs
-from ws_bridge.server import Bridge, BridgeOptions, is_loopback
+from ws_bridge.server import Bridge, BridgeOptions
 from ws_bridge.twilio import TwilioOptions
 
 log = logging.getLogger("ws_bridge")
@@ -56,14 +57,15 @@ async def run(options: BridgeOptions) -> None:
     log.info("bridge listening on %s:%d for the service at %s", options.host, bridge.port, options.grpc_target)
     if options.metrics_port is not None:
         log.info("bridge metrics on http://%s:%d/metrics", options.host, bridge.metrics_port)
-    if not options.twilio.auth_token and options.twilio.unchecked:
-        log.warning(
-            "phone calls on /twilio are not checked (PARLEY_TWILIO_UNCHECKED, no PARLEY_TWILIO_AUTH_TOKEN): anyone who "
-            "reaches the bridge may call%s; for development only",
-            ", with its API key" if options.api_key else "",
-        )
-    elif not options.twilio.auth_token:
-        log.info("phone calls on /twilio are refused until PARLEY_TWILIO_AUTH_TOKEN is set")
+    if not options.twilio.auth_token:  # (with one, Twilio's signature checks every call)
+        if options.twilio.unchecked:
+            log.warning(
+                "phone calls on /twilio are not checked (PARLEY_TWILIO_UNCHECKED, no PARLEY_TWILIO_AUTH_TOKEN): anyone "
+                "who reaches the bridge may call%s; for development only",
+                ", with its API key" if options.api_key else "",
+            )
+        else:
+            log.info("phone calls on /twilio are refused until PARLEY_TWILIO_AUTH_TOKEN is set")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,7 +99,7 @@ async def _announce_when_ready(bridge: Bridge, options: BridgeOptions, page: str
                 )
                 warned = True
     log.info("ready: open %s", page)
-    if not is_loopback(options.host) and await _takes_anyone(bridge):
+    if not _is_loopback(options.host) and await _takes_anyone(bridge):
         log.warning(
             "the service takes calls without credentials, and this bridge listens on %s: anyone who reaches the "
             "bridge may use the service; give the service API keys (the page then needs a #token=)",
@@ -114,6 +116,13 @@ async def _takes_anyone(bridge: Bridge) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,6 @@ class Bridge:
     sockets: int = 0
     _server: Server | None = None
     _channel: grpc.aio.Channel | None = None
-    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
     _calls: set[ServerConnection] = field(default_factory=set)
     """The sockets of phone calls in progress (a call cannot move to another bridge: a shutdown lets
     them end, for a while)."""
@@ -590,14 +589,6 @@ def _retry_after(error: grpc.aio.AioRpcError) -> int | None:
             with contextlib.suppress(ValueError):
                 return max(int(value), 0)
     return None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether the bridge listening on ``host`` is reached from this machine only."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _is_ip_address(name: str | None) -> bool:

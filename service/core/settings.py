@@ -206,7 +206,7 @@ def check_start(request: StartRequest, defaults: SessionDefaults, voices: Sequen
         )
     if bitrate < 0:
         raise InvalidRequest(f"audio.bitrate_bps {bitrate} is negative; use 0 for the server's default")
-    if request.session_id and not _SESSION_ID.fullmatch(request.session_id):
+    if request.session_id and not is_session_id(request.session_id):
         raise InvalidRequest(
             "start.session_id is not a session id (letters, digits, '-' and '_'); send the id session_started gave"
         )

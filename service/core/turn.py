@@ -92,7 +92,6 @@ class SegmentAudio:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wake_at = 1  # bytes that wake the waiter
-        self._loop: asyncio.AbstractEventLoop | None = None  # (once known: asking costs a system call on 3.11)
 
     def append(self, piece: bytes) -> None:
         """A piece of PCM16 the engine made (never empty)."""
@@ -140,9 +139,7 @@ class SegmentAudio:
         return taken[0] if len(taken) == 1 else b"".join(taken)
 
     async def _wait(self, wake_at: int, until: float | None) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         self._wake_at = wake_at
         timer = None if until is None else loop.call_at(until, self._wake)

@@ -93,7 +93,7 @@ async def _until(loop: asyncio.AbstractEventLoop, due: float) -> None:
         return
     clock = _clock(loop)
     if clock is not None:
-        future = clock.at(due, loop)
+        future = clock.at(due)
         try:
             await future
         except asyncio.CancelledError:
@@ -157,10 +157,10 @@ class _Clock:
         self._armed = math.inf
         self._spec = _Itimerspec()
 
-    def at(self, due: float, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future of ``loop`` (this clock's) done at ``due`` (``time.monotonic``, the kernel's
-        CLOCK_MONOTONIC), never before. Cancel it to stop waiting."""
-        future = loop.create_future()  # (not asyncio.get_running_loop(): a getpid() system call each, on 3.11)
+    def at(self, due: float) -> asyncio.Future[None]:
+        """A future done at ``due`` (``time.monotonic``, the kernel's CLOCK_MONOTONIC), never before.
+        Cancel it to stop waiting."""
+        future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (due, next(self._count), future))
         if due < self._armed:
             self._arm(due)

@@ -237,10 +237,9 @@ class WhisperSTT:
     def _checked(self, language: str | None) -> str | None:
         if not language:
             return None
-        language = language.strip().lower()
-        if language not in self._languages:
-            raise STTError(f"the Whisper model does not know the language {language!r}")
-        return language
+        if (problem := self.language_problem(language)) is not None:
+            raise STTError(problem)
+        return language.strip().lower()
 
     def _decode(self, pcm: bytes, language: str | None, stop: threading.Event) -> Transcription:
         """Runs on the worker thread."""
