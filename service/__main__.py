@@ -83,6 +83,7 @@ async def run(settings: Settings) -> None:
             token_secret=settings.token_secret,
             metrics_port=settings.metrics_port,
             share_port=WORKER_INDEX in os.environ,  # (set by the supervisor for its workers)
+            keepalive_s=settings.keepalive_s,
             quotas=QuotaLimits(
                 settings.quota_streams, settings.quota_turns_per_minute, settings.quota_chars_per_minute
             ),

@@ -205,6 +205,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Close a stream whose client reads nothing for this long while replies wait.",
     )
+    keepalive_s: float = Field(
+        30.0,
+        ge=0,
+        description="Ping each client connection this often; one that does not answer within 20 s (or this, if "
+        "less) is closed and its streams end, as a client gone without a word would otherwise hold them until "
+        "the idle timeout. 0: gRPC's default (every 2 hours).",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",

@@ -35,6 +35,12 @@ SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
 CONVERSE_METHOD = f"/{SERVICE_NAME}/Converse"
 DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
 CUT_LEAD_S = 2.0  # turns still running this long before the grace period ends are stopped (see RunningServer.stop)
+KEEPALIVE_TIMEOUT_S = 20.0
+"""How long a connection has to answer the server's keepalive ping (or the ping's interval, if less)."""
+CLIENT_PING_MIN_S = 10.0
+"""The shortest interval between a client's own keepalive pings on a connection with no data the server
+accepts (gRPC's default is 5 minutes: a client pinging every 30 s would be sent away, GOAWAY
+too_many_pings)."""
 
 
 @dataclass
@@ -95,11 +101,13 @@ async def start_server(
     quotas: QuotaLimits | None = None,
     metrics_port: int | None = None,
     share_port: bool = False,
+    keepalive_s: float = 0.0,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
     ``voice_input``, sessions take text only. With ``keys``, every call but health checks (and
-    reflection, if ``open_reflection``) needs one of them."""
+    reflection, if ``open_reflection``) needs one of them. With ``keepalive_s``, each client connection
+    is pinged that often and closed if it does not answer (see :func:`keepalive_options`)."""
     store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     metrics = Metrics(llm.name, tts.name, limits.max_streams, store)
 
@@ -111,7 +119,8 @@ async def start_server(
     interceptors = [AuthInterceptor(auth, open_reflection=open_reflection, refused=refused)] if auth is not None else []
     # Only workers share a port (SO_REUSEPORT, which gRPC sets by default): a second lone service on
     # a port in use fails to start instead of silently taking half its connections.
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 1 if share_port else 0)])
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 1 if share_port else 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options + keepalive_options(keepalive_s))
     servicer = VoiceServicer(
         llm,
         tts,
@@ -151,6 +160,29 @@ async def start_server(
     return RunningServer(server, bound, health_servicer, servicer, tls, metrics_port, watch)
 
 
+def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
+    """gRPC's options for a server that pings each client connection every ``interval_s`` (0: gRPC's
+    default, every 2 hours) and closes one that does not answer within :data:`KEEPALIVE_TIMEOUT_S` (or
+    the interval, if less): a client gone without a word (its network lost, its laptop asleep) would
+    otherwise hold its streams, their slots and their sessions until the idle timeout. The pings go on
+    while no data does (an open stream between turns), and clients may ping every
+    :data:`CLIENT_PING_MIN_S` themselves."""
+    if not interval_s:
+        return []
+    interval_ms = round(interval_s * 1000)
+    timeout_ms = min(interval_ms, round(KEEPALIVE_TIMEOUT_S * 1000))
+    # (gRPC core waits for a keepalive ping's answer for the ping timeout, a minute by default, as for
+    # any ping: the keepalive timeout alone closed nothing in the test of a silent client.)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", round(CLIENT_PING_MIN_S * 1000)),
+    ]
+
+
 STORE_CHECK_S = 2.0
 """How often the session store is checked (a Redis PING), and how long it has to answer."""
 
@@ -183,25 +215,36 @@ async def watch_store(store: SessionStore, health_servicer: health.aio.HealthSer
 
 
 async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully. SIGHUP reads the TLS certificates
-    again (at the next connection); without TLS there is nothing to read again, and SIGHUP (a closed
-    terminal's, most often) shuts down gracefully too, where Python's default ended the process at
-    once (streams cut, turns unsaved, sessions left claimed), unless it was ignored when the process
-    started (``nohup``: it stays ignored)."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; a second SIGTERM or SIGINT meanwhile
+    ends the turns still running at once, as the grace period's end would (an operator's Ctrl-C twice).
+    SIGHUP reads the TLS certificates again (at the next connection); without TLS there is nothing to
+    read again, and SIGHUP (a closed terminal's, most often) shuts down gracefully too, where Python's
+    default ended the process at once (streams cut, turns unsaved, sessions left claimed), unless it
+    was ignored when the process started (``nohup``: it stays ignored). A signal ignored when the
+    process started stays ignored (a worker's SIGINT: its supervisor passes the terminal's Ctrl-C on)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     if running.tls is not None:
         loop.add_signal_handler(signal.SIGHUP, running.tls.reload_now)
     elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's, or a worker's: its supervisor's call)
         loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     await stop.wait()
+    for sig in signals:
+        loop.add_signal_handler(sig, _hurry, running, signal.Signals(sig).name)
     log.info(
-        "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish", running.servicer.active_streams, grace_s
+        "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish (signal again to end them now)",
+        running.servicer.active_streams,
+        grace_s,
     )
     await running.stop(grace_s)
     log.info("stopped")
+
+
+def _hurry(running: RunningServer, name: str) -> None:
+    running.servicer.cut_streams(f"{name} again, during the shutdown")
 
 
 def _hung_up(stop: asyncio.Event) -> None:

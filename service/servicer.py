@@ -295,12 +295,13 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         UNAVAILABLE and a message that says to resume the session elsewhere."""
         self._shutting_down.set()
 
-    def cut_streams(self) -> None:
-        """The shutdown's grace period is nearly over: every turn still in progress stops at once (as if
-        interrupted: the history keeps what was sent), so that its stream still ends with the message
-        that says where to resume, before the server cancels whatever is left."""
+    def cut_streams(self, why: str = "the grace period is nearly over") -> None:
+        """The shutdown's grace period is nearly over (or the operator said not to wait): every turn
+        still in progress stops at once (as if interrupted: the history keeps what was sent), so that
+        its stream still ends with the message that says where to resume, before the server cancels
+        whatever is left."""
         if self.active_streams:
-            log.info("the grace period is nearly over: %d stream(s) still open end now", self.active_streams)
+            log.info("%s: %d stream(s) still open end now", why, self.active_streams)
         self._shutting_down.set()
         self._cutting.set()
 

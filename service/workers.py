@@ -15,7 +15,9 @@ worker's event loop beats on that pipe every :data:`HEARTBEAT_S`; one silent for
 ``PARLEY_WORKER_TIMEOUT_S`` (its loop stuck, or the process stopped) is killed (SIGKILL) and
 restarted, as gunicorn does with its worker timeout: the kernel would otherwise go on giving it its
 share of new connections, which would hang. On SIGTERM or SIGINT it passes SIGTERM to every worker,
-which drains as a lone service does, and exits once all have (0 when every running worker drained;
+which drains as a lone service does (a second signal is passed on too: the workers end their streams
+at once; workers ignore SIGINT, a terminal's Ctrl-C, which reaches them through the supervisor), and
+exits once all have (0 when every running worker drained;
 one still running :data:`STOP_MARGIN_S` past the drain's grace is killed, and the status is 1); with
 TLS on, SIGHUP it passes on (each worker reads its certificates again), and without, SIGHUP stops
 them as SIGTERM does (unless it was ignored when the supervisor started: ``nohup``). More than
@@ -102,9 +104,21 @@ async def supervise(
     argv = _worker_argv(argv)  # (each worker is one service)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     workers: dict[int, asyncio.subprocess.Process] = {}
+
+    def signalled(name: str) -> None:  # (SIGTERM or SIGINT: the first stops, a second hurries the workers)
+        if not stopping.is_set():
+            stopping.set()
+            return
+        running = [process for process in workers.values() if process.returncode is None]
+        log.info(
+            "%s again: passed on to the %d worker(s) still running, which end their streams now", name, len(running)
+        )
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled, signal.Signals(sig).name)
     heard: dict[int, _Beats] = {}  # (each worker's pipe: whether it serves)
 
     def reload() -> None:  # (SIGHUP: each worker reads its TLS certificates again, as a lone service does)
@@ -295,6 +309,9 @@ def become_worker() -> None:
     if supervisor is None:
         return
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (with TLS, the served worker's handler replaces it)
+    # A terminal's Ctrl-C reaches every process of its group: the supervisor passes it on as SIGTERM,
+    # and a worker that took it too would count that SIGTERM as the second signal, which hurries.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -59,6 +59,7 @@ async def start_harness(
     metrics_port: int | None = None,
     port: int = 0,
     share_port: bool = False,
+    keepalive_s: float = 0.0,
 ) -> Harness:
     """A server with fake engines; with ``share_port``, one of several on ``port`` (as workers are)."""
     llm = llm or FakeLLM()
@@ -79,6 +80,7 @@ async def start_harness(
         quotas=quotas,
         metrics_port=metrics_port,
         share_port=share_port,
+        keepalive_s=keepalive_s,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Harness(llm, tts, running, channel, stt)

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.v1 import voice_pb2 as pb
+from parley.v1 import voice_pb2_grpc as pb_grpc
 from service.core.engine import INTERRUPTED_NOTE, INTERRUPTED_SILENT, chat_content
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
@@ -339,6 +340,72 @@ async def test_idle_stream_is_closed() -> None:
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "idle" in caught.value.details()
     finally:
+        await stop_harness(h)
+
+
+class _SilencingProxy:
+    """A TCP relay to ``port`` that, once :meth:`silence` is called, stops relaying in both directions
+    and leaves both connections open: a client gone without a word (its network lost)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._silent = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def silence(self) -> None:
+        self._silent.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers += [writer, upstream_writer]
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._relay(source, sink))
+            self._tasks.add(task)
+
+    async def _relay(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            if self._silent.is_set():
+                await asyncio.Event().wait()  # (reads nothing more, closes nothing)
+            sink.write(data)
+            await sink.drain()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.parametrize("keepalive_s", [0.5, 0.0])
+async def test_a_client_gone_without_a_word_is_found_by_keepalive_pings(keepalive_s: float) -> None:
+    # A client whose network is lost sends no FIN: without pings its stream, its slot and its session
+    # were held until the idle timeout (ten minutes by default).
+    h = await start_harness(keepalive_s=keepalive_s)
+    proxy = _SilencingProxy(h.running.port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}")
+    try:
+        call = pb_grpc.VoiceServiceStub(channel).Converse()
+        await call.write(start())
+        assert (await call.read()).HasField("session_started")
+        assert h.running.servicer.active_streams == 1
+        proxy.silence()
+        if keepalive_s:
+            await wait_for(lambda: h.running.servicer.active_streams == 0, timeout_s=10)
+        else:  # (gRPC's default: the first ping would come after 2 hours)
+            await asyncio.sleep(3)
+            assert h.running.servicer.active_streams == 1
+        call.cancel()
+    finally:
+        await channel.close()
+        await proxy.close()
         await stop_harness(h)
 
 

@@ -648,3 +648,80 @@ def test_the_service_and_the_bridge_check_apart_the_variables_each_reads() -> No
     for field in BridgeSettings.model_fields.values():  # the bridge's: its prefixes, or the service's log settings
         name = env_name(field)
         assert name.startswith(BRIDGE_PREFIXES) or (name.startswith("PARLEY_LOG_") and name in service), name
+
+
+async def _long_turn_cut_by_a_second_signal(port: int, process: subprocess.Popen[str], second: signal.Signals) -> None:
+    """Begin a long reply on ``port``, SIGTERM ``process``, then ``second``: the turn is stopped at
+    once (not finished, nor left to the 60 s grace), and the stream still says where to resume."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
+        await call.write(start())
+        await call.write(user("A long one, please."))  # (about 70 s of speech)
+        while (await call.read()).WhichOneof("kind") != "audio":  # the turn is under way
+            pass
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1)
+        process.send_signal(second)
+        responses = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(20):
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    responses.append(response)
+    assert [r.turn_ended.reason for r in responses if r.HasField("turn_ended")] == [pb.TURN_END_REASON_INTERRUPTED]
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "resume session" in (ended.value.details() or "")
+
+
+async def test_a_second_signal_during_the_shutdown_ends_the_turns_at_once(redis_url: str) -> None:
+    # Found in an SRE's pass: a second SIGTERM or SIGINT (Ctrl-C twice) did nothing and said nothing:
+    # the service waited out its whole grace period, and seemed to hang.
+    port = free_port()
+    lone = start_service_process(
+        port=str(port), llm="scripted", tts="scripted", stt="none", shutdown_grace_s="60",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_for_lines, lone, "Parley listening", 1)
+        await _long_turn_cut_by_a_second_signal(port, lone, signal.SIGINT)
+        assert await asyncio.to_thread(lone.wait, 30) == 0
+        out, _ = lone.communicate(timeout=30)
+        assert "SIGINT again, during the shutdown: 1 stream(s) still open end now" in out
+    finally:
+        reap(lone)
+    port = free_port()
+    parent = start_workers(port, redis_url, shutdown_grace_s="60")
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        await _long_turn_cut_by_a_second_signal(port, parent, signal.SIGINT)
+        assert await asyncio.to_thread(parent.wait, 30) == 0
+        out, _ = parent.communicate(timeout=30)
+        assert "SIGINT again: passed on to the " in out
+        assert "worker(s) still running, which end their streams now" in out
+        assert "SIGTERM again, during the shutdown: 1 stream(s) still open end now" in out
+    finally:
+        reap(parent)
+
+
+async def test_a_terminals_ctrl_c_drains_workers_as_sigterm_does(redis_url: str) -> None:
+    # A terminal's Ctrl-C signals its whole process group: each worker gets SIGINT from the terminal and
+    # SIGTERM from its supervisor, which must not count as the second signal that ends turns at once.
+    port = free_port()
+    parent = start_workers(port, redis_url, shutdown_grace_s="60")
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
+            await call.write(start())
+            await call.write(user("What is the capital of France?"))
+            while (await call.read()).WhichOneof("kind") != "audio":
+                pass
+            for pid in (parent.pid, *await asyncio.to_thread(children, parent.pid)):
+                os.kill(pid, signal.SIGINT)  # (as the terminal does: every process at once)
+            await call.done_writing()
+            responses = []
+            while (response := await call.read()) is not grpc.aio.EOF:
+                responses.append(response)
+        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+        out, _ = parent.communicate(timeout=30)
+        assert "still open end now" not in out
+    finally:
+        reap(parent)
