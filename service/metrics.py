@@ -6,10 +6,14 @@ a turn or a principal.
   ``parley_first_llm_token_seconds``, ``parley_first_audio_seconds`` (both from the turn's start),
   ``parley_speech_end_to_first_audio_seconds`` and ``parley_transcription_seconds`` (voice turns),
   ``parley_turn_seconds`` (the whole turn).
-- Counters: ``parley_turns_total{reason}``, ``parley_engine_errors_total{engine,kind}``,
+- Counters: ``parley_turns_total{reason}`` (``abandoned``: the client went away before the turn's end
+  reached it), ``parley_turns_unheard_total{reason}`` (turns that ended before any of their audio
+  was sent: they are not in ``parley_first_audio_seconds``), ``parley_engine_errors_total{engine,kind}``,
   ``parley_engine_retries_total{engine}`` (provider requests tried again, before anything of them was
   used), ``parley_barge_ins_total`` (a reply interrupted by the user's voice),
-  ``parley_rejected_streams_total{status}`` (streams that ended with an error status).
+  ``parley_stream_ends_total{reason}`` (every stream's end: see :data:`STREAM_END_REASONS`) and
+  ``parley_rejected_streams_total{status}`` (the streams refused or failed, by status: what an alert
+  on errors watches, with no idle timeout, shutdown, takeover or hang-up in it).
 - ``parley_gc_pause_seconds{generation}``: how long each of Python's garbage collections held the
   process (its event loop with it), by generation (0 young, 2 full).
 - Gauges: ``parley_active_streams`` and ``parley_stream_limit`` (how close a replica is to its limit),
@@ -48,7 +52,7 @@ from service.core.store import SessionStore
 from service.core.workpool import pools
 from service.engines.retry import retries
 
-__all__ = ["FAILING_ENGINES", "REJECTION_STATUSES", "Metrics"]
+__all__ = ["FAILING_ENGINES", "REJECTION_STATUSES", "STREAM_END_REASONS", "TURN_REASONS", "Metrics"]
 
 FAILING_ENGINES = ("llm", "tts", "stt", "internal")
 """What may fail a turn (:class:`service.core.events.Failure`), the ``engine`` of ``parley_engine_errors_total``."""
@@ -57,14 +61,22 @@ REJECTION_STATUSES = (
     "UNAUTHENTICATED",
     "PERMISSION_DENIED",
     "NOT_FOUND",
-    "ABORTED",
     "RESOURCE_EXHAUSTED",
     "DEADLINE_EXCEEDED",
     "UNAVAILABLE",
     "INTERNAL",
 )
-"""The statuses a stream may end with that count as ``parley_rejected_streams_total`` (CANCELLED,
-a client's hang-up, does not)."""
+"""The statuses of ``parley_rejected_streams_total``: those of a stream refused or failed (a client
+that reads nothing is DEADLINE_EXCEEDED, a session store that is down UNAVAILABLE)."""
+STREAM_END_REASONS = ("closed", "hangup", "idle", "shutdown", "takeover", "error")
+"""Why a stream ended (``parley_stream_ends_total{reason}``): ``closed`` by its client, everything it
+sent answered; ``hangup``: the client cancelled or its connection went; ``idle``: the idle timeout;
+``shutdown``: the server's (UNAVAILABLE, saying where to resume); ``takeover``: another stream resumed
+its session (ABORTED); ``error``: refused or failed, by status in ``parley_rejected_streams_total``.
+A rolling update's drain or an idle user is no error for an alert to fire on."""
+TURN_REASONS = ("completed", "interrupted", "failed", "abandoned")
+"""``parley_turns_total{reason}``: a turn's end reason, or ``abandoned`` when the client went away
+before the turn's end reached it (a hang-up is not the user's own interrupt)."""
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _TURN_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -152,6 +164,12 @@ class Metrics:
             "parley_turn_seconds", "A turn, start to end.", names, buckets=_TURN_BUCKETS, registry=self.registry
         )
         self.turns = Counter("parley_turns", "Turns ended, by reason.", ("reason",), registry=self.registry)
+        self.unheard = Counter(
+            "parley_turns_unheard",
+            "Turns that ended before any of their audio was sent (not in parley_first_audio_seconds), by reason.",
+            ("reason",),
+            registry=self.registry,
+        )
         self.barge_ins = Counter(
             "parley_barge_ins",
             "The user's voice starting while a reply could be heard (which stops it).",
@@ -164,15 +182,25 @@ class Metrics:
             registry=self.registry,
         )
         self.rejected = Counter(
-            "parley_rejected_streams", "Streams that ended with an error status.", ("status",), registry=self.registry
+            "parley_rejected_streams", "Streams refused or failed, by status.", ("status",), registry=self.registry
+        )
+        self.stream_ends = Counter(
+            "parley_stream_ends",
+            "Streams ended: closed by the client, hangup, idle (timeout), shutdown (the server's), takeover (its "
+            "session resumed elsewhere) or error (by status in parley_rejected_streams_total).",
+            ("reason",),
+            registry=self.registry,
         )
         self.active_streams = Gauge("parley_active_streams", "Converse streams open.", registry=self.registry)
         self.stream_limit = Gauge("parley_stream_limit", "The most streams this server holds.", registry=self.registry)
         self.stream_limit.set(stream_limit)
         # Every series exists from the start, at 0: a rate() over a series that appears only with its
         # first event misses that event, and a dashboard shows nothing rather than 0.
-        for reason in ("completed", "interrupted", "failed"):
+        for reason in TURN_REASONS:
             self.turns.labels(reason)
+            self.unheard.labels(reason)
+        for reason in STREAM_END_REASONS:
+            self.stream_ends.labels(reason)
         for engine in FAILING_ENGINES:
             for kind in ("retryable", "permanent"):
                 self.engine_errors.labels(engine, kind)
@@ -204,10 +232,20 @@ class Metrics:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
 
-    def turn_ended(self, ended: TurnEnded, encoding: str) -> None:
+    def stream_ended(self, reason: str, status: str = "") -> None:
+        """A stream's end (one of :data:`STREAM_END_REASONS`; ``error`` with its status)."""
+        self.stream_ends.labels(reason).inc()
+        if reason == "error":
+            self.rejected.labels(status).inc()
+
+    def turn_ended(self, ended: TurnEnded, encoding: str, *, abandoned: bool = False) -> None:
+        """A turn's end; ``abandoned``: the client went away before it reached it."""
         timings = ended.timings
         labels = (self._llm, self._tts, encoding)
-        self.turns.labels(ended.reason.value).inc()
+        reason = "abandoned" if abandoned else ended.reason.value
+        self.turns.labels(reason).inc()
+        if not timings.first_audio_ms:
+            self.unheard.labels(reason).inc()
         if ended.failure is not None:
             kind = "retryable" if ended.failure.retryable else "permanent"
             self.engine_errors.labels(ended.failure.engine, kind).inc()

@@ -113,7 +113,7 @@ async def start_server(
 
     def refused(method: str) -> None:
         if method == CONVERSE_METHOD:  # (the metric counts streams)
-            metrics.rejected.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            metrics.stream_ended("error", grpc.StatusCode.UNAUTHENTICATED.name)
 
     auth = Authenticator(keys, token_secret) if keys is not None else None
     interceptors = [AuthInterceptor(auth, open_reflection=open_reflection, refused=refused)] if auth is not None else []

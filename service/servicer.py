@@ -74,6 +74,21 @@ STATUS_FOR: dict[type[ParleyError], grpc.StatusCode] = {
 }
 
 
+_NO_ERROR_ENDS: dict[type[ParleyError], str] = {
+    ClientGone: "hangup",
+    IdleTimeout: "idle",
+    ShuttingDown: "shutdown",
+    SessionTakenOver: "takeover",
+}
+"""The failures that end a stream as its life goes, not as an error (``parley_stream_ends_total``'s
+reason); any other is ``error``, counted by status in ``parley_rejected_streams_total``."""
+
+
+def end_reason(failure: BaseException) -> str:
+    """Why a stream that ended with ``failure`` ended (:data:`service.metrics.STREAM_END_REASONS`)."""
+    return next((reason for kind, reason in _NO_ERROR_ENDS.items() if isinstance(failure, kind)), "error")
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     """Limits on streams."""
@@ -123,14 +138,15 @@ def _ms_or_none(ms: int) -> str:
     return f"{ms} ms" if ms else "none"
 
 
-def _log_turn(session: str, ended: TurnEnded) -> None:
-    """``session``: the session's id, shortened, and whose it is (a key's name; never the key)."""
+def _log_turn(session: str, ended: TurnEnded, *, abandoned: bool = False) -> None:
+    """``session``: the session's id, shortened, and whose it is (a key's name; never the key);
+    ``abandoned``: the client went away before the turn's end reached it."""
     timings = ended.timings
     log.info(
         "session %s turn %s %s: first token %s, first audio %s, total %d ms, %.1f s of audio%s",
         session,
         ended.turn_id,
-        ended.reason.value,
+        "abandoned (the client went away)" if abandoned else ended.reason.value,
         _ms_or_none(timings.first_llm_token_ms),
         _ms_or_none(timings.first_audio_ms),
         timings.total_ms,
@@ -180,10 +196,12 @@ class Writer:
         # failure, a reference cycle that only the garbage collector would free.)
         try:
             while (message := await self._outbox.next()) is not None:
-                if isinstance(message, TurnEnded):  # (counted as it leaves the outbox: sent or not, it ended)
-                    LOG_TURN.set(message.turn_id)  # (this task's lines: the writer began before the session)
-                    self._account(message)
+                ended = message if isinstance(message, TurnEnded) else None
+                if ended is not None:  # (counted as it leaves the outbox: sent or not, it ended)
+                    LOG_TURN.set(ended.turn_id)  # (this task's lines: the writer began before the session)
                 if self._stopping:
+                    if ended is not None:
+                        self._account(ended)
                     return
                 self._written.clear()
                 self._writing_since = loop.time()
@@ -191,15 +209,19 @@ class Writer:
                     self._watchdog = loop.call_at(
                         self._writing_since + self._send_timeout_s, self._watch, asyncio.current_task()
                     )
+                gone = False
                 try:
                     await self._context.write(message_to_proto(message))
                 except asyncio.CancelledError:
                     raise  # (the watchdog, or a stop)
                 except Exception as error:  # grpc.aio raises its own internal errors for a call that is over
+                    gone = True
                     raise ClientGone(f"the call is over ({type(error).__name__})") from error
                 finally:
                     self._writing_since = None
                     self._written.set()
+                    if ended is not None:  # (after its write: whether the client was still there)
+                        self._account(ended, abandoned=gone)
                 if isinstance(message, SpeechStarted) and message.over_reply and self._metrics is not None:
                     self._metrics.barge_ins.inc()
                 elif isinstance(message, SessionStarted):
@@ -231,18 +253,21 @@ class Writer:
         else:
             self._watchdog = loop.call_at(due, self._watch, task)
 
-    def _account(self, ended: TurnEnded) -> None:
-        """A turn's end in the log and the metrics."""
-        _log_turn(self._session_id(), ended)
+    def _account(self, ended: TurnEnded, *, abandoned: bool = False) -> None:
+        """A turn's end in the log and the metrics (``abandoned`` too if the client cancelled the call:
+        its hang-up ended the turn, which it did not hear end)."""
+        abandoned = abandoned or self._context.cancelled()
+        _log_turn(self._session_id(), ended, abandoned=abandoned)
         if self._metrics is not None:
-            self._metrics.turn_ended(ended, self._encoding)
+            self._metrics.turn_ended(ended, self._encoding, abandoned=abandoned)
 
-    def account_unsent(self, ends: list[TurnEnded]) -> None:
-        """Turns that ended without their end reaching the client (the stream ended under them, as a
-        client that hangs up mid-reply does): logged and counted all the same. Call after :meth:`stop`."""
+    def account_unsent(self, ends: list[TurnEnded], *, abandoned: bool) -> None:
+        """Turns that ended without their end reaching the client (the stream ended under them):
+        logged and counted all the same, as ``abandoned`` if the client went away (a write found the
+        call over; or it cancelled the call). Call after :meth:`stop`."""
         for ended in ends:
             with lines_of_turn(ended.turn_id):  # (its line, as every line of a turn, names it)
-                self._account(ended)
+                self._account(ended, abandoned=abandoned)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """Stop ``task`` (running :meth:`run`) once no message is in flight; return when it has ended."""
@@ -370,7 +395,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
     ) -> NoReturn:
         """End a stream before it began (counted in the metrics)."""
         if self.metrics is not None:
-            self.metrics.rejected.labels(code.name).inc()
+            self.metrics.stream_ended("error", code.name)
         await context.abort(code, message, trailing)
         raise AssertionError("abort returns only by raising")
 
@@ -429,14 +454,19 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         try:
             try:
                 failure = await self._converse(request_iterator, context, caller)
-            except asyncio.CancelledError as cancelled:  # the client hung up
+            except asyncio.CancelledError as cancelled:  # the client hung up (or the grace ran out)
                 drop_tracebacks(cancelled)  # (its frames held the stream's objects: freed now, not by the collector)
+                if self.metrics is not None:
+                    self.metrics.stream_ended("shutdown" if self._shutting_down.is_set() else "hangup")
                 raise
-            if failure is not None:
+            if failure is None:
+                if self.metrics is not None:
+                    self.metrics.stream_ended("closed")
+            else:
                 code, message = status_for(failure)
                 drop_tracebacks(failure)  # (logged: its frames hold the stream's objects, and tasks that hold it)
-                if self.metrics is not None and not isinstance(failure, ClientGone):  # (a hang-up is no refusal)
-                    self.metrics.rejected.labels(code.name).inc()
+                if self.metrics is not None:
+                    self.metrics.stream_ended(end_reason(failure), code.name)
                 # A client that reads nothing never gets the status: the call is then cancelled.
                 trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
                 await end_call(context, code, message, self._limits.send_timeout_s, trailing)
@@ -492,7 +522,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 drop_tracebacks(other)
         finally:
             await to_the_end(writer.stop(writing))
-            writer.account_unsent(outbox.unsent_ends())
+            writer.account_unsent(outbox.unsent_ends(), abandoned=isinstance(failure, ClientGone))
         if failure is not None:
             return failure
         if ending is Ending.SHUTDOWN:

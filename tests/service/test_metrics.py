@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import urllib.request
 
@@ -11,6 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parley.v1 import voice_pb2 as pb
+from service.core.settings import SessionDefaults
+from service.metrics import FAILING_ENGINES, REJECTION_STATUSES, STREAM_END_REASONS, TURN_REASONS
 from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user, wait_for
 from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 from tests.service.test_voice import open_voice, say
@@ -174,23 +177,78 @@ async def test_a_spoken_question_stopped_by_an_interrupt_is_no_barge_in() -> Non
     assert after["parley_barge_ins_total"] == 0
 
 
-async def test_a_turn_whose_client_hangs_up_mid_reply_is_counted_interrupted() -> None:
+@pytest.mark.parametrize("when", ["mid-reply", "before the first audio"])
+async def test_a_turn_whose_client_hangs_up_is_counted_abandoned(when: str, caplog: pytest.LogCaptureFixture) -> None:
+    # An SRE's pass: a hang-up was counted (and logged) as "interrupted", as if the user had said stop;
+    # and a turn given up before its first audio is in no latency histogram: it is counted apart.
+    caplog.set_level(logging.INFO, logger="service.servicer")
     port = free_port()
-    h = await start_harness(FakeLLM(first_token_s=0.02, token_s=0.05), metrics_port=port)
+    llm = FakeLLM(first_token_s=0.3 if when != "mid-reply" else 0.02, token_s=0.05)
+    h = await start_harness(llm, metrics_port=port)
     try:
         call = h.stub.Converse()
         await call.write(start())
         await call.write(user("Tell me a story."))
-        while (await call.read()).WhichOneof("kind") != "audio":
-            pass
-        call.cancel()  # mid-reply
+        if when == "mid-reply":
+            while (await call.read()).WhichOneof("kind") != "audio":
+                pass
+        else:
+            await call.read()  # (session_started; the LLM's first token is 0.3 s away)
+            await asyncio.sleep(0.1)
+        call.cancel()
         await wait_for(lambda: h.running.servicer.active_streams == 0)
         samples = await asyncio.to_thread(scrape, port)
     finally:
         await stop_harness(h)
-    assert samples["parley_turns_total{reason=interrupted}"] == 1
-    assert samples["parley_first_audio_seconds_count"] == 1
-    assert samples.get("parley_rejected_streams_total{status=CANCELLED}", 0) == 0  # (a hang-up is no refusal)
+    assert samples["parley_turns_total{reason=abandoned}"] == 1
+    assert samples["parley_turns_total{reason=interrupted}"] == 0
+    assert samples.get("parley_first_audio_seconds_count", 0) == (1 if when == "mid-reply" else 0)
+    assert samples["parley_turns_unheard_total{reason=abandoned}"] == (0 if when == "mid-reply" else 1)
+    assert samples["parley_stream_ends_total{reason=hangup}"] == 1
+    assert sum(v for k, v in samples.items() if k.startswith("parley_rejected_streams_total")) == 0  # (no error)
+    assert "turn turn-1 abandoned (the client went away)" in caplog.text
+
+
+async def test_stream_ends_are_counted_by_why_and_only_errors_as_rejected() -> None:
+    # An SRE's pass: every stream a drain ended counted as a rejected stream (UNAVAILABLE), and so did
+    # every idle timeout (DEADLINE_EXCEEDED), so an alert on rejections fired on each rolling update.
+    port = free_port()
+    h = await start_harness(FakeLLM(first_token_s=0.2), defaults=SessionDefaults(idle_timeout_s=0.5), metrics_port=port)
+    try:
+        await converse_all(h.stub, [start(), user("Hi?")])  # closed by the client
+        idle = h.stub.Converse()
+        await idle.write(start())
+        with pytest.raises(grpc.aio.AioRpcError) as timed_out:
+            while True:
+                await idle.read()
+        assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.aio.AioRpcError):  # an error: INVALID_ARGUMENT
+            await converse_all(h.stub, [user("no start first")])
+        interrupted = h.stub.Converse()  # a turn the user stops before its first audio
+        await interrupted.write(start())
+        await interrupted.read()
+        await interrupted.write(user("Tell me a story."))
+        await interrupted.write(pb.ConverseRequest(interrupt=pb.Interrupt()))
+        while (await interrupted.read()).WhichOneof("kind") != "turn_ended":
+            pass
+        draining = h.stub.Converse()  # open as the server shuts down
+        await draining.write(start())
+        await draining.read()
+        samples = await asyncio.to_thread(scrape, port)
+        assert samples["parley_active_streams"] == 2
+        await h.running.stop(5)
+        with pytest.raises(grpc.aio.AioRpcError) as shut:
+            await draining.read()
+        assert shut.value.code() == grpc.StatusCode.UNAVAILABLE
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        await stop_harness(h)
+    ends = {reason: samples[f"parley_stream_ends_total{{reason={reason}}}"] for reason in STREAM_END_REASONS}
+    assert ends == {"closed": 1, "hangup": 0, "idle": 1, "shutdown": 2, "takeover": 0, "error": 1}
+    rejected = {k: v for k, v in samples.items() if k.startswith("parley_rejected_streams_total") and v}
+    assert rejected == {"parley_rejected_streams_total{status=INVALID_ARGUMENT}": 1}
+    assert samples["parley_turns_unheard_total{reason=interrupted}"] == 1
+    assert samples["parley_turns_unheard_total{reason=completed}"] == 0
 
 
 async def test_an_overload_that_outlasts_the_retries_is_counted_retryable() -> None:
@@ -212,8 +270,7 @@ async def test_an_overload_that_outlasts_the_retries_is_counted_retryable() -> N
 
 
 async def test_every_outcome_series_exists_from_the_start_at_zero() -> None:
-    from service.metrics import FAILING_ENGINES, REJECTION_STATUSES
-    from service.servicer import STATUS_FOR
+    from service.servicer import STATUS_FOR, end_reason
 
     port = free_port()
     h = await start_harness(metrics_port=port)
@@ -224,11 +281,17 @@ async def test_every_outcome_series_exists_from_the_start_at_zero() -> None:
     for engine in FAILING_ENGINES:
         for kind in ("retryable", "permanent"):
             assert samples[f"parley_engine_errors_total{{engine={engine},kind={kind}}}"] == 0
-    # Every status a stream can be refused or ended with, but a client's own hang-up.
-    ended_with = {code.name for code in STATUS_FOR.values()} - {"CANCELLED"} | {"UNAUTHENTICATED", "INTERNAL"}
-    assert set(REJECTION_STATUSES) == ended_with
+    # Every status a stream can be refused or fail with (not a hang-up, an idle timeout, a shutdown or
+    # a takeover, which are ends as a stream's life goes, each with a reason of its own).
+    failed_with = {code.name for kind, code in STATUS_FOR.items() if end_reason(kind("")) == "error"}
+    assert set(REJECTION_STATUSES) == failed_with | {"UNAUTHENTICATED", "INTERNAL"}
     for status in REJECTION_STATUSES:
         assert samples[f"parley_rejected_streams_total{{status={status}}}"] == 0
+    for reason in STREAM_END_REASONS:
+        assert samples[f"parley_stream_ends_total{{reason={reason}}}"] == 0
+    for reason in TURN_REASONS:
+        assert samples[f"parley_turns_total{{reason={reason}}}"] == 0
+        assert samples[f"parley_turns_unheard_total{{reason={reason}}}"] == 0
     # The process's own: its memory, CPU and start (a restarted worker shows a new start; a QA pass).
     assert samples["process_resident_memory_bytes"] > 10e6
     assert samples["process_start_time_seconds"] > 0 and "process_cpu_seconds_total" in samples
