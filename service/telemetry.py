@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 from service.core import tracing
@@ -74,7 +75,7 @@ def configure_tracing(service_name: str = "parley") -> bool:
     except ImportError:
         log.warning("an OTLP endpoint is set but OpenTelemetry is not installed: pip install '.[otel]'; no traces")
         return False
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=_resource(Resource, service_name))
     # An export waits at most this long for the collector (OpenTelemetry's variables win), so that a
     # collector that is down delays the process's exit by no more than that (OpenTelemetry's own
     # default is 10 s, which a pod's grace period would not allow for: see deploy/kubernetes.yaml).
@@ -84,3 +85,14 @@ def configure_tracing(service_name: str = "parley") -> bool:
     tracing.enable()
     log.info("traces: exported over OTLP/HTTP to %s", without_credentials(endpoint))
     return True
+
+
+def _resource(resource: Any, service_name: str) -> Any:
+    """The traces' resource: OpenTelemetry's own variables first (``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``: staging and production, or two deployments, told apart), then
+    ``service_name`` where they name no service. (The SDK gives each process, each worker, a
+    ``service.instance.id`` of its own.)"""
+    found = resource.create()
+    if str(found.attributes.get("service.name", "")).startswith("unknown_service"):
+        return found.merge(resource.create({"service.name": service_name}))
+    return found

@@ -245,3 +245,31 @@ def test_good_exporter_variables_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2.5")
     assert tracing_settings_problem() is None
+
+
+@pytest.mark.parametrize(
+    ("variables", "name"),
+    [
+        ({}, "parley"),
+        ({"OTEL_SERVICE_NAME": "parley-staging"}, "parley-staging"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=voice,deployment.environment=prod"}, "voice"),
+    ],
+)
+def test_opentelemetrys_own_variables_name_the_service(
+    variables: dict[str, str], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An SRE's pass: OTEL_SERVICE_NAME was overridden by "parley", so staging, production and every
+    # worker reported as one service (the SDK tells processes apart by an instance id of its own).
+    from opentelemetry.sdk.resources import Resource
+
+    from service.telemetry import _resource
+
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    attributes = _resource(Resource, "parley").attributes
+    assert attributes["service.name"] == name
+    assert attributes["service.instance.id"]
+    if "OTEL_RESOURCE_ATTRIBUTES" in variables:
+        assert attributes["deployment.environment"] == "prod"
