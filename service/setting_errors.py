@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from collections.abc import Callable, Collection, Mapping
 
 from pydantic import ValidationError
 
-__all__ = ["BRIDGE_PREFIXES", "describe_errors", "unknown_variables", "without_credentials"]
+__all__ = ["BRIDGE_PREFIXES", "choice_in_any_case", "describe_errors", "unknown_variables", "without_credentials"]
 
 _SECRET_WORDS = frozenset({"key", "keys", "token", "secret", "password"})
 """A setting one of whose ``_``-separated words is one of these (``api_keys``, ``token_secret``, but not
@@ -90,3 +91,21 @@ def without_credentials(url: str) -> str:
 
 
 _PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&#]*", re.IGNORECASE)
+
+
+def choice_in_any_case(annotation: object, value: object) -> object:
+    """``value`` as the choice of ``annotation`` (a ``Literal``, or a union holding one) it names in
+    another case, or as it is: ``PARLEY_LOG_LEVEL=debug`` is ``DEBUG``, ``PARLEY_LLM=OpenAI`` is
+    ``openai`` (a variable's case is seldom what an operator remembers)."""
+    if not isinstance(value, str):
+        return value
+    choices: list[str] = []
+    pending = [annotation]
+    while pending:
+        kind = pending.pop()
+        if typing.get_origin(kind) is typing.Literal:
+            choices += [choice for choice in typing.get_args(kind) if isinstance(choice, str)]
+        else:
+            pending += typing.get_args(kind)
+    folded = value.strip().casefold()
+    return next((choice for choice in choices if choice.casefold() == folded), value)

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.setting_errors import BRIDGE_PREFIXES
+from service.setting_errors import BRIDGE_PREFIXES, choice_in_any_case
 from service.setting_errors import describe_errors as describe_setting_errors
 from service.setting_errors import unknown_variables as describe_unknown
 
@@ -127,6 +127,12 @@ class BridgeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        return value if field is None else choice_in_any_case(field.annotation, value)
 
     @model_validator(mode="after")
     def _metrics_on_a_port_of_their_own(self) -> BridgeSettings:

@@ -247,3 +247,14 @@ def test_a_variable_named_as_the_bridges_that_it_does_not_read_is_said() -> None
         "PARLEY_LOG_LEVL is not a variable the bridge reads; it is ignored (did you mean PARLEY_LOG_LEVEL?)",
         "parley_bridge_port is not a variable the bridge reads; it is ignored (did you mean PARLEY_BRIDGE_PORT?)",
     ]
+
+
+def test_a_choice_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An SRE's pass: PARLEY_LOG_LEVEL=debug stopped the service with exit 2 (and the bridge shares it).
+    monkeypatch.setenv("PARLEY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("PARLEY_LOG_FORMAT", " JSON")
+    chosen = settings()
+    assert (chosen.log_level, chosen.log_format) == ("DEBUG", "json")
+    monkeypatch.setenv("PARLEY_LOG_LEVEL", "verbose")
+    with pytest.raises(ValidationError):
+        settings()

@@ -221,3 +221,19 @@ async def test_ends_a_client_causes_at_will_are_logged_once_in_a_while_and_a_fai
         (logging.INFO, "stream ended: send `start` before `user_text`: the first message of a stream must be `start`"),
         (logging.WARNING, "stream ended: the session store is unavailable: Timeout reading from redis"),
     ]
+
+
+def test_the_services_choices_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An SRE's pass: PARLEY_LOG_LEVEL=debug (as most services take it) stopped the service with exit 2.
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    choices = {"LOG_LEVEL": "debug", "LLM": "Scripted", "STT": "NONE", "WORKERS": "Auto", "SESSION_STORE": "Redis"}
+    for name, value in choices.items():
+        monkeypatch.setenv(f"PARLEY_{name}", value)
+    chosen = Settings(_cli_parse_args=False)  # type: ignore[call-arg]
+    assert (chosen.log_level, chosen.llm, chosen.stt, chosen.workers) == ("DEBUG", "scripted", "none", "auto")
+    monkeypatch.setenv("PARLEY_LOG_LEVEL", "loud")
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings(_cli_parse_args=False)  # type: ignore[call-arg]
