@@ -118,28 +118,72 @@ def test_the_manifest_is_valid_against_the_kubernetes_schemas() -> None:
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_the_grafana_dashboard_asks_for_metrics_the_service_has() -> None:
-    import json
-    import re
-
+def exported_series() -> dict[str, set[str]]:
+    """Every series the service exports, and its labels."""
     from service.core.events import TurnEnded, TurnEndReason, TurnTimings
     from service.metrics import Metrics
     from service.stores.memory import MemoryStore
 
-    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     metrics = Metrics("l", "t", 1, MemoryStore(60))
     # (A voice turn, so that every labelled histogram has its series.)
     metrics.turn_ended(TurnEnded("t", TurnEndReason.COMPLETED, "", TurnTimings(1, 1, 1, 1, 1, 1, 1, 1)), "pcm")
-    labels: dict[str, set[str]] = {}  # every series the service exports, and its labels
+    labels: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
             labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def check_query(expr: str, labels: dict[str, set[str]]) -> list[str]:
+    """A PromQL query parses (promql-parser, Prometheus's grammar) and asks only for series the
+    service exports (with their labels); the parley_ series it uses."""
+    import promql_parser
+
+    promql_parser.parse(expr)  # (raises on a syntax or type error)
+    used = re.findall(r"parley_[a-z_]+", expr)
+    for name in used:
+        assert name in labels, name
+    for selector in re.findall(r"parley_[a-z_]+\{([^}]*)\}", expr):
+        for label in re.findall(r"(\w+)\s*[=!]~?", selector):
+            assert label in {"job", "instance"} or any(label in labels[name] for name in used), (label, expr)
+    return used
+
+
+def test_the_grafana_dashboard_asks_for_metrics_the_service_has() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    labels = exported_series()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            used = re.findall(r"parley_[a-z_]+", target["expr"])
-            for name in used:
-                assert name in labels, name
+            used = check_query(target["expr"], labels)
             # A legend names only labels the series have, or those Prometheus gives every target
             # (instance tells workers and pods apart; a pod label exists only if the scrape adds it).
             for label in re.findall(r"{{\s*(\w+)\s*}}", target.get("legendFormat", "")):
                 assert label in {"instance", "job"} or any(label in labels[name] for name in used), (label, used)
+
+
+def test_the_monitoring_resources_scrape_the_service_and_alert_on_what_it_exports() -> None:
+    # An SRE's pass: no ServiceMonitor (the Prometheus Operator ignores the pods' annotations, and the
+    # Service had no metrics port to select) and no alert rules were shipped.
+    documents = [d for d in yaml.safe_load_all((ROOT / "deploy" / "monitoring.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in documents}
+    assert set(by_kind) == {"ServiceMonitor", "PrometheusRule"}
+    assert all(d["apiVersion"] == "monitoring.coreos.com/v1" for d in documents)
+    service = next(d for d in manifest() if d["kind"] == "Service" and d["metadata"]["name"] == "parley")
+    monitor = by_kind["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    container = parley_deployment()["spec"]["template"]["spec"]["containers"][0]
+    container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    for endpoint in monitor["endpoints"]:
+        target = ports[endpoint["port"]]["targetPort"]
+        assert container_ports[target] == int(env["PARLEY_METRICS_PORT"])
+    labels = exported_series() | {"process_start_time_seconds": set()}
+    rules = [rule for group in by_kind["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]]
+    assert len({rule["alert"] for rule in rules}) == len(rules) >= 5
+    for rule in rules:
+        check_query(rule["expr"], labels)
+        assert 'job="parley"' in rule["expr"]  # (the ServiceMonitor's job: the Service's name)
+        assert rule["labels"]["severity"] in {"page", "ticket"} and rule["annotations"]["summary"]
