@@ -82,6 +82,8 @@ async def run(settings: Settings) -> None:
             tls=tls,
             token_secret=settings.token_secret,
             metrics_port=settings.metrics_port,
+            # (A worker's metrics are read by its supervisor, which serves them all on the port.)
+            metrics_host="127.0.0.1" if WORKER_INDEX in os.environ else None,
             share_port=WORKER_INDEX in os.environ,  # (set by the supervisor for its workers)
             keepalive_s=settings.keepalive_s,
             quotas=QuotaLimits(
@@ -91,7 +93,7 @@ async def run(settings: Settings) -> None:
         stt = voice_input.stt.name if voice_input else "none"
         # A worker tells its supervisor it serves before it says so in the log: one killed right after
         # its "listening" line is then restarted, not taken for a worker that cannot start.
-        tell_ready()
+        tell_ready(running.metrics_port)
         log.info(
             "Parley listening on %s (llm=%s, tts=%s, stt=%s, event loop=%s)",
             address(settings.host, running.port),
@@ -101,7 +103,8 @@ async def run(settings: Settings) -> None:
             settings.event_loop,
         )
         if running.metrics_port is not None:
-            log.info("metrics on http://%s/metrics", address(settings.host, running.metrics_port))
+            where = "127.0.0.1" if WORKER_INDEX in os.environ else settings.host
+            log.info("metrics on http://%s/metrics", address(where, running.metrics_port))
         log.info(
             "transport: %s",
             "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",

@@ -109,7 +109,8 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description=(
-            "Serve Prometheus metrics on this port (same address as the service; worker i on this port + i). Off: none."
+            "Serve Prometheus metrics on this port (same address as the service; with workers, every worker's, "
+            "labelled worker). Off: none."
         ),
     )
     llm: Literal["local", "openai", "scripted"] = Field(
@@ -346,22 +347,8 @@ class Settings(BaseSettings):
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")
-        if self.metrics_port and self.port and self.metrics_port <= self.port < self.metrics_port + self.worker_count:
-            raise ValueError(
-                f"PARLEY_METRICS_PORT ({self.metrics_port}"
-                + (f", and + i for each of {self.worker_count} workers" if self.worker_count > 1 else "")
-                + f") must not be the gRPC port (PARLEY_PORT, {self.port})"
-            )
-        if self.worker_count > 1 and self.metrics_port == 0:
-            raise ValueError(
-                "worker i serves its metrics on PARLEY_METRICS_PORT + i: with several workers, set "
-                "PARLEY_METRICS_PORT to a port (not 0)"
-            )
-        if self.metrics_port is not None and self.metrics_port + self.worker_count - 1 > 65535:
-            raise ValueError(
-                f"worker i serves its metrics on PARLEY_METRICS_PORT + i: with {self.worker_count} workers, "
-                f"PARLEY_METRICS_PORT must be at most {65536 - self.worker_count}"
-            )
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"PARLEY_METRICS_PORT ({self.metrics_port}) must not be the gRPC port (PARLEY_PORT)")
         return self
 
     @property

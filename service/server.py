@@ -102,11 +102,13 @@ async def start_server(
     metrics_port: int | None = None,
     share_port: bool = False,
     keepalive_s: float = 0.0,
+    metrics_host: str | None = None,
 ) -> RunningServer:
     """Start serving on ``host:port`` (port 0 picks a free one). Raises RuntimeError if it cannot bind.
     Without a store, sessions live in this process (the memory store with its defaults). Without
     ``voice_input``, sessions take text only. With ``keys``, every call but health checks (and
-    reflection, if ``open_reflection``) needs one of them. With ``keepalive_s``, each client connection
+    reflection, if ``open_reflection``) needs one of them. Metrics are served on ``metrics_host`` (by
+    default ``host``) and ``metrics_port``. With ``keepalive_s``, each client connection
     is pinged that often and closed if it does not answer (see :func:`keepalive_options`)."""
     store = store if store is not None else MemoryStore(ttl_s=DEFAULT_SESSION_TTL_S)
     metrics = Metrics(llm.name, tts.name, limits.max_streams, store)
@@ -146,11 +148,12 @@ async def start_server(
     except RuntimeError as error:  # (grpc's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ...")
         bound, failure = 0, str(error)
     if metrics_port is not None and servicer.metrics is not None:
+        metrics_host = metrics_host or host
         try:
-            metrics_port = servicer.metrics.serve(host, metrics_port)
+            metrics_port = servicer.metrics.serve(metrics_host, metrics_port)
         except OSError as error:
             said = error.strerror or error
-            raise RuntimeError(f"cannot serve metrics on {address(host, metrics_port)}: {said}") from None
+            raise RuntimeError(f"cannot serve metrics on {address(metrics_host, metrics_port)}: {said}") from None
     if bound == 0:
         raise RuntimeError(port_taken(host, port) or failure)  # (the cause, when a probe finds one)
     await server.start()

@@ -22,8 +22,10 @@ one still running :data:`STOP_MARGIN_S` past the drain's grace is killed, and th
 TLS on, SIGHUP it passes on (each worker reads its certificates again), and without, SIGHUP stops
 them as SIGTERM does (unless it was ignored when the supervisor started: ``nohup``). More than
 ``MAX_WORKERS_PER_CORE`` workers per core are refused (by the settings). A worker gets SIGTERM when
-the supervisor dies, however it dies (Linux). Worker i serves its metrics on ``PARLEY_METRICS_PORT +
-i``. A port is one service's: a lone service does not share it, and a supervisor refuses a port
+the supervisor dies, however it dies (Linux). With ``PARLEY_METRICS_PORT``, the supervisor serves every
+worker's metrics there, each series labelled with its ``worker`` (:mod:`service.worker_metrics`): each
+worker serves its own on a loopback port it tells the supervisor as it comes to serve. A port is one
+service's: a lone service does not share it, and a supervisor refuses a port
 something already listens on (another supervisor's workers included).
 """
 
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -101,6 +104,21 @@ async def supervise(
     if host is not None and port is not None and (taken := port_taken(host, port)) is not None:
         log.error("cannot start: %s", taken)
         return 1
+    metrics = None
+    if metrics_port is not None:
+        from service.config import address
+        from service.worker_metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(count)
+        where = host or "127.0.0.1"
+        try:
+            served_on = metrics.serve(where, metrics_port)
+        except OSError as error:
+            log.error(
+                "cannot start: cannot serve metrics on %s: %s", address(where, metrics_port), error.strerror or error
+            )
+            return 1
+        log.info("metrics of every worker on http://%s/metrics", address(where, served_on))
     argv = _worker_argv(argv)  # (each worker is one service)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,8 +164,9 @@ async def supervise(
     async def start(index: int) -> tuple[asyncio.subprocess.Process, _Beats]:
         """A worker, and its end of the pipe (whether it came to serve, its heartbeats)."""
         env = {**os.environ, "PARLEY_WORKERS": "1", WORKER_INDEX: str(index), _SUPERVISOR: str(os.getpid())}
+        env.pop("PARLEY_METRICS_PORT", None)
         if metrics_port is not None:
-            env["PARLEY_METRICS_PORT"] = str(metrics_port + index)
+            env["PARLEY_METRICS_PORT"] = "0"  # (a loopback port of its choosing, which it tells: tell_ready)
         readable, writable = os.pipe()
         env[READY_FD] = str(writable)
         try:
@@ -173,7 +192,10 @@ async def supervise(
         while not stopping.is_set():
             process, beats = await start(index)
             workers[index], heard[index] = process, beats
+            if metrics is not None:
+                beats.served.add_done_callback(functools.partial(_scraped, index, beats))
             began = time.monotonic()
+            hung = False
             waiting = asyncio.ensure_future(process.wait())
             stop = asyncio.ensure_future(stopping.wait())
             while True:
@@ -189,9 +211,12 @@ async def supervise(
                         timeout_s,
                     )
                     process.kill()
+                    hung = True
                     await waiting
                     break
             stop.cancel()
+            if metrics is not None:
+                metrics.ports.pop(index, None)
             if stopping.is_set():
                 waiting.cancel()
                 return
@@ -204,6 +229,8 @@ async def supervise(
                 return
             if time.monotonic() - began > _STABLE_S:
                 delays[index] = 1.0
+            if metrics is not None:
+                metrics.restarted(index, "hung" if hung else "exited" if code == 0 else "crashed")
             # (Exit 0 is a worker that drained after a SIGTERM of its own, an operator's say: no crash.)
             log.log(
                 logging.WARNING if code == 0 else logging.ERROR,
@@ -219,6 +246,10 @@ async def supervise(
                 return
             except TimeoutError:
                 delays[index] = min(delays[index] * 2, MAX_RESTART_DELAY_S)
+
+    def _scraped(index: int, beats: _Beats, _: object) -> None:  # (a worker that came to serve: its metrics are read)
+        if metrics is not None and beats.metrics_port is not None and workers[index].returncode is None:
+            metrics.ports[index] = beats.metrics_port
 
     keepers = [asyncio.create_task(keep(i), name=f"worker {i}") for i in range(count)]
     log.info("supervising %d workers", count)
@@ -252,12 +283,14 @@ async def supervise(
 
 
 class _Beats:
-    """The supervisor's end of a worker's pipe: the first byte says it listens, each one after that
-    that its event loop runs; the pipe's end, that it exited."""
+    """The supervisor's end of a worker's pipe: the first message says it listens (``m<port>\\n``:
+    and serves its metrics on that loopback port), each byte after that that its event loop runs; the
+    pipe's end, that it exited."""
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
         self._fd: int | None = fd
+        self.metrics_port: int | None = None
         loop = asyncio.get_running_loop()
         self.served: asyncio.Future[bool] = loop.create_future()
         """Whether the worker came to serve: known by its first byte, or by the pipe's end."""
@@ -274,6 +307,9 @@ class _Beats:
             return
         if said:
             self._last = time.monotonic()
+            if not self.served.done() and said.startswith(b"m"):  # (one write: whole in the first read)
+                with contextlib.suppress(ValueError):
+                    self.metrics_port = int(said[1 : said.index(b"\n")])
         else:  # (it exited: the pipe is no more use)
             asyncio.get_running_loop().remove_reader(self._fd)
             os.close(self._fd)
@@ -319,9 +355,10 @@ def become_worker() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def tell_ready() -> None:
-    """In a worker, once it listens (call it on the event loop): tell the supervisor, then beat every
-    :data:`HEARTBEAT_S` from the loop for as long as it runs (a lone service has no one to tell)."""
+def tell_ready(metrics_port: int | None = None) -> None:
+    """In a worker, once it listens (call it on the event loop): tell the supervisor (and where it
+    serves its metrics), then beat every :data:`HEARTBEAT_S` from the loop for as long as it runs (a
+    lone service has no one to tell)."""
     setting = os.environ.pop(READY_FD, None)
     if setting is None:
         return
@@ -331,10 +368,11 @@ def tell_ready() -> None:
     except (OSError, ValueError):
         return
     loop = asyncio.get_running_loop()
+    first = b"m%d\n" % metrics_port if metrics_port is not None else b"1"  # (under PIPE_BUF: one write)
 
-    def beat() -> None:
+    def beat(said: bytes = b"1") -> None:
         try:
-            os.write(fd, b"1")
+            os.write(fd, said)
         except BlockingIOError:  # (the pipe is full: the supervisor has beats enough to read)
             pass
         except OSError:  # (the supervisor is gone)
@@ -343,7 +381,7 @@ def tell_ready() -> None:
             return
         loop.call_later(HEARTBEAT_S, beat)
 
-    beat()
+    beat(first)
 
 
 def core_count() -> int:

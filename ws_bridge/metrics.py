@@ -5,7 +5,15 @@ it is sent, a bad Twilio signature, a phone call no signature can check on a bri
 
 from __future__ import annotations
 
-from prometheus_client import GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    start_http_server,
+)
 
 __all__ = ["REFUSALS", "BridgeMetrics", "close_label"]
 
@@ -23,6 +31,8 @@ REFUSALS = (
 """The reasons of ``parley_bridge_refused_total``: each series exists, at 0, from the start."""
 
 _STANDARD_CLOSE_CODES = frozenset(range(1000, 1016)) - {1004}
+
+disable_created_metrics()  # (as the service's: no "_created" series doubling the exposition)
 
 
 def close_label(sent: int | None, received: int | None, received_first: bool | None) -> str:

@@ -19,7 +19,8 @@ from tests.fakes import FakeLLM, FakeSTT, loud, quiet
 from tests.service.test_voice import open_voice, say
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int, more: tuple[str, ...] = ()) -> dict[str, float]:
+    """The samples at ``port``, by name and labels (those of low cardinality, and ``more``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples: dict[str, float] = {}
@@ -28,7 +29,7 @@ def scrape(port: int) -> dict[str, float]:
             labels = ",".join(
                 f"{k}={v}"
                 for k, v in sorted(sample.labels.items())
-                if k in ("reason", "status", "engine", "kind", "pool", "code", "generation", "le")
+                if k in ("reason", "status", "engine", "kind", "pool", "code", "generation", "le", *more)
             )
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
