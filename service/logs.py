@@ -147,7 +147,36 @@ def configure(level: str, log_format: str) -> None:
         handler.setFormatter(
             TextFormatter(TEXT_FORMAT.replace("%(name)s", f"[w{worker}] %(name)s", 1) if worker else TEXT_FORMAT)
         )
+    handler.addFilter(OncePerInterval("opentelemetry"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class OncePerInterval(logging.Filter):
+    """A handler's filter for the lines of the loggers under ``prefix``: at most one per logger and
+    level each ``interval_s``, the next saying how many like it were left out. OpenTelemetry's
+    exporter writes three lines per failed export (a collector that is down: every 5 s, in every
+    process), which would bury the service's own."""
+
+    def __init__(self, prefix: str, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self._prefix = prefix
+        self._interval_s = interval_s
+        self._state: dict[tuple[str, int], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefix):
+            return True
+        key = (record.name, record.levelno)
+        now = time.monotonic()
+        next_at, left_out = self._state.get(key, (0.0, 0))
+        if now < next_at:
+            self._state[key] = (next_at, left_out + 1)
+            return False
+        if left_out:
+            record.msg = f"{record.getMessage()} (and {left_out} more like it left out of the log before)"
+            record.args = None
+        self._state[key] = (now + self._interval_s, 0)
+        return True
 
 
 def refusal(
@@ -164,7 +193,7 @@ def refusal(
             log_format = argv[i + 1]
         elif arg.startswith(("--log-format=", "--log_format=")):
             log_format = arg.partition("=")[2]
-    if log_format != "json":
+    if log_format.strip().casefold() != "json":  # (as the settings take it: in any case)
         return f"python -m {logger}: {message}"
     entry = {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),

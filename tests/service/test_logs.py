@@ -237,3 +237,27 @@ def test_the_services_choices_are_taken_in_any_case(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PARLEY_LOG_LEVEL", "loud")
     with pytest.raises(ValidationError, match="log_level"):
         Settings(_cli_parse_args=False)  # type: ignore[call-arg]
+
+
+def test_opentelemetrys_lines_are_written_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An SRE's pass: with the collector down, each process wrote three lines per export (every 5 s).
+    import logging
+    import time
+
+    from service.logs import OncePerInterval
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    kept = OncePerInterval("opentelemetry")
+
+    def record(name: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "Failed to export batch code: %s", ("503",), None)
+
+    exporter = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    assert [kept.filter(record(exporter)) for _ in range(4)] == [True, False, False, False]
+    assert kept.filter(record(exporter, logging.ERROR))  # (another level: a line of its own)
+    assert kept.filter(record("service.servicer"))  # (the service's own lines are not held back)
+    now[0] += 61
+    later = record(exporter)
+    assert kept.filter(later)
+    assert later.getMessage() == "Failed to export batch code: 503 (and 3 more like it left out of the log before)"
