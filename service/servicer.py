@@ -376,6 +376,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             try:
                 await context.send_initial_metadata(())
             except cygrpc.InternalError:  # (the call is over already: a deadline of a few ms, a client gone)
+                if self.metrics is not None:
+                    self.metrics.stream_ended("hangup")
                 return  # (as a client's hang-up: said by no traceback, which anyone could cause at will)
             await self._serve(request_iterator, context, caller)
         finally:

@@ -741,6 +741,9 @@ async def test_a_stream_over_before_it_is_accepted_ends_without_a_traceback(capl
         await h.running.servicer.Converse(nothing(), Over())  # type: ignore[arg-type]
         assert h.running.servicer.active_streams == 0
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        metrics = h.running.servicer.metrics
+        assert metrics is not None
+        assert metrics.registry.get_sample_value("parley_stream_ends_total", {"reason": "hangup"}) == 1
     finally:
         await stop_harness(h)
 
