@@ -122,7 +122,7 @@ async def run(settings: Settings) -> None:
             )
         else:
             log.info("authentication: none; listening on loopback only")
-        await serve_until_signal(running, settings.shutdown_grace_s)
+        await serve_until_signal(running, settings.shutdown_grace_s, worker=WORKER_INDEX in os.environ)
     finally:
         await llm.aclose()
         await tts.aclose()

@@ -209,9 +209,9 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(
         30.0,
         ge=0,
-        description="Ping each client connection this often; one that does not answer within 20 s (or this, if "
-        "less) is closed and its streams end, as a client gone without a word would otherwise hold them until "
-        "the idle timeout. 0: gRPC's default (every 2 hours).",
+        description="Ping each client connection this often (0, or at least 1); one that does not answer within "
+        "20 s is closed and its streams end, as a client gone without a word would otherwise hold them until the "
+        "idle timeout. 0: gRPC's default (every 2 hours).",
     )
     shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM/SIGINT, time given to streams in flight.")
     event_loop: Literal["uvloop", "asyncio"] = Field(
@@ -344,6 +344,11 @@ class Settings(BaseSettings):
                 "PARLEY_WORKER_TIMEOUT_S (--worker-timeout-s) must be 0 (never) or at least "
                 f"{MIN_WORKER_TIMEOUT_S:g} s: a worker tells the supervisor it is alive every {HEARTBEAT_S:g} s, "
                 "so a shorter timeout would kill healthy workers again and again"
+            )
+        if 0 < self.keepalive_s < 1:
+            raise ValueError(
+                "PARLEY_KEEPALIVE_S (--keepalive-s) must be 0 (gRPC's default) or at least 1 s: a ping every few "
+                "milliseconds is a flood, and gRPC fails the calls of a connection it cannot keep up with"
             )
         if self.worker_count > 1 and self.port == 0:
             raise ValueError("several workers share one port: set PARLEY_PORT (not 0)")

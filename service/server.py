@@ -25,7 +25,7 @@ from service.rpc import add_voice_service
 from service.servicer import StreamLimits, VoiceServicer
 from service.stores.memory import MemoryStore
 from service.tls import ServerCertificates
-from service.workers import port_taken
+from service.workers import HURRY, port_taken
 
 __all__ = ["DRAIN_S", "RunningServer", "serve_until_signal", "start_server"]
 
@@ -36,7 +36,8 @@ CONVERSE_METHOD = f"/{SERVICE_NAME}/Converse"
 DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
 CUT_LEAD_S = 2.0  # turns still running this long before the grace period ends are stopped (see RunningServer.stop)
 KEEPALIVE_TIMEOUT_S = 20.0
-"""How long a connection has to answer the server's keepalive ping (or the ping's interval, if less)."""
+"""How long a connection has to answer the server's keepalive ping: a client on a busy machine or a slow
+network answers late, not never."""
 CLIENT_PING_MIN_S = 5.0
 """The shortest interval between a client's own keepalive pings on a connection with no data the server
 accepts (gRPC's default is 5 minutes: a client pinging every 30 s would be sent away, GOAWAY "Too many
@@ -166,15 +167,14 @@ async def start_server(
 
 def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
     """gRPC's options for a server that pings each client connection every ``interval_s`` (0: gRPC's
-    default, every 2 hours) and closes one that does not answer within :data:`KEEPALIVE_TIMEOUT_S` (or
-    the interval, if less): a client gone without a word (its network lost, its laptop asleep) would
-    otherwise hold its streams, their slots and their sessions until the idle timeout. The pings go on
-    while no data does (an open stream between turns), and clients may ping every
-    :data:`CLIENT_PING_MIN_S` themselves."""
+    default, every 2 hours) and closes one that does not answer within :data:`KEEPALIVE_TIMEOUT_S`: a
+    client gone without a word (its network lost, its laptop asleep) would otherwise hold its streams,
+    their slots and their sessions until the idle timeout. The pings go on while no data does (an open
+    stream between turns), and clients may ping every :data:`CLIENT_PING_MIN_S` themselves."""
     if not interval_s:
         return []
     interval_ms = round(interval_s * 1000)
-    timeout_ms = min(interval_ms, round(KEEPALIVE_TIMEOUT_S * 1000))
+    timeout_ms = round(KEEPALIVE_TIMEOUT_S * 1000)
     # (gRPC core waits for a keepalive ping's answer for the ping timeout, a minute by default, as for
     # any ping: the keepalive timeout alone closed nothing in the test of a silent client. And the
     # option for the clients' pings is not named as its C macro is: GRPC_ARG_HTTP2_MIN_RECV_PING_...)
@@ -219,37 +219,57 @@ async def watch_store(store: SessionStore, health_servicer: health.aio.HealthSer
             await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve_until_signal(running: RunningServer, grace_s: float) -> None:
+async def serve_until_signal(running: RunningServer, grace_s: float, *, worker: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; a second SIGTERM or SIGINT meanwhile
     ends the turns still running at once, as the grace period's end would (an operator's Ctrl-C twice).
+    A ``worker`` hurries on :data:`service.workers.HURRY` only, its supervisor's word for a second
+    signal: a signal to the whole process group (``kill -TERM -PGID``, systemd's stop) reaches it
+    twice, once from the group and once from its supervisor, which is still one signal.
     SIGHUP reads the TLS certificates again (at the next connection); without TLS there is nothing to
     read again, and SIGHUP (a closed terminal's, most often) shuts down gracefully too, where Python's
     default ended the process at once (streams cut, turns unsaved, sessions left claimed), unless it
     was ignored when the process started (``nohup``: it stays ignored). A signal ignored when the
-    process started stays ignored (a worker's SIGINT: its supervisor passes the terminal's Ctrl-C on)."""
+    process started stays ignored (a worker's SIGINT: its supervisor passes the terminal's Ctrl-C on;
+    SIGINT in a shell script's background job)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    hurry: asyncio.Future[str] = loop.create_future()  # (why the turns still running end at once)
     signals = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is not signal.SIG_IGN]
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if worker:
+        loop.add_signal_handler(HURRY, _hurry, stop, hurry, "told by the supervisor (a second signal)")
     if running.tls is not None:
         loop.add_signal_handler(signal.SIGHUP, running.tls.reload_now)
     elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's, or a worker's: its supervisor's call)
         loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     await stop.wait()
-    for sig in signals:
-        loop.add_signal_handler(sig, _hurry, running, signal.Signals(sig).name)
+    if not worker:
+        for sig in signals:
+            name = signal.Signals(sig).name
+            loop.add_signal_handler(sig, _hurry, stop, hurry, f"{name} again, during the shutdown")
     log.info(
-        "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish (signal again to end them now)",
+        "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish (%s to end them now)",
         running.servicer.active_streams,
         grace_s,
+        "signal the supervisor again" if worker else "signal again",
     )
-    await running.stop(grace_s)
+
+    async def hurrying() -> None:
+        running.servicer.cut_streams(await hurry)
+
+    waiting = asyncio.create_task(hurrying())
+    try:
+        await running.stop(grace_s)
+    finally:
+        waiting.cancel()
     log.info("stopped")
 
 
-def _hurry(running: RunningServer, name: str) -> None:
-    running.servicer.cut_streams(f"{name} again, during the shutdown")
+def _hurry(stop: asyncio.Event, hurry: asyncio.Future[str], why: str) -> None:
+    stop.set()
+    if not hurry.done():
+        hurry.set_result(why)
 
 
 def _hung_up(stop: asyncio.Event) -> None:

@@ -325,8 +325,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         still in progress stops at once (as if interrupted: the history keeps what was sent), so that
         its stream still ends with the message that says where to resume, before the server cancels
         whatever is left."""
-        if self.active_streams:
-            log.info("%s: %d stream(s) still open end now", why, self.active_streams)
+        log.info("%s: %d stream(s) still open end now", why, self.active_streams)
         self._shutting_down.set()
         self._cutting.set()
 
@@ -458,8 +457,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 failure = await self._converse(request_iterator, context, caller)
             except asyncio.CancelledError as cancelled:  # the client hung up (or the grace ran out)
                 drop_tracebacks(cancelled)  # (its frames held the stream's objects: freed now, not by the collector)
-                if self.metrics is not None:
-                    self.metrics.stream_ended("shutdown" if self._shutting_down.is_set() else "hangup")
+                if self.metrics is not None:  # (a stream still open after the cut: the server's cancellation)
+                    self.metrics.stream_ended("shutdown" if self._cutting.is_set() else "hangup")
                 raise
             if failure is None:
                 if self.metrics is not None:

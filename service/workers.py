@@ -15,8 +15,9 @@ worker's event loop beats on that pipe every :data:`HEARTBEAT_S`; one silent for
 ``PARLEY_WORKER_TIMEOUT_S`` (its loop stuck, or the process stopped) is killed (SIGKILL) and
 restarted, as gunicorn does with its worker timeout: the kernel would otherwise go on giving it its
 share of new connections, which would hang. On SIGTERM or SIGINT it passes SIGTERM to every worker,
-which drains as a lone service does (a second signal is passed on too: the workers end their streams
-at once; workers ignore SIGINT, a terminal's Ctrl-C, which reaches them through the supervisor), and
+which drains as a lone service does (a second signal is passed on as :data:`HURRY`: the workers end
+their streams at once; workers ignore SIGINT, a terminal's Ctrl-C, which reaches them through the
+supervisor, and a SIGTERM that comes twice, from a signal to the whole process group), and
 exits once all have (0 when every running worker drained;
 one still running :data:`STOP_MARGIN_S` past the drain's grace is killed, and the status is 1); with
 TLS on, SIGHUP it passes on (each worker reads its certificates again), and without, SIGHUP stops
@@ -45,6 +46,7 @@ import time
 
 __all__ = [
     "CONFIGURATION_ERROR",
+    "HURRY",
     "HEARTBEAT_S",
     "MIN_WORKER_TIMEOUT_S",
     "MAX_RESTART_DELAY_S",
@@ -68,6 +70,10 @@ WORKER_INDEX = "PARLEY_WORKER_INDEX"
 """Set in each worker's environment: its index (a lone service has none)."""
 _SUPERVISOR = "PARLEY_SUPERVISOR_PID"
 """Set in each worker's environment: its supervisor's pid (see :func:`become_worker`)."""
+HURRY = signal.SIGUSR1
+"""The supervisor's word to a worker that drains: end the turns still running at once (the supervisor
+was signalled a second time). Not a second SIGTERM: a signal to the whole process group reaches each
+worker twice, once from the group and once from its supervisor, and is still one signal."""
 READY_FD = "PARLEY_READY_FD"
 """Set in each worker's environment: the pipe on which it tells the supervisor that it listens, then
 beats."""
@@ -133,7 +139,7 @@ async def supervise(
             "%s again: passed on to the %d worker(s) still running, which end their streams now", name, len(running)
         )
         for process in running:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(HURRY)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled, signal.Signals(sig).name)
@@ -272,10 +278,16 @@ async def supervise(
                 )
                 process.kill()
         await asyncio.wait(late)
-    codes = [p.returncode for p in running]
-    for process, code in zip(running, codes, strict=True):
-        if code != 0:  # (one still starting, say: it did not drain, it was stopped)
+    served = {process.pid for index, process in workers.items() if _came_to_serve(heard[index])}
+    codes = []
+    for process in running:
+        code = process.returncode
+        if code == -signal.SIGTERM and process.pid not in served:  # (still starting: it had nothing to drain)
+            log.info("worker pid %d stopped before it served", process.pid)
+            code = 0
+        elif code != 0:  # (one that served and did not drain: it was killed, or failed as it stopped)
             log.warning("worker pid %d %s as it stopped", process.pid, _how(code))
+        codes.append(code)
     log.info("all workers stopped")
     if failed:
         return failed[0]
@@ -325,6 +337,11 @@ class _Beats:
         return time.monotonic() - self._last
 
 
+def _came_to_serve(beats: _Beats) -> bool:
+    beats.read()  # (a first message that waits unread counts)
+    return beats.served.done() and beats.served.result()
+
+
 def _how(code: int | None) -> str:
     """How a worker ended: "exited with 1", "killed by SIGKILL"."""
     if code is not None and code < 0:
@@ -348,6 +365,7 @@ def become_worker() -> None:
     # A terminal's Ctrl-C reaches every process of its group: the supervisor passes it on as SIGTERM,
     # and a worker that took it too would count that SIGTERM as the second signal, which hurries.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(HURRY, signal.SIG_IGN)  # (its default ends the process: one still starting takes it so)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -235,9 +235,16 @@ async def test_stream_ends_are_counted_by_why_and_only_errors_as_rejected() -> N
         draining = h.stub.Converse()  # open as the server shuts down
         await draining.write(start())
         await draining.read()
+        leaving = h.stub.Converse()  # its client hangs up as the server drains (a QA pass: "shutdown")
+        await leaving.write(start())
+        await leaving.read()
+        await leaving.write(user("Tell me a story."))
         samples = await asyncio.to_thread(scrape, port)
-        assert samples["parley_active_streams"] == 2
-        await h.running.stop(5)
+        assert samples["parley_active_streams"] == 3
+        stopping = asyncio.create_task(h.running.stop(5))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        await stopping
         with pytest.raises(grpc.aio.AioRpcError) as shut:
             await draining.read()
         assert shut.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -245,7 +252,7 @@ async def test_stream_ends_are_counted_by_why_and_only_errors_as_rejected() -> N
     finally:
         await stop_harness(h)
     ends = {reason: samples[f"parley_stream_ends_total{{reason={reason}}}"] for reason in STREAM_END_REASONS}
-    assert ends == {"closed": 1, "hangup": 0, "idle": 1, "shutdown": 2, "takeover": 0, "error": 1}
+    assert ends == {"closed": 1, "hangup": 1, "idle": 1, "shutdown": 2, "takeover": 0, "error": 1}
     rejected = {k: v for k, v in samples.items() if k.startswith("parley_rejected_streams_total") and v}
     assert rejected == {"parley_rejected_streams_total{status=INVALID_ARGUMENT}": 1}
     assert samples["parley_turns_unheard_total{reason=interrupted}"] == 1

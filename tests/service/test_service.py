@@ -385,9 +385,14 @@ class _SilencingProxy:
 
 
 @pytest.mark.parametrize("keepalive_s", [0.5, 0.0])
-async def test_a_client_gone_without_a_word_is_found_by_keepalive_pings(keepalive_s: float) -> None:
+async def test_a_client_gone_without_a_word_is_found_by_keepalive_pings(
+    keepalive_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A client whose network is lost sends no FIN: without pings its stream, its slot and its session
     # were held until the idle timeout (ten minutes by default).
+    import service.server
+
+    monkeypatch.setattr(service.server, "KEEPALIVE_TIMEOUT_S", 0.5)  # (20 s in service: a test of seconds)
     h = await start_harness(keepalive_s=keepalive_s)
     proxy = _SilencingProxy(h.running.port)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}")

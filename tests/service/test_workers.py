@@ -570,6 +570,11 @@ def test_the_collector_waits_for_the_live_objects_to_grow_and_still_collects_cyc
             "port (the port is PARLEY_PORT), an IPv6 address with or without its brackets (::1 or [::1]) (got "
             "'[::1]:5000')",
         ),
+        (  # (a QA pass: 0.0004 s rounded to a ping every 0 ms, and a turn failed "Internal error from Core")
+            ["--keepalive-s", "0.0004"],
+            "  settings: PARLEY_KEEPALIVE_S (--keepalive-s) must be 0 (gRPC's default) or at least 1 s: a ping "
+            "every few milliseconds is a flood, and gRPC fails the calls of a connection it cannot keep up with",
+        ),
         (  # (a QA pass: accepted, and logged as "get inf s to finish")
             ["--shutdown-grace-s", "inf"],
             "  --shutdown-grace-s / PARLEY_SHUTDOWN_GRACE_S: Input should be a finite number (got 'inf')",
@@ -698,14 +703,18 @@ async def test_a_second_signal_during_the_shutdown_ends_the_turns_at_once(redis_
         out, _ = parent.communicate(timeout=30)
         assert "SIGINT again: passed on to the " in out
         assert "worker(s) still running, which end their streams now" in out
-        assert "SIGTERM again, during the shutdown: 1 stream(s) still open end now" in out
+        assert "told by the supervisor (a second signal): 1 stream(s) still open end now" in out
     finally:
         reap(parent)
 
 
-async def test_a_terminals_ctrl_c_drains_workers_as_sigterm_does(redis_url: str) -> None:
-    # A terminal's Ctrl-C signals its whole process group: each worker gets SIGINT from the terminal and
-    # SIGTERM from its supervisor, which must not count as the second signal that ends turns at once.
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_to_the_whole_process_group_drains_workers_as_one_signal(
+    redis_url: str, sent: signal.Signals
+) -> None:
+    # A terminal's Ctrl-C signals its whole process group, and so do systemd's stop and `kill -TERM
+    # -PGID`: each worker gets the signal from the group and SIGTERM from its supervisor, which must
+    # not count as the second signal that ends turns at once (a QA pass: the group's SIGTERM did).
     port = free_port()
     parent = start_workers(port, redis_url, shutdown_grace_s="60")
     try:
@@ -717,7 +726,7 @@ async def test_a_terminals_ctrl_c_drains_workers_as_sigterm_does(redis_url: str)
             while (await call.read()).WhichOneof("kind") != "audio":
                 pass
             for pid in (parent.pid, *await asyncio.to_thread(children, parent.pid)):
-                os.kill(pid, signal.SIGINT)  # (as the terminal does: every process at once)
+                os.kill(pid, sent)  # (as the terminal does: every process at once)
             await call.done_writing()
             responses = []
             while (response := await call.read()) is not grpc.aio.EOF:
@@ -726,5 +735,19 @@ async def test_a_terminals_ctrl_c_drains_workers_as_sigterm_does(redis_url: str)
         assert await asyncio.to_thread(parent.wait, 60) == 0
         out, _ = parent.communicate(timeout=30)
         assert "still open end now" not in out
+    finally:
+        reap(parent)
+
+
+async def test_workers_stopped_while_starting_exit_cleanly(redis_url: str) -> None:
+    # A QA pass: SIGTERM in the first second (workers still starting, nothing to drain) made the
+    # supervisor warn "was killed by SIGTERM as it stopped" and exit 1.
+    parent = start_workers(free_port(), redis_url)
+    try:
+        await asyncio.to_thread(wait_for_lines, parent, "worker 1 started", 1)
+        parent.send_signal(signal.SIGTERM)  # (the workers are still importing their modules)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+        out, _ = parent.communicate(timeout=30)
+        assert "stopped before it served" in out and "as it stopped" not in out
     finally:
         reap(parent)
