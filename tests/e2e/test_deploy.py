@@ -128,9 +128,12 @@ def exported_series() -> dict[str, set[str]]:
     # (A voice turn, so that every labelled histogram has its series.)
     metrics.turn_ended(TurnEnded("t", TurnEndReason.COMPLETED, "", TurnTimings(1, 1, 1, 1, 1, 1, 1, 1)), "pcm")
     labels: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
-        for sample in family.samples:
-            labels.setdefault(sample.name, set()).update(sample.labels)
+    from service.worker_metrics import WorkerMetrics
+
+    for registry in (metrics.registry, WorkerMetrics(1).registry):  # (a process's; a supervisor's)
+        for family in registry.collect():
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
     return labels
 
 
@@ -145,7 +148,7 @@ def check_query(expr: str, labels: dict[str, set[str]]) -> list[str]:
         assert name in labels, name
     for selector in re.findall(r"parley_[a-z_]+\{([^}]*)\}", expr):
         for label in re.findall(r"(\w+)\s*[=!]~?", selector):
-            assert label in {"job", "instance"} or any(label in labels[name] for name in used), (label, expr)
+            assert label in {"job", "instance", "worker"} or any(label in labels[name] for name in used), (label, expr)
     return used
 
 
@@ -159,8 +162,10 @@ def test_the_grafana_dashboard_asks_for_metrics_the_service_has() -> None:
             used = check_query(target["expr"], labels)
             # A legend names only labels the series have, or those Prometheus gives every target
             # (instance tells workers and pods apart; a pod label exists only if the scrape adds it).
+            # (worker: the label a supervisor gives its workers' series.)
             for label in re.findall(r"{{\s*(\w+)\s*}}", target.get("legendFormat", "")):
-                assert label in {"instance", "job"} or any(label in labels[name] for name in used), (label, used)
+                allowed = {"instance", "job", "worker"}
+                assert label in allowed or any(label in labels[name] for name in used), (label, used)
 
 
 def test_the_monitoring_resources_scrape_the_service_and_alert_on_what_it_exports() -> None:
@@ -180,10 +185,12 @@ def test_the_monitoring_resources_scrape_the_service_and_alert_on_what_it_export
     for endpoint in monitor["endpoints"]:
         target = ports[endpoint["port"]]["targetPort"]
         assert container_ports[target] == int(env["PARLEY_METRICS_PORT"])
-    labels = exported_series() | {"process_start_time_seconds": set()}
+    labels = exported_series() | {"process_start_time_seconds": set(), "up": set()}
     rules = [rule for group in by_kind["PrometheusRule"]["spec"]["groups"] for rule in group["rules"]]
     assert len({rule["alert"] for rule in rules}) == len(rules) >= 5
     for rule in rules:
         check_query(rule["expr"], labels)
+        for name in re.findall(r"\b(up|process_[a-z_]+)\{", rule["expr"]):  # (Prometheus's, and every process's)
+            assert name in labels, name
         assert 'job="parley"' in rule["expr"]  # (the ServiceMonitor's job: the Service's name)
         assert rule["labels"]["severity"] in {"page", "ticket"} and rule["annotations"]["summary"]
