@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -30,7 +31,7 @@ from service.setting_errors import describe_errors
 from service.stores.memory import MemoryStore
 from service.telemetry import configure_tracing, tracing_settings_problem
 from service.tls import ServerCertificates, TLSError
-from service.workers import WORKER_INDEX, become_worker, tell_ready
+from service.workers import HURRY, WORKER_INDEX, become_worker, tell_ready
 
 log = logging.getLogger("service")
 
@@ -66,6 +67,8 @@ async def run(settings: Settings) -> None:
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
     limits = StreamLimits(settings.max_streams, settings.send_timeout_s)
+    # (A worker's metrics are read by its supervisor, which serves them all on the port.)
+    metrics_host = "127.0.0.1" if WORKER_INDEX in os.environ else settings.host
     settle_memory()  # (before the port opens: the full collection holds the loop, and no stream's objects are frozen)
     try:
         running = await start_server(
@@ -82,8 +85,7 @@ async def run(settings: Settings) -> None:
             tls=tls,
             token_secret=settings.token_secret,
             metrics_port=settings.metrics_port,
-            # (A worker's metrics are read by its supervisor, which serves them all on the port.)
-            metrics_host="127.0.0.1" if WORKER_INDEX in os.environ else None,
+            metrics_host=metrics_host,
             share_port=WORKER_INDEX in os.environ,  # (set by the supervisor for its workers)
             keepalive_s=settings.keepalive_s,
             quotas=QuotaLimits(
@@ -103,8 +105,7 @@ async def run(settings: Settings) -> None:
             settings.event_loop,
         )
         if running.metrics_port is not None:
-            where = "127.0.0.1" if WORKER_INDEX in os.environ else settings.host
-            log.info("metrics on http://%s/metrics", address(where, running.metrics_port))
+            log.info("metrics on http://%s/metrics", address(metrics_host, running.metrics_port))
         log.info(
             "transport: %s",
             "plaintext" if tls is None else "TLS with client certificates" if tls.mutual else "TLS",
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         log.error("cannot start: %s", error)
         return 1
+    finally:
+        if WORKER_INDEX in os.environ:  # (the loop's handler went with it: a late HURRY must not kill it)
+            signal.signal(HURRY, signal.SIG_IGN)
     return 0
 
 

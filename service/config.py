@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.history import HistoryLimits
@@ -23,7 +23,7 @@ from service.core.store import DEFAULT_SESSION_TTL_S
 from service.core.turn import TurnOptions
 from service.engines.openai_voices import OPENAI_VOICES
 from service.servicer import StreamLimits
-from service.setting_errors import BRIDGE_PREFIXES, choice_in_any_case, without_credentials
+from service.setting_errors import BRIDGE_PREFIXES, ChoicesInAnyCase, without_credentials
 from service.setting_errors import unknown_variables as describe_unknown
 from service.stores.memory import DEFAULT_MAX_SESSIONS
 
@@ -36,7 +36,7 @@ _STREAMS = StreamLimits()
 __all__ = ["Settings", "setting_names", "unknown_variables"]
 
 
-class Settings(BaseSettings):
+class Settings(ChoicesInAnyCase, BaseSettings):
     """Parley's gRPC voice-reply service. Every flag is also an environment variable PARLEY_<NAME>
     (for example --port / PARLEY_PORT); flags win."""
 
@@ -274,12 +274,6 @@ class Settings(BaseSettings):
         "gpt-4o-mini-transcribe",
         description="Transcription model of the openai STT engine (compatible servers mostly offer whisper-1).",
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
-        field = cls.model_fields.get(info.field_name or "")
-        return value if field is None else choice_in_any_case(field.annotation, value)
 
     @field_validator("openai_base_url")
     @classmethod

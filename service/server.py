@@ -35,6 +35,7 @@ SERVICE_NAME = voice_pb2.DESCRIPTOR.services_by_name["VoiceService"].full_name
 CONVERSE_METHOD = f"/{SERVICE_NAME}/Converse"
 DRAIN_S = 10.0  # streams cut at shutdown write their history (a store write or two) within this
 CUT_LEAD_S = 2.0  # turns still running this long before the grace period ends are stopped (see RunningServer.stop)
+GRACE_OVER_LEAD_S = 0.05  # the servicer is told the grace is over this long before gRPC cancels the calls left
 KEEPALIVE_TIMEOUT_S = 20.0
 """How long a connection has to answer the server's keepalive ping: a client on a busy machine or a slow
 network answers late, not never."""
@@ -70,13 +71,15 @@ class RunningServer:
             self.store_watch.cancel()
         await self.health.enter_graceful_shutdown()
         self.servicer.shut_down()
-        cutting = asyncio.get_running_loop().call_later(
-            grace_s - min(CUT_LEAD_S, grace_s / 2), self.servicer.cut_streams
-        )
+        loop = asyncio.get_running_loop()
+        cutting = loop.call_later(grace_s - min(CUT_LEAD_S, grace_s / 2), self.servicer.cut_streams)
+        # (Just before gRPC cancels the calls still open, so that their ends count as the shutdown's.)
+        ending = loop.call_later(max(0.0, grace_s - GRACE_OVER_LEAD_S), self.servicer.grace_over)
         try:
             await self.server.stop(grace_s)
         finally:
             cutting.cancel()
+            ending.cancel()
         try:
             async with asyncio.timeout(DRAIN_S):
                 await self.servicer.drained()
@@ -170,9 +173,11 @@ def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
     default, every 2 hours) and closes one that does not answer within :data:`KEEPALIVE_TIMEOUT_S`: a
     client gone without a word (its network lost, its laptop asleep) would otherwise hold its streams,
     their slots and their sessions until the idle timeout. The pings go on while no data does (an open
-    stream between turns), and clients may ping every :data:`CLIENT_PING_MIN_S` themselves."""
+    stream between turns). Clients may ping every :data:`CLIENT_PING_MIN_S` themselves (with the
+    server's own pings off too)."""
+    clients = [("grpc.http2.min_ping_interval_without_data_ms", round(CLIENT_PING_MIN_S * 1000))]
     if not interval_s:
-        return []
+        return clients
     interval_ms = round(interval_s * 1000)
     timeout_ms = round(KEEPALIVE_TIMEOUT_S * 1000)
     # (gRPC core waits for a keepalive ping's answer for the ping timeout, a minute by default, as for
@@ -184,7 +189,7 @@ def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
         ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", round(CLIENT_PING_MIN_S * 1000)),
+        *clients,
     ]
 
 
@@ -234,9 +239,10 @@ async def serve_until_signal(running: RunningServer, grace_s: float, *, worker: 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     hurry: asyncio.Future[str] = loop.create_future()  # (why the turns still running end at once)
-    signals = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) is not signal.SIG_IGN]
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            # (One handler counts them: two signals handled in one turn of a busy loop are still two.)
+            loop.add_signal_handler(sig, _signalled, stop, None if worker else hurry, signal.Signals(sig).name)
     if worker:
         loop.add_signal_handler(HURRY, _hurry, stop, hurry, "told by the supervisor (a second signal)")
     if running.tls is not None:
@@ -244,10 +250,6 @@ async def serve_until_signal(running: RunningServer, grace_s: float, *, worker: 
     elif signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's, or a worker's: its supervisor's call)
         loop.add_signal_handler(signal.SIGHUP, _hung_up, stop)
     await stop.wait()
-    if not worker:
-        for sig in signals:
-            name = signal.Signals(sig).name
-            loop.add_signal_handler(sig, _hurry, stop, hurry, f"{name} again, during the shutdown")
     log.info(
         "shutting down: health NOT_SERVING, %d stream(s) get %g s to finish (%s to end them now)",
         running.servicer.active_streams,
@@ -264,6 +266,14 @@ async def serve_until_signal(running: RunningServer, grace_s: float, *, worker: 
     finally:
         waiting.cancel()
     log.info("stopped")
+
+
+def _signalled(stop: asyncio.Event, hurry: asyncio.Future[str] | None, name: str) -> None:
+    """SIGTERM or SIGINT: the first stops; a second (``hurry``: not in a worker) hurries."""
+    if not stop.is_set():
+        stop.set()
+    elif hurry is not None:
+        _hurry(stop, hurry, f"{name} again, during the shutdown")
 
 
 def _hurry(stop: asyncio.Event, hurry: asyncio.Future[str], why: str) -> None:

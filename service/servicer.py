@@ -171,9 +171,11 @@ class Writer:
         send_timeout_s: float,
         session_id: Callable[[], str],
         metrics: Metrics | None = None,
+        server_cancels: Callable[[], bool] = lambda: False,
     ) -> None:
         self._outbox = outbox
         self._session_id = session_id
+        self._server_cancels = server_cancels  # (its shutdown's grace is over: a cancelled call is its doing)
         self._metrics = metrics
         self._encoding = ""
         self._context = context
@@ -210,8 +212,9 @@ class Writer:
                         self._writing_since + self._send_timeout_s, self._watch, asyncio.current_task()
                     )
                 gone = False
+                sent = message_to_proto(message)  # (a bug here is the service's, not a call that is over)
                 try:
-                    await self._context.write(message_to_proto(message))
+                    await self._context.write(sent)
                 except asyncio.CancelledError:
                     raise  # (the watchdog, or a stop)
                 except Exception as error:  # grpc.aio raises its own internal errors for a call that is over
@@ -256,7 +259,7 @@ class Writer:
     def _account(self, ended: TurnEnded, *, abandoned: bool = False) -> None:
         """A turn's end in the log and the metrics (``abandoned`` too if the client cancelled the call:
         its hang-up ended the turn, which it did not hear end)."""
-        abandoned = abandoned or self._context.cancelled()
+        abandoned = (abandoned or self._context.cancelled()) and not self._server_cancels()
         _log_turn(self._session_id(), ended, abandoned=abandoned)
         if self._metrics is not None:
             self._metrics.turn_ended(ended, self._encoding, abandoned=abandoned)
@@ -314,6 +317,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         self._drained.set()
         self._shutting_down = asyncio.Event()
         self._cutting = asyncio.Event()
+        self._grace_over = False  # (the server cancels the calls still open: no client hung up)
 
     def shut_down(self) -> None:
         """Begin a graceful shutdown: every stream ends once its turn in progress has been sent, with
@@ -325,9 +329,15 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         still in progress stops at once (as if interrupted: the history keeps what was sent), so that
         its stream still ends with the message that says where to resume, before the server cancels
         whatever is left."""
-        log.info("%s: %d stream(s) still open end now", why, self.active_streams)
+        if self.active_streams:
+            log.info("%s: %d stream(s) still open end now", why, self.active_streams)
         self._shutting_down.set()
         self._cutting.set()
+
+    def grace_over(self) -> None:
+        """The shutdown's grace period ends now: gRPC cancels the calls still open (counted as the
+        shutdown's ends, not as clients that hung up)."""
+        self._grace_over = True
 
     async def drained(self) -> None:
         """Return once no stream is open (every stream's session has been let go)."""
@@ -457,8 +467,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 failure = await self._converse(request_iterator, context, caller)
             except asyncio.CancelledError as cancelled:  # the client hung up (or the grace ran out)
                 drop_tracebacks(cancelled)  # (its frames held the stream's objects: freed now, not by the collector)
-                if self.metrics is not None:  # (a stream still open after the cut: the server's cancellation)
-                    self.metrics.stream_ended("shutdown" if self._cutting.is_set() else "hangup")
+                if self.metrics is not None:
+                    self.metrics.stream_ended("shutdown" if self._grace_over else "hangup")
                 raise
             if failure is None:
                 if self.metrics is not None:
@@ -467,7 +477,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 code, message = status_for(failure)
                 drop_tracebacks(failure)  # (logged: its frames hold the stream's objects, and tasks that hold it)
                 if self.metrics is not None:
-                    self.metrics.stream_ended(end_reason(failure), code.name)
+                    reason = end_reason(failure)
+                    self.metrics.stream_ended(
+                        "shutdown" if reason == "hangup" and self._grace_over else reason, code.name
+                    )
                 # A client that reads nothing never gets the status: the call is then cancelled.
                 trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
                 await end_call(context, code, message, self._limits.send_timeout_s, trailing)
@@ -498,7 +511,12 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         )
         owner = f" ({session_principal})" if (session_principal := caller.principal if caller else "") else ""
         writer = Writer(
-            outbox, context, self._limits.send_timeout_s, lambda: session.session_id[:8] + owner, self.metrics
+            outbox,
+            context,
+            self._limits.send_timeout_s,
+            lambda: session.session_id[:8] + owner,
+            self.metrics,
+            lambda: self._grace_over,
         )
         writing = asyncio.create_task(writer.run(), name="converse writer")
         failure: BaseException | None = None
@@ -523,7 +541,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 drop_tracebacks(other)
         finally:
             await to_the_end(writer.stop(writing))
-            writer.account_unsent(outbox.unsent_ends(), abandoned=isinstance(failure, ClientGone))
+            gone = isinstance(failure, ClientGone) and not self._grace_over
+            writer.account_unsent(outbox.unsent_ends(), abandoned=gone)
         if failure is not None:
             return failure
         if ending is Ending.SHUTDOWN:

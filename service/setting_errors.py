@@ -7,9 +7,16 @@ import re
 import typing
 from collections.abc import Callable, Collection, Mapping
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
-__all__ = ["BRIDGE_PREFIXES", "choice_in_any_case", "describe_errors", "unknown_variables", "without_credentials"]
+__all__ = [
+    "BRIDGE_PREFIXES",
+    "ChoicesInAnyCase",
+    "choice_in_any_case",
+    "describe_errors",
+    "unknown_variables",
+    "without_credentials",
+]
 
 _SECRET_WORDS = frozenset({"key", "keys", "token", "secret", "password"})
 """A setting one of whose ``_``-separated words is one of these (``api_keys``, ``token_secret``, but not
@@ -109,3 +116,14 @@ def choice_in_any_case(annotation: object, value: object) -> object:
             pending += typing.get_args(kind)
     folded = value.strip().casefold()
     return next((choice for choice in choices if choice.casefold() == folded), value)
+
+
+class ChoicesInAnyCase(BaseModel):
+    """Settings whose choices (``Literal`` fields) are taken in any case (see :func:`choice_in_any_case`):
+    the service's and the bridge's."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        return value if field is None else choice_in_any_case(field.annotation, value)

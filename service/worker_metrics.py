@@ -6,12 +6,12 @@ annotations and a ServiceMonitor name one port.
 Each worker serves its metrics on a loopback port of its own choosing, which it tells the supervisor
 as it comes to serve (:func:`service.workers.tell_ready`); at each scrape the supervisor reads them
 all at once, in threads (prometheus-client's HTTP server collects in its own thread, never the event
-loop's), each within :data:`READ_TIMEOUT_S`."""
+loop's), each read (connecting, then each receipt of bytes) timing out after :data:`READ_TIMEOUT_S`."""
 
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -31,12 +31,13 @@ answering and was killed (``PARLEY_WORKER_TIMEOUT_S``), or it exited 0 on a SIGT
 class WorkerMetrics(Collector):
     """The workers' metrics, gathered at each scrape, and the supervisor's record of them."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, ports: Callable[[], dict[int, int]]) -> None:
+        """``ports``: each serving worker's metrics port, by its index (called in the HTTP server's
+        thread: it reads the supervisor's state without changing it)."""
         self._count = count
-        self.ports: dict[int, int] = {}
-        """Each serving worker's metrics port, by its index (set and cleared on the event loop; read
-        in the HTTP server's thread: a copy of a dict is taken whole under the GIL)."""
+        self._ports = ports
         self._restarts = {(index, reason): 0 for index in range(count) for reason in RESTART_REASONS}
+        self._readers = ThreadPoolExecutor(max_workers=count, thread_name_prefix="worker metrics")
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -49,20 +50,19 @@ class WorkerMetrics(Collector):
         return int(server.server_port)
 
     def collect(self) -> Iterator[Metric]:
-        targets = sorted(self.ports.copy().items())
-        with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-            texts = list(pool.map(lambda target: _read(target[1]), targets))
+        targets = sorted(self._ports().items())
+        read = list(self._readers.map(_read, [port for _, port in targets]))
         merged: dict[str, Metric] = {}
         up = GaugeMetricFamily(
             "parley_worker_up",
             "1 if the worker's metrics were read at this scrape, 0 if it is starting, restarting or did not answer.",
             labels=("worker",),
         )
-        answered = {index: text for (index, _), text in zip(targets, texts, strict=True) if text is not None}
+        answered = {index: families for (index, _), families in zip(targets, read, strict=True) if families is not None}
         for index in range(self._count):
             up.add_metric((str(index),), 1 if index in answered else 0)
-        for index, text in answered.items():
-            for family in text_string_to_metric_families(text):
+        for index, families in answered.items():
+            for family in families:
                 into = merged.get(family.name)
                 if into is None:
                     into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
@@ -84,9 +84,11 @@ class WorkerMetrics(Collector):
         return iter(())  # (what the workers export is known only by reading it)
 
 
-def _read(port: int) -> str | None:
+def _read(port: int) -> list[Metric] | None:
+    """A worker's metrics, or None if it did not answer, or answered what does not parse (a worker
+    killed as it answered sends a page cut short): that worker is ``up`` 0, the others are read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=READ_TIMEOUT_S) as response:
-            return str(response.read().decode())
-    except (OSError, ValueError):
+            return list(text_string_to_metric_families(response.read().decode()))
+    except Exception:  # noqa: BLE001 - whatever one worker's page holds, the scrape of the others goes on
         return None

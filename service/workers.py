@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import functools
 import logging
 import os
 import signal
@@ -115,7 +114,7 @@ async def supervise(
         from service.config import address
         from service.worker_metrics import WorkerMetrics
 
-        metrics = WorkerMetrics(count)
+        metrics = WorkerMetrics(count, lambda: _metrics_ports(workers, heard))
         where = host or "127.0.0.1"
         try:
             served_on = metrics.serve(where, metrics_port)
@@ -134,7 +133,9 @@ async def supervise(
         if not stopping.is_set():
             stopping.set()
             return
-        running = [process for process in workers.values() if process.returncode is None]
+        running = [  # (one still starting has no streams, and may not yet ignore HURRY, whose default kills)
+            process for index, process in workers.items() if process.returncode is None and _came_to_serve(heard[index])
+        ]
         log.info(
             "%s again: passed on to the %d worker(s) still running, which end their streams now", name, len(running)
         )
@@ -198,8 +199,6 @@ async def supervise(
         while not stopping.is_set():
             process, beats = await start(index)
             workers[index], heard[index] = process, beats
-            if metrics is not None:
-                beats.served.add_done_callback(functools.partial(_scraped, index, beats))
             began = time.monotonic()
             hung = False
             waiting = asyncio.ensure_future(process.wait())
@@ -221,8 +220,6 @@ async def supervise(
                     await waiting
                     break
             stop.cancel()
-            if metrics is not None:
-                metrics.ports.pop(index, None)
             if stopping.is_set():
                 waiting.cancel()
                 return
@@ -252,10 +249,6 @@ async def supervise(
                 return
             except TimeoutError:
                 delays[index] = min(delays[index] * 2, MAX_RESTART_DELAY_S)
-
-    def _scraped(index: int, beats: _Beats, _: object) -> None:  # (a worker that came to serve: its metrics are read)
-        if metrics is not None and beats.metrics_port is not None and workers[index].returncode is None:
-            metrics.ports[index] = beats.metrics_port
 
     keepers = [asyncio.create_task(keep(i), name=f"worker {i}") for i in range(count)]
     log.info("supervising %d workers", count)
@@ -335,6 +328,17 @@ class _Beats:
         if self._fd is None or not self.served.done():
             return None
         return time.monotonic() - self._last
+
+
+def _metrics_ports(workers: dict[int, asyncio.subprocess.Process], heard: dict[int, _Beats]) -> dict[int, int]:
+    """Where each worker that serves serves its metrics (read in the metrics server's thread: copies,
+    each taken whole under the GIL; a worker that just exited is read and found gone)."""
+    processes, beats = workers.copy(), heard.copy()
+    return {
+        index: port
+        for index, said in beats.items()
+        if (port := said.metrics_port) is not None and index in processes and processes[index].returncode is None
+    }
 
 
 def _came_to_serve(beats: _Beats) -> bool:

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.setting_errors import BRIDGE_PREFIXES, choice_in_any_case
+from service.setting_errors import BRIDGE_PREFIXES, ChoicesInAnyCase
 from service.setting_errors import describe_errors as describe_setting_errors
 from service.setting_errors import unknown_variables as describe_unknown
 
@@ -35,7 +35,7 @@ def env_name(field: FieldInfo) -> str:
     return str(extra["env"])
 
 
-class BridgeSettings(BaseSettings):
+class BridgeSettings(ChoicesInAnyCase, BaseSettings):
     """Parley's WebSocket bridge and its demo page. Every flag is also an environment variable, named in
     brackets (for example --port / PARLEY_BRIDGE_PORT); flags win."""
 
@@ -127,12 +127,6 @@ class BridgeSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "PARLEY_LOG_LEVEL", "Log level (shared with the service)."
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _choices_in_any_case(cls, value: object, info: ValidationInfo) -> object:
-        field = cls.model_fields.get(info.field_name or "")
-        return value if field is None else choice_in_any_case(field.annotation, value)
 
     @model_validator(mode="after")
     def _metrics_on_a_port_of_their_own(self) -> BridgeSettings:

@@ -130,7 +130,7 @@ def exported_series() -> dict[str, set[str]]:
     labels: dict[str, set[str]] = {}
     from service.worker_metrics import WorkerMetrics
 
-    for registry in (metrics.registry, WorkerMetrics(1).registry):  # (a process's; a supervisor's)
+    for registry in (metrics.registry, WorkerMetrics(1, dict).registry):  # (a process's; a supervisor's)
         for family in registry.collect():
             for sample in family.samples:
                 labels.setdefault(sample.name, set()).update(sample.labels)

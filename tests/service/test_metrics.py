@@ -15,7 +15,7 @@ from parley.v1 import voice_pb2 as pb
 from service.core.settings import SessionDefaults
 from service.metrics import FAILING_ENGINES, REJECTION_STATUSES, STREAM_END_REASONS, TURN_REASONS
 from tests.conftest import converse_all, free_port, start, start_harness, stop_harness, user, wait_for
-from tests.fakes import FakeLLM, FakeSTT, loud, quiet
+from tests.fakes import FakeLLM, FakeSTT, FakeTTS, loud, quiet
 from tests.service.test_voice import open_voice, say
 
 
@@ -184,7 +184,7 @@ async def test_a_turn_whose_client_hangs_up_is_counted_abandoned(when: str, capl
     # and a turn given up before its first audio is in no latency histogram: it is counted apart.
     caplog.set_level(logging.INFO, logger="service.servicer")
     port = free_port()
-    llm = FakeLLM(first_token_s=0.3 if when != "mid-reply" else 0.02, token_s=0.05)
+    llm = FakeLLM(first_token_s=30 if when != "mid-reply" else 0.02, token_s=0.05)  # (the cancel ends it)
     h = await start_harness(llm, metrics_port=port)
     try:
         call = h.stub.Converse()
@@ -194,7 +194,7 @@ async def test_a_turn_whose_client_hangs_up_is_counted_abandoned(when: str, capl
             while (await call.read()).WhichOneof("kind") != "audio":
                 pass
         else:
-            await call.read()  # (session_started; the LLM's first token is 0.3 s away)
+            await call.read()  # (session_started; the LLM's first token is 30 s away)
             await asyncio.sleep(0.1)
         call.cancel()
         await wait_for(lambda: h.running.servicer.active_streams == 0)
@@ -214,7 +214,8 @@ async def test_stream_ends_are_counted_by_why_and_only_errors_as_rejected() -> N
     # An SRE's pass: every stream a drain ended counted as a rejected stream (UNAVAILABLE), and so did
     # every idle timeout (DEADLINE_EXCEEDED), so an alert on rejections fired on each rolling update.
     port = free_port()
-    h = await start_harness(FakeLLM(first_token_s=0.2), defaults=SessionDefaults(idle_timeout_s=0.5), metrics_port=port)
+    llm = FakeLLM(first_token_s=2)  # (the interrupt below comes well before it, however busy the machine)
+    h = await start_harness(llm, defaults=SessionDefaults(idle_timeout_s=0.5), metrics_port=port)
     try:
         await converse_all(h.stub, [start(), user("Hi?")])  # closed by the client
         idle = h.stub.Converse()
@@ -376,3 +377,31 @@ async def test_an_ipv6_address_serves_the_service_and_its_metrics(host: str) -> 
         assert b"parley_turns_total" in text
     finally:
         await running.stop(0)
+
+
+async def test_a_stream_the_shutdowns_grace_ends_is_the_shutdowns_not_a_hang_up() -> None:
+    # A review: when the grace ran out, gRPC's cancellation of a call still open (here its client
+    # reads nothing, so its stream cannot end) was counted as the client's hang-up, its turn abandoned.
+    from service.servicer import StreamLimits
+
+    port = free_port()
+    h = await start_harness(
+        FakeLLM(reply="This reply is long enough to fill every buffer on the way. " * 40),
+        FakeTTS(ms_per_char=300),  # (more audio than any flow-control window holds)
+        limits=StreamLimits(send_timeout_s=60),
+        metrics_port=port,
+    )
+    try:
+        call = h.stub.Converse()
+        await call.write(start())
+        await call.write(user("Talk, while I do not listen."))
+        await wait_for(lambda: h.running.servicer.active_streams == 1, timeout_s=20)
+        await asyncio.sleep(1)  # (its writer waits for the client to read)
+        await h.running.stop(1)
+        samples = await asyncio.to_thread(scrape, port)
+        call.cancel()
+    finally:
+        await stop_harness(h)
+    assert samples["parley_stream_ends_total{reason=shutdown}"] == 1
+    assert samples["parley_stream_ends_total{reason=hangup}"] == 0
+    assert samples["parley_turns_total{reason=abandoned}"] == 0

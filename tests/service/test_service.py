@@ -414,15 +414,16 @@ async def test_a_client_gone_without_a_word_is_found_by_keepalive_pings(
         await stop_harness(h)
 
 
-async def test_a_client_may_send_its_own_keepalive_pings(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("keepalive_s", [30.0, 0.0])  # (the server's own pings on, or off)
+async def test_a_client_may_send_its_own_keepalive_pings(keepalive_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
     # A QA pass: a client pinging every 10 or 11 s (which the service meant to allow) was sent away
     # with GOAWAY "Too many pings" after three pings: the option's name was not the one gRPC reads.
     import service.server
 
     monkeypatch.setattr(service.server, "CLIENT_PING_MIN_S", 0.5)  # (5 s in service: a test of seconds)
-    h = await start_harness(keepalive_s=30)
+    h = await start_harness(keepalive_s=keepalive_s)
     options = [
-        ("grpc.keepalive_time_ms", 600),
+        ("grpc.keepalive_time_ms", 1000),  # (twice the shortest allowed: a late ping is no strike)
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
@@ -431,7 +432,7 @@ async def test_a_client_may_send_its_own_keepalive_pings(monkeypatch: pytest.Mon
         call = pb_grpc.VoiceServiceStub(channel).Converse()
         await call.write(start())
         assert (await call.read()).HasField("session_started")
-        await asyncio.sleep(4)  # (six pings, and no data)
+        await asyncio.sleep(5)  # (five pings, and no data: three strikes would have sent it away)
         await call.write(user("Still there?"))
         await call.done_writing()
         while (response := await call.read()) is not grpc.aio.EOF:
