@@ -405,3 +405,42 @@ async def test_a_stream_the_shutdowns_grace_ends_is_the_shutdowns_not_a_hang_up(
     assert samples["parley_stream_ends_total{reason=shutdown}"] == 1
     assert samples["parley_stream_ends_total{reason=hangup}"] == 0
     assert samples["parley_turns_total{reason=abandoned}"] == 0
+
+
+def test_a_workers_page_cut_short_costs_only_that_worker() -> None:
+    # A review: a worker killed as it answered sends a page cut short (prometheus-client's server
+    # gives no length), whose parse error failed the supervisor's whole scrape (HTTP 500: up 0).
+    import http.server
+
+    from prometheus_client import generate_latest
+
+    from service.worker_metrics import WorkerMetrics
+
+    pages = {"/good": b"# TYPE parley_active_streams gauge\nparley_active_streams 3.0\n", "/cut": b'parley_act{x="1'}
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(pages[self.server.page])  # type: ignore[attr-defined]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers = []
+    for page in ("/good", "/cut"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        server.page = page  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        metrics = WorkerMetrics(3, lambda: {0: servers[0].server_address[1], 1: servers[1].server_address[1]})
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert 'parley_active_streams{worker="0"} 3.0' in text
+    assert 'parley_worker_up{worker="0"} 1.0' in text
+    assert 'parley_worker_up{worker="1"} 0.0' in text  # (its page did not parse)
+    assert 'parley_worker_up{worker="2"} 0.0' in text  # (not serving: starting, or restarting)
