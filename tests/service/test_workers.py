@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -48,6 +49,23 @@ def wait_for_lines(process: subprocess.Popen[str], marker: str, count: int, time
 async def one_turn(port: int) -> pb.TurnEnded:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         responses = await converse_all(voice_pb2_grpc.VoiceServiceStub(channel), [start(), user("Hi?")])
+    return responses[-1].turn_ended
+
+
+async def end_of_a_turn_signalled(port: int, signal_it: Callable[[], object]) -> pb.TurnEnded:
+    """Begin a turn on ``port``, call ``signal_it`` once its audio flows, half-close, and read to the
+    end: the turn's end (its stream must end OK: it drained)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
+        await call.write(start())
+        await call.write(user("Tell me about the sky."))
+        while (await call.read()).WhichOneof("kind") != "audio":  # the turn is under way
+            pass
+        signal_it()
+        await call.done_writing()
+        responses = []
+        while (response := await call.read()) is not grpc.aio.EOF:
+            responses.append(response)
     return responses[-1].turn_ended
 
 
@@ -410,18 +428,8 @@ async def test_sighup_without_tls_drains_a_lone_service_and_workers_as_sigterm_d
     )  # fmt: skip
     try:
         await asyncio.to_thread(wait_for_lines, lone, "Parley listening", 1)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
-            await call.write(start())
-            await call.write(user("Tell me about the sky."))
-            while (await call.read()).WhichOneof("kind") != "audio":  # the turn is under way
-                pass
-            lone.send_signal(signal.SIGHUP)
-            await call.done_writing()
-            kinds = []
-            while (response := await call.read()) is not grpc.aio.EOF:
-                kinds.append(response)
-            assert kinds[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
+        ended = await end_of_a_turn_signalled(port, lambda: lone.send_signal(signal.SIGHUP))
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
         assert await asyncio.to_thread(lone.wait, 60) == 0
         out, _ = lone.communicate(timeout=30)
         assert "SIGHUP, and no TLS certificates to read again: shutting down as on SIGTERM" in out
@@ -679,33 +687,31 @@ async def _long_turn_cut_by_a_second_signal(port: int, process: subprocess.Popen
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "resume session" in (ended.value.details() or "")
 
 
-async def test_a_second_signal_during_the_shutdown_ends_the_turns_at_once(redis_url: str) -> None:
+@pytest.mark.parametrize("with_workers", [False, True])
+async def test_a_second_signal_during_the_shutdown_ends_the_turns_at_once(redis_url: str, with_workers: bool) -> None:
     # Found in an SRE's pass: a second SIGTERM or SIGINT (Ctrl-C twice) did nothing and said nothing:
     # the service waited out its whole grace period, and seemed to hang.
     port = free_port()
-    lone = start_service_process(
-        port=str(port), llm="scripted", tts="scripted", stt="none", shutdown_grace_s="60",
-    )  # fmt: skip
+    if with_workers:
+        process = start_workers(port, redis_url, shutdown_grace_s="60")
+        said = [
+            "worker(s) still running, which end their streams now",  # (1, or 2 if the idle one is slow to go)
+            "told by the supervisor (a second signal): 1 stream(s) still open end now",
+        ]
+    else:
+        process = start_service_process(
+            port=str(port), llm="scripted", tts="scripted", stt="none", shutdown_grace_s="60"
+        )
+        said = ["SIGINT again, during the shutdown: 1 stream(s) still open end now"]
     try:
-        await asyncio.to_thread(wait_for_lines, lone, "Parley listening", 1)
-        await _long_turn_cut_by_a_second_signal(port, lone, signal.SIGINT)
-        assert await asyncio.to_thread(lone.wait, 30) == 0
-        out, _ = lone.communicate(timeout=30)
-        assert "SIGINT again, during the shutdown: 1 stream(s) still open end now" in out
+        await asyncio.to_thread(wait_for_lines, process, "Parley listening", 2 if with_workers else 1)
+        await _long_turn_cut_by_a_second_signal(port, process, signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        out, _ = process.communicate(timeout=30)
+        for line in said:
+            assert line in out
     finally:
-        reap(lone)
-    port = free_port()
-    parent = start_workers(port, redis_url, shutdown_grace_s="60")
-    try:
-        await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
-        await _long_turn_cut_by_a_second_signal(port, parent, signal.SIGINT)
-        assert await asyncio.to_thread(parent.wait, 30) == 0
-        out, _ = parent.communicate(timeout=30)
-        assert "SIGINT again: passed on to the " in out
-        assert "worker(s) still running, which end their streams now" in out
-        assert "told by the supervisor (a second signal): 1 stream(s) still open end now" in out
-    finally:
-        reap(parent)
+        reap(process)
 
 
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
@@ -719,19 +725,9 @@ async def test_a_signal_to_the_whole_process_group_drains_workers_as_one_signal(
     parent = start_workers(port, redis_url, shutdown_grace_s="60")
     try:
         await asyncio.to_thread(wait_for_lines, parent, "Parley listening", 2)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = voice_pb2_grpc.VoiceServiceStub(channel).Converse()
-            await call.write(start())
-            await call.write(user("What is the capital of France?"))
-            while (await call.read()).WhichOneof("kind") != "audio":
-                pass
-            for pid in (parent.pid, *await asyncio.to_thread(children, parent.pid)):
-                os.kill(pid, sent)  # (as the terminal does: every process at once)
-            await call.done_writing()
-            responses = []
-            while (response := await call.read()) is not grpc.aio.EOF:
-                responses.append(response)
-        assert responses[-1].turn_ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
+        group = (parent.pid, *await asyncio.to_thread(children, parent.pid))
+        ended = await end_of_a_turn_signalled(port, lambda: [os.kill(pid, sent) for pid in group])  # (every one)
+        assert ended.reason == pb.TURN_END_REASON_COMPLETED  # its turn finished
         assert await asyncio.to_thread(parent.wait, 60) == 0
         out, _ = parent.communicate(timeout=30)
         assert "still open end now" not in out
