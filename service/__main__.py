@@ -67,8 +67,9 @@ async def run(settings: Settings) -> None:
         history=HistoryLimits(settings.history_max_turns, settings.history_max_chars),
     )
     limits = StreamLimits(settings.max_streams, settings.send_timeout_s)
+    worker = WORKER_INDEX in os.environ  # (set by the supervisor for its workers)
     # (A worker's metrics are read by its supervisor, which serves them all on the port.)
-    metrics_host = "127.0.0.1" if WORKER_INDEX in os.environ else settings.host
+    metrics_host = "127.0.0.1" if worker else settings.host
     settle_memory()  # (before the port opens: the full collection holds the loop, and no stream's objects are frozen)
     try:
         running = await start_server(
@@ -86,7 +87,7 @@ async def run(settings: Settings) -> None:
             token_secret=settings.token_secret,
             metrics_port=settings.metrics_port,
             metrics_host=metrics_host,
-            share_port=WORKER_INDEX in os.environ,  # (set by the supervisor for its workers)
+            share_port=worker,
             keepalive_s=settings.keepalive_s,
             quotas=QuotaLimits(
                 settings.quota_streams, settings.quota_turns_per_minute, settings.quota_chars_per_minute
@@ -123,7 +124,7 @@ async def run(settings: Settings) -> None:
             )
         else:
             log.info("authentication: none; listening on loopback only")
-        await serve_until_signal(running, settings.shutdown_grace_s, worker=WORKER_INDEX in os.environ)
+        await serve_until_signal(running, settings.shutdown_grace_s, worker=worker)
     finally:
         await llm.aclose()
         await tts.aclose()

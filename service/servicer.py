@@ -339,6 +339,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
         shutdown's ends, not as clients that hung up)."""
         self._grace_over = True
 
+    def _call_over(self) -> str:
+        """Why a call that is over ended: the shutdown's, once its grace is over; else the client's."""
+        return "shutdown" if self._grace_over else "hangup"
+
     async def drained(self) -> None:
         """Return once no stream is open (every stream's session has been let go)."""
         await self._drained.wait()
@@ -468,7 +472,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
             except asyncio.CancelledError as cancelled:  # the client hung up (or the grace ran out)
                 drop_tracebacks(cancelled)  # (its frames held the stream's objects: freed now, not by the collector)
                 if self.metrics is not None:
-                    self.metrics.stream_ended("shutdown" if self._grace_over else "hangup")
+                    self.metrics.stream_ended(self._call_over())
                 raise
             if failure is None:
                 if self.metrics is not None:
@@ -478,9 +482,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 drop_tracebacks(failure)  # (logged: its frames hold the stream's objects, and tasks that hold it)
                 if self.metrics is not None:
                     reason = end_reason(failure)
-                    self.metrics.stream_ended(
-                        "shutdown" if reason == "hangup" and self._grace_over else reason, code.name
-                    )
+                    self.metrics.stream_ended(self._call_over() if reason == "hangup" else reason, code.name)
                 # A client that reads nothing never gets the status: the call is then cancelled.
                 trailing = _retry_after(failure) if isinstance(failure, QuotaExceeded) else ()
                 await end_call(context, code, message, self._limits.send_timeout_s, trailing)
@@ -541,8 +543,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServiceServicer):
                 drop_tracebacks(other)
         finally:
             await to_the_end(writer.stop(writing))
-            gone = isinstance(failure, ClientGone) and not self._grace_over
-            writer.account_unsent(outbox.unsent_ends(), abandoned=gone)
+            writer.account_unsent(outbox.unsent_ends(), abandoned=isinstance(failure, ClientGone))
         if failure is not None:
             return failure
         if ending is Ending.SHUTDOWN:

@@ -148,9 +148,7 @@ async def supervise(
 
     def reload() -> None:  # (SIGHUP: each worker reads its TLS certificates again, as a lone service does)
         serving = [
-            process
-            for index, process in workers.items()
-            if process.returncode is None and (said := heard[index].served).done() and said.result()
+            process for index, process in workers.items() if process.returncode is None and _came_to_serve(heard[index])
         ]
         log.info("SIGHUP: passed to %d workers (one still starting reads its certificates as it starts)", len(serving))
         for process in serving:
