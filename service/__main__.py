@@ -1,7 +1,13 @@
 """``python -m service``: run the Parley gRPC service."""
 
+# ruff: noqa: E402 (gRPC's I/O stack is chosen before the imports that load gRPC)
 from __future__ import annotations
 
+from service.grpc_io import choose_io_stack
+
+choose_io_stack()  # (before anything imports gRPC, which reads its experiments as it loads)
+
+# isort: split
 import asyncio
 import gc
 import logging
