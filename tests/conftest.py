@@ -237,9 +237,11 @@ async def run_process(
     return process.returncode, out.decode(), err.decode()
 
 
-def start_service_process(**settings: str) -> subprocess.Popen[str]:
-    """``python -m service`` with ``PARLEY_<NAME>`` settings, its log on stdout."""
-    env = {**os.environ, **{f"PARLEY_{name.upper()}": value for name, value in settings.items()}}
+def start_service_process(environ: dict[str, str] | None = None, **settings: str) -> subprocess.Popen[str]:
+    """``python -m service`` with ``PARLEY_<NAME>`` settings, its log on stdout; in ``environ`` if given
+    (else this process's environment)."""
+    base = os.environ if environ is None else environ
+    env = {**base, **{f"PARLEY_{name.upper()}": value for name, value in settings.items()}}
     return subprocess.Popen(
         [sys.executable, "-m", "service"],
         cwd=ROOT,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import grpc
@@ -11,39 +10,21 @@ import pytest
 
 from parley.v1 import voice_pb2_grpc
 from service.grpc_io import EXPERIMENTS, choose_io_stack
-from tests.conftest import ROOT, converse_all, free_port, start, user, wait_listening
+from tests.conftest import converse_all, free_port, start, start_service_process, user, wait_listening
 
 # gRPC's trace of a socket's reads and writes names its source file: the I/O manager's endpoint is
 # tcp_posix.cc, the EventEngine's posix_endpoint.cc.
 IOMGR, EVENT_ENGINE = "tcp_posix.cc", "posix_endpoint.cc"
 
 
-def _start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 async def _files_that_carried_a_turn(**environ: str) -> str:
     """The log of ``python -m service`` (scripted engines, gRPC's TCP trace on) through one turn."""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if name != "GRPC_EXPERIMENTS"}
-    env |= {
-        "PARLEY_PORT": str(port),
-        "PARLEY_LLM": "scripted",
-        "PARLEY_TTS": "scripted",
-        "PARLEY_STT": "none",
-        "PARLEY_SCRIPTED_PROFILE": "quick",
-        "GRPC_TRACE": "tcp",
-        "GRPC_VERBOSITY": "debug",
-        **environ,
-    }
-    process = _start(env)
+    env |= {"GRPC_TRACE": "tcp", "GRPC_VERBOSITY": "debug", **environ}
+    process = start_service_process(
+        env, port=str(port), llm="scripted", tts="scripted", stt="none", scripted_profile="quick"
+    )
     try:
         log = wait_listening(process)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
