@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from parley.v1 import voice_pb2 as pb
-from service.errors import InvalidRequest
+from service.errors import ClientGone, InvalidRequest
 from service.logs import Throttled
 
 __all__ = ["Malformed", "add_voice_service", "end_call"]
@@ -120,7 +120,9 @@ def _parse(message_type: type[Message]) -> Callable[[bytes], Message | Malformed
 
 class _Requests:
     """grpc.aio's request iterator, until :meth:`release`; a :class:`Malformed` request raises
-    InvalidRequest, and is logged (once: the stream ends with it)."""
+    InvalidRequest, and is logged (once: the stream ends with it). A read that grpc.aio refuses with
+    one of its own errors because the call is over (``_ServerStoppedError``: a client that hung up as
+    the server stopped) raises :class:`ClientGone`, as a write does: not a failure of the service."""
 
     def __init__(self, requests: AsyncIterator[Any], peer: str) -> None:
         self._requests: AsyncIterator[Any] | None = requests
@@ -132,7 +134,12 @@ class _Requests:
     async def __anext__(self) -> Any:
         if self._requests is None:
             raise StopAsyncIteration
-        request = await anext(self._requests)
+        try:
+            request = await anext(self._requests)
+        except grpc.aio.AbortError:
+            raise  # (the service's own abort of the call: gRPC sends its status)
+        except grpc.aio.BaseError as error:
+            raise ClientGone(f"the call is over ({type(error).__name__})") from error
         if isinstance(request, Malformed):
             _log_malformed("Converse from %s: %s", self._peer, request.reason)
             raise InvalidRequest(request.reason)

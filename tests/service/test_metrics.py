@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -250,6 +251,10 @@ async def test_stream_ends_are_counted_by_why_and_only_errors_as_rejected() -> N
             await draining.read()
         assert shut.value.code() == grpc.StatusCode.UNAVAILABLE
         samples = await asyncio.to_thread(scrape, port)
+        settled = time.monotonic() + 5  # (a handler gRPC cancelled may end a moment after the stop returns)
+        while samples["parley_active_streams"] and time.monotonic() < settled:
+            await asyncio.sleep(0.05)
+            samples = await asyncio.to_thread(scrape, port)
     finally:
         await stop_harness(h)
     ends = {reason: samples[f"parley_stream_ends_total{{reason={reason}}}"] for reason in STREAM_END_REASONS}

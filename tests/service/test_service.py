@@ -899,3 +899,21 @@ async def test_a_stream_is_accepted_or_refused_before_the_client_writes() -> Non
         first.cancel()
     finally:
         await stop_harness(h)
+
+
+async def test_a_read_refused_as_the_server_stops_is_the_call_over_not_a_failure() -> None:
+    # A clean-clone CI run: a client that hung up as the server drained was counted an error ("stream
+    # failed", INTERNAL) when grpc.aio refused the stream's next read with _ServerStoppedError.
+    from grpc._cython import cygrpc
+
+    from service.errors import ClientGone
+    from service.rpc import _Requests
+
+    async def stopped() -> AsyncIterator[pb.ConverseRequest]:
+        yield start()
+        raise cygrpc._ServerStoppedError("Server already stopped.")
+
+    requests = _Requests(stopped(), "ipv4:127.0.0.1:1")
+    assert (await anext(requests)).HasField("start")
+    with pytest.raises(ClientGone, match="the call is over"):
+        await anext(requests)
