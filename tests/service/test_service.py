@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc._cython import cygrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -17,6 +18,8 @@ from parley.v1 import voice_pb2_grpc as pb_grpc
 from service.core.engine import INTERRUPTED_NOTE, INTERRUPTED_SILENT, chat_content
 from service.core.outbox import OutboxLimits
 from service.core.settings import SessionDefaults
+from service.errors import ClientGone
+from service.rpc import _Requests
 from service.stores.memory import MemoryStore
 from tests.conftest import (
     Harness,
@@ -904,11 +907,6 @@ async def test_a_stream_is_accepted_or_refused_before_the_client_writes() -> Non
 async def test_a_read_refused_as_the_server_stops_is_the_call_over_not_a_failure() -> None:
     # A clean-clone CI run: a client that hung up as the server drained was counted an error ("stream
     # failed", INTERNAL) when grpc.aio refused the stream's next read with _ServerStoppedError.
-    from grpc._cython import cygrpc
-
-    from service.errors import ClientGone
-    from service.rpc import _Requests
-
     async def stopped() -> AsyncIterator[pb.ConverseRequest]:
         yield start()
         raise cygrpc._ServerStoppedError("Server already stopped.")
